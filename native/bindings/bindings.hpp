@@ -1,0 +1,31 @@
+// The pybind11 module cudablocks._core: thin glue over the C++ API. Each file binds one area.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include "cudablocks/buffer.hpp"
+#include "cudablocks/stream.hpp"
+
+namespace cudablocks::python {
+
+namespace py = pybind11;
+
+// What Python sees as GpuBuffer: the buffer, and the stream its latest writes were queued on,
+// so that DLPack and __cuda_array_interface__ consumers can order their reads after them.
+struct PyBuffer {
+  Buffer buffer;
+  Stream stream;
+};
+
+// The stream to run on: the one given, else the buffer's own.
+Stream stream_or(const py::object& stream, const PyBuffer& buffer);
+// The default stream of a device: the legacy default stream on CUDA, inline on the CPU.
+Stream default_stream(const Device& device);
+
+void bind_errors(py::module_& m);
+void bind_device(py::module_& m);
+void bind_buffer(py::module_& m);
+void bind_dlpack(py::module_& m, py::class_<PyBuffer>& buffer_class);
+void bind_ops(py::module_& m);
+
+}  // namespace cudablocks::python

@@ -1,0 +1,27 @@
+#include "core/checks.hpp"
+#include "cudablocks/backend.hpp"
+#include "cudablocks/errors.hpp"
+#include "cudablocks/ops.hpp"
+
+namespace cudablocks {
+
+void rmsnorm_forward(const Buffer& x, const Buffer& w, Buffer& y, float eps, const Stream& stream) {
+  const Device& device = stream.device();
+  check_device(x, device, "x");
+  check_device(w, device, "w");
+  check_device(y, device, "y");
+  check_dtype(x, DType::Float32, "x");
+  check_dtype(w, DType::Float32, "w");
+  check_dtype(y, DType::Float32, "y");
+  check_shape(x, {-1, -1}, "x");
+  const std::int64_t rows = x.shape()[0], cols = x.shape()[1];
+  check_shape(w, {cols}, "w");
+  check_shape(y, {rows, cols}, "y");
+  if (!(eps >= 0.0f)) throw InvalidArgumentError("eps must be >= 0, got " + std::to_string(eps));
+  if (rows == 0 || cols == 0) return;
+  DeviceGuard guard(device);
+  backend_for(device).rmsnorm_forward(x.data_as<float>(), w.data_as<float>(), y.data_as<float>(), nullptr,
+                                      rows, cols, eps, stream);
+}
+
+}  // namespace cudablocks

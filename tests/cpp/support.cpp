@@ -1,0 +1,43 @@
+#include "support.hpp"
+
+#include <cmath>
+#include <cstdio>
+
+#include "cudablocks/device.hpp"
+
+namespace cudablocks::test {
+
+std::mt19937& rng() {
+  static std::mt19937 generator = [] {
+    unsigned seed = std::random_device{}();
+    std::printf("[tests] random seed %u\n", seed);
+    return std::mt19937(seed);
+  }();
+  return generator;
+}
+
+std::vector<float> random_normal(std::size_t n, float stddev) {
+  std::normal_distribution<float> dist(0.0f, stddev);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(rng());
+  return v;
+}
+
+bool have_cuda_device() { return cuda_device_count() > 0; }
+
+template <typename T>
+static double relative_error_impl(const std::vector<float>& a, const std::vector<T>& b) {
+  double num = 0.0, den = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    double d = static_cast<double>(a[i]) - static_cast<double>(b[i]);
+    num += d * d;
+    den += static_cast<double>(b[i]) * static_cast<double>(b[i]);
+  }
+  if (a.size() != b.size() || std::isnan(num)) return INFINITY;  // NaN never passes
+  return std::sqrt(num / (den > 0 ? den : 1.0));
+}
+
+double relative_error(const std::vector<float>& a, const std::vector<double>& b) { return relative_error_impl(a, b); }
+double relative_error(const std::vector<float>& a, const std::vector<float>& b) { return relative_error_impl(a, b); }
+
+}  // namespace cudablocks::test
