@@ -15,6 +15,10 @@
 
 namespace cudablocks {
 
+// How matrix products compute: IEEE fp32, tf32 tensor cores, or bf16 operands with fp32
+// accumulation. Buffers stay fp32 in every mode. The CPU backend always computes in fp32.
+enum class Precision { FP32, TF32, BF16 };
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -30,6 +34,64 @@ class Backend {
   virtual void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd,
                                std::int64_t rows, std::int64_t cols, float eps,
                                const Stream& stream) const = 0;
+
+  // dx = d/dx of rmsnorm_forward given dy, with rstd saved by the forward; written, or added to
+  // dx when accumulate_dx (the residual path). dw[c] += sum_r dy[r, c] * x[r, c] * rstd[r].
+  virtual void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx,
+                                float* dw, std::int64_t rows, std::int64_t cols, bool accumulate_dx,
+                                const Stream& stream) const = 0;
+
+  // C[M, N] = alpha * op(A) op(B) + beta * C, row-major and contiguous. op(A) is A [M, K], or
+  // A^T for A [K, M] when trans_a; op(B) is B [K, N], or B^T for B [N, K] when trans_b.
+  // With beta = 0, C is not read (may hold NaN).
+  virtual void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                    const float* a, const float* b, float beta, float* c, Precision precision,
+                    const Stream& stream) const = 0;
+
+  // y[r, :] += bias for y [rows, cols].
+  virtual void add_bias(float* y, const float* bias, std::int64_t rows, std::int64_t cols,
+                        const Stream& stream) const = 0;
+  // dbias[c] += sum_r dy[r, c].
+  virtual void bias_backward(const float* dy, float* dbias, std::int64_t rows, std::int64_t cols,
+                             const Stream& stream) const = 0;
+
+  // out = a + b over n elements (out may alias a or b).
+  virtual void add(const float* a, const float* b, float* out, std::int64_t n, const Stream& stream) const = 0;
+
+  // Per-head RMSNorm (optional) then rotary embedding, for q or k laid out [T, n_heads * d]:
+  //   h = w == nullptr ? x : x_head * rstd * w   (rstd per (token, head), eps as for RMSNorm)
+  //   y = rope(h): pairs (i, i + d/2) rotated by angle positions[t] * theta^(-2i/d).
+  // rstd [T * n_heads] receives the norm factors when w != nullptr (saved for the backward).
+  virtual void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd,
+                                    const std::int32_t* positions, std::int64_t tokens, int n_heads,
+                                    int head_dim, float eps, float theta, const Stream& stream) const = 0;
+  // The backward of qk_norm_rope_forward: dx written; dw[i] += its gradient (when w != nullptr).
+  virtual void qk_norm_rope_backward(const float* dy, const float* x, const float* w, const float* rstd,
+                                     float* dx, float* dw, const std::int32_t* positions, std::int64_t tokens,
+                                     int n_heads, int head_dim, float theta, const Stream& stream) const = 0;
+
+  // SwiGLU on gate_up [rows, 2 * cols] (gate in columns [0, cols), up in [cols, 2 * cols)):
+  //   out[r, c] = silu(gate[r, c]) * up[r, c],  out [rows, cols].
+  virtual void swiglu_forward(const float* gate_up, float* out, std::int64_t rows, std::int64_t cols,
+                              const Stream& stream) const = 0;
+  // d_gate_up [rows, 2 * cols] from dout [rows, cols] and the forward's gate_up.
+  virtual void swiglu_backward(const float* dout, const float* gate_up, float* d_gate_up, std::int64_t rows,
+                               std::int64_t cols, const Stream& stream) const = 0;
+
+  // Causal grouped-query attention over packed sequences; see src/cpu/attention.hpp for the
+  // layout. cu_seqlens [n_seqs + 1] lives on the backend's device; lse [T, n_q_heads] is saved
+  // for the backward, which overwrites dq, dk, dv and needs attention_workspace_floats() scratch.
+  virtual void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse,
+                                 const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen,
+                                 std::int64_t tokens, int n_q_heads, int n_kv_heads, int head_dim,
+                                 float scale, const Stream& stream) const = 0;
+  virtual std::int64_t attention_workspace_floats(std::int64_t tokens, int n_q_heads, int n_kv_heads,
+                                                  int head_dim) const = 0;
+  virtual void attention_backward(const float* q, const float* k, const float* v, const float* out,
+                                  const float* dout, const float* lse, float* dq, float* dk, float* dv,
+                                  float* workspace, const std::int32_t* cu_seqlens, int n_seqs,
+                                  int max_seqlen, std::int64_t tokens, int n_q_heads, int n_kv_heads,
+                                  int head_dim, float scale, const Stream& stream) const = 0;
 };
 
 // The backend that runs work on `device`. Throws DeviceError for CUDA when it was not built.
