@@ -19,13 +19,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def available_devices() -> list[str]:
-    return ["cpu"] + (["cuda:0"] if cb.cuda_device_count() > 0 else [])
-
-
-@pytest.fixture(params=available_devices())
+@pytest.fixture(params=["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
 def device(request: pytest.FixtureRequest) -> cb.Device:
-    """Each test taking `device` runs on the CPU and, when there is one, on cuda:0."""
+    """Each test taking `device` runs on the CPU and on cuda:0 (the latter marked `gpu`)."""
     return cb.Device(request.param)
 
 

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "cudablocks/device.hpp"
+#include "cudablocks/optimizer.hpp"
 #include "cudablocks/stream.hpp"
 
 namespace cudablocks {
@@ -92,6 +93,15 @@ class Backend {
                                   float* workspace, const std::int32_t* cu_seqlens, int n_seqs,
                                   int max_seqlen, std::int64_t tokens, int n_q_heads, int n_kv_heads,
                                   int head_dim, float scale, const Stream& stream) const = 0;
+
+  // One AdamW step over n elements in place (cudablocks/optimizer.hpp). grad_sum_squares: nullptr,
+  // or a device float holding the squared global gradient norm, for clipping and the skip of a
+  // step whose norm is not finite.
+  virtual void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, std::int64_t n,
+                          const AdamWHyper& hyper, const float* grad_sum_squares, const Stream& stream) const = 0;
+  // *out = sum of x[i]^2 (or *out += it when accumulate), summed in double; out is a device float.
+  virtual void sum_squares(const float* x, std::int64_t n, float* out, bool accumulate,
+                           const Stream& stream) const = 0;
 };
 
 // The backend that runs work on `device`. Throws DeviceError for CUDA when it was not built.

@@ -23,3 +23,45 @@ void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, std:
 }
 
 }  // namespace cudablocks::cpu
+
+// Derivation, for one row with s = 1 / sqrt(mean(x^2) + eps) and y_c = w_c * x_c * s:
+//   ds/dx_j = -s^3 * x_j / n
+//   dL/dx_j = w_j * dy_j * s + sum_c (dy_c * w_c * x_c) * ds/dx_j
+//           = s * (w_j * dy_j - x_j * s^2 * mean_c(w_c * dy_c * x_c))
+namespace cudablocks::cpu {
+
+void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx,
+                      float* dw, std::int64_t rows, std::int64_t cols, bool accumulate_dx) {
+  const std::int64_t row_grain = std::max<std::int64_t>(1, 65536 / std::max<std::int64_t>(cols, 1));
+  // dx, one row at a time; the row's mean in double.
+  parallel_for(rows, [&](std::int64_t r) {
+    const float* dyr = dy + r * cols;
+    const float* xr = x + r * cols;
+    float* dxr = dx + r * cols;
+    const double s = rstd[r];
+    double dot = 0.0;
+    for (std::int64_t c = 0; c < cols; ++c) dot += static_cast<double>(w[c]) * dyr[c] * xr[c];
+    const double correction = s * s * dot / static_cast<double>(cols);
+    for (std::int64_t c = 0; c < cols; ++c) {
+      const float g = static_cast<float>(s * (static_cast<double>(w[c]) * dyr[c] - xr[c] * correction));
+      dxr[c] = accumulate_dx ? dxr[c] + g : g;
+    }
+  }, row_grain);
+
+  // dw, by blocks of columns so that threads never write the same element: each block walks all
+  // rows (row-major reads) and sums in double.
+  constexpr std::int64_t block = 256;
+  parallel_for((cols + block - 1) / block, [&](std::int64_t b) {
+    const std::int64_t c0 = b * block, c1 = std::min(cols, c0 + block);
+    double sums[block] = {};
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const float* dyr = dy + r * cols;
+      const float* xr = x + r * cols;
+      const double s = rstd[r];
+      for (std::int64_t c = c0; c < c1; ++c) sums[c - c0] += static_cast<double>(dyr[c]) * xr[c] * s;
+    }
+    for (std::int64_t c = c0; c < c1; ++c) dw[c] = static_cast<float>(dw[c] + sums[c - c0]);
+  });
+}
+
+}  // namespace cudablocks::cpu

@@ -1,9 +1,26 @@
-// RMSNorm forward. Bytes: read x and w, write y: 8 bytes per element, ~0 FLOP per byte, so the
+// RMSNorm forward and backward.
+//
+// Forward. Bytes: read x and w, write y: 8 bytes per element, ~0 FLOP per byte, so the
 // kernel is bound by memory bandwidth. One block per row; the row is read twice (sum of squares,
 // then scale), the second time from L1/L2, which holds a row of a few KB easily.
+//
+// Backward. Bytes: read dy, x (twice, the second time from L1/L2) and w, write dx (+ read dx when
+// accumulating): 12-16 bytes per element, ~8 FLOPs per element: memory-bound. Two stages:
+//   1. rmsnorm_backward_kernel: a block strides over rows (a few per block); per row a block
+//      reduction gives dot = sum(dy * w * x), then dx is written and the block's dw partial
+//      (cols floats in shared memory, each thread owning the same columns for every row: no
+//      conflicts, no atomics) accumulates dy * x * rstd. At the end the partial goes to scratch
+//      [blocks, cols].
+//   2. add_column_partials (bias.cu) adds the partials into dw in a fixed order: deterministic.
+//   Extra traffic: blocks * cols * 8 bytes; with >= 4 rows per block and <= 4 blocks per SM that is
+//   at most ~1/6 of the main pass (850 rows), negligible at thousands of rows.
 #include "cuda/check.hpp"
 #include "cuda/rmsnorm.cuh"
+#include "cuda/bias.cuh"
 #include "cuda/block_reduce.cuh"
+#include "cuda/scratch.hpp"
+
+#include <algorithm>
 
 namespace cudablocks::cuda {
 
@@ -45,6 +62,62 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(const float* 
   }
 }
 
+// See the header comment. Dynamic shared memory: cols floats (the block's dw partial).
+template <int VEC>
+__global__ void __launch_bounds__(kThreads) rmsnorm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ x,
+                                                               const float* __restrict__ w, const float* __restrict__ rstd,
+                                                               float* __restrict__ dx, float* __restrict__ dw_partial,
+                                                               std::int64_t rows, std::int64_t cols, bool accumulate_dx) {
+  using Vec = typename VecType<VEC>::type;
+  extern __shared__ float4 dw_shared_raw[];
+  Vec* dw_s = reinterpret_cast<Vec*>(dw_shared_raw);
+  const std::int64_t n = cols / VEC;
+  const Vec* wv = reinterpret_cast<const Vec*>(w);
+  // Each thread zeroes, updates and writes out only its own columns: no barrier needed.
+  for (std::int64_t i = threadIdx.x; i < n; i += kThreads) {
+    float* e = reinterpret_cast<float*>(&dw_s[i]);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) e[j] = 0.0f;
+  }
+  const float inv_cols = 1.0f / static_cast<float>(cols);
+  for (std::int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const Vec* dyr = reinterpret_cast<const Vec*>(dy + row * cols);
+    const Vec* xr = reinterpret_cast<const Vec*>(x + row * cols);
+    Vec* dxr = reinterpret_cast<Vec*>(dx + row * cols);
+    const float s = rstd[row];
+    float dot = 0.0f;
+    for (std::int64_t i = threadIdx.x; i < n; i += kThreads) {
+      const Vec a = dyr[i], b = xr[i], g = wv[i];
+      const float* ae = reinterpret_cast<const float*>(&a);
+      const float* be = reinterpret_cast<const float*>(&b);
+      const float* ge = reinterpret_cast<const float*>(&g);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) dot += ae[j] * ge[j] * be[j];
+    }
+    dot = block_sum<kThreads>(dot);
+    const float coef = dot * s * s * inv_cols;
+    for (std::int64_t i = threadIdx.x; i < n; i += kThreads) {
+      const Vec a = dyr[i], b = xr[i], g = wv[i];
+      const float* ae = reinterpret_cast<const float*>(&a);
+      const float* be = reinterpret_cast<const float*>(&b);
+      const float* ge = reinterpret_cast<const float*>(&g);
+      Vec out;
+      if (accumulate_dx) out = dxr[i];
+      float* oe = reinterpret_cast<float*>(&out);
+      float* de = reinterpret_cast<float*>(&dw_s[i]);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float v = s * (ae[j] * ge[j] - be[j] * coef);
+        oe[j] = accumulate_dx ? oe[j] + v : v;
+        de[j] += ae[j] * (be[j] * s);
+      }
+      dxr[i] = out;
+    }
+  }
+  Vec* part = reinterpret_cast<Vec*>(dw_partial + static_cast<std::int64_t>(blockIdx.x) * cols);
+  for (std::int64_t i = threadIdx.x; i < n; i += kThreads) part[i] = dw_s[i];
+}
+
 bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace
@@ -60,6 +133,31 @@ void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, std:
     rmsnorm_forward_kernel<1><<<grid, kThreads, 0, stream>>>(x, w, y, rstd, cols, eps);
   }
   CUDABLOCKS_CHECK_LAUNCH("rmsnorm_forward_kernel");
+}
+
+void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw,
+                      std::int64_t rows, std::int64_t cols, bool accumulate_dx, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  const bool vec4 = cols % 4 == 0 && aligned16(dy) && aligned16(x) && aligned16(w) && aligned16(dx);
+  // At least 4 rows per block (bounds the partials' traffic), at most 4 blocks per SM (what fits
+  // at once: 64 registers x 256 threads x 4 = the register file).
+  const std::int64_t blocks = std::clamp<std::int64_t>((rows + 3) / 4, 1, 4 * static_cast<std::int64_t>(multiprocessor_count()));
+  const std::size_t smem = sizeof(float) * static_cast<std::size_t>(cols);
+  ScratchLease scratch(sizeof(float) * static_cast<std::size_t>(blocks * cols), stream);
+  auto launch = [&](auto kernel) {
+    if (smem > 48 * 1024) {
+      CUDABLOCKS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    }
+    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(dy, x, w, rstd, dx, scratch.get<float>(), rows, cols,
+                                                                      accumulate_dx);
+    CUDABLOCKS_CHECK_LAUNCH("rmsnorm_backward_kernel");
+  };
+  if (vec4) {
+    launch(rmsnorm_backward_kernel<4>);
+  } else {
+    launch(rmsnorm_backward_kernel<1>);
+  }
+  add_column_partials(scratch.get<float>(), static_cast<int>(blocks), cols, dw, stream);
 }
 
 }  // namespace cudablocks::cuda

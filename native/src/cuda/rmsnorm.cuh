@@ -10,4 +10,10 @@ namespace cudablocks::cuda {
 void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, std::int64_t rows,
                      std::int64_t cols, float eps, cudaStream_t stream);
 
+// With s = rstd[r] and g = dy * w:  dx[r, :] = s * (g - x * s^2 * mean(g * x)), written, or added
+// to dx when accumulate_dx;  dw[c] += sum_r dy[r, c] * x[r, c] * s  (deterministic, no atomics).
+// Uses per-stream scratch (cuda/scratch.hpp) for the dw partial sums.
+void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw,
+                      std::int64_t rows, std::int64_t cols, bool accumulate_dx, cudaStream_t stream);
+
 }  // namespace cudablocks::cuda

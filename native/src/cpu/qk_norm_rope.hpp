@@ -1,0 +1,31 @@
+// Per-head RMSNorm (Qwen3's q_norm / k_norm, optional) followed by rotary position embedding,
+// CPU reference. q or k is laid out [T, n_heads * d]; head h of token t is the d floats at
+// t * n_heads * d + h * d.
+//
+// Forward, per (token t, head h), with x the head's d values:
+//   h = w == nullptr ? x : w * (x * rstd),  rstd = 1 / sqrt(mean(x^2) + eps)   (Qwen2/Llama: no norm)
+//   rope, rotate-half (non-interleaved, as Hugging Face transformers), for i in [0, d/2):
+//     y[i]       = h[i] * cos(a_i) - h[i + d/2] * sin(a_i)
+//     y[i + d/2] = h[i + d/2] * cos(a_i) + h[i] * sin(a_i)
+//     a_i = positions[t] * inv_freq[i],  inv_freq[i] = theta^(-2i/d)
+// Angles, cos and sin are computed in double (transformers computes inv_freq and the angle in
+// fp32, which differs by up to ~|angle| * 6e-8 rad). rstd [T * n_heads] is written when w != nullptr.
+//
+// Backward: RoPE is a rotation, so its backward rotates dy by -a_i; then, with w, the RMSNorm
+// backward per head (as rmsnorm_backward, over d): dx = rstd * (w * dh - x * rstd^2 * mean(w * dh * x)),
+// dw[i] += sum over tokens and heads of dh[i] * x[i] * rstd. dx is written; w == nullptr gives dx = rotated dy.
+// head_dim must be even.
+#pragma once
+
+#include <cstdint>
+
+namespace cudablocks::cpu {
+
+void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd, const std::int32_t* positions,
+                          std::int64_t tokens, int n_heads, int head_dim, float eps, float theta);
+
+void qk_norm_rope_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx,
+                           float* dw, const std::int32_t* positions, std::int64_t tokens, int n_heads,
+                           int head_dim, float theta);
+
+}  // namespace cudablocks::cpu

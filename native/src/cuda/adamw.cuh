@@ -1,0 +1,19 @@
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cudablocks/optimizer.hpp"
+
+namespace cudablocks::cuda {
+
+// One AdamW step over n elements in place (cudablocks/optimizer.hpp). grad_sum_squares: nullptr,
+// or a device float holding the squared global gradient norm (clipping and the non-finite skip).
+void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, std::int64_t n,
+                const AdamWHyper& hyper, const float* grad_sum_squares, cudaStream_t stream);
+
+// *out (+)= sum of x[i]^2 (device float), summed in double, deterministically.
+void sum_squares(const float* x, std::int64_t n, float* out, bool accumulate, cudaStream_t stream);
+
+}  // namespace cudablocks::cuda

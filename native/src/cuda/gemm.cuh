@@ -1,0 +1,17 @@
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cudablocks/backend.hpp"
+
+namespace cudablocks::cuda {
+
+// Row-major C[M, N] = alpha * op(A) op(B) + beta * C through cuBLAS (see Backend::gemm).
+// FP32: IEEE fp32 (SIMT, no tensor cores); TF32: tf32 tensor cores; BF16: bf16 operands, fp32
+// accumulation. All buffers fp32. With beta = 0, C is not read.
+void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
+          const float* b, float beta, float* c, Precision precision, cudaStream_t stream);
+
+}  // namespace cudablocks::cuda

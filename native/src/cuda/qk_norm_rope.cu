@@ -1,0 +1,308 @@
+// QK-norm + RoPE, fused: per (token, head) vector of head_dim d, optional RMSNorm over the head
+// then the rotate-half rotation. Bytes: read x, write y (8 bytes per element, + rstd): memory-bound;
+// ~10 FLOPs per element. Backward: read dy, x, write dx (12 bytes per element) + a small dw partial.
+//
+// Layout: one block (8 warps) per token (the backward: blocks stride over tokens); the block first
+// puts cos/sin of its token's d/2 angles in shared memory (d/2 sincosf per token, shared by all
+// heads), then each warp takes one head at a time. A lane holds the pairs i = (k*32 + lane)*V + j
+// (k < K, j < V) and their partners i + d/2 in registers, so the norm's warp reduction, the
+// scaling and the rotation all happen on registers: x is read once, y written once. V = 2 (8-byte
+// accesses) when d/2 is even and the pointers 8-byte aligned; d = 128 is V = 2, K = 1 (all lanes
+// busy, 256-byte coalesced row segments).
+//
+// Backward, with (c, s) = cos, sin of the pair's angle and r = rstd:
+//   dh_lo = dy_lo c + dy_hi s,  dh_hi = dy_hi c - dy_lo s          (the inverse rotation)
+//   no norm: dx = dh;  norm: g = dh w,  dx = r (g - x r^2 mean(g x)),  dw += dh x r
+// dw: each warp keeps its partial in registers over all its (token, head) pairs, the block adds
+// its warps' partials in shared memory in a fixed order and writes one row of scratch; then
+// add_column_partials (bias.cu) adds the blocks' rows into dw. Deterministic, no atomics.
+#include "cuda/qk_norm_rope.cuh"
+
+#include <algorithm>
+#include <string>
+
+#include "cuda/bias.cuh"
+#include "cuda/block_reduce.cuh"
+#include "cuda/check.hpp"
+#include "cuda/scratch.hpp"
+#include "cudablocks/errors.hpp"
+
+namespace cudablocks::cuda {
+
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kMaxHalf = 256;  // head_dim <= 512
+
+template <int V> struct Pack;
+template <> struct Pack<1> { using type = float; };
+template <> struct Pack<2> { using type = float2; };
+
+// transformers' inv_freq in fp32: 1 / (theta ** (arange(0, d, 2).float() / d)). The power is
+// computed in double and rounded once to fp32 (the correctly rounded fp32 pow, which CPU libms
+// also give), the division is the IEEE fp32 one: the CPU reference can reproduce it bit for bit.
+__device__ __forceinline__ float rope_inv_freq(int i, int head_dim, float theta) {
+  const float exponent = __fdiv_rn(static_cast<float>(2 * i), static_cast<float>(head_dim));
+  const float power = static_cast<float>(pow(static_cast<double>(theta), static_cast<double>(exponent)));
+  return __fdiv_rn(1.0f, power);
+}
+
+// cos/sin of token t's angles into shared memory. Callers put a barrier after it (and before it
+// when the arrays were in use).
+__device__ __forceinline__ void rope_table(float* cos_s, float* sin_s, int pos, int half, int head_dim, float theta) {
+  for (int i = threadIdx.x; i < half; i += kThreads) {
+    const float angle = __fmul_rn(static_cast<float>(pos), rope_inv_freq(i, head_dim, theta));
+    sincosf(angle, &sin_s[i], &cos_s[i]);
+  }
+}
+
+template <int V, int K>
+__global__ void __launch_bounds__(kThreads) qk_norm_rope_forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                                                                   float* __restrict__ y, float* __restrict__ rstd,
+                                                                   const std::int32_t* __restrict__ positions, int n_heads,
+                                                                   int head_dim, float eps, float theta) {
+  using P = typename Pack<V>::type;
+  __shared__ float cos_s[kMaxHalf], sin_s[kMaxHalf];
+  const std::int64_t t = blockIdx.x;
+  const int half = head_dim / 2;
+  rope_table(cos_s, sin_s, positions[t], half, head_dim, theta);
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int h = warp; h < n_heads; h += kWarps) {
+    const std::int64_t base = (t * n_heads + h) * head_dim;
+    float lo[K][V], hi[K][V];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int i = (k * 32 + lane) * V;
+      P a, b;
+      if (i < half) {
+        a = *reinterpret_cast<const P*>(x + base + i);
+        b = *reinterpret_cast<const P*>(x + base + half + i);
+      } else {
+        a = P{};
+        b = P{};
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        lo[k][j] = reinterpret_cast<const float*>(&a)[j];
+        hi[k][j] = reinterpret_cast<const float*>(&b)[j];
+      }
+    }
+    if (w != nullptr) {
+      float ss = 0.0f;
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+#pragma unroll
+        for (int j = 0; j < V; ++j) ss += lo[k][j] * lo[k][j] + hi[k][j] * hi[k][j];
+      ss = warp_sum(ss);
+      const float r = rsqrtf(ss / static_cast<float>(head_dim) + eps);
+      if (lane == 0 && rstd != nullptr) rstd[t * n_heads + h] = r;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int i = (k * 32 + lane) * V;
+        if (i < half) {
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            lo[k][j] = w[i + j] * (lo[k][j] * r);
+            hi[k][j] = w[half + i + j] * (hi[k][j] * r);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int i = (k * 32 + lane) * V;
+      if (i < half) {
+        P a, b;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float c = cos_s[i + j], s = sin_s[i + j];
+          reinterpret_cast<float*>(&a)[j] = lo[k][j] * c - hi[k][j] * s;
+          reinterpret_cast<float*>(&b)[j] = hi[k][j] * c + lo[k][j] * s;
+        }
+        *reinterpret_cast<P*>(y + base + i) = a;
+        *reinterpret_cast<P*>(y + base + half + i) = b;
+      }
+    }
+  }
+}
+
+template <int V, int K>
+__global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_kernel(
+    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ rstd,
+    float* __restrict__ dx, float* __restrict__ dw_partial, const std::int32_t* __restrict__ positions, std::int64_t tokens,
+    int n_heads, int head_dim, float theta) {
+  using P = typename Pack<V>::type;
+  __shared__ float cos_s[kMaxHalf], sin_s[kMaxHalf];
+  __shared__ float dw_s[kWarps][2 * kMaxHalf];
+  const int half = head_dim / 2;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool norm = w != nullptr;
+  float dw_lo[K][V], dw_hi[K][V];
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int j = 0; j < V; ++j) dw_lo[k][j] = dw_hi[k][j] = 0.0f;
+
+  for (std::int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+    __syncthreads();  // the previous token's table is no longer read
+    rope_table(cos_s, sin_s, positions[t], half, head_dim, theta);
+    __syncthreads();
+    for (int h = warp; h < n_heads; h += kWarps) {
+      const std::int64_t base = (t * n_heads + h) * head_dim;
+      float dlo[K][V], dhi[K][V], xlo[K][V], xhi[K][V];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int i = (k * 32 + lane) * V;
+        P a{}, b{}, c{}, d{};
+        if (i < half) {
+          a = *reinterpret_cast<const P*>(dy + base + i);
+          b = *reinterpret_cast<const P*>(dy + base + half + i);
+          if (norm) {
+            c = *reinterpret_cast<const P*>(x + base + i);
+            d = *reinterpret_cast<const P*>(x + base + half + i);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float ylo = reinterpret_cast<const float*>(&a)[j], yhi = reinterpret_cast<const float*>(&b)[j];
+          const float cs = i < half ? cos_s[i + j] : 0.0f, sn = i < half ? sin_s[i + j] : 0.0f;
+          dlo[k][j] = ylo * cs + yhi * sn;  // inverse rotation: dh
+          dhi[k][j] = yhi * cs - ylo * sn;
+          xlo[k][j] = reinterpret_cast<const float*>(&c)[j];
+          xhi[k][j] = reinterpret_cast<const float*>(&d)[j];
+        }
+      }
+      if (norm) {
+        const float r = rstd[t * n_heads + h];
+        float dot = 0.0f;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int i = (k * 32 + lane) * V;
+          if (i < half) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) dot += dlo[k][j] * w[i + j] * xlo[k][j] + dhi[k][j] * w[half + i + j] * xhi[k][j];
+          }
+        }
+        dot = warp_sum(dot);
+        const float coef = dot * r * r / static_cast<float>(head_dim);
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int i = (k * 32 + lane) * V;
+          if (i < half) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              dw_lo[k][j] += dlo[k][j] * (xlo[k][j] * r);
+              dw_hi[k][j] += dhi[k][j] * (xhi[k][j] * r);
+              dlo[k][j] = r * (dlo[k][j] * w[i + j] - xlo[k][j] * coef);
+              dhi[k][j] = r * (dhi[k][j] * w[half + i + j] - xhi[k][j] * coef);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int i = (k * 32 + lane) * V;
+        if (i < half) {
+          P a, b;
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            reinterpret_cast<float*>(&a)[j] = dlo[k][j];
+            reinterpret_cast<float*>(&b)[j] = dhi[k][j];
+          }
+          *reinterpret_cast<P*>(dx + base + i) = a;
+          *reinterpret_cast<P*>(dx + base + half + i) = b;
+        }
+      }
+    }
+  }
+  if (!norm) return;  // uniform over the block
+  // The block's dw partial: the warps' registers, added in warp order.
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int i = (k * 32 + lane) * V;
+    if (i < half) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        dw_s[warp][i + j] = dw_lo[k][j];
+        dw_s[warp][half + i + j] = dw_hi[k][j];
+      }
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < head_dim; c += kThreads) {
+    float sum = dw_s[0][c];
+#pragma unroll
+    for (int v = 1; v < kWarps; ++v) sum += dw_s[v][c];
+    dw_partial[static_cast<std::int64_t>(blockIdx.x) * head_dim + c] = sum;
+  }
+}
+
+bool aligned8(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 7u) == 0; }
+
+// Picks V (pair-vector width) and K (pair chunks per lane) for head_dim and calls
+// f(std::integral_constant V, K) style via a template functor.
+template <typename F>
+void dispatch(int head_dim, bool vec2_ok, F&& f) {
+  if (head_dim <= 0 || head_dim % 2 != 0 || head_dim > 2 * kMaxHalf) {
+    throw InvalidArgumentError("qk_norm_rope (cuda): head_dim must be even and at most " + std::to_string(2 * kMaxHalf) +
+                               ", got " + std::to_string(head_dim));
+  }
+  const int half = head_dim / 2;
+  if (vec2_ok && half % 2 == 0) {
+    const int chunks = (half / 2 + 31) / 32;  // float2 chunks per lane
+    if (chunks <= 1) return f(Pack<2>{}, std::integral_constant<int, 1>{});
+    if (chunks <= 2) return f(Pack<2>{}, std::integral_constant<int, 2>{});
+    return f(Pack<2>{}, std::integral_constant<int, 4>{});
+  }
+  const int chunks = (half + 31) / 32;
+  if (chunks <= 1) return f(Pack<1>{}, std::integral_constant<int, 1>{});
+  if (chunks <= 2) return f(Pack<1>{}, std::integral_constant<int, 2>{});
+  if (chunks <= 4) return f(Pack<1>{}, std::integral_constant<int, 4>{});
+  return f(Pack<1>{}, std::integral_constant<int, 8>{});
+}
+
+template <typename P> constexpr int width = 1;
+template <> constexpr int width<Pack<2>> = 2;
+
+}  // namespace
+
+void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd, const std::int32_t* positions,
+                          std::int64_t tokens, int n_heads, int head_dim, float eps, float theta, cudaStream_t stream) {
+  const bool vec2 = aligned8(x) && aligned8(y) && (w == nullptr || aligned8(w));
+  dispatch(head_dim, vec2, [&](auto pack, auto k) {
+    constexpr int V = width<decltype(pack)>;
+    constexpr int K = decltype(k)::value;
+    if (tokens == 0 || n_heads == 0) return;
+    qk_norm_rope_forward_kernel<V, K><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
+        x, w, y, rstd, positions, n_heads, head_dim, eps, theta);
+    CUDABLOCKS_CHECK_LAUNCH("qk_norm_rope_forward_kernel");
+  });
+}
+
+void qk_norm_rope_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw,
+                           const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float theta,
+                           cudaStream_t stream) {
+  const bool vec2 = aligned8(dy) && aligned8(dx) && (w == nullptr || (aligned8(x) && aligned8(w)));
+  dispatch(head_dim, vec2, [&](auto pack, auto k) {
+    constexpr int V = width<decltype(pack)>;
+    constexpr int K = decltype(k)::value;
+    if (tokens == 0 || n_heads == 0) return;
+    // Blocks stride over tokens: at most 4 per SM (all resident at once), so the dw partials stay few.
+    const std::int64_t blocks = std::min<std::int64_t>(tokens, 4 * static_cast<std::int64_t>(multiprocessor_count()));
+    if (w == nullptr) {
+      qk_norm_rope_backward_kernel<V, K><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          dy, x, w, rstd, dx, nullptr, positions, tokens, n_heads, head_dim, theta);
+      CUDABLOCKS_CHECK_LAUNCH("qk_norm_rope_backward_kernel");
+      return;
+    }
+    ScratchLease scratch(sizeof(float) * static_cast<std::size_t>(blocks * head_dim), stream);
+    qk_norm_rope_backward_kernel<V, K><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        dy, x, w, rstd, dx, scratch.get<float>(), positions, tokens, n_heads, head_dim, theta);
+    CUDABLOCKS_CHECK_LAUNCH("qk_norm_rope_backward_kernel");
+    add_column_partials(scratch.get<float>(), static_cast<int>(blocks), head_dim, dw, stream);
+  });
+}
+
+}  // namespace cudablocks::cuda

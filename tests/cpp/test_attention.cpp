@@ -1,0 +1,521 @@
+// Tests of causal GQA attention over packed sequences (native/src/cpu/attention.*, native/src/cuda/attention.*).
+//
+//   1. The test's own fp64 reference (explicit score matrices, explicit softmax Jacobian) is checked
+//      against central finite differences of loss = sum(out * G).
+//   2. The CPU backend (forward and backward) is checked against that reference.
+//   3. The CUDA backend is checked against the CPU backend at the shapes that matter (head_dim
+//      64/128, 32/8 heads, ragged lengths) and small head dims, with every split of the dK/dV pass,
+//      for determinism, and with a too-small max_seqlen hint.
+// Inputs are fresh random numbers each run (the seed is printed on failure); outputs are poisoned
+// with NaN before each call so that an element left unwritten fails the comparison.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/attention.hpp"
+
+#if CUDABLOCKS_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include "cuda/attention.cuh"
+#endif
+
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+struct Shape {
+    std::vector<int32_t> cu;  // cu_seqlens, n_seqs + 1 entries
+    int n_seqs = 0, max_seqlen = 0;
+    int64_t T = 0;
+    int n_q = 0, n_kv = 0, d = 0;
+    float scale = 0.f;
+    int64_t q_size() const { return T * n_q * d; }
+    int64_t kv_size() const { return T * n_kv * d; }
+};
+
+Shape make_shape(const std::vector<int>& lens, int n_q, int n_kv, int d) {
+    Shape s;
+    s.cu.push_back(0);
+    for (int L : lens) {
+        s.cu.push_back(s.cu.back() + L);
+        s.max_seqlen = std::max(s.max_seqlen, L);
+    }
+    s.n_seqs = (int)lens.size();
+    s.T = s.cu.back();
+    s.n_q = n_q;
+    s.n_kv = n_kv;
+    s.d = d;
+    s.scale = 1.0f / std::sqrt((float)d);
+    return s;
+}
+
+std::string describe(const Shape& s) {
+    std::string r = "lengths {";
+    for (int i = 0; i < s.n_seqs; ++i) r += (i ? ", " : "") + std::to_string(s.cu[i + 1] - s.cu[i]);
+    return r + "}, heads " + std::to_string(s.n_q) + "/" + std::to_string(s.n_kv) + ", head_dim " +
+           std::to_string(s.d);
+}
+
+// A fresh seed per test, printed with every failure of that test.
+struct Seeded {
+    uint32_t seed;
+    std::mt19937 gen;
+    Seeded() : seed(std::random_device{}()), gen(seed) {}
+    std::string trace() const { return "random seed " + std::to_string(seed); }
+    std::vector<float> normal(int64_t n, float stddev) {
+        std::normal_distribution<float> dist(0.f, stddev);
+        std::vector<float> x((size_t)n);
+        for (auto& e : x) e = dist(gen);
+        return x;
+    }
+};
+
+struct Inputs {
+    std::vector<float> q, k, v, dout;
+};
+
+// q is drawn wider than k so that some softmax rows are peaked, not all near-uniform.
+Inputs random_inputs(const Shape& s, Seeded& rng) {
+    Inputs in;
+    in.q = rng.normal(s.q_size(), 1.5f);
+    in.k = rng.normal(s.kv_size(), 1.0f);
+    in.v = rng.normal(s.kv_size(), 1.0f);
+    in.dout = rng.normal(s.q_size(), 1.0f);
+    return in;
+}
+
+std::vector<double> to_double(const std::vector<float>& x) { return std::vector<double>(x.begin(), x.end()); }
+
+// ---------------------------------------------------------------------------------------------
+// fp64 reference, written independently of the backends: per (sequence, head) it builds the full
+// score matrix, softmax, and for the backward the softmax Jacobian product
+// dS = P * (dP - rowsum(P * dP)) (not the dout.out shortcut the backends use).
+
+struct RefOut {
+    std::vector<double> out, lse;
+};
+struct RefGrads {
+    std::vector<double> dq, dk, dv;
+};
+
+// P[i][j] (j <= i) of one (sequence, head), row-major L x L (upper triangle zero).
+std::vector<double> ref_probs(const Shape& s, const std::vector<double>& q, const std::vector<double>& k,
+                              int seq, int h, std::vector<double>* lse_rows) {
+    const int start = s.cu[seq], L = s.cu[seq + 1] - s.cu[seq];
+    const int kvh = h / (s.n_q / s.n_kv);
+    std::vector<double> P((size_t)L * L, 0.0);
+    for (int i = 0; i < L; ++i) {
+        double m = -std::numeric_limits<double>::infinity();
+        for (int j = 0; j <= i; ++j) {
+            double dot = 0.0;
+            for (int c = 0; c < s.d; ++c)
+                dot += q[((size_t)(start + i) * s.n_q + h) * s.d + c] * k[((size_t)(start + j) * s.n_kv + kvh) * s.d + c];
+            P[(size_t)i * L + j] = dot * (double)s.scale;
+            m = std::max(m, P[(size_t)i * L + j]);
+        }
+        double sum = 0.0;
+        for (int j = 0; j <= i; ++j) sum += std::exp(P[(size_t)i * L + j] - m);
+        for (int j = 0; j <= i; ++j) P[(size_t)i * L + j] = std::exp(P[(size_t)i * L + j] - m) / sum;
+        if (lse_rows) lse_rows->push_back(m + std::log(sum));
+    }
+    return P;
+}
+
+RefOut ref_forward(const Shape& s, const std::vector<double>& q, const std::vector<double>& k,
+                   const std::vector<double>& v) {
+    RefOut r;
+    r.out.assign((size_t)s.q_size(), 0.0);
+    r.lse.assign((size_t)(s.T * s.n_q), 0.0);
+    for (int seq = 0; seq < s.n_seqs; ++seq) {
+        const int start = s.cu[seq], L = s.cu[seq + 1] - s.cu[seq];
+        for (int h = 0; h < s.n_q; ++h) {
+            const int kvh = h / (s.n_q / s.n_kv);
+            std::vector<double> lse_rows;
+            const std::vector<double> P = ref_probs(s, q, k, seq, h, &lse_rows);
+            for (int i = 0; i < L; ++i) {
+                r.lse[(size_t)(start + i) * s.n_q + h] = lse_rows[i];
+                for (int c = 0; c < s.d; ++c) {
+                    double acc = 0.0;
+                    for (int j = 0; j <= i; ++j)
+                        acc += P[(size_t)i * L + j] * v[((size_t)(start + j) * s.n_kv + kvh) * s.d + c];
+                    r.out[((size_t)(start + i) * s.n_q + h) * s.d + c] = acc;
+                }
+            }
+        }
+    }
+    return r;
+}
+
+RefGrads ref_backward(const Shape& s, const std::vector<double>& q, const std::vector<double>& k,
+                      const std::vector<double>& v, const std::vector<double>& dout) {
+    RefGrads g;
+    g.dq.assign((size_t)s.q_size(), 0.0);
+    g.dk.assign((size_t)s.kv_size(), 0.0);
+    g.dv.assign((size_t)s.kv_size(), 0.0);
+    auto qi = [&](int t, int h, int c) { return ((size_t)t * s.n_q + h) * s.d + c; };
+    auto ki = [&](int t, int h, int c) { return ((size_t)t * s.n_kv + h) * s.d + c; };
+    for (int seq = 0; seq < s.n_seqs; ++seq) {
+        const int start = s.cu[seq], L = s.cu[seq + 1] - s.cu[seq];
+        for (int h = 0; h < s.n_q; ++h) {
+            const int kvh = h / (s.n_q / s.n_kv);
+            const std::vector<double> P = ref_probs(s, q, k, seq, h, nullptr);
+            std::vector<double> dP((size_t)L * L, 0.0);
+            for (int i = 0; i < L; ++i)
+                for (int j = 0; j <= i; ++j) {
+                    double acc = 0.0;
+                    for (int c = 0; c < s.d; ++c) acc += dout[qi(start + i, h, c)] * v[ki(start + j, kvh, c)];
+                    dP[(size_t)i * L + j] = acc;
+                }
+            for (int i = 0; i < L; ++i) {
+                double row = 0.0;
+                for (int j = 0; j <= i; ++j) row += P[(size_t)i * L + j] * dP[(size_t)i * L + j];
+                for (int j = 0; j <= i; ++j) {
+                    const double p = P[(size_t)i * L + j];
+                    const double dS = p * (dP[(size_t)i * L + j] - row) * (double)s.scale;
+                    for (int c = 0; c < s.d; ++c) {
+                        g.dq[qi(start + i, h, c)] += dS * k[ki(start + j, kvh, c)];
+                        g.dk[ki(start + j, kvh, c)] += dS * q[qi(start + i, h, c)];
+                        g.dv[ki(start + j, kvh, c)] += p * dout[qi(start + i, h, c)];
+                    }
+                }
+            }
+        }
+    }
+    return g;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Comparisons. NaN or Inf anywhere makes the error infinite, so unwritten (poisoned) outputs fail.
+
+double rel_l2_impl(const std::vector<float>& got, const std::vector<double>& want) {
+    if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < got.size(); ++i) {
+        if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
+        num += ((double)got[i] - want[i]) * ((double)got[i] - want[i]);
+        den += want[i] * want[i];
+    }
+    return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+double rel_l2(const std::vector<float>& got, const std::vector<double>& want) {
+    const double e = rel_l2_impl(got, want);
+    if (std::getenv("CUDABLOCKS_TEST_VERBOSE")) std::printf("    rel_l2 = %.3e\n", e);
+    return e;
+}
+
+[[maybe_unused]] double rel_l2(const std::vector<float>& got, const std::vector<float>& want) {
+    for (float w : want)
+        if (!std::isfinite(w)) return std::numeric_limits<double>::infinity();
+    return rel_l2(got, to_double(want));
+}
+
+struct CpuResult {
+    std::vector<float> out, lse, dq, dk, dv;
+};
+
+CpuResult run_cpu(const Shape& s, const Inputs& in) {
+    CpuResult r;
+    r.out.assign((size_t)s.q_size(), kNaN);
+    r.lse.assign((size_t)(s.T * s.n_q), kNaN);
+    cudablocks::cpu::attention_forward(in.q.data(), in.k.data(), in.v.data(), r.out.data(), r.lse.data(),
+                                       s.cu.data(), s.n_seqs, s.max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale);
+    r.dq.assign((size_t)s.q_size(), kNaN);
+    r.dk.assign((size_t)s.kv_size(), kNaN);
+    r.dv.assign((size_t)s.kv_size(), kNaN);
+    std::vector<float> ws((size_t)cudablocks::cpu::attention_backward_workspace_floats(s.T, s.n_q, s.n_kv, s.d));
+    cudablocks::cpu::attention_backward(in.q.data(), in.k.data(), in.v.data(), r.out.data(), in.dout.data(),
+                                        r.lse.data(), r.dq.data(), r.dk.data(), r.dv.data(), ws.data(),
+                                        s.cu.data(), s.n_seqs, s.max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale);
+    return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. The reference itself against finite differences (fp64 throughout: tight tolerance).
+
+TEST(AttentionReference, BackwardMatchesFiniteDifferences) {
+    Seeded rng;
+    SCOPED_TRACE(rng.trace());
+    const Shape s = make_shape({3, 1, 4}, 4, 2, 3);
+    const Inputs in = random_inputs(s, rng);
+    std::vector<double> q = to_double(in.q), k = to_double(in.k), v = to_double(in.v);
+    const std::vector<double> G = to_double(in.dout);
+    auto loss = [&]() {
+        const RefOut r = ref_forward(s, q, k, v);
+        double acc = 0.0;
+        for (size_t i = 0; i < G.size(); ++i) acc += r.out[i] * G[i];
+        return acc;
+    };
+    const RefGrads g = ref_backward(s, q, k, v, G);
+    const double h = 1e-5;
+    auto check = [&](std::vector<double>& x, const std::vector<double>& grad, const char* name) {
+        double num = 0.0, den = 0.0;
+        for (size_t i = 0; i < x.size(); ++i) {
+            const double saved = x[i];
+            x[i] = saved + h;
+            const double lp = loss();
+            x[i] = saved - h;
+            const double lm = loss();
+            x[i] = saved;
+            const double fd = (lp - lm) / (2 * h);
+            num += (fd - grad[i]) * (fd - grad[i]);
+            den += grad[i] * grad[i];
+        }
+        EXPECT_LE(std::sqrt(num / den), 1e-7) << name;
+    };
+    check(q, g.dq, "dq");
+    check(k, g.dk, "dk");
+    check(v, g.dv, "dv");
+}
+
+// 2. CPU backend against the fp64 reference.
+
+void check_cpu_against_reference(const std::vector<int>& lens, int n_q, int n_kv, int d) {
+    Seeded rng;
+    const Shape s = make_shape(lens, n_q, n_kv, d);
+    SCOPED_TRACE(rng.trace() + ", " + describe(s));
+    const Inputs in = random_inputs(s, rng);
+    const CpuResult cpu = run_cpu(s, in);
+    const RefOut ref = ref_forward(s, to_double(in.q), to_double(in.k), to_double(in.v));
+    EXPECT_LE(rel_l2(cpu.out, ref.out), 1e-6) << "out";
+    EXPECT_LE(rel_l2(cpu.lse, ref.lse), 1e-6) << "lse";
+    const RefGrads g = ref_backward(s, to_double(in.q), to_double(in.k), to_double(in.v), to_double(in.dout));
+    EXPECT_LE(rel_l2(cpu.dq, g.dq), 1e-5) << "dq";
+    EXPECT_LE(rel_l2(cpu.dk, g.dk), 1e-5) << "dk";
+    EXPECT_LE(rel_l2(cpu.dv, g.dv), 1e-5) << "dv";
+}
+
+TEST(CpuAttention, MatchesFp64ReferenceGqa) { check_cpu_against_reference({5, 1, 17, 9}, 4, 2, 16); }
+
+TEST(CpuAttention, MatchesFp64ReferenceMhaWithEmptySequence) {
+    check_cpu_against_reference({4, 0, 7, 0}, 3, 3, 8);
+}
+
+TEST(CpuAttention, MatchesFp64ReferenceOneKvHeadOddHeadDim) {
+    check_cpu_against_reference({33}, 6, 1, 5);
+}
+
+// The first row of every sequence attends only to itself: out = v, lse = scale * q.k.
+TEST(CpuAttention, FirstRowOfEachSequenceCopiesItsValue) {
+    Seeded rng;
+    SCOPED_TRACE(rng.trace());
+    const Shape s = make_shape({3, 2, 6}, 2, 1, 4);
+    const Inputs in = random_inputs(s, rng);
+    const CpuResult cpu = run_cpu(s, in);
+    for (int seq = 0; seq < s.n_seqs; ++seq) {
+        const int t = s.cu[seq];
+        for (int h = 0; h < s.n_q; ++h)
+            for (int c = 0; c < s.d; ++c)
+                EXPECT_FLOAT_EQ(cpu.out[((size_t)t * s.n_q + h) * s.d + c], in.v[(size_t)t * s.n_kv * s.d + c]);
+    }
+}
+
+TEST(CpuAttention, RejectsInconsistentArguments) {
+    const Shape s = make_shape({4, 4}, 4, 2, 8);
+    std::vector<float> q((size_t)s.q_size(), 1.f), kv((size_t)s.kv_size(), 1.f), out((size_t)s.q_size()),
+        lse((size_t)(s.T * s.n_q));
+    auto fwd = [&](const int32_t* cu, int64_t T, int n_q, int n_kv) {
+        cudablocks::cpu::attention_forward(q.data(), kv.data(), kv.data(), out.data(), lse.data(), cu, s.n_seqs,
+                                           s.max_seqlen, T, n_q, n_kv, s.d, s.scale);
+    };
+    EXPECT_NO_THROW(fwd(s.cu.data(), s.T, 4, 2));
+    EXPECT_THROW(fwd(s.cu.data(), s.T, 4, 3), std::invalid_argument);       // heads not divisible
+    EXPECT_THROW(fwd(s.cu.data(), s.T - 1, 4, 2), std::invalid_argument);   // lengths don't sum to T
+    const std::vector<int32_t> bad = {0, 5, 3};
+    EXPECT_THROW(fwd(bad.data(), 3, 4, 2), std::invalid_argument);          // decreasing cu_seqlens
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. CUDA backend against the CPU backend.
+
+#if CUDABLOCKS_WITH_CUDA
+
+bool have_cuda_device() {
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
+
+// Minimal owning device array for the test (the project's Buffer is not needed here).
+template <typename T>
+struct DeviceArray {
+    T* ptr = nullptr;
+    size_t n = 0;
+    explicit DeviceArray(size_t count) : n(count) {
+        if (cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)) != cudaSuccess)
+            throw std::runtime_error("cudaMalloc failed");
+    }
+    DeviceArray(const DeviceArray&) = delete;
+    DeviceArray& operator=(const DeviceArray&) = delete;
+    ~DeviceArray() { cudaFree(ptr); }
+    void upload(const std::vector<T>& h) {
+        if (cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice) != cudaSuccess)
+            throw std::runtime_error("cudaMemcpy H2D failed");
+    }
+    std::vector<T> download() const {
+        std::vector<T> h(n);
+        if (cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost) != cudaSuccess)
+            throw std::runtime_error("cudaMemcpy D2H failed");
+        return h;
+    }
+    void poison() {  // all-ones bytes = NaN for float
+        if (cudaMemset(ptr, 0xFF, n * sizeof(T)) != cudaSuccess) throw std::runtime_error("cudaMemset failed");
+    }
+};
+
+struct CudaRun {
+    const Shape& s;
+    DeviceArray<float> q, k, v, dout, out, lse, dq, dk, dv, ws;
+    DeviceArray<int32_t> cu;
+    CudaRun(const Shape& shape, const Inputs& in)
+        : s(shape), q(s.q_size()), k(s.kv_size()), v(s.kv_size()), dout(s.q_size()), out(s.q_size()),
+          lse(s.T * s.n_q), dq(s.q_size()), dk(s.kv_size()), dv(s.kv_size()),
+          ws((size_t)cudablocks::cuda::attention_backward_workspace_floats(s.T, s.n_q, s.n_kv, s.d)),
+          cu(s.cu.size()) {
+        q.upload(in.q);
+        k.upload(in.k);
+        v.upload(in.v);
+        dout.upload(in.dout);
+        cu.upload(s.cu);
+    }
+    void forward(int max_seqlen) {
+        out.poison();
+        lse.poison();
+        cudablocks::cuda::attention_forward(q.ptr, k.ptr, v.ptr, out.ptr, lse.ptr, cu.ptr, s.n_seqs, max_seqlen, s.T,
+                                            s.n_q, s.n_kv, s.d, s.scale, nullptr);
+    }
+    // Backward from given (host) out and lse, so that CPU and CUDA backward see identical inputs.
+    void backward(const std::vector<float>& out_h, const std::vector<float>& lse_h, int max_seqlen, int splits) {
+        out.upload(out_h);
+        lse.upload(lse_h);
+        dq.poison();
+        dk.poison();
+        dv.poison();
+        ws.poison();
+        cudablocks::cuda::detail::attention_backward_with_splits(
+            q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr, lse.ptr, dq.ptr, dk.ptr, dv.ptr, ws.ptr, cu.ptr, s.n_seqs,
+            max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, splits, nullptr);
+    }
+};
+
+struct CudaCase {
+    std::vector<int> lens;
+    int n_q, n_kv, d;
+};
+
+class CudaAttention : public ::testing::TestWithParam<CudaCase> {
+protected:
+    void SetUp() override {
+        if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+    }
+};
+
+TEST_P(CudaAttention, MatchesCpu) {
+    const CudaCase& c = GetParam();
+    Seeded rng;
+    const Shape s = make_shape(c.lens, c.n_q, c.n_kv, c.d);
+    SCOPED_TRACE(rng.trace() + ", " + describe(s));
+    const Inputs in = random_inputs(s, rng);
+    const CpuResult cpu = run_cpu(s, in);
+    CudaRun run(s, in);
+
+    run.forward(s.max_seqlen);
+    CUDA_OK(cudaDeviceSynchronize());
+    EXPECT_LE(rel_l2(run.out.download(), cpu.out), 1e-5) << "out";
+    EXPECT_LE(rel_l2(run.lse.download(), cpu.lse), 1e-5) << "lse";
+
+    // Every split of the dK/dV pass (0 = heuristic; uneven splits included), all against the CPU.
+    const int group = s.n_q / s.n_kv;
+    for (int splits = 0; splits <= group; ++splits) {
+        SCOPED_TRACE("kv_splits " + std::to_string(splits));
+        run.backward(cpu.out, cpu.lse, s.max_seqlen, splits);
+        CUDA_OK(cudaDeviceSynchronize());
+        EXPECT_LE(rel_l2(run.dq.download(), cpu.dq), 1e-4) << "dq";
+        EXPECT_LE(rel_l2(run.dk.download(), cpu.dk), 1e-4) << "dk";
+        EXPECT_LE(rel_l2(run.dv.download(), cpu.dv), 1e-4) << "dv";
+    }
+}
+
+TEST_P(CudaAttention, DeterministicAndIndependentOfMaxSeqlenHint) {
+    const CudaCase& c = GetParam();
+    Seeded rng;
+    const Shape s = make_shape(c.lens, c.n_q, c.n_kv, c.d);
+    SCOPED_TRACE(rng.trace() + ", " + describe(s));
+    const Inputs in = random_inputs(s, rng);
+    CudaRun run(s, in);
+
+    run.forward(s.max_seqlen);
+    CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<float> out = run.out.download(), lse = run.lse.download();
+    run.backward(out, lse, s.max_seqlen, 1);
+    CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<float> dq = run.dq.download(), dk = run.dk.download(), dv = run.dv.download();
+
+    // Same call again: bitwise identical.
+    run.forward(s.max_seqlen);
+    run.backward(out, lse, s.max_seqlen, 1);
+    CUDA_OK(cudaDeviceSynchronize());
+    EXPECT_TRUE(run.out.download() == out);
+    EXPECT_TRUE(run.lse.download() == lse);
+    EXPECT_TRUE(run.dq.download() == dq);
+    EXPECT_TRUE(run.dk.download() == dk);
+    EXPECT_TRUE(run.dv.download() == dv);
+
+    // A max_seqlen hint far below the true maximum only shrinks the grid: blocks loop over the
+    // remaining tiles, and each tile is computed exactly as before.
+    run.forward(1);
+    run.backward(out, lse, 1, 1);
+    CUDA_OK(cudaDeviceSynchronize());
+    EXPECT_TRUE(run.out.download() == out);
+    EXPECT_TRUE(run.lse.download() == lse);
+    EXPECT_TRUE(run.dq.download() == dq);
+    EXPECT_TRUE(run.dk.download() == dk);
+    EXPECT_TRUE(run.dv.download() == dv);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaAttention,
+    ::testing::Values(CudaCase{{512, 37, 1, 300}, 32, 8, 128},  // Qwen3-4B heads
+                      CudaCase{{512, 37, 1, 300}, 32, 8, 64},
+                      CudaCase{{130}, 8, 8, 128},               // MHA, one sequence
+                      CudaCase{{5, 1, 17, 9, 0, 70}, 4, 2, 16},  // includes an empty sequence
+                      CudaCase{{5, 1, 17, 9, 129}, 4, 2, 32},
+                      CudaCase{{64, 65, 3}, 6, 2, 80},          // head_dim served by the 128 tile
+                      CudaCase{{200, 7}, 4, 1, 4}),
+    [](const ::testing::TestParamInfo<CudaCase>& info) {
+        const CudaCase& c = info.param;
+        return "d" + std::to_string(c.d) + "_h" + std::to_string(c.n_q) + "_" + std::to_string(c.n_kv) + "_" +
+               std::to_string(info.index);
+    });
+
+TEST(CudaAttentionArgs, RejectsUnsupportedHeadDim) {
+    if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+    const Shape s = make_shape({8}, 2, 1, 8);
+    DeviceArray<float> buf(4096);
+    DeviceArray<int32_t> cu(2);
+    cu.upload(s.cu);
+    EXPECT_THROW(cudablocks::cuda::attention_forward(buf.ptr, buf.ptr, buf.ptr, buf.ptr, buf.ptr, cu.ptr, 1, 8, 8, 2,
+                                                     1, 6, 1.f, nullptr),
+                 std::invalid_argument);  // not a multiple of 4
+    EXPECT_THROW(cudablocks::cuda::attention_forward(buf.ptr, buf.ptr, buf.ptr, buf.ptr, buf.ptr, cu.ptr, 1, 8, 8, 2,
+                                                     1, 256, 1.f, nullptr),
+                 std::invalid_argument);  // above 128
+    EXPECT_THROW(cudablocks::cuda::attention_forward(buf.ptr, buf.ptr, buf.ptr, buf.ptr, buf.ptr, cu.ptr, 1, 8, 8, 3,
+                                                     2, 8, 1.f, nullptr),
+                 std::invalid_argument);  // heads not divisible
+}
+
+#endif  // CUDABLOCKS_WITH_CUDA
+
+}  // namespace

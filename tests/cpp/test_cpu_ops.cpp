@@ -1,0 +1,446 @@
+// The CPU reference ops (through the CPU Backend) against independent fp64 implementations
+// written here, and their backwards against central finite differences of a scalar loss
+// sum(y * G) computed through the fp64 forward. Inputs are fresh random draws on every run.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "cpu/attention.hpp"
+#include "cudablocks/backend.hpp"
+#include "cudablocks/device.hpp"
+#include "cudablocks/stream.hpp"
+#include "support.hpp"
+
+namespace cudablocks {
+namespace {
+
+using test::random_normal;
+using test::relative_error;
+using test::rng;
+
+constexpr double kForwardTol = 1e-5;
+constexpr double kGradTol = 1e-4;
+
+const Backend& cpu() { return backend_for(Device()); }
+const Stream& stream() {
+  static const Stream s{Device()};
+  return s;
+}
+
+std::vector<float> nans(std::size_t n) { return std::vector<float>(n, NAN); }
+std::vector<double> to_double(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+double dot(const std::vector<double>& y, const std::vector<float>& g) {
+  double s = 0.0;
+  for (std::size_t i = 0; i < y.size(); ++i) s += y[i] * g[i];
+  return s;
+}
+
+// d loss / d x by central differences in double, one element at a time.
+std::vector<double> finite_difference(const std::vector<float>& x32,
+                                      const std::function<double(const std::vector<double>&)>& loss) {
+  std::vector<double> x = to_double(x32), grad(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const double xi = x[i], h = 1e-5 * std::max(1.0, std::abs(xi));
+    x[i] = xi + h;
+    const double plus = loss(x);
+    x[i] = xi - h;
+    const double minus = loss(x);
+    x[i] = xi;
+    grad[i] = (plus - minus) / (2.0 * h);
+  }
+  return grad;
+}
+
+std::vector<double> plus(const std::vector<float>& a, const std::vector<double>& b) {
+  std::vector<double> out(a.size());
+  for (std::size_t i = 0; i < a.size(); ++i) out[i] = a[i] + b[i];
+  return out;
+}
+
+std::vector<std::int32_t> random_positions(std::int64_t tokens, int max_position) {
+  std::uniform_int_distribution<int> dist(0, max_position - 1);
+  std::vector<std::int32_t> positions(static_cast<std::size_t>(tokens));
+  for (auto& p : positions) p = dist(rng());
+  return positions;
+}
+
+// ---- GEMM ---------------------------------------------------------------------------------------
+
+// alpha * op(A) op(B) + beta * C0 in double; c0 empty means beta == 0.
+std::vector<double> gemm_fp64(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, double alpha,
+                              const std::vector<float>& a, const std::vector<float>& b, double beta,
+                              const std::vector<float>& c0) {
+  std::vector<double> c(static_cast<std::size_t>(m * n));
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t j = 0; j < n; ++j) {
+      double s = 0.0;
+      for (std::int64_t p = 0; p < k; ++p) {
+        const double av = ta ? a[p * m + i] : a[i * k + p];
+        const double bv = tb ? b[j * k + p] : b[p * n + j];
+        s += av * bv;
+      }
+      c[i * n + j] = alpha * s + (c0.empty() ? 0.0 : beta * c0[i * n + j]);
+    }
+  return c;
+}
+
+void check_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, float beta,
+                Precision precision = Precision::FP32) {
+  SCOPED_TRACE(testing::Message() << "trans_a=" << ta << " trans_b=" << tb << " m=" << m << " n=" << n
+                                  << " k=" << k << " alpha=" << alpha << " beta=" << beta);
+  const auto a = random_normal(static_cast<std::size_t>(m * k));
+  const auto b = random_normal(static_cast<std::size_t>(k * n));
+  // With beta == 0, C starts as NaN: the op must not read it.
+  const auto c0 = beta == 0.0f ? nans(static_cast<std::size_t>(m * n)) : random_normal(static_cast<std::size_t>(m * n));
+  auto c = c0;
+  cpu().gemm(ta, tb, m, n, k, alpha, a.data(), b.data(), beta, c.data(), precision, stream());
+  const auto ref = gemm_fp64(ta, tb, m, n, k, alpha, a, b, beta, beta == 0.0f ? std::vector<float>{} : c0);
+  EXPECT_LE(relative_error(c, ref), kForwardTol);
+}
+
+TEST(CpuGemm, AllTransposesOddSizesAlphaBeta) {
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      check_gemm(ta, tb, 37, 53, 29, 1.0f, 0.0f);
+      check_gemm(ta, tb, 37, 53, 29, 1.3f, -0.7f);
+      check_gemm(ta, tb, 1, 9, 7, -0.5f, 0.0f);
+      check_gemm(ta, tb, 5, 1, 300, 2.0f, 1.0f);
+    }
+}
+
+TEST(CpuGemm, SizesCrossingEveryBlock) {
+  // Larger than one tile in M, N and K (64, 256, 256), with ragged edges, on several threads.
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      check_gemm(ta, tb, 131, 300, 517, 1.0f, 0.0f);
+      check_gemm(ta, tb, 70, 257, 600, 0.25f, 0.5f);
+    }
+}
+
+TEST(CpuGemm, PrecisionIsIgnoredOnCpu) {
+  check_gemm(false, true, 33, 40, 70, 1.0f, 0.0f, Precision::BF16);
+  check_gemm(true, false, 33, 40, 70, 1.0f, 0.0f, Precision::TF32);
+}
+
+TEST(CpuGemm, EmptyKOrZeroAlphaScalesC) {
+  const std::int64_t m = 6, n = 11;
+  const auto c0 = random_normal(m * n);
+  auto c = c0;
+  cpu().gemm(false, false, m, n, 0, 1.0f, nullptr, nullptr, 0.5f, c.data(), Precision::FP32, stream());
+  for (std::size_t i = 0; i < c.size(); ++i) EXPECT_FLOAT_EQ(c[i], 0.5f * c0[i]);
+  c = nans(c.size());
+  const auto a = random_normal(m * 4), b = random_normal(4 * n);
+  cpu().gemm(false, false, m, n, 4, 0.0f, a.data(), b.data(), 0.0f, c.data(), Precision::FP32, stream());
+  for (float v : c) EXPECT_EQ(v, 0.0f);
+}
+
+// ---- RMSNorm backward ---------------------------------------------------------------------------
+
+std::vector<double> rmsnorm_fp64(const std::vector<double>& x, const std::vector<double>& w, std::int64_t rows,
+                                 std::int64_t cols, double eps) {
+  std::vector<double> y(x.size());
+  for (std::int64_t r = 0; r < rows; ++r) {
+    double ms = 0.0;
+    for (std::int64_t c = 0; c < cols; ++c) ms += x[r * cols + c] * x[r * cols + c];
+    const double s = 1.0 / std::sqrt(ms / cols + eps);
+    for (std::int64_t c = 0; c < cols; ++c) y[r * cols + c] = x[r * cols + c] * s * w[c];
+  }
+  return y;
+}
+
+// The analytic backward in double, written from the chain rule with explicit Jacobian entries
+// dy_c/dx_j = s * w_c * (delta_cj - x_c * x_j * s^2 / n).
+void rmsnorm_backward_fp64(const std::vector<float>& dy, const std::vector<float>& x, const std::vector<float>& w,
+                           std::int64_t rows, std::int64_t cols, double eps, std::vector<double>& dx,
+                           std::vector<double>& dw) {
+  dx.assign(x.size(), 0.0);
+  dw.assign(static_cast<std::size_t>(cols), 0.0);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float* xr = x.data() + r * cols;
+    const float* gr = dy.data() + r * cols;
+    double ms = 0.0;
+    for (std::int64_t c = 0; c < cols; ++c) ms += static_cast<double>(xr[c]) * xr[c];
+    const double s = 1.0 / std::sqrt(ms / cols + eps);
+    for (std::int64_t j = 0; j < cols; ++j) {
+      double sum = 0.0;
+      for (std::int64_t c = 0; c < cols; ++c) {
+        const double jac = s * w[c] * ((c == j ? 1.0 : 0.0) - static_cast<double>(xr[c]) * xr[j] * s * s / cols);
+        sum += gr[c] * jac;
+      }
+      dx[r * cols + j] = sum;
+      dw[j] += static_cast<double>(gr[j]) * xr[j] * s;
+    }
+  }
+}
+
+TEST(CpuRmsNorm, BackwardMatchesFiniteDifferences) {
+  const std::int64_t rows = 4, cols = 13;
+  const float eps = 1e-6f;
+  const auto x = random_normal(rows * cols), w = random_normal(cols), g = random_normal(rows * cols);
+  auto y = nans(x.size()), rstd = nans(rows);
+  cpu().rmsnorm_forward(x.data(), w.data(), y.data(), rstd.data(), rows, cols, eps, stream());
+  auto dx = nans(x.size());
+  std::vector<float> dw(cols, 0.0f);
+  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx.data(), dw.data(), rows, cols, false,
+                         stream());
+  const auto wd = to_double(w), xd = to_double(x);
+  const auto fd_x = finite_difference(x, [&](const std::vector<double>& v) { return dot(rmsnorm_fp64(v, wd, rows, cols, eps), g); });
+  const auto fd_w = finite_difference(w, [&](const std::vector<double>& v) { return dot(rmsnorm_fp64(xd, v, rows, cols, eps), g); });
+  EXPECT_LE(relative_error(dx, fd_x), kGradTol);
+  EXPECT_LE(relative_error(dw, fd_w), kGradTol);
+}
+
+TEST(CpuRmsNorm, BackwardMatchesAnalyticAndAccumulates) {
+  // Several threads and several dw column blocks (256 wide).
+  const std::int64_t rows = 37, cols = 300;
+  const float eps = 1e-5f;
+  const auto x = random_normal(rows * cols, 2.0f), w = random_normal(cols), g = random_normal(rows * cols);
+  auto y = nans(x.size()), rstd = nans(rows);
+  cpu().rmsnorm_forward(x.data(), w.data(), y.data(), rstd.data(), rows, cols, eps, stream());
+  std::vector<double> ref_dx, ref_dw;
+  rmsnorm_backward_fp64(g, x, w, rows, cols, eps, ref_dx, ref_dw);
+
+  auto dx = nans(x.size());
+  std::vector<float> dw(cols, 0.0f);
+  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx.data(), dw.data(), rows, cols, false,
+                         stream());
+  EXPECT_LE(relative_error(dx, ref_dx), kGradTol);
+  EXPECT_LE(relative_error(dw, ref_dw), kGradTol);
+
+  // accumulate_dx adds to dx; dw always adds.
+  const auto dx0 = random_normal(x.size()), dw0 = random_normal(cols);
+  dx = dx0;
+  dw = dw0;
+  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx.data(), dw.data(), rows, cols, true,
+                         stream());
+  EXPECT_LE(relative_error(dx, plus(dx0, ref_dx)), kGradTol);
+  EXPECT_LE(relative_error(dw, plus(dw0, ref_dw)), kGradTol);
+}
+
+// ---- bias and add ------------------------------------------------------------------------------
+
+TEST(CpuBias, AddBiasAndBackward) {
+  const std::int64_t rows = 70, cols = 300;  // two column blocks in bias_backward
+  const auto y0 = random_normal(rows * cols), bias = random_normal(cols);
+  auto y = y0;
+  cpu().add_bias(y.data(), bias.data(), rows, cols, stream());
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < cols; ++c) ASSERT_EQ(y[r * cols + c], y0[r * cols + c] + bias[c]);
+
+  const auto g = random_normal(rows * cols), db0 = random_normal(cols);
+  std::vector<double> ref(cols);
+  for (std::int64_t c = 0; c < cols; ++c) {
+    double s = db0[c];
+    for (std::int64_t r = 0; r < rows; ++r) s += g[r * cols + c];
+    ref[c] = s;
+  }
+  auto db = db0;
+  cpu().bias_backward(g.data(), db.data(), rows, cols, stream());
+  EXPECT_LE(relative_error(db, ref), kForwardTol);
+}
+
+TEST(CpuBias, BackwardMatchesFiniteDifferences) {
+  const std::int64_t rows = 5, cols = 7;
+  const auto y0 = random_normal(rows * cols), bias = random_normal(cols), g = random_normal(rows * cols);
+  std::vector<float> db(cols, 0.0f);
+  cpu().bias_backward(g.data(), db.data(), rows, cols, stream());
+  const auto fd = finite_difference(bias, [&](const std::vector<double>& b) {
+    std::vector<double> y(y0.size());
+    for (std::int64_t r = 0; r < rows; ++r)
+      for (std::int64_t c = 0; c < cols; ++c) y[r * cols + c] = y0[r * cols + c] + b[c];
+    return dot(y, g);
+  });
+  EXPECT_LE(relative_error(db, fd), kGradTol);
+}
+
+TEST(CpuAdd, AddsAndAllowsAliasing) {
+  const std::int64_t n = 300001;  // several parallel chunks and a ragged tail
+  const auto a = random_normal(n), b = random_normal(n);
+  std::vector<float> expect(n);
+  for (std::int64_t i = 0; i < n; ++i) expect[i] = a[i] + b[i];
+  auto out = nans(n);
+  cpu().add(a.data(), b.data(), out.data(), n, stream());
+  EXPECT_EQ(out, expect);
+  auto in_place = a;  // out aliases a
+  cpu().add(in_place.data(), b.data(), in_place.data(), n, stream());
+  EXPECT_EQ(in_place, expect);
+  in_place = b;  // out aliases b
+  cpu().add(a.data(), in_place.data(), in_place.data(), n, stream());
+  EXPECT_EQ(in_place, expect);
+}
+
+// ---- QK-norm + RoPE -----------------------------------------------------------------------------
+
+// Per-head RMSNorm (when w is non-empty) then rotate-half RoPE, all in double.
+std::vector<double> qk_norm_rope_fp64(const std::vector<double>& x, const std::vector<double>& w,
+                                      const std::vector<std::int32_t>& positions, int n_heads, int d, double eps,
+                                      double theta, std::vector<double>* rstd = nullptr) {
+  const std::int64_t tokens = static_cast<std::int64_t>(positions.size());
+  std::vector<double> y(x.size()), h(static_cast<std::size_t>(d));
+  if (rstd != nullptr) rstd->assign(static_cast<std::size_t>(tokens * n_heads), 0.0);
+  for (std::int64_t t = 0; t < tokens; ++t)
+    for (int hd = 0; hd < n_heads; ++hd) {
+      const std::size_t base = static_cast<std::size_t>((t * n_heads + hd) * d);
+      for (int i = 0; i < d; ++i) h[i] = x[base + i];
+      if (!w.empty()) {
+        double ms = 0.0;
+        for (int i = 0; i < d; ++i) ms += h[i] * h[i];
+        const double s = 1.0 / std::sqrt(ms / d + eps);
+        for (int i = 0; i < d; ++i) h[i] = h[i] * s * w[i];
+        if (rstd != nullptr) (*rstd)[t * n_heads + hd] = s;
+      }
+      for (int i = 0; i < d / 2; ++i) {
+        // transformers' angle: fp32 inv_freq = 1 / theta^(fp32(2i/d)), times the position in fp32.
+        const float inv_freq = 1.0f / static_cast<float>(std::pow(theta, static_cast<double>(float(2 * i) / float(d))));
+        const double angle = static_cast<float>(positions[t]) * inv_freq;
+        // rotate_half(h) = [-h[d/2:], h[:d/2]];  y = h * cos + rotate_half(h) * sin
+        y[base + i] = h[i] * std::cos(angle) + (-h[i + d / 2]) * std::sin(angle);
+        y[base + i + d / 2] = h[i + d / 2] * std::cos(angle) + h[i] * std::sin(angle);
+      }
+    }
+  return y;
+}
+
+void check_qk_forward(bool with_norm, std::int64_t tokens, int n_heads, int d, float theta, int max_position) {
+  SCOPED_TRACE(testing::Message() << "norm=" << with_norm << " tokens=" << tokens << " heads=" << n_heads
+                                  << " d=" << d << " theta=" << theta);
+  const float eps = 1e-6f;
+  const auto x = random_normal(tokens * n_heads * d, 3.0f);
+  const auto w = with_norm ? random_normal(d) : std::vector<float>{};
+  const auto positions = random_positions(tokens, max_position);
+  auto y = nans(x.size());
+  auto rstd = nans(tokens * n_heads);
+  cpu().qk_norm_rope_forward(x.data(), with_norm ? w.data() : nullptr, y.data(), rstd.data(), positions.data(),
+                             tokens, n_heads, d, eps, theta, stream());
+  std::vector<double> ref_rstd;
+  const auto ref = qk_norm_rope_fp64(to_double(x), to_double(w), positions, n_heads, d, eps, theta, &ref_rstd);
+  EXPECT_LE(relative_error(y, ref), kForwardTol);
+  if (with_norm) EXPECT_LE(relative_error(rstd, ref_rstd), kForwardTol);
+}
+
+TEST(CpuQkNormRope, ForwardMatchesFp64) {
+  check_qk_forward(true, 23, 3, 16, 10000.0f, 64);
+  check_qk_forward(false, 23, 3, 16, 10000.0f, 64);
+  // Qwen3-like head and theta, positions up to 8K, several threads.
+  check_qk_forward(true, 50, 8, 128, 1000000.0f, 8192);
+  check_qk_forward(false, 50, 8, 128, 1000000.0f, 8192);
+}
+
+TEST(CpuQkNormRope, PositionZeroIsIdentityRope) {
+  // At position 0 the rotation is the identity, so without a norm y == x exactly.
+  const int n_heads = 2, d = 8;
+  const auto x = random_normal(3 * n_heads * d);
+  const std::vector<std::int32_t> positions(3, 0);
+  auto y = nans(x.size());
+  cpu().qk_norm_rope_forward(x.data(), nullptr, y.data(), nullptr, positions.data(), 3, n_heads, d, 1e-6f,
+                             10000.0f, stream());
+  EXPECT_EQ(y, x);
+}
+
+void check_qk_backward(bool with_norm, std::int64_t tokens, int n_heads, int d) {
+  SCOPED_TRACE(testing::Message() << "norm=" << with_norm << " tokens=" << tokens);
+  const float eps = 1e-6f, theta = 10000.0f;
+  const auto x = random_normal(tokens * n_heads * d);
+  const auto w = with_norm ? random_normal(d) : std::vector<float>{};
+  const auto g = random_normal(x.size());
+  const auto positions = random_positions(tokens, 100);
+  const float* wp = with_norm ? w.data() : nullptr;
+  auto y = nans(x.size()), rstd = nans(tokens * n_heads);
+  cpu().qk_norm_rope_forward(x.data(), wp, y.data(), with_norm ? rstd.data() : nullptr, positions.data(), tokens,
+                             n_heads, d, eps, theta, stream());
+  auto dx = nans(x.size());
+  const auto dw0 = with_norm ? random_normal(d) : std::vector<float>{};
+  auto dw = dw0;
+  cpu().qk_norm_rope_backward(g.data(), x.data(), wp, with_norm ? rstd.data() : nullptr, dx.data(),
+                              with_norm ? dw.data() : nullptr, positions.data(), tokens, n_heads, d, theta, stream());
+  const auto xd = to_double(x), wd = to_double(w);
+  const auto fd_x = finite_difference(x, [&](const std::vector<double>& v) {
+    return dot(qk_norm_rope_fp64(v, wd, positions, n_heads, d, eps, theta), g);
+  });
+  EXPECT_LE(relative_error(dx, fd_x), kGradTol);
+  if (with_norm) {
+    const auto fd_w = finite_difference(w, [&](const std::vector<double>& v) {
+      return dot(qk_norm_rope_fp64(xd, v, positions, n_heads, d, eps, theta), g);
+    });
+    EXPECT_LE(relative_error(dw, plus(dw0, fd_w)), kGradTol);  // dw accumulates
+  }
+}
+
+TEST(CpuQkNormRope, BackwardMatchesFiniteDifferences) {
+  check_qk_backward(true, 5, 2, 8);
+  check_qk_backward(false, 5, 2, 8);
+  // More than one 32-token chunk of dw partial sums.
+  check_qk_backward(true, 70, 2, 8);
+}
+
+// ---- SwiGLU -------------------------------------------------------------------------------------
+
+std::vector<double> swiglu_fp64(const std::vector<double>& gate_up, std::int64_t rows, std::int64_t cols) {
+  std::vector<double> out(static_cast<std::size_t>(rows * cols));
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < cols; ++c) {
+      const double g = gate_up[r * 2 * cols + c], u = gate_up[r * 2 * cols + cols + c];
+      out[r * cols + c] = g / (1.0 + std::exp(-g)) * u;
+    }
+  return out;
+}
+
+TEST(CpuSwiglu, ForwardMatchesFp64) {
+  const std::int64_t rows = 41, cols = 1000;
+  auto gate_up = random_normal(rows * 2 * cols, 3.0f);
+  gate_up[0] = -100.0f;  // sigmoid underflows to 0: must give -0, not NaN
+  gate_up[1] = 100.0f;
+  auto out = nans(rows * cols);
+  cpu().swiglu_forward(gate_up.data(), out.data(), rows, cols, stream());
+  EXPECT_LE(relative_error(out, swiglu_fp64(to_double(gate_up), rows, cols)), kForwardTol);
+}
+
+TEST(CpuSwiglu, BackwardMatchesFiniteDifferences) {
+  const std::int64_t rows = 6, cols = 17;
+  const auto gate_up = random_normal(rows * 2 * cols, 2.0f), g = random_normal(rows * cols);
+  auto d = nans(gate_up.size());
+  cpu().swiglu_backward(g.data(), gate_up.data(), d.data(), rows, cols, stream());
+  const auto fd = finite_difference(gate_up, [&](const std::vector<double>& v) { return dot(swiglu_fp64(v, rows, cols), g); });
+  EXPECT_LE(relative_error(d, fd), kGradTol);
+}
+
+// ---- attention forwarding -----------------------------------------------------------------------
+
+TEST(CpuAttention, BackendForwardsToReference) {
+  // The attention math is tested in test_attention.cpp; here only the Backend's argument order.
+  const std::vector<std::int32_t> cu_seqlens{0, 3, 8};
+  const std::int64_t tokens = 8;
+  const int nq = 4, nkv = 2, d = 8;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const auto q = random_normal(tokens * nq * d), k = random_normal(tokens * nkv * d), v = random_normal(tokens * nkv * d);
+  const auto dout = random_normal(q.size());
+  auto out = nans(q.size()), lse = nans(tokens * nq), out_ref = nans(q.size()), lse_ref = nans(tokens * nq);
+  cpu().attention_forward(q.data(), k.data(), v.data(), out.data(), lse.data(), cu_seqlens.data(), 2, 5, tokens,
+                          nq, nkv, d, scale, stream());
+  cpu::attention_forward(q.data(), k.data(), v.data(), out_ref.data(), lse_ref.data(), cu_seqlens.data(), 2, 5,
+                         tokens, nq, nkv, d, scale);
+  EXPECT_EQ(out, out_ref);
+  EXPECT_EQ(lse, lse_ref);
+
+  const std::int64_t ws = cpu().attention_workspace_floats(tokens, nq, nkv, d);
+  EXPECT_EQ(ws, cpu::attention_backward_workspace_floats(tokens, nq, nkv, d));
+  std::vector<float> workspace(static_cast<std::size_t>(std::max<std::int64_t>(ws, 1)));
+  auto dq = nans(q.size()), dk = nans(k.size()), dv = nans(v.size());
+  auto dq_ref = nans(q.size()), dk_ref = nans(k.size()), dv_ref = nans(v.size());
+  cpu().attention_backward(q.data(), k.data(), v.data(), out.data(), dout.data(), lse.data(), dq.data(), dk.data(),
+                           dv.data(), workspace.data(), cu_seqlens.data(), 2, 5, tokens, nq, nkv, d, scale, stream());
+  cpu::attention_backward(q.data(), k.data(), v.data(), out.data(), dout.data(), lse.data(), dq_ref.data(),
+                          dk_ref.data(), dv_ref.data(), workspace.data(), cu_seqlens.data(), 2, 5, tokens, nq, nkv,
+                          d, scale);
+  EXPECT_EQ(dq, dq_ref);
+  EXPECT_EQ(dk, dk_ref);
+  EXPECT_EQ(dv, dv_ref);
+}
+
+}  // namespace
+}  // namespace cudablocks

@@ -1,0 +1,323 @@
+// The CUDA backend's block ops against the CPU backend (the reference), through the Backend
+// interface: RMSNorm backward, GEMM in its three precisions, bias add and backward, residual add,
+// QK-norm + RoPE forward and backward, SwiGLU forward and backward.
+//
+// Sizes are those of a Qwen3-4B layer (hidden 2560, 32 q / 8 kv heads of 128, intermediate 9728,
+// ~850 packed tokens) plus small odd shapes for the scalar (unvectorised) paths. Inputs are fresh
+// random numbers each run (the seed is printed); write-only outputs are poisoned with NaN first so
+// that an unwritten element fails; accumulated outputs start from random values.
+// Tolerances (relative L2): fp32 forward 1e-5, backward 1e-4; GEMM TF32 2e-3, BF16 1e-2.
+#include <gtest/gtest.h>
+
+#if CUDABLOCKS_WITH_CUDA
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cudablocks/backend.hpp"
+#include "cudablocks/buffer.hpp"
+#include "cudablocks/device.hpp"
+#include "cudablocks/stream.hpp"
+#include "support.hpp"
+
+namespace cudablocks {
+namespace {
+
+using test::random_normal;
+using test::relative_error;
+using Vec = std::vector<float>;
+
+constexpr double kForwardTol = 1e-5;
+constexpr double kBackwardTol = 1e-4;
+
+// One device's backend, stream and helpers to move vectors in and out of its buffers.
+struct Env {
+  Device device;
+  const Backend& backend;
+  Stream stream;
+
+  explicit Env(const Device& d) : device(d), backend(backend_for(d)), stream(d) {}
+
+  Buffer upload(const Vec& v) {
+    Buffer b = Buffer::empty({static_cast<std::int64_t>(v.size())}, DType::Float32, device);
+    b.copy_from_host(v.data(), stream);
+    return b;
+  }
+  Buffer upload(const std::vector<std::int32_t>& v) {
+    Buffer b = Buffer::empty({static_cast<std::int64_t>(v.size())}, DType::Int32, device);
+    b.copy_from_host(v.data(), stream);
+    return b;
+  }
+  Buffer poisoned(std::size_t n) {
+    Buffer b = Buffer::empty({static_cast<std::int64_t>(n)}, DType::Float32, device);
+    b.fill(NAN, stream);
+    return b;
+  }
+  Vec download(const Buffer& b) {
+    Vec v(static_cast<std::size_t>(b.numel()));
+    b.copy_to_host(v.data(), stream);
+    stream.synchronize();
+    return v;
+  }
+};
+
+Device gpu() { return Device(DeviceType::CUDA, 0); }
+
+// Runs f(env) -> outputs on the CPU and on the GPU.
+template <typename F>
+std::pair<std::vector<Vec>, std::vector<Vec>> on_both(F&& f) {
+  Env cpu{Device()};
+  Env cuda{gpu()};
+  return {f(cpu), f(cuda)};
+}
+
+void expect_close(const std::vector<Vec>& cpu, const std::vector<Vec>& cuda, double tol, const std::string& what) {
+  ASSERT_EQ(cpu.size(), cuda.size());
+  for (std::size_t i = 0; i < cpu.size(); ++i) {
+    const double err = relative_error(cuda[i], cpu[i]);
+    EXPECT_LT(err, tol) << what << ", output " << i;
+  }
+}
+
+Vec positive(std::size_t n) {  // rstd-like factors
+  Vec v = random_normal(n, 0.3f);
+  for (auto& x : v) x = 1.0f + std::fabs(x);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+TEST(CudaOps, RmsNormBackwardMatchesCpu) {
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  struct Case { std::int64_t rows, cols; };
+  for (Case c : {Case{850, 2560}, Case{3001, 2560}, Case{37, 33}, Case{5, 1000}}) {
+    for (bool accumulate : {false, true}) {
+      const auto n = static_cast<std::size_t>(c.rows * c.cols);
+      const Vec dy = random_normal(n), x = random_normal(n, 2.0f), w = random_normal(c.cols);
+      const Vec rstd = positive(c.rows), dx0 = random_normal(n), dw0 = random_normal(c.cols);
+      auto [ref, out] = on_both([&](Env& e) {
+        Buffer dyb = e.upload(dy), xb = e.upload(x), wb = e.upload(w), rb = e.upload(rstd), dwb = e.upload(dw0);
+        Buffer dxb = accumulate ? e.upload(dx0) : e.poisoned(n);
+        e.backend.rmsnorm_backward(dyb.data_as<float>(), xb.data_as<float>(), wb.data_as<float>(), rb.data_as<float>(),
+                                   dxb.data_as<float>(), dwb.data_as<float>(), c.rows, c.cols, accumulate, e.stream);
+        return std::vector<Vec>{e.download(dxb), e.download(dwb)};
+      });
+      expect_close(ref, out, kBackwardTol,
+                   std::to_string(c.rows) + "x" + std::to_string(c.cols) + (accumulate ? " accumulate" : ""));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct GemmCase {
+  bool ta, tb;
+  std::int64_t m, n, k;
+  float alpha, beta;
+};
+
+TEST(CudaOps, GemmMatchesCpuInEveryPrecision) {
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  const std::vector<GemmCase> cases = {
+      {false, true, 850, 2560, 2560, 1.0f, 0.0f},   // forward: X W^T
+      {false, false, 850, 2560, 2048, 1.0f, 0.0f},  // dX = dY W
+      {true, false, 2560, 2048, 850, 1.0f, 1.0f},   // dW += dY^T X
+      {false, false, 37, 53, 29, 0.5f, 0.0f},      {false, true, 37, 53, 29, 1.0f, -1.5f},
+      {true, false, 37, 53, 29, 2.0f, 0.0f},       {true, true, 37, 53, 29, 1.0f, 1.0f},
+      {true, true, 1, 7, 300, 1.0f, 0.0f},
+  };
+  for (const GemmCase& g : cases) {
+    const auto a = random_normal(static_cast<std::size_t>(g.m * g.k));
+    const auto b = random_normal(static_cast<std::size_t>(g.k * g.n));
+    const auto c0 = random_normal(static_cast<std::size_t>(g.m * g.n));
+    auto run = [&](Env& e, Precision p) {
+      Buffer ab = e.upload(a), bb = e.upload(b);
+      Buffer cb = g.beta == 0.0f ? e.poisoned(c0.size()) : e.upload(c0);
+      e.backend.gemm(g.ta, g.tb, g.m, g.n, g.k, g.alpha, ab.data_as<float>(), bb.data_as<float>(), g.beta,
+                     cb.data_as<float>(), p, e.stream);
+      return e.download(cb);
+    };
+    Env cpu{Device()};
+    Env cuda{gpu()};
+    const Vec ref = run(cpu, Precision::FP32);  // the CPU computes fp32 in every mode
+    const std::string what = std::string(g.ta ? "T" : "N") + (g.tb ? "T" : "N") + " " + std::to_string(g.m) + "x" +
+                             std::to_string(g.n) + "x" + std::to_string(g.k);
+    EXPECT_LT(relative_error(run(cuda, Precision::FP32), ref), 1e-5) << what << " fp32";
+    EXPECT_LT(relative_error(run(cuda, Precision::TF32), ref), 2e-3) << what << " tf32";
+    EXPECT_LT(relative_error(run(cuda, Precision::BF16), ref), 1e-2) << what << " bf16";
+  }
+}
+
+TEST(CudaOps, GemmFp32IsNotTf32) {
+  // TF32 rounds operands to 10 mantissa bits: 1 + 2^-13 becomes 1. IEEE fp32 keeps it.
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  Env cuda{gpu()};
+  const std::int64_t m = 64, n = 64, k = 64;
+  Buffer a = cuda.upload(Vec(m * k, 1.0f + 1.0f / 8192.0f)), b = cuda.upload(Vec(k * n, 1.0f));
+  Buffer c = cuda.poisoned(m * n);
+  cuda.backend.gemm(false, false, m, n, k, 1.0f, a.data_as<float>(), b.data_as<float>(), 0.0f, c.data_as<float>(),
+                    Precision::FP32, cuda.stream);
+  for (float v : cuda.download(c)) ASSERT_EQ(v, 64.0f + 64.0f / 8192.0f);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+TEST(CudaOps, BiasAddAndBackwardMatchCpu) {
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  struct Case { std::int64_t rows, cols; };
+  for (Case c : {Case{850, 1024}, Case{850, 4096}, Case{40, 33}, Case{1000, 7}, Case{3, 128}}) {
+    const auto n = static_cast<std::size_t>(c.rows * c.cols);
+    const Vec y0 = random_normal(n), bias = random_normal(c.cols), dy = random_normal(n), db0 = random_normal(c.cols);
+    auto [ref, out] = on_both([&](Env& e) {
+      Buffer yb = e.upload(y0), bb = e.upload(bias), dyb = e.upload(dy), dbb = e.upload(db0);
+      e.backend.add_bias(yb.data_as<float>(), bb.data_as<float>(), c.rows, c.cols, e.stream);
+      e.backend.bias_backward(dyb.data_as<float>(), dbb.data_as<float>(), c.rows, c.cols, e.stream);
+      return std::vector<Vec>{e.download(yb), e.download(dbb)};
+    });
+    const std::string what = std::to_string(c.rows) + "x" + std::to_string(c.cols);
+    EXPECT_LT(relative_error(out[0], ref[0]), kForwardTol) << what << " add_bias";
+    EXPECT_LT(relative_error(out[1], ref[1]), kBackwardTol) << what << " bias_backward";
+  }
+}
+
+TEST(CudaOps, AddMatchesCpuAlignedUnalignedAndAliased) {
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  for (std::int64_t n : {std::int64_t{850} * 2560 + 3, std::int64_t{5}, std::int64_t{1}}) {
+    const Vec a = random_normal(n + 1), b = random_normal(n + 1);
+    for (int variant = 0; variant < 3; ++variant) {  // 0: aligned, 1: offset by one element, 2: out = a
+      auto [ref, out] = on_both([&](Env& e) {
+        Buffer ab = e.upload(a), bb = e.upload(b), ob = e.poisoned(n + 1);
+        const std::int64_t off = variant == 1 ? 1 : 0;
+        float* dst = variant == 2 ? ab.data_as<float>() : ob.data_as<float>() + off;
+        e.backend.add(ab.data_as<float>() + off, bb.data_as<float>() + off, dst, n, e.stream);
+        Vec result = e.download(variant == 2 ? ab : ob);
+        result.erase(variant == 1 ? result.begin() : result.end() - 1);  // the element outside the op
+        return std::vector<Vec>{result};
+      });
+      // One fp32 add per element: exact on both backends.
+      std::size_t mismatches = 0;
+      for (std::size_t i = 0; i < ref[0].size(); ++i) mismatches += !(out[0][i] == ref[0][i]);
+      EXPECT_EQ(mismatches, 0u) << "n " << n << " variant " << variant;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// Positions restarting at 0 for each packed sequence.
+std::vector<std::int32_t> packed_positions(const std::vector<int>& lengths) {
+  std::vector<std::int32_t> pos;
+  for (int len : lengths)
+    for (int i = 0; i < len; ++i) pos.push_back(i);
+  return pos;
+}
+
+struct RopeCase {
+  std::vector<int> lengths;
+  int heads, head_dim;
+  bool norm;
+};
+
+TEST(CudaOps, QkNormRopeMatchesCpu) {
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  const float eps = 1e-6f, theta = 1000000.0f;
+  const std::vector<RopeCase> cases = {
+      {{300, 550}, 32, 128, true},  // q of Qwen3-4B
+      {{300, 550}, 8, 128, true},   // k
+      {{300, 550}, 8, 128, false},  // rope only (Qwen2-style)
+      {{17, 4}, 3, 6, true},        // odd half: scalar path
+      {{9}, 5, 64, true},           {{40}, 2, 256, true},
+  };
+  for (const RopeCase& rc : cases) {
+    const auto pos = packed_positions(rc.lengths);
+    const auto tokens = static_cast<std::int64_t>(pos.size());
+    const auto n = static_cast<std::size_t>(tokens * rc.heads * rc.head_dim);
+    const auto rows = static_cast<std::size_t>(tokens * rc.heads);
+    const Vec x = random_normal(n, 2.0f), w = random_normal(rc.head_dim), dy = random_normal(n);
+    const Vec dw0 = random_normal(rc.head_dim);
+    // The backward takes rstd from the CPU forward on both backends: the same inputs.
+    Vec rstd_in(rows, 1.0f);
+    auto [ref, out] = on_both([&](Env& e) {
+      Buffer xb = e.upload(x), wb = e.upload(w), pb = e.upload(pos), yb = e.poisoned(n), rb = e.poisoned(rows);
+      const float* wp = rc.norm ? wb.data_as<float>() : nullptr;
+      e.backend.qk_norm_rope_forward(xb.data_as<float>(), wp, yb.data_as<float>(), rb.data_as<float>(),
+                                     pb.data_as<std::int32_t>(), tokens, rc.heads, rc.head_dim, eps, theta, e.stream);
+      Vec rstd = rc.norm ? e.download(rb) : Vec(rows, 0.0f);
+      if (e.device.is_cpu()) rstd_in = rstd;
+      Buffer rin = e.upload(rstd_in), dyb = e.upload(dy), dxb = e.poisoned(n), dwb = e.upload(dw0);
+      e.backend.qk_norm_rope_backward(dyb.data_as<float>(), xb.data_as<float>(), wp, rin.data_as<float>(),
+                                      dxb.data_as<float>(), dwb.data_as<float>(), pb.data_as<std::int32_t>(), tokens,
+                                      rc.heads, rc.head_dim, theta, e.stream);
+      return std::vector<Vec>{e.download(yb), rstd, e.download(dxb), e.download(dwb)};
+    });
+    const std::string what = std::to_string(rc.heads) + " heads x " + std::to_string(rc.head_dim) +
+                             (rc.norm ? " norm" : " no norm");
+    EXPECT_LT(relative_error(out[0], ref[0]), kForwardTol) << what << " y";
+    if (rc.norm) EXPECT_LT(relative_error(out[1], ref[1]), kForwardTol) << what << " rstd";
+    EXPECT_LT(relative_error(out[2], ref[2]), kBackwardTol) << what << " dx";
+    EXPECT_LT(relative_error(out[3], ref[3]), kBackwardTol) << what << " dw";
+  }
+}
+
+// Long positions (up to 8K): the angle is computed in fp32 as transformers does
+// (float(pos) * inv_freq_fp32), so the result matches an fp64 evaluation of that fp32 angle
+// closely; against exact fp64 angles (the CPU reference) the fp32 rounding of pos * inv_freq
+// (~ulp(8000) = 5e-4 rad) shows as ~4e-5 relative.
+TEST(CudaOps, RopeLongPositionsUseTransformersFp32Angles) {
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  const int heads = 8, d = 128, half = d / 2;
+  const float theta = 1000000.0f;
+  std::vector<std::int32_t> pos(512);
+  std::uniform_int_distribution<int> dist(0, 8191);
+  for (auto& p : pos) p = dist(test::rng());
+  const auto tokens = static_cast<std::int64_t>(pos.size());
+  const auto n = static_cast<std::size_t>(tokens * heads * d);
+  const Vec x = random_normal(n);
+  // fp64 rotation of the fp32 angles.
+  std::vector<double> expect(n);
+  for (std::int64_t t = 0; t < tokens; ++t)
+    for (int i = 0; i < half; ++i) {
+      const float exponent = static_cast<float>(2 * i) / static_cast<float>(d);
+      const float inv = 1.0f / static_cast<float>(std::pow(static_cast<double>(theta), static_cast<double>(exponent)));
+      const float angle = static_cast<float>(pos[t]) * inv;
+      const double c = std::cos(static_cast<double>(angle)), s = std::sin(static_cast<double>(angle));
+      for (int h = 0; h < heads; ++h) {
+        const std::size_t base = static_cast<std::size_t>((t * heads + h) * d);
+        expect[base + i] = x[base + i] * c - x[base + half + i] * s;
+        expect[base + half + i] = x[base + half + i] * c + x[base + i] * s;
+      }
+    }
+  Env cuda{gpu()};
+  Buffer xb = cuda.upload(x), pb = cuda.upload(pos), yb = cuda.poisoned(n);
+  cuda.backend.qk_norm_rope_forward(xb.data_as<float>(), nullptr, yb.data_as<float>(), nullptr,
+                                    pb.data_as<std::int32_t>(), tokens, heads, d, 1e-6f, theta, cuda.stream);
+  EXPECT_LT(relative_error(cuda.download(yb), expect), 1e-6);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+TEST(CudaOps, SwigluMatchesCpu) {
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  struct Case { std::int64_t rows, cols; };
+  for (Case c : {Case{850, 9728}, Case{7, 33}, Case{3, 2}}) {
+    const auto n = static_cast<std::size_t>(c.rows * c.cols);
+    const Vec gate_up = random_normal(2 * n, 3.0f), dout = random_normal(n);
+    auto [ref, out] = on_both([&](Env& e) {
+      Buffer gb = e.upload(gate_up), ob = e.poisoned(n), db = e.upload(dout), dgb = e.poisoned(2 * n);
+      e.backend.swiglu_forward(gb.data_as<float>(), ob.data_as<float>(), c.rows, c.cols, e.stream);
+      e.backend.swiglu_backward(db.data_as<float>(), gb.data_as<float>(), dgb.data_as<float>(), c.rows, c.cols,
+                                e.stream);
+      return std::vector<Vec>{e.download(ob), e.download(dgb)};
+    });
+    const std::string what = std::to_string(c.rows) + "x" + std::to_string(c.cols);
+    EXPECT_LT(relative_error(out[0], ref[0]), kForwardTol) << what << " forward";
+    EXPECT_LT(relative_error(out[1], ref[1]), kBackwardTol) << what << " backward";
+  }
+}
+
+}  // namespace
+}  // namespace cudablocks
+
+#endif  // CUDABLOCKS_WITH_CUDA
