@@ -18,4 +18,5 @@ PYBIND11_MODULE(_core, m) {
   cp::bind_device(m);
   cp::bind_buffer(m);
   cp::bind_ops(m);
+  cp::bind_block(m);
 }

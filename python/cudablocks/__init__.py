@@ -6,17 +6,25 @@ The core objects::
     dev = cb.Device("cuda:0")            # or "cpu"
     stream = cb.CudaStream(dev)
     x = cb.GpuBuffer.from_numpy(array, dev, stream=stream)
+    cfg = cb.TransformerConfig.from_pretrained("path/to/Qwen3-4B")
+    blk = cb.CudaBlock.fp32(cfg, layer_idx, weights, device=dev, max_tokens=4096)
+    blk.forward(x, out, seq_lens, stream)
+    grad_ws = cb.CudaGradWorkspace(blk)
+    blk.backward(x, grad_out, grad_in, seq_lens, stream, grad_ws)
 """
 
 from __future__ import annotations
 
-from cudablocks import errors, ops
+from cudablocks import config, errors, ops
 from cudablocks._core import (
+    CudaBlock,
     CudaEvent,
+    CudaGradWorkspace,
     CudaStream,
     Device,
     GpuBuffer,
     MemoryStats,
+    TransformerConfig,
     cuda_backend_built,
     cuda_device_count,
     memory_stats,
@@ -36,9 +44,11 @@ from cudablocks.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CudaBlock",
     "CudaBlocksError",
     "CudaError",
     "CudaEvent",
+    "CudaGradWorkspace",
     "CudaStream",
     "Device",
     "DeviceError",
@@ -48,7 +58,9 @@ __all__ = [
     "MemoryStats",
     "OutOfMemoryError",
     "ShapeError",
+    "TransformerConfig",
     "UnsupportedOperationError",
+    "config",
     "cuda_backend_built",
     "cuda_device_count",
     "errors",

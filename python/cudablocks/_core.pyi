@@ -1,5 +1,6 @@
 """Type stubs for the native module cudablocks._core."""
 
+import os
 from typing import Any
 
 import numpy as np
@@ -105,3 +106,103 @@ class GpuBuffer:
 def rmsnorm_forward(
     x: GpuBuffer, weight: GpuBuffer, out: GpuBuffer, eps: float = 1e-6, stream: CudaStream | None = None
 ) -> None: ...
+
+class TransformerConfig:
+    def __init__(
+        self,
+        *,
+        model_type: str,
+        hidden_size: int,
+        num_attention_heads: int,
+        num_key_value_heads: int,
+        head_dim: int,
+        intermediate_size: int,
+        num_hidden_layers: int,
+        vocab_size: int,
+        max_position_embeddings: int,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        attention_bias: bool = False,
+        o_proj_bias: bool = False,
+        qk_norm: bool = False,
+        tie_word_embeddings: bool = False,
+    ) -> None: ...
+    @staticmethod
+    def from_dict(config: dict[str, Any]) -> TransformerConfig: ...
+    @staticmethod
+    def from_pretrained(path: str | os.PathLike[str]) -> TransformerConfig: ...
+    model_type: str
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    num_hidden_layers: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    attention_bias: bool
+    o_proj_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+    def validate(self) -> None: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+ParamLayoutRow = tuple[str, int, tuple[int, ...], bool]
+
+class CudaBlock:
+    @staticmethod
+    def fp32(
+        config: TransformerConfig,
+        layer_idx: int,
+        weights: dict[str, np.ndarray],
+        device: DeviceLike,
+        max_tokens: int,
+        precision: str = "fp32",
+    ) -> CudaBlock: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def layer_idx(self) -> int: ...
+    @property
+    def config(self) -> TransformerConfig: ...
+    @property
+    def device(self) -> Device: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def precision(self) -> str: ...
+    @property
+    def saved_bytes_per_token(self) -> int: ...
+    @property
+    def scratch_bytes_per_token(self) -> int: ...
+    @property
+    def param_layout(self) -> list[ParamLayoutRow]: ...
+    def forward(
+        self, x: GpuBuffer, out: GpuBuffer, seq_lens: int | list[int], stream: CudaStream | None = None
+    ) -> None: ...
+    def backward(
+        self,
+        x: GpuBuffer,
+        grad_out: GpuBuffer,
+        grad_in: GpuBuffer,
+        seq_lens: int | list[int],
+        stream: CudaStream | None = None,
+        grad_ws: CudaGradWorkspace | None = None,
+    ) -> None: ...
+    def new_grad_workspace(self, stream: CudaStream | None = None) -> CudaGradWorkspace: ...
+    def download_weights(self, stream: CudaStream | None = None) -> dict[str, np.ndarray]: ...
+
+class CudaGradWorkspace:
+    def __init__(self, block: CudaBlock, stream: CudaStream | None = None) -> None: ...
+    def zero_(self, stream: CudaStream | None = None) -> None: ...
+    def to_numpy(self, stream: CudaStream | None = None) -> dict[str, np.ndarray]: ...
+    @property
+    def buffer(self) -> GpuBuffer: ...
+    @property
+    def device(self) -> Device: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def param_layout(self) -> list[ParamLayoutRow]: ...

@@ -1,0 +1,309 @@
+// TransformerConfig, CudaBlock (the fp32 kind) and CudaGradWorkspace.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include "bindings.hpp"
+#include "cudablocks/block.hpp"
+#include "cudablocks/config.hpp"
+#include "cudablocks/errors.hpp"
+
+namespace cudablocks::python {
+
+namespace {
+
+// An int, or a sequence of ints (numpy integers included), as a list of lengths.
+std::vector<std::int64_t> to_seq_lens(const py::object& obj) {
+  auto as_int = [](const py::handle& item) -> std::int64_t {
+    if (py::isinstance<py::bool_>(item) || !PyIndex_Check(item.ptr())) {
+      throw InvalidArgumentError("seq_lens must be an int or a list of ints, got an element " +
+                                 std::string(py::repr(item)));
+    }
+    return py::reinterpret_steal<py::object>(PyNumber_Index(item.ptr())).cast<std::int64_t>();
+  };
+  if (PyIndex_Check(obj.ptr()) && !py::isinstance<py::bool_>(obj)) return {as_int(obj)};
+  if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj)) {
+    throw InvalidArgumentError("seq_lens must be an int or a list of ints, got " + std::string(py::repr(obj)));
+  }
+  std::vector<std::int64_t> lens;
+  for (const py::handle& item : obj.cast<py::sequence>()) lens.push_back(as_int(item));
+  return lens;
+}
+
+// A numpy float32 copy of the flat host data, sliced into {HF name: array} (views of one array).
+py::dict named_arrays(const ParamLayout& layout, const std::function<void(float*)>& download) {
+  py::array_t<float> flat(layout.total_floats());
+  float* dst = flat.mutable_data();
+  {
+    py::gil_scoped_release release;
+    download(dst);
+  }
+  py::dict result;
+  for (const ParamEntry& e : layout.entries()) {
+    py::slice range(e.offset, e.offset + e.numel(), 1);
+    result[py::str(e.name)] = flat[range].attr("reshape")(py::cast(e.shape));
+  }
+  return result;
+}
+
+py::list layout_list(const ParamLayout& layout) {
+  py::list rows;
+  for (const ParamEntry& e : layout.entries()) {
+    rows.append(py::make_tuple(e.name, e.offset, py::tuple(py::cast(e.shape)), e.is_matrix));
+  }
+  return rows;
+}
+
+Stream block_stream(const py::object& stream, const Device& device) {
+  return stream.is_none() ? default_stream(device) : stream.cast<Stream>();
+}
+
+py::dict config_dict(const TransformerConfig& c) {
+  py::dict d;
+  d["model_type"] = c.model_type;
+  d["hidden_size"] = c.hidden_size;
+  d["num_attention_heads"] = c.num_attention_heads;
+  d["num_key_value_heads"] = c.num_key_value_heads;
+  d["head_dim"] = c.head_dim;
+  d["intermediate_size"] = c.intermediate_size;
+  d["num_hidden_layers"] = c.num_hidden_layers;
+  d["vocab_size"] = c.vocab_size;
+  d["max_position_embeddings"] = c.max_position_embeddings;
+  d["rms_norm_eps"] = c.rms_norm_eps;
+  d["rope_theta"] = c.rope_theta;
+  d["attention_bias"] = c.attention_bias;
+  d["o_proj_bias"] = c.o_proj_bias;
+  d["qk_norm"] = c.qk_norm;
+  d["tie_word_embeddings"] = c.tie_word_embeddings;
+  return d;
+}
+
+void bind_config(py::module_& m) {
+  py::class_<TransformerConfig>(m, "TransformerConfig",
+                                "The shape of a decoder transformer (qwen3, qwen2 or llama). Build it with "
+                                "TransformerConfig.from_pretrained(dir) or from_dict(config_json_dict).")
+      .def(py::init([](const std::string& model_type, std::int64_t hidden_size, std::int64_t num_attention_heads,
+                       std::int64_t num_key_value_heads, std::int64_t head_dim, std::int64_t intermediate_size,
+                       std::int64_t num_hidden_layers, std::int64_t vocab_size, std::int64_t max_position_embeddings,
+                       double rms_norm_eps, double rope_theta, bool attention_bias, bool o_proj_bias, bool qk_norm,
+                       bool tie_word_embeddings) {
+             TransformerConfig c;
+             c.model_type = model_type;
+             c.hidden_size = hidden_size;
+             c.num_attention_heads = num_attention_heads;
+             c.num_key_value_heads = num_key_value_heads;
+             c.head_dim = head_dim;
+             c.intermediate_size = intermediate_size;
+             c.num_hidden_layers = num_hidden_layers;
+             c.vocab_size = vocab_size;
+             c.max_position_embeddings = max_position_embeddings;
+             c.rms_norm_eps = rms_norm_eps;
+             c.rope_theta = rope_theta;
+             c.attention_bias = attention_bias;
+             c.o_proj_bias = o_proj_bias;
+             c.qk_norm = qk_norm;
+             c.tie_word_embeddings = tie_word_embeddings;
+             c.validate();
+             return c;
+           }),
+           py::kw_only(), py::arg("model_type"), py::arg("hidden_size"), py::arg("num_attention_heads"),
+           py::arg("num_key_value_heads"), py::arg("head_dim"), py::arg("intermediate_size"),
+           py::arg("num_hidden_layers"), py::arg("vocab_size"), py::arg("max_position_embeddings"),
+           py::arg("rms_norm_eps") = 1e-6, py::arg("rope_theta") = 10000.0, py::arg("attention_bias") = false,
+           py::arg("o_proj_bias") = false, py::arg("qk_norm") = false, py::arg("tie_word_embeddings") = false,
+           "Every field explicit (keyword-only); validated. Most users want from_pretrained / from_dict.")
+      .def_static("from_dict", [](const py::object& d) { return py::module_::import("cudablocks.config").attr("config_from_dict")(d); },
+                  py::arg("config"), "From a Hugging Face config.json dict (transformers 4 or 5 spelling).")
+      .def_static("from_pretrained", [](const py::object& path) {
+            return py::module_::import("cudablocks.config").attr("config_from_pretrained")(path);
+          }, py::arg("path"), "Reads `path`/config.json (or `path` itself when it is a .json file).")
+      .def_readwrite("model_type", &TransformerConfig::model_type)
+      .def_readwrite("hidden_size", &TransformerConfig::hidden_size)
+      .def_readwrite("num_attention_heads", &TransformerConfig::num_attention_heads)
+      .def_readwrite("num_key_value_heads", &TransformerConfig::num_key_value_heads)
+      .def_readwrite("head_dim", &TransformerConfig::head_dim)
+      .def_readwrite("intermediate_size", &TransformerConfig::intermediate_size)
+      .def_readwrite("num_hidden_layers", &TransformerConfig::num_hidden_layers)
+      .def_readwrite("vocab_size", &TransformerConfig::vocab_size)
+      .def_readwrite("max_position_embeddings", &TransformerConfig::max_position_embeddings)
+      .def_readwrite("rms_norm_eps", &TransformerConfig::rms_norm_eps)
+      .def_readwrite("rope_theta", &TransformerConfig::rope_theta)
+      .def_readwrite("attention_bias", &TransformerConfig::attention_bias,
+                     "q_proj, k_proj and v_proj have biases (always for qwen2).")
+      .def_readwrite("o_proj_bias", &TransformerConfig::o_proj_bias,
+                     "o_proj has a bias (qwen3 and llama with attention_bias).")
+      .def_readwrite("qk_norm", &TransformerConfig::qk_norm, "Per-head RMSNorm of q and k before RoPE (qwen3).")
+      .def_readwrite("tie_word_embeddings", &TransformerConfig::tie_word_embeddings)
+      .def("validate", &TransformerConfig::validate)
+      .def("to_dict", &config_dict)
+      .def("__eq__", [](const TransformerConfig& a, const py::object& b) {
+            if (!py::isinstance<TransformerConfig>(b)) return false;
+            return config_dict(a).equal(config_dict(b.cast<TransformerConfig>()));
+          })
+      .def("__repr__", [](const TransformerConfig& c) {
+            std::string text = "TransformerConfig(";
+            bool first = true;
+            for (auto item : config_dict(c)) {
+              text += (first ? "" : ", ") + std::string(py::str(item.first)) + "=" + std::string(py::repr(item.second));
+              first = false;
+            }
+            return text + ")";
+          })
+      .def(py::pickle([](const TransformerConfig& c) { return config_dict(c); },
+                      [](const py::dict& d) {
+                        TransformerConfig c;
+                        c.model_type = d["model_type"].cast<std::string>();
+                        c.hidden_size = d["hidden_size"].cast<std::int64_t>();
+                        c.num_attention_heads = d["num_attention_heads"].cast<std::int64_t>();
+                        c.num_key_value_heads = d["num_key_value_heads"].cast<std::int64_t>();
+                        c.head_dim = d["head_dim"].cast<std::int64_t>();
+                        c.intermediate_size = d["intermediate_size"].cast<std::int64_t>();
+                        c.num_hidden_layers = d["num_hidden_layers"].cast<std::int64_t>();
+                        c.vocab_size = d["vocab_size"].cast<std::int64_t>();
+                        c.max_position_embeddings = d["max_position_embeddings"].cast<std::int64_t>();
+                        c.rms_norm_eps = d["rms_norm_eps"].cast<double>();
+                        c.rope_theta = d["rope_theta"].cast<double>();
+                        c.attention_bias = d["attention_bias"].cast<bool>();
+                        c.o_proj_bias = d["o_proj_bias"].cast<bool>();
+                        c.qk_norm = d["qk_norm"].cast<bool>();
+                        c.tie_word_embeddings = d["tie_word_embeddings"].cast<bool>();
+                        return c;
+                      }));
+}
+
+std::shared_ptr<CudaBlock> make_fp32(const TransformerConfig& config, int layer_idx, const py::dict& weights,
+                                     const Device& device, std::int64_t max_tokens, const std::string& precision) {
+  const Precision prec = precision_from_name(precision);
+  py::module_ np = py::module_::import("numpy");
+  std::vector<py::array> keep;  // float32 C-contiguous copies (or the arrays themselves)
+  WeightMap map;
+  for (auto item : weights) {
+    if (!py::isinstance<py::str>(item.first)) {
+      throw InvalidArgumentError("weight names must be str, got " + std::string(py::repr(item.first)));
+    }
+    const std::string name = item.first.cast<std::string>();
+    py::object value = py::reinterpret_borrow<py::object>(item.second);
+    if (!py::isinstance<py::array>(value)) {
+      throw DtypeError("weight '" + name + "' must be a numpy array (float32, bfloat16 or float16), got " +
+                       std::string(py::str(py::type::of(value).attr("__name__"))));
+    }
+    const std::string dtype = py::str(value.attr("dtype").attr("name"));
+    if (dtype != "float32" && dtype != "bfloat16" && dtype != "float16" && dtype != "float64") {
+      throw DtypeError("weight '" + name + "' has dtype " + dtype + "; give float32, bfloat16 (ml_dtypes) or float16");
+    }
+    py::array array = np.attr("ascontiguousarray")(value, "float32");
+    map[name] = HostTensor{Shape(array.shape(), array.shape() + array.ndim()), static_cast<const float*>(array.data())};
+    keep.push_back(std::move(array));
+  }
+  py::gil_scoped_release release;
+  return Fp32Block::create(config, layer_idx, map, device, max_tokens, prec);
+}
+
+void bind_block_class(py::module_& m) {
+  py::class_<CudaBlock, std::shared_ptr<CudaBlock>>(
+      m, "CudaBlock",
+      "One decoder layer living on a device. Make one with CudaBlock.fp32(...); see DESIGN §3-§4.")
+      .def_static("fp32", &make_fp32, py::arg("config"), py::arg("layer_idx"), py::arg("weights"), py::arg("device"),
+                  py::arg("max_tokens"), py::arg("precision") = "fp32",
+                  "An fp32 block from {HF name relative to the layer: numpy array} (float32, bfloat16 or float16), "
+                  "with activation memory for up to max_tokens packed tokens. precision: \"fp32\", \"tf32\" or "
+                  "\"bf16\" for the matrix products.")
+      .def_property_readonly("kind", &CudaBlock::kind)
+      .def_property_readonly("layer_idx", &CudaBlock::layer_idx)
+      .def_property_readonly("config", &CudaBlock::config)
+      .def_property_readonly("device", &CudaBlock::device)
+      .def_property_readonly("max_tokens", &CudaBlock::max_tokens)
+      .def_property_readonly("precision", [](const CudaBlock& b) { return precision_name(b.precision()); })
+      .def_property_readonly("saved_bytes_per_token", &CudaBlock::saved_bytes_per_token,
+                             "Activation bytes kept from forward to backward, per token.")
+      .def_property_readonly("scratch_bytes_per_token", &CudaBlock::scratch_bytes_per_token,
+                             "Transient scratch bytes per token of max_tokens.")
+      .def_property_readonly("param_layout", [](const CudaBlock& b) { return layout_list(*b.param_layout()); },
+                             "[(HF name, offset in floats, shape, is_matrix)] of the flat parameters and gradients.")
+      .def("forward", [](CudaBlock& self, const PyBuffer& x, PyBuffer& out, const py::object& seq_lens,
+                         const py::object& stream_arg) {
+            const std::vector<std::int64_t> lens = to_seq_lens(seq_lens);
+            const Stream stream = stream_or(stream_arg, out);
+            {
+              py::gil_scoped_release release;
+              self.forward(x.buffer, out.buffer, lens, stream);
+            }
+            out.stream = stream;
+          }, py::arg("x"), py::arg("out"), py::arg("seq_lens"), py::arg("stream") = py::none(),
+          "out = layer(x) for packed sequences x, out float32 [sum(seq_lens), hidden]. Saves what backward needs.")
+      .def("backward", [](CudaBlock& self, const PyBuffer& x, const PyBuffer& grad_out, PyBuffer& grad_in,
+                          const py::object& seq_lens, const py::object& stream_arg, CudaGradWorkspace* grad_ws) {
+            if (grad_ws == nullptr) {
+              throw InvalidArgumentError("backward needs grad_ws: make one with cudablocks.CudaGradWorkspace(block)");
+            }
+            const std::vector<std::int64_t> lens = to_seq_lens(seq_lens);
+            const Stream stream = stream_or(stream_arg, grad_in);
+            {
+              py::gil_scoped_release release;
+              self.backward(x.buffer, grad_out.buffer, grad_in.buffer, lens, stream, *grad_ws);
+            }
+            grad_in.stream = stream;
+          }, py::arg("x"), py::arg("grad_out"), py::arg("grad_in"), py::arg("seq_lens"), py::arg("stream") = py::none(),
+          py::arg("grad_ws") = nullptr,
+          "After forward(x, ..., seq_lens): grad_in = dL/dx; every parameter gradient is ADDED into grad_ws.")
+      .def("new_grad_workspace", [](const CudaBlock& self, const py::object& stream_arg) {
+            const Stream stream = block_stream(stream_arg, self.device());
+            py::gil_scoped_release release;
+            auto ws = self.new_grad_workspace(stream);
+            if (stream_arg.is_none()) stream.synchronize();
+            return ws;
+          }, py::arg("stream") = py::none(), "A zeroed CudaGradWorkspace for this block's parameters.")
+      .def("download_weights", [](const CudaBlock& self, const py::object& stream_arg) {
+            auto layout = self.param_layout();
+            const Stream stream = stream_arg.is_none() ? self.last_stream() : stream_arg.cast<Stream>();
+            return named_arrays(*layout, [&](float* dst) { self.download_weights(dst, stream); });
+          }, py::arg("stream") = py::none(), "{HF name relative to the layer: float32 numpy array}, after the work queued on `stream` "
+          "(default: the stream of the block's latest call).")
+      .def("__repr__", [](const CudaBlock& b) {
+            return "CudaBlock." + std::string(b.kind()) + "(layer " + std::to_string(b.layer_idx()) + ", " +
+                   b.config().describe() + ", " + b.device().str() + ", max_tokens " + std::to_string(b.max_tokens()) +
+                   ", precision " + precision_name(b.precision()) + ")";
+          });
+}
+
+void bind_grad_workspace(py::module_& m) {
+  py::class_<CudaGradWorkspace, std::shared_ptr<CudaGradWorkspace>>(
+      m, "CudaGradWorkspace",
+      "Parameter gradients of a block layout in one contiguous float32 allocation (laid out like the "
+      "parameters). Zeroed when made; backward adds into it. Any block of the same config and device may use it.")
+      .def(py::init([](const CudaBlock& block, const py::object& stream_arg) {
+             const Stream stream = block_stream(stream_arg, block.device());
+             py::gil_scoped_release release;
+             auto ws = block.new_grad_workspace(stream);
+             if (stream_arg.is_none()) stream.synchronize();
+             return ws;
+           }),
+           py::arg("block"), py::arg("stream") = py::none())
+      .def("zero_", [](CudaGradWorkspace& self, const py::object& stream_arg) {
+            const Stream stream = stream_arg.is_none() ? self.last_stream() : stream_arg.cast<Stream>();
+            py::gil_scoped_release release;
+            self.zero(stream);
+          }, py::arg("stream") = py::none(),
+          "Sets every gradient to 0, ordered on `stream` (default: the stream of its latest write).")
+      .def("to_numpy", [](const CudaGradWorkspace& self, const py::object& stream_arg) {
+            const Stream stream = stream_arg.is_none() ? self.last_stream() : stream_arg.cast<Stream>();
+            return named_arrays(self.layout(), [&](float* dst) { self.download(dst, stream); });
+          }, py::arg("stream") = py::none(), "{HF name: float32 numpy array} once the queued work is done.")
+      .def_property_readonly("buffer", [](const CudaGradWorkspace& self) { return PyBuffer{self.flat(), self.last_stream()}; },
+                             "The flat float32 gradient buffer [total] (same memory).")
+      .def_property_readonly("device", &CudaGradWorkspace::device)
+      .def_property_readonly("nbytes", [](const CudaGradWorkspace& self) { return self.flat().nbytes(); })
+      .def_property_readonly("param_layout", [](const CudaGradWorkspace& self) { return layout_list(self.layout()); })
+      .def("__repr__", [](const CudaGradWorkspace& self) {
+            return "CudaGradWorkspace(" + self.layout().describe() + " on " + self.device().str() + ")";
+          });
+}
+
+}  // namespace
+
+void bind_block(py::module_& m) {
+  bind_config(m);
+  bind_block_class(m);
+  bind_grad_workspace(m);
+}
+
+}  // namespace cudablocks::python

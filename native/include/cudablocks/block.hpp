@@ -1,0 +1,249 @@
+// Decoder blocks: one transformer layer that lives on a device (DESIGN §3-§4).
+//
+// CudaBlock is the variant (entrenar's name) that the pipeline holds; Fp32Block is its fp32
+// kind: trainable fp32 weights, forward, full backward. Everything here is written against the
+// Backend op interface (backend.hpp) and so runs on the CPU reference backend and on CUDA.
+//
+// ---- Parameters (ParamLayout) -----------------------------------------------------------------
+// All parameters of a block live in ONE contiguous fp32 allocation, and a CudaGradWorkspace has
+// exactly the same layout, so an optimizer step is one flat loop and a data-parallel all-reduce is
+// one call. Segments, each starting at a multiple of 64 floats (256 bytes; the gaps are zero in
+// the weights and in the gradients):
+//
+//   wqkv       [(n_q + 2 n_kv) d, H]  rows of q_proj, then k_proj, then v_proj (HF [out, in])
+//   bqkv       [(n_q + 2 n_kv) d]     q, k, v biases            (attention_bias)
+//   wo         [H, n_q d]             o_proj
+//   bo         [H]                    o_proj bias               (o_proj_bias)
+//   q_norm     [d], k_norm [d]                                  (qk_norm)
+//   w_gate_up  [2 I, H]               rows of gate_proj, then up_proj (the swiglu_forward layout)
+//   w_down     [H, I]
+//   ln_in      [H]                    input_layernorm
+//   ln_post    [H]                    post_attention_layernorm
+//
+// Because fusion concatenates rows, every Hugging Face tensor is one contiguous range of the
+// allocation; ParamLayout::entries() lists (HF name, offset, shape, is_matrix) for each.
+//
+// ---- Forward (DESIGN §4), op calls per forward: 14 + 3 with q/k/v biases + 1 with an o bias ----
+//   h = rmsnorm(x) * ln_in                       (rstd1 saved)
+//   q_raw, k_raw, v = h Wq^T, h Wk^T, h Wv^T (+ biases)   three GEMMs on the row blocks of wqkv
+//   q_rot, k_rot = rope(qk_norm(q_raw)), rope(qk_norm(k_raw))   (rstd_q, rstd_k saved)
+//   att = attention(q_rot, k_rot, v)             (lse saved)
+//   r = x + att Wo^T (+ bo)
+//   g = rmsnorm(r) * ln_post                     (rstd2 saved)
+//   gate_up = g Wgu^T;  act = silu(gate) * up
+//   out = r + act Wdown^T
+// Each forward also uploads positions [T] (restarting at 0 per sequence) and cu_seqlens [n + 1]
+// (int32) in one host-to-device copy into block-owned memory, which the backward reuses.
+//
+// The backward is 24 op calls (+ 4 with biases; one of them a device copy grad_out -> grad_in,
+// skipped in place), all independent of the number of sequences. q, k and v take three GEMMs
+// each way because the ops take dense [T, n*d] operands; the fused wqkv rows would allow one
+// GEMM once the ops accept a row stride.
+//
+// ---- Saved activations (kept from forward to backward), floats per token ---------------------
+//   q_raw n_q d, k_raw n_kv d, v n_kv d, att n_q d, r H, gate_up 2 I,
+//   lse n_q, rstd_q n_q and rstd_k n_kv (with qk_norm), rstd1 1, rstd2 1.
+// Recomputed in the backward instead of kept: h and g (one RMSNorm each), q_rot and k_rot (one
+// QK-norm+RoPE each), act (one SwiGLU) — all cheap elementwise passes. x itself is not kept: the
+// caller passes it again. saved_bytes_per_token() reports the total; for Qwen3-4B
+// (H 2560, 32/8 heads x 128, I 9728) it is 129,320 bytes (about 126 KiB) per token.
+// Transient scratch (dead outside a call) is a second allocation: scratch_bytes_per_token()
+// (Qwen3-4B: 126,976 bytes per token + the CUDA attention backward's workspace, 24,704 bytes).
+//
+// ---- Calls ------------------------------------------------------------------------------------
+// forward(x, out, seq_lens, stream): x, out float32 [T, H] on the block's device, T =
+//   sum(seq_lens) <= max_tokens, every length >= 1; out must not overlap x. Positions restart at
+//   0 for each sequence; attention never crosses a sequence boundary.
+// backward(x, grad_out, grad_in, seq_lens, stream, grad_ws): must follow a forward of the same x
+//   and seq_lens (the seq_lens are checked; x must hold the same values as in that forward). Writes
+//   grad_in = dL/dx (both residual paths) and ADDS every parameter gradient into grad_ws, so
+//   zero() it first and call backward repeatedly to accumulate micro-batches. grad_in may be the
+//   very buffer grad_out (in-place) but must not otherwise overlap grad_out, nor overlap x.
+//   Several backwards after one forward are allowed (each adds its gradients again).
+// Every check happens before anything is written; a refused call changes nothing on the device.
+// Calls are queued on `stream` (run inline on the CPU). The block's saved activations are shared
+// by consecutive calls: order forward and backward on one stream (or synchronise between streams).
+// Calls on one block from several host threads are serialised.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cudablocks/backend.hpp"
+#include "cudablocks/buffer.hpp"
+#include "cudablocks/config.hpp"
+#include "cudablocks/device.hpp"
+#include "cudablocks/stream.hpp"
+
+namespace cudablocks {
+
+// "fp32", "tf32", "bf16" <-> Precision; InvalidArgumentError for anything else.
+Precision precision_from_name(const std::string& name);
+std::string precision_name(Precision precision);
+
+// A host fp32 array (row-major, contiguous) handed to a block; the block copies it.
+struct HostTensor {
+  Shape shape;
+  const float* data = nullptr;
+};
+using WeightMap = std::map<std::string, HostTensor>;
+
+struct ParamEntry {
+  std::string name;     // Hugging Face name relative to the layer, e.g. "self_attn.q_proj.weight"
+  std::int64_t offset;  // in floats, into the flat parameter (and gradient) allocation
+  Shape shape;          // as Hugging Face stores it ([out, in] for matrices)
+  bool is_matrix;       // a projection weight (weight decay usually applies) vs a bias or norm weight
+  std::int64_t numel() const { return shape_numel(shape); }
+};
+
+class ParamLayout {
+ public:
+  explicit ParamLayout(const TransformerConfig& config);
+
+  const std::vector<ParamEntry>& entries() const { return entries_; }
+  const ParamEntry* find(const std::string& name) const;  // nullptr when absent
+  std::int64_t total_floats() const { return total_; }    // including alignment gaps
+  // Same entries at the same offsets (blocks of equal configs share gradient workspaces).
+  bool operator==(const ParamLayout& other) const;
+  std::string describe() const;  // e.g. "12 tensors, 1.2M floats"
+
+  // Offsets of the fused segments (in floats); -1 for an absent optional segment.
+  std::int64_t wqkv = -1, bqkv = -1, wo = -1, bo = -1, q_norm = -1, k_norm = -1;
+  std::int64_t w_gate_up = -1, w_down = -1, ln_in = -1, ln_post = -1;
+
+ private:
+  std::vector<ParamEntry> entries_;
+  std::int64_t total_ = 0;
+};
+
+// Parameter gradients of one block layout, in one contiguous fp32 allocation laid out like the
+// parameters (ParamLayout). Starts zeroed; backward adds into it. Shareable between blocks of
+// the same layout and device (lowest memory: step each block right after its backward).
+class CudaGradWorkspace {
+ public:
+  CudaGradWorkspace(std::shared_ptr<const ParamLayout> layout, const Device& device, const Stream& stream);
+
+  const ParamLayout& layout() const { return *layout_; }
+  const std::shared_ptr<const ParamLayout>& layout_ptr() const { return layout_; }
+  const Device& device() const { return flat_.device(); }
+  const Buffer& flat() const { return flat_; }  // [total_floats]
+  // The stream of the latest write (zero or a backward); reads order after it.
+  const Stream& last_stream() const { return last_stream_; }
+  void set_last_stream(const Stream& stream) { last_stream_ = stream; }
+
+  void zero(const Stream& stream);
+  // Copies all total_floats() gradients to host memory (waits for `stream`).
+  void download(float* host, const Stream& stream) const;
+
+ private:
+  std::shared_ptr<const ParamLayout> layout_;
+  Buffer flat_;
+  Stream last_stream_;
+};
+
+// The block variant. Calls a kind does not support throw UnsupportedOperationError and change
+// nothing.
+class CudaBlock {
+ public:
+  virtual ~CudaBlock() = default;
+  CudaBlock(const CudaBlock&) = delete;
+  CudaBlock& operator=(const CudaBlock&) = delete;
+
+  virtual const char* kind() const = 0;  // "fp32" or "nf4"
+  const TransformerConfig& config() const { return config_; }
+  int layer_idx() const { return layer_idx_; }
+  const Device& device() const { return device_; }
+  std::int64_t max_tokens() const { return max_tokens_; }
+  Precision precision() const { return precision_; }
+  // The stream of the block's latest queued work (forward, backward); download_weights without a
+  // stream orders after it. The legacy default stream before any call.
+  Stream last_stream() const;
+
+  virtual void forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens,
+                       const Stream& stream) = 0;
+  virtual void backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_in,
+                        const std::vector<std::int64_t>& seq_lens, const Stream& stream,
+                        CudaGradWorkspace& grad_ws);
+  // A new zeroed gradient workspace for this block's layout.
+  virtual std::shared_ptr<CudaGradWorkspace> new_grad_workspace(const Stream& stream) const;
+  // The parameter layout (names, offsets, shapes) of download_weights and the gradients.
+  virtual std::shared_ptr<const ParamLayout> param_layout() const;
+  // Copies all parameters (param_layout()->total_floats() floats) to host memory.
+  virtual void download_weights(float* host, const Stream& stream) const;
+
+  // Activation memory the block keeps from forward to backward, per token of max_tokens, and its
+  // transient scratch (including the attention backward's workspace) per token of max_tokens.
+  virtual std::int64_t saved_bytes_per_token() const { return 0; }
+  virtual std::int64_t scratch_bytes_per_token() const { return 0; }
+
+ protected:
+  CudaBlock(const TransformerConfig& config, int layer_idx, const Device& device, std::int64_t max_tokens,
+            Precision precision);
+  [[noreturn]] void unsupported(const std::string& call, const std::string& instead) const;
+
+  void set_last_stream(const Stream& stream);
+
+  TransformerConfig config_;
+  int layer_idx_;
+  Device device_;
+  std::int64_t max_tokens_;
+  Precision precision_;
+
+ private:
+  mutable std::mutex last_stream_mutex_;
+  Stream last_stream_;
+};
+
+class Fp32Block final : public CudaBlock {
+ public:
+  // Validates config (InvalidArgumentError / UnsupportedOperationError), the weights (every
+  // ParamLayout name present with its shape: InvalidArgumentError for a missing or unexpected
+  // tensor, ShapeError for a misshaped one, naming it and both shapes), layer_idx and max_tokens
+  // (1 .. 2^31 - 1); uploads the weights and allocates saved activations and scratch for
+  // max_tokens. Returns once the weights are on the device.
+  static std::shared_ptr<Fp32Block> create(const TransformerConfig& config, int layer_idx, const WeightMap& weights,
+                                           const Device& device, std::int64_t max_tokens, Precision precision);
+
+  const char* kind() const override { return "fp32"; }
+  void forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens,
+               const Stream& stream) override;
+  void backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_in, const std::vector<std::int64_t>& seq_lens,
+                const Stream& stream, CudaGradWorkspace& grad_ws) override;
+  std::shared_ptr<CudaGradWorkspace> new_grad_workspace(const Stream& stream) const override;
+  std::shared_ptr<const ParamLayout> param_layout() const override { return layout_; }
+  void download_weights(float* host, const Stream& stream) const override;
+  std::int64_t saved_bytes_per_token() const override;
+  std::int64_t scratch_bytes_per_token() const override;
+
+  const Buffer& params() const { return params_; }  // the flat parameter allocation
+
+  // Use create().
+  Fp32Block(const TransformerConfig& config, int layer_idx, const Device& device, std::int64_t max_tokens,
+            Precision precision);
+
+ private:
+  struct Batch {  // a validated seq_lens
+    std::int64_t tokens = 0;
+    int max_seqlen = 0;
+    std::vector<std::int32_t> cu_seqlens;
+  };
+  Batch check_batch(const std::vector<std::int64_t>& seq_lens, const char* call) const;
+  void check_activation(const Buffer& b, std::int64_t tokens, const char* name) const;
+  void check_input(const Buffer& x, const Batch& batch, const std::vector<std::int64_t>& seq_lens) const;
+
+  std::shared_ptr<const ParamLayout> layout_;
+  Buffer params_;    // [layout total]
+  Buffer saved_;     // saved activations for max_tokens (see the top of this file)
+  Buffer scratch_;   // transient buffers for max_tokens
+  Buffer indices_;   // int32: positions [max_tokens], cu_seqlens [max_tokens + 1]
+  std::int64_t attn_ws_floats_ = 0;
+
+  std::mutex mutex_;
+  std::vector<std::int64_t> forward_seq_lens_;  // of the latest forward; empty before the first
+};
+
+}  // namespace cudablocks
