@@ -8,8 +8,9 @@
 //     y[i]       = h[i] * cos(a_i) - h[i + d/2] * sin(a_i)
 //     y[i + d/2] = h[i + d/2] * cos(a_i) + h[i] * sin(a_i)
 //     a_i = positions[t] * inv_freq[i],  inv_freq[i] = theta^(-2i/d)
-// Angles, cos and sin are computed in double (transformers computes inv_freq and the angle in
-// fp32, which differs by up to ~|angle| * 6e-8 rad). rstd [T * n_heads] is written when w != nullptr.
+// inv_freq and the angle are rounded to fp32 as transformers computes them (so the reference
+// agrees with it, and with the CUDA backend, at long positions); cos, sin and the rotation are
+// then computed in double. rstd [T * n_heads] is written when w != nullptr.
 //
 // Backward: RoPE is a rotation, so its backward rotates dy by -a_i; then, with w, the RMSNorm
 // backward per head (as rmsnorm_backward, over d): dx = rstd * (w * dh - x * rstd^2 * mean(w * dh * x)),
