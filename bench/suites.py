@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 import cudablocks as cb
 from harness import Row, time_ms
+
+# Rates measured by `ceilings` in this process, keyed by (name, size), for suites that compare with them.
+MEASURED_TFLOPS: dict[tuple[str, int], float] = {}
 
 
 def ceilings(device: str, quick: bool) -> Iterator[Row]:
@@ -19,7 +24,8 @@ def ceilings(device: str, quick: bool) -> Iterator[Row]:
     a = torch.randn(n, device=device)
     b = torch.empty_like(a)
     ms = time_ms(lambda: b.copy_(a), device, repeats=20)
-    yield Row("copy bandwidth (read + write)", "TB/s", 2 * a.numel() * 4 / ms / 1e9)
+    MEASURED_TFLOPS[("copy TB/s", 0)] = 2 * a.numel() * 4 / ms / 1e9
+    yield Row("copy bandwidth (read + write)", "TB/s", MEASURED_TFLOPS[("copy TB/s", 0)])
     size = 4096 if quick else 8192
     for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True), ("bf16", torch.bfloat16, False)):
         x = torch.randn(size, size, device=device).to(dtype)
@@ -27,7 +33,8 @@ def ceilings(device: str, quick: bool) -> Iterator[Row]:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         ms = time_ms(lambda: x @ y, device, repeats=10 if name == "fp32" else 20)
         torch.backends.cuda.matmul.allow_tf32 = False
-        yield Row(f"GEMM {name} {size}^3", "TFLOP/s", 2 * size**3 / ms / 1e9)
+        MEASURED_TFLOPS[(name, size)] = 2 * size**3 / ms / 1e9
+        yield Row(f"GEMM {name} {size}^3", "TFLOP/s", MEASURED_TFLOPS[(name, size)])
 
 
 def rmsnorm(device: str, quick: bool) -> Iterator[Row]:
@@ -59,7 +66,234 @@ def rmsnorm(device: str, quick: bool) -> Iterator[Row]:
               anchor=bytes_moved / anchor_ms / 1e6, anchor_name="torch rms_norm")
 
 
+QWEN3_4B_LAYER = dict(hidden_size=2560, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                      intermediate_size=9728, rms_norm_eps=1e-6, rope_theta=1e6)
+TINY_LAYER = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                  rms_norm_eps=1e-6, rope_theta=1e6)
+
+
+def _set_tf32(on: bool) -> None:
+    """TF32 in torch's fp32 matmuls. The legacy allow_tf32 switch, as run.py and `ceilings` use: torch >= 2.9
+    raises when the legacy and the new fp32_precision API are mixed in one process."""
+    torch.backends.cuda.matmul.allow_tf32 = on
+
+
+def _free_gpu(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _fp32_gemm_tflops(device: str) -> float:
+    """The card's fp32 (no tensor core) 8192^3 GEMM rate: the ceilings suite's figure, else measured here."""
+    if ("fp32", 8192) not in MEASURED_TFLOPS:
+        size = 8192
+        x = torch.randn(size, size, device=device)
+        y = torch.randn(size, size, device=device)
+        _set_tf32(False)
+        ms = time_ms(lambda: x @ y, device, repeats=10, warmup=2)
+        MEASURED_TFLOPS[("fp32", size)] = 2 * size**3 / ms / 1e9
+        del x, y
+        _free_gpu(device)
+    return MEASURED_TFLOPS[("fp32", 8192)]
+
+
+def block_flops(dims: dict[str, Any], seq_lens: list[int]) -> float:
+    """FLOPs of one forward+backward of the layer: GEMMs 2*T*P forward and twice that backward; causal
+    attention 2 * 2 * n_q * d * L^2 / 2 per sequence forward (QK^T and PV) and 2.5 times that backward."""
+    H, d, I = dims["hidden_size"], dims["head_dim"], dims["intermediate_size"]
+    q, kv = dims["num_attention_heads"] * d, dims["num_key_value_heads"] * d
+    gemm_params = H * q + 2 * H * kv + q * H + 3 * H * I
+    tokens = sum(seq_lens)
+    gemm_fwd = 2 * tokens * gemm_params
+    attn_fwd = 2 * dims["num_attention_heads"] * d * sum(n * n for n in seq_lens)
+    return 3 * gemm_fwd + 3.5 * attn_fwd
+
+
+def block(device: str, quick: bool) -> Iterator[Row]:
+    """One Qwen3-4B-sized decoder layer against transformers' Qwen3DecoderLayer (sdpa), forward and
+    forward+backward, in fp32, tf32 and bf16; plus the fp32 rate at 8x512 and the activation bytes kept."""
+    import transformers
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RotaryEmbedding
+
+    cpu = device == "cpu"
+    dims = TINY_LAYER if cpu else QWEN3_4B_LAYER
+    H = dims["hidden_size"]
+    hf_config = transformers.Qwen3Config(**dims, num_hidden_layers=1, vocab_size=128, max_position_embeddings=4096,
+                                         attn_implementation="sdpa")
+    hf_config._attn_implementation = "sdpa"
+    cfg = cb.TransformerConfig.from_dict(hf_config.to_dict())
+    assert cfg.qk_norm and cfg.head_dim == dims["head_dim"] and cfg.rope_theta == dims["rope_theta"]
+    assert cfg.rms_norm_eps == dims["rms_norm_eps"]
+
+    # Random weights, HF names: projections ~N(0, 0.02), norm weights ~1 + N(0, 0.1).
+    rng = np.random.default_rng(0)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Qwen3DecoderLayer(hf_config, layer_idx=0).state_dict().items()}
+    weights = {k: (1.0 + 0.1 * rng.standard_normal(s, dtype=np.float32)) if "norm" in k
+               else 0.02 * rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+    weights = {k: v.astype(np.float32) for k, v in weights.items()}
+
+    if cpu:
+        precisions, cases = ("fp32",), ((1, 16),)
+    else:
+        precisions = ("fp32", "tf32", "bf16")
+        cases = ((1, 512), (8, 512)) if quick else ((1, 512), (1, 2048), (8, 512))
+    repeats = 10 if quick else 30
+    warmup = 2 if cpu else 3
+    targets = {("fp32", 1, 512): 1.15}
+    for p in ("tf32", "bf16"):
+        targets |= {(p, 1, 512): 2.0, (p, 1, 2048): 2.0, (p, 8, 512): 1.6}
+
+    torch_stream = torch.cuda.current_stream() if not cpu else None
+    stream = cb.CudaStream.wrap(device, torch_stream.cuda_stream) if not cpu else cb.CudaStream("cpu")
+    saved_kib: float | None = None
+    rate_row: Row | None = None
+    try:
+        for precision in precisions:
+            hf_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            _set_tf32(precision == "tf32")
+            with torch.device("meta"):
+                layer = Qwen3DecoderLayer(hf_config, layer_idx=0)
+            layer = layer.to_empty(device=device).to(hf_dtype)
+            assert not list(layer.buffers())  # everything the layer holds comes from `weights`
+            layer.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
+            layer.train()
+            for p in layer.parameters():
+                p.requires_grad_(True)
+            rotary = Qwen3RotaryEmbedding(hf_config).to(device)
+            for batch, seq in cases:
+                tokens = batch * seq
+                seq_lens = [seq] * batch
+                x_np = rng.standard_normal((tokens, H), dtype=np.float32)
+                g_np = rng.standard_normal((tokens, H), dtype=np.float32)
+
+                # Ours: packed [T, H] fp32 buffers whatever the precision.
+                blk = cb.CudaBlock.fp32(cfg, 0, weights, device=device, max_tokens=tokens, precision=precision)
+                x = cb.GpuBuffer.from_numpy(x_np, device, stream=stream)
+                gout = cb.GpuBuffer.from_numpy(g_np, device, stream=stream)
+                out = cb.GpuBuffer.empty((tokens, H), "float32", device)
+                gin = cb.GpuBuffer.empty((tokens, H), "float32", device)
+                ws = blk.new_grad_workspace(stream)
+                if saved_kib is None:
+                    saved_kib = blk.saved_bytes_per_token / 1024
+
+                def ours_fwd() -> None:
+                    blk.forward(x, out, seq_lens, stream)
+
+                def ours_fwd_bwd() -> None:
+                    blk.forward(x, out, seq_lens, stream)
+                    blk.backward(x, gout, gin, seq_lens, stream, ws)
+
+                ours_f = time_ms(ours_fwd, device, repeats=repeats, warmup=warmup)
+                ours_fb = time_ms(ours_fwd_bwd, device, repeats=repeats, warmup=warmup)
+                ours_out = out.to_numpy(stream)
+                del blk, x, gout, out, gin, ws
+                _free_gpu(device)
+
+                # transformers: [B, L, H]; rotary cos/sin computed once outside the timing (a model computes
+                # them once for all its layers); attention_mask=None is what Qwen3Model hands an sdpa layer for
+                # an unpadded causal batch (sdpa then runs with is_causal=True).
+                hx = torch.from_numpy(x_np).to(device=device, dtype=hf_dtype).view(batch, seq, H).requires_grad_(True)
+                hg = torch.from_numpy(g_np).to(device=device, dtype=hf_dtype).view(batch, seq, H)
+                pos = torch.arange(seq, device=device)[None].expand(batch, seq)
+                with torch.no_grad():
+                    cos, sin = rotary(hx, pos)
+
+                def hf_forward() -> Any:
+                    y = layer(hx, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+                    return y[0] if isinstance(y, tuple) else y
+
+                def hf_fwd_bwd() -> None:
+                    torch.autograd.backward(hf_forward(), hg)
+
+                # Forward with autograd recording (a training forward, as ours keeps activations).
+                hf_f = time_ms(hf_forward, device, repeats=repeats, warmup=warmup)
+                hf_fb = time_ms(hf_fwd_bwd, device, repeats=repeats, warmup=warmup)
+                layer.zero_grad(set_to_none=True)
+                # Both sides compute the same layer on the same data: compare what the layer adds to the residual
+                # (of the order of x with these weights), loosely enough for bf16.
+                with torch.no_grad():
+                    hf_out = hf_forward().float().reshape(tokens, H).cpu().numpy()
+                diff = float(np.linalg.norm(ours_out - hf_out) / np.linalg.norm(hf_out - x_np))
+                assert diff < 3e-2, f"block {precision} {batch}x{seq}: differs from transformers by {diff:.3g}"
+                del hx, hg, pos, cos, sin
+                _free_gpu(device)
+
+                shape = f"{batch}x{seq}"
+                note = "HF: bf16 weights and inputs; ours: bf16 GEMMs, fp32 buffers" if precision == "bf16" else ""
+                yield Row(f"block {precision} {shape} fwd", "ms", ours_f, anchor=hf_f, anchor_name="transformers",
+                          note=note)
+                yield Row(f"block {precision} {shape} fwd+bwd", "ms", ours_fb, anchor=hf_fb,
+                          anchor_name="transformers", target=targets.get((precision, batch, seq)), note=note)
+                del ours_out, hf_out
+                if precision == "fp32" and (batch, seq) == (8, 512) and not cpu:
+                    rate_row = Row(f"block fp32 {shape} fwd+bwd rate", "TFLOP/s",
+                                   block_flops(dims, seq_lens) / ours_fb / 1e9,
+                                   anchor=_fp32_gemm_tflops(device), anchor_name="fp32 GEMM 8192^3", target=0.9,
+                                   note="fraction of measured fp32 GEMM rate")
+            del layer, rotary
+            _free_gpu(device)
+            if rate_row is not None:
+                yield rate_row
+                rate_row = None
+    finally:
+        _set_tf32(False)
+    assert saved_kib is not None
+    yield Row("block activations kept for backward", "KiB/token", saved_kib,
+              note=f"hidden {H}, intermediate {dims['intermediate_size']}")
+
+
+
+def adamw(device: str, quick: bool) -> Iterator[Row]:
+    """AdamW over one Qwen3-4B layer's parameters: our block's step (with and without clipping)
+    against torch.optim.AdamW(fused=True) on the same number of fp32 parameters."""
+    import transformers
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+
+    dims = TINY_LAYER if device == "cpu" else QWEN3_4B_LAYER
+    hf_config = transformers.Qwen3Config(**dims, num_hidden_layers=1, vocab_size=128, max_position_embeddings=4096)
+    cfg = cb.TransformerConfig.from_dict(hf_config.to_dict())
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Qwen3DecoderLayer(hf_config, layer_idx=0).state_dict().items()}
+    rng = np.random.default_rng(0)
+    weights = {k: 0.02 * rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+    stream = cb.CudaStream.wrap(device, torch.cuda.current_stream().cuda_stream) if device != "cpu" else cb.CudaStream("cpu")
+    blk = cb.CudaBlock.fp32(cfg, 0, weights, device=device, max_tokens=1)
+    state, ws, norm = blk.init_optimizer_state(stream), blk.new_grad_workspace(stream), cb.GradNorm(device)
+    ws.buffer.copy_from(cb.GpuBuffer.from_numpy(rng.standard_normal(ws.buffer.numel, dtype=np.float32), "cpu"), stream)
+    n_params = sum(int(np.prod(s)) for s in shapes.values())
+    counter = {"step": 0}
+
+    def ours(clip: bool) -> None:
+        counter["step"] += 1
+        if clip:
+            norm.compute([ws], stream)
+            blk.optimizer_step(state, counter["step"], 1e-4, 0.9, 0.999, 1e-8, 0.01, stream, ws,
+                               grad_norm=norm, max_grad_norm=1.0)
+        else:
+            blk.optimizer_step(state, counter["step"], 1e-4, 0.9, 0.999, 1e-8, 0.01, stream, ws)
+
+    repeats = 10 if quick else 50
+    plain_ms = time_ms(lambda: ours(False), device, repeats=repeats)
+    clip_ms = time_ms(lambda: ours(True), device, repeats=repeats)
+    tdev = "cuda" if device != "cpu" else "cpu"
+    params = [torch.randn(s, device=tdev, requires_grad=True) for s in shapes.values()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device != "cpu")
+    torch_ms = time_ms(opt.step, device, repeats=repeats)
+    yield Row(f"adamw step, {n_params / 1e6:.1f}M params", "ms", plain_ms, anchor=torch_ms,
+              anchor_name="torch AdamW fused" if device != "cpu" else "torch AdamW", target=1.15)
+    yield Row("adamw step with global-norm clipping", "ms", clip_ms, anchor=plain_ms, anchor_name="ours, no clipping",
+              target=1 / 1.1, note="target: at most 1.1x the time without clipping")
+    yield Row("adamw effective bandwidth (28 B/param)", "TB/s", 28 * n_params / plain_ms / 1e9,
+              anchor=MEASURED_TFLOPS.get(("copy TB/s", 0)), anchor_name="measured copy bandwidth", target=0.85)
+
 SUITES: dict[str, Callable[[str, bool], Iterator[Row]]] = {
     "ceilings": ceilings,
     "rmsnorm": rmsnorm,
+    "block": block,
+    "adamw": adamw,
 }

@@ -1,4 +1,6 @@
 // TransformerConfig, CudaBlock (the fp32 kind) and CudaGradWorkspace.
+#include <cmath>
+
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
@@ -258,6 +260,38 @@ void bind_block_class(py::module_& m) {
             return named_arrays(*layout, [&](float* dst) { self.download_weights(dst, stream); });
           }, py::arg("stream") = py::none(), "{HF name relative to the layer: float32 numpy array}, after the work queued on `stream` "
           "(default: the stream of the block's latest call).")
+      .def("init_optimizer_state", [](const CudaBlock& self, const py::object& stream_arg) {
+            const Stream stream = block_stream(stream_arg, self.device());
+            py::gil_scoped_release release;
+            auto state = self.init_optimizer_state(stream);
+            if (stream_arg.is_none()) stream.synchronize();
+            return state;
+          }, py::arg("stream") = py::none(), "Zeroed AdamW moments (GpuBlockOptimizerState) for every parameter.")
+      .def("optimizer_step", [](CudaBlock& self, GpuBlockOptimizerState& state, std::int64_t step, float lr, float beta1,
+                                float beta2, float eps, float weight_decay, const py::object& stream_arg,
+                                const CudaGradWorkspace* grad_ws, const GradNorm* grad_norm, float max_grad_norm,
+                                bool decay_norms_and_biases) {
+            if (grad_ws == nullptr) throw InvalidArgumentError("optimizer_step needs grad_ws, the gradients to apply");
+            AdamWHyper hyper;
+            hyper.lr = lr;
+            hyper.beta1 = beta1;
+            hyper.beta2 = beta2;
+            hyper.eps = eps;
+            hyper.weight_decay = weight_decay;
+            hyper.step = step;
+            hyper.max_grad_norm = max_grad_norm;
+            validate(hyper);
+            const Stream stream = stream_arg.is_none() ? grad_ws->last_stream() : stream_arg.cast<Stream>();
+            py::gil_scoped_release release;
+            self.optimizer_step(state, hyper, stream, *grad_ws, grad_norm, decay_norms_and_biases);
+          }, py::arg("state"), py::arg("step"), py::arg("lr"), py::arg("beta1") = 0.9f, py::arg("beta2") = 0.999f,
+          py::arg("eps") = 1e-8f, py::arg("weight_decay") = 0.01f, py::arg("stream") = py::none(),
+          py::arg("grad_ws") = nullptr, py::kw_only(), py::arg("grad_norm") = nullptr,
+          py::arg("max_grad_norm") = INFINITY, py::arg("decay_norms_and_biases") = false,
+          "One AdamW step, exactly as torch.optim.AdamW (step counts from 1). Weight decay applies to the "
+          "projection matrices (and to norms and biases with decay_norms_and_biases). With grad_norm (a GradNorm "
+          "computed over this block's grad_ws and any others) gradients are clipped to max_grad_norm in the same "
+          "pass, and a non-finite norm skips the step (GradNorm.value() tells). No host synchronisation.")
       .def("__repr__", [](const CudaBlock& b) {
             return "CudaBlock." + std::string(b.kind()) + "(layer " + std::to_string(b.layer_idx()) + ", " +
                    b.config().describe() + ", " + b.device().str() + ", max_tokens " + std::to_string(b.max_tokens()) +
@@ -296,6 +330,70 @@ void bind_grad_workspace(py::module_& m) {
       .def("__repr__", [](const CudaGradWorkspace& self) {
             return "CudaGradWorkspace(" + self.layout().describe() + " on " + self.device().str() + ")";
           });
+
+  py::class_<GpuBlockOptimizerState, std::shared_ptr<GpuBlockOptimizerState>>(
+      m, "GpuBlockOptimizerState",
+      "AdamW moments of one block, laid out like its parameters. to_numpy()/load_numpy() exchange them as "
+      "{'exp_avg.<name>': array, 'exp_avg_sq.<name>': array} (safetensors-ready); a restored state gives a "
+      "bitwise-identical next step.")
+      .def("to_numpy", [](const GpuBlockOptimizerState& self, const py::object& stream_arg) {
+            const Stream stream = block_stream(stream_arg, self.device());
+            py::dict result;
+            for (auto [prefix, buffer] : {std::pair{"exp_avg.", &self.exp_avg()}, std::pair{"exp_avg_sq.", &self.exp_avg_sq()}}) {
+              py::dict part = named_arrays(self.layout(), [&](float* dst) { buffer->copy_to_host(dst, stream); });
+              for (auto item : part) result[py::str(prefix + item.first.cast<std::string>())] = item.second;
+            }
+            return result;
+          }, py::arg("stream") = py::none())
+      .def("load_numpy", [](GpuBlockOptimizerState& self, const py::dict& arrays, const py::object& stream_arg) {
+            const Stream stream = block_stream(stream_arg, self.device());
+            const ParamLayout& layout = self.layout();
+            std::vector<float> host[2] = {std::vector<float>(layout.total_floats(), 0.0f),
+                                          std::vector<float>(layout.total_floats(), 0.0f)};
+            const char* prefixes[2] = {"exp_avg.", "exp_avg_sq."};
+            for (int k = 0; k < 2; ++k) {
+              for (const ParamEntry& e : layout.entries()) {
+                const std::string key = prefixes[k] + e.name;
+                if (!arrays.contains(key)) throw InvalidArgumentError("optimizer state: '" + key + "' is missing");
+                py::array_t<float, py::array::c_style | py::array::forcecast> a(arrays[py::str(key)]);
+                const Shape shape(a.shape(), a.shape() + a.ndim());
+                if (shape != e.shape) {
+                  throw ShapeError("optimizer state: '" + key + "' has shape " + shape_str(shape) + ", expected " +
+                                   shape_str(e.shape));
+                }
+                std::copy(a.data(), a.data() + e.numel(), host[k].begin() + e.offset);
+              }
+            }
+            if (arrays.size() != 2 * layout.entries().size()) {
+              throw InvalidArgumentError("optimizer state: " + std::to_string(arrays.size()) + " arrays given, expected " +
+                                         std::to_string(2 * layout.entries().size()) + " (exp_avg.* and exp_avg_sq.* of each tensor)");
+            }
+            py::gil_scoped_release release;
+            self.exp_avg().copy_from_host(host[0].data(), stream);
+            self.exp_avg_sq().copy_from_host(host[1].data(), stream);
+            stream.synchronize();  // the host vectors die here
+          }, py::arg("arrays"), py::arg("stream") = py::none(),
+          "Restores moments saved by to_numpy(); every tensor must be present with its shape.")
+      .def_property_readonly("device", &GpuBlockOptimizerState::device);
+
+  py::class_<GradNorm, std::shared_ptr<GradNorm>>(
+      m, "GradNorm",
+      "The global L2 norm of several gradient workspaces, kept on the device for clipping inside optimizer_step.")
+      .def(py::init<const Device&>(), py::arg("device"))
+      .def("compute", [](GradNorm& self, const std::vector<const CudaGradWorkspace*>& workspaces, const py::object& stream_arg) {
+            const Stream stream = block_stream(stream_arg, self.sum_squares().device());
+            py::gil_scoped_release release;
+            self.compute(workspaces, stream);
+          }, py::arg("workspaces"), py::arg("stream") = py::none(),
+          "Sums the squares of every gradient in `workspaces` on the device (no host synchronisation).")
+      .def("value", [](const GradNorm& self, const py::object& stream_arg) {
+            const Stream stream = block_stream(stream_arg, self.sum_squares().device());
+            py::gil_scoped_release release;
+            return self.value(stream);
+          }, py::arg("stream") = py::none(), "The norm as a float (waits for the work queued on `stream`).")
+      .def_property_readonly("buffer", [](const GradNorm& self) {
+            return PyBuffer{self.sum_squares(), default_stream(self.sum_squares().device())};
+          }, "The squared norm as a float32 [1] device buffer.");
 }
 
 }  // namespace

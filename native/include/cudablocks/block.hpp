@@ -77,6 +77,7 @@
 #include "cudablocks/buffer.hpp"
 #include "cudablocks/config.hpp"
 #include "cudablocks/device.hpp"
+#include "cudablocks/optimizer.hpp"
 #include "cudablocks/stream.hpp"
 
 namespace cudablocks {
@@ -145,6 +146,39 @@ class CudaGradWorkspace {
   Stream last_stream_;
 };
 
+// AdamW moments of one block layout: exp_avg and exp_avg_sq, each one contiguous fp32 allocation
+// laid out like the parameters, zeroed when made. To and from the host with the layout's names.
+class GpuBlockOptimizerState {
+ public:
+  GpuBlockOptimizerState(std::shared_ptr<const ParamLayout> layout, const Device& device, const Stream& stream);
+  const ParamLayout& layout() const { return *layout_; }
+  const Device& device() const { return exp_avg_.device(); }
+  Buffer& exp_avg() { return exp_avg_; }
+  Buffer& exp_avg_sq() { return exp_avg_sq_; }
+  const Buffer& exp_avg() const { return exp_avg_; }
+  const Buffer& exp_avg_sq() const { return exp_avg_sq_; }
+
+ private:
+  std::shared_ptr<const ParamLayout> layout_;
+  Buffer exp_avg_, exp_avg_sq_;
+};
+
+// The squared global L2 norm of a set of gradient workspaces (of any blocks, later the head and
+// embeddings too), summed on the device into one float that optimizer steps read for clipping.
+// Nothing is read back unless asked (value()).
+class GradNorm {
+ public:
+  explicit GradNorm(const Device& device);
+  // sum_squares() = the sum of every squared gradient in `workspaces`, queued on `stream`.
+  void compute(const std::vector<const CudaGradWorkspace*>& workspaces, const Stream& stream);
+  const Buffer& sum_squares() const { return sum_squares_; }  // float32 [1] on the device
+  // sqrt(sum_squares()) once the work queued on `stream` is done (a host synchronisation).
+  float value(const Stream& stream) const;
+
+ private:
+  Buffer sum_squares_;
+};
+
 // The block variant. Calls a kind does not support throw UnsupportedOperationError and change
 // nothing.
 class CudaBlock {
@@ -174,6 +208,18 @@ class CudaBlock {
   virtual std::shared_ptr<const ParamLayout> param_layout() const;
   // Copies all parameters (param_layout()->total_floats() floats) to host memory.
   virtual void download_weights(float* host, const Stream& stream) const;
+
+  // Zeroed AdamW moments for this block's parameters.
+  virtual std::shared_ptr<GpuBlockOptimizerState> init_optimizer_state(const Stream& stream) const;
+  // One AdamW step (cudablocks/optimizer.hpp) over every parameter from the gradients in grad_ws.
+  // Weight decay applies to the projection matrices, and to norm weights and biases too when
+  // decay_norms_and_biases. With grad_norm (computed over this block's grad_ws and any others),
+  // gradients are clipped to hyper.max_grad_norm inside the step, and a non-finite norm skips the
+  // step. A fixed number of launches (one per run of equally decayed tensors, at most 7), no host
+  // synchronisation. Hyperparameters are validated before anything runs.
+  virtual void optimizer_step(GpuBlockOptimizerState& state, const AdamWHyper& hyper, const Stream& stream,
+                              const CudaGradWorkspace& grad_ws, const GradNorm* grad_norm,
+                              bool decay_norms_and_biases);
 
   // Activation memory the block keeps from forward to backward, per token of max_tokens, and its
   // transient scratch (including the attention backward's workspace) per token of max_tokens.
@@ -216,6 +262,10 @@ class Fp32Block final : public CudaBlock {
   std::shared_ptr<CudaGradWorkspace> new_grad_workspace(const Stream& stream) const override;
   std::shared_ptr<const ParamLayout> param_layout() const override { return layout_; }
   void download_weights(float* host, const Stream& stream) const override;
+  std::shared_ptr<GpuBlockOptimizerState> init_optimizer_state(const Stream& stream) const override;
+  void optimizer_step(GpuBlockOptimizerState& state, const AdamWHyper& hyper, const Stream& stream,
+                      const CudaGradWorkspace& grad_ws, const GradNorm* grad_norm,
+                      bool decay_norms_and_biases) override;
   std::int64_t saved_bytes_per_token() const override;
   std::int64_t scratch_bytes_per_token() const override;
 

@@ -57,4 +57,13 @@ void CudaBlock::download_weights(float*, const Stream&) const {
   unsupported("download_weights", "use an fp32 block (CudaBlock.fp32)");
 }
 
+std::shared_ptr<GpuBlockOptimizerState> CudaBlock::init_optimizer_state(const Stream&) const {
+  unsupported("init_optimizer_state", "train the LoRA adapters with init_lora_optimizer_state()");
+}
+
+void CudaBlock::optimizer_step(GpuBlockOptimizerState&, const AdamWHyper&, const Stream&, const CudaGradWorkspace&,
+                               const GradNorm*, bool) {
+  unsupported("optimizer_step", "train the LoRA adapters with lora_optimizer_step()");
+}
+
 }  // namespace cudablocks
