@@ -403,9 +403,14 @@ struct CudaRun {
         dk.poison();
         dv.poison();
         ws.poison();
-        cudablocks::cuda::detail::attention_backward_with_splits(
-            q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr, lse.ptr, dq.ptr, dk.ptr, dv.ptr, ws.ptr, cu.ptr, s.n_seqs,
-            max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, splits, nullptr);
+        if (splits == 0)  // the public entry point (heuristic split)
+            cudablocks::cuda::attention_backward(q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr, lse.ptr, dq.ptr, dk.ptr,
+                                                 dv.ptr, ws.ptr, cu.ptr, s.n_seqs, max_seqlen, s.T, s.n_q, s.n_kv,
+                                                 s.d, s.scale, nullptr);
+        else
+            cudablocks::cuda::detail::attention_backward_with_splits(
+                q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr, lse.ptr, dq.ptr, dk.ptr, dv.ptr, ws.ptr, cu.ptr, s.n_seqs,
+                max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, splits, nullptr);
     }
 };
 

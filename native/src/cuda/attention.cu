@@ -30,7 +30,8 @@
 // accumulator (O, dQ, dK, dV) a thread owns the same 4 rows and d/16 columns (float4 chunks
 // tx*4 + 64g for d >= 64). Shared memory tiles are laid out so that all float4 reads are
 // conflict-free: tiles read by row-broadcast are unpadded, tiles read by 16 distinct rows per warp
-// have rows padded to d+4 floats, and 64x64 P/dS tiles are XOR-swizzled (see swz()).
+// have rows padded to d+4 floats (backward) or float4 chunks XOR-swizzled (forward K, to save the
+// padding), and 64x64 P/dS tiles are XOR-swizzled (see swz()).
 //
 // Cost (causal, per query head, sequence length n, head dim d, pairs = n(n+1)/2; one 64x64xd
 // product = 2*64*64*d FLOPs; diagonal tiles are computed in full and masked):
@@ -78,10 +79,10 @@ constexpr int kTile = 64;        // query rows and key rows per tile
 constexpr int kThreads = 256;    // 16 x 16 threads
 constexpr int kMaxHeadDim = 128;
 // Unroll factors of the inner loops of tile_abT / tile_pB. The forward runs two blocks per SM and
-// must stay within 128 registers (these factors give 128 at D=128 without spills); the backward
-// kernels run one block per SM (shared memory) and may use up to 255 registers for more ILP.
-constexpr int kFwdAbtUnroll = 1, kFwdPbUnroll = 4;
-constexpr int kBwdAbtUnroll = 2, kBwdPbUnroll = 2;
+// must stay within 128 registers (it does at D=128 without spills); the backward kernels run one
+// block per SM (shared memory) and may use more.
+constexpr int kFwdAbtUnroll = 4, kFwdPbUnroll = 4;
+constexpr int kBwdAbtUnroll = 4, kBwdPbUnroll = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.69314718055994531f;
 
@@ -123,7 +124,7 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 
@@ -182,18 +183,24 @@ struct Slabs {
 // sstride floats) with cp.async. Rows >= rows_valid and columns >= head_dim are zero-filled, so
 // tiles that run past a sequence's end (or head_dim < D) contribute exact zeros.
 // Consecutive threads take consecutive 16-byte chunks of a row: coalesced reads, conflict-free writes.
+// With swizzle = true the tile is unpadded (sstride must be D) and float4 chunk c of row r is stored
+// at chunk c ^ (r & kChunkXor<D>) (see tile_abT).
 template <int D>
+constexpr int kChunkXor = (D / 4 < 8 ? D / 4 : 8) - 1;
+
+template <int D, bool swizzle = false>
 __device__ __forceinline__ void load_tile_async(float* s, int sstride, const float* g, int64_t gstride,
                                                 int rows_valid, int head_dim) {
     constexpr int C4 = D / 4;
     static_assert((kTile * C4) % kThreads == 0, "tile chunks must divide evenly over the threads");
-#pragma unroll
+#pragma unroll 1  // unrolled, the compiler keeps every chunk's address live across the kt loop: spills
     for (int it = 0; it < kTile * C4 / kThreads; ++it) {
         const int idx = threadIdx.x + it * kThreads;
         const int r = idx / C4;
         const int c = (idx % C4) * 4;
         const bool valid = r < rows_valid && c < head_dim;
-        cp_async16(s + r * sstride + c, valid ? g + r * gstride + c : g, valid);
+        const int sc = swizzle ? (((c / 4) ^ (r & kChunkXor<D>)) * 4) : c;
+        cp_async16(s + r * sstride + sc, valid ? g + r * gstride + c : g, valid);
     }
 }
 
@@ -209,20 +216,24 @@ __device__ __forceinline__ void load_rows_async(float* s, const float* g, int64_
 
 // acc[a][b] += sum_{c<D} A[(ty*4+a)*lda + c] * B[(tx+16b)*ldb + c]
 // A 64x64 tile of A B^T from two 64 x D shared-memory tiles. A rows are read by row-broadcast
-// (A may be unpadded), B rows by 16 distinct lanes (ldb = D+4 keeps the float4 reads conflict-free).
+// (A may be unpadded); B rows are read by 16 distinct lanes, so B is either padded (ldb = D+4) or
+// chunk-swizzled (B_SWIZZLED, ldb = D; see load_tile_async): both keep the float4 reads
+// conflict-free. Row tx+16b of B has (row & kChunkXor) = tx & kChunkXor for every b.
 // Per 4 columns: 8 LDS.128, 64 FFMA.
-template <int D, int UNROLL>
+template <int D, int UNROLL, bool B_SWIZZLED = false>
 __device__ __forceinline__ void tile_abT(const float* A, int lda, const float* B, int ldb, int ty, int tx,
                                          float acc[4][4]) {
     const float* a_ptr = A + ty * 4 * lda;
     const float* b_ptr = B + tx * ldb;
+    const int bxor = B_SWIZZLED ? (tx & kChunkXor<D>) : 0;
 #pragma unroll UNROLL
     for (int c = 0; c < D; c += 4) {
         float4 av[4], bv[4];
 #pragma unroll
         for (int a = 0; a < 4; ++a) av[a] = *reinterpret_cast<const float4*>(a_ptr + a * lda + c);
 #pragma unroll
-        for (int b = 0; b < 4; ++b) bv[b] = *reinterpret_cast<const float4*>(b_ptr + 16 * b * ldb + c);
+        for (int b = 0; b < 4; ++b)
+            bv[b] = *reinterpret_cast<const float4*>(b_ptr + 16 * b * ldb + (((c / 4) ^ bxor) * 4));
 #pragma unroll
         for (int a = 0; a < 4; ++a) {
 #pragma unroll
@@ -291,15 +302,17 @@ __device__ __forceinline__ void store_acc(float* g, int64_t gstride, const float
 // ---------------------------------------------------------------------------------------------
 // Forward.
 //
-// Grid (n_q_heads, n_seqs, n_qtiles); block 256; dynamic smem (2*64*D + max(64*(D+4), 64*64)) floats
-// (D=128: 99,328 B -> two blocks per SM on H100). Computes out and lse of query tile qt of head h:
+// Grid (n_q_heads, n_seqs, n_qtiles); block 256; dynamic smem (3*64*D + 64*64) floats
+// (D=128: 114,688 B -> two blocks per SM on H100). Computes out and lse of query tile qt of head h:
 //   for each key tile kt <= qt:  S = Q K^T * scale*log2(e) (masked on the diagonal tile)
 //                                m' = max(m, rowmax S); P = exp2(S - m'); l = l*exp2(m-m') + rowsum P
 //                                O = O*exp2(m-m') + P V
 //   out = O / l, lse = (m + log2 l) * ln 2.
 // The first key tile always holds key 0, visible to every row, so m is finite after it and no
 // -inf - -inf NaN can arise. Rows past the sequence end see zero-filled Q and are not stored.
-// P goes through shared memory (it is the A operand of P V), reusing the K tile's space.
+// P goes through shared memory (it is the A operand of P V).
+// Pipeline (cp.async): K(kt+1) loads during P V of tile kt, V(kt+1) during S of tile kt+1.
+// K is stored unpadded and chunk-swizzled (not padded) so that Q, K, V, P fit twice per SM.
 template <int D>
 __global__ void __launch_bounds__(kThreads, 2)
 attention_forward_kernel(const float* __restrict__ q, const float* __restrict__ k,
@@ -307,11 +320,11 @@ attention_forward_kernel(const float* __restrict__ q, const float* __restrict__ 
                          float* __restrict__ lse, const int32_t* __restrict__ cu_seqlens,
                          int n_q_heads, int n_kv_heads, int head_dim, float scale_log2) {
     using C = Cols<D>;
-    constexpr int KLD = D + 4;
     extern __shared__ float4 smem4[];
-    float* Qs = reinterpret_cast<float*>(smem4);  // [64][D]
-    float* Vs = Qs + kTile * D;                   // [64][D]
-    float* KPs = Vs + kTile * D;                  // [64][D+4] K tile, then the swizzled [64][64] P tile
+    float* Qs = reinterpret_cast<float*>(smem4);  // [64][D]   read by row-broadcast
+    float* Ks = Qs + kTile * D;                   // [64][D]   chunk-swizzled, read by 16 distinct rows
+    float* Vs = Ks + kTile * D;                   // [64][D]   read by row-broadcast
+    float* Ps = Vs + kTile * D;                   // [64][64]  swizzled
 
     const int h = blockIdx.x;
     const int seq = blockIdx.y;
@@ -330,8 +343,12 @@ attention_forward_kernel(const float* __restrict__ q, const float* __restrict__ 
     // Heaviest tiles (largest qt) first; loop in case the grid is shorter than the sequence.
     for (int qt = (int)gridDim.z - 1 - (int)blockIdx.z; qt < n_tiles; qt += gridDim.z) {
         const int q0 = qt * kTile;
-        __syncthreads();  // a previous iteration's readers of Qs are done
+        __syncthreads();  // a previous iteration's readers of shared memory are done
         load_tile_async<D>(Qs, D, q_head + (int64_t)q0 * q_stride, q_stride, len - q0, head_dim);
+        load_tile_async<D, true>(Ks, D, k_head, kv_stride, len, head_dim);
+        cp_async_commit();  // group: Q, K(0)
+        load_tile_async<D>(Vs, D, v_head, kv_stride, len, head_dim);
+        cp_async_commit();  // group: V(0)
 
         float o[4][C::CPT];
         float m[4], l[4];
@@ -345,19 +362,18 @@ attention_forward_kernel(const float* __restrict__ q, const float* __restrict__ 
 
         for (int kt = 0; kt <= qt; ++kt) {
             const int k0 = kt * kTile;
-            load_tile_async<D>(KPs, KLD, k_head + (int64_t)k0 * kv_stride, kv_stride, len - k0, head_dim);
-            cp_async_commit();  // group: (Q and) K
-            load_tile_async<D>(Vs, D, v_head + (int64_t)k0 * kv_stride, kv_stride, len - k0, head_dim);
-            cp_async_commit();  // group: V, lands while S is computed
             cp_async_wait<1>();
-            __syncthreads();
+            __syncthreads();  // K(kt) (and Q) have landed; V(kt) may still be in flight
 
             float s[4][4];
 #pragma unroll
             for (int a = 0; a < 4; ++a)
 #pragma unroll
                 for (int b = 0; b < 4; ++b) s[a][b] = 0.f;
-            tile_abT<D, kFwdAbtUnroll>(Qs, D, KPs, KLD, ty, tx, s);
+            tile_abT<D, kFwdAbtUnroll, true>(Qs, D, Ks, D, ty, tx, s);
+
+            cp_async_wait<0>();
+            __syncthreads();  // V(kt) has landed and every thread is done reading K(kt)
 
             const bool diag = kt == qt;
 #pragma unroll
@@ -381,21 +397,26 @@ attention_forward_kernel(const float* __restrict__ q, const float* __restrict__ 
                 for (int b = 0; b < 4; ++b) {
                     s[a][b] = exp2f(s[a][b] - m_new);
                     rs += s[a][b];
+                    Ps[swz(ty * 4 + a, tx + 16 * b)] = s[a][b];
                 }
                 l[a] = l[a] * alpha + rs;
 #pragma unroll
                 for (int c = 0; c < C::CPT; ++c) o[a][c] *= alpha;
             }
+            // Issued here rather than right after the barrier above: S is dead now, which keeps the
+            // forward within 128 registers (the copy still overlaps the whole of P V).
+            if (kt < qt)
+                load_tile_async<D, true>(Ks, D, k_head + (int64_t)(k0 + kTile) * kv_stride, kv_stride,
+                                         len - k0 - kTile, head_dim);
+            cp_async_commit();  // group: K(kt+1) (empty on the last tile)
+            __syncwarp();       // the P rows a thread reads were written by its own warp
+            tile_pB<D, kFwdPbUnroll>(Ps, Vs, D, ty, tx, o);
 
-            cp_async_wait<0>();
-            __syncthreads();  // V has landed and every thread is done reading the K tile
-#pragma unroll
-            for (int a = 0; a < 4; ++a)
-#pragma unroll
-                for (int b = 0; b < 4; ++b) KPs[swz(ty * 4 + a, tx + 16 * b)] = s[a][b];
-            __syncwarp();  // the P rows a thread reads were written by its own warp
-            tile_pB<D, kFwdPbUnroll>(KPs, Vs, D, ty, tx, o);
-            __syncthreads();  // before the next tile overwrites K/P and V
+            __syncthreads();  // everyone is done reading V(kt) (and its own P rows)
+            if (kt < qt)
+                load_tile_async<D>(Vs, D, v_head + (int64_t)(k0 + kTile) * kv_stride, kv_stride,
+                                   len - k0 - kTile, head_dim);
+            cp_async_commit();  // group: V(kt+1) (empty on the last tile)
         }
 
         float inv[4];
@@ -726,10 +747,7 @@ attention_backward_dq_kernel(const float* __restrict__ q, const float* __restric
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-size_t forward_smem_bytes(int D) {
-    const int kp = kTile * (D + 4) > kTile * kTile ? kTile * (D + 4) : kTile * kTile;
-    return sizeof(float) * (size_t)(2 * kTile * D + kp);
-}
+size_t forward_smem_bytes(int D) { return sizeof(float) * (size_t)(3 * kTile * D + kTile * kTile); }
 size_t dkdv_smem_bytes(int D) {
     return sizeof(float) * (size_t)(2 * kTile * D + 2 * kTile * (D + 4) + 2 * kTile * kTile + 2 * kTile);
 }
@@ -795,6 +813,11 @@ void prepare_smem(Kernel kernel, size_t bytes, const char* name) {
                                     std::to_string(bytes) + " bytes of shared memory per block; this GPU allows " +
                                     std::to_string(optin));
     cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
+               name);
+    // All kernels live on shared memory (loads use cp.async.cg, which bypasses L1): ask for the
+    // largest carveout so that the forward's two blocks per SM fit.
+    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                    (int)cudaSharedmemCarveoutMaxShared),
                name);
 }
 
