@@ -48,20 +48,10 @@ void rmsnorm_backward(const float* dy, const float* x, const float* w, const flo
     }
   }, row_grain);
 
-  // dw, by blocks of columns so that threads never write the same element: each block walks all
-  // rows (row-major reads) and sums in double.
-  constexpr std::int64_t block = 256;
-  parallel_for((cols + block - 1) / block, [&](std::int64_t b) {
-    const std::int64_t c0 = b * block, c1 = std::min(cols, c0 + block);
-    double sums[block] = {};
-    for (std::int64_t r = 0; r < rows; ++r) {
-      const float* dyr = dy + r * cols;
-      const float* xr = x + r * cols;
-      const double s = rstd[r];
-      for (std::int64_t c = c0; c < c1; ++c) sums[c - c0] += static_cast<double>(dyr[c]) * xr[c] * s;
-    }
-    for (std::int64_t c = c0; c < c1; ++c) dw[c] = static_cast<float>(dw[c] + sums[c - c0]);
-  });
+  // dw[c] += sum_r dy[r, c] * x[r, c] * rstd[r].
+  add_column_sums(rows, cols, [&](std::int64_t r, std::int64_t c) {
+    return static_cast<double>(dy[r * cols + c]) * x[r * cols + c] * static_cast<double>(rstd[r]);
+  }, dw);
 }
 
 }  // namespace cudablocks::cpu
