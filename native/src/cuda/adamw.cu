@@ -61,12 +61,16 @@ constexpr int kPartials = 1024;  // blocks of the first sum_squares stage
 
 __global__ void __launch_bounds__(kThreads) sum_squares_partial_kernel(const float* __restrict__ x, std::int64_t n,
                                                                   double* __restrict__ partial) {
+  // float4 loads (library buffers are 16-byte aligned), then the n % 4 tail.
   double sum = 0.0;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(kThreads) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * kThreads) {
-    const double e = x[i];
-    sum += e * e;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * kThreads;
+  const std::int64_t first = blockIdx.x * static_cast<std::int64_t>(kThreads) + threadIdx.x;
+  for (std::int64_t i = first; i < n / 4; i += stride) {
+    const float4 v = reinterpret_cast<const float4*>(x)[i];
+    sum += static_cast<double>(v.x) * v.x + static_cast<double>(v.y) * v.y + static_cast<double>(v.z) * v.z +
+           static_cast<double>(v.w) * v.w;
   }
+  for (std::int64_t i = n / 4 * 4 + first; i < n; i += stride) sum += static_cast<double>(x[i]) * x[i];
   sum = block_sum<kThreads>(sum);
   if (threadIdx.x == 0) partial[blockIdx.x] = sum;
 }
@@ -97,7 +101,7 @@ void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_
 void sum_squares(const float* x, std::int64_t n, float* out, bool accumulate, cudaStream_t stream) {
   ScratchLease scratch(kPartials * sizeof(double), stream);
   double* partial = scratch.get<double>();
-  const int blocks = std::min(kPartials, grid_for(n));
+  const int blocks = std::min(kPartials, grid_for(n / 4 + 1));
   sum_squares_partial_kernel<<<blocks, kThreads, 0, stream>>>(x, n, partial);
   CUDABLOCKS_CHECK_LAUNCH("sum_squares_partial_kernel");
   sum_squares_final_kernel<<<1, kThreads, 0, stream>>>(partial, blocks, out, accumulate);

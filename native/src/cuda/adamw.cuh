@@ -13,7 +13,7 @@ namespace cudablocks::cuda {
 void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, std::int64_t n,
                 const AdamWHyper& hyper, const float* grad_sum_squares, cudaStream_t stream);
 
-// *out (+)= sum of x[i]^2 (device float), summed in double, deterministically.
+// *out (+)= sum of x[i]^2 (device float), summed in double, deterministically. x 16-byte aligned.
 void sum_squares(const float* x, std::int64_t n, float* out, bool accumulate, cudaStream_t stream);
 
 }  // namespace cudablocks::cuda
