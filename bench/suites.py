@@ -222,7 +222,8 @@ def block(device: str, quick: bool) -> Iterator[Row]:
                 _free_gpu(device)
 
                 shape = f"{batch}x{seq}"
-                note = "HF: bf16 weights and inputs; ours: bf16 GEMMs, fp32 buffers" if precision == "bf16" else ""
+                note = ("HF: bf16 weights and inputs; ours: bf16 GEMM operands (bf16 weight copy), fp32 buffers"
+                        if precision == "bf16" else "")
                 yield Row(f"block {precision} {shape} fwd", "ms", ours_f, anchor=hf_f, anchor_name="transformers",
                           note=note)
                 yield Row(f"block {precision} {shape} fwd+bwd", "ms", ours_fb, anchor=hf_fb,
@@ -244,6 +245,42 @@ def block(device: str, quick: bool) -> Iterator[Row]:
     yield Row("block activations kept for backward", "KiB/token", saved_kib,
               note=f"hidden {H}, intermediate {dims['intermediate_size']}")
 
+
+
+def gemm(device: str, quick: bool) -> Iterator[Row]:
+    """x[4096, 2560] . W[9728, 2560]^T (the gate/up product of a Qwen3-4B layer at 8x512 tokens) through our
+    backend: fp32 buffers in each cuBLAS mode (bf16 there is FAST_16BF, what bf16 blocks used to run) and
+    bf16 buffers (gemm_bf16, what bf16 blocks run now), against torch's bf16 matmul; TFLOP/s."""
+    import ml_dtypes
+
+    m, k, n = (64, 128, 96) if device == "cpu" else (4096, 2560, 9728)
+    rng = np.random.default_rng(0)
+    stream = cb.CudaStream.wrap(device, torch.cuda.current_stream().cuda_stream) if device != "cpu" else cb.CudaStream("cpu")
+    x_np = rng.standard_normal((m, k), dtype=np.float32)
+    w_np = (0.02 * rng.standard_normal((n, k), dtype=np.float32)).astype(np.float32)
+    x32, w32 = (cb.GpuBuffer.from_numpy(a, device, stream=stream) for a in (x_np, w_np))
+    x16, w16 = (cb.GpuBuffer.from_numpy(a.astype(ml_dtypes.bfloat16), device, stream=stream) for a in (x_np, w_np))
+    out = cb.GpuBuffer.empty((m, n), "float32", device)
+    flops = 2 * m * n * k
+    repeats = 10 if quick or device == "cpu" else 50
+    tdev = "cuda" if device != "cpu" else "cpu"
+    tx = torch.from_numpy(x_np).to(tdev, torch.bfloat16)
+    tw = torch.from_numpy(w_np).to(tdev, torch.bfloat16)
+    torch_ms = time_ms(lambda: tx @ tw.T, device, repeats=repeats)
+    torch_rate = flops / torch_ms / 1e9
+    results = {}
+    for label, a, b, precision in (("fp32 buffers, fp32", x32, w32, "fp32"), ("fp32 buffers, tf32", x32, w32, "tf32"),
+                                   ("fp32 buffers, bf16 (FAST_16BF)", x32, w32, "bf16"),
+                                   ("bf16 buffers (gemm_bf16)", x16, w16, "bf16")):
+        ms = time_ms(lambda: cb.ops.gemm(a, b, out, trans_b=True, precision=precision, stream=stream), device,
+                     repeats=repeats)
+        results[label] = out.to_numpy(stream)
+        yield Row(f"gemm [{m}, {k}] x [{n}, {k}]^T, {label}", "TFLOP/s", flops / ms / 1e9, anchor=torch_rate,
+                  anchor_name="torch bf16 matmul",
+                  target=0.95 if label.startswith("bf16 buffers") else None)
+    ref = x_np.astype(np.float64) @ w_np.astype(np.float64).T
+    err = float(np.linalg.norm(results["bf16 buffers (gemm_bf16)"] - ref) / np.linalg.norm(ref))
+    assert err < 1e-2, f"gemm_bf16 differs from float64 by {err:.3g}"
 
 
 def adamw(device: str, quick: bool) -> Iterator[Row]:
@@ -294,6 +331,7 @@ def adamw(device: str, quick: bool) -> Iterator[Row]:
 SUITES: dict[str, Callable[[str, bool], Iterator[Row]]] = {
     "ceilings": ceilings,
     "rmsnorm": rmsnorm,
+    "gemm": gemm,
     "block": block,
     "adamw": adamw,
 }

@@ -28,5 +28,6 @@ void bind_buffer(py::module_& m);
 void bind_dlpack(py::module_& m, py::class_<PyBuffer>& buffer_class);
 void bind_ops(py::module_& m);
 void bind_block(py::module_& m);
+void bind_nf4(py::module_& m);
 
 }  // namespace cudablocks::python

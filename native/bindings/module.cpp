@@ -19,4 +19,5 @@ PYBIND11_MODULE(_core, m) {
   cp::bind_buffer(m);
   cp::bind_ops(m);
   cp::bind_block(m);
+  cp::bind_nf4(m);
 }

@@ -15,7 +15,7 @@ The core objects::
 
 from __future__ import annotations
 
-from cudablocks import config, errors, ops
+from cudablocks import config, errors, nf4, ops
 from cudablocks._core import (
     CudaBlock,
     CudaEvent,
@@ -69,6 +69,7 @@ __all__ = [
     "cuda_device_count",
     "errors",
     "memory_stats",
+    "nf4",
     "ops",
     "reset_peak_memory",
 ]

@@ -106,6 +106,43 @@ class GpuBuffer:
 def rmsnorm_forward(
     x: GpuBuffer, weight: GpuBuffer, out: GpuBuffer, eps: float = 1e-6, stream: CudaStream | None = None
 ) -> None: ...
+def gemm(
+    a: GpuBuffer,
+    b: GpuBuffer,
+    out: GpuBuffer,
+    trans_b: bool = False,
+    beta: float = 0.0,
+    precision: str = "fp32",
+    stream: CudaStream | None = None,
+) -> None: ...
+
+# NF4 (bitsandbytes' 4-bit format); cudablocks.nf4 is the API built on these.
+def nf4_code() -> np.ndarray: ...
+def nf4_dynamic_map() -> np.ndarray: ...
+def nf4_valid_blocksize(blocksize: int) -> bool: ...
+def nf4_quantize(
+    x: GpuBuffer, blocksize: int, packed: GpuBuffer, absmax: GpuBuffer, stream: CudaStream | None = None
+) -> None: ...
+def nf4_dequantize(
+    packed: GpuBuffer, absmax: GpuBuffer, blocksize: int, out: GpuBuffer, stream: CudaStream | None = None
+) -> None: ...
+def nf4_double_quantize(
+    absmax: GpuBuffer,
+    code: GpuBuffer,
+    offset: GpuBuffer,
+    compute_offset: bool,
+    qabsmax: GpuBuffer,
+    absmax2: GpuBuffer,
+    stream: CudaStream | None = None,
+) -> None: ...
+def nf4_double_dequantize(
+    qabsmax: GpuBuffer,
+    absmax2: GpuBuffer,
+    offset: GpuBuffer,
+    code: GpuBuffer,
+    absmax: GpuBuffer,
+    stream: CudaStream | None = None,
+) -> None: ...
 
 class TransformerConfig:
     def __init__(

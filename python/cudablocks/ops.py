@@ -5,6 +5,6 @@ The blocks use these ops internally; they are exposed for testing and for buildi
 
 from __future__ import annotations
 
-from cudablocks._core import rmsnorm_forward
+from cudablocks._core import gemm, rmsnorm_forward
 
-__all__ = ["rmsnorm_forward"]
+__all__ = ["gemm", "rmsnorm_forward"]

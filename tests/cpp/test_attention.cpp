@@ -6,6 +6,8 @@
 //   3. The CUDA backend is checked against the CPU backend at the shapes that matter (head_dim
 //      64/128, 32/8 heads, ragged lengths) and small head dims, with every split of the dK/dV pass,
 //      for determinism, and with a too-small max_seqlen hint.
+//   4. The tensor-core kernels (attention_mma.cu, precisions bf16 and tf32) against the CPU backend
+//      with bounds on the relative L2 error, determinism, and the fp32 fallback for other head dims.
 // Inputs are fresh random numbers each run (the seed is printed on failure); outputs are poisoned
 // with NaN before each call so that an element left unwritten fails the comparison.
 #include <gtest/gtest.h>
@@ -27,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/attention.cuh"
+#include "cuda/attention_mma.cuh"
 #endif
 
 namespace {
@@ -524,3 +527,228 @@ TEST(CudaAttentionArgs, RejectsUnsupportedHeadDim) {
 #endif  // CUDABLOCKS_WITH_CUDA
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// 4. Tensor-core attention (bf16 / tf32 operands, fp32 accumulation) against the CPU backend.
+
+#if CUDABLOCKS_WITH_CUDA
+
+namespace {
+
+using cudablocks::Precision;
+
+struct MmaCase {
+    std::vector<int> lens;
+    int n_q, n_kv, d;
+    Precision precision;
+};
+
+const char* precision_label(Precision p) { return p == Precision::BF16 ? "bf16" : p == Precision::TF32 ? "tf32" : "fp32"; }
+
+// Bounds on the relative L2 error against the fp32 CPU backend. Operand rounding alone is
+// 2^-9 (bf16) / 2^-11 (tf32) per element; the gradients go through one more rounded product.
+double out_bound(Precision p) { return p == Precision::BF16 ? 1.5e-2 : 2e-3; }
+double grad_bound(Precision p) { return p == Precision::BF16 ? 3e-2 : 5e-3; }
+
+struct MmaRun : CudaRun {
+    Precision precision;
+    MmaRun(const Shape& shape, const Inputs& in, Precision p) : CudaRun(shape, in), precision(p) {}
+    void forward_mma(int max_seqlen) {
+        out.poison();
+        lse.poison();
+        cudablocks::cuda::attention_forward_mma(q.ptr, k.ptr, v.ptr, out.ptr, lse.ptr, cu.ptr, s.n_seqs, max_seqlen,
+                                                s.T, s.n_q, s.n_kv, s.d, s.scale, precision, nullptr);
+    }
+    // splits: 0 = the public entry point (heuristic split of the dK/dV pass), else forced.
+    void backward_mma(const std::vector<float>& out_h, const std::vector<float>& lse_h, int max_seqlen,
+                      int splits = 0) {
+        out.upload(out_h);
+        lse.upload(lse_h);
+        dq.poison();
+        dk.poison();
+        dv.poison();
+        ws.poison();
+        if (splits == 0)
+            cudablocks::cuda::attention_backward_mma(q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr, lse.ptr, dq.ptr, dk.ptr,
+                                                     dv.ptr, ws.ptr, cu.ptr, s.n_seqs, max_seqlen, s.T, s.n_q,
+                                                     s.n_kv, s.d, s.scale, precision, nullptr);
+        else
+            cudablocks::cuda::detail::attention_backward_mma_with_splits(
+                q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr, lse.ptr, dq.ptr, dk.ptr, dv.ptr, ws.ptr, cu.ptr, s.n_seqs,
+                max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, precision, splits, nullptr);
+    }
+};
+
+class CudaAttentionMma : public ::testing::TestWithParam<MmaCase> {
+protected:
+    void SetUp() override {
+        if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+    }
+};
+
+TEST_P(CudaAttentionMma, MatchesCpuWithinRoundingBounds) {
+    const MmaCase& c = GetParam();
+    ASSERT_TRUE(cudablocks::cuda::attention_mma_supported(c.d, c.precision));
+    Seeded rng;
+    const Shape s = make_shape(c.lens, c.n_q, c.n_kv, c.d);
+    SCOPED_TRACE(rng.trace() + ", " + describe(s) + ", " + precision_label(c.precision));
+    const Inputs in = random_inputs(s, rng);
+    const CpuResult cpu = run_cpu(s, in);
+    MmaRun run(s, in, c.precision);
+
+    run.forward_mma(s.max_seqlen);
+    CUDA_OK(cudaDeviceSynchronize());
+    const double e_out = rel_l2(run.out.download(), cpu.out);
+    const double e_lse = rel_l2(run.lse.download(), cpu.lse);
+    std::printf("    [%s d%d %d/%d] rel L2: out %.3e  lse %.3e\n", precision_label(c.precision), c.d, c.n_q,
+                c.n_kv, e_out, e_lse);
+    EXPECT_LE(e_out, out_bound(c.precision)) << "out";
+    EXPECT_LE(e_lse, out_bound(c.precision)) << "lse";
+
+    // Backward from the CPU's out and lse, so that it sees the same inputs as the CPU backward; every
+    // split of the dK/dV pass (0 = heuristic; uneven splits included).
+    const int group = s.n_q / s.n_kv;
+    for (int splits = 0; splits <= group; ++splits) {
+        SCOPED_TRACE("kv_splits " + std::to_string(splits));
+        run.backward_mma(cpu.out, cpu.lse, s.max_seqlen, splits);
+        CUDA_OK(cudaDeviceSynchronize());
+        const double e_dq = rel_l2(run.dq.download(), cpu.dq);
+        const double e_dk = rel_l2(run.dk.download(), cpu.dk);
+        const double e_dv = rel_l2(run.dv.download(), cpu.dv);
+        std::printf("    [%s d%d %d/%d splits %d] rel L2: dq %.3e  dk %.3e  dv %.3e\n", precision_label(c.precision),
+                    c.d, c.n_q, c.n_kv, splits, e_dq, e_dk, e_dv);
+        EXPECT_LE(e_dq, grad_bound(c.precision)) << "dq";
+        EXPECT_LE(e_dk, grad_bound(c.precision)) << "dk";
+        EXPECT_LE(e_dv, grad_bound(c.precision)) << "dv";
+    }
+}
+
+// No atomics: the same call gives the same bits, and a too-small max_seqlen hint only shrinks the grid.
+TEST_P(CudaAttentionMma, DeterministicAndIndependentOfMaxSeqlenHint) {
+    const MmaCase& c = GetParam();
+    Seeded rng;
+    const Shape s = make_shape(c.lens, c.n_q, c.n_kv, c.d);
+    SCOPED_TRACE(rng.trace() + ", " + describe(s) + ", " + precision_label(c.precision));
+    const Inputs in = random_inputs(s, rng);
+    MmaRun run(s, in, c.precision);
+
+    run.forward_mma(s.max_seqlen);
+    CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<float> out = run.out.download(), lse = run.lse.download();
+    // Splits forced to 1: the heuristic split depends on the hint, and the split changes the order
+    // in which a group's heads are summed.
+    run.backward_mma(out, lse, s.max_seqlen, 1);
+    CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<float> dq = run.dq.download(), dk = run.dk.download(), dv = run.dv.download();
+
+    for (int hint : {s.max_seqlen, 1}) {
+        SCOPED_TRACE("max_seqlen hint " + std::to_string(hint));
+        run.forward_mma(hint);
+        run.backward_mma(out, lse, hint, 1);
+        CUDA_OK(cudaDeviceSynchronize());
+        EXPECT_TRUE(run.out.download() == out);
+        EXPECT_TRUE(run.lse.download() == lse);
+        EXPECT_TRUE(run.dq.download() == dq);
+        EXPECT_TRUE(run.dk.download() == dk);
+        EXPECT_TRUE(run.dv.download() == dv);
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaAttentionMma,
+    ::testing::Values(MmaCase{{512, 37, 1, 300}, 32, 8, 128, Precision::BF16},  // Qwen3-4B heads
+                      MmaCase{{512, 37, 1, 300}, 32, 8, 128, Precision::TF32},
+                      MmaCase{{512, 37, 1, 300}, 32, 8, 64, Precision::BF16},
+                      MmaCase{{512, 37, 1, 300}, 32, 8, 64, Precision::TF32},
+                      MmaCase{{130, 0, 64, 65}, 6, 6, 128, Precision::BF16},  // MHA, empty sequence, tile edges
+                      MmaCase{{130, 0, 64, 65}, 6, 2, 64, Precision::TF32}),
+    [](const ::testing::TestParamInfo<MmaCase>& info) {
+        const MmaCase& c = info.param;
+        return std::string(precision_label(c.precision)) + "_d" + std::to_string(c.d) + "_h" + std::to_string(c.n_q) +
+               "_" + std::to_string(c.n_kv) + "_" + std::to_string(info.index);
+    });
+
+// Head dims other than 64/128 (and Precision::FP32) run the fp32 kernels: bitwise the fp32 results.
+TEST(CudaAttentionMmaFallback, OtherHeadDimsAndFp32UseTheFp32Kernels) {
+    if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+    EXPECT_FALSE(cudablocks::cuda::attention_mma_supported(80, Precision::BF16));
+    EXPECT_FALSE(cudablocks::cuda::attention_mma_supported(128, Precision::FP32));
+    for (const auto& cs : {MmaCase{{64, 65, 3}, 6, 2, 80, Precision::BF16}, MmaCase{{70, 9}, 4, 2, 128, Precision::FP32}}) {
+        Seeded rng;
+        const Shape s = make_shape(cs.lens, cs.n_q, cs.n_kv, cs.d);
+        SCOPED_TRACE(rng.trace() + ", " + describe(s) + ", " + precision_label(cs.precision));
+        const Inputs in = random_inputs(s, rng);
+        MmaRun run(s, in, cs.precision);
+        run.forward(s.max_seqlen);
+        CUDA_OK(cudaDeviceSynchronize());
+        const std::vector<float> out = run.out.download(), lse = run.lse.download();
+        run.backward(out, lse, s.max_seqlen, 0);
+        CUDA_OK(cudaDeviceSynchronize());
+        const std::vector<float> dq = run.dq.download(), dk = run.dk.download(), dv = run.dv.download();
+        run.forward_mma(s.max_seqlen);
+        run.backward_mma(out, lse, s.max_seqlen);
+        CUDA_OK(cudaDeviceSynchronize());
+        EXPECT_TRUE(run.out.download() == out);
+        EXPECT_TRUE(run.lse.download() == lse);
+        EXPECT_TRUE(run.dq.download() == dq);
+        EXPECT_TRUE(run.dk.download() == dk);
+        EXPECT_TRUE(run.dv.download() == dv);
+    }
+}
+
+// Timing (disabled by default): ./test_attention --gtest_also_run_disabled_tests
+//   --gtest_filter='*AttentionTiming*'. Qwen3-4B heads at 8 x 512 and 1 x 2048 tokens, fp32 / tf32 /
+// bf16; TFLOP/s counted as bench/suites.py does (forward 2*n_q*d*sum(L^2), backward 2.5x that).
+TEST(CudaAttentionTiming, DISABLED_Qwen3Heads) {
+    if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+    for (const std::vector<int>& lens : {std::vector<int>(8, 512), std::vector<int>{2048}}) {
+        Seeded rng;
+        const Shape s = make_shape(lens, 32, 8, 128);
+        const Inputs in = random_inputs(s, rng);
+        double useful = 0;
+        for (int L : lens) useful += 2.0 * s.n_q * s.d * (double)L * L;
+        for (Precision p : {Precision::FP32, Precision::TF32, Precision::BF16}) {
+            MmaRun run(s, in, p);
+            cudaEvent_t e0, e1, e2;
+            CUDA_OK(cudaEventCreate(&e0));
+            CUDA_OK(cudaEventCreate(&e1));
+            CUDA_OK(cudaEventCreate(&e2));
+            auto fwd = [&] {
+                cudablocks::cuda::attention_forward_mma(run.q.ptr, run.k.ptr, run.v.ptr, run.out.ptr, run.lse.ptr,
+                                                        run.cu.ptr, s.n_seqs, s.max_seqlen, s.T, s.n_q, s.n_kv, s.d,
+                                                        s.scale, p, nullptr);
+            };
+            auto bwd = [&] {
+                cudablocks::cuda::attention_backward_mma(run.q.ptr, run.k.ptr, run.v.ptr, run.out.ptr, run.dout.ptr,
+                                                         run.lse.ptr, run.dq.ptr, run.dk.ptr, run.dv.ptr, run.ws.ptr,
+                                                         run.cu.ptr, s.n_seqs, s.max_seqlen, s.T, s.n_q, s.n_kv,
+                                                         s.d, s.scale, p, nullptr);
+            };
+            fwd();
+            bwd();
+            CUDA_OK(cudaDeviceSynchronize());
+            const int iters = 20;
+            CUDA_OK(cudaEventRecord(e0));
+            for (int i = 0; i < iters; ++i) fwd();
+            CUDA_OK(cudaEventRecord(e1));
+            for (int i = 0; i < iters; ++i) bwd();
+            CUDA_OK(cudaEventRecord(e2));
+            CUDA_OK(cudaEventSynchronize(e2));
+            float ms_f = 0, ms_b = 0;
+            CUDA_OK(cudaEventElapsedTime(&ms_f, e0, e1));
+            CUDA_OK(cudaEventElapsedTime(&ms_b, e1, e2));
+            ms_f /= iters;
+            ms_b /= iters;
+            std::printf("    %zu x %d tokens, %s: forward %.3f ms (%.0f TFLOP/s), backward %.3f ms (%.0f TFLOP/s)\n",
+                        lens.size(), lens[0], precision_label(p), ms_f, useful / ms_f * 1e-9, ms_b,
+                        2.5 * useful / ms_b * 1e-9);
+            cudaEventDestroy(e0);
+            cudaEventDestroy(e1);
+            cudaEventDestroy(e2);
+        }
+    }
+}
+
+}  // namespace
+
+#endif  // CUDABLOCKS_WITH_CUDA

@@ -87,8 +87,10 @@ TEST(Fp32Block, RefusesBadInputBeforeWriting) {
   EXPECT_THROW(Fp32Block::create(c, 0, misshaped, Device(), 16, Precision::FP32), ShapeError);
 }
 
-TEST(Fp32Block, CudaMatchesCpu) {
-  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+// fp32: the same math up to fp32 rounding. bf16: the CPU emulates the bf16 GEMM operands, the CUDA
+// block runs them on tensor cores (attention may round its operands too on CUDA), so the two differ
+// by operands that round the other way: a loose bound that still catches a wrong operand or layout.
+void cuda_matches_cpu(Precision precision, double tol) {
   const TransformerConfig c = tiny_config();
   Weights w = random_weights(c);
   const std::vector<std::int64_t> lens = {9, 1, 20};
@@ -97,7 +99,7 @@ TEST(Fp32Block, CudaMatchesCpu) {
   const auto gy_host = random_normal(T * H);
   std::vector<std::vector<float>> results;
   for (const Device& dev : {Device(), Device(DeviceType::CUDA, 0)}) {
-    auto block = Fp32Block::create(c, 1, w.map, dev, 64, Precision::FP32);
+    auto block = Fp32Block::create(c, 1, w.map, dev, 64, precision);
     Stream stream(dev);
     Buffer x = Buffer::empty({T, H}, DType::Float32, dev), y = Buffer::empty({T, H}, DType::Float32, dev);
     Buffer gy = Buffer::empty({T, H}, DType::Float32, dev), gx = Buffer::empty({T, H}, DType::Float32, dev);
@@ -115,7 +117,17 @@ TEST(Fp32Block, CudaMatchesCpu) {
     results.push_back(out);
   }
   for (float v : results[1]) ASSERT_TRUE(std::isfinite(v));
-  EXPECT_LT(test::relative_error(results[1], results[0]), 1e-4);
+  EXPECT_LT(test::relative_error(results[1], results[0]), tol);
+}
+
+TEST(Fp32Block, CudaMatchesCpu) {
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  cuda_matches_cpu(Precision::FP32, 1e-4);
+}
+
+TEST(Fp32Block, CudaBf16MatchesCpuBf16Emulation) {
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  cuda_matches_cpu(Precision::BF16, 2e-2);
 }
 
 }  // namespace

@@ -7,8 +7,10 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <tuple>
 #include <vector>
 
+#include "core/float_bits.hpp"
 #include "cpu/attention.hpp"
 #include "cudablocks/backend.hpp"
 #include "cudablocks/device.hpp"
@@ -125,6 +127,95 @@ TEST(CpuGemm, SizesCrossingEveryBlock) {
 TEST(CpuGemm, PrecisionIsIgnoredOnCpu) {
   check_gemm(false, true, 33, 40, 70, 1.0f, 0.0f, Precision::BF16);
   check_gemm(true, false, 33, 40, 70, 1.0f, 0.0f, Precision::TF32);
+}
+
+// ---- bf16 operands ------------------------------------------------------------------------------
+
+std::vector<std::uint16_t> bf16_of(const std::vector<float>& v) {
+  std::vector<std::uint16_t> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = float_to_bf16_bits(v[i]);
+  return out;
+}
+
+std::vector<float> float_of(const std::vector<std::uint16_t>& v) {
+  std::vector<float> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = bf16_bits_to_float(v[i]);
+  return out;
+}
+
+TEST(CpuBf16, ToBf16RoundsToNearestEven) {
+  // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to the even 1. 1 + 3 * 2^-8 ties up to 1 + 2^-6.
+  const std::vector<float> x = {1.0f, 1.0f + 1.0f / 256, 1.0f + 3.0f / 256, 1.0f + 1.0f / 256 + 1.0f / 65536,
+                                -2.5f, 0.0f, -0.0f, INFINITY, -INFINITY, 3.3895314e38f /* max bf16 */, 1e-40f};
+  std::vector<std::uint16_t> y(x.size());
+  cpu().to_bf16(x.data(), y.data(), static_cast<std::int64_t>(x.size()), stream());
+  EXPECT_EQ(y[0], 0x3f80);
+  EXPECT_EQ(y[1], 0x3f80);
+  EXPECT_EQ(y[2], 0x3f82);
+  EXPECT_EQ(y[3], 0x3f81);
+  EXPECT_EQ(y[4], 0xc020);
+  EXPECT_EQ(y[5], 0x0000);
+  EXPECT_EQ(y[6], 0x8000);
+  EXPECT_EQ(y[7], 0x7f80);
+  EXPECT_EQ(y[8], 0xff80);
+  EXPECT_EQ(y[9], 0x7f7f);
+  EXPECT_EQ(bf16_bits_to_float(y[10]), bf16_bits_to_float(float_to_bf16_bits(1e-40f)));  // subnormals kept
+  const float nan = NAN;
+  std::uint16_t n16 = 0;
+  cpu().to_bf16(&nan, &n16, 1, stream());
+  EXPECT_TRUE(std::isnan(bf16_bits_to_float(n16)));
+  // Large random input (several parallel chunks) against the scalar conversion.
+  const auto big = random_normal(200003);
+  std::vector<std::uint16_t> out(big.size());
+  cpu().to_bf16(big.data(), out.data(), static_cast<std::int64_t>(big.size()), stream());
+  EXPECT_EQ(out, bf16_of(big));
+}
+
+TEST(CpuBf16, GemmBf16IsTheProductOfTheBf16Values) {
+  for (bool ta : {false, true})
+    for (bool tb : {false, true})
+      for (auto [m, n, k, alpha, beta] : {std::tuple<std::int64_t, std::int64_t, std::int64_t, float, float>{37, 53, 29, 1.0f, 0.0f},
+                                          {70, 257, 600, 0.5f, 1.0f}, {1, 9, 300, 1.0f, -0.5f}}) {
+        SCOPED_TRACE(testing::Message() << ta << tb << " " << m << "x" << n << "x" << k);
+        const auto a16 = bf16_of(random_normal(static_cast<std::size_t>(m * k)));
+        const auto b16 = bf16_of(random_normal(static_cast<std::size_t>(k * n)));
+        const auto c0 = beta == 0.0f ? nans(static_cast<std::size_t>(m * n)) : random_normal(static_cast<std::size_t>(m * n));
+        auto c = c0;
+        cpu().gemm_bf16(ta, tb, m, n, k, alpha, a16.data(), b16.data(), beta, c.data(), stream());
+        const auto ref = gemm_fp64(ta, tb, m, n, k, alpha, float_of(a16), float_of(b16), beta,
+                                   beta == 0.0f ? std::vector<float>{} : c0);
+        EXPECT_LE(relative_error(c, ref), kForwardTol);
+      }
+  // K = 0 scales C.
+  auto c = random_normal(12);
+  const auto c0 = c;
+  cpu().gemm_bf16(false, false, 3, 4, 0, 1.0f, nullptr, nullptr, 2.0f, c.data(), stream());
+  for (std::size_t i = 0; i < c.size(); ++i) EXPECT_FLOAT_EQ(c[i], 2.0f * c0[i]);
+}
+
+TEST(CpuBf16, AdamwWritesTheBf16CopyOfTheUpdatedParameters) {
+  const std::size_t n = 1003;
+  auto p = random_normal(n), m = random_normal(n, 0.1f), v = random_normal(n, 0.1f);
+  for (auto& e : v) e = e * e;
+  const auto g = random_normal(n);
+  auto p2 = p, m2 = m, v2 = v;
+  AdamWHyper h;
+  h.lr = 1e-2f;
+  h.step = 3;
+  std::vector<std::uint16_t> p16(n, 0xffff);
+  cpu().adamw_step(p.data(), g.data(), m.data(), v.data(), static_cast<std::int64_t>(n), h, nullptr, p16.data(),
+                   stream());
+  cpu().adamw_step(p2.data(), g.data(), m2.data(), v2.data(), static_cast<std::int64_t>(n), h, nullptr, nullptr,
+                   stream());
+  EXPECT_EQ(p, p2);  // the copy changes nothing else
+  EXPECT_EQ(p16, bf16_of(p));
+  // A non-finite norm skips the step: neither the parameters nor the copy are written.
+  const float inf_norm = INFINITY;
+  std::vector<std::uint16_t> untouched(n, 0x1234);
+  cpu().adamw_step(p.data(), g.data(), m.data(), v.data(), static_cast<std::int64_t>(n), h, &inf_norm,
+                   untouched.data(), stream());
+  EXPECT_EQ(p, p2);
+  EXPECT_EQ(untouched, std::vector<std::uint16_t>(n, 0x1234));
 }
 
 TEST(CpuGemm, EmptyKOrZeroAlphaScalesC) {
@@ -421,7 +512,7 @@ TEST(CpuAttention, BackendForwardsToReference) {
   const auto dout = random_normal(q.size());
   auto out = nans(q.size()), lse = nans(tokens * nq), out_ref = nans(q.size()), lse_ref = nans(tokens * nq);
   cpu().attention_forward(q.data(), k.data(), v.data(), out.data(), lse.data(), cu_seqlens.data(), 2, 5, tokens,
-                          nq, nkv, d, scale, stream());
+                          nq, nkv, d, scale, Precision::BF16, stream());  // precision: ignored on CPU
   cpu::attention_forward(q.data(), k.data(), v.data(), out_ref.data(), lse_ref.data(), cu_seqlens.data(), 2, 5,
                          tokens, nq, nkv, d, scale);
   EXPECT_EQ(out, out_ref);
@@ -433,7 +524,8 @@ TEST(CpuAttention, BackendForwardsToReference) {
   auto dq = nans(q.size()), dk = nans(k.size()), dv = nans(v.size());
   auto dq_ref = nans(q.size()), dk_ref = nans(k.size()), dv_ref = nans(v.size());
   cpu().attention_backward(q.data(), k.data(), v.data(), out.data(), dout.data(), lse.data(), dq.data(), dk.data(),
-                           dv.data(), workspace.data(), cu_seqlens.data(), 2, 5, tokens, nq, nkv, d, scale, stream());
+                           dv.data(), workspace.data(), cu_seqlens.data(), 2, 5, tokens, nq, nkv, d, scale,
+                           Precision::TF32, stream());
   cpu::attention_backward(q.data(), k.data(), v.data(), out.data(), dout.data(), lse.data(), dq_ref.data(),
                           dk_ref.data(), dv_ref.data(), workspace.data(), cu_seqlens.data(), 2, 5, tokens, nq, nkv,
                           d, scale);

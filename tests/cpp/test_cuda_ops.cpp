@@ -11,14 +11,18 @@
 
 #if CUDABLOCKS_WITH_CUDA
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "core/float_bits.hpp"
 #include "cudablocks/backend.hpp"
 #include "cudablocks/buffer.hpp"
 #include "cudablocks/device.hpp"
+#include "cudablocks/optimizer.hpp"
 #include "cudablocks/stream.hpp"
 #include "support.hpp"
 
@@ -163,6 +167,167 @@ TEST(CudaOps, GemmFp32IsNotTf32) {
 }
 
 // ---------------------------------------------------------------------------------------------
+
+// ---- bf16 operands ----------------------------------------------------------------------------
+
+using Bits = std::vector<std::uint16_t>;
+
+Buffer upload_bits(Env& e, const Bits& v) {
+  Buffer b = Buffer::empty({static_cast<std::int64_t>(v.size())}, DType::BFloat16, e.device);
+  b.copy_from_host(v.data(), e.stream);
+  return b;
+}
+
+Bits download_bits(Env& e, const Buffer& b) {
+  Bits v(static_cast<std::size_t>(b.numel()));
+  b.copy_to_host(v.data(), e.stream);
+  e.stream.synchronize();
+  return v;
+}
+
+Bits bf16_of(const Vec& v) {
+  Bits out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = float_to_bf16_bits(v[i]);
+  return out;
+}
+
+TEST(CudaOps, ToBf16MatchesCpuBitwise) {
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  Env cuda{gpu()};
+  for (std::size_t n : {std::size_t{850} * 2560, std::size_t{1}, std::size_t{7}, std::size_t{4099}}) {
+    Vec x = random_normal(n, 3.0f);
+    if (n > 8) {  // ties, specials
+      x[0] = 1.0f + 1.0f / 256;
+      x[1] = 1.0f + 3.0f / 256;
+      x[2] = INFINITY;
+      x[3] = -0.0f;
+      x[4] = 1e-40f;
+    }
+    const Bits want = bf16_of(x);
+    Buffer xb = cuda.upload(x);
+    // Offsets 0 (vectorised) and 1 (unaligned: the scalar kernel).
+    for (std::int64_t offset : {0, 1}) {
+      if (static_cast<std::size_t>(offset) >= n) continue;
+      const std::int64_t len = static_cast<std::int64_t>(n) - offset;
+      Buffer yb = Buffer::empty({len}, DType::BFloat16, cuda.device);
+      cuda.backend.to_bf16(xb.data_as<float>() + offset, yb.data_as<std::uint16_t>(), len, cuda.stream);
+      const Bits got = download_bits(cuda, yb);
+      EXPECT_TRUE(std::equal(got.begin(), got.end(), want.begin() + offset)) << "n " << n << " offset " << offset;
+    }
+  }
+}
+
+TEST(CudaOps, GemmBf16MatchesCpu) {
+  // Both compute the exact products of the bf16 values in fp32; only the order of the sums differs.
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  const std::vector<GemmCase> cases = {
+      {false, true, 850, 2560, 2560, 1.0f, 0.0f},   // forward: X W^T
+      {false, false, 850, 2560, 2048, 1.0f, 0.0f},  // dX = dY W
+      {true, false, 2560, 2048, 850, 1.0f, 1.0f},   // dW += dY^T X
+      {false, false, 37, 53, 29, 0.5f, 0.0f},      {false, true, 37, 53, 29, 1.0f, -1.5f},
+      {true, false, 37, 53, 29, 2.0f, 0.0f},       {true, true, 37, 53, 29, 1.0f, 1.0f},
+      {true, true, 1, 7, 300, 1.0f, 0.0f},
+  };
+  for (const GemmCase& g : cases) {
+    const Bits a = bf16_of(random_normal(static_cast<std::size_t>(g.m * g.k)));
+    const Bits b = bf16_of(random_normal(static_cast<std::size_t>(g.k * g.n)));
+    const auto c0 = random_normal(static_cast<std::size_t>(g.m * g.n));
+    auto [ref, out] = on_both([&](Env& e) {
+      Buffer ab = upload_bits(e, a), bb = upload_bits(e, b);
+      Buffer cb = g.beta == 0.0f ? e.poisoned(c0.size()) : e.upload(c0);
+      e.backend.gemm_bf16(g.ta, g.tb, g.m, g.n, g.k, g.alpha, ab.data_as<std::uint16_t>(), bb.data_as<std::uint16_t>(),
+                          g.beta, cb.data_as<float>(), e.stream);
+      return std::vector<Vec>{e.download(cb)};
+    });
+    expect_close(ref, out, kForwardTol,
+                 std::string(g.ta ? "T" : "N") + (g.tb ? "T" : "N") + " " + std::to_string(g.m) + "x" +
+                     std::to_string(g.n) + "x" + std::to_string(g.k));
+  }
+}
+
+TEST(CudaOps, AdamwWritesTheBf16Copy) {
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  for (std::size_t n : {std::size_t{1} << 20, std::size_t{1003}}) {  // the tail path too
+    const Vec p = random_normal(n), g = random_normal(n), m = random_normal(n, 0.1f);
+    Vec v = random_normal(n, 0.1f);
+    for (auto& e : v) e = e * e;
+    AdamWHyper h;
+    h.lr = 1e-2f;
+    h.step = 5;
+    auto [ref, out] = on_both([&](Env& e) {
+      Buffer pb = e.upload(p), gb = e.upload(g), mb = e.upload(m), vb = e.upload(v);
+      Buffer p16 = upload_bits(e, Bits(n, 0xffff));
+      e.backend.adamw_step(pb.data_as<float>(), gb.data_as<float>(), mb.data_as<float>(), vb.data_as<float>(),
+                           static_cast<std::int64_t>(n), h, nullptr, p16.data_as<std::uint16_t>(), e.stream);
+      const Vec params = e.download(pb);
+      const Bits copy = download_bits(e, p16);
+      EXPECT_EQ(copy, bf16_of(params)) << e.backend.name() << " n " << n;
+      return std::vector<Vec>{params};
+    });
+    expect_close(ref, out, kForwardTol, "adamw params n " + std::to_string(n));
+  }
+}
+
+// bf16-output variants: the bf16 result is the fp32 op's result rounded (up to an FMA contraction
+// that may differ between the two instantiations: at most one bf16 ulp, rarely), and close to the
+// CPU's: within one bf16 ulp of its magnitude, plus a floor of 1e-5 of the largest output for the
+// elements where the formula cancels (the SwiGLU gradient crosses zero near gate = -1.28, where
+// fp32 rounding differences between the backends are amplified relative to the value).
+void expect_rounded_from(const Bits& got, const Vec& fp32, const Bits& cpu, const std::string& what) {
+  ASSERT_EQ(got.size(), fp32.size());
+  float largest = 0.0f;
+  for (std::uint16_t c : cpu) largest = std::max(largest, std::abs(bf16_bits_to_float(c)));
+  std::size_t exact = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    const int want = float_to_bf16_bits(fp32[i]);
+    ASSERT_LE(std::abs(static_cast<int>(got[i]) - want), 1) << what << " element " << i;
+    const float g = bf16_bits_to_float(got[i]), c = bf16_bits_to_float(cpu[i]);
+    ASSERT_LE(std::abs(g - c), std::ldexp(std::abs(c), -7) + 1e-5f * largest) << what << " element " << i;
+    exact += got[i] == want;
+  }
+  EXPECT_GE(static_cast<double>(exact), 0.999 * static_cast<double>(got.size())) << what;
+}
+
+TEST(CudaOps, RmsNormAndSwigluBf16OutputsAreTheRoundedFp32Outputs) {
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  struct Case { std::int64_t rows, cols; };
+  for (Case c : {Case{850, 2560}, Case{37, 33}}) {
+    const std::string what = std::to_string(c.rows) + "x" + std::to_string(c.cols);
+    const auto n = static_cast<std::size_t>(c.rows * c.cols);
+    const Vec x = random_normal(n, 2.0f), w = random_normal(c.cols);
+    const Vec gate_up = random_normal(2 * n, 2.0f), dout = random_normal(n);
+    std::vector<Bits> cpu_bits;
+    for (Env* e : {new Env{Device()}, new Env{gpu()}}) {
+      std::unique_ptr<Env> env(e);
+      Buffer xb = e->upload(x), wb = e->upload(w), gub = e->upload(gate_up), db = e->upload(dout);
+      Buffer y = e->poisoned(n), y16 = upload_bits(*e, Bits(n, 0xffff));
+      Buffer r1 = e->poisoned(c.rows), r2 = e->poisoned(c.rows);
+      e->backend.rmsnorm_forward(xb.data_as<float>(), wb.data_as<float>(), y.data_as<float>(), r1.data_as<float>(),
+                                 c.rows, c.cols, 1e-6f, e->stream);
+      e->backend.rmsnorm_forward_bf16(xb.data_as<float>(), wb.data_as<float>(), y16.data_as<std::uint16_t>(),
+                                      r2.data_as<float>(), c.rows, c.cols, 1e-6f, e->stream);
+      Buffer a = e->poisoned(n), a16 = upload_bits(*e, Bits(n, 0xffff));
+      e->backend.swiglu_forward(gub.data_as<float>(), a.data_as<float>(), c.rows, c.cols, e->stream);
+      e->backend.swiglu_forward_bf16(gub.data_as<float>(), a16.data_as<std::uint16_t>(), c.rows, c.cols, e->stream);
+      Buffer dg = e->poisoned(2 * n), dg16 = upload_bits(*e, Bits(2 * n, 0xffff));
+      e->backend.swiglu_backward(db.data_as<float>(), gub.data_as<float>(), dg.data_as<float>(), c.rows, c.cols,
+                                 e->stream);
+      e->backend.swiglu_backward_bf16(db.data_as<float>(), gub.data_as<float>(), dg16.data_as<std::uint16_t>(), c.rows,
+                                      c.cols, e->stream);
+      const std::vector<Bits> bits = {download_bits(*e, y16), download_bits(*e, a16), download_bits(*e, dg16)};
+      const std::vector<Vec> fp32 = {e->download(y), e->download(a), e->download(dg)};
+      EXPECT_EQ(e->download(r1), e->download(r2)) << what << " rstd";
+      if (cpu_bits.empty()) {
+        cpu_bits = bits;
+        for (std::size_t i = 0; i < bits.size(); ++i) EXPECT_EQ(bits[i], bf16_of(fp32[i])) << what << " cpu " << i;
+      } else {
+        expect_rounded_from(bits[0], fp32[0], cpu_bits[0], what + " rmsnorm");
+        expect_rounded_from(bits[1], fp32[1], cpu_bits[1], what + " swiglu forward");
+        expect_rounded_from(bits[2], fp32[2], cpu_bits[2], what + " swiglu backward");
+      }
+    }
+  }
+}
 
 TEST(CudaOps, BiasAddAndBackwardMatchCpu) {
   if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";

@@ -230,6 +230,112 @@ def test_backward_matches_finite_differences(rng: np.random.Generator) -> None:
     assert rel(analytic, numeric) <= 1e-2, list(zip(analytic, numeric))
 
 
+# ---- bf16 mode on the CPU: the same bf16 operand rounding as CUDA's tensor cores ---------------------
+
+def _bf16(t: Any) -> Any:
+    """Round to bf16 the way the block does: the fp32 value, rounded to nearest even."""
+    return t.float().to(torch.bfloat16).to(t.dtype)
+
+
+class _Bf16Linear(torch.autograd.Function):
+    """y = bf16(x) bf16(W)^T (+ b) in float64; backward: dX = bf16(dY) bf16(W), dW = bf16(dY)^T bf16(x),
+    db = dY (unrounded) -- what the block's bf16 mode computes around every projection."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Any, w: Any) -> Any:
+        xr, wr = _bf16(x), _bf16(w)
+        ctx.save_for_backward(xr, wr)
+        return xr @ wr.T
+
+    @staticmethod
+    def backward(ctx: Any, gy: Any) -> Any:
+        xr, wr = ctx.saved_tensors
+        g = _bf16(gy)
+        return g @ wr, (g.reshape(-1, g.shape[-1]).T @ xr.reshape(-1, xr.shape[-1]))
+
+
+def bf16_operand_layer(layer: Any) -> Any:
+    """The layer with every nn.Linear computing through _Bf16Linear (biases added in full precision)."""
+    import types
+
+    def forward(self: Any, x: Any) -> Any:
+        y = _Bf16Linear.apply(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+    for module in layer.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.forward = types.MethodType(forward, module)
+    return layer
+
+
+@pytest.mark.parametrize("case", ["qwen3", "qwen2", "llama-attention_bias"])
+def test_bf16_mode_on_cpu_emulates_bf16_operands(case: str, rng: np.random.Generator) -> None:
+    """The CPU backend's bf16 mode rounds every GEMM operand to bf16 as CUDA's bf16 GEMMs do: it matches a
+    float64 reference whose projections see bf16-rounded operands (forward and backward) far more closely
+    than it matches the plain float64 layer."""
+    spec = dict(CASES[case])
+    model_type = spec.pop("model_type")
+    lens = [40, 1, 60]
+    config = hf_config(model_type, **{**SMALL, **spec})
+    layer = hf_layer(config, rng)
+    cfg = cb.TransformerConfig.from_dict(config.to_dict())
+    x = rng.standard_normal((sum(lens), config.hidden_size)).astype(np.float32)
+    grad_out = rng.standard_normal(x.shape).astype(np.float32)
+    weights = weights_of(layer)
+    ours = run_block(cb.CudaBlock.fp32(cfg, 0, weights, "cpu", max_tokens=sum(lens), precision="bf16"),
+                     x, lens, grad_out)
+    exact = hf_reference(layer, Rotary(config, "cpu"), x, lens, grad_out)
+    emulated = hf_reference(bf16_operand_layer(layer), Rotary(config, "cpu"), x, lens, grad_out)
+    pairs = [("out", ours[0], emulated[0], exact[0]), ("grad_in", ours[1], emulated[1], exact[1])]
+    pairs += [(name, ours[2][name], emulated[2][name], exact[2][name]) for name in exact[2]]
+    for name, o, e, x64 in pairs:
+        # bf16 operands move every result by ~5e-3 relative (rel(o, x64)). Against the emulation only the
+        # operands that round the other way remain: an fp32 intermediate a few ulps from float64's value can
+        # land on the other side of a bf16 rounding boundary; typically ~1e-4 here, at worst (over many seeds)
+        # a fifth of the bf16 effect. An operand the block forgot to round would leave ~the whole effect.
+        assert rel(o, e) <= 3e-3, name
+        assert rel(o, e) <= 0.5 * rel(o, x64), name
+
+
+def test_bf16_weight_copy_follows_the_optimizer_step(rng: np.random.Generator) -> None:
+    """In bf16 mode the block multiplies by a bf16 copy of its weights that the AdamW pass rewrites: after a
+    step it computes exactly what a fresh block made from the updated weights computes."""
+    config = hf_config("qwen3", **SMALL, head_dim=16)
+    cfg = cb.TransformerConfig.from_dict(config.to_dict())
+    weights = weights_of(hf_layer(config, rng))
+    lens = [5, 9]
+    x = rng.standard_normal((sum(lens), 64)).astype(np.float32)
+    grad_out = rng.standard_normal(x.shape).astype(np.float32)
+    block = cb.CudaBlock.fp32(cfg, 0, weights, "cpu", max_tokens=16, precision="bf16")
+    stream = cb.CudaStream("cpu")
+    state, ws = block.init_optimizer_state(stream), block.new_grad_workspace(stream)
+    xb = cb.GpuBuffer.from_numpy(x, "cpu")
+    out = cb.GpuBuffer.empty(x.shape, "float32", "cpu")
+    gin = cb.GpuBuffer.empty(x.shape, "float32", "cpu")
+    block.forward(xb, out, lens, stream)
+    before = out.to_numpy()
+    block.backward(xb, cb.GpuBuffer.from_numpy(grad_out, "cpu"), gin, lens, stream, ws)
+    block.optimizer_step(state, 1, 1e-2, 0.9, 0.999, 1e-8, 0.1, stream, ws)
+    updated = block.download_weights()
+    assert any(not np.array_equal(updated[k], weights[k]) for k in weights)
+    block.forward(xb, out, lens, stream)
+    fresh = cb.CudaBlock.fp32(cfg, 0, updated, "cpu", max_tokens=16, precision="bf16")
+    out2 = cb.GpuBuffer.empty(x.shape, "float32", "cpu")
+    fresh.forward(xb, out2, lens, stream)
+    np.testing.assert_array_equal(out.to_numpy(), out2.to_numpy())
+    assert not np.array_equal(out.to_numpy(), before)
+
+
+def test_bf16_scratch_is_counted() -> None:
+    cfg = cb.TransformerConfig.from_dict({"model_type": "qwen3", **QWEN3_4B})
+    weights = {name: np.zeros(shape, np.float32) for name, shape in layout_shapes(cfg).items()}
+    fp32 = cb.CudaBlock.fp32(cfg, 0, weights, "cpu", max_tokens=1)
+    bf16 = cb.CudaBlock.fp32(cfg, 0, weights, "cpu", max_tokens=1, precision="bf16")
+    assert bf16.saved_bytes_per_token == fp32.saved_bytes_per_token
+    # bf16 operands: [T, max(H, q)] + [T, max(2 I, q + 2 kv)] + [T, H], 2 bytes each.
+    assert bf16.scratch_bytes_per_token - fp32.scratch_bytes_per_token == 2 * (4096 + 2 * 9728 + 2560)
+
+
 # ---- semantics: accumulation, sharing, weights ---------------------------------------------------------
 
 def small_block(rng: np.random.Generator, model_type: str = "qwen3", max_tokens: int = 32, **kw: Any

@@ -11,13 +11,15 @@
 #include <cstdint>
 
 #include "cudablocks/device.hpp"
+#include "cudablocks/dtype.hpp"
 #include "cudablocks/optimizer.hpp"
 #include "cudablocks/stream.hpp"
 
 namespace cudablocks {
 
-// How matrix products compute: IEEE fp32, tf32 tensor cores, or bf16 operands with fp32
-// accumulation. Buffers stay fp32 in every mode. The CPU backend always computes in fp32.
+// How gemm computes: IEEE fp32, tf32 tensor cores, or (BF16) fp32 buffers multiplied as bf16 with
+// fp32 accumulation (cuBLAS's FAST_16BF, no faster than tf32: blocks in bf16 mode call gemm_bf16
+// on genuine bf16 operands instead). The CPU backend's gemm always computes in fp32.
 enum class Precision { FP32, TF32, BF16 };
 
 class Backend {
@@ -35,6 +37,11 @@ class Backend {
   virtual void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd,
                                std::int64_t rows, std::int64_t cols, float eps,
                                const Stream& stream) const = 0;
+  // The same with y written as bf16 (bit patterns, rounded from the fp32 result): the operand of a
+  // bf16 GEMM without an fp32 copy.
+  virtual void rmsnorm_forward_bf16(const float* x, const float* w, std::uint16_t* y, float* rstd,
+                                    std::int64_t rows, std::int64_t cols, float eps,
+                                    const Stream& stream) const = 0;
 
   // dx = d/dx of rmsnorm_forward given dy, with rstd saved by the forward; written, or added to
   // dx when accumulate_dx (the residual path). dw[c] += sum_r dy[r, c] * x[r, c] * rstd[r].
@@ -48,6 +55,16 @@ class Backend {
   virtual void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                     const float* a, const float* b, float beta, float* c, Precision precision,
                     const Stream& stream) const = 0;
+
+  // The same product with bf16 operands: a and b hold bf16 bit patterns (the layouts of gemm),
+  // accumulation is fp32 and C is fp32 (beta as in gemm; beta = 1 accumulates weight gradients).
+  // On tensor cores on CUDA; the CPU computes the exact bf16 x bf16 products in fp32 (a product of
+  // two bf16 values is exact in fp32), so both differ only in the order of the fp32 sums.
+  virtual void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                         const std::uint16_t* a, const std::uint16_t* b, float beta, float* c,
+                         const Stream& stream) const = 0;
+  // y[i] = bf16(x[i]) over n elements, rounded to nearest even (y holds bf16 bit patterns).
+  virtual void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, const Stream& stream) const = 0;
 
   // y[r, :] += bias for y [rows, cols].
   virtual void add_bias(float* y, const float* bias, std::int64_t rows, std::int64_t cols,
@@ -78,30 +95,62 @@ class Backend {
   // d_gate_up [rows, 2 * cols] from dout [rows, cols] and the forward's gate_up.
   virtual void swiglu_backward(const float* dout, const float* gate_up, float* d_gate_up, std::int64_t rows,
                                std::int64_t cols, const Stream& stream) const = 0;
+  // The same two ops writing their result as bf16 (bit patterns, rounded to nearest even from the
+  // fp32 value): the operand of the next bf16 GEMM, without an fp32 round trip through memory.
+  virtual void swiglu_forward_bf16(const float* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t cols,
+                                   const Stream& stream) const = 0;
+  virtual void swiglu_backward_bf16(const float* dout, const float* gate_up, std::uint16_t* d_gate_up,
+                                    std::int64_t rows, std::int64_t cols, const Stream& stream) const = 0;
 
   // Causal grouped-query attention over packed sequences; see src/cpu/attention.hpp for the
   // layout. cu_seqlens [n_seqs + 1] lives on the backend's device; lse [T, n_q_heads] is saved
   // for the backward, which overwrites dq, dk, dv and needs attention_workspace_floats() scratch.
+  // precision: FP32 computes the products in IEEE fp32; TF32 / BF16 use tensor cores (operands
+  // rounded to tf32 / bf16, fp32 accumulation, softmax in fp32) where the backend has such kernels
+  // (CUDA: head_dim 64 and 128; other head dims fall back to fp32). The CPU backend ignores it.
   virtual void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse,
                                  const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen,
                                  std::int64_t tokens, int n_q_heads, int n_kv_heads, int head_dim,
-                                 float scale, const Stream& stream) const = 0;
+                                 float scale, Precision precision, const Stream& stream) const = 0;
   virtual std::int64_t attention_workspace_floats(std::int64_t tokens, int n_q_heads, int n_kv_heads,
                                                   int head_dim) const = 0;
   virtual void attention_backward(const float* q, const float* k, const float* v, const float* out,
                                   const float* dout, const float* lse, float* dq, float* dk, float* dv,
                                   float* workspace, const std::int32_t* cu_seqlens, int n_seqs,
                                   int max_seqlen, std::int64_t tokens, int n_q_heads, int n_kv_heads,
-                                  int head_dim, float scale, const Stream& stream) const = 0;
+                                  int head_dim, float scale, Precision precision,
+                                  const Stream& stream) const = 0;
 
   // One AdamW step over n elements in place (cudablocks/optimizer.hpp). grad_sum_squares: nullptr,
   // or a device float holding the squared global gradient norm, for clipping and the skip of a
-  // step whose norm is not finite.
+  // step whose norm is not finite. param_bf16: nullptr, or n bf16 values (8-byte aligned) that
+  // receive bf16(param) after the update in the same pass (a bf16 copy of the weights for
+  // gemm_bf16); a skipped step writes neither.
   virtual void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, std::int64_t n,
-                          const AdamWHyper& hyper, const float* grad_sum_squares, const Stream& stream) const = 0;
+                          const AdamWHyper& hyper, const float* grad_sum_squares, std::uint16_t* param_bf16,
+                          const Stream& stream) const = 0;
   // *out = sum of x[i]^2 (or *out += it when accumulate), summed in double; out is a device float.
   virtual void sum_squares(const float* x, std::int64_t n, float* out, bool accumulate,
                            const Stream& stream) const = 0;
+
+  // NF4
+  // bitsandbytes' NF4 format bit for bit (src/core/nf4_format.hpp, semantics in src/cpu/nf4.hpp).
+  // x: n elements of dtype Float32/BFloat16/Float16; packed [(n + 1) / 2] (element 2j in the high
+  // nibble of byte j); absmax [ceil(n / blocksize)] fp32; blocksize a power of two in [32, 4096].
+  virtual void nf4_quantize(const void* x, DType dtype, std::int64_t n, int blocksize, std::uint8_t* packed,
+                            float* absmax, const Stream& stream) const = 0;
+  // out [n] of out_dtype = code[nibble] * absmax[i / blocksize] in fp32, rounded once.
+  virtual void nf4_dequantize(const std::uint8_t* packed, const float* absmax, std::int64_t n, int blocksize,
+                              void* out, DType out_dtype, const Stream& stream) const = 0;
+  // Double quantization of absmax [n]: *offset (one device float) = mean(absmax); then qabsmax [n]
+  // = 8-bit codes under `code` (256 sorted device floats) of absmax - *offset in blocks of 256,
+  // absmax2 [ceil(n / 256)] their fp32 scales; and the inverse, absmax = code[q] * absmax2 + *offset.
+  virtual void nf4_absmax_mean(const float* absmax, std::int64_t n, float* offset, const Stream& stream) const = 0;
+  virtual void nf4_double_quantize(const float* absmax, std::int64_t n, const float* offset, const float* code,
+                                   std::uint8_t* qabsmax, float* absmax2, const Stream& stream) const = 0;
+  virtual void nf4_double_dequantize(const std::uint8_t* qabsmax, const float* absmax2, const float* offset,
+                                     const float* code, std::int64_t n, float* absmax,
+                                     const Stream& stream) const = 0;
 };
 
 // The backend that runs work on `device`. Throws DeviceError for CUDA when it was not built.

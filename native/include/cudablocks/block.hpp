@@ -50,6 +50,26 @@
 // Transient scratch (dead outside a call) is a second allocation: scratch_bytes_per_token()
 // (Qwen3-4B: 126,976 bytes per token + the CUDA attention backward's workspace, 24,704 bytes).
 //
+// ---- Precision ----------------------------------------------------------------------------------
+// fp32 and tf32 run every product through Backend::gemm on the fp32 buffers. bf16 runs them on
+// genuine bf16 operands (Backend::gemm_bf16: bf16 tensor cores, fp32 accumulation, fp32 results):
+//   - weights: a bf16 copy of the flat parameters (same layout, 2 bytes per parameter; Qwen3-4B:
+//     100.9M parameters, 202 MB per block), made at creation and rewritten by every
+//     optimizer_step inside the AdamW pass (adamw_step's param_bf16: 2 more bytes written per
+//     parameter, no extra launch). The fp32 parameters stay the master copy.
+//   - activations and incoming gradients that feed products are bf16 in a bf16 scratch: h and g
+//     from RMSNorm, act and d_gate_up from SwiGLU are written in bf16 directly (the _bf16 ops; no
+//     fp32 copy exists), att, dy, dr, dq, dk, dv are rounded right before use (Backend::to_bf16:
+//     1 more op call in the forward, 6 in the backward). Per token: max(H, q) +
+//     max(2 I, q + 2 kv) + H bf16 values (Qwen3-4B: 26,112 values, 52,224 bytes; counted in
+//     scratch_bytes_per_token).
+//   - products write fp32: q/k/v, gate_up, the residual branches, every gradient (weight
+//     gradients accumulate in fp32 into the grad workspace with beta = 1). Norms, QK-norm, RoPE,
+//     softmax and SwiGLU compute in fp32; saved activations stay fp32 (saved_bytes_per_token is
+//     the same in every precision).
+// On the CPU backend bf16 computes the same thing (the exact products of the bf16 operands, summed
+// in fp32), so it is a reference for the CUDA bf16 block up to summation order.
+//
 // ---- Calls ------------------------------------------------------------------------------------
 // forward(x, out, seq_lens, stream): x, out float32 [T, H] on the block's device, T =
 //   sum(seq_lens) <= max_tokens, every length >= 1; out must not overlap x. Positions restart at
@@ -289,6 +309,10 @@ class Fp32Block final : public CudaBlock {
   Buffer params_;    // [layout total]
   Buffer saved_;     // saved activations for max_tokens (see the top of this file)
   Buffer scratch_;   // transient buffers for max_tokens
+  // bf16 mode only (empty otherwise): bf16 copy of params_ (same layout; made at creation,
+  // rewritten by every optimizer_step in the AdamW pass) and the GEMMs' bf16 operand scratch.
+  Buffer params_bf16_;
+  Buffer scratch_bf16_;
   Buffer indices_;   // int32: positions [max_tokens], cu_seqlens [max_tokens + 1]
   std::int64_t attn_ws_floats_ = 0;
 

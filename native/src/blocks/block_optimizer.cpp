@@ -85,6 +85,8 @@ void Fp32Block::optimizer_step(GpuBlockOptimizerState& state, const AdamWHyper& 
   float* m = state.exp_avg().data_as<float>();
   float* v = state.exp_avg_sq().data_as<float>();
   const float* norm = grad_norm != nullptr ? grad_norm->sum_squares().data_as<float>() : nullptr;
+  // bf16 mode: the same pass refreshes the bf16 weight copy that the GEMMs read (2 bytes/param).
+  std::uint16_t* p16 = precision_ == Precision::BF16 ? params_bf16_.data_as<std::uint16_t>() : nullptr;
 
   // Runs of consecutive tensors with the same weight decay, each one launch. A run extends to the
   // next run's first tensor, covering the alignment gaps: they hold zero parameters, gradients
@@ -99,7 +101,8 @@ void Fp32Block::optimizer_step(GpuBlockOptimizerState& state, const AdamWHyper& 
     const std::int64_t end = j < entries.size() ? entries[j].offset : layout_->total_floats();
     AdamWHyper h = hyper;
     if (!decays(entries[i])) h.weight_decay = 0.0f;
-    backend.adamw_step(p + begin, g + begin, m + begin, v + begin, end - begin, h, norm, stream);
+    backend.adamw_step(p + begin, g + begin, m + begin, v + begin, end - begin, h, norm,
+                       p16 != nullptr ? p16 + begin : nullptr, stream);
     i = j;
   }
   set_last_stream(stream);

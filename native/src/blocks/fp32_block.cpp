@@ -89,6 +89,31 @@ struct ScratchLayout {
   }
 };
 
+// bf16 mode: the bf16 operands of the GEMMs (in bf16 elements), converted right before use.
+//   a [T, max(H, q)]           h, att, g (the activation side of the forward products and of dW)
+//   b [T, max(2I, q + 2kv)]    act, then d_gate_up; dq | dk | dv (each segment aligned)
+//   c [T, H]                   dy, then dr (the incoming gradients)
+struct Bf16ScratchLayout {
+  std::int64_t a, b, dk, dv, c, total;
+  Bf16ScratchLayout(const TransformerConfig& cfg, std::int64_t t) {
+    Widths w(cfg);
+    Segments s;
+    a = s.add(t, std::max(w.H, w.q));
+    b = s.at;
+    const std::int64_t qkv_end = align_up(align_up(b + t * w.q) + align_up(t * w.kv) + t * w.kv);
+    dk = align_up(b + t * w.q);
+    dv = dk + align_up(t * w.kv);
+    s.add(t, 2 * w.I);
+    s.at = std::max(s.at, qkv_end);
+    c = s.add(t, w.H);
+    total = s.at;
+  }
+  static std::int64_t elements_per_token(const TransformerConfig& cfg) {
+    Widths w(cfg);
+    return std::max(w.H, w.q) + std::max(2 * w.I, w.q + 2 * w.kv) + w.H;
+  }
+};
+
 std::string lens_str(const std::vector<std::int64_t>& lens) {
   std::string text = "[";
   const std::size_t shown = std::min<std::size_t>(lens.size(), 8);
@@ -103,6 +128,37 @@ bool overlaps(const Buffer& a, const Buffer& b) {
   const char* b0 = static_cast<const char*>(b.data());
   return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
 }
+
+// The block's matrix products in its precision: fp32 operands through Backend::gemm (FP32, TF32),
+// or (BF16) the bf16 copies of the same operands through Backend::gemm_bf16. Each operand comes
+// as its fp32 pointer and its bf16 one (nullptr outside bf16 mode); conversions are explicit.
+struct Products {
+  const Backend& be;
+  Precision prec;
+  const Stream& stream;
+  bool bf16() const { return prec == Precision::BF16; }
+  void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, const float* a, const std::uint16_t* a16,
+            const float* b, const std::uint16_t* b16, float beta, float* c) const {
+    if (bf16()) {
+      be.gemm_bf16(ta, tb, m, n, k, 1.0f, a16, b16, beta, c, stream);
+    } else {
+      be.gemm(ta, tb, m, n, k, 1.0f, a, b, beta, c, prec, stream);
+    }
+  }
+  // y = bf16(x) in bf16 mode; nothing otherwise.
+  void convert(const float* x, std::uint16_t* y, std::int64_t n) const {
+    if (bf16()) be.to_bf16(x, y, n, stream);
+  }
+  // RMSNorm whose output only feeds products: fp32 y, or (bf16 mode) bf16 y16 directly.
+  void rmsnorm(const float* x, const float* w, float* y, std::uint16_t* y16, float* rstd, std::int64_t rows,
+               std::int64_t cols, float eps) const {
+    if (bf16()) {
+      be.rmsnorm_forward_bf16(x, w, y16, rstd, rows, cols, eps, stream);
+    } else {
+      be.rmsnorm_forward(x, w, y, rstd, rows, cols, eps, stream);
+    }
+  }
+};
 
 }  // namespace
 
@@ -158,6 +214,10 @@ std::shared_ptr<Fp32Block> Fp32Block::create(const TransformerConfig& config, in
   block->scratch_ =
       Buffer::empty({ScratchLayout(config, max_tokens, block->attn_ws_floats_).total}, DType::Float32, device);
   block->indices_ = Buffer::empty({2 * max_tokens + 1}, DType::Int32, device);
+  if (precision == Precision::BF16) {
+    block->params_bf16_ = Buffer::empty({layout->total_floats()}, DType::BFloat16, device);
+    block->scratch_bf16_ = Buffer::empty({Bf16ScratchLayout(config, max_tokens).total}, DType::BFloat16, device);
+  }
 
   std::vector<float> host(static_cast<std::size_t>(layout->total_floats()), 0.0f);
   for (const ParamEntry& e : layout->entries()) {
@@ -165,6 +225,10 @@ std::shared_ptr<Fp32Block> Fp32Block::create(const TransformerConfig& config, in
   }
   Stream stream = Stream::wrap(device, 0);
   block->params_.copy_from_host(host.data(), stream);
+  if (precision == Precision::BF16) {
+    backend.to_bf16(block->params_.data_as<float>(), block->params_bf16_.data_as<std::uint16_t>(),
+                    layout->total_floats(), stream);
+  }
   stream.synchronize();  // later work may come on any stream
   return block;
 }
@@ -175,7 +239,10 @@ std::int64_t Fp32Block::saved_bytes_per_token() const {
 
 std::int64_t Fp32Block::scratch_bytes_per_token() const {
   const std::int64_t ws_per_token = (attn_ws_floats_ + max_tokens_ - 1) / max_tokens_;
-  return (ScratchLayout::floats_per_token(config_) + ws_per_token) * static_cast<std::int64_t>(sizeof(float));
+  const std::int64_t bf16_bytes =
+      precision_ == Precision::BF16 ? Bf16ScratchLayout::elements_per_token(config_) * 2 : 0;
+  return (ScratchLayout::floats_per_token(config_) + ws_per_token) * static_cast<std::int64_t>(sizeof(float)) +
+         bf16_bytes;
 }
 
 std::shared_ptr<CudaGradWorkspace> Fp32Block::new_grad_workspace(const Stream& stream) const {
@@ -283,12 +350,24 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   float* X = scratch_.data_as<float>();
   const float* xin = x.data_as<float>();
   float* y = out.data_as<float>();
+  // bf16 mode: weight copies (refreshed by optimizer_step) and operand scratch; nullptr otherwise.
+  const Products mm{be, prec, stream};
+  const bool bf = mm.bf16();
+  const std::uint16_t* W16 = bf ? params_bf16_.data_as<std::uint16_t>() : nullptr;
+  std::uint16_t* B16 = bf ? scratch_bf16_.data_as<std::uint16_t>() : nullptr;
+  const Bf16ScratchLayout bl(c, max_tokens_);
+  auto w16 = [&](std::int64_t offset) { return bf ? W16 + offset : nullptr; };
+  auto s16 = [&](std::int64_t offset) { return bf ? B16 + offset : nullptr; };
+  const std::uint16_t* wq16 = w16(pl.wqkv);
+  const std::uint16_t* wk16 = w16(pl.wqkv + q * H);
+  const std::uint16_t* wv16 = w16(pl.wqkv + (q + kv) * H);
 
   float* h = X + sc.sh;
-  be.rmsnorm_forward(xin, W + pl.ln_in, h, S + sl.rstd1, T, H, eps, stream);
-  be.gemm(false, true, T, q, H, 1.0f, h, wq, 0.0f, S + sl.q_raw, prec, stream);
-  be.gemm(false, true, T, kv, H, 1.0f, h, wk, 0.0f, S + sl.k_raw, prec, stream);
-  be.gemm(false, true, T, kv, H, 1.0f, h, wv, 0.0f, S + sl.v, prec, stream);
+  std::uint16_t* h16 = s16(bl.a);
+  mm.rmsnorm(xin, W + pl.ln_in, h, h16, S + sl.rstd1, T, H, eps);
+  mm.gemm(false, true, T, q, H, h, h16, wq, wq16, 0.0f, S + sl.q_raw);
+  mm.gemm(false, true, T, kv, H, h, h16, wk, wk16, 0.0f, S + sl.k_raw);
+  mm.gemm(false, true, T, kv, H, h, h16, wv, wv16, 0.0f, S + sl.v);
   if (pl.bqkv >= 0) {
     be.add_bias(S + sl.q_raw, W + pl.bqkv, T, q, stream);
     be.add_bias(S + sl.k_raw, W + pl.bqkv + q, T, kv, stream);
@@ -300,17 +379,25 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   be.qk_norm_rope_forward(S + sl.k_raw, qkn ? W + pl.k_norm : nullptr, X + sc.k_rot, qkn ? S + sl.rstd_k : nullptr,
                           positions, T, nkv, static_cast<int>(d), eps, theta, stream);
   be.attention_forward(X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, cu, n_seqs, batch.max_seqlen, T,
-                       nq, nkv, static_cast<int>(d), scale, stream);
+                       nq, nkv, static_cast<int>(d), scale, precision_, stream);
   float* r = S + sl.r;
-  be.gemm(false, true, T, H, q, 1.0f, S + sl.att, W + pl.wo, 0.0f, r, prec, stream);
+  std::uint16_t* att16 = s16(bl.a);  // h16 is dead once the q/k/v products are queued
+  mm.convert(S + sl.att, att16, T * q);
+  mm.gemm(false, true, T, H, q, S + sl.att, att16, W + pl.wo, w16(pl.wo), 0.0f, r);
   if (pl.bo >= 0) be.add_bias(r, W + pl.bo, T, H, stream);
   be.add(xin, r, r, T * H, stream);
   float* g = X + sc.sh;
-  be.rmsnorm_forward(r, W + pl.ln_post, g, S + sl.rstd2, T, H, eps, stream);
-  be.gemm(false, true, T, 2 * I, H, 1.0f, g, W + pl.w_gate_up, 0.0f, S + sl.gate_up, prec, stream);
+  std::uint16_t* g16 = s16(bl.a);
+  mm.rmsnorm(r, W + pl.ln_post, g, g16, S + sl.rstd2, T, H, eps);
+  mm.gemm(false, true, T, 2 * I, H, g, g16, W + pl.w_gate_up, w16(pl.w_gate_up), 0.0f, S + sl.gate_up);
   float* act = X + sc.act;
-  be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
-  be.gemm(false, true, T, H, I, 1.0f, act, W + pl.w_down, 0.0f, y, prec, stream);
+  std::uint16_t* act16 = s16(bl.b);
+  if (bf) {
+    be.swiglu_forward_bf16(S + sl.gate_up, act16, T, I, stream);
+  } else {
+    be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
+  }
+  mm.gemm(false, true, T, H, I, act, act16, W + pl.w_down, w16(pl.w_down), 0.0f, y);
   be.add(r, y, y, T * H, stream);
   forward_seq_lens_ = seq_lens;
   set_last_stream(stream);
@@ -382,29 +469,54 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   const float* dy = grad_out.data_as<float>();
   float* dx = grad_in.data_as<float>();
   const float* r = S + sl.r;
+  // bf16 mode: weight copies and operand scratch (see forward); nullptr otherwise.
+  const Products mm{be, prec, stream};
+  const bool bf = mm.bf16();
+  const std::uint16_t* W16 = bf ? params_bf16_.data_as<std::uint16_t>() : nullptr;
+  std::uint16_t* B16 = bf ? scratch_bf16_.data_as<std::uint16_t>() : nullptr;
+  const Bf16ScratchLayout bl(c, max_tokens_);
+  auto w16 = [&](std::int64_t offset) { return bf ? W16 + offset : nullptr; };
+  auto s16 = [&](std::int64_t offset) { return bf ? B16 + offset : nullptr; };
 
   // MLP: out = r + swiglu(g Wgu^T) Wdown^T.
   float* g = X + sc.sh;
-  be.rmsnorm_forward(r, W + pl.ln_post, g, nullptr, T, H, eps, stream);
+  std::uint16_t* g16 = s16(bl.a);
+  mm.rmsnorm(r, W + pl.ln_post, g, g16, nullptr, T, H, eps);
   float* act = X + sc.act;
-  be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
-  be.gemm(true, false, H, I, T, 1.0f, dy, act, 1.0f, G + pl.w_down, prec, stream);       // dWdown += dy^T act
+  std::uint16_t* act16 = s16(bl.b);
+  if (bf) {
+    be.swiglu_forward_bf16(S + sl.gate_up, act16, T, I, stream);
+  } else {
+    be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
+  }
+  std::uint16_t* dy16 = s16(bl.c);
+  mm.convert(dy, dy16, T * H);
+  mm.gemm(true, false, H, I, T, dy, dy16, act, act16, 1.0f, G + pl.w_down);                 // dWdown += dy^T act
   float* d_act = act;
-  be.gemm(false, false, T, I, H, 1.0f, dy, W + pl.w_down, 0.0f, d_act, prec, stream);   // d_act = dy Wdown
+  mm.gemm(false, false, T, I, H, dy, dy16, W + pl.w_down, w16(pl.w_down), 0.0f, d_act);  // d_act = dy Wdown
   float* d_gu = X + sc.d_gate_up;
-  be.swiglu_backward(d_act, S + sl.gate_up, d_gu, T, I, stream);
-  be.gemm(true, false, 2 * I, H, T, 1.0f, d_gu, g, 1.0f, G + pl.w_gate_up, prec, stream);  // dWgu += d_gu^T g
+  std::uint16_t* d_gu16 = s16(bl.b);  // act16 is dead once dWdown is queued
+  if (bf) {
+    be.swiglu_backward_bf16(d_act, S + sl.gate_up, d_gu16, T, I, stream);
+  } else {
+    be.swiglu_backward(d_act, S + sl.gate_up, d_gu, T, I, stream);
+  }
+  mm.gemm(true, false, 2 * I, H, T, d_gu, d_gu16, g, g16, 1.0f, G + pl.w_gate_up);  // dWgu += d_gu^T g
   float* dg = X + sc.sh;
-  be.gemm(false, false, T, H, 2 * I, 1.0f, d_gu, W + pl.w_gate_up, 0.0f, dg, prec, stream);  // dg = d_gu Wgu
+  mm.gemm(false, false, T, H, 2 * I, d_gu, d_gu16, W + pl.w_gate_up, w16(pl.w_gate_up), 0.0f, dg);  // dg = d_gu Wgu
   // dr = dy + rmsnorm_backward(dg): grad_in carries dr from here on.
   if (!in_place) grad_in.copy_from(grad_out, stream);
   be.rmsnorm_backward(dg, r, W + pl.ln_post, S + sl.rstd2, dx, G + pl.ln_post, T, H, true, stream);
 
   // Attention: r = x + att Wo^T (+ bo).
   if (pl.bo >= 0) be.bias_backward(dx, G + pl.bo, T, H, stream);
-  be.gemm(true, false, H, q, T, 1.0f, dx, S + sl.att, 1.0f, G + pl.wo, prec, stream);  // dWo += dr^T att
+  std::uint16_t* dr16 = s16(bl.c);  // dy16 is dead
+  mm.convert(dx, dr16, T * H);
+  std::uint16_t* att16 = s16(bl.a);  // g16 is dead
+  mm.convert(S + sl.att, att16, T * q);
+  mm.gemm(true, false, H, q, T, dx, dr16, S + sl.att, att16, 1.0f, G + pl.wo);       // dWo += dr^T att
   float* d_att = X + sc.d_att;
-  be.gemm(false, false, T, q, H, 1.0f, dx, W + pl.wo, 0.0f, d_att, prec, stream);       // d_att = dr Wo
+  mm.gemm(false, false, T, q, H, dx, dr16, W + pl.wo, w16(pl.wo), 0.0f, d_att);  // d_att = dr Wo
   const bool qkn = c.qk_norm;
   float* q_rot = X + sc.q_rot;
   float* k_rot = X + sc.k_rot;
@@ -419,7 +531,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   float* dk_rot = X + sc.dk_rot;
   float* dv = X + sc.dv;
   be.attention_backward(q_rot, k_rot, S + sl.v, S + sl.att, d_att, S + sl.lse, dq_rot, dk_rot, dv, X + sc.attn_ws, cu,
-                        n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale, stream);
+                        n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale, precision_, stream);
   float* dq = d_att;  // d_att and q_rot are dead after the attention backward
   float* dk = q_rot;
   be.qk_norm_rope_backward(dq_rot, S + sl.q_raw, qkn ? W + pl.q_norm : nullptr, qkn ? S + sl.rstd_q : nullptr, dq,
@@ -431,15 +543,25 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
     be.bias_backward(dk, G + pl.bqkv + q, T, kv, stream);
     be.bias_backward(dv, G + pl.bqkv + q + kv, T, kv, stream);
   }
+  std::uint16_t* dq16 = s16(bl.b);
+  std::uint16_t* dk16 = s16(bl.dk);
+  std::uint16_t* dv16 = s16(bl.dv);
+  mm.convert(dq, dq16, T * q);
+  mm.convert(dk, dk16, T * kv);
+  mm.convert(dv, dv16, T * kv);
   float* h = X + sc.sh;
-  be.rmsnorm_forward(xin, W + pl.ln_in, h, nullptr, T, H, eps, stream);
-  be.gemm(true, false, q, H, T, 1.0f, dq, h, 1.0f, gwq, prec, stream);
-  be.gemm(true, false, kv, H, T, 1.0f, dk, h, 1.0f, gwk, prec, stream);
-  be.gemm(true, false, kv, H, T, 1.0f, dv, h, 1.0f, gwv, prec, stream);
+  std::uint16_t* h16 = s16(bl.a);  // att16 is dead
+  mm.rmsnorm(xin, W + pl.ln_in, h, h16, nullptr, T, H, eps);
+  mm.gemm(true, false, q, H, T, dq, dq16, h, h16, 1.0f, gwq);
+  mm.gemm(true, false, kv, H, T, dk, dk16, h, h16, 1.0f, gwk);
+  mm.gemm(true, false, kv, H, T, dv, dv16, h, h16, 1.0f, gwv);
   float* dh = h;  // h is dead once the weight gradients are queued
-  be.gemm(false, false, T, H, q, 1.0f, dq, wq, 0.0f, dh, prec, stream);
-  be.gemm(false, false, T, H, kv, 1.0f, dk, wk, 1.0f, dh, prec, stream);
-  be.gemm(false, false, T, H, kv, 1.0f, dv, wv, 1.0f, dh, prec, stream);
+  const std::uint16_t* wq16 = w16(pl.wqkv);
+  const std::uint16_t* wk16 = w16(pl.wqkv + q * H);
+  const std::uint16_t* wv16 = w16(pl.wqkv + (q + kv) * H);
+  mm.gemm(false, false, T, H, q, dq, dq16, wq, wq16, 0.0f, dh);
+  mm.gemm(false, false, T, H, kv, dk, dk16, wk, wk16, 1.0f, dh);
+  mm.gemm(false, false, T, H, kv, dv, dv16, wv, wv16, 1.0f, dh);
   be.rmsnorm_backward(dh, xin, W + pl.ln_in, S + sl.rstd1, dx, G + pl.ln_in, T, H, true, stream);
   grad_ws.set_last_stream(stream);
   set_last_stream(stream);

@@ -2,12 +2,13 @@
 
 #include <cmath>
 
+#include "core/float_bits.hpp"
 #include "cpu/parallel.hpp"
 
 namespace cudablocks::cpu {
 
 void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, std::int64_t n,
-                const AdamWHyper& h, const float* grad_sum_squares) {
+                const AdamWHyper& h, const float* grad_sum_squares, std::uint16_t* param_bf16) {
   float clip = 1.0f;
   if (grad_sum_squares != nullptr) {
     const float norm = std::sqrt(*grad_sum_squares);
@@ -23,6 +24,7 @@ void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_
     const float v = exp_avg_sq[i] * h.beta2 + k.one_minus_beta2 * g * g;
     const float denom = std::sqrt(v) / k.bias2_sqrt + h.eps;
     param[i] = param[i] * k.decay + (k.minus_step_size * m) / denom;
+    if (param_bf16 != nullptr) param_bf16[i] = float_to_bf16_bits(param[i]);
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
   }, /*grain=*/1 << 16);

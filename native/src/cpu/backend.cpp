@@ -1,4 +1,6 @@
 // The CPU backend: forwards each op to its reference implementation in this folder.
+#include <vector>
+
 #include "core/backends.hpp"
 #include "cpu/adamw.hpp"
 #include "cpu/attention.hpp"
@@ -6,9 +8,11 @@
 #include "cpu/elementwise.hpp"
 #include "cpu/fill.hpp"
 #include "cpu/gemm.hpp"
+#include "cpu/nf4.hpp"
 #include "cpu/qk_norm_rope.hpp"
 #include "cpu/rmsnorm.hpp"
 #include "cpu/swiglu.hpp"
+#include "cpu/to_bf16.hpp"
 
 namespace cudablocks {
 
@@ -28,6 +32,13 @@ class CpuBackend final : public Backend {
     cpu::rmsnorm_forward(x, w, y, rstd, rows, cols, eps);
   }
 
+  void rmsnorm_forward_bf16(const float* x, const float* w, std::uint16_t* y, float* rstd, std::int64_t rows,
+                            std::int64_t cols, float eps, const Stream&) const override {
+    std::vector<float> tmp(static_cast<std::size_t>(rows * cols));
+    cpu::rmsnorm_forward(x, w, tmp.data(), rstd, rows, cols, eps);
+    cpu::to_bf16(tmp.data(), y, rows * cols);
+  }
+
   void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx,
                         float* dw, std::int64_t rows, std::int64_t cols, bool accumulate_dx,
                         const Stream&) const override {
@@ -38,6 +49,15 @@ class CpuBackend final : public Backend {
   void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
             const float* a, const float* b, float beta, float* c, Precision, const Stream&) const override {
     cpu::gemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c);
+  }
+
+  void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                 const std::uint16_t* a, const std::uint16_t* b, float beta, float* c, const Stream&) const override {
+    cpu::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, b, beta, c);
+  }
+
+  void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, const Stream&) const override {
+    cpu::to_bf16(x, y, n);
   }
 
   void add_bias(float* y, const float* bias, std::int64_t rows, std::int64_t cols, const Stream&) const override {
@@ -75,9 +95,25 @@ class CpuBackend final : public Backend {
     cpu::swiglu_backward(dout, gate_up, d_gate_up, rows, cols);
   }
 
+  // The fp32 op, then the conversion (the CPU is the reference, not the fast path).
+  void swiglu_forward_bf16(const float* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t cols,
+                           const Stream&) const override {
+    std::vector<float> tmp(static_cast<std::size_t>(rows * cols));
+    cpu::swiglu_forward(gate_up, tmp.data(), rows, cols);
+    cpu::to_bf16(tmp.data(), out, rows * cols);
+  }
+
+  void swiglu_backward_bf16(const float* dout, const float* gate_up, std::uint16_t* d_gate_up, std::int64_t rows,
+                            std::int64_t cols, const Stream&) const override {
+    std::vector<float> tmp(static_cast<std::size_t>(rows * 2 * cols));
+    cpu::swiglu_backward(dout, gate_up, tmp.data(), rows, cols);
+    cpu::to_bf16(tmp.data(), d_gate_up, rows * 2 * cols);
+  }
+
   void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse,
                          const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen, std::int64_t tokens,
-                         int n_q_heads, int n_kv_heads, int head_dim, float scale, const Stream&) const override {
+                         int n_q_heads, int n_kv_heads, int head_dim, float scale, Precision,
+                         const Stream&) const override {
     cpu::attention_forward(q, k, v, out, lse, cu_seqlens, n_seqs, max_seqlen, tokens, n_q_heads, n_kv_heads,
                            head_dim, scale);
   }
@@ -90,19 +126,45 @@ class CpuBackend final : public Backend {
   void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* dout,
                           const float* lse, float* dq, float* dk, float* dv, float* workspace,
                           const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen, std::int64_t tokens,
-                          int n_q_heads, int n_kv_heads, int head_dim, float scale,
+                          int n_q_heads, int n_kv_heads, int head_dim, float scale, Precision,
                           const Stream&) const override {
     cpu::attention_backward(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, n_seqs, max_seqlen,
                             tokens, n_q_heads, n_kv_heads, head_dim, scale);
   }
 
   void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, std::int64_t n,
-                  const AdamWHyper& hyper, const float* grad_sum_squares, const Stream&) const override {
-    cpu::adamw_step(param, grad, exp_avg, exp_avg_sq, n, hyper, grad_sum_squares);
+                  const AdamWHyper& hyper, const float* grad_sum_squares, std::uint16_t* param_bf16,
+                  const Stream&) const override {
+    cpu::adamw_step(param, grad, exp_avg, exp_avg_sq, n, hyper, grad_sum_squares, param_bf16);
   }
 
   void sum_squares(const float* x, std::int64_t n, float* out, bool accumulate, const Stream&) const override {
     cpu::sum_squares(x, n, out, accumulate);
+  }
+
+  // NF4
+  void nf4_quantize(const void* x, DType dtype, std::int64_t n, int blocksize, std::uint8_t* packed, float* absmax,
+                    const Stream&) const override {
+    cpu::nf4_quantize(x, dtype, n, blocksize, packed, absmax);
+  }
+
+  void nf4_dequantize(const std::uint8_t* packed, const float* absmax, std::int64_t n, int blocksize, void* out,
+                      DType out_dtype, const Stream&) const override {
+    cpu::nf4_dequantize(packed, absmax, n, blocksize, out, out_dtype);
+  }
+
+  void nf4_absmax_mean(const float* absmax, std::int64_t n, float* offset, const Stream&) const override {
+    cpu::nf4_absmax_mean(absmax, n, offset);
+  }
+
+  void nf4_double_quantize(const float* absmax, std::int64_t n, const float* offset, const float* code,
+                           std::uint8_t* qabsmax, float* absmax2, const Stream&) const override {
+    cpu::nf4_double_quantize(absmax, n, offset, code, qabsmax, absmax2);
+  }
+
+  void nf4_double_dequantize(const std::uint8_t* qabsmax, const float* absmax2, const float* offset,
+                             const float* code, std::int64_t n, float* absmax, const Stream&) const override {
+    cpu::nf4_double_dequantize(qabsmax, absmax2, offset, code, n, absmax);
   }
 };
 

@@ -1,6 +1,7 @@
 // AdamW and the squared gradient norm for clipping.
 //
-// adamw_step moves 28 bytes per element (read p, g, m, v; write p, m, v) for ~15 FLOPs: bound
+// adamw_step moves 28 bytes per element (read p, g, m, v; write p, m, v; + 2 when it also writes
+// the bf16 copy of the parameters for bf16 GEMMs) for ~15 FLOPs: bound
 // by memory bandwidth. float4 accesses, a grid of a few waves over the SMs with a stride loop.
 // The clip coefficient is computed by every thread from one device scalar (an L2-resident
 // broadcast read), so clipping costs no pass over the gradients beyond the norm itself.
@@ -8,6 +9,7 @@
 // sum_squares reads 4 bytes per element: per-block partial sums in double go to a small
 // scratch, and a single block adds them in a fixed order (deterministic, no atomics).
 #include "cuda/adamw.cuh"
+#include "cuda/bf16_store.cuh"
 #include "cuda/block_reduce.cuh"
 #include "cuda/check.hpp"
 #include "cuda/scratch.hpp"
@@ -29,7 +31,8 @@ __device__ __forceinline__ void adamw_element(float& p, float g, float& m, float
 __global__ void __launch_bounds__(kThreads) adamw_kernel(float* __restrict__ p, const float* __restrict__ g,
                                                     float* __restrict__ m, float* __restrict__ v, std::int64_t n,
                                                     AdamWScalars k, float beta2, float eps, float max_norm,
-                                                    const float* __restrict__ grad_sum_squares) {
+                                                    const float* __restrict__ grad_sum_squares,
+                                                    std::uint16_t* __restrict__ p_bf16) {
   float clip = 1.0f;
   if (grad_sum_squares != nullptr) {
     const float norm = sqrtf(*grad_sum_squares);
@@ -48,12 +51,16 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(float* __restrict__ p, 
     adamw_element(pv.z, gv.z * clip, mv.z, vv.z, k, beta2, eps);
     adamw_element(pv.w, gv.w * clip, mv.w, vv.w, k, beta2, eps);
     reinterpret_cast<float4*>(p)[i] = pv;
+    if (p_bf16 != nullptr) {  // 8-byte aligned (documented): one uint2 store of 4 bf16
+      reinterpret_cast<uint2*>(p_bf16)[i] = pack_bf16x4(pv);
+    }
     reinterpret_cast<float4*>(m)[i] = mv;
     reinterpret_cast<float4*>(v)[i] = vv;
   }
   // The tail of n % 4 elements.
   for (std::int64_t i = n4 * 4 + blockIdx.x * static_cast<std::int64_t>(kThreads) + threadIdx.x; i < n; i += stride) {
     adamw_element(p[i], g[i] * clip, m[i], v[i], k, beta2, eps);
+    if (p_bf16 != nullptr) p_bf16[i] = bf16_bits(p[i]);
   }
 }
 
@@ -91,10 +98,12 @@ int grid_for(std::int64_t work) {
 }  // namespace
 
 void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, std::int64_t n,
-                const AdamWHyper& h, const float* grad_sum_squares, cudaStream_t stream) {
+                const AdamWHyper& h, const float* grad_sum_squares, std::uint16_t* param_bf16,
+                cudaStream_t stream) {
   if (n == 0) return;
   adamw_kernel<<<grid_for(n / 4 + 1), kThreads, 0, stream>>>(param, grad, exp_avg, exp_avg_sq, n, adamw_scalars(h),
-                                                             h.beta2, h.eps, h.max_grad_norm, grad_sum_squares);
+                                                             h.beta2, h.eps, h.max_grad_norm, grad_sum_squares,
+                                                             param_bf16);
   CUDABLOCKS_CHECK_LAUNCH("adamw_kernel");
 }
 

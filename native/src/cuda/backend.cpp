@@ -6,13 +6,16 @@
 #include "core/backends.hpp"
 #include "cuda/adamw.cuh"
 #include "cuda/attention.cuh"
+#include "cuda/attention_mma.cuh"
 #include "cuda/bias.cuh"
 #include "cuda/elementwise.cuh"
 #include "cuda/fill.cuh"
 #include "cuda/gemm.cuh"
+#include "cuda/nf4.cuh"
 #include "cuda/qk_norm_rope.cuh"
 #include "cuda/rmsnorm.cuh"
 #include "cuda/swiglu.cuh"
+#include "cuda/to_bf16.cuh"
 #include "cudablocks/errors.hpp"
 
 namespace cudablocks {
@@ -50,6 +53,11 @@ class CudaBackend final : public Backend {
     cuda::rmsnorm_forward(x, w, y, rstd, rows, cols, eps, native(stream));
   }
 
+  void rmsnorm_forward_bf16(const float* x, const float* w, std::uint16_t* y, float* rstd, std::int64_t rows,
+                            std::int64_t cols, float eps, const Stream& stream) const override {
+    cuda::rmsnorm_forward_bf16(x, w, y, rstd, rows, cols, eps, native(stream));
+  }
+
   void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw,
                         std::int64_t rows, std::int64_t cols, bool accumulate_dx, const Stream& stream) const override {
     cuda::rmsnorm_backward(dy, x, w, rstd, dx, dw, rows, cols, accumulate_dx, native(stream));
@@ -58,6 +66,16 @@ class CudaBackend final : public Backend {
   void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
             const float* b, float beta, float* c, Precision precision, const Stream& stream) const override {
     cuda::gemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, precision, native(stream));
+  }
+
+  void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                 const std::uint16_t* a, const std::uint16_t* b, float beta, float* c,
+                 const Stream& stream) const override {
+    cuda::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, native(stream));
+  }
+
+  void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, const Stream& stream) const override {
+    cuda::to_bf16(x, y, n, native(stream));
   }
 
   void add_bias(float* y, const float* bias, std::int64_t rows, std::int64_t cols,
@@ -96,13 +114,23 @@ class CudaBackend final : public Backend {
     cuda::swiglu_backward(dout, gate_up, d_gate_up, rows, cols, native(stream));
   }
 
+  void swiglu_forward_bf16(const float* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t cols,
+                           const Stream& stream) const override {
+    cuda::swiglu_forward_bf16(gate_up, out, rows, cols, native(stream));
+  }
+
+  void swiglu_backward_bf16(const float* dout, const float* gate_up, std::uint16_t* d_gate_up, std::int64_t rows,
+                            std::int64_t cols, const Stream& stream) const override {
+    cuda::swiglu_backward_bf16(dout, gate_up, d_gate_up, rows, cols, native(stream));
+  }
+
   void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse,
                          const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen, std::int64_t tokens,
-                         int n_q_heads, int n_kv_heads, int head_dim, float scale,
+                         int n_q_heads, int n_kv_heads, int head_dim, float scale, Precision precision,
                          const Stream& stream) const override {
     attention_call([&] {
-      cuda::attention_forward(q, k, v, out, lse, cu_seqlens, n_seqs, max_seqlen, tokens, n_q_heads, n_kv_heads,
-                              head_dim, scale, native(stream));
+      cuda::attention_forward_mma(q, k, v, out, lse, cu_seqlens, n_seqs, max_seqlen, tokens, n_q_heads,
+                                  n_kv_heads, head_dim, scale, precision, native(stream));
     });
   }
 
@@ -115,21 +143,47 @@ class CudaBackend final : public Backend {
   void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* dout,
                           const float* lse, float* dq, float* dk, float* dv, float* workspace,
                           const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen, std::int64_t tokens,
-                          int n_q_heads, int n_kv_heads, int head_dim, float scale,
+                          int n_q_heads, int n_kv_heads, int head_dim, float scale, Precision precision,
                           const Stream& stream) const override {
     attention_call([&] {
-      cuda::attention_backward(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, n_seqs, max_seqlen, tokens,
-                               n_q_heads, n_kv_heads, head_dim, scale, native(stream));
+      cuda::attention_backward_mma(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, n_seqs, max_seqlen,
+                                   tokens, n_q_heads, n_kv_heads, head_dim, scale, precision, native(stream));
     });
   }
 
   void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, std::int64_t n,
-                  const AdamWHyper& hyper, const float* grad_sum_squares, const Stream& stream) const override {
-    cuda::adamw_step(param, grad, exp_avg, exp_avg_sq, n, hyper, grad_sum_squares, native(stream));
+                  const AdamWHyper& hyper, const float* grad_sum_squares, std::uint16_t* param_bf16,
+                  const Stream& stream) const override {
+    cuda::adamw_step(param, grad, exp_avg, exp_avg_sq, n, hyper, grad_sum_squares, param_bf16, native(stream));
   }
 
   void sum_squares(const float* x, std::int64_t n, float* out, bool accumulate, const Stream& stream) const override {
     cuda::sum_squares(x, n, out, accumulate, native(stream));
+  }
+
+  // NF4
+  void nf4_quantize(const void* x, DType dtype, std::int64_t n, int blocksize, std::uint8_t* packed, float* absmax,
+                    const Stream& stream) const override {
+    cuda::nf4_quantize(x, dtype, n, blocksize, packed, absmax, native(stream));
+  }
+
+  void nf4_dequantize(const std::uint8_t* packed, const float* absmax, std::int64_t n, int blocksize, void* out,
+                      DType out_dtype, const Stream& stream) const override {
+    cuda::nf4_dequantize(packed, absmax, n, blocksize, out, out_dtype, native(stream));
+  }
+
+  void nf4_absmax_mean(const float* absmax, std::int64_t n, float* offset, const Stream& stream) const override {
+    cuda::nf4_absmax_mean(absmax, n, offset, native(stream));
+  }
+
+  void nf4_double_quantize(const float* absmax, std::int64_t n, const float* offset, const float* code,
+                           std::uint8_t* qabsmax, float* absmax2, const Stream& stream) const override {
+    cuda::nf4_double_quantize(absmax, n, offset, code, qabsmax, absmax2, native(stream));
+  }
+
+  void nf4_double_dequantize(const std::uint8_t* qabsmax, const float* absmax2, const float* offset,
+                             const float* code, std::int64_t n, float* absmax, const Stream& stream) const override {
+    cuda::nf4_double_dequantize(qabsmax, absmax2, offset, code, n, absmax, native(stream));
   }
 };
 

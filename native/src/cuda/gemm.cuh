@@ -14,4 +14,9 @@ namespace cudablocks::cuda {
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
           const float* b, float beta, float* c, Precision precision, cudaStream_t stream);
 
+// The same product on bf16 operands (bit patterns, the layouts of gemm): bf16 tensor cores, fp32
+// accumulation (CUBLAS_COMPUTE_32F), fp32 C. Half the operand bytes of gemm and twice tf32's rate.
+void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+               const std::uint16_t* a, const std::uint16_t* b, float beta, float* c, cudaStream_t stream);
+
 }  // namespace cudablocks::cuda

@@ -16,6 +16,7 @@
 //   at most ~1/6 of the main pass (850 rows), negligible at thousands of rows.
 #include "cuda/check.hpp"
 #include "cuda/rmsnorm.cuh"
+#include "cuda/bf16_store.cuh"
 #include "cuda/bias.cuh"
 #include "cuda/block_reduce.cuh"
 #include "cuda/scratch.hpp"
@@ -29,15 +30,16 @@ namespace {
 constexpr int kThreads = 256;
 
 // VEC = 4: float4 loads (cols divisible by 4, 16-byte aligned rows); VEC = 1: any shape.
-template <int VEC>
+// Out = float, or std::uint16_t for bf16 output (rounded from the same fp32 value).
+template <int VEC, typename Out>
 __global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
-                                                              float* __restrict__ y, float* __restrict__ rstd,
+                                                              Out* __restrict__ y, float* __restrict__ rstd,
                                                               std::int64_t cols, float eps) {
   using Vec = typename VecType<VEC>::type;
   const std::int64_t row = blockIdx.x;
   const Vec* xr = reinterpret_cast<const Vec*>(x + row * cols);
   const Vec* wv = reinterpret_cast<const Vec*>(w);
-  Vec* yr = reinterpret_cast<Vec*>(y + row * cols);
+  Out* yr = y + row * cols;
   const std::int64_t n = cols / VEC;
 
   float sum = 0.0f;
@@ -58,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(const float* 
     const float* ge = reinterpret_cast<const float*>(&g);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) e[j] = ge[j] * (e[j] * s);
-    yr[i] = v;
+    store_vec(yr, i, v);
   }
 }
 
@@ -122,17 +124,33 @@ bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15
 
 }  // namespace
 
-void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, std::int64_t rows,
-                     std::int64_t cols, float eps, cudaStream_t stream) {
+namespace {
+
+template <typename Out>
+void forward(const float* x, const float* w, Out* y, float* rstd, std::int64_t rows, std::int64_t cols, float eps,
+             cudaStream_t stream) {
   if (rows == 0) return;
-  const bool vec4 = cols % 4 == 0 && aligned16(x) && aligned16(w) && aligned16(y);
+  const bool vec4 = cols % 4 == 0 && aligned16(x) && aligned16(w) &&
+                    (reinterpret_cast<std::uintptr_t>(y) & (4 * sizeof(Out) - 1)) == 0;
   const dim3 grid(static_cast<unsigned>(rows));
   if (vec4) {
-    rmsnorm_forward_kernel<4><<<grid, kThreads, 0, stream>>>(x, w, y, rstd, cols, eps);
+    rmsnorm_forward_kernel<4, Out><<<grid, kThreads, 0, stream>>>(x, w, y, rstd, cols, eps);
   } else {
-    rmsnorm_forward_kernel<1><<<grid, kThreads, 0, stream>>>(x, w, y, rstd, cols, eps);
+    rmsnorm_forward_kernel<1, Out><<<grid, kThreads, 0, stream>>>(x, w, y, rstd, cols, eps);
   }
   CUDABLOCKS_CHECK_LAUNCH("rmsnorm_forward_kernel");
+}
+
+}  // namespace
+
+void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, std::int64_t rows,
+                     std::int64_t cols, float eps, cudaStream_t stream) {
+  forward(x, w, y, rstd, rows, cols, eps, stream);
+}
+
+void rmsnorm_forward_bf16(const float* x, const float* w, std::uint16_t* y, float* rstd, std::int64_t rows,
+                          std::int64_t cols, float eps, cudaStream_t stream) {
+  forward(x, w, y, rstd, rows, cols, eps, stream);
 }
 
 void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw,

@@ -9,6 +9,9 @@ namespace cudablocks::cuda {
 // y[r, :] = x[r, :] * rstd[r] * w with rstd[r] = 1 / sqrt(mean(x[r, :]^2) + eps); rstd optional.
 void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, std::int64_t rows,
                      std::int64_t cols, float eps, cudaStream_t stream);
+// The same with y in bf16 (bit patterns, rounded to nearest even): a bf16 GEMM operand.
+void rmsnorm_forward_bf16(const float* x, const float* w, std::uint16_t* y, float* rstd, std::int64_t rows,
+                          std::int64_t cols, float eps, cudaStream_t stream);
 
 // With s = rstd[r] and g = dy * w:  dx[r, :] = s * (g - x * s^2 * mean(g * x)), written, or added
 // to dx when accumulate_dx;  dw[c] += sum_r dy[r, c] * x[r, c] * s  (deterministic, no atomics).

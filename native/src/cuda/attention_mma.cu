@@ -1,0 +1,1004 @@
+// Causal GQA attention over packed sequences on tensor cores (mma.sync bf16 / tf32), fp32 in and
+// out. Contract: attention_mma.cuh. FlashAttention-2 structure, like the fp32 kernels of
+// attention.cu, with warp-level mma.sync instead of FFMA:
+//
+//   forward   one block = one 64-query tile of HPB query heads of one GQA group (HPB = 2 when the
+//             group size is even, else 1; 4 warps per head). Each warp owns 16 query rows of one
+//             head: S (16x64) = Q K^T and O (16 x D) += P V in mma accumulators, online softmax
+//             (exp2 domain) in registers; P never leaves registers (the m16n8 accumulator layout of
+//             S is the A-operand layout of the P V product, see "Fragments"). The HPB heads share
+//             every staged K/V tile.
+//   backward  1) rowdot: D = rowsum(dout * out) -> workspace[0 .. T*n_q)
+//             2) dkdv:   one block = one 64-key tile of one kv head; loops over the query heads of
+//                        its GQA group (or a part of them, below) and the query tiles at or below the
+//                        diagonal. Each warp owns 16 keys: S^T = K Q^T, P^T = exp2(S^T*scale*log2e -
+//                        lse*log2e), dP^T = V dO^T, dV += P^T dO, dS^T = P^T (dP^T - D),
+//                        dK += dS^T Q; dK, dV stay in registers. No atomics. When there are too few
+//                        key tiles to fill the GPU (one long sequence), the group's heads are split
+//                        over `splits` blocks that write partial dK/dV slabs (dq, not yet written,
+//                        and the workspace hold them, as in attention.cu) ...
+//             2b) reduce: ... which one small kernel adds in a fixed order (only when splits > 1).
+//             3) dq:     one block = one 64-query tile of one query head: S, P, dP = dO V^T,
+//                        dS = P (dP - D), dQ += dS K. A separate pass instead of fp32 atomics:
+//                        deterministic results, no dq zeroing, at the price of recomputing S and dP.
+//
+// Staging: global fp32 tiles are read with 16-byte loads (__ldg), rounded to the operand type in
+// registers (bf16: round to nearest even; tf32: cvt.rna) and stored to shared memory as "pairs"
+// (two consecutive k-elements: a bf16x2 word, or two tf32 words), in one of two layouts:
+//   rows  tile [64 rows][D/2 + 4 pairs]   (pairs along the head dim)        Q, K, V, dO
+//   cols  tile [D][32 + 4 pairs]          (transposed: pairs along the rows) tf32 only: V (fwd),
+//                                                                            K^T, Q^T, dO^T
+// Operands that are k-major in memory (V in P V, K in dS K, dO in P^T dO, Q in dS^T Q) are read
+// from the rows tile by ldmatrix.x4.trans for bf16; tf32 (no 32-bit ldmatrix transpose) stages a
+// cols tile instead. The +4 pairs of padding make every fragment read conflict-free (word stride =
+// 4 mod 32 for bf16 and ldmatrix rows; 8-byte stride = 4 mod 16 for tf32), and the transposed
+// stores as well (lanes 0..15 take 16 consecutive row pairs, see stage_cols). Staging is
+// synchronous (load, convert, store, barrier); the latency is hidden by the other resident blocks.
+//
+// Fragments (lane = 4*g + t). mma m16n8k16 bf16: A regs (row g | g+8) x (pair t | t+4) of a 16-wide
+// k step, B regs (col g) x (pair t | t+4), C (row g | g+8) x (cols 2t, 2t+1). mma m16n8k8 tf32 uses
+// the k order {2t -> k t, 2t+1 -> k t+4} inside each 8-wide k step (A and B agree, so the product is
+// unchanged): every operand register pair is again one smem pair (row g, pair t), and the C layout
+// of an 8-column block is the A layout of an 8-wide k step. So for both types a 16x64 accumulator
+// becomes the A operand of the next product with conversions only (Op::a_from_c).
+//
+// Cost (causal, per query head, n tokens, pairs = n(n+1)/2; diagonal tiles computed in full):
+//   forward 4*pairs*d FLOPs (2 tile products), backward 14*pairs*d (dkdv 4 products, dq 3).
+//   Qwen3-4B heads (32 q / 8 kv, d 128) at 8 x 512 tokens, executed: forward 19.3 GFLOP, backward
+//   67.6 GFLOP (the usual "useful" counts 2*n_q*d*sum(L^2) = 17.2 and 2.5x that = 42.9).
+//
+// Shared memory per block, D = 128 (bf16 / tf32 bytes): forward HPB=2 69,632 / 141,312 (HPB=1
+// 52,224 / 106,496), dkdv 70,144 / 213,504, dq 69,632 / 176,128. Registers (sm_90a, ptxas):
+// forward <= 128 (capped: 2 blocks of 8 warps per SM), dkdv ~252 / 255 (2 blocks per SM for bf16,
+// 1 for tf32 by shared memory), dq <= 168 (capped: 3 bf16 blocks per SM, 1 tf32).
+#include "cuda/attention_mma.cuh"
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/attention.cuh"
+#include "cuda/check.hpp"
+
+namespace cudablocks::cuda {
+namespace {
+
+constexpr int kTile = 64;     // query rows and key rows per tile
+constexpr int kThreads = 128;  // 4 warps, 16 rows each
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.69314718055994531f;
+constexpr int kLdT = kTile / 2 + 4;  // pairs per row of a transposed ("cols") tile
+
+template <int D>
+constexpr int ld_rows() { return D / 2 + 4; }  // pairs per row of a "rows" tile
+
+// The four PTX primitives. A host-side test harness that runs these kernels on emulated threads
+// defines CUDABLOCKS_ATTN_MMA_EMULATION and supplies its own versions (with the host code left out).
+#ifndef CUDABLOCKS_ATTN_MMA_EMULATION
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void mma_tf32_1688(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16; p: this lane's row address (shared memory).
+__device__ __forceinline__ void ldsm_x4_trans(const void* p, uint32_t r[4]) {
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+#endif
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float f4_get(const float4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operand types. Pair = two consecutive k-elements in shared memory; KP = pairs per mma k step.
+
+struct Bf16Op {
+    using Pair = uint32_t;
+    static constexpr int KP = 8;
+    // B operands that are row-major in k (P V, dS K, P^T dO, dS^T Q) come from "rows" tiles through
+    // ldmatrix.trans; no transposed tile is staged.
+    static constexpr bool kTransFromRows = true;
+    static __device__ __forceinline__ void store2(Pair* dst, const float4& x) {
+        *reinterpret_cast<uint2*>(dst) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+    }
+    // A fragment of rows row0..row0+15, k step ks, from a pair array with row stride ld.
+    static __device__ __forceinline__ void load_a(const Pair* s, int ld, int row0, int ks, uint32_t a[4]) {
+        const int lane = threadIdx.x & 31;
+        const Pair* p = s + (row0 + (lane >> 2)) * ld + ks * KP + (lane & 3);
+        a[0] = p[0];
+        a[1] = p[8 * ld];
+        a[2] = p[4];
+        a[3] = p[8 * ld + 4];
+    }
+    // B fragment of columns n0..n0+7 (rows n0.. of the array), k step ks.
+    static __device__ __forceinline__ void load_b(const Pair* s, int ld, int n0, int ks, uint32_t b[2]) {
+        const int lane = threadIdx.x & 31;
+        const Pair* p = s + (n0 + (lane >> 2)) * ld + ks * KP + (lane & 3);
+        b[0] = p[0];
+        b[1] = p[4];
+    }
+    // B fragments of the n-blocks n0 and n0+8 at k step ks, for B = R (k x n) held as a "rows"
+    // tile R[k][n pairs] (row stride ld): ldmatrix.x4.trans of the 8x8 blocks (k 0-7, n0), (k 8-15,
+    // n0), (k 0-7, n0+8), (k 8-15, n0+8); lanes 8m..8m+7 give the row addresses of block m.
+    // Rows are 16-byte aligned and ld = 4 mod 32 words: conflict-free.
+    static __device__ __forceinline__ void load_b_trans2(const Pair* R, int ld, int n0, int ks, uint32_t b0[2],
+                                                         uint32_t b1[2]) {
+        const int lane = threadIdx.x & 31;
+        uint32_t r[4];
+        ldsm_x4_trans(R + (ks * 16 + (lane & 15)) * ld + (n0 + 8 * (lane >> 4)) / 2, r);
+        b0[0] = r[0];
+        b0[1] = r[1];
+        b1[0] = r[2];
+        b1[1] = r[3];
+    }
+    // A fragment (k step ks over the 64 columns) from a 16x64 accumulator c[8][4].
+    static __device__ __forceinline__ void a_from_c(const float (&c)[8][4], int ks, uint32_t a[4]) {
+        a[0] = pack_bf16(c[2 * ks][0], c[2 * ks][1]);
+        a[1] = pack_bf16(c[2 * ks][2], c[2 * ks][3]);
+        a[2] = pack_bf16(c[2 * ks + 1][0], c[2 * ks + 1][1]);
+        a[3] = pack_bf16(c[2 * ks + 1][2], c[2 * ks + 1][3]);
+    }
+    static __device__ __forceinline__ void mma(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+        mma_bf16_16816(d, a, b);
+    }
+};
+
+struct Tf32Op {
+    using Pair = uint2;
+    static constexpr int KP = 4;
+    // ldmatrix has no 32-bit transpose: B operands that are row-major in k come from "cols" tiles.
+    static constexpr bool kTransFromRows = false;
+    static __device__ __forceinline__ Pair pack(float lo, float hi) { return make_uint2(to_tf32(lo), to_tf32(hi)); }
+    static __device__ __forceinline__ void store2(Pair* dst, const float4& x) {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(to_tf32(x.x), to_tf32(x.y), to_tf32(x.z), to_tf32(x.w));
+    }
+    static __device__ __forceinline__ void load_a(const Pair* s, int ld, int row0, int ks, uint32_t a[4]) {
+        const int lane = threadIdx.x & 31;
+        const Pair* p = s + (row0 + (lane >> 2)) * ld + ks * KP + (lane & 3);
+        const uint2 lo = p[0], hi = p[8 * ld];
+        a[0] = lo.x;  // (row g,   k t)   = element 2t
+        a[1] = hi.x;  // (row g+8, k t)
+        a[2] = lo.y;  // (row g,   k t+4) = element 2t+1
+        a[3] = hi.y;
+    }
+    static __device__ __forceinline__ void load_b(const Pair* s, int ld, int n0, int ks, uint32_t b[2]) {
+        const int lane = threadIdx.x & 31;
+        const uint2 p = s[(n0 + (lane >> 2)) * ld + ks * KP + (lane & 3)];
+        b[0] = p.x;
+        b[1] = p.y;
+    }
+    static __device__ __forceinline__ void a_from_c(const float (&c)[8][4], int ks, uint32_t a[4]) {
+        a[0] = to_tf32(c[ks][0]);
+        a[1] = to_tf32(c[ks][2]);
+        a[2] = to_tf32(c[ks][1]);
+        a[3] = to_tf32(c[ks][3]);
+    }
+    static __device__ __forceinline__ void mma(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+        mma_tf32_1688(d, a, b);
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Staging (all 128 threads of the block). Rows >= rows_valid are zero-filled.
+
+__device__ __forceinline__ float4 load_row4(const float* g, int64_t gstride, int r, int c, int rows_valid) {
+    return r < rows_valid ? __ldg(reinterpret_cast<const float4*>(g + r * gstride + c))
+                          : make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+// 64 x D fp32 rows at g (row stride gstride) -> "rows" tile s[64][ld_rows<D>()].
+// Consecutive threads take consecutive 16-byte chunks of a row (coalesced; contiguous stores).
+template <class Op, int D, int NT = kThreads>
+__device__ __forceinline__ void stage_rows(typename Op::Pair* s, const float* g, int64_t gstride, int rows_valid) {
+    constexpr int C4 = D / 4;
+    constexpr int N = kTile * C4 / NT;  // 128 threads: 8 (D=64) or 16 (D=128)
+    constexpr int LD = ld_rows<D>();
+    static_assert(N % 4 == 0, "");
+#pragma unroll 1
+    for (int it0 = 0; it0 < N; it0 += 4) {
+        float4 x[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int u = (it0 + j) * NT + threadIdx.x;
+            x[j] = load_row4(g, gstride, u / C4, (u % C4) * 4, rows_valid);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int u = (it0 + j) * NT + threadIdx.x;
+            Op::store2(s + (u / C4) * LD + (u % C4) * 2, x[j]);
+        }
+    }
+}
+
+// 64 x D fp32 rows at g -> transposed "cols" tile s[D][kLdT]: pair p of row c holds elements
+// (rows 2p, 2p+1; column c). A thread takes row pair rp and column chunk c4 (two float4 loads, four
+// pair stores). Lanes 0..15 take 16 consecutive row pairs of one chunk, lanes 16..31 the next chunk:
+// stores conflict-free (bf16 word address 16*c4 + 4*i + rp mod 32; tf32 per half-warp rp mod 16),
+// global reads use whole 32-byte sectors.
+template <class Op, int D, int NT = kThreads>
+__device__ __forceinline__ void stage_cols(typename Op::Pair* s, const float* g, int64_t gstride, int rows_valid) {
+    constexpr int C4 = D / 4;
+    constexpr int N = (kTile / 2) * C4 / NT;  // 128 threads: 4 (D=64) or 8 (D=128)
+    static_assert(N % 2 == 0, "");
+#pragma unroll 1
+    for (int it0 = 0; it0 < N; it0 += 2) {
+        float4 x[2][2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int u = (it0 + j) * NT + threadIdx.x;
+            const int rp = (u & 15) + 16 * ((u >> 5) & 1);
+            const int c = (((u >> 4) & 1) + 2 * (u >> 6)) * 4;
+            x[j][0] = load_row4(g, gstride, 2 * rp, c, rows_valid);
+            x[j][1] = load_row4(g, gstride, 2 * rp + 1, c, rows_valid);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int u = (it0 + j) * NT + threadIdx.x;
+            const int rp = (u & 15) + 16 * ((u >> 5) & 1);
+            const int c = (((u >> 4) & 1) + 2 * (u >> 6)) * 4;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                s[(c + i) * kLdT + rp] = Op::pack(f4_get(x[j][0], i), f4_get(x[j][1], i));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp-level products.
+
+// acc (16 x 64, C layout, acc[n-block][4]) += A[row0 .. row0+15][0..D) * B[0..64)[0..D)^T, both
+// "rows" tiles.
+template <class Op, int D>
+__device__ __forceinline__ void warp_abT(const typename Op::Pair* A, int row0, const typename Op::Pair* B,
+                                         float (&acc)[8][4]) {
+    constexpr int LD = ld_rows<D>();
+#pragma unroll
+    for (int ks = 0; ks < D / 2 / Op::KP; ++ks) {
+        uint32_t a[4];
+        Op::load_a(A, LD, row0, ks, a);
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+            uint32_t b[2];
+            Op::load_b(B, LD, nb * 8, ks, b);
+            Op::mma(acc[nb], a, b);
+        }
+    }
+}
+
+// acc (16 x D) += P (16 x 64, accumulator registers) * B (64 x D). B is given as a "rows" tile
+// B[64][ld_rows<D>()] when Op::kTransFromRows (bf16: ldmatrix.trans), else as a "cols" tile
+// Bt[D][kLdT] (B transposed; tf32).
+template <class Op, int D>
+__device__ __forceinline__ void warp_pB(const float (&p)[8][4], const typename Op::Pair* B,
+                                        float (&acc)[D / 8][4]) {
+#pragma unroll
+    for (int ks = 0; ks < kTile / 2 / Op::KP; ++ks) {
+        uint32_t a[4];
+        Op::a_from_c(p, ks, a);
+        if constexpr (Op::kTransFromRows) {
+#pragma unroll
+            for (int nb = 0; nb < D / 8; nb += 2) {
+                uint32_t b0[2], b1[2];
+                Op::load_b_trans2(B, ld_rows<D>(), nb * 8, ks, b0, b1);
+                Op::mma(acc[nb], a, b0);
+                Op::mma(acc[nb + 1], a, b1);
+            }
+        } else {
+#pragma unroll
+            for (int nb = 0; nb < D / 8; ++nb) {
+                uint32_t b[2];
+                Op::load_b(B, kLdT, nb * 8, ks, b);
+                Op::mma(acc[nb], a, b);
+            }
+        }
+    }
+}
+
+// Stages a tile that is used only as the B operand of warp_pB: "rows" (bf16) or "cols" (tf32).
+template <class Op, int D, int NT = kThreads>
+__device__ __forceinline__ void stage_pb(typename Op::Pair* s, const float* g, int64_t gstride, int rows_valid) {
+    if constexpr (Op::kTransFromRows) stage_rows<Op, D, NT>(s, g, gstride, rows_valid);
+    else stage_cols<Op, D, NT>(s, g, gstride, rows_valid);
+}
+
+// Pairs of the extra transposed ("cols") tile that tf32 needs next to a "rows" tile also used
+// as the B operand of warp_pB; bf16 reads that rows tile with ldmatrix.trans instead.
+template <class Op, int D>
+constexpr int cols_pairs() { return Op::kTransFromRows ? 0 : D * kLdT; }
+// Pairs of a tile used only as the B operand of warp_pB.
+template <class Op, int D>
+constexpr int pb_pairs() { return Op::kTransFromRows ? kTile * ld_rows<D>() : D * kLdT; }
+
+// Partial dK/dV slabs of the split dK/dV pass (split s > 0 writes slabs 2(s-1), 2(s-1)+1), each
+// T * n_kv * d floats: the first n_first live in dq (not yet written when the dK/dV pass runs), the
+// rest after D in the workspace. Same layout as the fp32 kernels', so the same workspace size holds.
+struct Slabs {
+    float* first;
+    float* rest;
+    int n_first;
+    int64_t size;  // floats per slab
+    __device__ __forceinline__ float* operator()(int i) const {
+        return i < n_first ? first + (int64_t)i * size : rest + (int64_t)(i - n_first) * size;
+    }
+};
+
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+}
+
+// Store rows [row0, row0+16) of a 16 x D accumulator (times mul[h] for row half h) to global rows
+// (dst + row*gstride), rows >= rows_valid dropped.
+template <int D>
+__device__ __forceinline__ void store_acc(float* dst, int64_t gstride, const float (&acc)[D / 8][4], int row0,
+                                          int rows_valid, const float mul[2]) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = row0 + g + 8 * h;
+        if (r >= rows_valid) continue;
+        float* p = dst + r * gstride + 2 * t;
+#pragma unroll
+        for (int nb = 0; nb < D / 8; ++nb)
+            *reinterpret_cast<float2*>(p + nb * 8) = make_float2(acc[nb][2 * h] * mul[h], acc[nb][2 * h + 1] * mul[h]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward. Grid (n_q_heads / HPB, n_seqs, n_qtiles), 128 * HPB threads: HPB query heads of one GQA
+// group share each staged K/V tile (half the K/V traffic per FLOP with HPB = 2); warp w computes
+// rows (w%4)*16 .. +15 of head blockIdx.x*HPB + w/4. Shared: HPB Q tiles, K "rows", V (stage_pb).
+template <class Op, int D, int HPB>
+__global__ void __launch_bounds__(kThreads * HPB, 4 / HPB)  // <= 128 registers: 16 warps per SM
+attention_mma_forward_kernel(const float* __restrict__ q, const float* __restrict__ k,
+                             const float* __restrict__ v, float* __restrict__ out, float* __restrict__ lse,
+                             const int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads,
+                             float scale_log2) {
+    using Pair = typename Op::Pair;
+    constexpr int LD = ld_rows<D>();
+    constexpr int NT = kThreads * HPB;
+    extern __shared__ uint4 smem_u4[];
+    Pair* Qs = reinterpret_cast<Pair*>(smem_u4);  // [HPB][64][LD]
+    Pair* Ks = Qs + HPB * kTile * LD;
+    Pair* Vt = Ks + kTile * LD;  // V as the B operand of P V (stage_pb)
+
+    const int seq = blockIdx.y;
+    const int start = cu_seqlens[seq];
+    const int len = cu_seqlens[seq + 1] - start;
+    const int n_tiles = (len + kTile - 1) / kTile;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int h0 = blockIdx.x * HPB;
+    const int h = h0 + warp / 4;     // this warp's query head
+    const int wrow = (warp % 4) * 16;  // this warp's first row within the tile
+    const int kvh = h0 / (n_q_heads / n_kv_heads);
+    const int64_t q_stride = (int64_t)n_q_heads * D;
+    const int64_t kv_stride = (int64_t)n_kv_heads * D;
+    const Pair* Qw = Qs + (warp / 4) * kTile * LD;
+    const float* k_head = k + (int64_t)start * kv_stride + (int64_t)kvh * D;
+    const float* v_head = v + (int64_t)start * kv_stride + (int64_t)kvh * D;
+
+    for (int qt = (int)gridDim.z - 1 - (int)blockIdx.z; qt < n_tiles; qt += gridDim.z) {
+        const int q0 = qt * kTile;
+        __syncthreads();  // a previous iteration's readers of shared memory are done
+#pragma unroll
+        for (int hh = 0; hh < HPB; ++hh)
+            stage_rows<Op, D, NT>(Qs + hh * kTile * LD,
+                                  q + (int64_t)(start + q0) * q_stride + (int64_t)(h0 + hh) * D, q_stride,
+                                  len - q0);
+
+        float o[D / 8][4];
+        zero(o);
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this thread's partial row sums
+
+        for (int kt = 0; kt <= qt; ++kt) {
+            const int k0 = kt * kTile;
+            if (kt > 0) __syncthreads();  // everyone is done with K, V of the previous tile
+            stage_rows<Op, D, NT>(Ks, k_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
+            stage_pb<Op, D, NT>(Vt, v_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
+            __syncthreads();
+
+            float s[8][4];
+            zero(s);
+            warp_abT<Op, D>(Qw, wrow, Ks, s);
+
+            const bool diag = kt == qt;
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int row = wrow + g + 8 * hh;  // within the tile; k0 == q0 on the diagonal
+                float mx = -INFINITY;
+#pragma unroll
+                for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        float x = s[nb][2 * hh + e] * scale_log2;
+                        if (diag && nb * 8 + 2 * t + e > row) x = -INFINITY;
+                        s[nb][2 * hh + e] = x;
+                        mx = fmaxf(mx, x);
+                    }
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                // Every row sees key 0 of tile 0 (and its own key on the diagonal): mx is finite.
+                const float m_new = fmaxf(m[hh], mx);
+                const float alpha = exp2f(m[hh] - m_new);  // 0 on the first tile
+                m[hh] = m_new;
+                float rs = 0.f;
+#pragma unroll
+                for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float p = exp2f(s[nb][2 * hh + e] - m_new);
+                        s[nb][2 * hh + e] = p;
+                        rs += p;
+                    }
+                l[hh] = l[hh] * alpha + rs;
+#pragma unroll
+                for (int nb = 0; nb < D / 8; ++nb) {
+                    o[nb][2 * hh] *= alpha;
+                    o[nb][2 * hh + 1] *= alpha;
+                }
+            }
+            warp_pB<Op, D>(s, Vt, o);
+        }
+
+        float inv[2];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            float sum = l[hh];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            inv[hh] = 1.f / sum;
+            const int r = q0 + wrow + g + 8 * hh;
+            if (t == 0 && r < len) lse[(int64_t)(start + r) * n_q_heads + h] = (m[hh] + log2f(sum)) * kLn2;
+        }
+        store_acc<D>(out + (int64_t)(start + q0) * q_stride + (int64_t)h * D, q_stride, o, wrow, len - q0, inv);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward 1: D[t, h] = sum_c dout[t, h, c] * out[t, h, c]; one warp per (token, head) row.
+__global__ void attention_mma_rowdot_kernel(const float* __restrict__ out, const float* __restrict__ dout,
+                                            float* __restrict__ dsum, int64_t rows, int head_dim) {
+    const int lane = threadIdx.x % 32;
+    const int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
+    for (int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+        const float4* o4 = reinterpret_cast<const float4*>(out + r * head_dim);
+        const float4* d4 = reinterpret_cast<const float4*>(dout + r * head_dim);
+        float acc = 0.f;
+        for (int c = lane; c < head_dim / 4; c += 32) {
+            const float4 a = o4[c], b = d4[c];
+            acc = fmaf(a.x, b.x, acc);
+            acc = fmaf(a.y, b.y, acc);
+            acc = fmaf(a.z, b.z, acc);
+            acc = fmaf(a.w, b.w, acc);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane == 0) dsum[r] = acc;
+    }
+}
+
+// Backward 2: dK, dV of one 64-key tile of kv head blockIdx.x / splits, summed over query heads
+// [h_begin, h_end) of its group (all of them when splits == 1; otherwise split 0 writes dk/dv and
+// split s > 0 its slabs, which attention_mma_reduce_kernel adds in split order: deterministic).
+// Grid (n_kv_heads * splits, n_seqs, n_ktiles), 128 threads. Shared: K, V, Q, dO "rows"; (tf32) Q^T, dO^T
+// "cols"; lse (log2 domain) and D of the current query tile.
+template <class Op, int D>
+__global__ void __launch_bounds__(kThreads)
+attention_mma_dkdv_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                          const float* __restrict__ dout, const float* __restrict__ lse,
+                          const float* __restrict__ dsum, float* __restrict__ dk, float* __restrict__ dv,
+                          Slabs slabs, const int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads,
+                          int splits, float scale, float scale_log2) {
+    using Pair = typename Op::Pair;
+    constexpr int LD = ld_rows<D>();
+    extern __shared__ uint4 smem_u4[];
+    Pair* Ks = reinterpret_cast<Pair*>(smem_u4);
+    Pair* Vs = Ks + kTile * LD;
+    Pair* Qs = Vs + kTile * LD;
+    Pair* dOs = Qs + kTile * LD;
+    Pair* Qt = dOs + kTile * LD;             // tf32 only (cols); bf16 reads Qs with ldmatrix.trans
+    Pair* dOt = Qt + cols_pairs<Op, D>();    // tf32 only
+    float* lse_s = reinterpret_cast<float*>(dOt + cols_pairs<Op, D>());
+    const Pair* dK_B = Op::kTransFromRows ? Qs : Qt;   // B operand of dK += dS^T Q
+    const Pair* dV_B = Op::kTransFromRows ? dOs : dOt;  // B operand of dV += P^T dO
+    float* dsum_s = lse_s + kTile;
+
+    const int kvh = blockIdx.x / splits;
+    const int split = blockIdx.x % splits;
+    const int seq = blockIdx.y;
+    const int start = cu_seqlens[seq];
+    const int len = cu_seqlens[seq + 1] - start;
+    const int n_tiles = (len + kTile - 1) / kTile;
+    const int group = n_q_heads / n_kv_heads;
+    const int h_begin = kvh * group + split * group / splits;
+    const int h_end = kvh * group + (split + 1) * group / splits;
+    const int64_t q_stride = (int64_t)n_q_heads * D;
+    const int64_t kv_stride = (int64_t)n_kv_heads * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+
+    for (int kt = blockIdx.z; kt < n_tiles; kt += gridDim.z) {
+        const int k0 = kt * kTile;
+        const int64_t kv_off = (int64_t)(start + k0) * kv_stride + (int64_t)kvh * D;
+        __syncthreads();  // a previous iteration's readers of shared memory are done
+        stage_rows<Op, D>(Ks, k + kv_off, kv_stride, len - k0);
+        stage_rows<Op, D>(Vs, v + kv_off, kv_stride, len - k0);
+
+        float dk_acc[D / 8][4], dv_acc[D / 8][4];
+        zero(dk_acc);
+        zero(dv_acc);
+
+        const int n_qt = n_tiles - kt;  // query tiles kt .. n_tiles-1
+        const int n_items = (h_end - h_begin) * n_qt;
+        for (int item = 0; item < n_items; ++item) {
+            const int hq = h_begin + item / n_qt;
+            const int q0 = (kt + item % n_qt) * kTile;
+            const int64_t off = (int64_t)(start + q0) * q_stride + (int64_t)hq * D;
+            if (item > 0) __syncthreads();  // everyone is done with the previous Q / dO tiles
+            stage_rows<Op, D>(Qs, q + off, q_stride, len - q0);
+            stage_rows<Op, D>(dOs, dout + off, q_stride, len - q0);
+            if constexpr (!Op::kTransFromRows) {
+                stage_cols<Op, D>(Qt, q + off, q_stride, len - q0);
+                stage_cols<Op, D>(dOt, dout + off, q_stride, len - q0);
+            }
+            if (threadIdx.x < kTile) {
+                const int i = threadIdx.x;
+                const bool valid = q0 + i < len;
+                const int64_t idx = (int64_t)(start + q0 + i) * n_q_heads + hq;
+                lse_s[i] = valid ? lse[idx] * kLog2e : INFINITY;
+                dsum_s[i] = valid ? dsum[idx] : 0.f;
+            }
+            __syncthreads();
+
+            // P^T (16 keys of this warp x 64 queries)
+            float pt[8][4];
+            zero(pt);
+            warp_abT<Op, D>(Ks, warp * 16, Qs, pt);
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int j = k0 + warp * 16 + g + 8 * (c >> 1);  // key (sequence position)
+                    const int i = nb * 8 + 2 * t + (c & 1);           // query within the tile
+                    const bool valid = q0 + i < len && j <= q0 + i;
+                    pt[nb][c] = valid ? exp2f(pt[nb][c] * scale_log2 - lse_s[i]) : 0.f;
+                }
+
+            float dpt[8][4];
+            zero(dpt);
+            warp_abT<Op, D>(Vs, warp * 16, dOs, dpt);
+
+            warp_pB<Op, D>(pt, dV_B, dv_acc);  // dV += P^T dO
+
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int i = nb * 8 + 2 * t + (c & 1);
+                    dpt[nb][c] = pt[nb][c] * (dpt[nb][c] - dsum_s[i]);  // dS^T
+                }
+            warp_pB<Op, D>(dpt, dK_B, dk_acc);  // dK += dS^T Q
+        }
+
+        float* dk_dst = split == 0 ? dk : slabs(2 * (split - 1));
+        float* dv_dst = split == 0 ? dv : slabs(2 * (split - 1) + 1);
+        const float one[2] = {1.f, 1.f}, sc[2] = {scale, scale};
+        store_acc<D>(dk_dst + kv_off, kv_stride, dk_acc, warp * 16, len - k0, sc);
+        store_acc<D>(dv_dst + kv_off, kv_stride, dv_acc, warp * 16, len - k0, one);
+    }
+}
+
+// Backward 2b (only when splits > 1): dk += slab dK's, dv += slab dV's, in slab order. Rows of
+// tokens that no sequence covers do not exist (cu_seqlens ends at T), so every element is defined.
+__global__ void attention_mma_reduce_kernel(float* __restrict__ dk, float* __restrict__ dv, Slabs slabs,
+                                            int n_splits) {
+    const int64_t n4 = slabs.size / 4;  // T * n_kv * head_dim, a multiple of 4
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
+        float4 a = reinterpret_cast<const float4*>(dk)[i];
+        float4 b = reinterpret_cast<const float4*>(dv)[i];
+        for (int sp = 1; sp < n_splits; ++sp) {
+            const float4 x = reinterpret_cast<const float4*>(slabs(2 * (sp - 1)))[i];
+            const float4 y = reinterpret_cast<const float4*>(slabs(2 * (sp - 1) + 1))[i];
+            a.x += x.x; a.y += x.y; a.z += x.z; a.w += x.w;
+            b.x += y.x; b.y += y.y; b.z += y.z; b.w += y.w;
+        }
+        reinterpret_cast<float4*>(dk)[i] = a;
+        reinterpret_cast<float4*>(dv)[i] = b;
+    }
+}
+
+// Backward 3: dQ of one 64-query tile of query head blockIdx.x.
+// Grid (n_q_heads, n_seqs, n_qtiles), 128 threads. Shared: Q, dO, K, V "rows"; (tf32) K^T "cols".
+// Register cap: bf16 fits 3 blocks per SM in shared memory (<= 168 registers), tf32 at most 2.
+template <class Op, int D>
+__global__ void __launch_bounds__(kThreads, Op::kTransFromRows ? 3 : 2)
+attention_mma_dq_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                        const float* __restrict__ dout, const float* __restrict__ lse,
+                        const float* __restrict__ dsum, float* __restrict__ dq,
+                        const int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads, float scale,
+                        float scale_log2) {
+    using Pair = typename Op::Pair;
+    constexpr int LD = ld_rows<D>();
+    extern __shared__ uint4 smem_u4[];
+    Pair* Qs = reinterpret_cast<Pair*>(smem_u4);
+    Pair* dOs = Qs + kTile * LD;
+    Pair* Ks = dOs + kTile * LD;
+    Pair* Vs = Ks + kTile * LD;
+    Pair* Kt = Vs + kTile * LD;  // tf32 only (cols); bf16 reads Ks with ldmatrix.trans
+    const Pair* dQ_B = Op::kTransFromRows ? Ks : Kt;  // B operand of dQ += dS K
+
+    const int h = blockIdx.x;
+    const int seq = blockIdx.y;
+    const int start = cu_seqlens[seq];
+    const int len = cu_seqlens[seq + 1] - start;
+    const int n_tiles = (len + kTile - 1) / kTile;
+    const int kvh = h / (n_q_heads / n_kv_heads);
+    const int64_t q_stride = (int64_t)n_q_heads * D;
+    const int64_t kv_stride = (int64_t)n_kv_heads * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const float* k_head = k + (int64_t)start * kv_stride + (int64_t)kvh * D;
+    const float* v_head = v + (int64_t)start * kv_stride + (int64_t)kvh * D;
+
+    for (int qt = (int)gridDim.z - 1 - (int)blockIdx.z; qt < n_tiles; qt += gridDim.z) {
+        const int q0 = qt * kTile;
+        const int64_t q_off = (int64_t)(start + q0) * q_stride + (int64_t)h * D;
+        __syncthreads();  // a previous iteration's readers of shared memory are done
+        stage_rows<Op, D>(Qs, q + q_off, q_stride, len - q0);
+        stage_rows<Op, D>(dOs, dout + q_off, q_stride, len - q0);
+
+        float lse2[2], dsv[2];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int r = q0 + warp * 16 + g + 8 * hh;
+            const int64_t idx = (int64_t)(start + r) * n_q_heads + h;
+            lse2[hh] = r < len ? lse[idx] * kLog2e : INFINITY;  // rows past the end: P = 0
+            dsv[hh] = r < len ? dsum[idx] : 0.f;
+        }
+
+        float dq_acc[D / 8][4];
+        zero(dq_acc);
+
+        for (int kt = 0; kt <= qt; ++kt) {
+            const int k0 = kt * kTile;
+            if (kt > 0) __syncthreads();  // everyone is done with K, V, K^T of the previous tile
+            stage_rows<Op, D>(Ks, k_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
+            if constexpr (!Op::kTransFromRows)
+                stage_cols<Op, D>(Kt, k_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
+            stage_rows<Op, D>(Vs, v_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
+            __syncthreads();
+
+            float s[8][4];
+            zero(s);
+            warp_abT<Op, D>(Qs, warp * 16, Ks, s);
+            const bool diag = kt == qt;
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int row = warp * 16 + g + 8 * (c >> 1);
+                    const int key = nb * 8 + 2 * t + (c & 1);
+                    const bool valid = !diag || key <= row;
+                    s[nb][c] = valid ? exp2f(s[nb][c] * scale_log2 - lse2[c >> 1]) : 0.f;
+                }
+
+            float dp[8][4];
+            zero(dp);
+            warp_abT<Op, D>(dOs, warp * 16, Vs, dp);
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) dp[nb][c] = s[nb][c] * (dp[nb][c] - dsv[c >> 1]);  // dS
+
+            warp_pB<Op, D>(dp, dQ_B, dq_acc);  // dQ += dS K
+        }
+
+        const float sc[2] = {scale, scale};
+        store_acc<D>(dq + q_off, q_stride, dq_acc, warp * 16, len - q0, sc);
+    }
+}
+
+#ifdef CUDABLOCKS_ATTN_MMA_EMULATION
+}  // namespace
+#else
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+template <class Op>
+constexpr size_t pair_bytes() { return sizeof(typename Op::Pair); }
+
+template <class Op, int D, int HPB>
+size_t forward_smem() { return pair_bytes<Op>() * (size_t)((HPB + 1) * kTile * ld_rows<D>() + pb_pairs<Op, D>()); }
+template <class Op, int D>
+size_t dkdv_smem() {
+    return pair_bytes<Op>() * (size_t)(4 * kTile * ld_rows<D>() + 2 * cols_pairs<Op, D>()) +
+           2 * kTile * sizeof(float);
+}
+template <class Op, int D>
+size_t dq_smem() { return pair_bytes<Op>() * (size_t)(4 * kTile * ld_rows<D>() + cols_pairs<Op, D>()); }
+
+struct Shape {
+    int n_seqs, max_seqlen;
+    int64_t total_tokens;
+    int n_q_heads, n_kv_heads, head_dim;
+};
+
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument("attention (cuda, mma): " + msg); }
+
+void check_aligned(const void* p, const char* name) {
+    if (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 != 0)
+        fail(std::string(name) + " must be a non-null, 16-byte aligned device pointer");
+}
+
+// Validates the host-visible arguments. Returns false when there is nothing to compute.
+bool check_shape(const Shape& s, const int32_t* cu_seqlens) {
+    if (s.n_seqs < 0) fail("n_seqs must be >= 0, got " + std::to_string(s.n_seqs));
+    if (s.total_tokens < 0) fail("total_tokens must be >= 0");
+    if (s.n_q_heads <= 0 || s.n_kv_heads <= 0 || s.n_q_heads % s.n_kv_heads != 0)
+        fail("n_q_heads (" + std::to_string(s.n_q_heads) + ") must be a positive multiple of n_kv_heads (" +
+             std::to_string(s.n_kv_heads) + ")");
+    if (s.head_dim != 64 && s.head_dim != 128) fail("head_dim must be 64 or 128, got " + std::to_string(s.head_dim));
+    if (s.n_seqs > 65535) fail("at most 65535 sequences per call, got " + std::to_string(s.n_seqs));
+    if (s.total_tokens > INT32_MAX) fail("total_tokens must fit in int32 (cu_seqlens is int32)");
+    if (s.n_q_heads > 65535) fail("at most 65535 query heads");
+    if (s.n_seqs == 0 || s.total_tokens == 0) return false;
+    if (cu_seqlens == nullptr) fail("cu_seqlens is null");
+    return true;
+}
+
+unsigned tiles_for(const Shape& s) {
+    int64_t m = s.max_seqlen < 1 ? 1 : s.max_seqlen;
+    if (m > s.total_tokens) m = s.total_tokens;
+    const int64_t t = (m + kTile - 1) / kTile;
+    return (unsigned)(t > 65535 ? 65535 : t);
+}
+
+size_t smem_optin() {
+    int dev = 0, optin = 0;
+    CUDABLOCKS_CUDA_CHECK(cudaGetDevice(&dev));
+    CUDABLOCKS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    return (size_t)optin;
+}
+
+// Whether this GPU gives a block enough shared memory for the tensor-core kernels of (Op, D); when
+// not (tf32 at D = 128 on A100: the backward needs 213 KB), the fp32 kernels run instead.
+template <class Op, int D>
+bool mma_fits_forward(const Shape& s) {
+    const bool hpb2 = (s.n_q_heads / s.n_kv_heads) % 2 == 0;
+    return (hpb2 ? forward_smem<Op, D, 2>() : forward_smem<Op, D, 1>()) <= smem_optin();
+}
+template <class Op, int D>
+bool mma_fits_backward() {
+    return std::max(dkdv_smem<Op, D>(), dq_smem<Op, D>()) <= smem_optin();
+}
+
+template <typename Kernel>
+void prepare_smem(Kernel kernel, size_t bytes) {
+    const size_t optin = smem_optin();
+    if (bytes > optin)
+        fail("needs " + std::to_string(bytes) + " bytes of shared memory per block; this GPU allows " +
+             std::to_string(optin));
+    CUDABLOCKS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    CUDABLOCKS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                               (int)cudaSharedmemCarveoutMaxShared));
+}
+
+template <class Op, int D, int HPB>
+void launch_forward_hpb(const float* q, const float* k, const float* v, float* out, float* lse,
+                        const int32_t* cu_seqlens, const Shape& s, float scale, cudaStream_t stream) {
+    const size_t smem = forward_smem<Op, D, HPB>();
+    prepare_smem(attention_mma_forward_kernel<Op, D, HPB>, smem);
+    const dim3 grid((unsigned)(s.n_q_heads / HPB), (unsigned)s.n_seqs, tiles_for(s));
+    attention_mma_forward_kernel<Op, D, HPB><<<grid, kThreads * HPB, smem, stream>>>(
+        q, k, v, out, lse, cu_seqlens, s.n_q_heads, s.n_kv_heads, scale * kLog2e);
+    CUDABLOCKS_CHECK_LAUNCH("attention_mma_forward_kernel");
+}
+
+// Two query heads per block when the GQA group allows it (they share the kv head), else one.
+template <class Op, int D>
+void launch_forward(const float* q, const float* k, const float* v, float* out, float* lse,
+                    const int32_t* cu_seqlens, const Shape& s, float scale, cudaStream_t stream) {
+    if ((s.n_q_heads / s.n_kv_heads) % 2 == 0)
+        launch_forward_hpb<Op, D, 2>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
+    else
+        launch_forward_hpb<Op, D, 1>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
+}
+
+// Number of blocks the query heads of a GQA group are split over in the dK/dV pass (as in
+// attention.cu): one block per (kv head, key tile) sums the whole group, but when there are few
+// key tiles per resident block slot (one long sequence: 1 x 2048 gives 256 blocks for 264 slots,
+// the busiest walking 4 heads x 32 query tiles, twice the average) the busiest block dominates.
+// Pick the smallest divisor of the group for which the busiest block carries no more than ~1.25x
+// the average work per resident block, estimated as if every sequence were max_seqlen long.
+template <typename Kernel>
+int choose_splits(Kernel kernel, size_t smem, const Shape& s) {
+    const int group = s.n_q_heads / s.n_kv_heads;
+    if (group == 1) return 1;
+    int dev = 0, sms = 0, per_sm = 0;
+    CUDABLOCKS_CUDA_CHECK(cudaGetDevice(&dev));
+    CUDABLOCKS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    CUDABLOCKS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    const double slots = (double)(sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
+    const double nt = (double)tiles_for(s);
+    const double seqs = std::max(1.0, (double)s.total_tokens / (nt * kTile));
+    const double items_per_slot = s.n_q_heads * seqs * nt * (nt + 1) / 2 / slots;
+    for (int sp = 1; sp < group; ++sp)
+        if (group % sp == 0 && (double)(group / sp) * nt <= 1.25 * items_per_slot) return sp;
+    return group;
+}
+
+template <class Op, int D>
+void launch_backward(const float* q, const float* k, const float* v, const float* out, const float* dout,
+                     const float* lse, float* dq, float* dk, float* dv, float* workspace,
+                     const int32_t* cu_seqlens, const Shape& s, float scale, int kv_splits,
+                     cudaStream_t stream) {
+    const int64_t rows = s.total_tokens * s.n_q_heads;
+    float* dsum = workspace;
+    const float scale_log2 = scale * kLog2e;
+    const unsigned tiles = tiles_for(s);
+    const int group = s.n_q_heads / s.n_kv_heads;
+    const Slabs slabs{dq, workspace + ((rows + 63) / 64) * 64, group, s.total_tokens * s.n_kv_heads * D};
+    const size_t dkdv_bytes = dkdv_smem<Op, D>();
+    prepare_smem(attention_mma_dkdv_kernel<Op, D>, dkdv_bytes);
+    const int splits = kv_splits > 0 ? kv_splits : choose_splits(attention_mma_dkdv_kernel<Op, D>, dkdv_bytes, s);
+    {
+        const int warps_per_block = 256 / 32;
+        int64_t blocks = (rows + warps_per_block - 1) / warps_per_block;
+        if (blocks > 65535 * 8) blocks = 65535 * 8;
+        attention_mma_rowdot_kernel<<<(unsigned)blocks, 256, 0, stream>>>(out, dout, dsum, rows, D);
+        CUDABLOCKS_CHECK_LAUNCH("attention_mma_rowdot_kernel");
+    }
+    {
+        const dim3 grid((unsigned)(s.n_kv_heads * splits), (unsigned)s.n_seqs, tiles);
+        attention_mma_dkdv_kernel<Op, D><<<grid, kThreads, dkdv_bytes, stream>>>(
+            q, k, v, dout, lse, dsum, dk, dv, slabs, cu_seqlens, s.n_q_heads, s.n_kv_heads, splits, scale,
+            scale_log2);
+        CUDABLOCKS_CHECK_LAUNCH("attention_mma_dkdv_kernel");
+    }
+    if (splits > 1) {
+        int64_t blocks = (slabs.size / 4 + 255) / 256;
+        if (blocks > 65535 * 8) blocks = 65535 * 8;
+        attention_mma_reduce_kernel<<<(unsigned)blocks, 256, 0, stream>>>(dk, dv, slabs, splits);
+        CUDABLOCKS_CHECK_LAUNCH("attention_mma_reduce_kernel");
+    }
+    {
+        const size_t smem = dq_smem<Op, D>();
+        prepare_smem(attention_mma_dq_kernel<Op, D>, smem);
+        const dim3 grid((unsigned)s.n_q_heads, (unsigned)s.n_seqs, tiles);
+        attention_mma_dq_kernel<Op, D><<<grid, kThreads, smem, stream>>>(
+            q, k, v, dout, lse, dsum, dq, cu_seqlens, s.n_q_heads, s.n_kv_heads, scale, scale_log2);
+        CUDABLOCKS_CHECK_LAUNCH("attention_mma_dq_kernel");
+    }
+}
+
+}  // namespace
+
+bool attention_mma_supported(int head_dim, Precision precision) {
+    return precision != Precision::FP32 && (head_dim == 64 || head_dim == 128);
+}
+
+void attention_forward_mma(const float* q, const float* k, const float* v, float* out, float* lse,
+                           const int32_t* cu_seqlens, int n_seqs, int max_seqlen, int64_t total_tokens,
+                           int n_q_heads, int n_kv_heads, int head_dim, float scale, Precision precision,
+                           cudaStream_t stream) {
+    if (!attention_mma_supported(head_dim, precision)) {
+        attention_forward(q, k, v, out, lse, cu_seqlens, n_seqs, max_seqlen, total_tokens, n_q_heads, n_kv_heads,
+                          head_dim, scale, stream);
+        return;
+    }
+    const Shape s{n_seqs, max_seqlen, total_tokens, n_q_heads, n_kv_heads, head_dim};
+    if (!check_shape(s, cu_seqlens)) return;
+    check_aligned(q, "q");
+    check_aligned(k, "k");
+    check_aligned(v, "v");
+    check_aligned(out, "out");
+    if (lse == nullptr) fail("lse is null");
+    const bool bf16 = precision == Precision::BF16;
+    const bool fits = head_dim == 128 ? (bf16 ? mma_fits_forward<Bf16Op, 128>(s) : mma_fits_forward<Tf32Op, 128>(s))
+                                      : (bf16 ? mma_fits_forward<Bf16Op, 64>(s) : mma_fits_forward<Tf32Op, 64>(s));
+    if (!fits) {
+        attention_forward(q, k, v, out, lse, cu_seqlens, n_seqs, max_seqlen, total_tokens, n_q_heads, n_kv_heads,
+                          head_dim, scale, stream);
+        return;
+    }
+    if (head_dim == 128) {
+        if (bf16) launch_forward<Bf16Op, 128>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
+        else launch_forward<Tf32Op, 128>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
+    } else {
+        if (bf16) launch_forward<Bf16Op, 64>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
+        else launch_forward<Tf32Op, 64>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
+    }
+}
+
+namespace detail {
+void attention_backward_mma_with_splits(const float* q, const float* k, const float* v, const float* out,
+                                        const float* dout, const float* lse, float* dq, float* dk, float* dv,
+                                        float* workspace, const int32_t* cu_seqlens, int n_seqs, int max_seqlen,
+                                        int64_t total_tokens, int n_q_heads, int n_kv_heads, int head_dim,
+                                        float scale, Precision precision, int kv_splits, cudaStream_t stream) {
+    if (!attention_mma_supported(head_dim, precision)) {
+        attention_backward(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, n_seqs, max_seqlen,
+                           total_tokens, n_q_heads, n_kv_heads, head_dim, scale, stream);
+        return;
+    }
+    const Shape s{n_seqs, max_seqlen, total_tokens, n_q_heads, n_kv_heads, head_dim};
+    if (!check_shape(s, cu_seqlens)) return;
+    check_aligned(q, "q");
+    check_aligned(k, "k");
+    check_aligned(v, "v");
+    check_aligned(out, "out");
+    check_aligned(dout, "dout");
+    check_aligned(dq, "dq");
+    check_aligned(dk, "dk");
+    check_aligned(dv, "dv");
+    check_aligned(workspace, "workspace");
+    if (lse == nullptr) fail("lse is null");
+    const int group = n_q_heads / n_kv_heads;
+    if (kv_splits < 0 || kv_splits > group)
+        fail("kv_splits must be in [0, " + std::to_string(group) + "], got " + std::to_string(kv_splits));
+    const bool bf16 = precision == Precision::BF16;
+    const bool fits = head_dim == 128 ? (bf16 ? mma_fits_backward<Bf16Op, 128>() : mma_fits_backward<Tf32Op, 128>())
+                                      : (bf16 ? mma_fits_backward<Bf16Op, 64>() : mma_fits_backward<Tf32Op, 64>());
+    if (!fits) {
+        detail::attention_backward_with_splits(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, n_seqs,
+                                               max_seqlen, total_tokens, n_q_heads, n_kv_heads, head_dim, scale,
+                                               kv_splits, stream);
+        return;
+    }
+    if (head_dim == 128) {
+        if (bf16) launch_backward<Bf16Op, 128>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale, kv_splits, stream);
+        else launch_backward<Tf32Op, 128>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale, kv_splits, stream);
+    } else {
+        if (bf16) launch_backward<Bf16Op, 64>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale, kv_splits, stream);
+        else launch_backward<Tf32Op, 64>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale, kv_splits, stream);
+    }
+}
+}  // namespace detail
+
+void attention_backward_mma(const float* q, const float* k, const float* v, const float* out,
+                            const float* dout, const float* lse, float* dq, float* dk, float* dv,
+                            float* workspace, const int32_t* cu_seqlens, int n_seqs, int max_seqlen,
+                            int64_t total_tokens, int n_q_heads, int n_kv_heads, int head_dim, float scale,
+                            Precision precision, cudaStream_t stream) {
+    detail::attention_backward_mma_with_splits(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, n_seqs,
+                                               max_seqlen, total_tokens, n_q_heads, n_kv_heads, head_dim, scale,
+                                               precision, 0, stream);
+}
+
+#endif  // CUDABLOCKS_ATTN_MMA_EMULATION
+
+}  // namespace cudablocks::cuda

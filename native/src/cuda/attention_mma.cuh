@@ -1,0 +1,55 @@
+// Causal GQA attention over packed variable-length sequences on tensor cores (mma.sync), for the
+// block's "bf16" and "tf32" precision modes. Same fp32-in / fp32-out contract as the fp32 kernels
+// (native/src/cuda/attention.cuh, layout in native/src/cpu/attention.hpp): q, k, v, out, dout, lse
+// fp32 in global memory; dq, dk, dv overwritten; the same workspace
+// (attention_backward_workspace_floats: D = rowsum(dout * out), and, when the dK/dV pass splits a
+// GQA group over several blocks, partial dK/dV slabs laid out as in attention.cu).
+//
+// precision:
+//   FP32  the fp32 SIMT kernels of attention.cu, unchanged (bitwise-deterministic, IEEE fp32).
+//   BF16  operands rounded to bf16 (round to nearest even) as tiles are staged into shared memory,
+//         mma.sync m16n8k16 bf16 -> fp32; P (and dS) rounded to bf16 for the P V (dS K, ...)
+//         products; softmax, lse, D = rowsum(dout * out) and all accumulation in fp32.
+//   TF32  the same with tf32 operands (cvt.rna.tf32.f32) and mma.sync m16n8k8 tf32 -> fp32.
+// head_dim 64 and 128 run on tensor cores; any other head_dim falls back to the fp32 kernels
+// (attention_mma_supported), and so does a call whose kernels need more shared memory per block
+// than the GPU grants (tf32 at head_dim 128: backward 213 KB, fine on H100/H200's 227 KB, too much
+// for A100's 163 KB, where the tf32 backward runs the fp32 kernels). Results of BF16/TF32 are deterministic too (no atomics: dQ is a
+// separate pass; dK/dV of a GQA group are summed inside one block).
+// Errors: std::invalid_argument for arguments that cannot be served, std::runtime_error
+// (CudaError via check.hpp) for CUDA failures.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "cudablocks/backend.hpp"
+
+namespace cudablocks::cuda {
+
+// True when attention_*_mma runs tensor-core kernels for this head_dim and precision.
+bool attention_mma_supported(int head_dim, Precision precision);
+
+void attention_forward_mma(const float* q, const float* k, const float* v, float* out, float* lse,
+                           const int32_t* cu_seqlens, int n_seqs, int max_seqlen, int64_t total_tokens,
+                           int n_q_heads, int n_kv_heads, int head_dim, float scale,
+                           Precision precision, cudaStream_t stream);
+
+void attention_backward_mma(const float* q, const float* k, const float* v, const float* out,
+                            const float* dout, const float* lse, float* dq, float* dk, float* dv,
+                            float* workspace, const int32_t* cu_seqlens, int n_seqs, int max_seqlen,
+                            int64_t total_tokens, int n_q_heads, int n_kv_heads, int head_dim,
+                            float scale, Precision precision, cudaStream_t stream);
+
+namespace detail {
+// attention_backward_mma with the number of query-head splits of the dK/dV pass forced
+// (1 .. n_q_heads/n_kv_heads; 0 = the heuristic). For tests and benchmarks.
+void attention_backward_mma_with_splits(const float* q, const float* k, const float* v, const float* out,
+                                        const float* dout, const float* lse, float* dq, float* dk, float* dv,
+                                        float* workspace, const int32_t* cu_seqlens, int n_seqs, int max_seqlen,
+                                        int64_t total_tokens, int n_q_heads, int n_kv_heads, int head_dim,
+                                        float scale, Precision precision, int kv_splits, cudaStream_t stream);
+}  // namespace detail
+
+}  // namespace cudablocks::cuda

@@ -1,0 +1,45 @@
+#include <string>
+
+#include "core/checks.hpp"
+#include "cudablocks/backend.hpp"
+#include "cudablocks/errors.hpp"
+#include "cudablocks/ops.hpp"
+
+namespace cudablocks {
+
+void gemm(const Buffer& a, const Buffer& b, Buffer& out, bool trans_b, float beta, Precision precision,
+          const Stream& stream) {
+  const Device& device = stream.device();
+  check_device(a, device, "a");
+  check_device(b, device, "b");
+  check_device(out, device, "out");
+  const bool bf16 = a.dtype() == DType::BFloat16;
+  check_dtype(a, bf16 ? DType::BFloat16 : DType::Float32, "a");
+  check_dtype(b, a.dtype(), "b (the dtype of a)");
+  check_dtype(out, DType::Float32, "out");
+  if (bf16 && precision != Precision::BF16) {
+    throw InvalidArgumentError("gemm: bfloat16 operands multiply in precision \"bf16\" only");
+  }
+  check_shape(a, {-1, -1}, "a");
+  check_shape(b, {-1, -1}, "b");
+  const std::int64_t m = a.shape()[0], k = a.shape()[1];
+  const std::int64_t n = trans_b ? b.shape()[0] : b.shape()[1];
+  if (trans_b) {
+    check_shape(b, {n, k}, "b (trans_b: [N, K])");
+  } else {
+    check_shape(b, {k, n}, "b ([K, N])");
+  }
+  check_shape(out, {m, n}, "out");
+  if (m == 0 || n == 0) return;
+  DeviceGuard guard(device);
+  const Backend& be = backend_for(device);
+  if (bf16) {
+    be.gemm_bf16(false, trans_b, m, n, k, 1.0f, a.data_as<std::uint16_t>(), b.data_as<std::uint16_t>(), beta,
+                 out.data_as<float>(), stream);
+  } else {
+    be.gemm(false, trans_b, m, n, k, 1.0f, a.data_as<float>(), b.data_as<float>(), beta, out.data_as<float>(),
+            precision, stream);
+  }
+}
+
+}  // namespace cudablocks
