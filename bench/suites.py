@@ -328,10 +328,149 @@ def adamw(device: str, quick: bool) -> Iterator[Row]:
     yield Row("adamw effective bandwidth (28 B/param)", "TB/s", 28 * n_params / plain_ms / 1e9,
               anchor=MEASURED_TFLOPS.get(("copy TB/s", 0)), anchor_name="measured copy bandwidth", target=0.85)
 
+
+def _bnb_functional() -> Any:
+    """bitsandbytes (the package, with .functional loaded), or None where it is not importable."""
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError:
+        return None
+    return bitsandbytes
+
+
+def _bf16_numpy_to_torch(a: np.ndarray, device: str) -> torch.Tensor:
+    """An ml_dtypes bfloat16 array as a torch bfloat16 tensor on `device` (same bits)."""
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).to(device)
+
+
+def nf4(device: str, quick: bool) -> Iterator[Row]:
+    """NF4 (blocksize 64, no double quantization, bf16): dequantizing a 9728x2560 weight against bitsandbytes'
+    dequantize_4bit, and the staged NF4 GEMMs of a Qwen3-4B MLP (dequantize to a bf16 buffer, then gemm on
+    bf16 buffers) forward and input-gradient, against bitsandbytes.matmul_4bit and torch's bf16 matmul on
+    the dequantized weight. On the CPU: tiny sizes, ours and torch only."""
+    import ml_dtypes
+
+    cpu = device == "cpu"
+    tdev = "cpu" if cpu else "cuda"
+    hidden, inter = (128, 256) if cpu else (2560, 9728)
+    token_counts = (16,) if cpu else (512, 2048)
+    blocksize = 64
+    repeats = 10 if quick else 50
+    rng = np.random.default_rng(0)
+    stream = cb.CudaStream("cpu") if cpu else cb.CudaStream.wrap(device, torch.cuda.current_stream().cuda_stream)
+    bnb = None if cpu else _bnb_functional()
+    bnb_note = "" if bnb is not None else ("CPU smoke: no bitsandbytes" if cpu else "bitsandbytes not installed")
+
+    # Gate/up weight [inter, hidden] and down weight [hidden, inter], ~N(0, 0.02) in bf16 (what a QLoRA model
+    # loads), quantized once each: ours on the device, bitsandbytes' quantize_4bit on the same values.
+    weights = {}
+    for proj, shape in (("gate/up", (inter, hidden)), ("down", (hidden, inter))):
+        w_np = (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(ml_dtypes.bfloat16)
+        q = cb.nf4.quantize(w_np, blocksize=blocksize, device=device, stream=stream)
+        w16 = cb.GpuBuffer.empty(shape, "bfloat16", device)  # the staging buffer the GEMMs read
+        bq = None
+        if bnb is not None:
+            bq = bnb.functional.quantize_4bit(_bf16_numpy_to_torch(w_np, tdev), blocksize=blocksize,
+                                              compress_statistics=False, quant_type="nf4")
+        weights[proj] = (q, w16, bq)
+        del w_np
+
+    def dequant(q: Any, w16: Any) -> None:
+        # What cb.nf4.dequantize(q, "bfloat16") runs, into a buffer allocated once (as a block's scratch):
+        # a fresh GpuBuffer each call would time cudaMalloc/cudaFree too.
+        cb._core.nf4_dequantize(q.packed, q.absmax, q.blocksize, w16, stream)
+
+    # 1. Dequantize the gate/up weight to bf16.
+    q, w16, bq = weights["gate/up"]
+    n = q.numel
+    ours_us = time_ms(lambda: dequant(q, w16), device, repeats=repeats) * 1e3
+    anchor_us = None
+    if bq is not None:
+        qb, state = bq
+        tout = torch.empty(q.shape, dtype=torch.bfloat16, device=tdev)
+        anchor_us = time_ms(lambda: bnb.functional.dequantize_4bit(qb, state, out=tout, quant_type="nf4"), device,
+                            repeats=repeats) * 1e3
+        dequant(q, w16)
+        # Same format, same quantizer: the two dequantized weights are bit-identical.
+        assert torch.equal(torch.from_dlpack(w16).view(torch.int16), tout.view(torch.int16)), \
+            "nf4: our dequantized weight differs from bitsandbytes'"
+        del tout
+    yield Row(f"nf4 dequantize {inter}x{hidden} -> bf16", "us", ours_us, anchor=anchor_us,
+              anchor_name="bitsandbytes dequantize_4bit", target=3.0, note=bnb_note)
+    # Bytes it must move: the packed nibbles and the fp32 absmax read, the bf16 weight written.
+    dq_bytes = q.packed.nbytes + q.absmax.nbytes + n * 2
+    yield Row(f"nf4 dequantize effective bandwidth ({dq_bytes / 1e6:.1f} MB)", "TB/s",
+              dq_bytes / (ours_us * 1e-6) / 1e12,
+              anchor=MEASURED_TFLOPS.get(("copy TB/s", 0)), anchor_name="measured copy bandwidth",
+              note=f"{(q.packed.nbytes + q.absmax.nbytes) / 1e6:.2f} MB read + {n * 2 / 1e6:.2f} MB written")
+
+    # 2. Staged NF4 GEMMs: forward y = x . W^T and input gradient dX = dY . W, for both projections.
+    for tokens in token_counts:
+        for proj in ("gate/up", "down"):
+            q, w16, bq = weights[proj]
+            n_out, n_in = q.shape
+            x_np = rng.standard_normal((tokens, n_in), dtype=np.float32).astype(ml_dtypes.bfloat16)
+            g_np = rng.standard_normal((tokens, n_out), dtype=np.float32).astype(ml_dtypes.bfloat16)
+            x = cb.GpuBuffer.from_numpy(x_np, device, stream=stream)
+            g = cb.GpuBuffer.from_numpy(g_np, device, stream=stream)
+            y = cb.GpuBuffer.empty((tokens, n_out), "float32", device)
+            dx = cb.GpuBuffer.empty((tokens, n_in), "float32", device)
+            tx, tg = _bf16_numpy_to_torch(x_np, tdev), _bf16_numpy_to_torch(g_np, tdev)
+
+            def ours_fwd() -> None:
+                dequant(q, w16)
+                cb.ops.gemm(x, w16, y, trans_b=True, precision="bf16", stream=stream)
+
+            def ours_dx() -> None:
+                dequant(q, w16)
+                cb.ops.gemm(g, w16, dx, trans_b=False, precision="bf16", stream=stream)
+
+            fwd_ms = time_ms(ours_fwd, device, repeats=repeats)
+            dx_ms = time_ms(ours_dx, device, repeats=repeats)
+            # torch's cuBLAS bf16 matmul on the weight already dequantized (our buffer, through DLPack).
+            tw = torch.from_dlpack(w16)
+            torch_fwd_ms = time_ms(lambda: tx @ tw.T, device, repeats=repeats)
+            torch_dx_ms = time_ms(lambda: tg @ tw, device, repeats=repeats)
+            with torch.no_grad():
+                ref_y, ref_dx = (tx @ tw.T).float(), (tg @ tw).float()
+            for what, ours_out, ref in (("forward", y, ref_y), ("input gradient", dx, ref_dx)):
+                err = float(torch.linalg.vector_norm(torch.from_dlpack(ours_out).to(ref.device) - ref)
+                            / torch.linalg.vector_norm(ref))
+                assert err < 1e-2, f"nf4 {proj} {what} at {tokens} tokens differs from torch by {err:.3g}"
+            bnb_ms = None
+            if bq is not None:
+                qb, state = bq
+                with torch.no_grad():
+                    bnb_ms = time_ms(lambda: bnb.matmul_4bit(tx, qb.t(), quant_state=state), device,
+                                     repeats=repeats)
+                    by = bnb.matmul_4bit(tx, qb.t(), quant_state=state).float()
+                err = float(torch.linalg.vector_norm(by - ref_y) / torch.linalg.vector_norm(ref_y))
+                assert err < 1e-2, f"bitsandbytes matmul_4bit {proj} at {tokens} tokens differs by {err:.3g}"
+                del by
+
+            fwd = f"nf4 gemm fwd [{tokens}, {n_in}] x W[{n_out}, {n_in}]^T"
+            bwd = f"nf4 gemm dX [{tokens}, {n_out}] x W[{n_out}, {n_in}]"
+            staged = "ours: dequantize to bf16 + gemm on bf16 buffers (fp32 out)"
+            yield Row(fwd, "ms", fwd_ms, anchor=bnb_ms, anchor_name="bitsandbytes matmul_4bit",
+                      target=2.5 if tokens == 512 else None, note="; ".join(filter(None, (staged, bnb_note))))
+            yield Row(f"{fwd} vs cuBLAS", "ms", fwd_ms, anchor=torch_fwd_ms,
+                      anchor_name="torch bf16 matmul, dequantized W", target=1 / 1.15,
+                      note="target: at most 1.15x the bf16 matmul's time (it writes bf16, ours fp32)")
+            yield Row(f"{bwd} vs cuBLAS", "ms", dx_ms, anchor=torch_dx_ms,
+                      anchor_name="torch bf16 matmul, dequantized W", target=1 / 1.15,
+                      note="target: at most 1.15x the bf16 matmul's time (it writes bf16, ours fp32)")
+            del x, g, y, dx, tx, tg, tw, ref_y, ref_dx
+            _free_gpu(device)
+    del weights
+    _free_gpu(device)
+
+
 SUITES: dict[str, Callable[[str, bool], Iterator[Row]]] = {
     "ceilings": ceilings,
     "rmsnorm": rmsnorm,
     "gemm": gemm,
     "block": block,
     "adamw": adamw,
+    "nf4": nf4,
 }
