@@ -1,5 +1,6 @@
 // TransformerConfig, CudaBlock (the fp32 kind) and CudaGradWorkspace.
 #include <cmath>
+#include <set>
 
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
@@ -8,6 +9,7 @@
 #include "cudablocks/block.hpp"
 #include "cudablocks/config.hpp"
 #include "cudablocks/errors.hpp"
+#include "cudablocks/nf4_block.hpp"
 
 namespace cudablocks::python {
 
@@ -172,17 +174,17 @@ void bind_config(py::module_& m) {
                       }));
 }
 
-std::shared_ptr<CudaBlock> make_fp32(const TransformerConfig& config, int layer_idx, const py::dict& weights,
-                                     const Device& device, std::int64_t max_tokens, const std::string& precision) {
-  const Precision prec = precision_from_name(precision);
+// {name: float array} as a WeightMap of float32 C-contiguous copies kept alive in `keep`; names in
+// `skip` are left out.
+WeightMap float_weights(const py::dict& weights, std::vector<py::array>& keep, const std::set<std::string>& skip = {}) {
   py::module_ np = py::module_::import("numpy");
-  std::vector<py::array> keep;  // float32 C-contiguous copies (or the arrays themselves)
   WeightMap map;
   for (auto item : weights) {
     if (!py::isinstance<py::str>(item.first)) {
       throw InvalidArgumentError("weight names must be str, got " + std::string(py::repr(item.first)));
     }
     const std::string name = item.first.cast<std::string>();
+    if (skip.count(name) != 0) continue;
     py::object value = py::reinterpret_borrow<py::object>(item.second);
     if (!py::isinstance<py::array>(value)) {
       throw DtypeError("weight '" + name + "' must be a numpy array (float32, bfloat16 or float16), got " +
@@ -196,14 +198,120 @@ std::shared_ptr<CudaBlock> make_fp32(const TransformerConfig& config, int layer_
     map[name] = HostTensor{Shape(array.shape(), array.shape() + array.ndim()), static_cast<const float*>(array.data())};
     keep.push_back(std::move(array));
   }
+  return map;
+}
+
+std::shared_ptr<CudaBlock> make_fp32(const TransformerConfig& config, int layer_idx, const py::dict& weights,
+                                     const Device& device, std::int64_t max_tokens, const std::string& precision) {
+  const Precision prec = precision_from_name(precision);
+  std::vector<py::array> keep;
+  const WeightMap map = float_weights(weights, keep);
   py::gil_scoped_release release;
   return Fp32Block::create(config, layer_idx, map, device, max_tokens, prec);
+}
+
+LoraConfig lora_from_python(const py::object& obj) {
+  LoraConfig c;
+  auto get = [&](const char* name) {
+    if (!py::hasattr(obj, name)) {
+      throw InvalidArgumentError("lora must be a cudablocks.LoraConfig (it has no '" + std::string(name) + "'), got " +
+                                 std::string(py::repr(obj)));
+    }
+    return obj.attr(name);
+  };
+  c.rank = get("rank").cast<int>();
+  c.alpha = get("alpha").cast<double>();
+  py::object targets = get("targets");
+  if (py::isinstance<py::str>(targets)) {
+    c.targets = {targets.cast<std::string>()};
+  } else {
+    c.targets.clear();
+    for (const py::handle& t : targets) {
+      if (!py::isinstance<py::str>(t)) {
+        throw InvalidArgumentError("LoraConfig: targets must be names like 'q_proj', got " + std::string(py::repr(t)));
+      }
+      c.targets.push_back(t.cast<std::string>());
+    }
+  }
+  c.use_rslora = get("use_rslora").cast<bool>();
+  c.dropout = get("dropout").cast<double>();
+  c.seed = get("seed").cast<std::uint64_t>();
+  return c;
+}
+
+bool is_uint8(const py::handle& value) {
+  if (!py::hasattr(value, "dtype")) return false;
+  const std::string dtype = py::str(value.attr("dtype"));
+  return dtype == "uint8" || dtype == "torch.uint8";
+}
+
+// An nf4 block from float weights and/or bitsandbytes 4-bit entries (or cudablocks.nf4.Nf4Tensor values).
+std::shared_ptr<CudaBlock> make_nf4(const TransformerConfig& config, int layer_idx, const py::dict& weights,
+                                    const Device& device, std::int64_t max_tokens, const py::object& lora,
+                                    const std::string& compute, bool double_quant) {
+  const Precision prec = precision_from_name(compute);
+  LoraConfig lora_config;
+  if (!lora.is_none()) {
+    lora_config = lora_from_python(lora);
+    lora_config.validate();
+  }
+  py::module_ nf4 = py::module_::import("cudablocks.nf4");
+  py::object tensor_class = nf4.attr("Nf4Tensor");
+  Nf4WeightMap quantized;
+  std::set<std::string> consumed;
+  for (const char* path : kNf4ProjectionPaths) {
+    const std::string w = std::string(path) + ".weight";
+    const std::string state_key = w + ".quant_state.bitsandbytes__nf4";
+    py::object t = py::none();
+    if (weights.contains(w) && py::isinstance(weights[py::str(w)], tensor_class)) {
+      t = weights[py::str(w)];
+    } else if (weights.contains(state_key) || (weights.contains(w) && is_uint8(weights[py::str(w)]))) {
+      t = tensor_class.attr("from_bnb_state_dict")(weights, std::string(path) + ".", device);
+    }
+    if (t.is_none()) continue;
+    Nf4Weight nw;
+    for (const py::handle& dim : t.attr("shape")) nw.shape.push_back(dim.cast<std::int64_t>());
+    nw.blocksize = t.attr("blocksize").cast<int>();
+    auto buffer = [&](const char* name) {
+      py::object b = t.attr(name);
+      return b.is_none() ? Buffer() : b.cast<PyBuffer>().buffer;
+    };
+    nw.packed = buffer("packed");
+    if (t.attr("double_quant").cast<bool>()) {
+      nw.qabsmax = buffer("qabsmax");
+      nw.absmax2 = buffer("absmax2");
+      nw.offset = buffer("offset_buffer");
+      nw.code = buffer("nested_quant_map");
+    } else {
+      nw.absmax = buffer("absmax");
+    }
+    quantized[w] = nw;
+    for (auto item : weights) {
+      const std::string key = py::str(item.first);
+      if (key == w || key.rfind(w + ".", 0) == 0) consumed.insert(key);
+    }
+  }
+  std::vector<py::array> keep;
+  const WeightMap dense = float_weights(weights, keep, consumed);
+  py::gil_scoped_release release;
+  return Nf4Block::create(config, layer_idx, dense, quantized, device, max_tokens, lora.is_none() ? nullptr : &lora_config,
+                          prec, double_quant);
+}
+
+std::shared_ptr<CudaGradWorkspace> lora_workspace(const CudaBlock& self, const py::object& stream_arg) {
+  self.require_lora("new_lora_grad_workspace");
+  const Stream stream = block_stream(stream_arg, self.device());
+  py::gil_scoped_release release;
+  auto ws = self.new_lora_grad_workspace(stream);
+  if (stream_arg.is_none()) stream.synchronize();
+  return ws;
 }
 
 void bind_block_class(py::module_& m) {
   py::class_<CudaBlock, std::shared_ptr<CudaBlock>>(
       m, "CudaBlock",
-      "One decoder layer living on a device. Make one with CudaBlock.fp32(...); see DESIGN §3-§4.")
+      "One decoder layer living on a device. Make one with CudaBlock.fp32(...) (trainable fp32 weights) or "
+      "CudaBlock.nf4(...) (frozen NF4 weights, optional LoRA adapters); see DESIGN §3-§5.")
       .def_static("fp32", &make_fp32, py::arg("config"), py::arg("layer_idx"), py::arg("weights"), py::arg("device"),
                   py::arg("max_tokens"), py::arg("precision") = "fp32",
                   "An fp32 block from {HF name relative to the layer: numpy array} (float32, bfloat16 or float16), "
@@ -219,6 +327,96 @@ void bind_block_class(py::module_& m) {
                              "Activation bytes kept from forward to backward, per token.")
       .def_property_readonly("scratch_bytes_per_token", &CudaBlock::scratch_bytes_per_token,
                              "Transient scratch bytes per token of max_tokens.")
+      .def_static("nf4", &make_nf4, py::arg("config"), py::arg("layer_idx"), py::arg("weights"), py::arg("device"),
+                  py::arg("max_tokens"), py::arg("lora") = py::none(), py::arg("compute") = "bf16",
+                  py::arg("double_quant") = false,
+                  "An nf4 block: frozen NF4 projections (bitsandbytes' format), optional LoRA adapters. weights: "
+                  "{HF name relative to the layer: array}: float projections are quantized on `device` (blocksize 64, "
+                  "double-quantized with double_quant); a projection may instead come as its bitsandbytes 4-bit "
+                  "entries ('<proj>.weight' uint8, '.absmax', '.quant_map', '.nested_*', '.quant_state.bitsandbytes__nf4') "
+                  "or as a cudablocks.nf4.Nf4Tensor. Norm weights and biases in float. lora: None or a "
+                  "cudablocks.LoraConfig. compute: \"bf16\" (default), \"tf32\" or \"fp32\" for the products.")
+      .def_property_readonly("device_bytes", &CudaBlock::device_bytes,
+                             "Device bytes of the resident parameters (nf4: packed weights, scales, norms, biases, LoRA).")
+      .def_property_readonly("activation_bytes", &CudaBlock::activation_bytes,
+                             "Device bytes of the activations, scratch and indices held for max_tokens.")
+      .def_property_readonly("has_lora", [](const CudaBlock& b) {
+            auto* nf4 = dynamic_cast<const Nf4Block*>(&b);
+            return nf4 != nullptr && nf4->has_lora();
+          })
+      .def_property_readonly("lora_layout", [](const CudaBlock& b) {
+            b.require_lora("lora_layout");
+            return layout_list(*b.lora_layout());
+          }, "[(PEFT name relative to the layer, offset in floats, shape, True)] of the LoRA adapters' flat allocation.")
+      .def("new_lora_grad_workspace", &lora_workspace, py::arg("stream") = py::none(),
+           "A zeroed CudaGradWorkspace for the LoRA adapters (one contiguous allocation).")
+      .def("backward_lora", [](CudaBlock& self, const PyBuffer& x, const PyBuffer& grad_out, PyBuffer& grad_in,
+                               const py::object& seq_lens, const py::object& stream_arg, CudaGradWorkspace* lora_ws) {
+            self.require_lora("backward_lora");
+            if (lora_ws == nullptr) {
+              throw InvalidArgumentError("backward_lora needs lora_ws: make one with block.new_lora_grad_workspace()");
+            }
+            const std::vector<std::int64_t> lens = to_seq_lens(seq_lens);
+            const Stream stream = stream_or(stream_arg, grad_in);
+            {
+              py::gil_scoped_release release;
+              self.backward_lora(x.buffer, grad_out.buffer, grad_in.buffer, lens, stream, *lora_ws);
+            }
+            grad_in.stream = stream;
+          }, py::arg("x"), py::arg("grad_out"), py::arg("grad_in"), py::arg("seq_lens"), py::arg("stream") = py::none(),
+          py::arg("lora_ws") = nullptr,
+          "After forward(x, ..., seq_lens): grad_in = dL/dx through the frozen weights; the LoRA gradients are ADDED "
+          "into lora_ws.")
+      .def("init_lora_optimizer_state", [](const CudaBlock& self, const py::object& stream_arg) {
+            self.require_lora("init_lora_optimizer_state");
+            const Stream stream = block_stream(stream_arg, self.device());
+            py::gil_scoped_release release;
+            auto state = self.init_lora_optimizer_state(stream);
+            if (stream_arg.is_none()) stream.synchronize();
+            return state;
+          }, py::arg("stream") = py::none(), "Zeroed AdamW moments for the LoRA adapters.")
+      .def("lora_optimizer_step", [](CudaBlock& self, GpuBlockOptimizerState& state, std::int64_t step, float lr,
+                                     float beta1, float beta2, float eps, float weight_decay,
+                                     const py::object& stream_arg, const CudaGradWorkspace* lora_ws,
+                                     const GradNorm* grad_norm, float max_grad_norm) {
+            self.require_lora("lora_optimizer_step");
+            if (lora_ws == nullptr) throw InvalidArgumentError("lora_optimizer_step needs lora_ws, the gradients to apply");
+            AdamWHyper hyper;
+            hyper.lr = lr;
+            hyper.beta1 = beta1;
+            hyper.beta2 = beta2;
+            hyper.eps = eps;
+            hyper.weight_decay = weight_decay;
+            hyper.step = step;
+            hyper.max_grad_norm = max_grad_norm;
+            validate(hyper);
+            const Stream stream = stream_arg.is_none() ? lora_ws->last_stream() : stream_arg.cast<Stream>();
+            py::gil_scoped_release release;
+            self.lora_optimizer_step(state, hyper, stream, *lora_ws, grad_norm);
+          }, py::arg("state"), py::arg("step"), py::arg("lr"), py::arg("beta1") = 0.9f, py::arg("beta2") = 0.999f,
+          py::arg("eps") = 1e-8f, py::arg("weight_decay") = 0.01f, py::arg("stream") = py::none(),
+          py::arg("lora_ws") = nullptr, py::kw_only(), py::arg("grad_norm") = nullptr,
+          py::arg("max_grad_norm") = INFINITY,
+          "One AdamW step over every LoRA adapter (torch.optim.AdamW; weight decay on all of them), clipped with "
+          "grad_norm as optimizer_step.")
+      .def("download_lora_weights", [](const CudaBlock& self, const py::object& stream_arg) {
+            self.require_lora("download_lora_weights");
+            auto layout = self.lora_layout();
+            const Stream stream = stream_arg.is_none() ? self.last_stream() : stream_arg.cast<Stream>();
+            return named_arrays(*layout, [&](float* dst) { self.download_lora_weights(dst, stream); });
+          }, py::arg("stream") = py::none(),
+          "{PEFT name relative to the layer ('self_attn.q_proj.lora_A.weight', ...): float32 numpy array}.")
+      .def("upload_lora_weights", [](CudaBlock& self, const py::dict& weights, const py::object& stream_arg) {
+            self.require_lora("upload_lora_weights");
+            std::vector<py::array> keep;
+            const WeightMap map = float_weights(weights, keep);
+            // Default: ordered after the block's latest work (which may read the adapters).
+            const Stream stream = stream_arg.is_none() ? self.last_stream() : stream_arg.cast<Stream>();
+            py::gil_scoped_release release;
+            self.upload_lora_weights(map, stream);
+            stream.synchronize();
+          }, py::arg("weights"), py::arg("stream") = py::none(),
+          "Sets LoRA adapters from {PEFT name relative to the layer: array} (any subset; all checked first).")
       .def_property_readonly("param_layout", [](const CudaBlock& b) { return layout_list(*b.param_layout()); },
                              "[(HF name, offset in floats, shape, is_matrix)] of the flat parameters and gradients.")
       .def("forward", [](CudaBlock& self, const PyBuffer& x, PyBuffer& out, const py::object& seq_lens,
@@ -234,6 +432,7 @@ void bind_block_class(py::module_& m) {
           "out = layer(x) for packed sequences x, out float32 [sum(seq_lens), hidden]. Saves what backward needs.")
       .def("backward", [](CudaBlock& self, const PyBuffer& x, const PyBuffer& grad_out, PyBuffer& grad_in,
                           const py::object& seq_lens, const py::object& stream_arg, CudaGradWorkspace* grad_ws) {
+            self.require_full_training("backward");
             if (grad_ws == nullptr) {
               throw InvalidArgumentError("backward needs grad_ws: make one with cudablocks.CudaGradWorkspace(block)");
             }
@@ -255,12 +454,14 @@ void bind_block_class(py::module_& m) {
             return ws;
           }, py::arg("stream") = py::none(), "A zeroed CudaGradWorkspace for this block's parameters.")
       .def("download_weights", [](const CudaBlock& self, const py::object& stream_arg) {
+            self.require_full_training("download_weights");
             auto layout = self.param_layout();
             const Stream stream = stream_arg.is_none() ? self.last_stream() : stream_arg.cast<Stream>();
             return named_arrays(*layout, [&](float* dst) { self.download_weights(dst, stream); });
           }, py::arg("stream") = py::none(), "{HF name relative to the layer: float32 numpy array}, after the work queued on `stream` "
           "(default: the stream of the block's latest call).")
       .def("init_optimizer_state", [](const CudaBlock& self, const py::object& stream_arg) {
+            self.require_full_training("init_optimizer_state");
             const Stream stream = block_stream(stream_arg, self.device());
             py::gil_scoped_release release;
             auto state = self.init_optimizer_state(stream);
@@ -271,6 +472,7 @@ void bind_block_class(py::module_& m) {
                                 float beta2, float eps, float weight_decay, const py::object& stream_arg,
                                 const CudaGradWorkspace* grad_ws, const GradNorm* grad_norm, float max_grad_norm,
                                 bool decay_norms_and_biases) {
+            self.require_full_training("optimizer_step");
             if (grad_ws == nullptr) throw InvalidArgumentError("optimizer_step needs grad_ws, the gradients to apply");
             AdamWHyper hyper;
             hyper.lr = lr;

@@ -11,11 +11,18 @@ The core objects::
     blk.forward(x, out, seq_lens, stream)
     grad_ws = cb.CudaGradWorkspace(blk)
     blk.backward(x, grad_out, grad_in, seq_lens, stream, grad_ws)
+
+    # QLoRA: frozen NF4 weights, LoRA adapters trained through them.
+    q = cb.CudaBlock.nf4(cfg, layer_idx, weights, device=dev, max_tokens=4096,
+                         lora=cb.LoraConfig(rank=16, alpha=32, targets=("q_proj", "v_proj")))
+    lora_ws = q.new_lora_grad_workspace()
+    q.forward(x, out, seq_lens, stream)
+    q.backward_lora(x, grad_out, grad_in, seq_lens, stream, lora_ws)
 """
 
 from __future__ import annotations
 
-from cudablocks import config, errors, nf4, ops
+from cudablocks import config, errors, lora, nf4, ops
 from cudablocks._core import (
     CudaBlock,
     CudaEvent,
@@ -42,6 +49,7 @@ from cudablocks.errors import (
     ShapeError,
     UnsupportedOperationError,
 )
+from cudablocks.lora import LORA_TARGETS, LoraConfig
 
 __version__ = "0.1.0"
 
@@ -59,6 +67,8 @@ __all__ = [
     "DtypeError",
     "GpuBuffer",
     "InvalidArgumentError",
+    "LORA_TARGETS",
+    "LoraConfig",
     "MemoryStats",
     "OutOfMemoryError",
     "ShapeError",
@@ -68,6 +78,7 @@ __all__ = [
     "cuda_backend_built",
     "cuda_device_count",
     "errors",
+    "lora",
     "memory_stats",
     "nf4",
     "ops",

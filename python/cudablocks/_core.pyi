@@ -198,8 +198,27 @@ class CudaBlock:
         max_tokens: int,
         precision: str = "fp32",
     ) -> CudaBlock: ...
+    @staticmethod
+    def nf4(
+        config: TransformerConfig,
+        layer_idx: int,
+        weights: dict[str, Any],
+        device: DeviceLike,
+        max_tokens: int,
+        lora: Any | None = None,
+        compute: str = "bf16",
+        double_quant: bool = False,
+    ) -> CudaBlock: ...
     @property
     def kind(self) -> str: ...
+    @property
+    def device_bytes(self) -> int: ...
+    @property
+    def activation_bytes(self) -> int: ...
+    @property
+    def has_lora(self) -> bool: ...
+    @property
+    def lora_layout(self) -> list[ParamLayoutRow]: ...
     @property
     def layer_idx(self) -> int: ...
     @property
@@ -247,6 +266,34 @@ class CudaBlock:
         max_grad_norm: float = ...,
         decay_norms_and_biases: bool = False,
     ) -> None: ...
+    def new_lora_grad_workspace(self, stream: CudaStream | None = None) -> CudaGradWorkspace: ...
+    def backward_lora(
+        self,
+        x: GpuBuffer,
+        grad_out: GpuBuffer,
+        grad_in: GpuBuffer,
+        seq_lens: int | list[int],
+        stream: CudaStream | None = None,
+        lora_ws: CudaGradWorkspace | None = None,
+    ) -> None: ...
+    def init_lora_optimizer_state(self, stream: CudaStream | None = None) -> GpuBlockOptimizerState: ...
+    def lora_optimizer_step(
+        self,
+        state: GpuBlockOptimizerState,
+        step: int,
+        lr: float,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        stream: CudaStream | None = None,
+        lora_ws: CudaGradWorkspace | None = None,
+        *,
+        grad_norm: GradNorm | None = None,
+        max_grad_norm: float = ...,
+    ) -> None: ...
+    def download_lora_weights(self, stream: CudaStream | None = None) -> dict[str, np.ndarray]: ...
+    def upload_lora_weights(self, weights: dict[str, Any], stream: CudaStream | None = None) -> None: ...
 
 class CudaGradWorkspace:
     def __init__(self, block: CudaBlock, stream: CudaStream | None = None) -> None: ...

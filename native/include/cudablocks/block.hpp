@@ -3,6 +3,7 @@
 // CudaBlock is the variant (entrenar's name) that the pipeline holds; Fp32Block is its fp32
 // kind: trainable fp32 weights, forward, full backward. Everything here is written against the
 // Backend op interface (backend.hpp) and so runs on the CPU reference backend and on CUDA.
+// The nf4 kind (frozen NF4 weights, LoRA adapters) is Nf4Block in nf4_block.hpp.
 //
 // ---- Parameters (ParamLayout) -----------------------------------------------------------------
 // All parameters of a block live in ONE contiguous fp32 allocation, and a CudaGradWorkspace has
@@ -124,6 +125,8 @@ struct ParamEntry {
 class ParamLayout {
  public:
   explicit ParamLayout(const TransformerConfig& config);
+  // A layout of explicit entries (the LoRA adapters of an nf4 block); fused offsets stay -1.
+  ParamLayout(std::vector<ParamEntry> entries, std::int64_t total_floats);
 
   const std::vector<ParamEntry>& entries() const { return entries_; }
   const ParamEntry* find(const std::string& name) const;  // nullptr when absent
@@ -245,6 +248,34 @@ class CudaBlock {
   // transient scratch (including the attention backward's workspace) per token of max_tokens.
   virtual std::int64_t saved_bytes_per_token() const { return 0; }
   virtual std::int64_t scratch_bytes_per_token() const { return 0; }
+  // Device bytes of the block's resident parameters (weights in their stored form, norms, biases,
+  // LoRA adapters, a bf16 weight copy): what stays on the device however many tokens it runs.
+  virtual std::int64_t device_bytes() const { return 0; }
+  // Device bytes of everything else the block owns: activations, scratch and index buffers for
+  // max_tokens (NF4 blocks also share a per-device dequantization scratch, not counted here).
+  virtual std::int64_t activation_bytes() const { return 0; }
+
+  // Throws UnsupportedOperationError naming `call` (backward, new_grad_workspace, param_layout,
+  // download_weights, init_optimizer_state, optimizer_step) and what to use instead, unless the
+  // block trains all its weights (fp32). Bindings call it before converting arguments.
+  virtual void require_full_training(const std::string& call) const;
+
+  // ---- LoRA (nf4 blocks made with a LoraConfig; see nf4_block.hpp) ----
+  // Throws UnsupportedOperationError naming `call` unless the block has LoRA adapters.
+  virtual void require_lora(const std::string& call) const;
+  // Names (PEFT's, relative to the layer), offsets and shapes of the adapters' flat allocation.
+  virtual std::shared_ptr<const ParamLayout> lora_layout() const;
+  virtual void backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& grad_in,
+                             const std::vector<std::int64_t>& seq_lens, const Stream& stream,
+                             CudaGradWorkspace& lora_ws);
+  virtual std::shared_ptr<CudaGradWorkspace> new_lora_grad_workspace(const Stream& stream) const;
+  virtual std::shared_ptr<GpuBlockOptimizerState> init_lora_optimizer_state(const Stream& stream) const;
+  virtual void lora_optimizer_step(GpuBlockOptimizerState& state, const AdamWHyper& hyper, const Stream& stream,
+                                   const CudaGradWorkspace& lora_ws, const GradNorm* grad_norm);
+  // All lora_layout()->total_floats() floats to host memory, and named tensors back (any subset
+  // of the layout's names; everything is validated before anything is written).
+  virtual void download_lora_weights(float* host, const Stream& stream) const;
+  virtual void upload_lora_weights(const WeightMap& weights, const Stream& stream);
 
  protected:
   CudaBlock(const TransformerConfig& config, int layer_idx, const Device& device, std::int64_t max_tokens,
@@ -275,6 +306,7 @@ class Fp32Block final : public CudaBlock {
                                            const Device& device, std::int64_t max_tokens, Precision precision);
 
   const char* kind() const override { return "fp32"; }
+  void require_full_training(const std::string&) const override {}
   void forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens,
                const Stream& stream) override;
   void backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_in, const std::vector<std::int64_t>& seq_lens,
@@ -288,6 +320,8 @@ class Fp32Block final : public CudaBlock {
                       bool decay_norms_and_biases) override;
   std::int64_t saved_bytes_per_token() const override;
   std::int64_t scratch_bytes_per_token() const override;
+  std::int64_t device_bytes() const override;
+  std::int64_t activation_bytes() const override;
 
   const Buffer& params() const { return params_; }  // the flat parameter allocation
 

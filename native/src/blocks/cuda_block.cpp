@@ -40,30 +40,81 @@ void CudaBlock::unsupported(const std::string& call, const std::string& instead)
                                   (instead.empty() ? std::string() : ": " + instead));
 }
 
+void CudaBlock::require_full_training(const std::string& call) const {
+  const std::string train = "its weights are frozen: train LoRA adapters with backward_lora(), init_lora_optimizer_state() "
+                            "and lora_optimizer_step() (make the block with lora=cudablocks.LoraConfig(...)), or use an "
+                            "fp32 block (CudaBlock.fp32) to train every weight";
+  if (call == "download_weights" || call == "param_layout") {
+    unsupported(call, "its weights are frozen NF4: download_lora_weights() gives the LoRA adapters (PEFT names) and "
+                      "cudablocks.nf4.dequantize the weights' values; an fp32 block (CudaBlock.fp32) has downloadable weights");
+  }
+  if (call == "new_grad_workspace") {
+    unsupported("a gradient workspace", "its weights are frozen: new_lora_grad_workspace() holds the LoRA adapters' "
+                                        "gradients; an fp32 block (CudaBlock.fp32) trains every weight");
+  }
+  unsupported(call, train);
+}
+
 void CudaBlock::backward(const Buffer&, const Buffer&, Buffer&, const std::vector<std::int64_t>&, const Stream&,
                          CudaGradWorkspace&) {
-  unsupported("backward", "use an fp32 block (CudaBlock.fp32) to train every weight");
+  require_full_training("backward");
 }
 
 std::shared_ptr<CudaGradWorkspace> CudaBlock::new_grad_workspace(const Stream&) const {
-  unsupported("a gradient workspace", "use an fp32 block (CudaBlock.fp32) to train every weight");
+  require_full_training("new_grad_workspace");
+  return nullptr;
 }
 
 std::shared_ptr<const ParamLayout> CudaBlock::param_layout() const {
-  unsupported("param_layout", "");
+  require_full_training("param_layout");
+  return nullptr;
 }
 
-void CudaBlock::download_weights(float*, const Stream&) const {
-  unsupported("download_weights", "use an fp32 block (CudaBlock.fp32)");
-}
+void CudaBlock::download_weights(float*, const Stream&) const { require_full_training("download_weights"); }
 
 std::shared_ptr<GpuBlockOptimizerState> CudaBlock::init_optimizer_state(const Stream&) const {
-  unsupported("init_optimizer_state", "train the LoRA adapters with init_lora_optimizer_state()");
+  require_full_training("init_optimizer_state");
+  return nullptr;
 }
 
 void CudaBlock::optimizer_step(GpuBlockOptimizerState&, const AdamWHyper&, const Stream&, const CudaGradWorkspace&,
                                const GradNorm*, bool) {
-  unsupported("optimizer_step", "train the LoRA adapters with lora_optimizer_step()");
+  require_full_training("optimizer_step");
 }
+
+// LoRA: every call goes through require_lora first, which refuses on blocks without adapters.
+void CudaBlock::require_lora(const std::string& call) const {
+  unsupported(call, "this block has no LoRA adapters; an fp32 block trains every weight with backward() and "
+                    "optimizer_step(); for LoRA make an nf4 block with CudaBlock.nf4(..., lora=cudablocks.LoraConfig(...))");
+}
+
+std::shared_ptr<const ParamLayout> CudaBlock::lora_layout() const {
+  require_lora("lora_layout");
+  return nullptr;
+}
+
+void CudaBlock::backward_lora(const Buffer&, const Buffer&, Buffer&, const std::vector<std::int64_t>&, const Stream&,
+                              CudaGradWorkspace&) {
+  require_lora("backward_lora");
+}
+
+std::shared_ptr<CudaGradWorkspace> CudaBlock::new_lora_grad_workspace(const Stream&) const {
+  require_lora("new_lora_grad_workspace");
+  return nullptr;
+}
+
+std::shared_ptr<GpuBlockOptimizerState> CudaBlock::init_lora_optimizer_state(const Stream&) const {
+  require_lora("init_lora_optimizer_state");
+  return nullptr;
+}
+
+void CudaBlock::lora_optimizer_step(GpuBlockOptimizerState&, const AdamWHyper&, const Stream&, const CudaGradWorkspace&,
+                                    const GradNorm*) {
+  require_lora("lora_optimizer_step");
+}
+
+void CudaBlock::download_lora_weights(float*, const Stream&) const { require_lora("download_lora_weights"); }
+
+void CudaBlock::upload_lora_weights(const WeightMap&, const Stream&) { require_lora("upload_lora_weights"); }
 
 }  // namespace cudablocks

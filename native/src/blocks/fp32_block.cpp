@@ -5,129 +5,16 @@
 #include <cstring>
 #include <limits>
 
+#include "blocks/block_internal.hpp"
 #include "core/checks.hpp"
 #include "cudablocks/block.hpp"
 #include "cudablocks/errors.hpp"
 
 namespace cudablocks {
 
+using namespace blocks;
+
 namespace {
-
-constexpr std::int64_t kAlign = 64;  // floats between activation segments
-std::int64_t align_up(std::int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-
-// Widths (floats per token) of the saved activations and of the scratch buffers.
-struct Widths {
-  std::int64_t H, q, kv, I, nq, nkv;
-  explicit Widths(const TransformerConfig& c)
-      : H(c.hidden_size), q(c.num_attention_heads * c.head_dim), kv(c.num_key_value_heads * c.head_dim),
-        I(c.intermediate_size), nq(c.num_attention_heads), nkv(c.num_key_value_heads) {}
-};
-
-// Offsets (in floats) of the [max_tokens, width] segments of one allocation.
-struct Segments {
-  std::int64_t at = 0;
-  std::int64_t add(std::int64_t tokens, std::int64_t width) {
-    const std::int64_t start = at;
-    at = align_up(at + tokens * width);
-    return start;
-  }
-};
-
-// The saved activations' offsets; widths documented in block.hpp.
-struct SavedLayout {
-  std::int64_t q_raw, k_raw, v, att, r, gate_up, lse, rstd_q, rstd_k, rstd1, rstd2, total;
-  SavedLayout(const TransformerConfig& c, std::int64_t t) {
-    Widths w(c);
-    Segments s;
-    q_raw = s.add(t, w.q);
-    k_raw = s.add(t, w.kv);
-    v = s.add(t, w.kv);
-    att = s.add(t, w.q);
-    r = s.add(t, w.H);
-    gate_up = s.add(t, 2 * w.I);
-    lse = s.add(t, w.nq);
-    rstd_q = c.qk_norm ? s.add(t, w.nq) : -1;
-    rstd_k = c.qk_norm ? s.add(t, w.nkv) : -1;
-    rstd1 = s.add(t, 1);
-    rstd2 = s.add(t, 1);
-    total = s.at;
-  }
-  static std::int64_t floats_per_token(const TransformerConfig& c) {
-    Widths w(c);
-    return 2 * w.q + 2 * w.kv + w.H + 2 * w.I + w.nq + (c.qk_norm ? w.nq + w.nkv : 0) + 2;
-  }
-};
-
-// Scratch: sh [T, H] (h, g, dg, dh), then a union region used by the attention phase
-// (q_rot, k_rot, d_att, dq_rot, dk_rot, dv) or by the MLP phase (act / d_act, d_gate_up), then
-// the attention backward's workspace.
-struct ScratchLayout {
-  std::int64_t sh, q_rot, k_rot, d_att, dq_rot, dk_rot, dv, act, d_gate_up, attn_ws, total;
-  ScratchLayout(const TransformerConfig& c, std::int64_t t, std::int64_t attn_ws_floats) {
-    Widths w(c);
-    Segments s;
-    sh = s.add(t, w.H);
-    const std::int64_t union_start = s.at;
-    q_rot = s.add(t, w.q);
-    k_rot = s.add(t, w.kv);
-    d_att = s.add(t, w.q);
-    dq_rot = s.add(t, w.q);
-    dk_rot = s.add(t, w.kv);
-    dv = s.add(t, w.kv);
-    const std::int64_t attention_end = s.at;
-    s.at = union_start;
-    act = s.add(t, w.I);
-    d_gate_up = s.add(t, 2 * w.I);
-    s.at = std::max(s.at, attention_end);
-    attn_ws = s.add(1, attn_ws_floats);
-    total = s.at;
-  }
-  static std::int64_t floats_per_token(const TransformerConfig& c) {
-    Widths w(c);
-    return w.H + std::max(3 * w.q + 3 * w.kv, 3 * w.I);
-  }
-};
-
-// bf16 mode: the bf16 operands of the GEMMs (in bf16 elements), converted right before use.
-//   a [T, max(H, q)]           h, att, g (the activation side of the forward products and of dW)
-//   b [T, max(2I, q + 2kv)]    act, then d_gate_up; dq | dk | dv (each segment aligned)
-//   c [T, H]                   dy, then dr (the incoming gradients)
-struct Bf16ScratchLayout {
-  std::int64_t a, b, dk, dv, c, total;
-  Bf16ScratchLayout(const TransformerConfig& cfg, std::int64_t t) {
-    Widths w(cfg);
-    Segments s;
-    a = s.add(t, std::max(w.H, w.q));
-    b = s.at;
-    const std::int64_t qkv_end = align_up(align_up(b + t * w.q) + align_up(t * w.kv) + t * w.kv);
-    dk = align_up(b + t * w.q);
-    dv = dk + align_up(t * w.kv);
-    s.add(t, 2 * w.I);
-    s.at = std::max(s.at, qkv_end);
-    c = s.add(t, w.H);
-    total = s.at;
-  }
-  static std::int64_t elements_per_token(const TransformerConfig& cfg) {
-    Widths w(cfg);
-    return std::max(w.H, w.q) + std::max(2 * w.I, w.q + 2 * w.kv) + w.H;
-  }
-};
-
-std::string lens_str(const std::vector<std::int64_t>& lens) {
-  std::string text = "[";
-  const std::size_t shown = std::min<std::size_t>(lens.size(), 8);
-  for (std::size_t i = 0; i < shown; ++i) text += (i ? ", " : "") + std::to_string(lens[i]);
-  if (lens.size() > shown) text += ", ... (" + std::to_string(lens.size()) + " sequences)";
-  return text + "]";
-}
-
-bool overlaps(const Buffer& a, const Buffer& b) {
-  if (a.nbytes() == 0 || b.nbytes() == 0) return false;
-  const char* a0 = static_cast<const char*>(a.data());
-  const char* b0 = static_cast<const char*>(b.data());
-  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
-}
 
 // The block's matrix products in its precision: fp32 operands through Backend::gemm (FP32, TF32),
 // or (BF16) the bf16 copies of the same operands through Backend::gemm_bf16. Each operand comes
@@ -245,6 +132,14 @@ std::int64_t Fp32Block::scratch_bytes_per_token() const {
          bf16_bytes;
 }
 
+std::int64_t Fp32Block::device_bytes() const {
+  return static_cast<std::int64_t>(params_.nbytes() + params_bf16_.nbytes());
+}
+
+std::int64_t Fp32Block::activation_bytes() const {
+  return static_cast<std::int64_t>(saved_.nbytes() + scratch_.nbytes() + scratch_bf16_.nbytes() + indices_.nbytes());
+}
+
 std::shared_ptr<CudaGradWorkspace> Fp32Block::new_grad_workspace(const Stream& stream) const {
   return std::make_shared<CudaGradWorkspace>(layout_, device_, stream);
 }
@@ -259,50 +154,16 @@ void Fp32Block::download_weights(float* host, const Stream& stream) const {
 // ---- checks -----------------------------------------------------------------------------------
 
 Fp32Block::Batch Fp32Block::check_batch(const std::vector<std::int64_t>& seq_lens, const char* call) const {
-  if (seq_lens.empty()) throw InvalidArgumentError(std::string(call) + ": seq_lens is empty; give at least one sequence");
-  Batch batch;
-  batch.cu_seqlens.reserve(seq_lens.size() + 1);
-  batch.cu_seqlens.push_back(0);
-  for (std::size_t i = 0; i < seq_lens.size(); ++i) {
-    const std::int64_t len = seq_lens[i];
-    if (len <= 0) {
-      throw InvalidArgumentError(std::string(call) + ": seq_lens[" + std::to_string(i) + "] is " + std::to_string(len) +
-                                 "; every sequence needs at least one token (seq_lens " + lens_str(seq_lens) + ")");
-    }
-    if (len > max_tokens_ - batch.tokens) {
-      std::int64_t total = 0;
-      for (std::int64_t l : seq_lens) total += std::max<std::int64_t>(l, 0);
-      throw InvalidArgumentError(std::string(call) + ": seq_lens " + lens_str(seq_lens) + " add up to " +
-                                 std::to_string(total) + " tokens, more than this block's max_tokens " +
-                                 std::to_string(max_tokens_) + "; split the batch or make the block with a larger max_tokens");
-    }
-    batch.tokens += len;
-    batch.max_seqlen = std::max(batch.max_seqlen, static_cast<int>(len));
-    batch.cu_seqlens.push_back(static_cast<std::int32_t>(batch.tokens));
-  }
-  return batch;
+  blocks::Batch b = blocks::check_batch(seq_lens, max_tokens_, call);
+  return Batch{b.tokens, b.max_seqlen, std::move(b.cu_seqlens)};
 }
 
 void Fp32Block::check_activation(const Buffer& b, std::int64_t tokens, const char* name) const {
-  check_device(b, device_, name);
-  check_dtype(b, DType::Float32, name);
-  if (b.ndim() != 2 || b.shape()[1] != config_.hidden_size) {
-    throw ShapeError(std::string(name) + " must have shape [tokens, " + std::to_string(config_.hidden_size) +
-                     "] (hidden_size " + std::to_string(config_.hidden_size) + "), got " + b.describe());
-  }
-  if (b.shape()[0] != tokens) {
-    throw ShapeError(std::string(name) + " must have shape [" + std::to_string(tokens) + ", " +
-                     std::to_string(config_.hidden_size) + "] like x, got " + b.describe());
-  }
+  blocks::check_activation(b, config_, device_, tokens, name);
 }
 
 void Fp32Block::check_input(const Buffer& x, const Batch& batch, const std::vector<std::int64_t>& seq_lens) const {
-  check_activation(x, x.ndim() == 2 ? x.shape()[0] : -1, "x");
-  if (x.shape()[0] != batch.tokens) {
-    throw InvalidArgumentError("seq_lens " + lens_str(seq_lens) + " add up to " + std::to_string(batch.tokens) +
-                               " tokens but x has " + std::to_string(x.shape()[0]) + " rows (" + x.describe() +
-                               "); seq_lens must add up to the rows of x");
-  }
+  blocks::check_input(x, config_, device_, blocks::Batch{batch.tokens, batch.max_seqlen, batch.cu_seqlens}, seq_lens);
 }
 
 // ---- forward ----------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ ParamLayout::ParamLayout(const TransformerConfig& c) {
   total_ = align_up(at);
 }
 
+ParamLayout::ParamLayout(std::vector<ParamEntry> entries, std::int64_t total_floats)
+    : entries_(std::move(entries)), total_(total_floats) {}
+
 const ParamEntry* ParamLayout::find(const std::string& name) const {
   for (const ParamEntry& e : entries_) {
     if (e.name == name) return &e;

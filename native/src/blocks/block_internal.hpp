@@ -1,0 +1,150 @@
+// Internals shared by the fp32 and nf4 blocks (not installed): the saved-activation and scratch
+// layouts (documented in cudablocks/block.hpp) and the argument checks of forward/backward.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/checks.hpp"
+#include "cudablocks/block.hpp"
+#include "cudablocks/errors.hpp"
+
+namespace cudablocks::blocks {
+
+constexpr std::int64_t kAlign = 64;  // floats between activation segments
+inline std::int64_t align_up(std::int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// Widths (floats per token) of the saved activations and of the scratch buffers.
+struct Widths {
+  std::int64_t H, q, kv, I, nq, nkv;
+  explicit Widths(const TransformerConfig& c)
+      : H(c.hidden_size), q(c.num_attention_heads * c.head_dim), kv(c.num_key_value_heads * c.head_dim),
+        I(c.intermediate_size), nq(c.num_attention_heads), nkv(c.num_key_value_heads) {}
+};
+
+// Offsets (in floats) of the [max_tokens, width] segments of one allocation.
+struct Segments {
+  std::int64_t at = 0;
+  std::int64_t add(std::int64_t tokens, std::int64_t width) {
+    const std::int64_t start = at;
+    at = align_up(at + tokens * width);
+    return start;
+  }
+};
+
+// The saved activations' offsets; widths documented in block.hpp.
+struct SavedLayout {
+  std::int64_t q_raw, k_raw, v, att, r, gate_up, lse, rstd_q, rstd_k, rstd1, rstd2, total;
+  SavedLayout(const TransformerConfig& c, std::int64_t t) {
+    Widths w(c);
+    Segments s;
+    q_raw = s.add(t, w.q);
+    k_raw = s.add(t, w.kv);
+    v = s.add(t, w.kv);
+    att = s.add(t, w.q);
+    r = s.add(t, w.H);
+    gate_up = s.add(t, 2 * w.I);
+    lse = s.add(t, w.nq);
+    rstd_q = c.qk_norm ? s.add(t, w.nq) : -1;
+    rstd_k = c.qk_norm ? s.add(t, w.nkv) : -1;
+    rstd1 = s.add(t, 1);
+    rstd2 = s.add(t, 1);
+    total = s.at;
+  }
+  static std::int64_t floats_per_token(const TransformerConfig& c) {
+    Widths w(c);
+    return 2 * w.q + 2 * w.kv + w.H + 2 * w.I + w.nq + (c.qk_norm ? w.nq + w.nkv : 0) + 2;
+  }
+};
+
+// Scratch: sh [T, H] (h, g, dg, dh), then a union region used by the attention phase
+// (q_rot, k_rot, d_att, dq_rot, dk_rot, dv) or by the MLP phase (act / d_act, d_gate_up), then
+// the attention backward's workspace.
+struct ScratchLayout {
+  std::int64_t sh, q_rot, k_rot, d_att, dq_rot, dk_rot, dv, act, d_gate_up, attn_ws, total;
+  ScratchLayout(const TransformerConfig& c, std::int64_t t, std::int64_t attn_ws_floats) {
+    Widths w(c);
+    Segments s;
+    sh = s.add(t, w.H);
+    const std::int64_t union_start = s.at;
+    q_rot = s.add(t, w.q);
+    k_rot = s.add(t, w.kv);
+    d_att = s.add(t, w.q);
+    dq_rot = s.add(t, w.q);
+    dk_rot = s.add(t, w.kv);
+    dv = s.add(t, w.kv);
+    const std::int64_t attention_end = s.at;
+    s.at = union_start;
+    act = s.add(t, w.I);
+    d_gate_up = s.add(t, 2 * w.I);
+    s.at = std::max(s.at, attention_end);
+    attn_ws = s.add(1, attn_ws_floats);
+    total = s.at;
+  }
+  static std::int64_t floats_per_token(const TransformerConfig& c) {
+    Widths w(c);
+    return w.H + std::max(3 * w.q + 3 * w.kv, 3 * w.I);
+  }
+};
+
+// bf16 mode: the bf16 operands of the GEMMs (in bf16 elements), converted right before use.
+//   a [T, max(H, q)]           h, att, g (the activation side of the forward products and of dW)
+//   b [T, max(2I, q + 2kv)]    act, then d_gate_up; dq | dk | dv (each segment aligned)
+//   c [T, H]                   dy, then dr (the incoming gradients)
+struct Bf16ScratchLayout {
+  std::int64_t a, b, dk, dv, c, total;
+  Bf16ScratchLayout(const TransformerConfig& cfg, std::int64_t t) {
+    Widths w(cfg);
+    Segments s;
+    a = s.add(t, std::max(w.H, w.q));
+    b = s.at;
+    const std::int64_t qkv_end = align_up(align_up(b + t * w.q) + align_up(t * w.kv) + t * w.kv);
+    dk = align_up(b + t * w.q);
+    dv = dk + align_up(t * w.kv);
+    s.add(t, 2 * w.I);
+    s.at = std::max(s.at, qkv_end);
+    c = s.add(t, w.H);
+    total = s.at;
+  }
+  static std::int64_t elements_per_token(const TransformerConfig& cfg) {
+    Widths w(cfg);
+    return std::max(w.H, w.q) + std::max(2 * w.I, w.q + 2 * w.kv) + w.H;
+  }
+};
+
+inline std::string lens_str(const std::vector<std::int64_t>& lens) {
+  std::string text = "[";
+  const std::size_t shown = std::min<std::size_t>(lens.size(), 8);
+  for (std::size_t i = 0; i < shown; ++i) text += (i ? ", " : "") + std::to_string(lens[i]);
+  if (lens.size() > shown) text += ", ... (" + std::to_string(lens.size()) + " sequences)";
+  return text + "]";
+}
+
+inline bool overlaps(const Buffer& a, const Buffer& b) {
+  if (a.nbytes() == 0 || b.nbytes() == 0) return false;
+  const char* a0 = static_cast<const char*>(a.data());
+  const char* b0 = static_cast<const char*>(b.data());
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+// A validated seq_lens.
+struct Batch {
+  std::int64_t tokens = 0;
+  int max_seqlen = 0;
+  std::vector<std::int32_t> cu_seqlens;
+};
+
+// seq_lens: non-empty, every length >= 1, total <= max_tokens (InvalidArgumentError naming `call`).
+Batch check_batch(const std::vector<std::int64_t>& seq_lens, std::int64_t max_tokens, const char* call);
+// b: float32 [tokens, hidden_size] on `device`.
+void check_activation(const Buffer& b, const TransformerConfig& config, const Device& device, std::int64_t tokens,
+                      const char* name);
+// x as check_activation with rows == batch.tokens (InvalidArgumentError naming seq_lens otherwise).
+void check_input(const Buffer& x, const TransformerConfig& config, const Device& device, const Batch& batch,
+                 const std::vector<std::int64_t>& seq_lens);
+// Positions (restarting at 0 per sequence) then cu_seqlens, as one int32 host array.
+std::vector<std::int32_t> position_indices(const Batch& batch);
+
+}  // namespace cudablocks::blocks

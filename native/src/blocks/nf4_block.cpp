@@ -1,0 +1,880 @@
+// The nf4 decoder block: frozen NF4 projections dequantized into a shared per-device scratch
+// right before each product, optional LoRA adapters (see cudablocks/nf4_block.hpp). The rest of
+// the layer (norms, QK-norm + RoPE, attention, SwiGLU, residuals) is the fp32 block's op sequence.
+#include "cudablocks/nf4_block.hpp"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+
+#include "blocks/block_internal.hpp"
+#include "core/checks.hpp"
+#include "core/nf4_format.hpp"
+#include "cudablocks/backend.hpp"
+#include "cudablocks/errors.hpp"
+
+namespace cudablocks {
+
+using namespace blocks;
+
+const char* const kNf4Projections[7] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+const char* const kNf4ProjectionPaths[7] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                            "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
+                                            "mlp.down_proj"};
+
+namespace {
+
+enum Proj { kQ = 0, kK, kV, kO, kGate, kUp, kDown };
+
+// The products of the layer: projections stacked by rows into one GEMM (gate and up: [2I, H]).
+struct Group {
+  int first, count;
+};
+constexpr Group kGroups[6] = {{kQ, 1}, {kK, 1}, {kV, 1}, {kO, 1}, {kGate, 2}, {kDown, 1}};
+constexpr int kGroupQ = 0, kGroupK = 1, kGroupV = 2, kGroupO = 3, kGroupGU = 4, kGroupDown = 5;
+
+Shape proj_shape(const TransformerConfig& c, int p) {
+  const std::int64_t H = c.hidden_size, q = c.num_attention_heads * c.head_dim, kv = c.num_key_value_heads * c.head_dim,
+                     I = c.intermediate_size;
+  switch (p) {
+    case kQ: return {q, H};
+    case kK: case kV: return {kv, H};
+    case kO: return {H, q};
+    case kGate: case kUp: return {I, H};
+    default: return {H, I};
+  }
+}
+
+std::int64_t num_blocks(std::int64_t n, std::int64_t blocksize) { return (n + blocksize - 1) / blocksize; }
+
+// ---- the dequantization scratch shared by every nf4 block of a device ----------------------------
+// Grow-only; a replaced buffer is kept (never freed) because queued work may still read it. The
+// registry is never destroyed, so no device memory is released during static destruction.
+struct SharedScratch {
+  std::mutex mutex;
+  std::map<std::string, Buffer> current;
+  std::vector<Buffer> retired;
+};
+
+SharedScratch& shared_scratch() {
+  static SharedScratch* registry = new SharedScratch;
+  return *registry;
+}
+
+Buffer dequant_scratch(const Device& device, std::int64_t bytes) {
+  SharedScratch& s = shared_scratch();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  auto it = s.current.find(device.str());
+  if (it != s.current.end() && static_cast<std::int64_t>(it->second.nbytes()) >= bytes) return it->second;
+  if (it != s.current.end()) s.retired.push_back(it->second);
+  Buffer b = Buffer::empty({bytes}, DType::UInt8, device);
+  s.current[device.str()] = b;
+  return b;
+}
+
+std::string weight_desc(const TransformerConfig& c, int layer_idx) {
+  return "layer " + std::to_string(layer_idx) + " of " + c.describe();
+}
+
+}  // namespace
+
+// ---- LoraConfig -------------------------------------------------------------------------------
+
+void LoraConfig::validate() const {
+  if (rank < 1) throw InvalidArgumentError("LoraConfig: rank must be >= 1, got " + std::to_string(rank));
+  if (!(alpha > 0.0) || !std::isfinite(alpha)) {
+    throw InvalidArgumentError("LoraConfig: alpha must be a positive number, got " + std::to_string(alpha));
+  }
+  if (!(dropout >= 0.0 && dropout < 1.0)) {
+    throw InvalidArgumentError("LoraConfig: dropout must be in [0, 1), got " + std::to_string(dropout));
+  }
+  if (dropout > 0.0) {
+    throw UnsupportedOperationError("LoraConfig: dropout " + std::to_string(dropout) +
+                                    " is not supported by nf4 blocks yet; use dropout=0.0");
+  }
+  if (targets.empty()) throw InvalidArgumentError("LoraConfig: targets is empty; name at least one projection");
+  std::string known;
+  for (const char* name : kNf4Projections) known += (known.empty() ? "" : ", ") + std::string(name);
+  for (std::size_t i = 0; i < targets.size(); ++i) {
+    bool found = false;
+    for (const char* name : kNf4Projections) found = found || targets[i] == name;
+    if (!found) {
+      throw InvalidArgumentError("LoraConfig: unknown target '" + targets[i] + "'; targets are any of: " + known);
+    }
+    for (std::size_t j = 0; j < i; ++j) {
+      if (targets[j] == targets[i]) throw InvalidArgumentError("LoraConfig: target '" + targets[i] + "' is repeated");
+    }
+  }
+}
+
+double LoraConfig::scale() const { return use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / rank; }
+
+// ---- the machinery of one call ------------------------------------------------------------------
+
+struct Nf4Block::Impl {
+  Nf4Block& b;
+  const Backend& be;
+  const Stream& stream;
+  std::int64_t T;
+  bool bf;
+  std::uint8_t* wscratch;   // the dequantized weight of the current product
+  float* absmax_tmp;        // fp32 absmax of a double-quantized weight
+  std::uint16_t* op16;      // bf16 operand [T, max(H, q, 2I)]
+  // LoRA scratch (nullptr without LoRA)
+  float* u = nullptr;       // [T, 2r]
+  float* du = nullptr;      // [T, 2r]
+  float* bbd = nullptr;     // [2I, 2r]
+  float* dbbd = nullptr;    // [2I, 2r]
+
+  Impl(Nf4Block& block, const Backend& backend, const Stream& s, std::int64_t tokens)
+      : b(block), be(backend), stream(s), T(tokens), bf(block.precision_ == Precision::BF16) {
+    Buffer shared = dequant_scratch(b.device_, b.dequant_bytes_);
+    const std::int64_t wbytes = weight_region_bytes(b);
+    wscratch = shared.data_as<std::uint8_t>();
+    absmax_tmp = reinterpret_cast<float*>(wscratch + wbytes);
+    op16 = bf ? b.scratch_bf16_.data_as<std::uint16_t>() : nullptr;
+    if (b.has_lora()) {
+      const std::int64_t r2 = 2 * b.lora_.rank, I = b.config_.intermediate_size;
+      float* L = b.lora_scratch_.data_as<float>();
+      u = L;
+      du = u + align_up(b.max_tokens_ * r2);
+      bbd = du + align_up(b.max_tokens_ * r2);
+      dbbd = bbd + align_up(2 * I * r2);
+    }
+  }
+
+  // Bytes of the largest stacked weight in the compute dtype (256-byte aligned).
+  static std::int64_t weight_region_bytes(const Nf4Block& blk) {
+    std::int64_t most = 0;
+    for (const Group& g : kGroups) {
+      std::int64_t n = 0;
+      for (int p = g.first; p < g.first + g.count; ++p) n += blk.weights_[p].shape[0] * blk.weights_[p].shape[1];
+      most = std::max(most, n);
+    }
+    const std::int64_t esize = blk.precision_ == Precision::BF16 ? 2 : 4;
+    return (most * esize + 255) / 256 * 256;
+  }
+  static std::int64_t scratch_bytes(const Nf4Block& blk) {
+    std::int64_t blocks = 0;
+    for (const Nf4Weight& w : blk.weights_) blocks = std::max(blocks, num_blocks(shape_numel(w.shape), w.blocksize));
+    return weight_region_bytes(blk) + blocks * static_cast<std::int64_t>(sizeof(float));
+  }
+
+  // Dequantizes the group's projections, stacked by rows, into the scratch (bf16 or fp32).
+  void dequantize(const Group& g) {
+    const DType dt = bf ? DType::BFloat16 : DType::Float32;
+    const std::int64_t esize = bf ? 2 : 4;
+    std::int64_t at = 0;
+    for (int p = g.first; p < g.first + g.count; ++p) {
+      const Nf4Weight& w = b.weights_[p];
+      const std::int64_t n = shape_numel(w.shape);
+      const float* absmax = w.absmax.data_as<float>();
+      if (w.double_quant()) {
+        be.nf4_double_dequantize(w.qabsmax.data_as<std::uint8_t>(), w.absmax2.data_as<float>(), w.offset.data_as<float>(),
+                                 w.code.data_as<float>(), num_blocks(n, w.blocksize), absmax_tmp, stream);
+        absmax = absmax_tmp;
+      }
+      be.nf4_dequantize(w.packed.data_as<std::uint8_t>(), absmax, n, w.blocksize, wscratch + at * esize, dt, stream);
+      at += n;
+    }
+  }
+  std::int64_t rows(const Group& g) const {
+    std::int64_t n = 0;
+    for (int p = g.first; p < g.first + g.count; ++p) n += b.weights_[p].shape[0];
+    return n;
+  }
+  std::int64_t cols(const Group& g) const { return b.weights_[g.first].shape[1]; }
+
+  // Forward: c[T, out] = beta c + a[T, in] W^T. Transposed (the input gradient): c[T, in] = beta c +
+  // a[T, out] W. convert_a: a still needs its bf16 copy (bf16 compute; false reuses the last one).
+  void product(int group, bool transposed, const float* a, bool convert_a, float beta, float* c) {
+    const Group& g = kGroups[group];
+    const std::int64_t out = rows(g), in = cols(g);
+    const std::int64_t n = transposed ? in : out, k = transposed ? out : in;
+    dequantize(g);
+    if (bf) {
+      if (convert_a) be.to_bf16(a, op16, T * k, stream);
+      be.gemm_bf16(false, !transposed, T, n, k, 1.0f, op16, reinterpret_cast<const std::uint16_t*>(wscratch), beta, c,
+                   stream);
+    } else {
+      be.gemm(false, !transposed, T, n, k, 1.0f, a, reinterpret_cast<const float*>(wscratch), beta, c, b.precision_,
+              stream);
+    }
+  }
+
+  // ---- LoRA over a group: targeted parts of the group, their A rows adjacent ----
+  struct LoraGroup {
+    int R = 0;                   // total rank over the targeted parts
+    const float* A = nullptr;    // [R, in]
+    std::int64_t a_off = -1;     // offset of A in the flat allocation
+    bool direct = false;         // one part covering all rows: B is the B matrix itself
+  };
+  LoraGroup lora_group(int group) const {
+    LoraGroup lg;
+    if (!b.has_lora()) return lg;
+    const Group& g = kGroups[group];
+    for (int p = g.first; p < g.first + g.count; ++p) {
+      if (!b.lora_target_[p]) continue;
+      if (lg.a_off < 0) lg.a_off = b.lora_a_[p];
+      lg.R += b.lora_.rank;
+    }
+    if (lg.R == 0) return lg;
+    lg.A = b.lora_params_.data_as<float>() + lg.a_off;
+    lg.direct = g.count == 1;
+    return lg;
+  }
+  Precision lora_prec() const { return b.precision_ == Precision::FP32 ? Precision::FP32 : Precision::TF32; }
+  float scale() const { return static_cast<float>(b.lora_.scale()); }
+  // Selector [r, R] for part p of the gate/up group: I_r, or [I_r | 0] / [0 | I_r] when both are targeted.
+  const float* selector(int group, int p) const {
+    const float* C = b.lora_consts_.data_as<float>();
+    const std::int64_t r = b.lora_.rank;
+    const Group& g = kGroups[group];
+    int targeted = 0;
+    for (int q = g.first; q < g.first + g.count; ++q) targeted += b.lora_target_[q] ? 1 : 0;
+    if (targeted == 1) return C;                          // I_r
+    return C + r * r + (p == g.first ? 0 : 2 * r * r);    // [I_r | 0], then [0 | I_r]
+  }
+  // The group's B as one [out, R] matrix (block diagonal over the stacked parts).
+  const float* lora_b(int group, const LoraGroup& lg) {
+    const Group& g = kGroups[group];
+    const float* P = b.lora_params_.data_as<float>();
+    if (lg.direct) return P + b.lora_b_[g.first];
+    const std::int64_t r = b.lora_.rank;
+    std::int64_t row0 = 0;
+    for (int p = g.first; p < g.first + g.count; ++p) {
+      const std::int64_t rows_p = b.weights_[p].shape[0];
+      if (b.lora_target_[p]) {
+        be.gemm(false, false, rows_p, lg.R, r, 1.0f, P + b.lora_b_[p], selector(group, p), 0.0f, bbd + row0 * lg.R,
+                Precision::FP32, stream);
+      } else {
+        be.fill(bbd + row0 * lg.R, static_cast<std::size_t>(rows_p * lg.R), sizeof(float), 0u, stream);
+      }
+      row0 += rows_p;
+    }
+    return bbd;
+  }
+  // y[T, out] += scale * (x A^T) B^T.
+  void lora_forward(int group, const float* x, float* y) {
+    const LoraGroup lg = lora_group(group);
+    if (lg.R == 0) return;
+    const Group& g = kGroups[group];
+    const std::int64_t out = rows(g), in = cols(g);
+    be.gemm(false, true, T, lg.R, in, 1.0f, x, lg.A, 0.0f, u, lora_prec(), stream);
+    const float* B = lora_b(group, lg);
+    be.gemm(false, true, T, out, lg.R, scale(), u, B, 1.0f, y, lora_prec(), stream);
+  }
+  // With dy [T, out] and the group's input x [T, in]: dB += scale dy^T u, dA += du^T x where
+  // du = scale dy B (kept in the scratch for lora_dx). Reads x: call before x is overwritten.
+  void lora_grads(int group, const float* x, const float* dy, float* G) {
+    const LoraGroup lg = lora_group(group);
+    if (lg.R == 0) return;
+    const Group& g = kGroups[group];
+    const std::int64_t out = rows(g), in = cols(g), r = b.lora_.rank;
+    be.gemm(false, true, T, lg.R, in, 1.0f, x, lg.A, 0.0f, u, lora_prec(), stream);
+    const float* B = lora_b(group, lg);
+    if (lg.direct) {
+      be.gemm(true, false, out, lg.R, T, scale(), dy, u, 1.0f, G + b.lora_b_[g.first], lora_prec(), stream);
+    } else {
+      be.gemm(true, false, out, lg.R, T, scale(), dy, u, 0.0f, dbbd, lora_prec(), stream);
+      std::int64_t row0 = 0;
+      for (int p = g.first; p < g.first + g.count; ++p) {
+        const std::int64_t rows_p = b.weights_[p].shape[0];
+        if (b.lora_target_[p]) {
+          be.gemm(false, true, rows_p, r, lg.R, 1.0f, dbbd + row0 * lg.R, selector(group, p), 1.0f, G + b.lora_b_[p],
+                  Precision::FP32, stream);
+        }
+        row0 += rows_p;
+      }
+    }
+    be.gemm(false, false, T, lg.R, out, scale(), dy, B, 0.0f, du, lora_prec(), stream);
+    be.gemm(true, false, lg.R, in, T, 1.0f, du, x, 1.0f, G + lg.a_off, lora_prec(), stream);
+  }
+  // dx[T, in] += du A (after lora_grads of the same group).
+  void lora_dx(int group, float* dx) {
+    const LoraGroup lg = lora_group(group);
+    if (lg.R == 0) return;
+    be.gemm(false, false, T, cols(kGroups[group]), lg.R, 1.0f, du, lg.A, 1.0f, dx, lora_prec(), stream);
+  }
+};
+
+// ---- construction -----------------------------------------------------------------------------
+
+Nf4Block::Nf4Block(const TransformerConfig& config, int layer_idx, const Device& device, std::int64_t max_tokens,
+                   Precision precision)
+    : CudaBlock(config, layer_idx, device, max_tokens, precision) {}
+
+std::shared_ptr<Nf4Block> Nf4Block::create(const TransformerConfig& config, int layer_idx, const WeightMap& dense,
+                                           const Nf4WeightMap& quantized, const Device& device, std::int64_t max_tokens,
+                                           const LoraConfig* lora, Precision compute, bool double_quant) {
+  const ParamLayout names(config);  // validates config
+  if (layer_idx < 0 || layer_idx >= config.num_hidden_layers) {
+    throw InvalidArgumentError("layer_idx " + std::to_string(layer_idx) + " is outside [0, " +
+                               std::to_string(config.num_hidden_layers) + ") for num_hidden_layers " +
+                               std::to_string(config.num_hidden_layers));
+  }
+  if (max_tokens <= 0 || max_tokens > std::numeric_limits<std::int32_t>::max() - 1) {
+    throw InvalidArgumentError("max_tokens must be in [1, 2^31 - 2], got " + std::to_string(max_tokens));
+  }
+  if (lora != nullptr) lora->validate();
+  const std::string where = weight_desc(config, layer_idx);
+
+  // Names: every tensor of the layer exactly once (projections in float or in NF4), nothing else.
+  for (const ParamEntry& e : names.entries()) {
+    const bool in_dense = dense.count(e.name) != 0, in_q = quantized.count(e.name) != 0;
+    if (!in_dense && !in_q) {
+      throw InvalidArgumentError("missing weight '" + e.name + "' " + shape_str(e.shape) + " for " + where +
+                                 (e.is_matrix ? " (a float array, or its bitsandbytes 4-bit entries)" : ""));
+    }
+    if (in_dense && in_q) throw InvalidArgumentError("weight '" + e.name + "' is given both in float and in NF4");
+    if (in_q && !e.is_matrix) {
+      throw InvalidArgumentError("weight '" + e.name + "' is quantized, but nf4 blocks keep norms and biases in float");
+    }
+    if (in_dense) {
+      const HostTensor& t = dense.at(e.name);
+      if (t.shape != e.shape) {
+        throw ShapeError("weight '" + e.name + "' has shape " + shape_str(t.shape) + ", expected " + shape_str(e.shape) +
+                         " for " + config.describe());
+      }
+      if (t.data == nullptr && e.numel() > 0) throw InvalidArgumentError("weight '" + e.name + "' has no data");
+    }
+  }
+  auto unexpected = [&](const std::string& name, const std::string& shape) {
+    std::string expected;
+    for (const ParamEntry& e : names.entries()) expected += (expected.empty() ? "" : ", ") + e.name;
+    throw InvalidArgumentError("unexpected weight '" + name + "' " + shape + " for " + config.describe() +
+                               "; a layer takes exactly: " + expected + " (names relative to the layer)");
+  };
+  for (const auto& [name, t] : dense) {
+    if (names.find(name) == nullptr) unexpected(name, shape_str(t.shape));
+  }
+  for (const auto& [name, w] : quantized) {
+    if (names.find(name) == nullptr) unexpected(name, shape_str(w.shape));
+  }
+
+  auto block = std::make_shared<Nf4Block>(config, layer_idx, device, max_tokens, compute);
+  DeviceGuard guard(device);
+  const Backend& be = backend_for(device);
+  Stream stream = Stream::wrap(device, 0);
+
+  // Projections.
+  for (int p = 0; p < 7; ++p) {
+    const std::string name = std::string(kNf4ProjectionPaths[p]) + ".weight";
+    const Shape shape = proj_shape(config, p);
+    const std::int64_t n = shape_numel(shape);
+    Nf4Weight& w = block->weights_[p];
+    auto q = quantized.find(name);
+    if (q != quantized.end()) {
+      const Nf4Weight& src = q->second;
+      if (src.shape != shape) {
+        throw ShapeError("NF4 weight '" + name + "' has shape " + shape_str(src.shape) + ", expected " + shape_str(shape) +
+                         " for " + config.describe());
+      }
+      if (!nf4::valid_blocksize(src.blocksize)) {
+        throw InvalidArgumentError("NF4 weight '" + name + "': blocksize " + std::to_string(src.blocksize) +
+                                   " is not one bitsandbytes uses (32, 64, ..., 4096)");
+      }
+      const std::int64_t blocks = num_blocks(n, src.blocksize);
+      auto check = [&](const Buffer& buf, DType dtype, std::int64_t count, const std::string& part) {
+        const std::string label = name + "." + part;
+        if (!buf.defined() || (buf.numel() == 0 && count > 0)) {
+          throw InvalidArgumentError("NF4 weight '" + name + "' has no " + part);
+        }
+        check_device(buf, device, label.c_str());
+        check_dtype(buf, dtype, label.c_str());
+        if (buf.numel() != count) {
+          throw ShapeError("NF4 weight '" + label + "' holds " + std::to_string(buf.numel()) + " values, but shape " +
+                           shape_str(shape) + " in blocks of " + std::to_string(src.blocksize) + " needs " +
+                           std::to_string(count));
+        }
+      };
+      check(src.packed, DType::UInt8, (n + 1) / 2, "packed weight");
+      if (src.double_quant()) {
+        check(src.qabsmax, DType::UInt8, blocks, "absmax codes");
+        check(src.absmax2, DType::Float32, num_blocks(blocks, nf4::kNestedBlocksize), "nested_absmax");
+        check(src.offset, DType::Float32, 1, "nested offset");
+        check(src.code, DType::Float32, 256, "nested_quant_map");
+      } else {
+        check(src.absmax, DType::Float32, blocks, "absmax");
+      }
+      w = src;
+      continue;
+    }
+    // Float: quantize on the device.
+    const HostTensor& t = dense.at(name);
+    w.shape = shape;
+    w.blocksize = 64;
+    const std::int64_t blocks = num_blocks(n, w.blocksize);
+    Buffer tmp = Buffer::empty({n}, DType::Float32, device);
+    tmp.copy_from_host(t.data, stream);
+    w.packed = Buffer::empty({(n + 1) / 2}, DType::UInt8, device);
+    Buffer absmax = Buffer::empty({blocks}, DType::Float32, device);
+    be.nf4_quantize(tmp.data(), DType::Float32, n, w.blocksize, w.packed.data_as<std::uint8_t>(), absmax.data_as<float>(),
+                    stream);
+    if (double_quant) {
+      if (!block->dequant_code_.defined() || block->dequant_code_.numel() == 0) {
+        float code[256];
+        for (int i = 0; i < 256; ++i) code[i] = nf4::dynamic_map(i);
+        block->dequant_code_ = Buffer::empty({256}, DType::Float32, device);
+        block->dequant_code_.copy_from_host(code, stream);
+      }
+      w.code = block->dequant_code_;
+      w.offset = Buffer::empty({1}, DType::Float32, device);
+      w.qabsmax = Buffer::empty({blocks}, DType::UInt8, device);
+      w.absmax2 = Buffer::empty({num_blocks(blocks, nf4::kNestedBlocksize)}, DType::Float32, device);
+      be.nf4_absmax_mean(absmax.data_as<float>(), blocks, w.offset.data_as<float>(), stream);
+      be.nf4_double_quantize(absmax.data_as<float>(), blocks, w.offset.data_as<float>(), w.code.data_as<float>(),
+                             w.qabsmax.data_as<std::uint8_t>(), w.absmax2.data_as<float>(), stream);
+    } else {
+      w.absmax = absmax;
+    }
+    stream.synchronize();  // tmp dies here
+  }
+
+  // Norm weights and biases: one fp32 allocation.
+  {
+    const std::int64_t H = config.hidden_size, d = config.head_dim;
+    const std::int64_t q = config.num_attention_heads * d, kv = config.num_key_value_heads * d;
+    std::int64_t at = 0;
+    auto seg = [&](std::int64_t n) {
+      const std::int64_t start = at;
+      at = align_up(at + n);
+      return start;
+    };
+    block->ln_in_ = seg(H);
+    block->ln_post_ = seg(H);
+    if (config.qk_norm) {
+      block->q_norm_ = seg(d);
+      block->k_norm_ = seg(d);
+    }
+    if (config.attention_bias) block->bqkv_ = seg(q + 2 * kv);
+    if (config.o_proj_bias) block->bo_ = seg(H);
+    std::vector<float> host(static_cast<std::size_t>(at), 0.0f);
+    auto put = [&](const char* name, std::int64_t offset) {
+      const HostTensor& t = dense.at(name);
+      std::memcpy(host.data() + offset, t.data, static_cast<std::size_t>(shape_numel(t.shape)) * sizeof(float));
+    };
+    put("input_layernorm.weight", block->ln_in_);
+    put("post_attention_layernorm.weight", block->ln_post_);
+    if (config.qk_norm) {
+      put("self_attn.q_norm.weight", block->q_norm_);
+      put("self_attn.k_norm.weight", block->k_norm_);
+    }
+    if (config.attention_bias) {
+      put("self_attn.q_proj.bias", block->bqkv_);
+      put("self_attn.k_proj.bias", block->bqkv_ + q);
+      put("self_attn.v_proj.bias", block->bqkv_ + q + kv);
+    }
+    if (config.o_proj_bias) put("self_attn.o_proj.bias", block->bo_);
+    block->dense_ = Buffer::empty({at}, DType::Float32, device);
+    block->dense_.copy_from_host(host.data(), stream);
+  }
+
+  // LoRA: A [r, in] ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform_(a=sqrt(5))), B [out, r] = 0.
+  if (lora != nullptr) {
+    block->lora_ = *lora;
+    for (const std::string& t : lora->targets) {
+      for (int p = 0; p < 7; ++p) block->lora_target_[p] = block->lora_target_[p] || t == kNf4Projections[p];
+    }
+    const std::int64_t r = lora->rank;
+    std::vector<ParamEntry> entries;
+    std::int64_t at = 0;
+    auto add = [&](int p, bool is_a, bool adjacent) {
+      const Shape shape = proj_shape(config, p);
+      const Shape s = is_a ? Shape{r, shape[1]} : Shape{shape[0], r};
+      if (!adjacent) at = align_up(at);
+      const std::string name = std::string(kNf4ProjectionPaths[p]) + (is_a ? ".lora_A.weight" : ".lora_B.weight");
+      entries.push_back(ParamEntry{name, at, s, true});
+      (is_a ? block->lora_a_ : block->lora_b_)[p] = at;
+      at += shape_numel(s);
+    };
+    for (int p : {kQ, kK, kV, kO}) {
+      if (!block->lora_target_[p]) continue;
+      add(p, true, false);
+      add(p, false, false);
+    }
+    // gate and up: the A matrices adjacent (one [R, H] operand), then the B matrices.
+    bool first_a = true;
+    for (int p : {kGate, kUp}) {
+      if (!block->lora_target_[p]) continue;
+      add(p, true, !first_a);
+      first_a = false;
+    }
+    for (int p : {kGate, kUp}) {
+      if (block->lora_target_[p]) add(p, false, false);
+    }
+    if (block->lora_target_[kDown]) {
+      add(kDown, true, false);
+      add(kDown, false, false);
+    }
+    const std::int64_t total = align_up(at);
+    block->lora_layout_ = std::make_shared<const ParamLayout>(entries, total);
+
+    std::vector<float> host(static_cast<std::size_t>(total), 0.0f);
+    for (int p = 0; p < 7; ++p) {
+      if (!block->lora_target_[p]) continue;
+      const std::int64_t in = proj_shape(config, p)[1];
+      std::mt19937_64 gen(lora->seed * 1000003ull + static_cast<std::uint64_t>(layer_idx) * 7919ull +
+                          static_cast<std::uint64_t>(p));
+      const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+      std::uniform_real_distribution<double> dist(-bound, bound);
+      float* a = host.data() + block->lora_a_[p];
+      for (std::int64_t i = 0; i < r * in; ++i) a[i] = static_cast<float>(dist(gen));
+    }
+    block->lora_params_ = Buffer::empty({total}, DType::Float32, device);
+    block->lora_params_.copy_from_host(host.data(), stream);
+
+    // Selectors: I_r [r, r], then [I_r | 0] and [0 | I_r] ([r, 2r] each).
+    std::vector<float> sel(static_cast<std::size_t>(5 * r * r), 0.0f);
+    for (std::int64_t i = 0; i < r; ++i) {
+      sel[i * r + i] = 1.0f;
+      sel[r * r + i * 2 * r + i] = 1.0f;
+      sel[3 * r * r + i * 2 * r + r + i] = 1.0f;
+    }
+    block->lora_consts_ = Buffer::empty({5 * r * r}, DType::Float32, device);
+    block->lora_consts_.copy_from_host(sel.data(), stream);
+    const std::int64_t I = config.intermediate_size;
+    block->lora_scratch_ =
+        Buffer::empty({2 * align_up(max_tokens * 2 * r) + 2 * align_up(2 * I * 2 * r)}, DType::Float32, device);
+  }
+
+  // Activations (the fp32 block's saved layout), scratch with an extra [T, H] for dh, indices.
+  block->attn_ws_floats_ = be.attention_workspace_floats(max_tokens, static_cast<int>(config.num_attention_heads),
+                                                         static_cast<int>(config.num_key_value_heads),
+                                                         static_cast<int>(config.head_dim));
+  block->saved_ = Buffer::empty({SavedLayout(config, max_tokens).total}, DType::Float32, device);
+  block->scratch_ = Buffer::empty(
+      {ScratchLayout(config, max_tokens, block->attn_ws_floats_).total + align_up(max_tokens * config.hidden_size)},
+      DType::Float32, device);
+  if (compute == Precision::BF16) {
+    const std::int64_t H = config.hidden_size, q = config.num_attention_heads * config.head_dim;
+    const std::int64_t width = std::max({H, q, 2 * config.intermediate_size});
+    block->scratch_bf16_ = Buffer::empty({max_tokens * width}, DType::BFloat16, device);
+  }
+  block->indices_ = Buffer::empty({2 * max_tokens + 1}, DType::Int32, device);
+  block->norm_grad_sink_ = Buffer::empty({2 * config.hidden_size + 2 * config.head_dim}, DType::Float32, device);
+  block->dequant_bytes_ = Impl::scratch_bytes(*block);
+  dequant_scratch(device, block->dequant_bytes_);  // grows the shared scratch now, not mid-forward
+  stream.synchronize();
+  return block;
+}
+
+std::int64_t Nf4Block::saved_bytes_per_token() const {
+  return SavedLayout::floats_per_token(config_) * static_cast<std::int64_t>(sizeof(float));
+}
+
+std::int64_t Nf4Block::scratch_bytes_per_token() const {
+  const std::int64_t ws_per_token = (attn_ws_floats_ + max_tokens_ - 1) / max_tokens_;
+  const std::int64_t bf16_bytes = scratch_bf16_.numel() / max_tokens_ * 2;
+  const std::int64_t lora = has_lora() ? 2 * 2 * lora_.rank * 4 : 0;
+  return (ScratchLayout::floats_per_token(config_) + config_.hidden_size + ws_per_token) *
+             static_cast<std::int64_t>(sizeof(float)) + bf16_bytes + lora;
+}
+
+std::int64_t Nf4Block::device_bytes() const {
+  std::size_t total = dense_.nbytes() + lora_params_.nbytes() + lora_consts_.nbytes() + dequant_code_.nbytes();
+  for (const Nf4Weight& w : weights_) {
+    total += w.packed.nbytes() + w.absmax.nbytes() + w.qabsmax.nbytes() + w.absmax2.nbytes() + w.offset.nbytes();
+    if (w.code.data() != dequant_code_.data()) total += w.code.nbytes();
+  }
+  return static_cast<std::int64_t>(total);
+}
+
+std::int64_t Nf4Block::activation_bytes() const {
+  return static_cast<std::int64_t>(saved_.nbytes() + scratch_.nbytes() + scratch_bf16_.nbytes() + indices_.nbytes() +
+                                   lora_scratch_.nbytes() + norm_grad_sink_.nbytes());
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+
+void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens, const Stream& stream) {
+  if (stream.device() != device_) {
+    throw DeviceError("forward of a block on " + device_.str() + " with a stream of " + stream.device().str());
+  }
+  const Batch batch = check_batch(seq_lens, max_tokens_, "forward");
+  check_input(x, config_, device_, batch, seq_lens);
+  check_activation(out, config_, device_, batch.tokens, "out");
+  if (overlaps(x, out)) throw InvalidArgumentError("forward: out must not overlap x (the backward needs x)");
+
+  std::lock_guard<std::mutex> lock(mutex_);
+  forward_seq_lens_.clear();
+  DeviceGuard guard(device_);
+  const Backend& be = backend_for(device_);
+  const TransformerConfig& c = config_;
+  const std::int64_t T = batch.tokens, H = c.hidden_size, d = c.head_dim, I = c.intermediate_size;
+  const int nq = static_cast<int>(c.num_attention_heads), nkv = static_cast<int>(c.num_key_value_heads);
+  const std::int64_t q = nq * d, kv = nkv * d;
+  const float eps = static_cast<float>(c.rms_norm_eps), theta = static_cast<float>(c.rope_theta);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+
+  const std::vector<std::int32_t> idx = position_indices(batch);
+  indices_.view(0, {static_cast<std::int64_t>(idx.size())}).copy_from_host(idx.data(), stream);
+  const std::int32_t* positions = indices_.data_as<std::int32_t>();
+  const std::int32_t* cu = positions + T;
+  const int n_seqs = static_cast<int>(seq_lens.size());
+
+  Impl m(*this, be, stream, T);
+  const float* D = dense_.data_as<float>();
+  const SavedLayout sl(c, max_tokens_);
+  const ScratchLayout sc(c, max_tokens_, attn_ws_floats_);
+  float* S = saved_.data_as<float>();
+  float* X = scratch_.data_as<float>();
+  const float* xin = x.data_as<float>();
+  float* y = out.data_as<float>();
+
+  float* h = X + sc.sh;
+  be.rmsnorm_forward(xin, D + ln_in_, h, S + sl.rstd1, T, H, eps, stream);
+  m.product(kGroupQ, false, h, true, 0.0f, S + sl.q_raw);
+  m.lora_forward(kGroupQ, h, S + sl.q_raw);
+  m.product(kGroupK, false, h, false, 0.0f, S + sl.k_raw);
+  m.lora_forward(kGroupK, h, S + sl.k_raw);
+  m.product(kGroupV, false, h, false, 0.0f, S + sl.v);
+  m.lora_forward(kGroupV, h, S + sl.v);
+  if (bqkv_ >= 0) {
+    be.add_bias(S + sl.q_raw, D + bqkv_, T, q, stream);
+    be.add_bias(S + sl.k_raw, D + bqkv_ + q, T, kv, stream);
+    be.add_bias(S + sl.v, D + bqkv_ + q + kv, T, kv, stream);
+  }
+  const bool qkn = c.qk_norm;
+  be.qk_norm_rope_forward(S + sl.q_raw, qkn ? D + q_norm_ : nullptr, X + sc.q_rot, qkn ? S + sl.rstd_q : nullptr,
+                          positions, T, nq, static_cast<int>(d), eps, theta, stream);
+  be.qk_norm_rope_forward(S + sl.k_raw, qkn ? D + k_norm_ : nullptr, X + sc.k_rot, qkn ? S + sl.rstd_k : nullptr,
+                          positions, T, nkv, static_cast<int>(d), eps, theta, stream);
+  be.attention_forward(X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, cu, n_seqs, batch.max_seqlen, T,
+                       nq, nkv, static_cast<int>(d), scale, precision_, stream);
+  float* r = S + sl.r;
+  m.product(kGroupO, false, S + sl.att, true, 0.0f, r);
+  m.lora_forward(kGroupO, S + sl.att, r);
+  if (bo_ >= 0) be.add_bias(r, D + bo_, T, H, stream);
+  be.add(xin, r, r, T * H, stream);
+  float* g = X + sc.sh;
+  be.rmsnorm_forward(r, D + ln_post_, g, S + sl.rstd2, T, H, eps, stream);
+  m.product(kGroupGU, false, g, true, 0.0f, S + sl.gate_up);
+  m.lora_forward(kGroupGU, g, S + sl.gate_up);
+  float* act = X + sc.act;
+  be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
+  m.product(kGroupDown, false, act, true, 0.0f, y);
+  m.lora_forward(kGroupDown, act, y);
+  be.add(r, y, y, T * H, stream);
+  forward_seq_lens_ = seq_lens;
+  set_last_stream(stream);
+}
+
+// ---- backward_lora ------------------------------------------------------------------------------
+
+void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& grad_in,
+                             const std::vector<std::int64_t>& seq_lens, const Stream& stream,
+                             CudaGradWorkspace& lora_ws) {
+  require_lora("backward_lora");
+  if (stream.device() != device_) {
+    throw DeviceError("backward_lora of a block on " + device_.str() + " with a stream of " + stream.device().str());
+  }
+  const Batch batch = check_batch(seq_lens, max_tokens_, "backward_lora");
+  check_input(x, config_, device_, batch, seq_lens);
+  check_activation(grad_out, config_, device_, batch.tokens, "grad_out");
+  check_activation(grad_in, config_, device_, batch.tokens, "grad_in");
+  if (lora_ws.device() != device_) {
+    throw DeviceError("lora_ws is on " + lora_ws.device().str() + " but the block is on " + device_.str());
+  }
+  if (!(lora_ws.layout() == *lora_layout_)) {
+    throw InvalidArgumentError("lora_ws (" + lora_ws.layout().describe() + ") was made for other LoRA adapters than this "
+                               "block's (" + lora_layout_->describe() + "); make one with block.new_lora_grad_workspace()");
+  }
+  if (overlaps(grad_in, x)) throw InvalidArgumentError("backward_lora: grad_in must not overlap x");
+  const bool in_place = grad_in.data() == grad_out.data();
+  if (!in_place && overlaps(grad_in, grad_out)) {
+    throw InvalidArgumentError("backward_lora: grad_in must be grad_out itself or not overlap it");
+  }
+  if (overlaps(grad_in, lora_ws.flat()) || overlaps(grad_out, lora_ws.flat())) {
+    throw InvalidArgumentError("backward_lora: grad_in and grad_out must not overlap lora_ws");
+  }
+
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (forward_seq_lens_.empty()) {
+    throw InvalidArgumentError("backward_lora needs a forward first: call forward(x, out, seq_lens) with the same x and "
+                               "seq_lens, then backward_lora");
+  }
+  if (forward_seq_lens_ != seq_lens) {
+    throw InvalidArgumentError("backward_lora seq_lens " + lens_str(seq_lens) + " differ from those of the latest forward " +
+                               lens_str(forward_seq_lens_) + "; run forward on this batch first");
+  }
+
+  DeviceGuard guard(device_);
+  const Backend& be = backend_for(device_);
+  const TransformerConfig& c = config_;
+  const std::int64_t T = batch.tokens, H = c.hidden_size, d = c.head_dim, I = c.intermediate_size;
+  const int nq = static_cast<int>(c.num_attention_heads), nkv = static_cast<int>(c.num_key_value_heads);
+  const float eps = static_cast<float>(c.rms_norm_eps), theta = static_cast<float>(c.rope_theta);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  const std::int32_t* positions = indices_.data_as<std::int32_t>();
+  const std::int32_t* cu = positions + T;
+  const int n_seqs = static_cast<int>(seq_lens.size());
+
+  Impl m(*this, be, stream, T);
+  const float* D = dense_.data_as<float>();
+  float* G = lora_ws.flat().data_as<float>();
+  float* sink = norm_grad_sink_.data_as<float>();
+  const SavedLayout sl(c, max_tokens_);
+  const ScratchLayout sc(c, max_tokens_, attn_ws_floats_);
+  float* S = saved_.data_as<float>();
+  float* X = scratch_.data_as<float>();
+  const float* xin = x.data_as<float>();
+  const float* dy = grad_out.data_as<float>();
+  float* dx = grad_in.data_as<float>();
+  const float* r = S + sl.r;
+
+  // MLP: out = r + swiglu(g Wgu^T) Wdown^T.
+  float* g = X + sc.sh;
+  be.rmsnorm_forward(r, D + ln_post_, g, nullptr, T, H, eps, stream);
+  float* act = X + sc.act;
+  be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
+  m.lora_grads(kGroupDown, act, dy, G);
+  float* d_act = act;
+  m.product(kGroupDown, true, dy, true, 0.0f, d_act);  // d_act = dy Wdown
+  m.lora_dx(kGroupDown, d_act);
+  float* d_gu = X + sc.d_gate_up;
+  be.swiglu_backward(d_act, S + sl.gate_up, d_gu, T, I, stream);
+  m.lora_grads(kGroupGU, g, d_gu, G);
+  float* dg = X + sc.sh;
+  m.product(kGroupGU, true, d_gu, true, 0.0f, dg);  // dg = d_gu Wgu
+  m.lora_dx(kGroupGU, dg);
+  if (!in_place) grad_in.copy_from(grad_out, stream);
+  be.rmsnorm_backward(dg, r, D + ln_post_, S + sl.rstd2, dx, sink + H, T, H, true, stream);
+
+  // Attention: r = x + att Wo^T (+ bo).
+  m.lora_grads(kGroupO, S + sl.att, dx, G);
+  float* d_att = X + sc.d_att;
+  m.product(kGroupO, true, dx, true, 0.0f, d_att);  // d_att = dr Wo
+  m.lora_dx(kGroupO, d_att);
+  const bool qkn = c.qk_norm;
+  float* q_rot = X + sc.q_rot;
+  float* k_rot = X + sc.k_rot;
+  be.qk_norm_rope_forward(S + sl.q_raw, qkn ? D + q_norm_ : nullptr, q_rot, qkn ? S + sl.rstd_q : nullptr, positions,
+                          T, nq, static_cast<int>(d), eps, theta, stream);
+  be.qk_norm_rope_forward(S + sl.k_raw, qkn ? D + k_norm_ : nullptr, k_rot, qkn ? S + sl.rstd_k : nullptr, positions,
+                          T, nkv, static_cast<int>(d), eps, theta, stream);
+  float* dq_rot = X + sc.dq_rot;
+  float* dk_rot = X + sc.dk_rot;
+  float* dv = X + sc.dv;
+  be.attention_backward(q_rot, k_rot, S + sl.v, S + sl.att, d_att, S + sl.lse, dq_rot, dk_rot, dv, X + sc.attn_ws, cu,
+                        n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale, precision_, stream);
+  float* dq = d_att;
+  float* dk = q_rot;
+  be.qk_norm_rope_backward(dq_rot, S + sl.q_raw, qkn ? D + q_norm_ : nullptr, qkn ? S + sl.rstd_q : nullptr, dq,
+                           qkn ? sink + 2 * H : nullptr, positions, T, nq, static_cast<int>(d), theta, stream);
+  be.qk_norm_rope_backward(dk_rot, S + sl.k_raw, qkn ? D + k_norm_ : nullptr, qkn ? S + sl.rstd_k : nullptr, dk,
+                           qkn ? sink + 2 * H + d : nullptr, positions, T, nkv, static_cast<int>(d), theta, stream);
+  float* h = X + sc.sh;
+  be.rmsnorm_forward(xin, D + ln_in_, h, nullptr, T, H, eps, stream);
+  float* dh = X + sc.total;  // the extra [T, H] segment: h stays readable for the adapters' gradients
+  m.lora_grads(kGroupQ, h, dq, G);
+  m.product(kGroupQ, true, dq, true, 0.0f, dh);
+  m.lora_dx(kGroupQ, dh);
+  m.lora_grads(kGroupK, h, dk, G);
+  m.product(kGroupK, true, dk, true, 1.0f, dh);
+  m.lora_dx(kGroupK, dh);
+  m.lora_grads(kGroupV, h, dv, G);
+  m.product(kGroupV, true, dv, true, 1.0f, dh);
+  m.lora_dx(kGroupV, dh);
+  be.rmsnorm_backward(dh, xin, D + ln_in_, S + sl.rstd1, dx, sink, T, H, true, stream);
+  lora_ws.set_last_stream(stream);
+  set_last_stream(stream);
+}
+
+// ---- LoRA: layout, workspaces, optimizer, weights -------------------------------------------------
+
+void Nf4Block::require_lora(const std::string& call) const {
+  if (!has_lora()) {
+    throw UnsupportedOperationError(call + " is not supported by this nf4 block: it has no LoRA adapters; make it "
+                                           "with CudaBlock.nf4(..., lora=cudablocks.LoraConfig(rank=..., alpha=..., "
+                                           "targets=(...)))");
+  }
+}
+
+std::shared_ptr<const ParamLayout> Nf4Block::lora_layout() const {
+  require_lora("lora_layout");
+  return lora_layout_;
+}
+
+std::shared_ptr<CudaGradWorkspace> Nf4Block::new_lora_grad_workspace(const Stream& stream) const {
+  require_lora("new_lora_grad_workspace");
+  return std::make_shared<CudaGradWorkspace>(lora_layout_, device_, stream);
+}
+
+std::shared_ptr<GpuBlockOptimizerState> Nf4Block::init_lora_optimizer_state(const Stream& stream) const {
+  require_lora("init_lora_optimizer_state");
+  if (stream.device() != device_) {
+    throw DeviceError("init_lora_optimizer_state of a block on " + device_.str() + " with a stream of " +
+                      stream.device().str());
+  }
+  return std::make_shared<GpuBlockOptimizerState>(lora_layout_, device_, stream);
+}
+
+void Nf4Block::lora_optimizer_step(GpuBlockOptimizerState& state, const AdamWHyper& hyper, const Stream& stream,
+                                   const CudaGradWorkspace& lora_ws, const GradNorm* grad_norm) {
+  require_lora("lora_optimizer_step");
+  validate(hyper);
+  if (stream.device() != device_) {
+    throw DeviceError("lora_optimizer_step of a block on " + device_.str() + " with a stream of " + stream.device().str());
+  }
+  if (!(state.layout() == *lora_layout_)) {
+    throw InvalidArgumentError("lora_optimizer_step: the state was made for other adapters (" + state.layout().describe() +
+                               ") than this block's (" + lora_layout_->describe() + "); use init_lora_optimizer_state()");
+  }
+  if (!(lora_ws.layout() == *lora_layout_)) {
+    throw InvalidArgumentError("lora_optimizer_step: lora_ws holds other adapters (" + lora_ws.layout().describe() +
+                               ") than this block's (" + lora_layout_->describe() + ")");
+  }
+  check_device(state.exp_avg(), device_, "optimizer state");
+  check_device(lora_ws.flat(), device_, "lora_ws");
+  if (grad_norm != nullptr) check_device(grad_norm->sum_squares(), device_, "grad_norm");
+  std::lock_guard<std::mutex> lock(mutex_);
+  DeviceGuard guard(device_);
+  // Every adapter decays alike (torch.optim.AdamW over PEFT's parameters); the gaps stay zero.
+  backend_for(device_).adamw_step(lora_params_.data_as<float>(), lora_ws.flat().data_as<float>(),
+                                  state.exp_avg().data_as<float>(), state.exp_avg_sq().data_as<float>(),
+                                  lora_layout_->total_floats(), hyper,
+                                  grad_norm != nullptr ? grad_norm->sum_squares().data_as<float>() : nullptr, nullptr,
+                                  stream);
+  set_last_stream(stream);
+}
+
+void Nf4Block::download_lora_weights(float* host, const Stream& stream) const {
+  require_lora("download_lora_weights");
+  if (stream.device() != device_) {
+    throw DeviceError("download_lora_weights of a block on " + device_.str() + " with a stream of " +
+                      stream.device().str());
+  }
+  lora_params_.copy_to_host(host, stream);
+}
+
+void Nf4Block::upload_lora_weights(const WeightMap& weights, const Stream& stream) {
+  require_lora("upload_lora_weights");
+  if (stream.device() != device_) {
+    throw DeviceError("upload_lora_weights of a block on " + device_.str() + " with a stream of " + stream.device().str());
+  }
+  for (const auto& [name, t] : weights) {
+    const ParamEntry* e = lora_layout_->find(name);
+    if (e == nullptr) {
+      std::string expected;
+      for (const ParamEntry& x : lora_layout_->entries()) expected += (expected.empty() ? "" : ", ") + x.name;
+      throw InvalidArgumentError("upload_lora_weights: unexpected tensor '" + name + "'; this block's adapters are: " +
+                                 expected);
+    }
+    if (t.shape != e->shape) {
+      throw ShapeError("upload_lora_weights: '" + name + "' has shape " + shape_str(t.shape) + ", expected " +
+                       shape_str(e->shape));
+    }
+    if (t.data == nullptr) throw InvalidArgumentError("upload_lora_weights: '" + name + "' has no data");
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  DeviceGuard guard(device_);
+  for (const auto& [name, t] : weights) {
+    const ParamEntry* e = lora_layout_->find(name);
+    lora_params_.view(e->offset, e->shape).copy_from_host(t.data, stream);
+  }
+  set_last_stream(stream);
+}
+
+}  // namespace cudablocks
