@@ -579,6 +579,15 @@ struct MmaRun : CudaRun {
     }
 };
 
+// Forces the backward's staging variant (detail::set_attention_mma_async_staging) for a scope;
+// restores "from the environment" afterwards.
+struct StagingMode {
+    explicit StagingMode(int mode) { cudablocks::cuda::detail::set_attention_mma_async_staging(mode); }
+    ~StagingMode() { cudablocks::cuda::detail::set_attention_mma_async_staging(-1); }
+    StagingMode(const StagingMode&) = delete;
+    StagingMode& operator=(const StagingMode&) = delete;
+};
+
 class CudaAttentionMma : public ::testing::TestWithParam<MmaCase> {
 protected:
     void SetUp() override {
@@ -607,19 +616,35 @@ TEST_P(CudaAttentionMma, MatchesCpuWithinRoundingBounds) {
 
     // Backward from the CPU's out and lse, so that it sees the same inputs as the CPU backward; every
     // split of the dK/dV pass (0 = heuristic; uneven splits included).
+    // Every staging variant of the backward (0 synchronous, 1 and 2 cp.async): the same bits.
     const int group = s.n_q / s.n_kv;
     for (int splits = 0; splits <= group; ++splits) {
         SCOPED_TRACE("kv_splits " + std::to_string(splits));
-        run.backward_mma(cpu.out, cpu.lse, s.max_seqlen, splits);
-        CUDA_OK(cudaDeviceSynchronize());
-        const double e_dq = rel_l2(run.dq.download(), cpu.dq);
-        const double e_dk = rel_l2(run.dk.download(), cpu.dk);
-        const double e_dv = rel_l2(run.dv.download(), cpu.dv);
-        std::printf("    [%s d%d %d/%d splits %d] rel L2: dq %.3e  dk %.3e  dv %.3e\n", precision_label(c.precision),
-                    c.d, c.n_q, c.n_kv, splits, e_dq, e_dk, e_dv);
-        EXPECT_LE(e_dq, grad_bound(c.precision)) << "dq";
-        EXPECT_LE(e_dk, grad_bound(c.precision)) << "dk";
-        EXPECT_LE(e_dv, grad_bound(c.precision)) << "dv";
+        std::vector<float> sync_dq, sync_dk, sync_dv;
+        for (int async = 0; async <= 2; ++async) {
+            SCOPED_TRACE("staging mode " + std::to_string(async));
+            StagingMode mode(async);
+            run.backward_mma(cpu.out, cpu.lse, s.max_seqlen, splits);
+            CUDA_OK(cudaDeviceSynchronize());
+            const std::vector<float> dq = run.dq.download(), dk = run.dk.download(), dv = run.dv.download();
+            const double e_dq = rel_l2(dq, cpu.dq);
+            const double e_dk = rel_l2(dk, cpu.dk);
+            const double e_dv = rel_l2(dv, cpu.dv);
+            std::printf("    [%s d%d %d/%d splits %d staging %d] rel L2: dq %.3e  dk %.3e  dv %.3e\n",
+                        precision_label(c.precision), c.d, c.n_q, c.n_kv, splits, async, e_dq, e_dk, e_dv);
+            EXPECT_LE(e_dq, grad_bound(c.precision)) << "dq";
+            EXPECT_LE(e_dk, grad_bound(c.precision)) << "dk";
+            EXPECT_LE(e_dv, grad_bound(c.precision)) << "dv";
+            if (!async) {
+                sync_dq = dq;
+                sync_dk = dk;
+                sync_dv = dv;
+            } else {
+                EXPECT_TRUE(dq == sync_dq) << "dq: async staging differs from sync staging";
+                EXPECT_TRUE(dk == sync_dk) << "dk: async staging differs from sync staging";
+                EXPECT_TRUE(dv == sync_dv) << "dv: async staging differs from sync staging";
+            }
+        }
     }
 }
 
@@ -641,17 +666,19 @@ TEST_P(CudaAttentionMma, DeterministicAndIndependentOfMaxSeqlenHint) {
     CUDA_OK(cudaDeviceSynchronize());
     const std::vector<float> dq = run.dq.download(), dk = run.dk.download(), dv = run.dv.download();
 
-    for (int hint : {s.max_seqlen, 1}) {
-        SCOPED_TRACE("max_seqlen hint " + std::to_string(hint));
-        run.forward_mma(hint);
-        run.backward_mma(out, lse, hint, 1);
-        CUDA_OK(cudaDeviceSynchronize());
-        EXPECT_TRUE(run.out.download() == out);
-        EXPECT_TRUE(run.lse.download() == lse);
-        EXPECT_TRUE(run.dq.download() == dq);
-        EXPECT_TRUE(run.dk.download() == dk);
-        EXPECT_TRUE(run.dv.download() == dv);
-    }
+    for (int hint : {s.max_seqlen, 1})
+        for (int async = 0; async <= 2; ++async) {
+            SCOPED_TRACE("max_seqlen hint " + std::to_string(hint) + ", staging mode " + std::to_string(async));
+            StagingMode mode(async);
+            run.forward_mma(hint);
+            run.backward_mma(out, lse, hint, 1);
+            CUDA_OK(cudaDeviceSynchronize());
+            EXPECT_TRUE(run.out.download() == out);
+            EXPECT_TRUE(run.lse.download() == lse);
+            EXPECT_TRUE(run.dq.download() == dq);
+            EXPECT_TRUE(run.dk.download() == dk);
+            EXPECT_TRUE(run.dv.download() == dv);
+        }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -707,45 +734,48 @@ TEST(CudaAttentionTiming, DISABLED_Qwen3Heads) {
         const Inputs in = random_inputs(s, rng);
         double useful = 0;
         for (int L : lens) useful += 2.0 * s.n_q * s.d * (double)L * L;
-        for (Precision p : {Precision::FP32, Precision::TF32, Precision::BF16}) {
-            MmaRun run(s, in, p);
-            cudaEvent_t e0, e1, e2;
-            CUDA_OK(cudaEventCreate(&e0));
-            CUDA_OK(cudaEventCreate(&e1));
-            CUDA_OK(cudaEventCreate(&e2));
-            auto fwd = [&] {
-                cudablocks::cuda::attention_forward_mma(run.q.ptr, run.k.ptr, run.v.ptr, run.out.ptr, run.lse.ptr,
-                                                        run.cu.ptr, s.n_seqs, s.max_seqlen, s.T, s.n_q, s.n_kv, s.d,
-                                                        s.scale, p, nullptr);
-            };
-            auto bwd = [&] {
-                cudablocks::cuda::attention_backward_mma(run.q.ptr, run.k.ptr, run.v.ptr, run.out.ptr, run.dout.ptr,
-                                                         run.lse.ptr, run.dq.ptr, run.dk.ptr, run.dv.ptr, run.ws.ptr,
-                                                         run.cu.ptr, s.n_seqs, s.max_seqlen, s.T, s.n_q, s.n_kv,
-                                                         s.d, s.scale, p, nullptr);
-            };
-            fwd();
-            bwd();
-            CUDA_OK(cudaDeviceSynchronize());
-            const int iters = 20;
-            CUDA_OK(cudaEventRecord(e0));
-            for (int i = 0; i < iters; ++i) fwd();
-            CUDA_OK(cudaEventRecord(e1));
-            for (int i = 0; i < iters; ++i) bwd();
-            CUDA_OK(cudaEventRecord(e2));
-            CUDA_OK(cudaEventSynchronize(e2));
-            float ms_f = 0, ms_b = 0;
-            CUDA_OK(cudaEventElapsedTime(&ms_f, e0, e1));
-            CUDA_OK(cudaEventElapsedTime(&ms_b, e1, e2));
-            ms_f /= iters;
-            ms_b /= iters;
-            std::printf("    %zu x %d tokens, %s: forward %.3f ms (%.0f TFLOP/s), backward %.3f ms (%.0f TFLOP/s)\n",
-                        lens.size(), lens[0], precision_label(p), ms_f, useful / ms_f * 1e-9, ms_b,
-                        2.5 * useful / ms_b * 1e-9);
-            cudaEventDestroy(e0);
-            cudaEventDestroy(e1);
-            cudaEventDestroy(e2);
-        }
+        for (Precision p : {Precision::FP32, Precision::TF32, Precision::BF16})
+            for (int async = 0; async <= (p == Precision::FP32 ? 0 : 2); ++async) {
+                StagingMode mode(async);
+                MmaRun run(s, in, p);
+                cudaEvent_t e0, e1, e2;
+                CUDA_OK(cudaEventCreate(&e0));
+                CUDA_OK(cudaEventCreate(&e1));
+                CUDA_OK(cudaEventCreate(&e2));
+                auto fwd = [&] {
+                    cudablocks::cuda::attention_forward_mma(run.q.ptr, run.k.ptr, run.v.ptr, run.out.ptr, run.lse.ptr,
+                                                            run.cu.ptr, s.n_seqs, s.max_seqlen, s.T, s.n_q, s.n_kv, s.d,
+                                                            s.scale, p, nullptr);
+                };
+                auto bwd = [&] {
+                    cudablocks::cuda::attention_backward_mma(run.q.ptr, run.k.ptr, run.v.ptr, run.out.ptr, run.dout.ptr,
+                                                             run.lse.ptr, run.dq.ptr, run.dk.ptr, run.dv.ptr, run.ws.ptr,
+                                                             run.cu.ptr, s.n_seqs, s.max_seqlen, s.T, s.n_q, s.n_kv,
+                                                             s.d, s.scale, p, nullptr);
+                };
+                fwd();
+                bwd();
+                CUDA_OK(cudaDeviceSynchronize());
+                const int iters = 20;
+                CUDA_OK(cudaEventRecord(e0));
+                for (int i = 0; i < iters; ++i) fwd();
+                CUDA_OK(cudaEventRecord(e1));
+                for (int i = 0; i < iters; ++i) bwd();
+                CUDA_OK(cudaEventRecord(e2));
+                CUDA_OK(cudaEventSynchronize(e2));
+                float ms_f = 0, ms_b = 0;
+                CUDA_OK(cudaEventElapsedTime(&ms_f, e0, e1));
+                CUDA_OK(cudaEventElapsedTime(&ms_b, e1, e2));
+                ms_f /= iters;
+                ms_b /= iters;
+                std::printf("    %zu x %d tokens, %s staging %d: forward %.3f ms (%.0f TFLOP/s), "
+                            "backward %.3f ms (%.0f TFLOP/s)\n",
+                            lens.size(), lens[0], precision_label(p), async, ms_f,
+                            useful / ms_f * 1e-9, ms_b, 2.5 * useful / ms_b * 1e-9);
+                cudaEventDestroy(e0);
+                cudaEventDestroy(e1);
+                cudaEventDestroy(e2);
+            }
     }
 }
 

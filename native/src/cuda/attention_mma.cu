@@ -34,6 +34,7 @@
 // 4 mod 32 for bf16 and ldmatrix rows; 8-byte stride = 4 mod 16 for tf32), and the transposed
 // stores as well (lanes 0..15 take 16 consecutive row pairs, see stage_cols). Staging is
 // synchronous (load, convert, store, barrier); the latency is hidden by the other resident blocks.
+// The backward can instead stage with cp.async (see the perf notes above and async_rows).
 //
 // Fragments (lane = 4*g + t). mma m16n8k16 bf16: A regs (row g | g+8) x (pair t | t+4) of a 16-wide
 // k step, B regs (col g) x (pair t | t+4), C (row g | g+8) x (cols 2t, 2t+1). mma m16n8k8 tf32 uses
@@ -48,16 +49,66 @@
 //   67.6 GFLOP (the usual "useful" counts 2*n_q*d*sum(L^2) = 17.2 and 2.5x that = 42.9).
 //
 // Shared memory per block, D = 128 (bf16 / tf32 bytes): forward HPB=2 69,632 / 141,312 (HPB=1
-// 52,224 / 106,496), dkdv 70,144 / 213,504, dq 69,632 / 176,128. Registers (sm_90a, ptxas):
-// forward <= 128 (capped: 2 blocks of 8 warps per SM), dkdv ~252 / 255 (2 blocks per SM for bf16,
-// 1 for tf32 by shared memory), dq <= 168 (capped: 3 bf16 blocks per SM, 1 tf32).
+// 52,224 / 106,496), dkdv 70,144 / 213,504 (bf16 with async staging 102,912), dq 69,632 / 176,128.
+// Registers (sm_90a, ptxas): forward <= 128 (capped: 2 blocks of 8 warps per SM), dkdv ~252 / 255
+// (2 blocks per SM for bf16, also with async staging; 1 for tf32 by shared memory), dq <= 168
+// (capped: 3 bf16 blocks per SM, 1 tf32). Spills (ptxas, d 128): dkdv tf32 28 / 40 B (sync / async
+// staging), dkdv bf16 0 / 8 B, dq bf16 16 / 0 B (sync, 168 registers / mode 2, 194).
+//
+// Measured on an H200, 2026-11-27 (Qwen3-4B heads, backward): tf32 8x512 1.75 ms sync -> 1.23 ms
+// async (predicted ~0.85), 1x2048 2.67 -> 2.00 ms (predicted ~1.2); bf16 8x512 0.571 -> 0.542 ms
+// (predicted ~0.47), 1x2048 0.838 -> 0.827 ms. The async path is the default; the predictions
+// overestimated the gain: latency was not the only limit (shared-memory traffic is the next suspect).
+// Perf notes (backward; written 2026-11-27 without GPU access, predictions to be checked against
+// CudaAttentionTiming.DISABLED_Qwen3Heads, which times every staging mode: "staging 0/1/2").
+//   Baseline (H200, Qwen3-4B heads 32/8, d 128, sync staging): 8x512 tf32 bwd 1.769 ms (24 TFLOP/s
+//   useful), bf16 0.579 ms (74); 1x2048 tf32 2.675 ms (32), bf16 0.846 ms (102).
+//   Diagnosis: staging is synchronous and latency-bound. stage_rows keeps 4 float4 loads in flight
+//   per thread, so a 64x128 fp32 tile costs 4 dependent L2 round trips and stage_cols 4 more. Per
+//   query tile the dK/dV pass pays 8 round trips (bf16: Q, dO rows; 2 blocks/SM overlap a little)
+//   or 16 (tf32: Q, dO rows and cols, alone on its SM: 213 KB shared, 4 warps), the dq pass per key
+//   tile 8 (bf16, 3 blocks/SM) or 12 (tf32, 1 block/SM). For tf32 that is more time than the four
+//   16x64x128 products per warp take.
+//   Change: "async staging", modes 1 and 2 (detail::set_attention_mma_async_staging, or the
+//   environment variable CUDABLOCKS_ATTN_MMA_ASYNC=1 / 2; default 0 = the synchronous staging above,
+//   until timed on the GPU; bitwise the same results in every mode, checked by the tests and by the
+//   host emulation):
+//     tiles are copied with cp.async (every 16-byte chunk of a tile in flight at once: 1 round trip
+//     per tile group) and converted in shared memory by the thread that copied them:
+//     - tf32: straight into the rows tiles (a rounded tf32 rows tile is a padded fp32 copy), rounded
+//       in place (cvt.rna, as before); the transposed "cols" tiles (Q^T, dO^T; K^T in dq) are built
+//       from the rounded rows tiles in shared memory (conflict-free 8x8 word-block transpose)
+//       instead of a second, strided read of global memory. Once the first two products of a step
+//       are done, the rows tiles are free (the remaining products read the cols tiles): the next
+//       step's Q, dO (dkdv) or K, V (dq) are prefetched into them, overlapping the last products.
+//       Shared memory unchanged (dkdv 213,504 B, dq 176,128 B at d 128; 1 block/SM).
+//       Prediction: tf32 dkdv and dq each ~2x faster (latency hidden behind the dV/dK, dQ products,
+//       L2 traffic per query tile halved); tf32 bwd 8x512 1.77 -> ~0.85 ms (~50 TFLOP/s), 1x2048
+//       2.68 -> ~1.2 ms (~70 TFLOP/s).
+//     - bf16 dkdv: through an fp32 landing tile [64][D] (+32 KB: 102,912 B at d 128, still 2
+//       blocks/SM); Q of the next step is prefetched into it during the current step's products, dO
+//       costs one exposed round trip. bf16 dq keeps synchronous staging in mode 1 (3 blocks/SM);
+//       mode 2 runs it through a landing tile as well (102,400 B, 2 blocks/SM, 194 registers, no
+//       spills; next K prefetched, V exposed): a trade of occupancy for latency, to be measured.
+//       Prediction: bf16 dkdv ~1.3-1.5x faster; bwd 8x512 0.58 -> ~0.47 ms (~90 TFLOP/s), 1x2048
+//       0.85 -> ~0.68 ms (~125 TFLOP/s); mode 2 a further 0-10% (dq), could also be slower.
+//   Not done (why): bf16/tf32 copies of q, k, v, dO in global memory for straight cp.async loads
+//   need a larger attention workspace (Backend::attention_workspace_floats has no precision
+//   argument; other files); 2 tf32 blocks/SM needs <= 113 KB of shared memory, i.e. dropping
+//   both the cols tiles (reading transposed B fragments from rows tiles with 32-bit loads costs 2x
+//   the shared-memory wavefronts of the mma.sync path, which is already shared-memory bound) and
+//   more; reaching 200 TFLOP/s (bf16) most likely needs wgmma (sm_90a) with 128-key tiles and bf16
+//   operands in global memory.
 #include "cuda/attention_mma.cuh"
 
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cmath>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -109,6 +160,23 @@ __device__ __forceinline__ void ldsm_x4_trans(const void* p, uint32_t r[4]) {
                  : "r"(addr)
                  : "memory");
 }
+
+// cp.async of 16 bytes global -> shared (L2 only, .cg); zero-fill when !valid (src-size 0: nothing
+// is read). cp_async_wait_all: this thread's copies have landed (commit + wait_group 0); other
+// threads see them only after a barrier.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+#else
+// Emulation: a synchronous copy (the copies of the async staging are thread-private until a barrier).
+inline void cp_async16(void* smem, const void* gmem, bool valid) {
+    if (valid) std::memcpy(smem, gmem, 16);
+    else std::memset(smem, 0, 16);
+}
+inline void cp_async_wait_all() {}
 #endif
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -271,6 +339,65 @@ __device__ __forceinline__ void stage_cols(typename Op::Pair* s, const float* g,
             for (int i = 0; i < 4; ++i)
                 s[(c + i) * kLdT + rp] = Op::pack(f4_get(x[j][0], i), f4_get(x[j][1], i));
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Asynchronous staging (backward, "async" variant; see the perf notes). A 64 x D fp32 tile is copied
+// with cp.async into fp32 words (row stride ldw words): for tf32 straight into its "rows" tile (a
+// tf32 rows tile is a padded fp32 copy: pair p = elements 2p, 2p+1), for bf16 into an fp32 landing
+// buffer [64][D]. Every thread then converts exactly the chunks it copied itself (same u mapping in
+// async_rows and convert_rows), so no barrier is needed between its cp_async_wait_all and the
+// conversion, and the landing buffer is thread-private chunk by chunk.
+template <int D>
+__device__ __forceinline__ void async_rows(float* dst, int ldw, const float* g, int64_t gstride, int rows_valid) {
+    constexpr int C4 = D / 4;
+    constexpr int N = kTile * C4 / kThreads;
+#pragma unroll 2  // no data registers; few live addresses next to the dK/dV accumulators
+    for (int j = 0; j < N; ++j) {
+        const int u = j * kThreads + threadIdx.x;
+        const int r = u / C4, c = (u % C4) * 4;
+        const bool valid = r < rows_valid;
+        cp_async16(dst + r * ldw + c, valid ? g + r * gstride + c : g, valid);
+    }
+}
+
+// This thread's chunks of an fp32 tile src (row stride ldw words) -> rows tile s, rounded to the
+// operand type. In place (src == s as words, ldw = 2 * ld_rows) for tf32.
+template <class Op, int D>
+__device__ __forceinline__ void convert_rows(typename Op::Pair* s, const float* src, int ldw) {
+    constexpr int C4 = D / 4;
+    constexpr int N = kTile * C4 / kThreads;
+    constexpr int LD = ld_rows<D>();
+#pragma unroll 2
+    for (int j = 0; j < N; ++j) {
+        const int u = j * kThreads + threadIdx.x;
+        const int r = u / C4, c4 = u % C4;
+        const float4 x = *reinterpret_cast<const float4*>(src + r * ldw + c4 * 4);
+        Op::store2(s + r * LD + c4 * 2, x);
+    }
+}
+
+// tf32: "cols" tile (words Wc[c * 2kLdT + r]) from a rounded "rows" tile (words Wr[r * 2LD + c]),
+// shared memory to shared memory (all 128 threads; barrier before and after is the caller's).
+// A warp moves 8 x 8 word blocks in two rounds; lane (cc = l & 7, j = l >> 3) moves row
+// j + 4 * ((cc >= 4) ^ round) of column cc. Both strides are 8 mod 32 words: reads hit banks
+// 8 * row + cc, writes 8 * cc + row, distinct over the warp in each round (conflict-free).
+template <int D>
+__device__ __forceinline__ void transpose_rows_to_cols(uint2* cols, const uint2* rows) {
+    constexpr int LDW_R = 2 * ld_rows<D>(), LDW_C = 2 * kLdT;
+    const uint32_t* wr = reinterpret_cast<const uint32_t*>(rows);
+    uint32_t* wc = reinterpret_cast<uint32_t*>(cols);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int cc = lane & 7, j = lane >> 3, hi = cc >= 4 ? 1 : 0;
+    constexpr int NB = (kTile / 8) * (D / 8);  // 8 x 8 blocks
+#pragma unroll 4
+    for (int b = warp; b < NB; b += kThreads / 32) {
+        const int r0 = (b % (kTile / 8)) * 8, c = (b / (kTile / 8)) * 8 + cc;
+        const int ra = r0 + j + 4 * hi, rb = r0 + j + 4 * (1 - hi);
+        const uint32_t xa = wr[ra * LDW_R + c], xb = wr[rb * LDW_R + c];
+        wc[c * LDW_C + ra] = xa;
+        wc[c * LDW_C + rb] = xb;
     }
 }
 
@@ -516,7 +643,7 @@ __global__ void attention_mma_rowdot_kernel(const float* __restrict__ out, const
 // split s > 0 its slabs, which attention_mma_reduce_kernel adds in split order: deterministic).
 // Grid (n_kv_heads * splits, n_seqs, n_ktiles), 128 threads. Shared: K, V, Q, dO "rows"; (tf32) Q^T, dO^T
 // "cols"; lse (log2 domain) and D of the current query tile.
-template <class Op, int D>
+template <class Op, int D, bool ASYNC = false>
 __global__ void __launch_bounds__(kThreads)
 attention_mma_dkdv_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                           const float* __restrict__ dout, const float* __restrict__ lse,
@@ -536,6 +663,9 @@ attention_mma_dkdv_kernel(const float* __restrict__ q, const float* __restrict__
     const Pair* dK_B = Op::kTransFromRows ? Qs : Qt;   // B operand of dK += dS^T Q
     const Pair* dV_B = Op::kTransFromRows ? dOs : dOt;  // B operand of dV += P^T dO
     float* dsum_s = lse_s + kTile;
+    // ASYNC, bf16: fp32 landing buffer [64][D] for cp.async (tf32 copies straight into its rows tiles).
+    constexpr bool kLand = ASYNC && Op::kTransFromRows;
+    float* land = dsum_s + kTile;
 
     const int kvh = blockIdx.x / splits;
     const int split = blockIdx.x % splits;
@@ -555,8 +685,20 @@ attention_mma_dkdv_kernel(const float* __restrict__ q, const float* __restrict__
         const int k0 = kt * kTile;
         const int64_t kv_off = (int64_t)(start + k0) * kv_stride + (int64_t)kvh * D;
         __syncthreads();  // a previous iteration's readers of shared memory are done
-        stage_rows<Op, D>(Ks, k + kv_off, kv_stride, len - k0);
-        stage_rows<Op, D>(Vs, v + kv_off, kv_stride, len - k0);
+        if constexpr (kLand) {
+            async_rows<D>(land, D, k + kv_off, kv_stride, len - k0);
+            cp_async_wait_all();
+            convert_rows<Op, D>(Ks, land, D);
+            async_rows<D>(land, D, v + kv_off, kv_stride, len - k0);
+            cp_async_wait_all();
+            convert_rows<Op, D>(Vs, land, D);
+        } else if constexpr (ASYNC) {  // tf32: waited for (and rounded) with item 0's Q, dO
+            async_rows<D>(reinterpret_cast<float*>(Ks), 2 * LD, k + kv_off, kv_stride, len - k0);
+            async_rows<D>(reinterpret_cast<float*>(Vs), 2 * LD, v + kv_off, kv_stride, len - k0);
+        } else {
+            stage_rows<Op, D>(Ks, k + kv_off, kv_stride, len - k0);
+            stage_rows<Op, D>(Vs, v + kv_off, kv_stride, len - k0);
+        }
 
         float dk_acc[D / 8][4], dv_acc[D / 8][4];
         zero(dk_acc);
@@ -564,16 +706,53 @@ attention_mma_dkdv_kernel(const float* __restrict__ q, const float* __restrict__
 
         const int n_qt = n_tiles - kt;  // query tiles kt .. n_tiles-1
         const int n_items = (h_end - h_begin) * n_qt;
+        if constexpr (kLand) {  // prefetch the first Q tile
+            const int64_t off = (int64_t)(start + k0) * q_stride + (int64_t)h_begin * D;
+            async_rows<D>(land, D, q + off, q_stride, len - k0);
+        }
         for (int item = 0; item < n_items; ++item) {
             const int hq = h_begin + item / n_qt;
             const int q0 = (kt + item % n_qt) * kTile;
             const int64_t off = (int64_t)(start + q0) * q_stride + (int64_t)hq * D;
             if (item > 0) __syncthreads();  // everyone is done with the previous Q / dO tiles
-            stage_rows<Op, D>(Qs, q + off, q_stride, len - q0);
-            stage_rows<Op, D>(dOs, dout + off, q_stride, len - q0);
-            if constexpr (!Op::kTransFromRows) {
-                stage_cols<Op, D>(Qt, q + off, q_stride, len - q0);
-                stage_cols<Op, D>(dOt, dout + off, q_stride, len - q0);
+            if constexpr (kLand) {
+                cp_async_wait_all();  // Q of this item (prefetched during the previous item)
+                convert_rows<Op, D>(Qs, land, D);
+                async_rows<D>(land, D, dout + off, q_stride, len - q0);
+                cp_async_wait_all();
+                convert_rows<Op, D>(dOs, land, D);
+                if (item + 1 < n_items) {  // prefetch the next item's Q, overlapping this item's products
+                    const int hq1 = h_begin + (item + 1) / n_qt;
+                    const int q1 = (kt + (item + 1) % n_qt) * kTile;
+                    async_rows<D>(land, D, q + (int64_t)(start + q1) * q_stride + (int64_t)hq1 * D, q_stride,
+                                  len - q1);
+                }
+            } else if constexpr (ASYNC) {
+                // tf32. Item 0's Q, dO are issued here (with K, V in flight); later items' were issued
+                // by the previous item once its Q, dO rows tiles were no longer read (below).
+                if (item == 0) {
+                    async_rows<D>(reinterpret_cast<float*>(Qs), 2 * LD, q + off, q_stride, len - q0);
+                    async_rows<D>(reinterpret_cast<float*>(dOs), 2 * LD, dout + off, q_stride, len - q0);
+                }
+                cp_async_wait_all();
+                if (item == 0) {
+                    convert_rows<Op, D>(Ks, reinterpret_cast<const float*>(Ks), 2 * LD);
+                    convert_rows<Op, D>(Vs, reinterpret_cast<const float*>(Vs), 2 * LD);
+                }
+                convert_rows<Op, D>(Qs, reinterpret_cast<const float*>(Qs), 2 * LD);
+                convert_rows<Op, D>(dOs, reinterpret_cast<const float*>(dOs), 2 * LD);
+                __syncthreads();  // rounded rows tiles complete
+                if constexpr (!Op::kTransFromRows) {
+                    transpose_rows_to_cols<D>(Qt, Qs);
+                    transpose_rows_to_cols<D>(dOt, dOs);
+                }
+            } else {
+                stage_rows<Op, D>(Qs, q + off, q_stride, len - q0);
+                stage_rows<Op, D>(dOs, dout + off, q_stride, len - q0);
+                if constexpr (!Op::kTransFromRows) {
+                    stage_cols<Op, D>(Qt, q + off, q_stride, len - q0);
+                    stage_cols<Op, D>(dOt, dout + off, q_stride, len - q0);
+                }
             }
             if (threadIdx.x < kTile) {
                 const int i = threadIdx.x;
@@ -601,6 +780,19 @@ attention_mma_dkdv_kernel(const float* __restrict__ q, const float* __restrict__
             float dpt[8][4];
             zero(dpt);
             warp_abT<Op, D>(Vs, warp * 16, dOs, dpt);
+
+            if constexpr (ASYNC && !Op::kTransFromRows) {
+                // tf32: the rows tiles Qs, dOs are done with (the two products left read Q^T, dO^T):
+                // prefetch the next item's Q, dO into them, overlapping dV += P^T dO and dK += dS^T Q.
+                if (item + 1 < n_items) {
+                    const int hq1 = h_begin + (item + 1) / n_qt;
+                    const int q1 = (kt + (item + 1) % n_qt) * kTile;
+                    const int64_t off1 = (int64_t)(start + q1) * q_stride + (int64_t)hq1 * D;
+                    __syncthreads();  // every warp is done reading Qs, dOs
+                    async_rows<D>(reinterpret_cast<float*>(Qs), 2 * LD, q + off1, q_stride, len - q1);
+                    async_rows<D>(reinterpret_cast<float*>(dOs), 2 * LD, dout + off1, q_stride, len - q1);
+                }
+            }
 
             warp_pB<Op, D>(pt, dV_B, dv_acc);  // dV += P^T dO
 
@@ -644,8 +836,11 @@ __global__ void attention_mma_reduce_kernel(float* __restrict__ dk, float* __res
 // Backward 3: dQ of one 64-query tile of query head blockIdx.x.
 // Grid (n_q_heads, n_seqs, n_qtiles), 128 threads. Shared: Q, dO, K, V "rows"; (tf32) K^T "cols".
 // Register cap: bf16 fits 3 blocks per SM in shared memory (<= 168 registers), tf32 at most 2.
-template <class Op, int D>
-__global__ void __launch_bounds__(kThreads, Op::kTransFromRows ? 3 : 2)
+// ASYNC: tf32: cp.async into the rows tiles, rounded in place, K^T transposed in shared memory from
+// the rounded K rows instead of a second global read, the next K, V prefetched during dQ += dS K;
+// bf16 (staging mode 2): through an fp32 landing tile, the next K prefetched.
+template <class Op, int D, bool ASYNC = false>
+__global__ void __launch_bounds__(kThreads, Op::kTransFromRows && !ASYNC ? 3 : 2)
 attention_mma_dq_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                         const float* __restrict__ dout, const float* __restrict__ lse,
                         const float* __restrict__ dsum, float* __restrict__ dq,
@@ -660,6 +855,11 @@ attention_mma_dq_kernel(const float* __restrict__ q, const float* __restrict__ k
     Pair* Vs = Ks + kTile * LD;
     Pair* Kt = Vs + kTile * LD;  // tf32 only (cols); bf16 reads Ks with ldmatrix.trans
     const Pair* dQ_B = Op::kTransFromRows ? Ks : Kt;  // B operand of dQ += dS K
+    constexpr bool kAsync = ASYNC && !Op::kTransFromRows;
+    // ASYNC, bf16: fp32 landing tile [64][D] after Vs (bf16 has no Kt); the next K tile is prefetched
+    // into it during the current products. 2 blocks per SM instead of 3.
+    constexpr bool kLand = ASYNC && Op::kTransFromRows;
+    float* land = reinterpret_cast<float*>(Vs + kTile * LD);
 
     const int h = blockIdx.x;
     const int seq = blockIdx.y;
@@ -678,8 +878,21 @@ attention_mma_dq_kernel(const float* __restrict__ q, const float* __restrict__ k
         const int q0 = qt * kTile;
         const int64_t q_off = (int64_t)(start + q0) * q_stride + (int64_t)h * D;
         __syncthreads();  // a previous iteration's readers of shared memory are done
-        stage_rows<Op, D>(Qs, q + q_off, q_stride, len - q0);
-        stage_rows<Op, D>(dOs, dout + q_off, q_stride, len - q0);
+        if constexpr (kAsync) {  // waited for (and rounded) with the first K, V tiles
+            async_rows<D>(reinterpret_cast<float*>(Qs), 2 * LD, q + q_off, q_stride, len - q0);
+            async_rows<D>(reinterpret_cast<float*>(dOs), 2 * LD, dout + q_off, q_stride, len - q0);
+        } else if constexpr (kLand) {
+            async_rows<D>(land, D, q + q_off, q_stride, len - q0);
+            cp_async_wait_all();
+            convert_rows<Op, D>(Qs, land, D);
+            async_rows<D>(land, D, dout + q_off, q_stride, len - q0);
+            cp_async_wait_all();
+            convert_rows<Op, D>(dOs, land, D);
+            async_rows<D>(land, D, k_head, kv_stride, len);  // K of key tile 0
+        } else {
+            stage_rows<Op, D>(Qs, q + q_off, q_stride, len - q0);
+            stage_rows<Op, D>(dOs, dout + q_off, q_stride, len - q0);
+        }
 
         float lse2[2], dsv[2];
 #pragma unroll
@@ -696,10 +909,34 @@ attention_mma_dq_kernel(const float* __restrict__ q, const float* __restrict__ k
         for (int kt = 0; kt <= qt; ++kt) {
             const int k0 = kt * kTile;
             if (kt > 0) __syncthreads();  // everyone is done with K, V, K^T of the previous tile
-            stage_rows<Op, D>(Ks, k_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
-            if constexpr (!Op::kTransFromRows)
-                stage_cols<Op, D>(Kt, k_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
-            stage_rows<Op, D>(Vs, v_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
+            if constexpr (kAsync) {
+                if (kt == 0) {  // later K, V tiles were prefetched by the previous iteration (below)
+                    async_rows<D>(reinterpret_cast<float*>(Ks), 2 * LD, k_head, kv_stride, len);
+                    async_rows<D>(reinterpret_cast<float*>(Vs), 2 * LD, v_head, kv_stride, len);
+                }
+                cp_async_wait_all();
+                if (kt == 0) {
+                    convert_rows<Op, D>(Qs, reinterpret_cast<const float*>(Qs), 2 * LD);
+                    convert_rows<Op, D>(dOs, reinterpret_cast<const float*>(dOs), 2 * LD);
+                }
+                convert_rows<Op, D>(Ks, reinterpret_cast<const float*>(Ks), 2 * LD);
+                convert_rows<Op, D>(Vs, reinterpret_cast<const float*>(Vs), 2 * LD);
+                __syncthreads();  // rounded K complete
+                transpose_rows_to_cols<D>(reinterpret_cast<uint2*>(Kt), reinterpret_cast<const uint2*>(Ks));
+            } else if constexpr (kLand) {
+                cp_async_wait_all();  // K of this tile (prefetched)
+                convert_rows<Op, D>(Ks, land, D);
+                async_rows<D>(land, D, v_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
+                cp_async_wait_all();
+                convert_rows<Op, D>(Vs, land, D);
+                if (kt < qt)  // prefetch the next K tile, overlapping this tile's products
+                    async_rows<D>(land, D, k_head + (int64_t)(k0 + kTile) * kv_stride, kv_stride, len - k0 - kTile);
+            } else {
+                stage_rows<Op, D>(Ks, k_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
+                if constexpr (!Op::kTransFromRows)
+                    stage_cols<Op, D>(Kt, k_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
+                stage_rows<Op, D>(Vs, v_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
+            }
             __syncthreads();
 
             float s[8][4];
@@ -719,6 +956,18 @@ attention_mma_dq_kernel(const float* __restrict__ q, const float* __restrict__ k
             float dp[8][4];
             zero(dp);
             warp_abT<Op, D>(dOs, warp * 16, Vs, dp);
+            if constexpr (kAsync) {
+                // The rows tiles Ks, Vs are done with (dQ += dS K reads K^T): prefetch the next K, V
+                // tiles into them, overlapping the last product.
+                if (kt < qt) {
+                    const int k1 = k0 + kTile;
+                    __syncthreads();  // every warp is done reading Ks, Vs
+                    async_rows<D>(reinterpret_cast<float*>(Ks), 2 * LD, k_head + (int64_t)k1 * kv_stride, kv_stride,
+                                  len - k1);
+                    async_rows<D>(reinterpret_cast<float*>(Vs), 2 * LD, v_head + (int64_t)k1 * kv_stride, kv_stride,
+                                  len - k1);
+                }
+            }
 #pragma unroll
             for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -743,13 +992,16 @@ constexpr size_t pair_bytes() { return sizeof(typename Op::Pair); }
 
 template <class Op, int D, int HPB>
 size_t forward_smem() { return pair_bytes<Op>() * (size_t)((HPB + 1) * kTile * ld_rows<D>() + pb_pairs<Op, D>()); }
-template <class Op, int D>
+template <class Op, int D, bool ASYNC = false>
 size_t dkdv_smem() {
     return pair_bytes<Op>() * (size_t)(4 * kTile * ld_rows<D>() + 2 * cols_pairs<Op, D>()) +
-           2 * kTile * sizeof(float);
+           2 * kTile * sizeof(float) + (ASYNC && Op::kTransFromRows ? (size_t)kTile * D * sizeof(float) : 0);
 }
-template <class Op, int D>
-size_t dq_smem() { return pair_bytes<Op>() * (size_t)(4 * kTile * ld_rows<D>() + cols_pairs<Op, D>()); }
+template <class Op, int D, bool ASYNC = false>
+size_t dq_smem() {
+    return pair_bytes<Op>() * (size_t)(4 * kTile * ld_rows<D>() + cols_pairs<Op, D>()) +
+           (ASYNC && Op::kTransFromRows ? (size_t)kTile * D * sizeof(float) : 0);
+}
 
 struct Shape {
     int n_seqs, max_seqlen;
@@ -801,9 +1053,9 @@ bool mma_fits_forward(const Shape& s) {
     const bool hpb2 = (s.n_q_heads / s.n_kv_heads) % 2 == 0;
     return (hpb2 ? forward_smem<Op, D, 2>() : forward_smem<Op, D, 1>()) <= smem_optin();
 }
-template <class Op, int D>
+template <class Op, int D, bool ASYNC, bool DQ_ASYNC>
 bool mma_fits_backward() {
-    return std::max(dkdv_smem<Op, D>(), dq_smem<Op, D>()) <= smem_optin();
+    return std::max(dkdv_smem<Op, D, ASYNC>(), dq_smem<Op, D, DQ_ASYNC>()) <= smem_optin();
 }
 
 template <typename Kernel>
@@ -861,7 +1113,25 @@ int choose_splits(Kernel kernel, size_t smem, const Shape& s) {
     return group;
 }
 
-template <class Op, int D>
+// Staging switch of the backward (perf notes): 0 = synchronous staging (default, proven),
+// 1 = cp.async staging (dkdv; dq for tf32), 2 = also the bf16 dq pass through a landing tile;
+// -1 (initial) = from the environment variable CUDABLOCKS_ATTN_MMA_ASYNC ("1" or "2").
+std::atomic<int> g_async_mode{-1};
+
+int staging_mode() {
+    int m = g_async_mode.load(std::memory_order_relaxed);
+    if (m < 0) {
+        const char* e = std::getenv("CUDABLOCKS_ATTN_MMA_ASYNC");
+        // Default 1: on an H200 (2026-11-27) cp.async staging took the tf32 backward from 1.75 to
+        // 1.23 ms at 8x512 (2.67 -> 2.00 ms at 1x2048) and bf16 from 0.571 to 0.542 ms; mode 2
+        // measured no better than 1.
+        m = (e != nullptr && e[0] >= '0' && e[0] <= '2' && e[1] == '\0') ? e[0] - '0' : 1;
+        g_async_mode.store(m, std::memory_order_relaxed);
+    }
+    return m;
+}
+
+template <class Op, int D, bool ASYNC, bool DQ_ASYNC>
 void launch_backward(const float* q, const float* k, const float* v, const float* out, const float* dout,
                      const float* lse, float* dq, float* dk, float* dv, float* workspace,
                      const int32_t* cu_seqlens, const Shape& s, float scale, int kv_splits,
@@ -872,9 +1142,10 @@ void launch_backward(const float* q, const float* k, const float* v, const float
     const unsigned tiles = tiles_for(s);
     const int group = s.n_q_heads / s.n_kv_heads;
     const Slabs slabs{dq, workspace + ((rows + 63) / 64) * 64, group, s.total_tokens * s.n_kv_heads * D};
-    const size_t dkdv_bytes = dkdv_smem<Op, D>();
-    prepare_smem(attention_mma_dkdv_kernel<Op, D>, dkdv_bytes);
-    const int splits = kv_splits > 0 ? kv_splits : choose_splits(attention_mma_dkdv_kernel<Op, D>, dkdv_bytes, s);
+    const size_t dkdv_bytes = dkdv_smem<Op, D, ASYNC>();
+    prepare_smem(attention_mma_dkdv_kernel<Op, D, ASYNC>, dkdv_bytes);
+    const int splits =
+        kv_splits > 0 ? kv_splits : choose_splits(attention_mma_dkdv_kernel<Op, D, ASYNC>, dkdv_bytes, s);
     {
         const int warps_per_block = 256 / 32;
         int64_t blocks = (rows + warps_per_block - 1) / warps_per_block;
@@ -884,7 +1155,7 @@ void launch_backward(const float* q, const float* k, const float* v, const float
     }
     {
         const dim3 grid((unsigned)(s.n_kv_heads * splits), (unsigned)s.n_seqs, tiles);
-        attention_mma_dkdv_kernel<Op, D><<<grid, kThreads, dkdv_bytes, stream>>>(
+        attention_mma_dkdv_kernel<Op, D, ASYNC><<<grid, kThreads, dkdv_bytes, stream>>>(
             q, k, v, dout, lse, dsum, dk, dv, slabs, cu_seqlens, s.n_q_heads, s.n_kv_heads, splits, scale,
             scale_log2);
         CUDABLOCKS_CHECK_LAUNCH("attention_mma_dkdv_kernel");
@@ -896,13 +1167,37 @@ void launch_backward(const float* q, const float* k, const float* v, const float
         CUDABLOCKS_CHECK_LAUNCH("attention_mma_reduce_kernel");
     }
     {
-        const size_t smem = dq_smem<Op, D>();
-        prepare_smem(attention_mma_dq_kernel<Op, D>, smem);
+        const size_t smem = dq_smem<Op, D, DQ_ASYNC>();
+        prepare_smem(attention_mma_dq_kernel<Op, D, DQ_ASYNC>, smem);
         const dim3 grid((unsigned)s.n_q_heads, (unsigned)s.n_seqs, tiles);
-        attention_mma_dq_kernel<Op, D><<<grid, kThreads, smem, stream>>>(
+        attention_mma_dq_kernel<Op, D, DQ_ASYNC><<<grid, kThreads, smem, stream>>>(
             q, k, v, dout, lse, dsum, dq, cu_seqlens, s.n_q_heads, s.n_kv_heads, scale, scale_log2);
         CUDABLOCKS_CHECK_LAUNCH("attention_mma_dq_kernel");
     }
+}
+
+// Runs the backward on tensor cores (async staging when switched on and it fits, else synchronous);
+// false when neither variant fits this GPU's shared memory (the caller runs the fp32 kernels).
+template <class Op, int D>
+bool try_backward(const float* q, const float* k, const float* v, const float* out, const float* dout,
+                  const float* lse, float* dq, float* dk, float* dv, float* workspace, const int32_t* cu_seqlens,
+                  const Shape& s, float scale, int kv_splits, cudaStream_t stream) {
+    constexpr bool kTf32 = !Op::kTransFromRows;
+    const int mode = staging_mode();
+    if (mode == 2 && mma_fits_backward<Op, D, true, true>()) {
+        launch_backward<Op, D, true, true>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale,
+                                           kv_splits, stream);
+        return true;
+    }
+    if (mode >= 1 && mma_fits_backward<Op, D, true, kTf32>()) {
+        launch_backward<Op, D, true, kTf32>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale,
+                                            kv_splits, stream);
+        return true;
+    }
+    if (!mma_fits_backward<Op, D, false, false>()) return false;
+    launch_backward<Op, D, false, false>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale,
+                                         kv_splits, stream);
+    return true;
 }
 
 }  // namespace
@@ -945,6 +1240,8 @@ void attention_forward_mma(const float* q, const float* k, const float* v, float
 }
 
 namespace detail {
+void set_attention_mma_async_staging(int mode) { g_async_mode.store(mode < 0 ? -1 : mode > 2 ? 2 : mode); }
+
 void attention_backward_mma_with_splits(const float* q, const float* k, const float* v, const float* out,
                                         const float* dout, const float* lse, float* dq, float* dk, float* dv,
                                         float* workspace, const int32_t* cu_seqlens, int n_seqs, int max_seqlen,
@@ -971,20 +1268,21 @@ void attention_backward_mma_with_splits(const float* q, const float* k, const fl
     if (kv_splits < 0 || kv_splits > group)
         fail("kv_splits must be in [0, " + std::to_string(group) + "], got " + std::to_string(kv_splits));
     const bool bf16 = precision == Precision::BF16;
-    const bool fits = head_dim == 128 ? (bf16 ? mma_fits_backward<Bf16Op, 128>() : mma_fits_backward<Tf32Op, 128>())
-                                      : (bf16 ? mma_fits_backward<Bf16Op, 64>() : mma_fits_backward<Tf32Op, 64>());
-    if (!fits) {
+    const bool ran =
+        head_dim == 128
+            ? (bf16 ? try_backward<Bf16Op, 128>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale,
+                                                kv_splits, stream)
+                    : try_backward<Tf32Op, 128>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale,
+                                                kv_splits, stream))
+            : (bf16 ? try_backward<Bf16Op, 64>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale,
+                                               kv_splits, stream)
+                    : try_backward<Tf32Op, 64>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale,
+                                               kv_splits, stream));
+    if (!ran) {
         detail::attention_backward_with_splits(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, n_seqs,
                                                max_seqlen, total_tokens, n_q_heads, n_kv_heads, head_dim, scale,
                                                kv_splits, stream);
         return;
-    }
-    if (head_dim == 128) {
-        if (bf16) launch_backward<Bf16Op, 128>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale, kv_splits, stream);
-        else launch_backward<Tf32Op, 128>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale, kv_splits, stream);
-    } else {
-        if (bf16) launch_backward<Bf16Op, 64>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale, kv_splits, stream);
-        else launch_backward<Tf32Op, 64>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale, kv_splits, stream);
     }
 }
 }  // namespace detail

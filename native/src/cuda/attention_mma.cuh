@@ -50,6 +50,15 @@ void attention_backward_mma_with_splits(const float* q, const float* k, const fl
                                         float* workspace, const int32_t* cu_seqlens, int n_seqs, int max_seqlen,
                                         int64_t total_tokens, int n_q_heads, int n_kv_heads, int head_dim,
                                         float scale, Precision precision, int kv_splits, cudaStream_t stream);
+
+// Staging of the backward's tiles: 0 = synchronous loads + conversion in registers,
+// 1 (the default) = cp.async into shared memory, converted there (bf16 dK/dV pass: through an fp32 landing tile,
+// the next Q tile prefetched; tf32 dK/dV and dQ passes: rounded in place, transposed tiles built in
+// shared memory, the next tiles prefetched), 2 = 1 and the bf16 dQ pass through a landing tile too
+// (2 blocks per SM instead of 3), -1 = from the environment (CUDABLOCKS_ATTN_MMA_ASYNC=0, 1 or 2; unset: 1).
+// Same results bit for bit in every mode (same rounding of the same operands, same products).
+// Process-wide; for tests and benchmarks.
+void set_attention_mma_async_staging(int mode);
 }  // namespace detail
 
 }  // namespace cudablocks::cuda
