@@ -5,6 +5,8 @@
 #include <random>
 #include <vector>
 
+#include "cudablocks/block.hpp"
+
 namespace cudablocks::test {
 
 // Seeded from std::random_device, so every run draws fresh inputs; the seed is printed so that a
@@ -16,5 +18,15 @@ bool have_cuda_device();
 // ||a - b|| / ||b|| in double.
 double relative_error(const std::vector<float>& a, const std::vector<double>& b);
 double relative_error(const std::vector<float>& a, const std::vector<float>& b);
+
+// A tiny Qwen3 config (hidden 32, 4/2 heads of 8, intermediate 48) with q/k/v biases and QK-norm.
+TransformerConfig tiny_config();
+
+// Random weights for every tensor of a config's layout, and the storage they point into.
+struct Weights {
+  std::vector<std::vector<float>> storage;
+  WeightMap map;
+};
+Weights random_weights(const TransformerConfig& config);
 
 }  // namespace cudablocks::test

@@ -15,37 +15,9 @@ namespace {
 
 using test::random_normal;
 
-TransformerConfig tiny_config() {
-  TransformerConfig c;
-  c.model_type = "qwen3";
-  c.hidden_size = 32;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.vocab_size = 10;
-  c.max_position_embeddings = 64;
-  c.qk_norm = true;
-  c.attention_bias = true;
-  return c;
-}
-
-struct Weights {
-  std::vector<std::vector<float>> storage;
-  WeightMap map;
-};
-
-Weights random_weights(const TransformerConfig& c) {
-  Weights w;
-  ParamLayout layout(c);
-  w.storage.reserve(layout.entries().size());
-  for (const ParamEntry& e : layout.entries()) {
-    w.storage.push_back(random_normal(static_cast<std::size_t>(e.numel()), e.is_matrix ? 0.2f : 1.0f));
-    w.map[e.name] = HostTensor{e.shape, w.storage.back().data()};
-  }
-  return w;
-}
+using test::random_weights;
+using test::tiny_config;
+using test::Weights;
 
 // The weights with every projection replaced by its NF4 round trip (blocksize 64, on the CPU).
 Weights dequantized(const TransformerConfig& c, const Weights& w) {
