@@ -12,6 +12,8 @@
 // with NaN before each call so that an element left unwritten fails the comparison.
 #include <gtest/gtest.h>
 
+#include "cudablocks/errors.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -332,10 +334,10 @@ TEST(CpuAttention, RejectsInconsistentArguments) {
                                            s.max_seqlen, T, n_q, n_kv, s.d, s.scale);
     };
     EXPECT_NO_THROW(fwd(s.cu.data(), s.T, 4, 2));
-    EXPECT_THROW(fwd(s.cu.data(), s.T, 4, 3), std::invalid_argument);       // heads not divisible
-    EXPECT_THROW(fwd(s.cu.data(), s.T - 1, 4, 2), std::invalid_argument);   // lengths don't sum to T
+    EXPECT_THROW(fwd(s.cu.data(), s.T, 4, 3), cudablocks::InvalidArgumentError);       // heads not divisible
+    EXPECT_THROW(fwd(s.cu.data(), s.T - 1, 4, 2), cudablocks::InvalidArgumentError);   // lengths don't sum to T
     const std::vector<int32_t> bad = {0, 5, 3};
-    EXPECT_THROW(fwd(bad.data(), 3, 4, 2), std::invalid_argument);          // decreasing cu_seqlens
+    EXPECT_THROW(fwd(bad.data(), 3, 4, 2), cudablocks::InvalidArgumentError);          // decreasing cu_seqlens
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -515,13 +517,13 @@ TEST(CudaAttentionArgs, RejectsUnsupportedHeadDim) {
     cu.upload(s.cu);
     EXPECT_THROW(cudablocks::cuda::attention_forward(buf.ptr, buf.ptr, buf.ptr, buf.ptr, buf.ptr, cu.ptr, 1, 8, 8, 2,
                                                      1, 6, 1.f, nullptr),
-                 std::invalid_argument);  // not a multiple of 4
+                 cudablocks::InvalidArgumentError);  // not a multiple of 4
     EXPECT_THROW(cudablocks::cuda::attention_forward(buf.ptr, buf.ptr, buf.ptr, buf.ptr, buf.ptr, cu.ptr, 1, 8, 8, 2,
                                                      1, 256, 1.f, nullptr),
-                 std::invalid_argument);  // above 128
+                 cudablocks::InvalidArgumentError);  // above 128
     EXPECT_THROW(cudablocks::cuda::attention_forward(buf.ptr, buf.ptr, buf.ptr, buf.ptr, buf.ptr, cu.ptr, 1, 8, 8, 3,
                                                      2, 8, 1.f, nullptr),
-                 std::invalid_argument);  // heads not divisible
+                 cudablocks::InvalidArgumentError);  // heads not divisible
 }
 
 #endif  // CUDABLOCKS_WITH_CUDA

@@ -8,10 +8,10 @@
 //             dq_i += scale ds_j k_j,  dk_j += scale ds_j q_i,  dv_j += p_j dout_i
 // Every dot product and sum accumulates in double; results are rounded to fp32 once at the end.
 #include "cpu/attention.hpp"
+#include "cudablocks/errors.hpp"
 
 #include <cmath>
 #include <limits>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -21,7 +21,7 @@ namespace {
 void check_args(const int32_t* cu_seqlens, int n_seqs, int64_t total_tokens, int n_q_heads,
                 int n_kv_heads, int head_dim) {
     auto fail = [](const std::string& msg) {
-        throw std::invalid_argument("attention (cpu): " + msg);
+        throw InvalidArgumentError("attention (cpu): " + msg);
     };
     if (n_seqs < 0) fail("n_seqs must be >= 0, got " + std::to_string(n_seqs));
     if (total_tokens < 0) fail("total_tokens must be >= 0, got " + std::to_string(total_tokens));

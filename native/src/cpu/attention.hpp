@@ -28,7 +28,7 @@ namespace cudablocks::cpu {
 int64_t attention_backward_workspace_floats(int64_t total_tokens, int n_q_heads, int n_kv_heads,
                                             int head_dim);
 
-// Throws std::invalid_argument on inconsistent arguments (heads not divisible, cu_seqlens not
+// Throws InvalidArgumentError on inconsistent arguments (heads not divisible, cu_seqlens not
 // starting at 0, decreasing, or not ending at total_tokens, ...).
 void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse,
                        const int32_t* cu_seqlens, int n_seqs, int max_seqlen, int64_t total_tokens,

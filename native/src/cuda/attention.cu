@@ -49,10 +49,10 @@
 //   so the workspace is T*n_q floats (D) + max(0, group-2)*T*n_kv*d floats (Qwen3-4B, T = 4096:
 //   0.5 MB + 33.5 MB).
 #include "cuda/attention.cuh"
+#include "cudablocks/errors.hpp"
 
 #include <cmath>
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 
 namespace cudablocks::cuda {
@@ -62,7 +62,7 @@ namespace {
 // Error handling: the one place that turns CUDA errors into exceptions.
 
 [[noreturn]] void throw_cuda_error(const char* what, cudaError_t err) {
-    throw std::runtime_error(std::string("cudablocks attention: ") + what + ": " +
+    throw CudaError(std::string("cudablocks attention: ") + what + ": " +
                              cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
 }
 
@@ -771,13 +771,13 @@ struct Shape {
 
 void check_aligned(const void* p, const char* name) {
     if (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 != 0)
-        throw std::invalid_argument(std::string("attention (cuda): ") + name +
+        throw InvalidArgumentError(std::string("attention (cuda): ") + name +
                                     " must be a non-null, 16-byte aligned device pointer");
 }
 
 // Validates the host-visible arguments. Returns false when there is nothing to compute.
 bool check_shape(const Shape& s, const int32_t* cu_seqlens) {
-    auto fail = [](const std::string& msg) { throw std::invalid_argument("attention (cuda): " + msg); };
+    auto fail = [](const std::string& msg) { throw InvalidArgumentError("attention (cuda): " + msg); };
     if (s.n_seqs < 0) fail("n_seqs must be >= 0, got " + std::to_string(s.n_seqs));
     if (s.total_tokens < 0) fail("total_tokens must be >= 0");
     if (s.n_q_heads <= 0 || s.n_kv_heads <= 0 || s.n_q_heads % s.n_kv_heads != 0)
@@ -809,7 +809,7 @@ void prepare_smem(Kernel kernel, size_t bytes, const char* name) {
     cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
                "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
     if (bytes > (size_t)optin)
-        throw std::invalid_argument(std::string("attention (cuda): ") + name + " needs " +
+        throw InvalidArgumentError(std::string("attention (cuda): ") + name + " needs " +
                                     std::to_string(bytes) + " bytes of shared memory per block; this GPU allows " +
                                     std::to_string(optin));
     cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
@@ -922,7 +922,7 @@ void attention_forward(const float* q, const float* k, const float* v, float* ou
     check_aligned(k, "k");
     check_aligned(v, "v");
     check_aligned(out, "out");
-    if (lse == nullptr) throw std::invalid_argument("attention (cuda): lse is null");
+    if (lse == nullptr) throw InvalidArgumentError("attention (cuda): lse is null");
     switch (tile_dim_for(head_dim)) {
         case 16: launch_forward<16>(q, k, v, out, lse, cu_seqlens, s, scale, stream); break;
         case 32: launch_forward<32>(q, k, v, out, lse, cu_seqlens, s, scale, stream); break;
@@ -949,10 +949,10 @@ void attention_backward_with_splits(const float* q, const float* k, const float*
     check_aligned(dk, "dk");
     check_aligned(dv, "dv");
     check_aligned(workspace, "workspace");
-    if (lse == nullptr) throw std::invalid_argument("attention (cuda): lse is null");
+    if (lse == nullptr) throw InvalidArgumentError("attention (cuda): lse is null");
     const int group = n_q_heads / n_kv_heads;
     if (kv_splits < 0 || kv_splits > group)
-        throw std::invalid_argument("attention (cuda): kv_splits must be in [0, " + std::to_string(group) +
+        throw InvalidArgumentError("attention (cuda): kv_splits must be in [0, " + std::to_string(group) +
                                     "], got " + std::to_string(kv_splits));
     const int splits = kv_splits == 0 ? choose_splits(s) : kv_splits;
     switch (tile_dim_for(head_dim)) {

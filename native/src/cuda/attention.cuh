@@ -10,7 +10,7 @@
 // max_seqlen (host) only sizes the grid: results are correct for any value >= 1 (blocks loop over
 // tiles beyond the grid), but the kernels are fastest when it is the true longest sequence.
 // head_dim: any multiple of 4 up to 128 (64 and 128 are the tuned cases). Arguments that cannot
-// be served throw std::invalid_argument; CUDA errors throw std::runtime_error. cu_seqlens is not
+// be served throw InvalidArgumentError; CUDA errors throw CudaError. cu_seqlens is not
 // validated (it lives on the device): the caller checks it on the host.
 //
 // Every output element is written (rows of empty sequences do not exist); nothing accumulates.

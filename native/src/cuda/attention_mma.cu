@@ -100,6 +100,7 @@
 //   more; reaching 200 TFLOP/s (bf16) most likely needs wgmma (sm_90a) with 128-key tiles and bf16
 //   operands in global memory.
 #include "cuda/attention_mma.cuh"
+#include "cudablocks/errors.hpp"
 
 #include <cuda_bf16.h>
 
@@ -109,7 +110,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <stdexcept>
 #include <string>
 
 #include "cuda/attention.cuh"
@@ -1009,7 +1009,7 @@ struct Shape {
     int n_q_heads, n_kv_heads, head_dim;
 };
 
-[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument("attention (cuda, mma): " + msg); }
+[[noreturn]] void fail(const std::string& msg) { throw InvalidArgumentError("attention (cuda, mma): " + msg); }
 
 void check_aligned(const void* p, const char* name) {
     if (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 != 0)

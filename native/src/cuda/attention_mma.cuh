@@ -16,7 +16,7 @@
 // than the GPU grants (tf32 at head_dim 128: backward 213 KB, fine on H100/H200's 227 KB, too much
 // for A100's 163 KB, where the tf32 backward runs the fp32 kernels). Results of BF16/TF32 are deterministic too (no atomics: dQ is a
 // separate pass; dK/dV of a GQA group are summed inside one block).
-// Errors: std::invalid_argument for arguments that cannot be served, std::runtime_error
+// Errors: InvalidArgumentError for arguments that cannot be served, CudaError
 // (CudaError via check.hpp) for CUDA failures.
 #pragma once
 

@@ -1,8 +1,6 @@
 // The CUDA backend: forwards each op to its kernels in this folder, on the stream's handle.
 #include <cuda_runtime.h>
 
-#include <stdexcept>
-
 #include "core/backends.hpp"
 #include "cuda/adamw.cuh"
 #include "cuda/attention.cuh"
@@ -23,21 +21,6 @@ namespace cudablocks {
 namespace {
 
 cudaStream_t native(const Stream& stream) { return static_cast<cudaStream_t>(stream.handle()); }
-
-// The attention kernels report with standard exceptions; give callers the library's classes
-// (InvalidArgumentError, CudaError) like every other op.
-template <typename F>
-decltype(auto) attention_call(F&& f) {
-  try {
-    return f();
-  } catch (const Error&) {
-    throw;
-  } catch (const std::invalid_argument& e) {
-    throw InvalidArgumentError(e.what());
-  } catch (const std::runtime_error& e) {
-    throw CudaError(e.what());
-  }
-}
 
 class CudaBackend final : public Backend {
  public:
@@ -128,16 +111,13 @@ class CudaBackend final : public Backend {
                          const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen, std::int64_t tokens,
                          int n_q_heads, int n_kv_heads, int head_dim, float scale, Precision precision,
                          const Stream& stream) const override {
-    attention_call([&] {
-      cuda::attention_forward_mma(q, k, v, out, lse, cu_seqlens, n_seqs, max_seqlen, tokens, n_q_heads,
-                                  n_kv_heads, head_dim, scale, precision, native(stream));
-    });
+    cuda::attention_forward_mma(q, k, v, out, lse, cu_seqlens, n_seqs, max_seqlen, tokens, n_q_heads,
+                                n_kv_heads, head_dim, scale, precision, native(stream));
   }
 
   std::int64_t attention_workspace_floats(std::int64_t tokens, int n_q_heads, int n_kv_heads,
                                           int head_dim) const override {
-    return attention_call(
-        [&] { return cuda::attention_backward_workspace_floats(tokens, n_q_heads, n_kv_heads, head_dim); });
+    return cuda::attention_backward_workspace_floats(tokens, n_q_heads, n_kv_heads, head_dim);
   }
 
   void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* dout,
@@ -145,10 +125,8 @@ class CudaBackend final : public Backend {
                           const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen, std::int64_t tokens,
                           int n_q_heads, int n_kv_heads, int head_dim, float scale, Precision precision,
                           const Stream& stream) const override {
-    attention_call([&] {
-      cuda::attention_backward_mma(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, n_seqs, max_seqlen,
-                                   tokens, n_q_heads, n_kv_heads, head_dim, scale, precision, native(stream));
-    });
+    cuda::attention_backward_mma(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, n_seqs, max_seqlen,
+                                 tokens, n_q_heads, n_kv_heads, head_dim, scale, precision, native(stream));
   }
 
   void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, std::int64_t n,
