@@ -61,6 +61,21 @@ Stream block_stream(const py::object& stream, const Device& device) {
   return stream.is_none() ? default_stream(device) : stream.cast<Stream>();
 }
 
+// The hyperparameters of an optimizer call, validated before anything runs.
+AdamWHyper adamw_hyper(std::int64_t step, float lr, float beta1, float beta2, float eps, float weight_decay,
+                       float max_grad_norm) {
+  AdamWHyper hyper;
+  hyper.lr = lr;
+  hyper.beta1 = beta1;
+  hyper.beta2 = beta2;
+  hyper.eps = eps;
+  hyper.weight_decay = weight_decay;
+  hyper.step = step;
+  hyper.max_grad_norm = max_grad_norm;
+  validate(hyper);
+  return hyper;
+}
+
 py::dict config_dict(const TransformerConfig& c) {
   py::dict d;
   d["model_type"] = c.model_type;
@@ -381,15 +396,7 @@ void bind_block_class(py::module_& m) {
                                      const GradNorm* grad_norm, float max_grad_norm) {
             self.require_lora("lora_optimizer_step");
             if (lora_ws == nullptr) throw InvalidArgumentError("lora_optimizer_step needs lora_ws, the gradients to apply");
-            AdamWHyper hyper;
-            hyper.lr = lr;
-            hyper.beta1 = beta1;
-            hyper.beta2 = beta2;
-            hyper.eps = eps;
-            hyper.weight_decay = weight_decay;
-            hyper.step = step;
-            hyper.max_grad_norm = max_grad_norm;
-            validate(hyper);
+            const AdamWHyper hyper = adamw_hyper(step, lr, beta1, beta2, eps, weight_decay, max_grad_norm);
             const Stream stream = stream_arg.is_none() ? lora_ws->last_stream() : stream_arg.cast<Stream>();
             py::gil_scoped_release release;
             self.lora_optimizer_step(state, hyper, stream, *lora_ws, grad_norm);
@@ -474,15 +481,7 @@ void bind_block_class(py::module_& m) {
                                 bool decay_norms_and_biases) {
             self.require_full_training("optimizer_step");
             if (grad_ws == nullptr) throw InvalidArgumentError("optimizer_step needs grad_ws, the gradients to apply");
-            AdamWHyper hyper;
-            hyper.lr = lr;
-            hyper.beta1 = beta1;
-            hyper.beta2 = beta2;
-            hyper.eps = eps;
-            hyper.weight_decay = weight_decay;
-            hyper.step = step;
-            hyper.max_grad_norm = max_grad_norm;
-            validate(hyper);
+            const AdamWHyper hyper = adamw_hyper(step, lr, beta1, beta2, eps, weight_decay, max_grad_norm);
             const Stream stream = stream_arg.is_none() ? grad_ws->last_stream() : stream_arg.cast<Stream>();
             py::gil_scoped_release release;
             self.optimizer_step(state, hyper, stream, *grad_ws, grad_norm, decay_norms_and_biases);
