@@ -49,6 +49,7 @@
 //   so the workspace is T*n_q floats (D) + max(0, group-2)*T*n_kv*d floats (Qwen3-4B, T = 4096:
 //   0.5 MB + 33.5 MB).
 #include "cuda/attention.cuh"
+#include "cuda/attention_shared.cuh"
 #include "cudablocks/errors.hpp"
 
 #include <cmath>
@@ -162,22 +163,7 @@ __device__ __forceinline__ void store_vec(float* p, const float* src) {
     }
 }
 
-__device__ __forceinline__ float f4_get(const float4& v, int i) {
-    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
 
-// Partial dK/dV slabs of the split dK/dV pass, each [T][n_kv*head_dim]: slab i lives in dq
-// (which is group slabs long and written only by the last kernel) for i < n_first, in the
-// workspace after that. Split s > 0 owns slabs 2(s-1) (dK) and 2(s-1)+1 (dV).
-struct Slabs {
-    float* first;
-    float* rest;
-    int n_first;
-    int64_t size;  // floats per slab
-    __device__ __forceinline__ float* operator()(int i) const {
-        return i < n_first ? first + (int64_t)i * size : rest + (int64_t)(i - n_first) * size;
-    }
-};
 
 // Copy a 64 x D tile from global memory (row stride gstride floats) into shared memory (row stride
 // sstride floats) with cp.async. Rows >= rows_valid and columns >= head_dim are zero-filled, so
@@ -436,30 +422,7 @@ attention_forward_kernel(const float* __restrict__ q, const float* __restrict__ 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward 1: D[t, h] = sum_c dout[t, h, c] * out[t, h, c]  (= rowsum(P * dP), the softmax
-// backward's correction term). One warp per (token, head) row; the row is contiguous in memory.
-__global__ void attention_backward_rowdot_kernel(const float* __restrict__ out,
-                                                 const float* __restrict__ dout,
-                                                 float* __restrict__ dsum, int64_t rows,
-                                                 int head_dim) {
-    const int lane = threadIdx.x % 32;
-    const int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
-    for (int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
-        const float4* o4 = reinterpret_cast<const float4*>(out + r * head_dim);
-        const float4* d4 = reinterpret_cast<const float4*>(dout + r * head_dim);
-        float acc = 0.f;
-        for (int c = lane; c < head_dim / 4; c += 32) {
-            const float4 a = o4[c], b = d4[c];
-            acc = fmaf(a.x, b.x, acc);
-            acc = fmaf(a.y, b.y, acc);
-            acc = fmaf(a.z, b.z, acc);
-            acc = fmaf(a.w, b.w, acc);
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-        if (lane == 0) dsum[r] = acc;
-    }
-}
+// Backward 1 is attention_rowdot_kernel (cuda/attention_shared.cuh).
 
 // Backward 2: dK, dV of one 64-key tile of kv head kvh, summed over query heads
 // [h_begin, h_end) of its group (all of them when splits == 1).
@@ -612,25 +575,7 @@ attention_backward_dkdv_kernel(const float* __restrict__ q, const float* __restr
     }
 }
 
-// Backward 3 (only when splits > 1): dk += slab dK's, dv += slab dV's, in slab order.
-__global__ void attention_backward_reduce_kernel(float* __restrict__ dk, float* __restrict__ dv,
-                                                 Slabs slabs, int n_splits) {
-    const int64_t n = slabs.size;
-    const int64_t n4 = n / 4;  // n = T * n_kv * head_dim, a multiple of 4
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n4;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        float4 a = reinterpret_cast<const float4*>(dk)[i];
-        float4 b = reinterpret_cast<const float4*>(dv)[i];
-        for (int s = 1; s < n_splits; ++s) {
-            const float4 x = reinterpret_cast<const float4*>(slabs(2 * (s - 1)))[i];
-            const float4 y = reinterpret_cast<const float4*>(slabs(2 * (s - 1) + 1))[i];
-            a.x += x.x; a.y += x.y; a.z += x.z; a.w += x.w;
-            b.x += y.x; b.y += y.y; b.z += y.z; b.w += y.w;
-        }
-        reinterpret_cast<float4*>(dk)[i] = a;
-        reinterpret_cast<float4*>(dv)[i] = b;
-    }
-}
+// Backward 3 (only when splits > 1) is attention_reduce_kernel (cuda/attention_shared.cuh).
 
 // Backward 4: dQ of one 64-query tile of query head h.
 //
@@ -870,9 +815,9 @@ void launch_backward(const float* q, const float* k, const float* v, const float
         const int warps_per_block = kThreads / 32;
         int64_t blocks = (rows + warps_per_block - 1) / warps_per_block;
         if (blocks > 65535 * 8) blocks = 65535 * 8;
-        attention_backward_rowdot_kernel<<<(unsigned)blocks, kThreads, 0, stream>>>(out, dout, dsum, rows,
+        attention_rowdot_kernel<<<(unsigned)blocks, kThreads, 0, stream>>>(out, dout, dsum, rows,
                                                                                  s.head_dim);
-        check_launch("attention_backward_rowdot_kernel launch");
+        check_launch("attention_rowdot_kernel launch");
     }
     {
         const size_t smem = dkdv_smem_bytes(D);
@@ -886,8 +831,8 @@ void launch_backward(const float* q, const float* k, const float* v, const float
     if (splits > 1) {
         int64_t blocks = (slabs.size / 4 + kThreads - 1) / kThreads;
         if (blocks > 65535 * 8) blocks = 65535 * 8;
-        attention_backward_reduce_kernel<<<(unsigned)blocks, kThreads, 0, stream>>>(dk, dv, slabs, splits);
-        check_launch("attention_backward_reduce_kernel launch");
+        attention_reduce_kernel<<<(unsigned)blocks, kThreads, 0, stream>>>(dk, dv, slabs, splits);
+        check_launch("attention_reduce_kernel launch");
     }
     {
         const size_t smem = dq_smem_bytes(D);

@@ -100,6 +100,7 @@
 //   more; reaching 200 TFLOP/s (bf16) most likely needs wgmma (sm_90a) with 128-key tiles and bf16
 //   operands in global memory.
 #include "cuda/attention_mma.cuh"
+#include "cuda/attention_shared.cuh"
 #include "cudablocks/errors.hpp"
 
 #include <cuda_bf16.h>
@@ -184,9 +185,6 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
-__device__ __forceinline__ float f4_get(const float4& v, int i) {
-    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Operand types. Pair = two consecutive k-elements in shared memory; KP = pairs per mma k step.
@@ -467,18 +465,6 @@ constexpr int cols_pairs() { return Op::kTransFromRows ? 0 : D * kLdT; }
 template <class Op, int D>
 constexpr int pb_pairs() { return Op::kTransFromRows ? kTile * ld_rows<D>() : D * kLdT; }
 
-// Partial dK/dV slabs of the split dK/dV pass (split s > 0 writes slabs 2(s-1), 2(s-1)+1), each
-// T * n_kv * d floats: the first n_first live in dq (not yet written when the dK/dV pass runs), the
-// rest after D in the workspace. Same layout as the fp32 kernels', so the same workspace size holds.
-struct Slabs {
-    float* first;
-    float* rest;
-    int n_first;
-    int64_t size;  // floats per slab
-    __device__ __forceinline__ float* operator()(int i) const {
-        return i < n_first ? first + (int64_t)i * size : rest + (int64_t)(i - n_first) * size;
-    }
-};
 
 template <int N>
 __device__ __forceinline__ void zero(float (&acc)[N][4]) {
@@ -616,31 +602,11 @@ attention_mma_forward_kernel(const float* __restrict__ q, const float* __restric
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward 1: D[t, h] = sum_c dout[t, h, c] * out[t, h, c]; one warp per (token, head) row.
-__global__ void attention_mma_rowdot_kernel(const float* __restrict__ out, const float* __restrict__ dout,
-                                            float* __restrict__ dsum, int64_t rows, int head_dim) {
-    const int lane = threadIdx.x % 32;
-    const int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
-    for (int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
-        const float4* o4 = reinterpret_cast<const float4*>(out + r * head_dim);
-        const float4* d4 = reinterpret_cast<const float4*>(dout + r * head_dim);
-        float acc = 0.f;
-        for (int c = lane; c < head_dim / 4; c += 32) {
-            const float4 a = o4[c], b = d4[c];
-            acc = fmaf(a.x, b.x, acc);
-            acc = fmaf(a.y, b.y, acc);
-            acc = fmaf(a.z, b.z, acc);
-            acc = fmaf(a.w, b.w, acc);
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-        if (lane == 0) dsum[r] = acc;
-    }
-}
+// Backward 1 is attention_rowdot_kernel (cuda/attention_shared.cuh).
 
 // Backward 2: dK, dV of one 64-key tile of kv head blockIdx.x / splits, summed over query heads
 // [h_begin, h_end) of its group (all of them when splits == 1; otherwise split 0 writes dk/dv and
-// split s > 0 its slabs, which attention_mma_reduce_kernel adds in split order: deterministic).
+// split s > 0 its slabs, which attention_reduce_kernel adds in split order: deterministic).
 // Grid (n_kv_heads * splits, n_seqs, n_ktiles), 128 threads. Shared: K, V, Q, dO "rows"; (tf32) Q^T, dO^T
 // "cols"; lse (log2 domain) and D of the current query tile.
 template <class Op, int D, bool ASYNC = false>
@@ -814,24 +780,7 @@ attention_mma_dkdv_kernel(const float* __restrict__ q, const float* __restrict__
     }
 }
 
-// Backward 2b (only when splits > 1): dk += slab dK's, dv += slab dV's, in slab order. Rows of
-// tokens that no sequence covers do not exist (cu_seqlens ends at T), so every element is defined.
-__global__ void attention_mma_reduce_kernel(float* __restrict__ dk, float* __restrict__ dv, Slabs slabs,
-                                            int n_splits) {
-    const int64_t n4 = slabs.size / 4;  // T * n_kv * head_dim, a multiple of 4
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
-        float4 a = reinterpret_cast<const float4*>(dk)[i];
-        float4 b = reinterpret_cast<const float4*>(dv)[i];
-        for (int sp = 1; sp < n_splits; ++sp) {
-            const float4 x = reinterpret_cast<const float4*>(slabs(2 * (sp - 1)))[i];
-            const float4 y = reinterpret_cast<const float4*>(slabs(2 * (sp - 1) + 1))[i];
-            a.x += x.x; a.y += x.y; a.z += x.z; a.w += x.w;
-            b.x += y.x; b.y += y.y; b.z += y.z; b.w += y.w;
-        }
-        reinterpret_cast<float4*>(dk)[i] = a;
-        reinterpret_cast<float4*>(dv)[i] = b;
-    }
-}
+// Backward 2b (only when splits > 1) is attention_reduce_kernel (cuda/attention_shared.cuh).
 
 // Backward 3: dQ of one 64-query tile of query head blockIdx.x.
 // Grid (n_q_heads, n_seqs, n_qtiles), 128 threads. Shared: Q, dO, K, V "rows"; (tf32) K^T "cols".
@@ -1150,8 +1099,8 @@ void launch_backward(const float* q, const float* k, const float* v, const float
         const int warps_per_block = 256 / 32;
         int64_t blocks = (rows + warps_per_block - 1) / warps_per_block;
         if (blocks > 65535 * 8) blocks = 65535 * 8;
-        attention_mma_rowdot_kernel<<<(unsigned)blocks, 256, 0, stream>>>(out, dout, dsum, rows, D);
-        CUDABLOCKS_CHECK_LAUNCH("attention_mma_rowdot_kernel");
+        attention_rowdot_kernel<<<(unsigned)blocks, 256, 0, stream>>>(out, dout, dsum, rows, D);
+        CUDABLOCKS_CHECK_LAUNCH("attention_rowdot_kernel");
     }
     {
         const dim3 grid((unsigned)(s.n_kv_heads * splits), (unsigned)s.n_seqs, tiles);
@@ -1163,8 +1112,8 @@ void launch_backward(const float* q, const float* k, const float* v, const float
     if (splits > 1) {
         int64_t blocks = (slabs.size / 4 + 255) / 256;
         if (blocks > 65535 * 8) blocks = 65535 * 8;
-        attention_mma_reduce_kernel<<<(unsigned)blocks, 256, 0, stream>>>(dk, dv, slabs, splits);
-        CUDABLOCKS_CHECK_LAUNCH("attention_mma_reduce_kernel");
+        attention_reduce_kernel<<<(unsigned)blocks, 256, 0, stream>>>(dk, dv, slabs, splits);
+        CUDABLOCKS_CHECK_LAUNCH("attention_reduce_kernel");
     }
     {
         const size_t smem = dq_smem<Op, D, DQ_ASYNC>();

@@ -1,0 +1,75 @@
+// Pieces shared by the fp32 (attention.cu) and tensor-core (attention_mma.cu) attention kernels:
+// the split dK/dV slab layout (so both use the same workspace size), the backward's row-dot and
+// split-reduce kernels, and a float4 element accessor. Internal to those two files.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace cudablocks::cuda {
+namespace {
+
+__device__ __forceinline__ float f4_get(const float4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Partial dK/dV slabs of the split dK/dV pass, each [T][n_kv*head_dim]: slab i lives in dq
+// (which is group slabs long and written only by the last kernel) for i < n_first, in the
+// workspace after that. Split s > 0 owns slabs 2(s-1) (dK) and 2(s-1)+1 (dV).
+struct Slabs {
+    float* first;
+    float* rest;
+    int n_first;
+    int64_t size;  // floats per slab
+    __device__ __forceinline__ float* operator()(int i) const {
+        return i < n_first ? first + (int64_t)i * size : rest + (int64_t)(i - n_first) * size;
+    }
+};
+
+// The first step of both backwards: D[t, h] = sum_c dout[t, h, c] * out[t, h, c] (= rowsum(P * dP),
+// the softmax backward's correction term). One warp per (token, head) row; the row is contiguous.
+__global__ void attention_rowdot_kernel(const float* __restrict__ out, const float* __restrict__ dout,
+                                        float* __restrict__ dsum, int64_t rows, int head_dim) {
+    const int lane = threadIdx.x % 32;
+    const int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
+    for (int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+        const float4* o4 = reinterpret_cast<const float4*>(out + r * head_dim);
+        const float4* d4 = reinterpret_cast<const float4*>(dout + r * head_dim);
+        float acc = 0.f;
+        for (int c = lane; c < head_dim / 4; c += 32) {
+            const float4 a = o4[c], b = d4[c];
+            acc = fmaf(a.x, b.x, acc);
+            acc = fmaf(a.y, b.y, acc);
+            acc = fmaf(a.z, b.z, acc);
+            acc = fmaf(a.w, b.w, acc);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane == 0) dsum[r] = acc;
+    }
+}
+
+// The reduce of a split dK/dV pass (splits > 1): dk += slab dK's, dv += slab dV's, in slab order
+// (deterministic). Rows of tokens that no sequence covers do not exist (cu_seqlens ends at T).
+__global__ void attention_reduce_kernel(float* __restrict__ dk, float* __restrict__ dv, Slabs slabs,
+                                        int n_splits) {
+    const int64_t n = slabs.size;
+    const int64_t n4 = n / 4;  // n = T * n_kv * head_dim, a multiple of 4
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n4;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float4 a = reinterpret_cast<const float4*>(dk)[i];
+        float4 b = reinterpret_cast<const float4*>(dv)[i];
+        for (int s = 1; s < n_splits; ++s) {
+            const float4 x = reinterpret_cast<const float4*>(slabs(2 * (s - 1)))[i];
+            const float4 y = reinterpret_cast<const float4*>(slabs(2 * (s - 1) + 1))[i];
+            a.x += x.x; a.y += x.y; a.z += x.z; a.w += x.w;
+            b.x += y.x; b.y += y.y; b.z += y.z; b.w += y.w;
+        }
+        reinterpret_cast<float4*>(dk)[i] = a;
+        reinterpret_cast<float4*>(dv)[i] = b;
+    }
+}
+
+}  // namespace
+}  // namespace cudablocks::cuda
