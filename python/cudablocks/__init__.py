@@ -40,8 +40,10 @@ from cudablocks._core import (
     reset_peak_memory,
 )
 from cudablocks.errors import (
+    CheckpointError,
     CudaBlocksError,
     CudaError,
+    DataError,
     DeviceError,
     DtypeError,
     InvalidArgumentError,
@@ -54,6 +56,7 @@ from cudablocks.lora import LORA_TARGETS, LoraConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "CudaBlock",
     "CudaBlocksError",
     "CudaError",
@@ -62,6 +65,7 @@ __all__ = [
     "GpuBlockOptimizerState",
     "GradNorm",
     "CudaStream",
+    "DataError",
     "Device",
     "DeviceError",
     "DtypeError",

@@ -16,6 +16,8 @@ __all__ = [
     "OutOfMemoryError",
     "CudaError",
     "UnsupportedOperationError",
+    "DataError",
+    "CheckpointError",
 ]
 
 
@@ -49,3 +51,13 @@ class CudaError(CudaBlocksError, RuntimeError):
 
 class UnsupportedOperationError(CudaBlocksError):
     """The object's kind does not support the call; the message says what to use instead."""
+
+
+class DataError(CudaBlocksError, ValueError):
+    """Training or evaluation data that cannot be used: a missing file, malformed JSONL (the
+    message gives the line), an unknown or out-of-range label, an empty set, a text too long."""
+
+
+class CheckpointError(CudaBlocksError):
+    """A model directory or checkpoint that cannot be read or written: missing or inconsistent
+    files, tensors of the wrong shape, an unsupported format; the message names the file."""
