@@ -1,0 +1,283 @@
+"""Writing checkpoints that Hugging Face ``transformers`` and ``peft`` load as they are.
+
+* :func:`save_peft_adapter`: a PEFT LoRA adapter for sequence classification
+  (``adapter_config.json``, ``adapter_model.safetensors``), with the trained ``score`` head.
+  ``PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), dir)``
+  loads it.
+* :func:`export_classifier`: a complete ``<Arch>ForSequenceClassification`` directory
+  (``config.json``, ``model.safetensors``, tokenizer files) for
+  ``AutoModelForSequenceClassification.from_pretrained(dir)``.
+* :func:`merge_lora`: folds LoRA adapters into the projections, for the full export.
+
+Both directories also get ``label_map.json`` (the ``id2label`` / ``label2id`` of the labels), so
+that a checkpoint of either kind tells which class each output is. Both are written through
+:func:`~cudablocks.classify.atomic.atomic_directory`: an existing checkpoint is replaced only
+once the new one is complete on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from cudablocks.classify.atomic import atomic_directory
+from cudablocks.classify.weights import CONFIG_FILE, SAFETENSORS_FILE, layer_tensor_shapes
+from cudablocks.config import config_from_dict
+from cudablocks.errors import CheckpointError, DtypeError, InvalidArgumentError, ShapeError
+from cudablocks.lora import LoraConfig
+
+__all__ = [
+    "ADAPTER_CONFIG_FILE",
+    "ADAPTER_WEIGHTS_FILE",
+    "LABEL_MAP_FILE",
+    "TOKENIZER_FILES",
+    "export_classifier",
+    "merge_lora",
+    "save_peft_adapter",
+]
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+LABEL_MAP_FILE = "label_map.json"
+#: The tokenizer files copied into a full export when they exist; tokenizer.json must.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+_ARCHITECTURES = {
+    "qwen3": "Qwen3ForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "llama": "LlamaForSequenceClassification",
+}
+# The dtypes a checkpoint may be written in, and safetensors' name of each.
+_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+_SAFETENSORS_DTYPES = {_DTYPES["float32"]: "F32", _DTYPES["bfloat16"]: "BF16", _DTYPES["float16"]: "F16"}
+# PEFT saves a model wrapped as PeftModel -> LoraModel -> the transformers model.
+_PEFT_PREFIX = "base_model.model."
+
+
+def _write_safetensors(path: Path, tensors: Iterable[tuple[str, np.ndarray]]) -> None:
+    """Writes ``tensors`` (float32, bfloat16 or float16, C order) as a safetensors file.
+
+    The format: an 8-byte little-endian header length, the JSON header (dtype, shape and
+    ``data_offsets`` of each tensor within the data, plus ``__metadata__``), then the tensors'
+    bytes back to back. Written here rather than with ``safetensors.numpy.save_file``, which
+    first copies every tensor into one ``bytes`` object (twice the model in memory).
+    """
+    items = list(tensors)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers requires format "pt"
+    offset = 0
+    for name, a in items:
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[a.dtype],
+                        "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the spec allows trailing spaces; they align the data
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for _, a in items:
+            f.write(a.reshape(-1).view(np.uint8).data)  # numpy's native byte order is little-endian here
+
+
+def _as(a: np.ndarray, dtype: str, name: str) -> np.ndarray:
+    """``a`` as a C-ordered array of ``dtype`` (bfloat16: rounded to nearest even, as torch does)."""
+    a = np.asarray(a)
+    if a.dtype not in _SAFETENSORS_DTYPES:
+        raise DtypeError(f"{name} must be a float32, bfloat16 or float16 array, got {a.dtype}")
+    return np.ascontiguousarray(a.astype(_DTYPES[dtype], copy=False))
+
+
+def _check_shape(a: np.ndarray, shape: tuple[int, ...], name: str) -> None:
+    if tuple(a.shape) != shape:
+        raise ShapeError(f"{name} has shape {list(a.shape)}, expected {list(shape)}")
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def merge_lora(weights: Mapping[str, np.ndarray], lora_weights: Mapping[str, np.ndarray],
+               scale: float) -> dict[str, np.ndarray]:
+    """A layer's weights with the adapters folded in: ``W + scale * B @ A`` for each adapted projection.
+
+    ``weights`` are named relative to the layer ("self_attn.q_proj.weight"), ``lora_weights`` as
+    PEFT names them ("self_attn.q_proj.lora_A.weight", "...lora_B.weight"); ``scale`` is
+    :attr:`cudablocks.LoraConfig.scale`. Computed in float64 and rounded once to float32; the other
+    entries are passed through unchanged.
+    """
+    suffixes = (".lora_A.weight", ".lora_B.weight")  # of the same length
+    unexpected = [k for k in lora_weights if not k.endswith(suffixes)]
+    if unexpected:
+        raise InvalidArgumentError(f"not LoRA tensor names (expected '<module>.lora_A.weight' / "
+                                   f"'<module>.lora_B.weight'): {sorted(unexpected)}")
+    merged = dict(weights)
+    for module in sorted({k[: -len(suffixes[0])] for k in lora_weights}):
+        a_name, b_name, w_name = f"{module}.lora_A.weight", f"{module}.lora_B.weight", f"{module}.weight"
+        for name in (a_name, b_name):
+            if name not in lora_weights:
+                raise InvalidArgumentError(f"LoRA weights have {module!r} adapters but no {name!r}")
+        if w_name not in weights:
+            raise InvalidArgumentError(f"LoRA weights adapt {module!r}, but the layer has no {w_name!r}")
+        a, b, w = (np.asarray(x, dtype=np.float64)
+                   for x in (lora_weights[a_name], lora_weights[b_name], weights[w_name]))
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0] or w.shape != (b.shape[0], a.shape[1]):
+            raise ShapeError(f"{module}: lora_B {list(b.shape)} @ lora_A {list(a.shape)} does not match the "
+                             f"weight {list(w.shape)}")
+        merged[w_name] = (w + scale * (b @ a)).astype(np.float32)
+    return merged
+
+
+def _label_map(label_map_json: Mapping[str, Any], num_labels: int) -> dict[str, Any]:
+    """``{"id2label": {"0": name, ...}, "label2id": {name: 0, ...}}``, checked against the head's rows."""
+    id2label = label_map_json.get("id2label")
+    label2id = label_map_json.get("label2id")
+    if not isinstance(id2label, Mapping) or not isinstance(label2id, Mapping):
+        raise InvalidArgumentError("label_map_json must hold 'id2label' and 'label2id' objects")
+    id2label = {str(k): v for k, v in id2label.items()}
+    if set(id2label) != {str(i) for i in range(num_labels)}:
+        raise InvalidArgumentError(f"id2label must name the labels 0..{num_labels - 1} of the score head, "
+                                   f"got keys {sorted(id2label)}")
+    inverse = {name: int(i) for i, name in id2label.items()}
+    if {str(k): int(v) for k, v in label2id.items()} != inverse:
+        raise InvalidArgumentError(f"label2id {dict(label2id)} is not the inverse of id2label {id2label}")
+    return {"id2label": id2label, "label2id": inverse}
+
+
+def save_peft_adapter(
+    directory: str | os.PathLike[str],
+    *,
+    lora_weights: Mapping[int, Mapping[str, np.ndarray]],
+    lora: LoraConfig,
+    score_weight: np.ndarray,
+    base_model: str,
+    label_map_json: Mapping[str, Any] | None,
+) -> None:
+    """Writes a PEFT LoRA adapter for sequence classification to ``directory`` (atomically).
+
+    ``lora_weights`` maps a layer index to that layer's adapters named as PEFT names them relative
+    to the layer ("self_attn.q_proj.lora_A.weight"), as :meth:`CudaBlock.download_lora_weights`
+    returns them; ``score_weight`` is the head ``[num_labels, hidden]``; ``base_model`` goes to
+    ``base_model_name_or_path``. The adapter is stored in float32 with the key names peft writes
+    (``base_model.model.model.layers.<i>.<...>``, ``base_model.model.score.weight``).
+    """
+    score = _as(score_weight, "float32", "score_weight")
+    if score.ndim != 2:
+        raise ShapeError(f"score_weight must be [num_labels, hidden], got shape {list(score.shape)}")
+    tensors: list[tuple[str, np.ndarray]] = []
+    for layer in sorted(lora_weights):
+        for rel, a in sorted(lora_weights[layer].items()):
+            if not rel.endswith((".lora_A.weight", ".lora_B.weight")):
+                raise InvalidArgumentError(f"layer {layer}: {rel!r} is not a LoRA tensor name "
+                                           "('<module>.lora_A.weight' or '<module>.lora_B.weight')")
+            tensors.append((f"{_PEFT_PREFIX}model.layers.{layer}.{rel}", _as(a, "float32", rel)))
+    tensors.append((f"{_PEFT_PREFIX}score.weight", score))
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": base_model,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": list(lora.targets),
+        "use_rslora": lora.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        # What peft writes for SEQ_CLS: the head is trained in full, under either common name.
+        "modules_to_save": ["classifier", "score"],
+    }
+    labels = None if label_map_json is None else _label_map(label_map_json, score.shape[0])
+    with atomic_directory(directory) as tmp:
+        _write_safetensors(tmp / ADAPTER_WEIGHTS_FILE, tensors)
+        _write_json(tmp / ADAPTER_CONFIG_FILE, adapter_config)
+        if labels is not None:
+            _write_json(tmp / LABEL_MAP_FILE, labels)
+
+
+def export_classifier(
+    directory: str | os.PathLike[str],
+    *,
+    config_dict: Mapping[str, Any],
+    layers: Iterable[tuple[int, Mapping[str, np.ndarray]]],
+    embedding: np.ndarray,
+    final_norm: np.ndarray,
+    score_weight: np.ndarray,
+    label_map_json: Mapping[str, Any],
+    dtype: str = "float32",
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+) -> None:
+    """Writes a complete ``<Arch>ForSequenceClassification`` model to ``directory`` (atomically).
+
+    ``config_dict`` is the base model's config.json; the written one adds ``architectures``,
+    ``num_labels``, ``id2label``/``label2id`` (from ``label_map_json``) and the dtype, keeps
+    ``pad_token_id`` and drops any ``quantization_config`` (the weights written are floats).
+    ``layers`` yields ``(index, weights)`` for every layer, weights named relative to the layer
+    with LoRA already merged (:func:`merge_lora`); each is converted to ``dtype`` ("float32",
+    "bfloat16" or "float16") as it arrives, so memory holds the model once, in that dtype. The
+    tokenizer files of ``tokenizer_dir`` (:data:`TOKENIZER_FILES`) are copied when it is given.
+    """
+    if dtype not in _DTYPES:
+        raise InvalidArgumentError(f"export dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    cfg = config_from_dict(config_dict)
+    h = cfg.hidden_size
+
+    tensors: list[tuple[str, np.ndarray]] = []
+    embedding = _as(embedding, dtype, "embedding")
+    _check_shape(embedding, (cfg.vocab_size, h), "embedding")
+    tensors.append(("model.embed_tokens.weight", embedding))
+    expected = layer_tensor_shapes(cfg)
+    seen: set[int] = set()
+    for index, weights in layers:
+        if index in seen or not 0 <= index < cfg.num_hidden_layers:
+            raise InvalidArgumentError(f"layer index {index} repeated or outside [0, {cfg.num_hidden_layers})")
+        seen.add(index)
+        if set(weights) != set(expected):
+            raise InvalidArgumentError(
+                f"layer {index}: missing {sorted(set(expected) - set(weights))}, unexpected "
+                f"{sorted(set(weights) - set(expected))} (merge LoRA adapters with merge_lora first)"
+            )
+        for rel, shape in expected.items():
+            a = _as(weights[rel], dtype, f"layer {index} {rel}")
+            _check_shape(a, shape, f"layer {index} {rel}")
+            tensors.append((f"model.layers.{index}.{rel}", a))
+    if len(seen) != cfg.num_hidden_layers:
+        missing = sorted(set(range(cfg.num_hidden_layers)) - seen)
+        raise InvalidArgumentError(f"export_classifier got no weights for layers {missing}")
+    final_norm = _as(final_norm, dtype, "final_norm")
+    _check_shape(final_norm, (h,), "final_norm")
+    score = _as(score_weight, dtype, "score_weight")
+    if score.ndim != 2 or score.shape[1] != h:
+        raise ShapeError(f"score_weight must be [num_labels, {h}], got shape {list(score.shape)}")
+    tensors += [("model.norm.weight", final_norm), ("score.weight", score)]
+
+    labels = _label_map(label_map_json, score.shape[0])
+    config = {k: v for k, v in config_dict.items() if k != "quantization_config"}
+    config.update(
+        model_type=cfg.model_type,
+        architectures=[_ARCHITECTURES[cfg.model_type]],
+        num_labels=score.shape[0],
+        torch_dtype=dtype,  # the key transformers 4 reads
+        dtype=dtype,  # and the one transformers 5 reads
+        **labels,
+    )
+    tokenizer_files: list[Path] = []
+    if tokenizer_dir is not None:
+        tokenizer_dir = Path(tokenizer_dir)
+        if not (tokenizer_dir / "tokenizer.json").is_file():
+            raise CheckpointError(f"no tokenizer.json in {tokenizer_dir}")
+        tokenizer_files = [tokenizer_dir / f for f in TOKENIZER_FILES if (tokenizer_dir / f).is_file()]
+
+    with atomic_directory(directory) as tmp:
+        _write_safetensors(tmp / SAFETENSORS_FILE, tensors)
+        _write_json(tmp / CONFIG_FILE, config)
+        _write_json(tmp / LABEL_MAP_FILE, labels)
+        for file in tokenizer_files:
+            shutil.copyfile(file, tmp / file.name)
