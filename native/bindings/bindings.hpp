@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "cudablocks/buffer.hpp"
+#include "cudablocks/optimizer.hpp"
 #include "cudablocks/stream.hpp"
 
 namespace cudablocks::python {
@@ -21,6 +22,22 @@ struct PyBuffer {
 Stream stream_or(const py::object& stream, const PyBuffer& buffer);
 // The default stream of a device: the legacy default stream on CUDA, inline on the CPU.
 Stream default_stream(const Device& device);
+
+// The hyperparameters of an optimizer call (the block steps and ops.adamw_step), validated
+// before anything runs.
+inline AdamWHyper adamw_hyper(std::int64_t step, float lr, float beta1, float beta2, float eps, float weight_decay,
+                              float max_grad_norm) {
+  AdamWHyper hyper;
+  hyper.lr = lr;
+  hyper.beta1 = beta1;
+  hyper.beta2 = beta2;
+  hyper.eps = eps;
+  hyper.weight_decay = weight_decay;
+  hyper.step = step;
+  hyper.max_grad_norm = max_grad_norm;
+  validate(hyper);
+  return hyper;
+}
 
 void bind_errors(py::module_& m);
 void bind_device(py::module_& m);

@@ -61,21 +61,6 @@ Stream block_stream(const py::object& stream, const Device& device) {
   return stream.is_none() ? default_stream(device) : stream.cast<Stream>();
 }
 
-// The hyperparameters of an optimizer call, validated before anything runs.
-AdamWHyper adamw_hyper(std::int64_t step, float lr, float beta1, float beta2, float eps, float weight_decay,
-                       float max_grad_norm) {
-  AdamWHyper hyper;
-  hyper.lr = lr;
-  hyper.beta1 = beta1;
-  hyper.beta2 = beta2;
-  hyper.eps = eps;
-  hyper.weight_decay = weight_decay;
-  hyper.step = step;
-  hyper.max_grad_norm = max_grad_norm;
-  validate(hyper);
-  return hyper;
-}
-
 py::dict config_dict(const TransformerConfig& c) {
   py::dict d;
   d["model_type"] = c.model_type;
@@ -581,12 +566,20 @@ void bind_grad_workspace(py::module_& m) {
       m, "GradNorm",
       "The global L2 norm of several gradient workspaces, kept on the device for clipping inside optimizer_step.")
       .def(py::init<const Device&>(), py::arg("device"))
-      .def("compute", [](GradNorm& self, const std::vector<const CudaGradWorkspace*>& workspaces, const py::object& stream_arg) {
+      .def("compute", [](GradNorm& self, const std::vector<const CudaGradWorkspace*>& workspaces,
+                         const py::object& stream_arg, const std::vector<const PyBuffer*>& buffers) {
             const Stream stream = block_stream(stream_arg, self.sum_squares().device());
+            std::vector<Buffer> extra;
+            for (const PyBuffer* b : buffers) {
+              if (b == nullptr) throw InvalidArgumentError("GradNorm.compute: a buffer is None");
+              extra.push_back(b->buffer);
+            }
             py::gil_scoped_release release;
-            self.compute(workspaces, stream);
-          }, py::arg("workspaces"), py::arg("stream") = py::none(),
-          "Sums the squares of every gradient in `workspaces` on the device (no host synchronisation).")
+            self.compute(workspaces, stream, extra);
+          }, py::arg("workspaces"), py::arg("stream") = py::none(), py::arg("buffers") = py::tuple(),
+          "Sums the squares of every gradient in `workspaces` and in `buffers` (float32 GpuBuffers of gradients "
+          "kept outside workspaces, e.g. the head's and the embeddings'; each starting on a 16-byte boundary) on "
+          "the device (no host synchronisation).")
       .def("value", [](const GradNorm& self, const py::object& stream_arg) {
             const Stream stream = block_stream(stream_arg, self.sum_squares().device());
             py::gil_scoped_release release;

@@ -25,9 +25,11 @@ py::dtype numpy_dtype(DType dtype) {
   return py::dtype(dtype_name(dtype));
 }
 
-PyBuffer from_numpy(const py::object& obj, const Device& device, const py::object& stream_arg) {
+// The array behind `obj` with its dtype, or a DtypeError / ShapeError saying how to fix it.
+std::pair<py::array, DType> checked_array(const py::object& obj, const char* what) {
   if (!py::isinstance<py::array>(obj)) {
-    throw DtypeError("from_numpy expects a numpy.ndarray, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+    throw DtypeError(std::string(what) + " expects a numpy.ndarray, got " +
+                     std::string(py::str(py::type::of(obj).attr("__name__"))));
   }
   py::array array = obj.cast<py::array>();
   std::string name = py::str(array.dtype().attr("name"));
@@ -42,6 +44,11 @@ PyBuffer from_numpy(const py::object& obj, const Device& device, const py::objec
     throw ShapeError("array is not C-contiguous (strides " + std::string(py::str(array.attr("strides"))) +
                      "): pass numpy.ascontiguousarray(a)");
   }
+  return {array, dtype};
+}
+
+PyBuffer from_numpy(const py::object& obj, const Device& device, const py::object& stream_arg) {
+  auto [array, dtype] = checked_array(obj, "from_numpy");
   Shape shape(array.shape(), array.shape() + array.ndim());
   Stream stream = stream_arg.is_none() ? default_stream(device) : stream_arg.cast<Stream>();
   if (stream.device() != device) {
@@ -54,6 +61,26 @@ PyBuffer from_numpy(const py::object& obj, const Device& device, const py::objec
     result.buffer.copy_from_host(src, stream);
   }
   return result;
+}
+
+// Host to an existing buffer without a new allocation: the per-step uploads of a training loop.
+void copy_from_numpy(PyBuffer& self, const py::object& obj, const py::object& stream_arg) {
+  auto [array, dtype] = checked_array(obj, "copy_from_numpy");
+  if (dtype != self.buffer.dtype()) {
+    throw DtypeError("copy_from_numpy: array dtype " + std::string(dtype_name(dtype)) + " into a " +
+                     dtype_name(self.buffer.dtype()) + " buffer");
+  }
+  if (static_cast<std::int64_t>(array.size()) != self.buffer.numel()) {
+    throw ShapeError("copy_from_numpy: " + std::to_string(array.size()) + " elements into a buffer of " +
+                     std::to_string(self.buffer.numel()) + " (" + self.buffer.describe() + ")");
+  }
+  Stream stream = stream_or(stream_arg, self);
+  const void* src = array.data();
+  {
+    py::gil_scoped_release release;
+    self.buffer.copy_from_host(src, stream);
+  }
+  self.stream = stream;
 }
 
 py::array to_numpy(const PyBuffer& self, const py::object& stream_arg) {
@@ -104,6 +131,9 @@ void bind_buffer(py::module_& m) {
             self.stream = stream;
           }, py::arg("src"), py::arg("stream") = py::none(),
           "Copies `src` (same dtype and element count, any device) into this buffer.")
+      .def("copy_from_numpy", &copy_from_numpy, py::arg("array"), py::arg("stream") = py::none(),
+           "Copies a C-contiguous numpy array of this buffer's dtype and element count into it; the array may be "
+           "reused on return.")
       .def("view", [](const PyBuffer& self, std::int64_t offset, const py::object& shape) {
             return PyBuffer{self.buffer.view(offset, to_shape(shape)), self.stream};
           }, py::arg("offset"), py::arg("shape"), "A buffer over part of this one's memory, `offset` in elements.")

@@ -73,6 +73,7 @@ class GpuBuffer:
     def to_numpy(self, stream: CudaStream | None = None) -> np.ndarray: ...
     def fill(self, value: float, stream: CudaStream | None = None) -> None: ...
     def copy_from(self, src: GpuBuffer, stream: CudaStream | None = None) -> None: ...
+    def copy_from_numpy(self, array: np.ndarray, stream: CudaStream | None = None) -> None: ...
     def view(self, offset: int, shape: int | tuple[int, ...] | list[int]) -> GpuBuffer: ...
     def reshape(self, shape: int | tuple[int, ...] | list[int]) -> GpuBuffer: ...
     @property
@@ -104,7 +105,23 @@ class GpuBuffer:
     def __cuda_array_interface__(self) -> dict[str, Any]: ...
 
 def rmsnorm_forward(
-    x: GpuBuffer, weight: GpuBuffer, out: GpuBuffer, eps: float = 1e-6, stream: CudaStream | None = None
+    x: GpuBuffer,
+    weight: GpuBuffer,
+    out: GpuBuffer,
+    eps: float = 1e-6,
+    stream: CudaStream | None = None,
+    *,
+    rstd: GpuBuffer | None = None,
+) -> None: ...
+def rmsnorm_backward(
+    dy: GpuBuffer,
+    x: GpuBuffer,
+    weight: GpuBuffer,
+    rstd: GpuBuffer,
+    dx: GpuBuffer,
+    dweight: GpuBuffer,
+    accumulate_dx: bool = False,
+    stream: CudaStream | None = None,
 ) -> None: ...
 def gemm(
     a: GpuBuffer,
@@ -114,6 +131,51 @@ def gemm(
     beta: float = 0.0,
     precision: str = "fp32",
     stream: CudaStream | None = None,
+    *,
+    trans_a: bool = False,
+) -> None: ...
+
+# The classification head.
+def embedding_forward(ids: GpuBuffer, table: GpuBuffer, out: GpuBuffer, stream: CudaStream | None = None) -> None: ...
+def embedding_backward(
+    grad_out: GpuBuffer,
+    rows: GpuBuffer,
+    offsets: GpuBuffer,
+    order: GpuBuffer,
+    grad_table: GpuBuffer,
+    stream: CudaStream | None = None,
+) -> None: ...
+def pool_forward(
+    x: GpuBuffer, cu_seqlens: GpuBuffer, out: GpuBuffer, mode: str = "last", stream: CudaStream | None = None
+) -> None: ...
+def pool_backward(
+    dout: GpuBuffer, cu_seqlens: GpuBuffer, dx: GpuBuffer, mode: str = "last", stream: CudaStream | None = None
+) -> None: ...
+def cross_entropy(
+    logits: GpuBuffer,
+    labels: GpuBuffer,
+    loss_sum: GpuBuffer,
+    dlogits: GpuBuffer | None = None,
+    probs: GpuBuffer | None = None,
+    class_weights: GpuBuffer | None = None,
+    grad_scale: float = 1.0,
+    stream: CudaStream | None = None,
+) -> None: ...
+def adamw_step(
+    param: GpuBuffer,
+    grad: GpuBuffer,
+    exp_avg: GpuBuffer,
+    exp_avg_sq: GpuBuffer,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    stream: CudaStream | None = None,
+    *,
+    grad_norm: GradNorm | None = None,
+    max_grad_norm: float = ...,
 ) -> None: ...
 
 # NF4 (bitsandbytes' 4-bit format); cudablocks.nf4 is the API built on these.
@@ -316,7 +378,12 @@ class GpuBlockOptimizerState:
 
 class GradNorm:
     def __init__(self, device: DeviceLike) -> None: ...
-    def compute(self, workspaces: list[CudaGradWorkspace], stream: CudaStream | None = None) -> None: ...
+    def compute(
+        self,
+        workspaces: list[CudaGradWorkspace],
+        stream: CudaStream | None = None,
+        buffers: list[GpuBuffer] | tuple[GpuBuffer, ...] = (),
+    ) -> None: ...
     def value(self, stream: CudaStream | None = None) -> float: ...
     @property
     def buffer(self) -> GpuBuffer: ...

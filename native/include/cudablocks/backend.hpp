@@ -22,6 +22,10 @@ namespace cudablocks {
 // on genuine bf16 operands instead). The CPU backend's gemm always computes in fp32.
 enum class Precision { FP32, TF32, BF16 };
 
+// How a sequence's token rows become one row for a sequence classifier: its last token (as
+// transformers' *ForSequenceClassification models pool), or the mean of its tokens.
+enum class PoolMode { Last, Mean };
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -132,6 +136,44 @@ class Backend {
   // *out = sum of x[i]^2 (or *out += it when accumulate), summed in double; out is a device float.
   virtual void sum_squares(const float* x, std::int64_t n, float* out, bool accumulate,
                            const Stream& stream) const = 0;
+
+  // The classification head.
+  // out[t, :] = float(table[ids[t], :]) for t < tokens, table [vocab, hidden] of table_dtype
+  // Float32 or BFloat16 (bit patterns). An id outside [0, vocab) gives a zero row on CUDA (no
+  // memory fault); the CPU backend throws InvalidArgumentError instead, before writing anything.
+  virtual void embedding_forward(const std::int32_t* ids, const void* table, DType table_dtype, float* out,
+                                 std::int64_t tokens, std::int64_t vocab, std::int64_t hidden,
+                                 const Stream& stream) const = 0;
+  // Deterministic scatter-add of the embedding gradient, grouped by row on the host
+  // (rows distinct, offsets [unique_rows + 1] ascending from 0, order [order_len] token indices):
+  //   grad_table[rows[u], :] += sum over j in [offsets[u], offsets[u + 1]) of grad_out[order[j], :],
+  // summed in fp32 in that order, so both backends give the same bits. Out-of-range rows, offsets
+  // or token indices are skipped on CUDA; the CPU throws InvalidArgumentError for them and for a
+  // repeated row, before writing.
+  virtual void embedding_backward(const float* grad_out, const std::int32_t* rows, const std::int32_t* offsets,
+                                  const std::int32_t* order, float* grad_table, std::int64_t unique_rows,
+                                  std::int64_t order_len, std::int64_t tokens, std::int64_t vocab,
+                                  std::int64_t hidden, const Stream& stream) const = 0;
+  // Pooling of packed sequences x [tokens, hidden] with cu_seqlens [n_seqs + 1] (on the device;
+  // cu_seqlens[0] = 0, strictly increasing, cu_seqlens[n_seqs] = tokens): out [n_seqs, hidden]
+  // is row cu_seqlens[b + 1] - 1 of x (Last) or the mean of rows [cu_seqlens[b], cu_seqlens[b + 1])
+  // (Mean). pool_backward writes all of dx [tokens, hidden]: dout[b] into the pooled row and zeros
+  // elsewhere (Last), dout[b] / len_b into every row of sequence b (Mean). Invalid cu_seqlens give
+  // zero rows on CUDA and InvalidArgumentError on the CPU.
+  virtual void pool_forward(const float* x, const std::int32_t* cu_seqlens, float* out, std::int64_t n_seqs,
+                            std::int64_t tokens, std::int64_t hidden, PoolMode mode, const Stream& stream) const = 0;
+  virtual void pool_backward(const float* dout, const std::int32_t* cu_seqlens, float* dx, std::int64_t n_seqs,
+                             std::int64_t tokens, std::int64_t hidden, PoolMode mode, const Stream& stream) const = 0;
+  // Weighted cross-entropy of logits [batch, classes] against labels [batch] in [0, classes), with
+  // w = class_weights [classes] (nullptr: ones). In fp32 with max subtraction:
+  //   *loss_sum += sum_i w[y_i] * (logsumexp(logits_i) - logits_i[y_i])   (one fixed-order sum)
+  //   dlogits_i  = grad_scale * w[y_i] * (softmax(logits_i) - onehot(y_i))  (when dlogits != nullptr)
+  //   probs_i    = softmax(logits_i)                                      (when probs != nullptr)
+  // A label out of range: the row contributes nothing on CUDA (zero loss and dlogits); the CPU
+  // throws InvalidArgumentError, before writing.
+  virtual void cross_entropy(const float* logits, const std::int32_t* labels, const float* class_weights,
+                             float* loss_sum, float* dlogits, float* probs, float grad_scale, std::int64_t batch,
+                             std::int64_t classes, const Stream& stream) const = 0;
 
   // NF4
   // bitsandbytes' NF4 format bit for bit (src/core/nf4_format.hpp, semantics in src/cpu/nf4.hpp).

@@ -192,8 +192,11 @@ class GpuBlockOptimizerState {
 class GradNorm {
  public:
   explicit GradNorm(const Device& device);
-  // sum_squares() = the sum of every squared gradient in `workspaces`, queued on `stream`.
-  void compute(const std::vector<const CudaGradWorkspace*>& workspaces, const Stream& stream);
+  // sum_squares() = the sum of every squared gradient in `workspaces` and in the float32
+  // `buffers` (gradients kept outside workspaces: the head's, the embeddings'; each starting on a
+  // 16-byte boundary), queued on `stream`.
+  void compute(const std::vector<const CudaGradWorkspace*>& workspaces, const Stream& stream,
+               const std::vector<Buffer>& buffers = {});
   const Buffer& sum_squares() const { return sum_squares_; }  // float32 [1] on the device
   // sqrt(sum_squares()) once the work queued on `stream` is done (a host synchronisation).
   float value(const Stream& stream) const;

@@ -1,6 +1,8 @@
 // AdamW for fp32 blocks: moments laid out like the parameters, the global gradient norm, and the
 // step as a few flat launches over the contiguous parameter, gradient and moment allocations.
 #include <cmath>
+#include <utility>
+#include <vector>
 
 #include "core/checks.hpp"
 #include "cudablocks/backend.hpp"
@@ -21,7 +23,8 @@ GpuBlockOptimizerState::GpuBlockOptimizerState(std::shared_ptr<const ParamLayout
 
 GradNorm::GradNorm(const Device& device) : sum_squares_(Buffer::empty({1}, DType::Float32, device)) {}
 
-void GradNorm::compute(const std::vector<const CudaGradWorkspace*>& workspaces, const Stream& stream) {
+void GradNorm::compute(const std::vector<const CudaGradWorkspace*>& workspaces, const Stream& stream,
+                       const std::vector<Buffer>& buffers) {
   const Device& device = sum_squares_.device();
   if (stream.device() != device) {
     throw DeviceError("GradNorm on " + device.str() + " computed with a stream of " + stream.device().str());
@@ -30,16 +33,24 @@ void GradNorm::compute(const std::vector<const CudaGradWorkspace*>& workspaces, 
     if (ws == nullptr) throw InvalidArgumentError("GradNorm.compute: a workspace is None");
     check_device(ws->flat(), device, "gradient workspace");
   }
-  if (workspaces.empty()) {
+  for (const Buffer& buffer : buffers) {
+    check_device(buffer, device, "gradient buffer");
+    check_dtype(buffer, DType::Float32, "gradient buffer");
+    check_aligned(buffer, 16, "gradient buffer");  // sum_squares loads float4 on CUDA
+  }
+  // Every gradient as (data, count); the first sum overwrites, the others accumulate.
+  std::vector<std::pair<const float*, std::int64_t>> grads;
+  for (const CudaGradWorkspace* ws : workspaces) grads.emplace_back(ws->flat().data_as<float>(), ws->flat().numel());
+  for (const Buffer& buffer : buffers) grads.emplace_back(buffer.data_as<float>(), buffer.numel());
+  if (grads.empty()) {
     sum_squares_.fill(0.0, stream);
     return;
   }
   DeviceGuard guard(device);
   const Backend& backend = backend_for(device);
   bool accumulate = false;
-  for (const CudaGradWorkspace* ws : workspaces) {
-    backend.sum_squares(ws->flat().data_as<float>(), ws->flat().numel(), sum_squares_.data_as<float>(), accumulate,
-                        stream);
+  for (const auto& [data, count] : grads) {
+    backend.sum_squares(data, count, sum_squares_.data_as<float>(), accumulate, stream);
     accumulate = true;
   }
 }

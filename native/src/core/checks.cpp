@@ -1,5 +1,7 @@
 #include "core/checks.hpp"
 
+#include <cstdint>
+
 #include "cudablocks/errors.hpp"
 
 namespace cudablocks {
@@ -30,6 +32,15 @@ void check_device(const Buffer& buffer, const Device& expected, const char* name
   if (buffer.device() != expected) {
     throw DeviceError(std::string(name) + " is on " + buffer.device().str() + " but the work runs on " +
                       expected.str() + " (" + buffer.describe() + ")");
+  }
+}
+
+void check_aligned(const Buffer& buffer, std::size_t alignment, const char* name) {
+  if (reinterpret_cast<std::uintptr_t>(buffer.data()) % alignment != 0) {
+    throw InvalidArgumentError(std::string(name) + " must start on a " + std::to_string(alignment) +
+                               "-byte boundary (a view at an offset that is a multiple of " +
+                               std::to_string(alignment / dtype_size(buffer.dtype())) + " elements), got " +
+                               buffer.describe());
   }
 }
 

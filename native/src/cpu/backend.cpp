@@ -5,10 +5,13 @@
 #include "cpu/adamw.hpp"
 #include "cpu/attention.hpp"
 #include "cpu/bias.hpp"
+#include "cpu/cross_entropy.hpp"
 #include "cpu/elementwise.hpp"
+#include "cpu/embedding.hpp"
 #include "cpu/fill.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/nf4.hpp"
+#include "cpu/pool.hpp"
 #include "cpu/qk_norm_rope.hpp"
 #include "cpu/rmsnorm.hpp"
 #include "cpu/swiglu.hpp"
@@ -140,6 +143,35 @@ class CpuBackend final : public Backend {
 
   void sum_squares(const float* x, std::int64_t n, float* out, bool accumulate, const Stream&) const override {
     cpu::sum_squares(x, n, out, accumulate);
+  }
+
+  // The classification head
+  void embedding_forward(const std::int32_t* ids, const void* table, DType table_dtype, float* out,
+                         std::int64_t tokens, std::int64_t vocab, std::int64_t hidden, const Stream&) const override {
+    cpu::embedding_forward(ids, table, table_dtype, out, tokens, vocab, hidden);
+  }
+
+  void embedding_backward(const float* grad_out, const std::int32_t* rows, const std::int32_t* offsets,
+                          const std::int32_t* order, float* grad_table, std::int64_t unique_rows,
+                          std::int64_t order_len, std::int64_t tokens, std::int64_t vocab, std::int64_t hidden,
+                          const Stream&) const override {
+    cpu::embedding_backward(grad_out, rows, offsets, order, grad_table, unique_rows, order_len, tokens, vocab, hidden);
+  }
+
+  void pool_forward(const float* x, const std::int32_t* cu_seqlens, float* out, std::int64_t n_seqs,
+                    std::int64_t tokens, std::int64_t hidden, PoolMode mode, const Stream&) const override {
+    cpu::pool_forward(x, cu_seqlens, out, n_seqs, tokens, hidden, mode);
+  }
+
+  void pool_backward(const float* dout, const std::int32_t* cu_seqlens, float* dx, std::int64_t n_seqs,
+                     std::int64_t tokens, std::int64_t hidden, PoolMode mode, const Stream&) const override {
+    cpu::pool_backward(dout, cu_seqlens, dx, n_seqs, tokens, hidden, mode);
+  }
+
+  void cross_entropy(const float* logits, const std::int32_t* labels, const float* class_weights, float* loss_sum,
+                     float* dlogits, float* probs, float grad_scale, std::int64_t batch, std::int64_t classes,
+                     const Stream&) const override {
+    cpu::cross_entropy(logits, labels, class_weights, loss_sum, dlogits, probs, grad_scale, batch, classes);
   }
 
   // NF4

@@ -6,10 +6,13 @@
 #include "cuda/attention.cuh"
 #include "cuda/attention_mma.cuh"
 #include "cuda/bias.cuh"
+#include "cuda/cross_entropy.cuh"
 #include "cuda/elementwise.cuh"
+#include "cuda/embedding.cuh"
 #include "cuda/fill.cuh"
 #include "cuda/gemm.cuh"
 #include "cuda/nf4.cuh"
+#include "cuda/pool.cuh"
 #include "cuda/qk_norm_rope.cuh"
 #include "cuda/rmsnorm.cuh"
 #include "cuda/swiglu.cuh"
@@ -137,6 +140,38 @@ class CudaBackend final : public Backend {
 
   void sum_squares(const float* x, std::int64_t n, float* out, bool accumulate, const Stream& stream) const override {
     cuda::sum_squares(x, n, out, accumulate, native(stream));
+  }
+
+  // The classification head
+  void embedding_forward(const std::int32_t* ids, const void* table, DType table_dtype, float* out,
+                         std::int64_t tokens, std::int64_t vocab, std::int64_t hidden,
+                         const Stream& stream) const override {
+    cuda::embedding_forward(ids, table, table_dtype, out, tokens, vocab, hidden, native(stream));
+  }
+
+  void embedding_backward(const float* grad_out, const std::int32_t* rows, const std::int32_t* offsets,
+                          const std::int32_t* order, float* grad_table, std::int64_t unique_rows,
+                          std::int64_t order_len, std::int64_t tokens, std::int64_t vocab, std::int64_t hidden,
+                          const Stream& stream) const override {
+    cuda::embedding_backward(grad_out, rows, offsets, order, grad_table, unique_rows, order_len, tokens, vocab, hidden,
+                             native(stream));
+  }
+
+  void pool_forward(const float* x, const std::int32_t* cu_seqlens, float* out, std::int64_t n_seqs,
+                    std::int64_t tokens, std::int64_t hidden, PoolMode mode, const Stream& stream) const override {
+    cuda::pool_forward(x, cu_seqlens, out, n_seqs, tokens, hidden, mode, native(stream));
+  }
+
+  void pool_backward(const float* dout, const std::int32_t* cu_seqlens, float* dx, std::int64_t n_seqs,
+                     std::int64_t tokens, std::int64_t hidden, PoolMode mode, const Stream& stream) const override {
+    cuda::pool_backward(dout, cu_seqlens, dx, n_seqs, tokens, hidden, mode, native(stream));
+  }
+
+  void cross_entropy(const float* logits, const std::int32_t* labels, const float* class_weights, float* loss_sum,
+                     float* dlogits, float* probs, float grad_scale, std::int64_t batch, std::int64_t classes,
+                     const Stream& stream) const override {
+    cuda::cross_entropy(logits, labels, class_weights, loss_sum, dlogits, probs, grad_scale, batch, classes,
+                        native(stream));
   }
 
   // NF4

@@ -7,7 +7,7 @@
 
 namespace cudablocks {
 
-void gemm(const Buffer& a, const Buffer& b, Buffer& out, bool trans_b, float beta, Precision precision,
+void gemm(const Buffer& a, const Buffer& b, Buffer& out, bool trans_a, bool trans_b, float beta, Precision precision,
           const Stream& stream) {
   const Device& device = stream.device();
   check_device(a, device, "a");
@@ -22,7 +22,8 @@ void gemm(const Buffer& a, const Buffer& b, Buffer& out, bool trans_b, float bet
   }
   check_shape(a, {-1, -1}, "a");
   check_shape(b, {-1, -1}, "b");
-  const std::int64_t m = a.shape()[0], k = a.shape()[1];
+  const std::int64_t m = trans_a ? a.shape()[1] : a.shape()[0];
+  const std::int64_t k = trans_a ? a.shape()[0] : a.shape()[1];
   const std::int64_t n = trans_b ? b.shape()[0] : b.shape()[1];
   if (trans_b) {
     check_shape(b, {n, k}, "b (trans_b: [N, K])");
@@ -34,10 +35,10 @@ void gemm(const Buffer& a, const Buffer& b, Buffer& out, bool trans_b, float bet
   DeviceGuard guard(device);
   const Backend& be = backend_for(device);
   if (bf16) {
-    be.gemm_bf16(false, trans_b, m, n, k, 1.0f, a.data_as<std::uint16_t>(), b.data_as<std::uint16_t>(), beta,
+    be.gemm_bf16(trans_a, trans_b, m, n, k, 1.0f, a.data_as<std::uint16_t>(), b.data_as<std::uint16_t>(), beta,
                  out.data_as<float>(), stream);
   } else {
-    be.gemm(false, trans_b, m, n, k, 1.0f, a.data_as<float>(), b.data_as<float>(), beta, out.data_as<float>(),
+    be.gemm(trans_a, trans_b, m, n, k, 1.0f, a.data_as<float>(), b.data_as<float>(), beta, out.data_as<float>(),
             precision, stream);
   }
 }
