@@ -1,0 +1,360 @@
+"""The classifier on the device: embedding, blocks, pooling, final norm, ``score`` and the loss.
+
+One micro-batch of packed sequences runs as::
+
+    ids ──embedding──▶ h[0] ──block 0──▶ h[1] ── … ──▶ h[L]
+    h[L] ──pool (last token)──▶ pooled ──RMSNorm──▶ normed ──score──▶ logits ──cross-entropy
+
+(``mean`` pooling normalises every token first, then averages: RMSNorm is per row, so "pool then
+norm" equals transformers' "norm then pick the last token", but not a mean.) The backward runs the
+same chain in reverse into the gradients of whatever the mode trains:
+
+* ``full``: every block weight, the final norm and the head (and the embedding if asked);
+* ``lora``: the LoRA adapters of NF4 blocks, and the head;
+* ``head``: the head only (the blocks run forward only).
+
+Every buffer is allocated once for ``max_tokens`` packed tokens; a step uploads the batch's ids,
+sequence offsets and labels into them and queues everything on one stream, with no host
+synchronisation until the caller reads the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from cudablocks import ops
+from cudablocks._core import CudaBlock, CudaGradWorkspace, CudaStream, Device, GpuBlockOptimizerState, GpuBuffer, GradNorm
+from cudablocks.errors import InvalidArgumentError
+from cudablocks.lora import LoraConfig
+
+__all__ = ["Classifier", "HeadState", "Mode", "OptimizerHyper", "Pooling"]
+
+
+class Mode(str, Enum):
+    """What a training run updates."""
+
+    FULL = "full"
+    LORA = "lora"
+    HEAD = "head"
+
+
+class Pooling(str, Enum):
+    """How a sequence's hidden states become one vector."""
+
+    LAST = "last"
+    MEAN = "mean"
+
+
+@dataclass(frozen=True)
+class OptimizerHyper:
+    """AdamW's settings for one step (``lr`` already scheduled)."""
+
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    max_grad_norm: float = float("inf")
+
+
+class _Param:
+    """A trainable tensor outside the blocks, with its gradient and AdamW moments on the device."""
+
+    def __init__(self, name: str, value: np.ndarray, device: Device, stream: CudaStream, *, decay: bool) -> None:
+        self.name = name
+        self.decay = decay
+        self.value = GpuBuffer.from_numpy(np.ascontiguousarray(value, dtype=np.float32), device, stream=stream)
+        self.grad = GpuBuffer.zeros(value.shape, "float32", device, stream=stream)
+        self.exp_avg = GpuBuffer.zeros(value.shape, "float32", device, stream=stream)
+        self.exp_avg_sq = GpuBuffer.zeros(value.shape, "float32", device, stream=stream)
+
+
+@dataclass
+class HeadState:
+    """Host copies of the head-side tensors (for checkpoints): values and AdamW moments by name."""
+
+    values: dict[str, np.ndarray]
+    exp_avg: dict[str, np.ndarray]
+    exp_avg_sq: dict[str, np.ndarray]
+
+
+class Classifier:
+    """A decoder model with a classification head, resident on one device.
+
+    Args:
+        blocks: the decoder layers in order (fp32 blocks for ``full``; fp32 or NF4 for ``head``;
+            NF4 blocks with LoRA for ``lora``), each made for ``max_tokens``.
+        embedding: the token embedding table ``[V, H]``, float32 or bfloat16 (frozen unless
+            ``train_embedding``; a trained table is kept in float32).
+        final_norm: the final RMSNorm weight ``[H]``.
+        score: the head's initial weight ``[num_labels, H]``.
+        mode, pooling: see :class:`Mode` and :class:`Pooling`.
+        eps: the RMSNorm epsilon of the model.
+        class_weights: optional ``[num_labels]`` weights of the cross-entropy.
+    """
+
+    def __init__(
+        self,
+        blocks: list[CudaBlock],
+        embedding: np.ndarray,
+        final_norm: np.ndarray,
+        score: np.ndarray,
+        *,
+        mode: Mode,
+        pooling: Pooling,
+        eps: float,
+        device: Device,
+        stream: CudaStream,
+        train_embedding: bool = False,
+        class_weights: np.ndarray | None = None,
+    ) -> None:
+        if not blocks:
+            raise InvalidArgumentError("a classifier needs at least one block")
+        self.mode = Mode(mode)
+        self.pooling = Pooling(pooling)
+        self.blocks = blocks
+        self.device = device
+        self.stream = stream
+        self.eps = float(eps)
+        self.max_tokens = min(b.max_tokens for b in blocks)
+        self.num_labels, self.hidden = (int(d) for d in score.shape)
+        if self.mode is Mode.LORA and not all(b.has_lora for b in blocks):
+            raise InvalidArgumentError("lora mode needs blocks made with a LoraConfig")
+        if train_embedding and self.mode is not Mode.FULL:
+            raise InvalidArgumentError("the embedding can be trained in full mode only")
+        self.train_embedding = train_embedding
+
+        T, H, C = self.max_tokens, self.hidden, self.num_labels
+        dev, st = device, stream
+        # Head-side trainables; norms are not decayed (as transformers' Trainer groups them).
+        self.score = _Param("score.weight", score, dev, st, decay=True)
+        self.norm = _Param("model.norm.weight", final_norm, dev, st, decay=False)
+        if train_embedding:
+            self.embedding = _Param("model.embed_tokens.weight", embedding.astype(np.float32), dev, st, decay=True)
+            self.table = self.embedding.value
+        else:
+            self.embedding = None
+            table = embedding if embedding.dtype == np.float32 or embedding.dtype.name == "bfloat16" else embedding.astype(np.float32)
+            self.table = GpuBuffer.from_numpy(np.ascontiguousarray(table), dev, stream=st)
+
+        # Activations: the input of every block and the top one; two gradient buffers in turn.
+        self.hidden_states = [GpuBuffer.empty((T, H), "float32", dev) for _ in range(len(blocks) + 1)]
+        self.grads = [GpuBuffer.empty((T, H), "float32", dev) for _ in range(2)]
+        self.ids = GpuBuffer.zeros((T,), "int32", dev, stream=st)
+        self.cu_seqlens = GpuBuffer.zeros((T + 1,), "int32", dev, stream=st)
+        self.labels = GpuBuffer.zeros((T,), "int32", dev, stream=st)
+        self.emb_rows = GpuBuffer.zeros((T,), "int32", dev, stream=st)
+        self.emb_offsets = GpuBuffer.zeros((T + 1,), "int32", dev, stream=st)
+        self.emb_order = GpuBuffer.zeros((T,), "int32", dev, stream=st)
+        # Per-sequence rows: at most one sequence per token. Mean pooling also normalises every token.
+        rows = T
+        self.pooled = GpuBuffer.empty((rows, H), "float32", dev)
+        self.normed = GpuBuffer.empty((rows, H), "float32", dev)
+        self.rstd = GpuBuffer.empty((T,), "float32", dev)
+        self.logits = GpuBuffer.empty((rows, C), "float32", dev)
+        self.dlogits = GpuBuffer.empty((rows, C), "float32", dev)
+        self.probs = GpuBuffer.empty((rows, C), "float32", dev)
+        self.dnormed = GpuBuffer.empty((rows, H), "float32", dev)
+        self.normed_tokens = GpuBuffer.empty((T, H), "float32", dev) if self.pooling is Pooling.MEAN else None
+        self.loss_sum = GpuBuffer.zeros((1,), "float32", dev, stream=st)
+        self.class_weights = (
+            None if class_weights is None
+            else GpuBuffer.from_numpy(np.ascontiguousarray(class_weights, dtype=np.float32), dev, stream=st)
+        )
+
+        # Block gradients and optimizer states of the trained blocks.
+        self.workspaces: list[CudaGradWorkspace] = []
+        self.block_states: list[GpuBlockOptimizerState] = []
+        if self.mode is Mode.FULL:
+            self.workspaces = [b.new_grad_workspace(st) for b in blocks]
+            self.block_states = [b.init_optimizer_state(st) for b in blocks]
+        elif self.mode is Mode.LORA:
+            self.workspaces = [b.new_lora_grad_workspace(st) for b in blocks]
+            self.block_states = [b.init_lora_optimizer_state(st) for b in blocks]
+        self.grad_norm = GradNorm(dev)
+
+    # ---- the head-side parameters ---------------------------------------------------------------
+
+    def head_params(self) -> list[_Param]:
+        """The trained tensors outside the blocks, in a fixed order."""
+        params = [self.score]
+        if self.mode is Mode.FULL:
+            params.append(self.norm)
+        if self.embedding is not None:
+            params.append(self.embedding)
+        return params
+
+    # ---- one micro-batch ------------------------------------------------------------------------
+
+    def _upload(self, ids: np.ndarray, cu_seqlens: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
+        T, B = int(ids.shape[0]), int(labels.shape[0])
+        if T > self.max_tokens:
+            raise InvalidArgumentError(f"a batch of {T} tokens exceeds the token budget {self.max_tokens}")
+        self.ids.view(0, (T,)).copy_from_numpy(ids, self.stream)
+        self.cu_seqlens.view(0, (B + 1,)).copy_from_numpy(cu_seqlens, self.stream)
+        self.labels.view(0, (B,)).copy_from_numpy(labels, self.stream)
+        return T, B
+
+    def forward(
+        self,
+        ids: np.ndarray,
+        seq_lens: list[int],
+        cu_seqlens: np.ndarray,
+        labels: np.ndarray,
+        *,
+        train: bool,
+        grad_scale: float = 1.0,
+        probs: bool = False,
+    ) -> None:
+        """Queues the forward of one packed micro-batch and adds its weighted loss sum to
+        :attr:`loss_sum`. With ``train`` the logits' gradient (``grad_scale`` times the per-row
+        gradient of the weighted loss sum) is kept for :meth:`backward`; with ``probs`` the
+        softmax is written to :attr:`probs`."""
+        T, B = self._upload(ids, cu_seqlens, labels)
+        st, H, C = self.stream, self.hidden, self.num_labels
+        h = [buf.view(0, (T, H)) for buf in self.hidden_states]
+        ops.embedding_forward(self.ids.view(0, (T,)), self.table, h[0], stream=st)
+        for i, block in enumerate(self.blocks):
+            block.forward(h[i], h[i + 1], seq_lens, st)
+        cu = self.cu_seqlens.view(0, (B + 1,))
+        pooled, normed = self.pooled.view(0, (B, H)), self.normed.view(0, (B, H))
+        if self.pooling is Pooling.LAST:
+            ops.pool_forward(h[-1], cu, pooled, mode="last", stream=st)
+            ops.rmsnorm_forward(pooled, self.norm.value, normed, self.eps, stream=st, rstd=self.rstd.view(0, (B,)))
+        else:
+            assert self.normed_tokens is not None
+            tokens = self.normed_tokens.view(0, (T, H))
+            ops.rmsnorm_forward(h[-1], self.norm.value, tokens, self.eps, stream=st, rstd=self.rstd.view(0, (T,)))
+            ops.pool_forward(tokens, cu, normed, mode="mean", stream=st)
+        logits = self.logits.view(0, (B, C))
+        ops.gemm(normed, self.score.value, logits, trans_b=True, stream=st)
+        ops.cross_entropy(
+            logits,
+            self.labels.view(0, (B,)),
+            self.loss_sum,
+            dlogits=self.dlogits.view(0, (B, C)) if train else None,
+            probs=self.probs.view(0, (B, C)) if probs else None,
+            class_weights=self.class_weights,
+            grad_scale=grad_scale,
+            stream=st,
+        )
+
+    def backward(self, seq_lens: list[int], emb_index: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
+        """Queues the backward of the micro-batch last passed to :meth:`forward` (``train=True``),
+        adding into the gradients of the mode's trainables. ``emb_index`` is
+        ``ops.embedding_backward_index(ids)`` when the embedding is trained."""
+        T, B = int(sum(seq_lens)), len(seq_lens)
+        st, H, C = self.stream, self.hidden, self.num_labels
+        dlogits, normed = self.dlogits.view(0, (B, C)), self.normed.view(0, (B, H))
+        # score: dW [C, H] += dlogits^T normed; the gradient into the features, dnormed = dlogits W.
+        ops.gemm(dlogits, normed, self.score.grad, trans_a=True, beta=1.0, stream=st)
+        if self.mode is Mode.HEAD:
+            return
+        dnormed = self.dnormed.view(0, (B, H))
+        ops.gemm(dlogits, self.score.value, dnormed, stream=st)
+
+        h = [buf.view(0, (T, H)) for buf in self.hidden_states]
+        g_out, g_in = (buf.view(0, (T, H)) for buf in self.grads)
+        cu = self.cu_seqlens.view(0, (B + 1,))
+        # The norm weight's gradient is accumulated even when frozen (into its unused grad buffer).
+        if self.pooling is Pooling.LAST:
+            # dpooled goes through g_in's memory, free until the first block's backward.
+            dpooled = self.grads[1].view(0, (B, H))
+            ops.rmsnorm_backward(dnormed, self.pooled.view(0, (B, H)), self.norm.value, self.rstd.view(0, (B,)),
+                                 dpooled, self.norm.grad, stream=st)
+            ops.pool_backward(dpooled, cu, g_out, mode="last", stream=st)
+        else:
+            assert self.normed_tokens is not None
+            dtokens = self.normed_tokens.view(0, (T, H))
+            ops.pool_backward(dnormed, cu, dtokens, mode="mean", stream=st)
+            ops.rmsnorm_backward(dtokens, h[-1], self.norm.value, self.rstd.view(0, (T,)), g_out, self.norm.grad,
+                                 stream=st)
+        for i in reversed(range(len(self.blocks))):
+            block, ws = self.blocks[i], self.workspaces[i]
+            if self.mode is Mode.FULL:
+                block.backward(h[i], g_out, g_in, seq_lens, st, ws)
+            else:
+                block.backward_lora(h[i], g_out, g_in, seq_lens, st, ws)
+            g_out, g_in = g_in, g_out
+        if self.embedding is not None:
+            assert emb_index is not None
+            rows, offsets, order = emb_index
+            U = int(rows.shape[0])
+            self.emb_rows.view(0, (U,)).copy_from_numpy(rows, st)
+            self.emb_offsets.view(0, (U + 1,)).copy_from_numpy(offsets, st)
+            self.emb_order.view(0, (T,)).copy_from_numpy(order, st)
+            ops.embedding_backward(g_out, self.emb_rows.view(0, (U,)), self.emb_offsets.view(0, (U + 1,)),
+                                   self.emb_order.view(0, (T,)), self.embedding.grad, stream=st)
+
+    # ---- the optimizer --------------------------------------------------------------------------
+
+    def zero_grad(self) -> None:
+        """Zeroes every gradient and the loss sum (the start of an optimizer step)."""
+        for ws in self.workspaces:
+            ws.zero_(self.stream)
+        for p in self.head_params():
+            p.grad.fill(0.0, self.stream)
+        self.norm.grad.fill(0.0, self.stream)
+        self.loss_sum.fill(0.0, self.stream)
+
+    def optimizer_step(self, step: int, hyper: OptimizerHyper) -> None:
+        """Clips by the global gradient norm and takes AdamW step ``step`` (1-based) on every
+        trainable tensor; a non-finite norm skips the step (see :meth:`grad_norm_value`)."""
+        heads = self.head_params()
+        self.grad_norm.compute(self.workspaces, self.stream, buffers=[p.grad for p in heads])
+        common = dict(beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps, stream=self.stream)
+        for block, state, ws in zip(self.blocks, self.block_states, self.workspaces):
+            if self.mode is Mode.FULL:
+                block.optimizer_step(state, step, hyper.lr, weight_decay=hyper.weight_decay, grad_ws=ws,
+                                     grad_norm=self.grad_norm, max_grad_norm=hyper.max_grad_norm, **common)
+            else:
+                block.lora_optimizer_step(state, step, hyper.lr, weight_decay=hyper.weight_decay, lora_ws=ws,
+                                          grad_norm=self.grad_norm, max_grad_norm=hyper.max_grad_norm, **common)
+        for p in heads:
+            ops.adamw_step(p.value, p.grad, p.exp_avg, p.exp_avg_sq, step, hyper.lr,
+                           weight_decay=hyper.weight_decay if p.decay else 0.0,
+                           grad_norm=self.grad_norm, max_grad_norm=hyper.max_grad_norm, **common)
+
+    def loss_value(self) -> float:
+        """The loss sum queued so far (waits for the stream: the step's one synchronisation)."""
+        return float(self.loss_sum.to_numpy(self.stream)[0])
+
+    def grad_norm_value(self) -> float:
+        """The global gradient norm of the latest :meth:`optimizer_step` (waits for the stream)."""
+        return self.grad_norm.value(self.stream)
+
+    def probabilities(self, batch_size: int) -> np.ndarray:
+        """The softmax of the latest forward with ``probs=True``, ``[batch_size, num_labels]``."""
+        return self.probs.view(0, (batch_size, self.num_labels)).to_numpy(self.stream)
+
+    # ---- state for checkpoints ------------------------------------------------------------------
+
+    def head_state(self) -> HeadState:
+        """Host copies of the trained head-side tensors and their AdamW moments."""
+        params = self.head_params()
+        return HeadState(
+            values={p.name: p.value.to_numpy(self.stream) for p in params},
+            exp_avg={p.name: p.exp_avg.to_numpy(self.stream) for p in params},
+            exp_avg_sq={p.name: p.exp_avg_sq.to_numpy(self.stream) for p in params},
+        )
+
+    def load_head_state(self, state: HeadState) -> None:
+        """Restores :meth:`head_state` output (resume)."""
+        for p in self.head_params():
+            p.value.copy_from_numpy(np.ascontiguousarray(state.values[p.name], dtype=np.float32), self.stream)
+            p.exp_avg.copy_from_numpy(np.ascontiguousarray(state.exp_avg[p.name], dtype=np.float32), self.stream)
+            p.exp_avg_sq.copy_from_numpy(np.ascontiguousarray(state.exp_avg_sq[p.name], dtype=np.float32), self.stream)
+        self.stream.synchronize()
+
+    def final_norm_weight(self) -> np.ndarray:
+        """The final RMSNorm weight as it is now (trained in full mode)."""
+        return self.norm.value.to_numpy(self.stream)
+
+    def iter_block_states(self) -> Iterator[tuple[int, CudaBlock, GpuBlockOptimizerState]]:
+        """(layer index, block, optimizer state) of every trained block."""
+        for i, (block, state) in enumerate(zip(self.blocks, self.block_states)):
+            yield i, block, state

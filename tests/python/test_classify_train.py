@@ -1,0 +1,320 @@
+"""The classify pipeline end to end on the CPU backend, against transformers, torch and peft.
+
+* full mode: our training losses over 24 steps equal those of Qwen3ForSequenceClassification +
+  torch.optim.AdamW on the same weights, batches and hyperparameters (fp32; max |diff| <= 1e-4);
+* lora mode: against peft's LoRA on the NF4-dequantized weights (<= 1e-3);
+* resuming continues exactly; a failed checkpoint write keeps the previous checkpoint;
+* the PEFT adapter and the full export load in peft / transformers and reproduce our logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+import cudablocks as cb  # noqa: E402
+from cudablocks.classify import data as dataset  # noqa: E402
+from cudablocks.classify.settings import TrainSettings  # noqa: E402
+from cudablocks.classify.trainer import _score_init, load_classifier, predict, run_eval, train  # noqa: E402
+from cudablocks.classify.weights import ModelFiles  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(60)]
+LABELS = ["red", "green", "blue"]
+PAD = "<pad>"
+
+
+def make_model_dir(root: Path, seed: int, model_type: str = "qwen3") -> Path:
+    """A tiny random decoder model (fp32 safetensors) with a WordLevel tokenizer.json."""
+    vocab = {PAD: 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    torch.manual_seed(seed)
+    common = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True, initializer_range=0.05)
+    if model_type == "qwen3":
+        config = transformers.Qwen3Config(head_dim=16, **common)
+        model = transformers.Qwen3ForCausalLM(config)
+    else:
+        config = transformers.Qwen2Config(**common)
+        model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():  # visible norm weights, so that their gradients matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    path = root / "model"
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def make_data(path: Path, rng: np.random.Generator, n: int) -> Path:
+    """Texts of 3-20 random words; the label is a function of the words (learnable)."""
+    lines = []
+    for _ in range(n):
+        words = rng.choice(WORDS, size=int(rng.integers(3, 21)))
+        label = LABELS[sum(int(w[1:]) for w in words[:3]) % 3]
+        lines.append(json.dumps({"text": " ".join(words), "label": label}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def settings_for(model_dir: Path, train_file: Path, out: Path, **kw: Any) -> TrainSettings:
+    base = dict(model=str(model_dir), train_file=str(train_file), valid_fraction=0.0, output_dir=str(out),
+                mode="full", precision="fp32", device="cpu", max_steps=24, lr=2e-3, token_budget=96,
+                max_length=32, grad_accum=2, warmup_ratio=0.1, weight_decay=0.05, max_grad_norm=0.5,
+                progress=False, seed=3)
+    base.update(kw)
+    return TrainSettings(**base).resolved()
+
+
+def steps_of(s: TrainSettings, tok: dataset.TokenizedSet, total: int) -> list[list[dataset.Batch]]:
+    """The micro-batches of each optimizer step, in the trainer's order."""
+    steps: list[list[dataset.Batch]] = []
+    epoch = 0
+    while len(steps) < total:
+        groups = [dataset.make_batch(tok, g) for g in
+                  dataset.pack_batches(tok.lengths, s.token_budget, shuffle=True, seed=s.seed, epoch=epoch)]
+        steps += [groups[i:i + s.grad_accum] for i in range(0, len(groups), s.grad_accum)]
+        epoch += 1
+    return steps[:total]
+
+
+def padded(batch: dataset.Batch) -> tuple[Any, Any]:
+    width = max(batch.seq_lens)
+    ids = torch.zeros((len(batch.seq_lens), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, (lo, hi) in enumerate(zip(batch.cu_seqlens[:-1], batch.cu_seqlens[1:])):
+        ids[b, : hi - lo] = torch.from_numpy(batch.ids[lo:hi].astype(np.int64))
+        mask[b, : hi - lo] = 1
+    return ids, mask
+
+
+def torch_losses(model: Any, params: list[tuple[str, Any]], s: TrainSettings, steps: list[list[dataset.Batch]],
+                 class_weights: Any = None) -> list[float]:
+    """transformers + torch.optim.AdamW over the same steps; no decay on norms (as ours)."""
+    decay = [p for n, p in params if "norm" not in n]
+    no_decay = [p for n, p in params if "norm" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s.peak_lr, betas=(s.beta1, s.beta2),
+                            eps=s.adam_eps)
+    total = len(steps)
+    sched = transformers.get_cosine_schedule_with_warmup(opt, int(s.warmup_ratio * total), total)
+    losses = []
+    for group in steps:
+        opt.zero_grad()
+        w_sum = sum(len(b.seq_lens) for b in group)
+        total_loss = 0.0
+        for b in group:
+            ids, mask = padded(b)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(b.labels.astype(np.int64)),
+                                                     weight=class_weights, reduction="sum") / w_sum
+            loss.backward()
+            total_loss += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], s.max_grad_norm)
+        opt.step()
+        sched.step()
+        losses.append(total_loss)
+    return losses
+
+
+def seq_cls_model(model_dir: Path, num_labels: int, score: np.ndarray) -> Any:
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=num_labels, torch_dtype=torch.float32)
+    with torch.no_grad():
+        model.score.weight.copy_(torch.from_numpy(score))
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen2"])
+def test_full_mode_losses_match_transformers(model_type: str, tmp_path: Path, rng: np.random.Generator) -> None:
+    model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)), model_type)
+    s = settings_for(model_dir, make_data(tmp_path / "train.jsonl", rng, 120), tmp_path / "run")
+    result = train(s, log=lambda *a: None)
+    assert result.steps == s.max_steps and len(result.train_losses) == s.max_steps
+
+    tok_set = dataset.tokenize(dataset.read_jsonl(s.train_path()), dataset.load_tokenizer(model_dir), s.max_length,
+                               label_map=dataset.LabelMap.from_examples(dataset.read_jsonl(s.train_path())))
+    files = ModelFiles.open(model_dir)
+    model = seq_cls_model(model_dir, 3, _score_init(3, 64, files, s.seed))
+    model.model.embed_tokens.weight.requires_grad_(False)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ref = torch_losses(model, params, s, steps_of(s, tok_set, s.max_steps))
+    diff = np.abs(np.array(result.train_losses) - np.array(ref))
+    assert diff.max() <= 1e-4, (diff.max(), result.train_losses, ref)
+    assert ref[-1] < ref[0]  # it learned something: the comparison is not between two flat lines
+
+
+def test_lora_mode_losses_match_peft(tmp_path: Path, rng: np.random.Generator) -> None:
+    peft = pytest.importorskip("peft")
+    model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)))
+    targets = ("q_proj", "v_proj", "down_proj")
+    s = settings_for(model_dir, make_data(tmp_path / "train.jsonl", rng, 120), tmp_path / "run", mode="lora",
+                     lora_rank=4, lora_alpha=8.0, lora_targets=targets, max_steps=20, lr=5e-3)
+    result = train(s, log=lambda *a: None)
+
+    files = ModelFiles.open(model_dir)
+    cfg = files.config
+    model = seq_cls_model(model_dir, 3, _score_init(3, 64, files, s.seed))
+    lora = s.lora_config()
+    init: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):  # the base weights as the NF4 blocks see them
+            block = cb.CudaBlock.nf4(cfg, i, files.layer_weights(i), "cpu", 8, lora=lora, compute="fp32")
+            init.update({f"model.layers.{i}.{k}": v for k, v in block.download_lora_weights().items()})
+            for name, module in layer.named_modules():
+                if name.split(".")[-1] in cb.LORA_TARGETS:
+                    q = cb.nf4.quantize(module.weight.detach().numpy(), 64)
+                    module.weight.copy_(torch.from_numpy(cb.nf4.dequantize(q, "float32").to_numpy()))
+    pm = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8.0, lora_dropout=0.0,
+                                                    target_modules=list(targets)))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                key = name.replace("base_model.model.", "").replace(".default", "")
+                p.copy_(torch.from_numpy(init[key]))
+    params = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
+    assert any("score" in n for n, _ in params)
+    tok_set = dataset.tokenize(dataset.read_jsonl(s.train_path()), dataset.load_tokenizer(model_dir), s.max_length,
+                               label_map=dataset.LabelMap.from_examples(dataset.read_jsonl(s.train_path())))
+    ref = torch_losses(pm, params, s, steps_of(s, tok_set, s.max_steps))
+    diff = np.abs(np.array(result.train_losses) - np.array(ref))
+    assert diff.max() <= 1e-3, (diff.max(), result.train_losses, ref)
+    assert ref[-1] < ref[0]
+
+
+def test_resume_continues_exactly(tmp_path: Path, rng: np.random.Generator) -> None:
+    model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)))
+    data = make_data(tmp_path / "train.jsonl", rng, 80)
+    whole = train(settings_for(model_dir, data, tmp_path / "a", max_steps=12, save_every=5), log=lambda *a: None)
+    first = train(settings_for(model_dir, data, tmp_path / "b", max_steps=12, save_every=5), log=lambda *a: None)
+    assert first.train_losses == whole.train_losses  # deterministic
+
+    # A run cut short at step 5 (Ctrl-C saves a resumable checkpoint), then resumed.
+    partial = _train_until(settings_for(model_dir, data, tmp_path / "d", max_steps=12, save_every=5), 5)
+    assert partial.interrupted and partial.steps == 5
+    with pytest.raises(cb.CheckpointError, match="--resume"):
+        train(settings_for(model_dir, data, tmp_path / "d", max_steps=12, save_every=5), log=lambda *a: None)
+    with pytest.raises(cb.CheckpointError, match="lr"):
+        train(settings_for(model_dir, data, tmp_path / "d", max_steps=12, save_every=5, lr=1e-3, resume=True),
+              log=lambda *a: None)
+    rest = train(settings_for(model_dir, data, tmp_path / "d", max_steps=12, save_every=5, resume=True),
+                 log=lambda *a: None)
+    assert partial.train_losses + rest.train_losses == whole.train_losses
+    records = dataset_metrics(tmp_path / "d")
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 13))
+
+
+def dataset_metrics(run: Path) -> list[dict[str, Any]]:
+    from cudablocks.classify.metrics import read_metrics
+
+    return read_metrics(run / "metrics.jsonl")
+
+
+def _train_until(s: TrainSettings, stop_after: int) -> Any:
+    """train() with Ctrl-C pressed once while step ``stop_after`` runs."""
+    import signal
+
+    from cudablocks.classify import trainer
+
+    original = trainer.Classifier.optimizer_step
+    calls = {"n": 0}
+
+    def step(self: Any, *args: Any, **kw: Any) -> None:
+        original(self, *args, **kw)
+        calls["n"] += 1
+        if calls["n"] == stop_after:
+            signal.raise_signal(signal.SIGINT)
+
+    trainer.Classifier.optimizer_step = step  # type: ignore[method-assign]
+    try:
+        return train(s, log=lambda *a: None)
+    finally:
+        trainer.Classifier.optimizer_step = original  # type: ignore[method-assign]
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path, rng: np.random.Generator,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)))
+    data = make_data(tmp_path / "train.jsonl", rng, 60)
+    s = settings_for(model_dir, data, tmp_path / "run", max_steps=4, save_every=2, eval_every=100)
+    train(s, log=lambda *a: None)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "last").iterdir()}
+
+    from cudablocks.classify import checkpoint as ck
+
+    def full_disk(*args: Any, **kw: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", full_disk)
+    with pytest.raises(cb.CheckpointError, match="previous one is kept"):
+        train(settings_for(model_dir, data, tmp_path / "run", max_steps=4, save_every=2, eval_every=100,
+                           overwrite=True), log=lambda *a: None)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run" / "last").iterdir()}
+    assert after == before
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name not in ("last", "best", "metrics.jsonl",
+                                                                            "metrics.png", "settings.json",
+                                                                            "label_map.json")]
+
+
+def test_exports_reproduce_our_logits(tmp_path: Path, rng: np.random.Generator) -> None:
+    peft = pytest.importorskip("peft")
+    model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)))
+    data = make_data(tmp_path / "train.jsonl", rng, 60)
+    s = settings_for(model_dir, data, tmp_path / "run", mode="lora", lora_rank=4, lora_alpha=8.0,
+                     lora_targets=("q_proj", "o_proj", "up_proj"), max_steps=6, lr=1e-2, export=True)
+    train(s, log=lambda *a: None)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 12)))) for _ in range(5)]
+    ours = np.array([[r["probs"][n] for n in LABELS] for r in predict(tmp_path / "run", texts, device="cpu")])
+
+    tok = dataset.load_tokenizer(model_dir)
+    names = json.loads((tmp_path / "run" / "label_map.json").read_text())
+    order = [names["label2id"][n] for n in LABELS]
+
+    def probs_of(model: Any) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for t in texts:
+                ids = torch.tensor([tok.encode(t).ids])
+                out.append(torch.softmax(model(input_ids=ids).logits[0], -1).numpy()[order])
+        return np.array(out)
+
+    # The merged full export in transformers (its NF4 base dequantized into the weights).
+    exported = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
+    assert exported.config.id2label[order[0]] == LABELS[0]
+    np.testing.assert_allclose(probs_of(exported), ours, atol=2e-5)
+    # The PEFT adapter on the base model whose projections are the NF4-dequantized weights.
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)
+    with torch.no_grad():
+        for layer in base.model.layers:
+            for name, module in layer.named_modules():
+                if name.split(".")[-1] in cb.LORA_TARGETS:
+                    q = cb.nf4.quantize(module.weight.detach().numpy(), 64)
+                    module.weight.copy_(torch.from_numpy(cb.nf4.dequantize(q, "float32").to_numpy()))
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "run" / "adapter")
+    np.testing.assert_allclose(probs_of(adapted), ours, atol=2e-5)
+
+
+def test_mean_pooling_and_class_weights_train(tmp_path: Path, rng: np.random.Generator) -> None:
+    model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)))
+    data = make_data(tmp_path / "train.jsonl", rng, 60)
+    s = settings_for(model_dir, data, tmp_path / "run", mode="head", pooling="mean", class_weights="1,2,0.5",
+                     max_steps=6, lr=1e-2, valid_fraction=0.25)
+    result = train(s, log=lambda *a: None)
+    assert result.last_eval is not None and math.isfinite(result.last_eval.loss)
+    model, label_map, _, _ = load_classifier(tmp_path / "run", device="cpu")
+    assert label_map.names == sorted(LABELS) and model.mode.value == "head"
+    tok = dataset.tokenize(dataset.read_jsonl(data), dataset.load_tokenizer(model_dir), 32, label_map=label_map)
+    batches = [dataset.make_batch(tok, g) for g in dataset.pack_batches(tok.lengths, 96, shuffle=False, seed=0)]
+    r = run_eval(model, batches, None, label_map.names, len(tok))
+    assert r.confusion.sum() == len(tok) and np.allclose(r.probs.sum(1), 1.0, atol=1e-5)
