@@ -14,7 +14,6 @@ import pytest
 from cudablocks.classify.data import (
     Example,
     LabelMap,
-    embedding_backward_index,
     load_tokenizer,
     make_batch,
     pack_batches,
@@ -317,20 +316,6 @@ def test_pack_batches_refuses_a_sequence_over_the_budget() -> None:
     with pytest.raises(DataError, match="sequence 2 has 65 tokens.*larger token budget or a smaller max length"):
         pack_batches(np.array([10, 64, 65, 3]), 64, shuffle=False, seed=0)
     assert pack_batches(np.array([], dtype=np.int64), 64, shuffle=True, seed=0) == []
-
-
-def test_embedding_backward_index_matches_a_direct_loop(rng: np.random.Generator) -> None:
-    ids = rng.integers(0, int(rng.integers(1, 50)), size=int(rng.integers(1, 400))).astype(np.int32)
-    rows, offsets, order = embedding_backward_index(ids)
-    assert rows.dtype == offsets.dtype == order.dtype == np.int32
-
-    positions: dict[int, list[int]] = {}
-    for pos, token in enumerate(ids.tolist()):
-        positions.setdefault(token, []).append(pos)
-    assert rows.tolist() == sorted(positions)
-    assert offsets[0] == 0 and offsets[-1] == ids.size
-    for u, token in enumerate(rows.tolist()):
-        assert order[offsets[u]:offsets[u + 1]].tolist() == positions[token]
 
 
 def test_make_batch_concatenates_the_examples(rng: np.random.Generator) -> None:

@@ -97,7 +97,7 @@ def test_format_report_per_class_numbers_match_scikit_learn(rng: np.random.Gener
     assert lines[0].split()[1] == f"{sklearn_metrics.accuracy_score(labels, preds):.4f}"
     for i, name in enumerate(names):
         row = next(line for line in lines if line.startswith(name + " ") and len(line.split()) == 5)
-        assert row.split()[1:] == [f"{precision[i]:.4f}", f"{recall[i]:.4f}", f"{f1[i]:.4f}", str(support[i])]
+        assert row.split()[1:] == [f"{precision[i]:.4f}", f"{recall[i]:.4f}", f"{f1[i]:.4f}", str(int(support[i]))]
     assert report.endswith(format_confusion(confusion_matrix(preds, labels, num_labels), names))
 
 

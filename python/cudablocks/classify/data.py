@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from cudablocks import ops
 from cudablocks.classify.atomic import atomic_write_text
 from cudablocks.errors import CheckpointError, DataError, InvalidArgumentError
 
@@ -35,7 +36,6 @@ __all__ = [
     "Example",
     "LabelMap",
     "TokenizedSet",
-    "embedding_backward_index",
     "load_tokenizer",
     "make_batch",
     "pack_batches",
@@ -413,24 +413,6 @@ def pack_batches(
     return batches
 
 
-def embedding_backward_index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The token positions grouped by token id, for a scatter-free embedding backward (each
-    distinct id's gradient row is the sum of its positions' rows, summed by one owner).
-
-    Returns int32 ``(rows, offsets, order)``: ``rows`` the sorted distinct ids [U], ``offsets``
-    [U+1] CSR offsets into ``order``, ``order`` [T] the positions of the tokens of ``rows[u]`` at
-    ``order[offsets[u]:offsets[u+1]]``, ascending within each id (a stable argsort).
-    """
-    ids = np.asarray(ids)
-    if ids.ndim != 1:
-        raise InvalidArgumentError(f"ids must be 1-D, got shape {ids.shape}")
-    order = np.argsort(ids, kind="stable")
-    rows, counts = np.unique(ids[order], return_counts=True)
-    offsets = np.zeros(rows.size + 1, dtype=np.int32)
-    np.cumsum(counts, out=offsets[1:])
-    return rows.astype(np.int32), offsets, order.astype(np.int32)
-
-
 @dataclass
 class Batch:
     """The host arrays of one packed batch of B sequences and T tokens.
@@ -438,7 +420,7 @@ class Batch:
     ``ids`` int32 [T] tokens back to back, ``seq_lens`` their lengths, ``cu_seqlens`` int32 [B+1]
     cumulative lengths (sequence b is ``ids[cu_seqlens[b]:cu_seqlens[b+1]]``), ``labels`` int32
     [B], ``indices`` the examples' indices in their TokenizedSet, ``num_tokens`` T, and
-    ``embedding_index`` the :func:`embedding_backward_index` of ``ids``.
+    ``embedding_index`` the :func:`cudablocks.ops.embedding_backward_index` of ``ids``.
     """
 
     ids: np.ndarray
@@ -467,5 +449,5 @@ def make_batch(tokenized: TokenizedSet, indices: np.ndarray) -> Batch:
         labels=tokenized.labels[indices],
         indices=indices,
         num_tokens=int(ids.size),
-        embedding_index=embedding_backward_index(ids),
+        embedding_index=ops.embedding_backward_index(ids),
     )
