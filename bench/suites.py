@@ -11,6 +11,7 @@ import torch
 
 import cudablocks as cb
 from harness import Row, time_ms
+from suite_classify import classify
 
 # Rates measured by `ceilings` in this process, keyed by (name, size), for suites that compare with them.
 MEASURED_TFLOPS: dict[tuple[str, int], float] = {}
@@ -473,4 +474,5 @@ SUITES: dict[str, Callable[[str, bool], Iterator[Row]]] = {
     "block": block,
     "adamw": adamw,
     "nf4": nf4,
+    "classify": classify,
 }
