@@ -41,6 +41,11 @@ python3 -m pytest -m gpu -v -rs >"$out/pytest_gpu.log" 2>&1 || status=1
 echo "pytest -m gpu: $(tail -n 1 "$out/pytest_gpu.log")" | tee -a "$out/summary.txt"
 grep -E "FAILED|Error" "$out/pytest_gpu.log" | head -n 20
 
+# The main job on the shipped model and data, on the GPU.
+python3 -m cudablocks classify train --device cuda:0 --no-progress --output "$out/classify-run" \
+  >"$out/classify.log" 2>&1 || status=1
+echo "classify train: $(grep -E '^validation' "$out/classify.log" || tail -n 1 "$out/classify.log")" | tee -a "$out/summary.txt"
+
 if [ "$bench" = 1 ]; then
   python3 bench/run.py --out "$out" $quick >"$out/bench.log" 2>&1 || status=1
   tail -n 40 "$out/bench.log"

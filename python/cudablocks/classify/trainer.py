@@ -19,6 +19,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -450,8 +451,12 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
 
 def _plot(out: Path) -> None:
     records = read_metrics(out / "metrics.jsonl")
-    if records:
+    if not records:
+        return
+    try:
         plot_metrics(records, out / "metrics.png")
+    except ImportError as e:  # an install without its dependencies (pip --no-deps): train on, unplotted
+        warnings.warn(f"metrics.png not written: {e}", stacklevel=2)
 
 
 def _write_outputs(out: Path, best_dir: Path, settings: TrainSettings, files: ModelFiles,
