@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cudablocks.errors import CudaBlocksError, OutOfMemoryError
+from cudablocks.errors import CudaBlocksError, InvalidArgumentError, OutOfMemoryError
 
 __all__ = ["main"]
 
@@ -176,7 +176,10 @@ def _predict(args: argparse.Namespace) -> int:
     rows = predict(args.checkpoint, texts, device=args.device, token_budget=args.token_budget)
     lines = [json.dumps({"text": t, **row}) for t, row in zip(texts, rows)]
     if args.output:
-        Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        try:
+            Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise InvalidArgumentError(f"--output {args.output}: cannot write ({e.strerror or e})") from e
     else:
         print("\n".join(lines))
     return 0
@@ -184,7 +187,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error that argparse has already printed
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     run = {"train": _train, "eval": _eval, "predict": _predict}[args.action]
     try:
         return run(args)

@@ -284,6 +284,8 @@ def load_tokenizer(path_or_dir: str | os.PathLike[str]) -> tokenizers.Tokenizer:
     """The ``tokenizers`` tokenizer of a tokenizer.json file, or of the one in a model directory.
     Raises CheckpointError naming the file when it is missing or invalid."""
     path = Path(path_or_dir)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (expected a model directory or a tokenizer.json)")
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():

@@ -153,6 +153,17 @@ class TrainSettings:
             bad("lr", self.lr, "must be a positive number")
         if not (self.max_grad_norm > 0):
             bad("max_grad_norm", self.max_grad_norm, "must be positive (inf disables clipping)")
+        # The optimizer and LoRA check these too, but only once the model is loaded and the run's
+        # logs are replaced; checked here they fail first and name the flag.
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, getattr(self, name), "must be in [0, 1)")
+        if not (self.adam_eps > 0 and math.isfinite(self.adam_eps)):
+            bad("adam_eps", self.adam_eps, "must be a positive number")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            bad("weight_decay", self.weight_decay, "must be a finite number >= 0")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            bad("lora_alpha", self.lora_alpha, "must be a positive number")
         if self.token_budget < self.max_length:
             bad("token_budget", self.token_budget, f"must hold one sequence of --max-length {self.max_length}")
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]

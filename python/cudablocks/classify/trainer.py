@@ -212,6 +212,12 @@ def _class_weights(spec: str | None, labels: np.ndarray, num_labels: int) -> np.
 
 
 def _batches(tok: dataset.TokenizedSet, budget: int, *, shuffle: bool, seed: int, epoch: int) -> list[dataset.Batch]:
+    too_long = np.flatnonzero(tok.lengths > budget)
+    if too_long.size:  # checked here, where the example's file and line are known
+        i = int(too_long[0])
+        where = f"{tok.paths[i]}:{tok.lines[i]}" if tok.paths[i] else f"line {tok.lines[i]}"
+        raise DataError(f"{where}: the text has {len(tok.ids[i])} tokens, more than the token budget of {budget}; "
+                        "use a larger --token-budget")
     groups = dataset.pack_batches(tok.lengths, budget, shuffle=shuffle, seed=seed, epoch=epoch)
     return [dataset.make_batch(tok, g) for g in groups]
 
@@ -330,7 +336,10 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
     total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
     warmup = int(settings.warmup_ratio * total_steps)
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgumentError(f"--output {out}: cannot create the run directory ({e.strerror or e})") from e
     (out / "settings.json").write_text(json.dumps(asdict(settings), indent=2, default=list) + "\n")
     label_map.save(out / "label_map.json")
     log(f"cudablocks classify train: {mode.value} mode on {device.name} ({device.type}); "
@@ -519,6 +528,8 @@ def load_classifier(path: str | Path, *, device: str = "auto", token_budget: int
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
+    if token_budget is not None and token_budget < 1:
+        raise InvalidArgumentError(f"--token-budget {token_budget}: must be at least 1")
     ckpt_dir = path / "best" if is_checkpoint(path / "best") else path
     dev = resolve_device(device)
     stream = CudaStream(dev)
