@@ -1,4 +1,4 @@
-// TransformerConfig, CudaBlock (the fp32 kind) and CudaGradWorkspace.
+// TransformerConfig, BlockArena, CudaBlock (the fp32 and nf4 kinds) and CudaGradWorkspace.
 #include <cmath>
 #include <set>
 
@@ -7,6 +7,7 @@
 
 #include "bindings.hpp"
 #include "cudablocks/block.hpp"
+#include "cudablocks/block_arena.hpp"
 #include "cudablocks/config.hpp"
 #include "cudablocks/errors.hpp"
 #include "cudablocks/nf4_block.hpp"
@@ -202,12 +203,14 @@ WeightMap float_weights(const py::dict& weights, std::vector<py::array>& keep, c
 }
 
 std::shared_ptr<CudaBlock> make_fp32(const TransformerConfig& config, int layer_idx, const py::dict& weights,
-                                     const Device& device, std::int64_t max_tokens, const std::string& precision) {
+                                     const Device& device, std::int64_t max_tokens, const std::string& precision,
+                                     std::shared_ptr<BlockArena> arena, bool share_activations) {
   const Precision prec = precision_from_name(precision);
+  BlockMemory::validate(device, arena, share_activations);  // before converting the weights
   std::vector<py::array> keep;
   const WeightMap map = float_weights(weights, keep);
   py::gil_scoped_release release;
-  return Fp32Block::create(config, layer_idx, map, device, max_tokens, prec);
+  return Fp32Block::create(config, layer_idx, map, device, max_tokens, prec, std::move(arena), share_activations);
 }
 
 LoraConfig lora_from_python(const py::object& obj) {
@@ -248,8 +251,10 @@ bool is_uint8(const py::handle& value) {
 // An nf4 block from float weights and/or bitsandbytes 4-bit entries (or cudablocks.nf4.Nf4Tensor values).
 std::shared_ptr<CudaBlock> make_nf4(const TransformerConfig& config, int layer_idx, const py::dict& weights,
                                     const Device& device, std::int64_t max_tokens, const py::object& lora,
-                                    const std::string& compute, bool double_quant) {
+                                    const std::string& compute, bool double_quant, std::shared_ptr<BlockArena> arena,
+                                    bool share_activations) {
   const Precision prec = precision_from_name(compute);
+  BlockMemory::validate(device, arena, share_activations);  // before quantizing anything
   LoraConfig lora_config;
   if (!lora.is_none()) {
     lora_config = lora_from_python(lora);
@@ -295,7 +300,7 @@ std::shared_ptr<CudaBlock> make_nf4(const TransformerConfig& config, int layer_i
   const WeightMap dense = float_weights(weights, keep, consumed);
   py::gil_scoped_release release;
   return Nf4Block::create(config, layer_idx, dense, quantized, device, max_tokens, lora.is_none() ? nullptr : &lora_config,
-                          prec, double_quant);
+                          prec, double_quant, std::move(arena), share_activations);
 }
 
 std::shared_ptr<CudaGradWorkspace> lora_workspace(const CudaBlock& self, const py::object& stream_arg) {
@@ -307,16 +312,35 @@ std::shared_ptr<CudaGradWorkspace> lora_workspace(const CudaBlock& self, const p
   return ws;
 }
 
+void bind_arena(py::module_& m) {
+  py::class_<BlockArena, std::shared_ptr<BlockArena>>(
+      m, "BlockArena",
+      "Activation memory shared by the blocks of one device, which run one at a time: blocks made with "
+      "arena=... take their transient scratch from it (and with share_activations=True their saved "
+      "activations too), so N layers need about one layer's activation memory. Each region grows to the "
+      "largest block registered. Blocks sharing an arena must run on one stream. With shared activations, "
+      "run a block's forward again right before its backward (a model recomputes each layer from the top); "
+      "otherwise backward raises InvalidArgumentError.")
+      .def(py::init<const Device&>(), py::arg("device"))
+      .def_property_readonly("device", &BlockArena::device)
+      .def_property_readonly("nbytes", &BlockArena::nbytes, "Device bytes of all its regions together.")
+      .def("__repr__", [](const BlockArena& a) {
+            return "BlockArena(" + a.device().str() + ", " + std::to_string(a.nbytes()) + " bytes)";
+          });
+}
+
 void bind_block_class(py::module_& m) {
   py::class_<CudaBlock, std::shared_ptr<CudaBlock>>(
       m, "CudaBlock",
       "One decoder layer living on a device. Make one with CudaBlock.fp32(...) (trainable fp32 weights) or "
       "CudaBlock.nf4(...) (frozen NF4 weights, optional LoRA adapters); see DESIGN §3-§5.")
       .def_static("fp32", &make_fp32, py::arg("config"), py::arg("layer_idx"), py::arg("weights"), py::arg("device"),
-                  py::arg("max_tokens"), py::arg("precision") = "fp32",
+                  py::arg("max_tokens"), py::arg("precision") = "fp32", py::kw_only(),
+                  py::arg("arena") = nullptr, py::arg("share_activations") = false,
                   "An fp32 block from {HF name relative to the layer: numpy array} (float32, bfloat16 or float16), "
                   "with activation memory for up to max_tokens packed tokens. precision: \"fp32\", \"tf32\" or "
-                  "\"bf16\" for the matrix products.")
+                  "\"bf16\" for the matrix products. arena: a BlockArena of the same device to take the scratch "
+                  "from (and the saved activations with share_activations=True), instead of allocating it.")
       .def_property_readonly("kind", &CudaBlock::kind)
       .def_property_readonly("layer_idx", &CudaBlock::layer_idx)
       .def_property_readonly("config", &CudaBlock::config)
@@ -329,17 +353,20 @@ void bind_block_class(py::module_& m) {
                              "Transient scratch bytes per token of max_tokens.")
       .def_static("nf4", &make_nf4, py::arg("config"), py::arg("layer_idx"), py::arg("weights"), py::arg("device"),
                   py::arg("max_tokens"), py::arg("lora") = py::none(), py::arg("compute") = "bf16",
-                  py::arg("double_quant") = false,
+                  py::arg("double_quant") = false, py::kw_only(), py::arg("arena") = nullptr,
+                  py::arg("share_activations") = false,
                   "An nf4 block: frozen NF4 projections (bitsandbytes' format), optional LoRA adapters. weights: "
                   "{HF name relative to the layer: array}: float projections are quantized on `device` (blocksize 64, "
                   "double-quantized with double_quant); a projection may instead come as its bitsandbytes 4-bit "
                   "entries ('<proj>.weight' uint8, '.absmax', '.quant_map', '.nested_*', '.quant_state.bitsandbytes__nf4') "
                   "or as a cudablocks.nf4.Nf4Tensor. Norm weights and biases in float. lora: None or a "
-                  "cudablocks.LoraConfig. compute: \"bf16\" (default), \"tf32\" or \"fp32\" for the products.")
+                  "cudablocks.LoraConfig. compute: \"bf16\" (default), \"tf32\" or \"fp32\" for the products. arena, "
+                  "share_activations: as for CudaBlock.fp32.")
       .def_property_readonly("device_bytes", &CudaBlock::device_bytes,
                              "Device bytes of the resident parameters (nf4: packed weights, scales, norms, biases, LoRA).")
       .def_property_readonly("activation_bytes", &CudaBlock::activation_bytes,
-                             "Device bytes of the activations, scratch and indices held for max_tokens.")
+                             "Device bytes of the activations, scratch and indices the block holds for max_tokens "
+                             "(not what it takes from a BlockArena).")
       .def_property_readonly("has_lora", [](const CudaBlock& b) {
             auto* nf4 = dynamic_cast<const Nf4Block*>(&b);
             return nf4 != nullptr && nf4->has_lora();
@@ -594,6 +621,7 @@ void bind_grad_workspace(py::module_& m) {
 
 void bind_block(py::module_& m) {
   bind_config(m);
+  bind_arena(m);
   bind_block_class(m);
   bind_grad_workspace(m);
 }

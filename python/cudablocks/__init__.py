@@ -18,12 +18,18 @@ The core objects::
     lora_ws = q.new_lora_grad_workspace()
     q.forward(x, out, seq_lens, stream)
     q.backward_lora(x, grad_out, grad_in, seq_lens, stream, lora_ws)
+
+    # Many layers, one layer's activation memory: recompute each forward before its backward.
+    arena = cb.BlockArena(dev)
+    blocks = [cb.CudaBlock.nf4(cfg, i, layer_weights[i], dev, 4096, lora=...,
+                               arena=arena, share_activations=True) for i in range(n)]
 """
 
 from __future__ import annotations
 
 from cudablocks import config, errors, lora, nf4, ops
 from cudablocks._core import (
+    BlockArena,
     CudaBlock,
     CudaEvent,
     CudaGradWorkspace,
@@ -56,6 +62,7 @@ from cudablocks.lora import LORA_TARGETS, LoraConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockArena",
     "CheckpointError",
     "CudaBlock",
     "CudaBlocksError",

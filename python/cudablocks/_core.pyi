@@ -250,6 +250,13 @@ class TransformerConfig:
 
 ParamLayoutRow = tuple[str, int, tuple[int, ...], bool]
 
+class BlockArena:
+    def __init__(self, device: DeviceLike) -> None: ...
+    @property
+    def device(self) -> Device: ...
+    @property
+    def nbytes(self) -> int: ...
+
 class CudaBlock:
     @staticmethod
     def fp32(
@@ -259,6 +266,9 @@ class CudaBlock:
         device: DeviceLike,
         max_tokens: int,
         precision: str = "fp32",
+        *,
+        arena: BlockArena | None = None,
+        share_activations: bool = False,
     ) -> CudaBlock: ...
     @staticmethod
     def nf4(
@@ -270,6 +280,9 @@ class CudaBlock:
         lora: Any | None = None,
         compute: str = "bf16",
         double_quant: bool = False,
+        *,
+        arena: BlockArena | None = None,
+        share_activations: bool = False,
     ) -> CudaBlock: ...
     @property
     def kind(self) -> str: ...

@@ -85,6 +85,13 @@
 // Calls are queued on `stream` (run inline on the CPU). The block's saved activations are shared
 // by consecutive calls: order forward and backward on one stream (or synchronise between streams).
 // Calls on one block from several host threads are serialised.
+//
+// ---- Shared activation memory (block_arena.hpp) -------------------------------------------------
+// Made with a BlockArena, a block takes its scratch (fp32 and bf16) from the arena instead of
+// allocating it, and with share_activations its saved activations too; the blocks sharing an arena
+// must then run on one stream. A block whose saved activations are shared must have run the latest
+// forward of the arena before its backward (InvalidArgumentError otherwise): a model recomputes
+// each layer's forward right before its backward. activation_bytes() counts what the block owns.
 #pragma once
 
 #include <cstdint>
@@ -95,6 +102,7 @@
 #include <vector>
 
 #include "cudablocks/backend.hpp"
+#include "cudablocks/block_arena.hpp"
 #include "cudablocks/buffer.hpp"
 #include "cudablocks/config.hpp"
 #include "cudablocks/device.hpp"
@@ -255,7 +263,8 @@ class CudaBlock {
   // LoRA adapters, a bf16 weight copy): what stays on the device however many tokens it runs.
   virtual std::int64_t device_bytes() const { return 0; }
   // Device bytes of everything else the block owns: activations, scratch and index buffers for
-  // max_tokens (NF4 blocks also share a per-device dequantization scratch, not counted here).
+  // max_tokens, less what it takes from a BlockArena (NF4 blocks also share a per-device
+  // dequantization scratch, not counted here).
   virtual std::int64_t activation_bytes() const { return 0; }
 
   // Throws UnsupportedOperationError naming `call` (backward, new_grad_workspace, param_layout,
@@ -304,9 +313,12 @@ class Fp32Block final : public CudaBlock {
   // ParamLayout name present with its shape: InvalidArgumentError for a missing or unexpected
   // tensor, ShapeError for a misshaped one, naming it and both shapes), layer_idx and max_tokens
   // (1 .. 2^31 - 1); uploads the weights and allocates saved activations and scratch for
-  // max_tokens. Returns once the weights are on the device.
+  // max_tokens. Returns once the weights are on the device. With an arena (on the block's device,
+  // else DeviceError) the scratch comes from it, and with share_activations the saved activations
+  // too (share_activations without an arena: InvalidArgumentError).
   static std::shared_ptr<Fp32Block> create(const TransformerConfig& config, int layer_idx, const WeightMap& weights,
-                                           const Device& device, std::int64_t max_tokens, Precision precision);
+                                           const Device& device, std::int64_t max_tokens, Precision precision,
+                                           std::shared_ptr<BlockArena> arena = nullptr, bool share_activations = false);
 
   const char* kind() const override { return "fp32"; }
   void require_full_training(const std::string&) const override {}
@@ -344,12 +356,12 @@ class Fp32Block final : public CudaBlock {
 
   std::shared_ptr<const ParamLayout> layout_;
   Buffer params_;    // [layout total]
-  Buffer saved_;     // saved activations for max_tokens (see the top of this file)
-  Buffer scratch_;   // transient buffers for max_tokens
   // bf16 mode only (empty otherwise): bf16 copy of params_ (same layout; made at creation,
-  // rewritten by every optimizer_step in the AdamW pass) and the GEMMs' bf16 operand scratch.
+  // rewritten by every optimizer_step in the AdamW pass).
   Buffer params_bf16_;
-  Buffer scratch_bf16_;
+  // Saved activations (SavedLayout), transient scratch (ScratchLayout) and, in bf16 mode, the
+  // GEMMs' bf16 operands (Bf16ScratchLayout), for max_tokens: its own or an arena's.
+  BlockMemory memory_;
   Buffer indices_;   // int32: positions [max_tokens], cu_seqlens [max_tokens + 1]
   std::int64_t attn_ws_floats_ = 0;
 

@@ -71,10 +71,12 @@ class Nf4Block final : public CudaBlock {
   // `dense`: float tensors by HF name relative to the layer (norm weights, biases, and any
   // projection given in float: quantized on the device, blocksize 64, double-quantized when
   // double_quant). `quantized`: projections already in NF4, by "<path>.weight". Every projection
-  // exactly once; names and shapes checked as for the fp32 block. lora: nullptr for none.
+  // exactly once; names and shapes checked as for the fp32 block. lora: nullptr for none. arena,
+  // share_activations: as for the fp32 block (the scratch includes the LoRA products' scratch).
   static std::shared_ptr<Nf4Block> create(const TransformerConfig& config, int layer_idx, const WeightMap& dense,
                                           const Nf4WeightMap& quantized, const Device& device, std::int64_t max_tokens,
-                                          const LoraConfig* lora, Precision compute, bool double_quant);
+                                          const LoraConfig* lora, Precision compute, bool double_quant,
+                                          std::shared_ptr<BlockArena> arena = nullptr, bool share_activations = false);
 
   const char* kind() const override { return "nf4"; }
   void forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens,
@@ -119,12 +121,13 @@ class Nf4Block final : public CudaBlock {
   std::shared_ptr<const ParamLayout> lora_layout_;  // nullptr without LoRA
   Buffer lora_params_;   // [lora total] fp32
   Buffer lora_consts_;   // selector matrices for the gate/up adapter product
-  Buffer lora_scratch_;  // u, du [T, 2r], block-diagonal B and its gradient [2I, 2r]
   bool lora_target_[7] = {false, false, false, false, false, false, false};
   std::int64_t lora_a_[7] = {-1, -1, -1, -1, -1, -1, -1}, lora_b_[7] = {-1, -1, -1, -1, -1, -1, -1};
 
-  Buffer saved_, scratch_, scratch_bf16_, indices_;
-  Buffer norm_grad_sink_;  // receives the (discarded) norm weight gradients in backward_lora
+  // Saved activations (the fp32 block's SavedLayout), fp32 scratch (Nf4ScratchLayout in
+  // nf4_block.cpp) and, with bf16 compute, the bf16 operand of the products: its own or an arena's.
+  BlockMemory memory_;
+  Buffer indices_;
   std::int64_t attn_ws_floats_ = 0;
 
   std::mutex mutex_;

@@ -56,8 +56,10 @@ Fp32Block::Fp32Block(const TransformerConfig& config, int layer_idx, const Devic
     : CudaBlock(config, layer_idx, device, max_tokens, precision) {}
 
 std::shared_ptr<Fp32Block> Fp32Block::create(const TransformerConfig& config, int layer_idx, const WeightMap& weights,
-                                             const Device& device, std::int64_t max_tokens, Precision precision) {
+                                             const Device& device, std::int64_t max_tokens, Precision precision,
+                                             std::shared_ptr<BlockArena> arena, bool share_activations) {
   auto layout = std::make_shared<const ParamLayout>(config);  // validates config
+  BlockMemory::validate(device, arena, share_activations);
   if (layer_idx < 0 || layer_idx >= config.num_hidden_layers) {
     throw InvalidArgumentError("layer_idx " + std::to_string(layer_idx) + " is outside [0, " +
                                std::to_string(config.num_hidden_layers) + ") for num_hidden_layers " +
@@ -97,14 +99,15 @@ std::shared_ptr<Fp32Block> Fp32Block::create(const TransformerConfig& config, in
                                                               static_cast<int>(config.num_key_value_heads),
                                                               static_cast<int>(config.head_dim));
   block->params_ = Buffer::empty({layout->total_floats()}, DType::Float32, device);
-  block->saved_ = Buffer::empty({SavedLayout(config, max_tokens).total}, DType::Float32, device);
-  block->scratch_ =
-      Buffer::empty({ScratchLayout(config, max_tokens, block->attn_ws_floats_).total}, DType::Float32, device);
-  block->indices_ = Buffer::empty({2 * max_tokens + 1}, DType::Int32, device);
+  ActivationNeeds needs;
+  needs.saved = SavedLayout(config, max_tokens).total * static_cast<std::int64_t>(sizeof(float));
+  needs.scratch = ScratchLayout(config, max_tokens, block->attn_ws_floats_).total * static_cast<std::int64_t>(sizeof(float));
   if (precision == Precision::BF16) {
     block->params_bf16_ = Buffer::empty({layout->total_floats()}, DType::BFloat16, device);
-    block->scratch_bf16_ = Buffer::empty({Bf16ScratchLayout(config, max_tokens).total}, DType::BFloat16, device);
+    needs.scratch_bf16 = Bf16ScratchLayout(config, max_tokens).total * 2;
   }
+  block->memory_ = BlockMemory(device, needs, std::move(arena), share_activations);
+  block->indices_ = Buffer::empty({2 * max_tokens + 1}, DType::Int32, device);
 
   std::vector<float> host(static_cast<std::size_t>(layout->total_floats()), 0.0f);
   for (const ParamEntry& e : layout->entries()) {
@@ -137,7 +140,7 @@ std::int64_t Fp32Block::device_bytes() const {
 }
 
 std::int64_t Fp32Block::activation_bytes() const {
-  return static_cast<std::int64_t>(saved_.nbytes() + scratch_.nbytes() + scratch_bf16_.nbytes() + indices_.nbytes());
+  return memory_.owned_bytes() + static_cast<std::int64_t>(indices_.nbytes());
 }
 
 std::shared_ptr<CudaGradWorkspace> Fp32Block::new_grad_workspace(const Stream& stream) const {
@@ -178,7 +181,9 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   if (overlaps(x, out)) throw InvalidArgumentError("forward: out must not overlap x (the backward needs x)");
 
   std::lock_guard<std::mutex> lock(mutex_);
+  BlockMemory::Call mem(memory_);  // with an arena: holds it until the work is queued
   forward_seq_lens_.clear();
+  mem.forward_starts();
   DeviceGuard guard(device_);
   const Backend& be = backend_for(device_);
   const TransformerConfig& c = config_;
@@ -207,15 +212,15 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   const float* wv = wk + kv * H;
   const SavedLayout sl(c, max_tokens_);
   const ScratchLayout sc(c, max_tokens_, attn_ws_floats_);
-  float* S = saved_.data_as<float>();
-  float* X = scratch_.data_as<float>();
+  float* S = mem.saved();
+  float* X = mem.scratch();
   const float* xin = x.data_as<float>();
   float* y = out.data_as<float>();
   // bf16 mode: weight copies (refreshed by optimizer_step) and operand scratch; nullptr otherwise.
   const Products mm{be, prec, stream};
   const bool bf = mm.bf16();
   const std::uint16_t* W16 = bf ? params_bf16_.data_as<std::uint16_t>() : nullptr;
-  std::uint16_t* B16 = bf ? scratch_bf16_.data_as<std::uint16_t>() : nullptr;
+  std::uint16_t* B16 = bf ? mem.scratch_bf16() : nullptr;
   const Bf16ScratchLayout bl(c, max_tokens_);
   auto w16 = [&](std::int64_t offset) { return bf ? W16 + offset : nullptr; };
   auto s16 = [&](std::int64_t offset) { return bf ? B16 + offset : nullptr; };
@@ -261,6 +266,7 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   mm.gemm(false, true, T, H, I, act, act16, W + pl.w_down, w16(pl.w_down), 0.0f, y);
   be.add(r, y, y, T * H, stream);
   forward_seq_lens_ = seq_lens;
+  mem.forward_done(seq_lens);
   set_last_stream(stream);
 }
 
@@ -299,6 +305,8 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
     throw InvalidArgumentError("backward seq_lens " + lens_str(seq_lens) + " differ from those of the latest forward " +
                                lens_str(forward_seq_lens_) + "; run forward on this batch first");
   }
+  const BlockMemory::Call mem(memory_);
+  mem.check_saved(seq_lens, "backward");
 
   DeviceGuard guard(device_);
   const Backend& be = backend_for(device_);
@@ -324,8 +332,8 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   float* gwv = gwk + kv * H;
   const SavedLayout sl(c, max_tokens_);
   const ScratchLayout sc(c, max_tokens_, attn_ws_floats_);
-  float* S = saved_.data_as<float>();
-  float* X = scratch_.data_as<float>();
+  float* S = mem.saved();
+  float* X = mem.scratch();
   const float* xin = x.data_as<float>();
   const float* dy = grad_out.data_as<float>();
   float* dx = grad_in.data_as<float>();
@@ -334,7 +342,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   const Products mm{be, prec, stream};
   const bool bf = mm.bf16();
   const std::uint16_t* W16 = bf ? params_bf16_.data_as<std::uint16_t>() : nullptr;
-  std::uint16_t* B16 = bf ? scratch_bf16_.data_as<std::uint16_t>() : nullptr;
+  std::uint16_t* B16 = bf ? mem.scratch_bf16() : nullptr;
   const Bf16ScratchLayout bl(c, max_tokens_);
   auto w16 = [&](std::int64_t offset) { return bf ? W16 + offset : nullptr; };
   auto s16 = [&](std::int64_t offset) { return bf ? B16 + offset : nullptr; };

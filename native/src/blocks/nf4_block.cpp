@@ -73,6 +73,28 @@ Buffer dequant_scratch(const Device& device, std::int64_t bytes) {
   return b;
 }
 
+// The nf4 block's fp32 scratch: the fp32 block's (ScratchLayout), then dh [T, H] (backward_lora
+// keeps h readable for the adapters' gradients), with LoRA of rank r the adapters' products u and
+// du [T, 2r] and the gate/up block-diagonal B and its gradient [2I, 2r], and last a sink for the
+// gradients of the frozen norm weights (the shared backward ops compute them; nothing reads them).
+struct Nf4ScratchLayout {
+  std::int64_t dh, lora_u = -1, lora_du = -1, lora_bbd = -1, lora_dbbd = -1, norm_sink, total;
+  Nf4ScratchLayout(const TransformerConfig& c, std::int64_t t, std::int64_t attn_ws_floats, int lora_rank) {
+    Segments s;
+    s.at = ScratchLayout(c, t, attn_ws_floats).total;
+    dh = s.add(t, c.hidden_size);
+    if (lora_rank > 0) {
+      const std::int64_t r2 = 2 * static_cast<std::int64_t>(lora_rank);
+      lora_u = s.add(t, r2);
+      lora_du = s.add(t, r2);
+      lora_bbd = s.add(2 * c.intermediate_size, r2);
+      lora_dbbd = s.add(2 * c.intermediate_size, r2);
+    }
+    norm_sink = s.add(1, 2 * c.hidden_size + 2 * c.head_dim);  // ln_in, ln_post, q_norm, k_norm
+    total = s.at;
+  }
+};
+
 std::string weight_desc(const TransformerConfig& c, int layer_idx) {
   return "layer " + std::to_string(layer_idx) + " of " + c.describe();
 }
@@ -127,21 +149,24 @@ struct Nf4Block::Impl {
   float* bbd = nullptr;     // [2I, 2r]
   float* dbbd = nullptr;    // [2I, 2r]
 
-  Impl(Nf4Block& block, const Backend& backend, const Stream& s, std::int64_t tokens)
+  Impl(Nf4Block& block, const Backend& backend, const Stream& s, std::int64_t tokens, const BlockMemory::Call& mem)
       : b(block), be(backend), stream(s), T(tokens), bf(block.precision_ == Precision::BF16) {
     Buffer shared = dequant_scratch(b.device_, b.dequant_bytes_);
     const std::int64_t wbytes = weight_region_bytes(b);
     wscratch = shared.data_as<std::uint8_t>();
     absmax_tmp = reinterpret_cast<float*>(wscratch + wbytes);
-    op16 = bf ? b.scratch_bf16_.data_as<std::uint16_t>() : nullptr;
+    op16 = bf ? mem.scratch_bf16() : nullptr;
     if (b.has_lora()) {
-      const std::int64_t r2 = 2 * b.lora_.rank, I = b.config_.intermediate_size;
-      float* L = b.lora_scratch_.data_as<float>();
-      u = L;
-      du = u + align_up(b.max_tokens_ * r2);
-      bbd = du + align_up(b.max_tokens_ * r2);
-      dbbd = bbd + align_up(2 * I * r2);
+      const Nf4ScratchLayout sl = scratch_layout(b);
+      u = mem.scratch() + sl.lora_u;
+      du = mem.scratch() + sl.lora_du;
+      bbd = mem.scratch() + sl.lora_bbd;
+      dbbd = mem.scratch() + sl.lora_dbbd;
     }
+  }
+
+  static Nf4ScratchLayout scratch_layout(const Nf4Block& blk) {
+    return Nf4ScratchLayout(blk.config_, blk.max_tokens_, blk.attn_ws_floats_, blk.has_lora() ? blk.lora_.rank : 0);
   }
 
   // Bytes of the largest stacked weight in the compute dtype (256-byte aligned).
@@ -307,8 +332,10 @@ Nf4Block::Nf4Block(const TransformerConfig& config, int layer_idx, const Device&
 
 std::shared_ptr<Nf4Block> Nf4Block::create(const TransformerConfig& config, int layer_idx, const WeightMap& dense,
                                            const Nf4WeightMap& quantized, const Device& device, std::int64_t max_tokens,
-                                           const LoraConfig* lora, Precision compute, bool double_quant) {
+                                           const LoraConfig* lora, Precision compute, bool double_quant,
+                                           std::shared_ptr<BlockArena> arena, bool share_activations) {
   const ParamLayout names(config);  // validates config
+  BlockMemory::validate(device, arena, share_activations);
   if (layer_idx < 0 || layer_idx >= config.num_hidden_layers) {
     throw InvalidArgumentError("layer_idx " + std::to_string(layer_idx) + " is outside [0, " +
                                std::to_string(config.num_hidden_layers) + ") for num_hidden_layers " +
@@ -534,26 +561,21 @@ std::shared_ptr<Nf4Block> Nf4Block::create(const TransformerConfig& config, int 
     }
     block->lora_consts_ = Buffer::empty({5 * r * r}, DType::Float32, device);
     block->lora_consts_.copy_from_host(sel.data(), stream);
-    const std::int64_t I = config.intermediate_size;
-    block->lora_scratch_ =
-        Buffer::empty({2 * align_up(max_tokens * 2 * r) + 2 * align_up(2 * I * 2 * r)}, DType::Float32, device);
   }
 
-  // Activations (the fp32 block's saved layout), scratch with an extra [T, H] for dh, indices.
+  // Activations (the fp32 block's saved layout), scratch (Nf4ScratchLayout), the bf16 operand, indices.
   block->attn_ws_floats_ = be.attention_workspace_floats(max_tokens, static_cast<int>(config.num_attention_heads),
                                                          static_cast<int>(config.num_key_value_heads),
                                                          static_cast<int>(config.head_dim));
-  block->saved_ = Buffer::empty({SavedLayout(config, max_tokens).total}, DType::Float32, device);
-  block->scratch_ = Buffer::empty(
-      {ScratchLayout(config, max_tokens, block->attn_ws_floats_).total + align_up(max_tokens * config.hidden_size)},
-      DType::Float32, device);
+  ActivationNeeds needs;
+  needs.saved = SavedLayout(config, max_tokens).total * static_cast<std::int64_t>(sizeof(float));
+  needs.scratch = Impl::scratch_layout(*block).total * static_cast<std::int64_t>(sizeof(float));
   if (compute == Precision::BF16) {
     const std::int64_t H = config.hidden_size, q = config.num_attention_heads * config.head_dim;
-    const std::int64_t width = std::max({H, q, 2 * config.intermediate_size});
-    block->scratch_bf16_ = Buffer::empty({max_tokens * width}, DType::BFloat16, device);
+    needs.scratch_bf16 = max_tokens * std::max({H, q, 2 * config.intermediate_size}) * 2;
   }
+  block->memory_ = BlockMemory(device, needs, std::move(arena), share_activations);
   block->indices_ = Buffer::empty({2 * max_tokens + 1}, DType::Int32, device);
-  block->norm_grad_sink_ = Buffer::empty({2 * config.hidden_size + 2 * config.head_dim}, DType::Float32, device);
   block->dequant_bytes_ = Impl::scratch_bytes(*block);
   dequant_scratch(device, block->dequant_bytes_);  // grows the shared scratch now, not mid-forward
   stream.synchronize();
@@ -566,7 +588,10 @@ std::int64_t Nf4Block::saved_bytes_per_token() const {
 
 std::int64_t Nf4Block::scratch_bytes_per_token() const {
   const std::int64_t ws_per_token = (attn_ws_floats_ + max_tokens_ - 1) / max_tokens_;
-  const std::int64_t bf16_bytes = scratch_bf16_.numel() / max_tokens_ * 2;
+  const std::int64_t bf16_bytes =
+      precision_ == Precision::BF16
+          ? std::max({config_.hidden_size, config_.num_attention_heads * config_.head_dim, 2 * config_.intermediate_size}) * 2
+          : 0;
   const std::int64_t lora = has_lora() ? 2 * 2 * lora_.rank * 4 : 0;
   return (ScratchLayout::floats_per_token(config_) + config_.hidden_size + ws_per_token) *
              static_cast<std::int64_t>(sizeof(float)) + bf16_bytes + lora;
@@ -582,8 +607,7 @@ std::int64_t Nf4Block::device_bytes() const {
 }
 
 std::int64_t Nf4Block::activation_bytes() const {
-  return static_cast<std::int64_t>(saved_.nbytes() + scratch_.nbytes() + scratch_bf16_.nbytes() + indices_.nbytes() +
-                                   lora_scratch_.nbytes() + norm_grad_sink_.nbytes());
+  return memory_.owned_bytes() + static_cast<std::int64_t>(indices_.nbytes());
 }
 
 // ---- forward ----------------------------------------------------------------------------------
@@ -598,7 +622,9 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   if (overlaps(x, out)) throw InvalidArgumentError("forward: out must not overlap x (the backward needs x)");
 
   std::lock_guard<std::mutex> lock(mutex_);
+  BlockMemory::Call mem(memory_);  // with an arena: holds it until the work is queued
   forward_seq_lens_.clear();
+  mem.forward_starts();
   DeviceGuard guard(device_);
   const Backend& be = backend_for(device_);
   const TransformerConfig& c = config_;
@@ -614,12 +640,12 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   const std::int32_t* cu = positions + T;
   const int n_seqs = static_cast<int>(seq_lens.size());
 
-  Impl m(*this, be, stream, T);
+  Impl m(*this, be, stream, T, mem);
   const float* D = dense_.data_as<float>();
   const SavedLayout sl(c, max_tokens_);
   const ScratchLayout sc(c, max_tokens_, attn_ws_floats_);
-  float* S = saved_.data_as<float>();
-  float* X = scratch_.data_as<float>();
+  float* S = mem.saved();
+  float* X = mem.scratch();
   const float* xin = x.data_as<float>();
   float* y = out.data_as<float>();
 
@@ -658,6 +684,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   m.lora_forward(kGroupDown, act, y);
   be.add(r, y, y, T * H, stream);
   forward_seq_lens_ = seq_lens;
+  mem.forward_done(seq_lens);
   set_last_stream(stream);
 }
 
@@ -699,6 +726,8 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     throw InvalidArgumentError("backward_lora seq_lens " + lens_str(seq_lens) + " differ from those of the latest forward " +
                                lens_str(forward_seq_lens_) + "; run forward on this batch first");
   }
+  const BlockMemory::Call mem(memory_);
+  mem.check_saved(seq_lens, "backward_lora");
 
   DeviceGuard guard(device_);
   const Backend& be = backend_for(device_);
@@ -711,14 +740,15 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   const std::int32_t* cu = positions + T;
   const int n_seqs = static_cast<int>(seq_lens.size());
 
-  Impl m(*this, be, stream, T);
+  Impl m(*this, be, stream, T, mem);
   const float* D = dense_.data_as<float>();
   float* G = lora_ws.flat().data_as<float>();
-  float* sink = norm_grad_sink_.data_as<float>();
   const SavedLayout sl(c, max_tokens_);
   const ScratchLayout sc(c, max_tokens_, attn_ws_floats_);
-  float* S = saved_.data_as<float>();
-  float* X = scratch_.data_as<float>();
+  const Nf4ScratchLayout nsc = Impl::scratch_layout(*this);
+  float* S = mem.saved();
+  float* X = mem.scratch();
+  float* sink = X + nsc.norm_sink;
   const float* xin = x.data_as<float>();
   const float* dy = grad_out.data_as<float>();
   float* dx = grad_in.data_as<float>();
@@ -767,7 +797,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
                            qkn ? sink + 2 * H + d : nullptr, positions, T, nkv, static_cast<int>(d), theta, stream);
   float* h = X + sc.sh;
   be.rmsnorm_forward(xin, D + ln_in_, h, nullptr, T, H, eps, stream);
-  float* dh = X + sc.total;  // the extra [T, H] segment: h stays readable for the adapters' gradients
+  float* dh = X + nsc.dh;  // h stays readable for the adapters' gradients
   m.lora_grads(kGroupQ, h, dq, G);
   m.product(kGroupQ, true, dq, true, 0.0f, dh);
   m.lora_dx(kGroupQ, dh);

@@ -25,6 +25,8 @@ void memcpy_async(void* dst, const void* src, std::size_t bytes, void* stream);
 void* stream_create();
 void stream_destroy(void* stream) noexcept;
 void stream_synchronize(void* stream);
+// Waits for all work on the current device, on every stream.
+void device_synchronize();
 
 void* event_create(bool timing);
 void event_destroy(void* event) noexcept;

@@ -67,6 +67,8 @@ void stream_synchronize(void* stream) {
   CUDABLOCKS_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
 }
 
+void device_synchronize() { CUDABLOCKS_CUDA_CHECK(cudaDeviceSynchronize()); }
+
 void* event_create(bool timing) {
   cudaEvent_t event = nullptr;
   CUDABLOCKS_CUDA_CHECK(cudaEventCreateWithFlags(&event, timing ? cudaEventDefault : cudaEventDisableTiming));

@@ -23,6 +23,7 @@ void memcpy_async(void*, const void*, std::size_t, void*) { not_built(); }
 void* stream_create() { not_built(); }
 void stream_destroy(void*) noexcept {}
 void stream_synchronize(void*) { not_built(); }
+void device_synchronize() { not_built(); }
 void* event_create(bool) { not_built(); }
 void event_destroy(void*) noexcept {}
 void event_record(void*, void*) { not_built(); }
