@@ -54,23 +54,26 @@ def _batch(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> tuple[
 
 
 def _ours(device: str, stream: cb.CudaStream, hf_config: Any, weights: dict[str, np.ndarray], mode: Mode,
-          layers: int, tokens: int, precision: str, rng: np.random.Generator) -> Classifier:
+          layers: int, tokens: int, precision: str, rng: np.random.Generator, recompute: bool) -> Classifier:
+    """Our classifier as the pipeline builds it: blocks sharing one arena (and, with recompute,
+    their saved activations)."""
     cfg = cb.TransformerConfig.from_dict(hf_config.to_dict())
     V, H = cfg.vocab_size, cfg.hidden_size
+    memory = dict(arena=cb.BlockArena(device), share_activations=recompute)
     blocks = []
     for i in range(layers):
         if mode is Mode.LORA:
             lora = cb.LoraConfig(rank=16, alpha=32, targets=("q_proj", "v_proj"))
-            blocks.append(cb.CudaBlock.nf4(cfg, i, weights, device, tokens, lora=lora, compute=precision))
+            blocks.append(cb.CudaBlock.nf4(cfg, i, weights, device, tokens, lora=lora, compute=precision, **memory))
         else:
-            blocks.append(cb.CudaBlock.fp32(cfg, i, weights, device, tokens, precision=precision))
+            blocks.append(cb.CudaBlock.fp32(cfg, i, weights, device, tokens, precision=precision, **memory))
     embedding = (0.02 * rng.standard_normal((V, H), dtype=np.float32))
     if mode is Mode.LORA:
         embedding = embedding.astype(ml_dtypes.bfloat16)  # frozen: kept as the checkpoint stores it
     score = (0.02 * rng.standard_normal((2, H), dtype=np.float32)).astype(np.float32)
     return Classifier(blocks, embedding, np.ones(H, np.float32), score, mode=mode, pooling=Pooling.LAST,
                       eps=cfg.rms_norm_eps, device=cb.Device(device), stream=stream,
-                      train_embedding=mode is Mode.FULL)
+                      train_embedding=mode is Mode.FULL, recompute=recompute)
 
 
 def _our_step(model: Classifier, batch: tuple[np.ndarray, list[int], np.ndarray, np.ndarray], step: list[int]) -> None:
@@ -144,11 +147,11 @@ def classify(device: str, quick: bool) -> Iterator[Row]:
     t_ids = torch.from_numpy(data[0].astype(np.int64)).view(batch, seq).to(device)
     t_labels = torch.from_numpy(data[3].astype(np.int64)).to(device)
 
-    def measure_ours(mode: Mode, layers: int, precision: str) -> tuple[float, float]:
+    def measure_ours(mode: Mode, layers: int, precision: str, recompute: bool = False) -> tuple[float, float]:
         hf_config = _hf_config(dims, layers)
         weights = _layer_weights(hf_config, rng)
         cb.reset_peak_memory(device)
-        model = _ours(device, stream, hf_config, weights, mode, layers, tokens, precision, rng)
+        model = _ours(device, stream, hf_config, weights, mode, layers, tokens, precision, rng, recompute)
         step = [0]
         ms = time_ms(lambda: _our_step(model, data, step), device, repeats=repeats, warmup=warmup)
         peak = cb.memory_stats(device).peak_bytes / 1e9
@@ -173,13 +176,15 @@ def classify(device: str, quick: bool) -> Iterator[Row]:
     shape = f"{batch}x{seq}"
     # lora mode, 36 layers (4 on the CPU).
     layers = 4 if cpu else 36
-    ours_ms, ours_gb = measure_ours(Mode.LORA, layers, "fp32" if cpu else "bf16")
     hf_ms, hf_gb = measure_hf(lambda: _hf_qlora(_hf_config(dims, layers), device))
     anchor = "transformers + peft + bitsandbytes QLoRA"
-    yield Row(f"classify lora step, {layers} NF4 layers, {shape}", "tokens/s", tokens / ours_ms * 1e3,
-              anchor=tokens / hf_ms * 1e3 if hf_ms else None, anchor_name=anchor, target=2.5)
-    yield Row(f"classify lora peak memory, {layers} layers, {shape}", "GB", ours_gb, anchor=hf_gb if hf_gb else None,
-              anchor_name=anchor, note="target: at most 18.0 GB (the stack with Liger Kernel's patches)")
+    for recompute in (False, True):
+        ours_ms, ours_gb = measure_ours(Mode.LORA, layers, "fp32" if cpu else "bf16", recompute)
+        how = ", recompute" if recompute else ""
+        yield Row(f"classify lora step, {layers} NF4 layers, {shape}{how}", "tokens/s", tokens / ours_ms * 1e3,
+                  anchor=tokens / hf_ms * 1e3 if hf_ms else None, anchor_name=anchor, target=2.5)
+        yield Row(f"classify lora peak memory, {layers} layers, {shape}{how}", "GB", ours_gb, anchor=hf_gb,
+                  anchor_name=anchor, note="target: at most 18.0 GB (the stack with Liger Kernel's patches)")
     # full mode, 8 layers (2 on the CPU), embeddings trained, fp32 and bf16.
     layers = 2 if cpu else 8
     for precision, dtype, target in (("fp32", torch.float32, 1.2), ("bf16", torch.bfloat16, 1.6)):

@@ -136,10 +136,12 @@ def seq_cls_model(model_dir: Path, num_labels: int, score: np.ndarray) -> Any:
     return model
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "qwen2"])
-def test_full_mode_losses_match_transformers(model_type: str, tmp_path: Path, rng: np.random.Generator) -> None:
+@pytest.mark.parametrize(("model_type", "train_embeddings"), [("qwen3", False), ("qwen2", False), ("qwen3", True)])
+def test_full_mode_losses_match_transformers(model_type: str, train_embeddings: bool, tmp_path: Path,
+                                             rng: np.random.Generator) -> None:
     model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)), model_type)
-    s = settings_for(model_dir, make_data(tmp_path / "train.jsonl", rng, 120), tmp_path / "run")
+    s = settings_for(model_dir, make_data(tmp_path / "train.jsonl", rng, 120), tmp_path / "run",
+                     train_embeddings=train_embeddings)
     result = train(s, log=lambda *a: None)
     assert result.steps == s.max_steps and len(result.train_losses) == s.max_steps
 
@@ -147,7 +149,7 @@ def test_full_mode_losses_match_transformers(model_type: str, tmp_path: Path, rn
                                label_map=dataset.LabelMap.from_examples(dataset.read_jsonl(s.train_path())))
     files = ModelFiles.open(model_dir)
     model = seq_cls_model(model_dir, 3, _score_init(3, 64, files, s.seed))
-    model.model.embed_tokens.weight.requires_grad_(False)
+    model.model.embed_tokens.weight.requires_grad_(train_embeddings)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     ref = torch_losses(model, params, s, steps_of(s, tok_set, s.max_steps))
     diff = np.abs(np.array(result.train_losses) - np.array(ref))
@@ -318,3 +320,55 @@ def test_mean_pooling_and_class_weights_train(tmp_path: Path, rng: np.random.Gen
     batches = [dataset.make_batch(tok, g) for g in dataset.pack_batches(tok.lengths, 96, shuffle=False, seed=0)]
     r = run_eval(model, batches, None, label_map.names, len(tok))
     assert r.confusion.sum() == len(tok) and np.allclose(r.probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_lora_on_a_bitsandbytes_checkpoint_equals_lora_on_its_float_twin(tmp_path: Path,
+                                                                          rng: np.random.Generator) -> None:
+    """A bitsandbytes 4-bit checkpoint (as transformers saves one) trains exactly as the bf16 model
+    it was quantized from: the NF4 blocks quantize the float weights to the same bytes."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)))
+    files = ModelFiles.open(model_dir)
+    stored: dict[str, np.ndarray] = {}
+    for name in files.tensor_names():
+        a = files.tensor(name).astype(np.float32).astype(ml_dtypes.bfloat16)  # the float twin is bf16
+        if name.endswith("_proj.weight"):
+            stored.update(cb.nf4.quantize(a, 64).to_bnb_state_dict(name[: -len("weight")]))
+        else:
+            stored[name] = a
+    float_dir, bnb_dir = tmp_path / "float", tmp_path / "bnb"
+    for d in (float_dir, bnb_dir):
+        d.mkdir()
+        (d / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes())
+    config = json.loads((model_dir / "config.json").read_text())
+    (float_dir / "config.json").write_text(json.dumps(config))
+    save_file({n: files.tensor(n).astype(np.float32).astype(ml_dtypes.bfloat16) for n in files.tensor_names()},
+              str(float_dir / "model.safetensors"))
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                                     "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
+                                     "bnb_4bit_compute_dtype": "bfloat16"}
+    (bnb_dir / "config.json").write_text(json.dumps(config))
+    save_file(stored, str(bnb_dir / "model.safetensors"))
+
+    data = make_data(tmp_path / "train.jsonl", rng, 60)
+    kw = dict(mode="lora", lora_rank=4, lora_alpha=8.0, lora_targets=("q_proj", "gate_proj"), max_steps=6, lr=5e-3)
+    twin = train(settings_for(float_dir, data, tmp_path / "a", **kw), log=lambda *a: None)
+    quantized = train(settings_for(bnb_dir, data, tmp_path / "b", **kw), log=lambda *a: None)
+    assert quantized.train_losses == twin.train_losses
+    with pytest.raises(cb.InvalidArgumentError, match="4-bit"):
+        train(settings_for(bnb_dir, data, tmp_path / "c", mode="full"), log=lambda *a: None)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_recompute_gives_the_same_losses(mode: str, tmp_path: Path, rng: np.random.Generator) -> None:
+    """Shared saved activations with a forward again before each backward: the same arithmetic."""
+    model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)))
+    data = make_data(tmp_path / "train.jsonl", rng, 60)
+    kw: dict[str, Any] = dict(mode=mode, max_steps=5, train_embeddings=mode == "full", pooling="mean")
+    if mode == "lora":
+        kw.update(lora_rank=4, lora_alpha=8.0, lora_targets=("k_proj", "down_proj"), lr=5e-3)
+    plain = train(settings_for(model_dir, data, tmp_path / "a", **kw), log=lambda *a: None)
+    recomputed = train(settings_for(model_dir, data, tmp_path / "b", recompute=True, **kw), log=lambda *a: None)
+    assert recomputed.train_losses == plain.train_losses

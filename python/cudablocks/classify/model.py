@@ -95,6 +95,8 @@ class Classifier:
         mode, pooling: see :class:`Mode` and :class:`Pooling`.
         eps: the RMSNorm epsilon of the model.
         class_weights: optional ``[num_labels]`` weights of the cross-entropy.
+        recompute: the blocks share one set of saved activations (``share_activations`` in one
+            :class:`cudablocks.BlockArena`): the backward runs each block's forward again first.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class Classifier:
         stream: CudaStream,
         train_embedding: bool = False,
         class_weights: np.ndarray | None = None,
+        recompute: bool = False,
     ) -> None:
         if not blocks:
             raise InvalidArgumentError("a classifier needs at least one block")
@@ -127,6 +130,7 @@ class Classifier:
         if train_embedding and self.mode is not Mode.FULL:
             raise InvalidArgumentError("the embedding can be trained in full mode only")
         self.train_embedding = train_embedding
+        self.recompute = recompute
 
         T, H, C = self.max_tokens, self.hidden, self.num_labels
         dev, st = device, stream
@@ -275,6 +279,10 @@ class Classifier:
                                  stream=st)
         for i in reversed(range(len(self.blocks))):
             block, ws = self.blocks[i], self.workspaces[i]
+            if self.recompute and i < len(self.blocks) - 1:
+                # The shared activations hold the layer above's: restore this layer's. Its output goes
+                # to h[i + 1] again (the same values; the layer above is done with it).
+                block.forward(h[i], h[i + 1], seq_lens, st)
             if self.mode is Mode.FULL:
                 block.backward(h[i], g_out, g_in, seq_lens, st, ws)
             else:

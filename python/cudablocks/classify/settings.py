@@ -58,6 +58,7 @@ class TrainSettings:
     max_length: int = 512
     truncate: bool = True
     token_budget: int | None = None  #: tokens per micro-batch (packed, no padding)
+    recompute: bool = False  #: keep one layer's activations, recomputing each in the backward
     grad_accum: int = 1  #: micro-batches per optimizer step
     epochs: float | None = None
     max_steps: int | None = None  #: overrides epochs when given

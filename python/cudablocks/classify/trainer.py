@@ -30,7 +30,7 @@ import numpy as np
 
 import cudablocks
 from cudablocks import nf4
-from cudablocks._core import CudaBlock, CudaStream, Device
+from cudablocks._core import BlockArena, CudaBlock, CudaStream, Device
 from cudablocks.classify import data as dataset
 from cudablocks.classify.checkpoint import Checkpoint, Progress, is_checkpoint, read_checkpoint, write_checkpoint
 from cudablocks.classify.export import export_classifier, merge_lora, save_peft_adapter
@@ -113,12 +113,16 @@ def build_classifier(
     class_weights: np.ndarray | None = None,
     trained: dict[str, np.ndarray] | None = None,
     progress: bool = False,
+    recompute: bool = False,
 ) -> Classifier:
     """The model of ``files`` on ``device``, one layer at a time (host memory peaks near one
-    layer). ``trained`` holds tensors of a checkpoint that replace the files' (and LoRA's init)."""
+    layer). ``trained`` holds tensors of a checkpoint that replace the files' (and LoRA's init).
+    The blocks share one arena for their transient memory and, with ``recompute``, their saved
+    activations too (see :class:`Classifier`)."""
     cfg = files.config
     trained = trained or {}
     blocks: list[CudaBlock] = []
+    memory = dict(arena=BlockArena(device), share_activations=recompute)
     quantized = files.quantization is not None
     if quantized and mode is Mode.FULL:
         raise InvalidArgumentError(f"{files.path} is a 4-bit checkpoint: full mode needs float weights; use --mode lora or head")
@@ -128,13 +132,13 @@ def build_classifier(
         ours = _layer_tensors(trained, i)
         if mode is Mode.LORA or (mode is Mode.HEAD and quantized):
             compute = "fp32" if precision == "fp32" else precision
-            block = CudaBlock.nf4(cfg, i, weights, device, max_tokens, lora=lora, compute=compute)
+            block = CudaBlock.nf4(cfg, i, weights, device, max_tokens, lora=lora, compute=compute, **memory)
             lora_part = {k: v for k, v in ours.items() if ".lora_" in k}
             if lora_part:
                 block.upload_lora_weights(lora_part, stream)
         else:
             weights.update(ours)
-            block = CudaBlock.fp32(cfg, i, weights, device, max_tokens, precision=precision)
+            block = CudaBlock.fp32(cfg, i, weights, device, max_tokens, precision=precision, **memory)
         blocks.append(block)
         del weights
     emb_name, norm_name = "model.embed_tokens.weight", "model.norm.weight"
@@ -150,7 +154,8 @@ def build_classifier(
         score = existing if existing is not None and existing.shape[0] == num_labels else _score_init(
             num_labels, cfg.hidden_size, files, seed)
     return Classifier(blocks, embedding, final_norm, score, mode=mode, pooling=pooling, eps=cfg.rms_norm_eps,
-                      device=device, stream=stream, train_embedding=train_embedding, class_weights=class_weights)
+                      device=device, stream=stream, train_embedding=train_embedding, class_weights=class_weights,
+                      recompute=recompute)
 
 
 def _trainable_state(model: Classifier) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -352,7 +357,8 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
         files, mode=mode, num_labels=C, device=device, stream=stream, max_tokens=settings.token_budget,
         precision=settings.precision, pooling=pooling, lora=settings.lora_config(),
         train_embedding=settings.train_embeddings, seed=settings.seed, class_weights=class_weights,
-        trained=resumed.trainable if resumed is not None else None, progress=settings.progress)
+        trained=resumed.trainable if resumed is not None else None, progress=settings.progress,
+        recompute=settings.recompute)
     if resumed is not None:
         _load_moments(model, resumed.optimizer)
     prog = resumed.progress if resumed is not None else Progress()

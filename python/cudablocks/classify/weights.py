@@ -244,6 +244,10 @@ class ModelFiles:
         """The bitsandbytes 4-bit quantization of the checkpoint, or None for float weights."""
         return self._quantization
 
+    def tensor_names(self) -> list[str]:
+        """Every stored tensor name, sorted."""
+        return sorted(self._entries)
+
     def has(self, name: str) -> bool:
         """Whether the files hold a tensor of this (stored) name."""
         return name in self._entries
