@@ -5,7 +5,7 @@
   ``PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), dir)``
   loads it.
 * :func:`export_classifier`: a complete ``<Arch>ForSequenceClassification`` directory
-  (``config.json``, ``model.safetensors``, tokenizer files) for
+  (``config.json``, safetensors shards with their index, tokenizer files) for
   ``AutoModelForSequenceClassification.from_pretrained(dir)``.
 * :func:`merge_lora`: folds LoRA adapters into the projections, for the full export.
 
@@ -26,9 +26,10 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
 
 from cudablocks.classify.atomic import atomic_directory
-from cudablocks.classify.weights import CONFIG_FILE, SAFETENSORS_FILE, layer_tensor_shapes
+from cudablocks.classify.weights import CONFIG_FILE, SAFETENSORS_INDEX_FILE, layer_tensor_shapes
 from cudablocks.config import config_from_dict
 from cudablocks.errors import CheckpointError, DtypeError, InvalidArgumentError, ShapeError
 from cudablocks.lora import LoraConfig
@@ -57,39 +58,21 @@ _ARCHITECTURES = {
 }
 # The dtypes a checkpoint may be written in, and safetensors' name of each.
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
-_SAFETENSORS_DTYPES = {_DTYPES["float32"]: "F32", _DTYPES["bfloat16"]: "BF16", _DTYPES["float16"]: "F16"}
 # PEFT saves a model wrapped as PeftModel -> LoraModel -> the transformers model.
 _PEFT_PREFIX = "base_model.model."
 
 
-def _write_safetensors(path: Path, tensors: Iterable[tuple[str, np.ndarray]]) -> None:
-    """Writes ``tensors`` (float32, bfloat16 or float16, C order) as a safetensors file.
-
-    The format: an 8-byte little-endian header length, the JSON header (dtype, shape and
-    ``data_offsets`` of each tensor within the data, plus ``__metadata__``), then the tensors'
-    bytes back to back. Written here rather than with ``safetensors.numpy.save_file``, which
-    first copies every tensor into one ``bytes`` object (twice the model in memory).
-    """
-    items = list(tensors)
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers requires format "pt"
-    offset = 0
-    for name, a in items:
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[a.dtype],
-                        "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # the spec allows trailing spaces; they align the data
-    with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
-        for _, a in items:
-            f.write(a.reshape(-1).view(np.uint8).data)  # numpy's native byte order is little-endian here
+def _save(path: Path, tensors: Iterable[tuple[str, np.ndarray]]) -> int:
+    """One safetensors file (transformers requires the "pt" format tag); returns its data bytes."""
+    items = dict(tensors)
+    save_file(items, str(path), metadata={"format": "pt"})
+    return sum(a.nbytes for a in items.values())
 
 
 def _as(a: np.ndarray, dtype: str, name: str) -> np.ndarray:
     """``a`` as a C-ordered array of ``dtype`` (bfloat16: rounded to nearest even, as torch does)."""
     a = np.asarray(a)
-    if a.dtype not in _SAFETENSORS_DTYPES:
+    if a.dtype not in _DTYPES.values():
         raise DtypeError(f"{name} must be a float32, bfloat16 or float16 array, got {a.dtype}")
     return np.ascontiguousarray(a.astype(_DTYPES[dtype], copy=False))
 
@@ -196,7 +179,7 @@ def save_peft_adapter(
     }
     labels = None if label_map_json is None else _label_map(label_map_json, score.shape[0])
     with atomic_directory(directory) as tmp:
-        _write_safetensors(tmp / ADAPTER_WEIGHTS_FILE, tensors)
+        _save(tmp / ADAPTER_WEIGHTS_FILE, tensors)
         _write_json(tmp / ADAPTER_CONFIG_FILE, adapter_config)
         if labels is not None:
             _write_json(tmp / LABEL_MAP_FILE, labels)
@@ -221,7 +204,8 @@ def export_classifier(
     ``pad_token_id`` and drops any ``quantization_config`` (the weights written are floats).
     ``layers`` yields ``(index, weights)`` for every layer, weights named relative to the layer
     with LoRA already merged (:func:`merge_lora`); each is converted to ``dtype`` ("float32",
-    "bfloat16" or "float16") as it arrives, so memory holds the model once, in that dtype. The
+    "bfloat16" or "float16") and written to its own shard as it arrives, so memory holds about
+    one layer (and the embedding) at a time. The
     tokenizer files of ``tokenizer_dir`` (:data:`TOKENIZER_FILES`) are copied when it is given.
     """
     if dtype not in _DTYPES:
@@ -229,35 +213,13 @@ def export_classifier(
     cfg = config_from_dict(config_dict)
     h = cfg.hidden_size
 
-    tensors: list[tuple[str, np.ndarray]] = []
     embedding = _as(embedding, dtype, "embedding")
     _check_shape(embedding, (cfg.vocab_size, h), "embedding")
-    tensors.append(("model.embed_tokens.weight", embedding))
-    expected = layer_tensor_shapes(cfg)
-    seen: set[int] = set()
-    for index, weights in layers:
-        if index in seen or not 0 <= index < cfg.num_hidden_layers:
-            raise InvalidArgumentError(f"layer index {index} repeated or outside [0, {cfg.num_hidden_layers})")
-        seen.add(index)
-        if set(weights) != set(expected):
-            raise InvalidArgumentError(
-                f"layer {index}: missing {sorted(set(expected) - set(weights))}, unexpected "
-                f"{sorted(set(weights) - set(expected))} (merge LoRA adapters with merge_lora first)"
-            )
-        for rel, shape in expected.items():
-            a = _as(weights[rel], dtype, f"layer {index} {rel}")
-            _check_shape(a, shape, f"layer {index} {rel}")
-            tensors.append((f"model.layers.{index}.{rel}", a))
-    if len(seen) != cfg.num_hidden_layers:
-        missing = sorted(set(range(cfg.num_hidden_layers)) - seen)
-        raise InvalidArgumentError(f"export_classifier got no weights for layers {missing}")
     final_norm = _as(final_norm, dtype, "final_norm")
     _check_shape(final_norm, (h,), "final_norm")
     score = _as(score_weight, dtype, "score_weight")
     if score.ndim != 2 or score.shape[1] != h:
         raise ShapeError(f"score_weight must be [num_labels, {h}], got shape {list(score.shape)}")
-    tensors += [("model.norm.weight", final_norm), ("score.weight", score)]
-
     labels = _label_map(label_map_json, score.shape[0])
     config = {k: v for k, v in config_dict.items() if k != "quantization_config"}
     config.update(
@@ -275,8 +237,40 @@ def export_classifier(
             raise CheckpointError(f"no tokenizer.json in {tokenizer_dir}")
         tokenizer_files = [tokenizer_dir / f for f in TOKENIZER_FILES if (tokenizer_dir / f).is_file()]
 
+    # One shard per layer (plus one for the rest), so memory holds one layer at a time.
+    n_shards = cfg.num_hidden_layers + 1
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def shard(k: int, tensors: list[tuple[str, np.ndarray]]) -> None:
+        nonlocal total
+        name = f"model-{k:05d}-of-{n_shards:05d}.safetensors"
+        total += _save(tmp / name, tensors)
+        weight_map.update({t: name for t, _ in tensors})
+
+    expected = layer_tensor_shapes(cfg)
+    seen: set[int] = set()
     with atomic_directory(directory) as tmp:
-        _write_safetensors(tmp / SAFETENSORS_FILE, tensors)
+        shard(1, [("model.embed_tokens.weight", embedding), ("model.norm.weight", final_norm), ("score.weight", score)])
+        for index, weights in layers:
+            if index in seen or not 0 <= index < cfg.num_hidden_layers:
+                raise InvalidArgumentError(f"layer index {index} repeated or outside [0, {cfg.num_hidden_layers})")
+            seen.add(index)
+            if set(weights) != set(expected):
+                raise InvalidArgumentError(
+                    f"layer {index}: missing {sorted(set(expected) - set(weights))}, unexpected "
+                    f"{sorted(set(weights) - set(expected))} (merge LoRA adapters with merge_lora first)"
+                )
+            tensors = []
+            for rel, shape in expected.items():
+                a = _as(weights[rel], dtype, f"layer {index} {rel}")
+                _check_shape(a, shape, f"layer {index} {rel}")
+                tensors.append((f"model.layers.{index}.{rel}", a))
+            shard(len(seen) + 1, tensors)
+        if len(seen) != cfg.num_hidden_layers:
+            missing = sorted(set(range(cfg.num_hidden_layers)) - seen)
+            raise InvalidArgumentError(f"export_classifier got no weights for layers {missing}")
+        _write_json(tmp / SAFETENSORS_INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
         _write_json(tmp / CONFIG_FILE, config)
         _write_json(tmp / LABEL_MAP_FILE, labels)
         for file in tokenizer_files:
