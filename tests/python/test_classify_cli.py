@@ -197,6 +197,11 @@ def output_is_a_file(env: Env, tmp: Path) -> tuple[list[str], list[str]]:
     return ["--output", str(path)], ["--output", str(path)]
 
 
+def out_of_memory(env: Env, tmp: Path) -> tuple[list[str], list[str]]:
+    # 2e9 tokens x hidden 64 x 4 bytes per activation buffer: far beyond any host's memory.
+    return ["--token-budget", "2000000000"], ["out of memory", "bytes"]
+
+
 TRAIN_ERRORS: list[Case] = [
     missing_train, missing_model, no_tokenizer, malformed_json, no_text, empty_train, too_long,
     unsupported_model_type, changed_flag_on_resume, missing_device, output_is_a_file,
@@ -204,7 +209,7 @@ TRAIN_ERRORS: list[Case] = [
     flag("--max-steps", "0"), flag("--grad-accum", "0"), flag("--valid-fraction", "1.0"),
     flag("--beta1", "1.5"), flag("--beta2", "-0.1"), flag("--adam-eps", "0"), flag("--weight-decay", "-0.1"),
     flag("--lora-alpha", "0", "--mode", "lora"), flag("--lora-targets", "q_proj,bogus_proj", "--mode", "lora"),
-    flag("--class-weights", "1,2"),
+    flag("--class-weights", "1,2"), flag("--token-budget", str(2**31)), out_of_memory,
 ]
 
 
@@ -219,6 +224,7 @@ def test_train_user_errors_keep_the_run(case: Case, env: Env, tmp_path: Path,
     for fragment in fragments:
         assert fragment in line, (fragment, line)
     assert checkpoints(run) == before
+    assert (run / "settings.json").read_bytes() == (env.run / "settings.json").read_bytes()
 
 
 def test_existing_run_needs_resume_or_overwrite(env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,9 +18,12 @@ from cudablocks.classify.schedule import SCHEDULES
 from cudablocks.errors import InvalidArgumentError
 from cudablocks.lora import LORA_TARGETS, LoraConfig
 
-__all__ = ["DEFAULTS", "SHIPPED_MODEL_DEFAULTS", "TrainSettings", "default_assets"]
+__all__ = ["DEFAULTS", "MAX_TOKEN_BUDGET", "SHIPPED_MODEL_DEFAULTS", "TrainSettings", "default_assets"]
 
 _ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+#: The blocks index packed tokens with 32-bit offsets.
+MAX_TOKEN_BUDGET = 2**31 - 2
 
 #: What a setting left as None becomes, for a model of your own ...
 DEFAULTS: dict[str, Any] = {
@@ -167,6 +170,8 @@ class TrainSettings:
             bad("lora_alpha", self.lora_alpha, "must be a positive number")
         if self.token_budget < self.max_length:
             bad("token_budget", self.token_budget, f"must hold one sequence of --max-length {self.max_length}")
+        if self.token_budget > MAX_TOKEN_BUDGET:
+            bad("token_budget", self.token_budget, f"must be at most {MAX_TOKEN_BUDGET} (32-bit token offsets)")
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if unknown:
             bad("lora_targets", ",".join(self.lora_targets), f"unknown {unknown}; known: {list(LORA_TARGETS)}")

@@ -32,6 +32,7 @@ import cudablocks
 from cudablocks import nf4
 from cudablocks._core import BlockArena, CudaBlock, CudaStream, Device
 from cudablocks.classify import data as dataset
+from cudablocks.classify.atomic import atomic_write_text
 from cudablocks.classify.checkpoint import Checkpoint, Progress, is_checkpoint, read_checkpoint, write_checkpoint
 from cudablocks.classify.export import export_classifier, merge_lora, save_peft_adapter
 from cudablocks.classify.metrics import MetricsLog, accuracy, confusion_matrix, macro_f1, read_metrics
@@ -345,8 +346,6 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InvalidArgumentError(f"--output {out}: cannot create the run directory ({e.strerror or e})") from e
-    (out / "settings.json").write_text(json.dumps(asdict(settings), indent=2, default=list) + "\n")
-    label_map.save(out / "label_map.json")
     log(f"cudablocks classify train: {mode.value} mode on {device.name} ({device.type}); "
         f"{len(train_tok)} training and {len(valid_tok) if valid_tok else 0} validation texts, "
         f"{C} labels; {total_steps} steps of {settings.grad_accum} x {settings.token_budget} tokens")
@@ -361,6 +360,10 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
         recompute=settings.recompute)
     if resumed is not None:
         _load_moments(model, resumed.optimizer)
+    # The run directory changes only now that the model is on the device: a run that fails to
+    # start (bad data, out of memory) leaves an earlier run's files as they were.
+    atomic_write_text(out / "settings.json", json.dumps(asdict(settings), indent=2, default=list) + "\n")
+    label_map.save(out / "label_map.json")
     prog = resumed.progress if resumed is not None else Progress()
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=prog.step if resumed is not None else None)
     valid_batches = (_batches(valid_tok, settings.token_budget, shuffle=False, seed=0, epoch=0)
