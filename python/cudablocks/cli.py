@@ -21,13 +21,14 @@ EXIT_INTERRUPTED = 130
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
-    from cudablocks.classify.settings import DEFAULTS, SHIPPED_MODEL_DEFAULTS, TrainSettings
+    from cudablocks.classify.settings import DEFAULT_LR, SHIPPED_MODEL_DEFAULTS, TrainSettings
 
     d = TrainSettings()
 
     def default(key: str) -> str:
         """Help text of a setting whose default depends on whether a model is given."""
-        mine, shipped = DEFAULTS[key], SHIPPED_MODEL_DEFAULTS[key]
+        mine = DEFAULT_LR if key == "lr" else getattr(d, key)
+        shipped = SHIPPED_MODEL_DEFAULTS[key]
         if isinstance(mine, tuple):
             mine, shipped = ",".join(mine), ",".join(shipped)
         return f"default: {mine} ({shipped} for the shipped model)"
@@ -147,7 +148,7 @@ def _train(args: argparse.Namespace) -> int:
     values = {k: v for k, v in vars(args).items() if k not in ("command", "action")}
     if values["lora_targets"] is not None:
         values["lora_targets"] = tuple(t.strip() for t in values["lora_targets"].split(",") if t.strip())
-    result = train(TrainSettings(**values))
+    result = train(TrainSettings.create(**values))
     if result.interrupted:
         return EXIT_INTERRUPTED
     if result.last_eval is not None:

@@ -74,7 +74,7 @@ def settings_for(model_dir: Path, train_file: Path, out: Path, **kw: Any) -> Tra
                 max_length=32, grad_accum=2, warmup_ratio=0.1, weight_decay=0.05, max_grad_norm=0.5,
                 progress=False, seed=3)
     base.update(kw)
-    return TrainSettings(**base).resolved()
+    return TrainSettings.create(**base)
 
 
 def steps_of(s: TrainSettings, tok: dataset.TokenizedSet, total: int) -> list[list[dataset.Batch]]:

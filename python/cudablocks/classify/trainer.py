@@ -294,7 +294,6 @@ def _better(metric: str, value: float, best: float | None) -> bool:
 
 def train(settings: TrainSettings, log: Any = print) -> TrainResult:
     """Runs ``cudablocks classify train`` with ``settings`` (see :class:`TrainSettings`)."""
-    settings = settings.resolved()
     settings.validate()
     out = Path(settings.output_dir)
     last_dir, best_dir = out / "last", out / "best"
@@ -544,7 +543,7 @@ def load_classifier(path: str | Path, *, device: str = "auto", token_budget: int
     stream = CudaStream(dev)
     if is_checkpoint(ckpt_dir):
         ckpt = read_checkpoint(ckpt_dir, optimizer=False)
-        s = TrainSettings(**ckpt.settings).resolved()
+        s = TrainSettings(**ckpt.settings)
         label_map = dataset.LabelMap.from_json(ckpt.label_map)
         files = ModelFiles.open(s.model_dir())
         budget = token_budget or s.token_budget
@@ -558,7 +557,7 @@ def load_classifier(path: str | Path, *, device: str = "auto", token_budget: int
     if score is None:
         raise CheckpointError(f"{path} is neither a cudablocks checkpoint nor a sequence classifier (no score.weight)")
     label_map = dataset.LabelMap.from_json(files.raw_config)
-    s = TrainSettings(model=str(path), mode="head", precision="fp32").resolved()
+    s = TrainSettings(model=str(path), mode="head", precision="fp32")
     budget = token_budget or s.token_budget
     model = build_classifier(files, mode=Mode.HEAD, num_labels=score.shape[0], device=dev, stream=stream,
                              max_tokens=budget, precision="fp32", pooling=Pooling.LAST, lora=None,
