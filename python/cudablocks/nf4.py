@@ -147,7 +147,8 @@ class Nf4Tensor:
         if not self.double_quant:
             assert self.absmax is not None
             return self.absmax
-        assert self.absmax2 is not None and self.offset_buffer is not None and self.nested_quant_map is not None
+        assert self.qabsmax is not None and self.absmax2 is not None
+        assert self.offset_buffer is not None and self.nested_quant_map is not None
         out = GpuBuffer.empty(self.num_blocks, "float32", self.device)
         _core.nf4_double_dequantize(self.qabsmax, self.absmax2, self.offset_buffer, self.nested_quant_map, out,
                                     stream)
@@ -246,7 +247,7 @@ class Nf4Tensor:
         if absmax.size != blocks:
             raise ShapeError(f"{w}.absmax holds {absmax.size} values, but shape {list(shape)} in blocks of "
                              f"{blocksize} needs {blocks}")
-        common = {"packed": upload(packed.reshape(-1, 1)), "shape": shape, "blocksize": blocksize, "dtype": dtype,
+        common: dict[str, Any] = {"packed": upload(packed.reshape(-1, 1)), "shape": shape, "blocksize": blocksize, "dtype": dtype,
                   "quant_map": upload(quant_map)}
         if not nested:
             if absmax.dtype != np.float32:
@@ -313,7 +314,7 @@ def quantize(
     absmax = GpuBuffer.empty(blocks, "float32", dev)
     _core.nf4_quantize(src, blocksize, packed, absmax, stream)
     quant_map = GpuBuffer.from_numpy(np.array(CODE), dev, stream)
-    common = {"packed": packed, "shape": tuple(src.shape), "blocksize": blocksize, "dtype": src.dtype,
+    common: dict[str, Any] = {"packed": packed, "shape": tuple(src.shape), "blocksize": blocksize, "dtype": src.dtype,
               "quant_map": quant_map}
     if not double_quant:
         return Nf4Tensor(absmax=absmax, **common)

@@ -22,7 +22,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import tokenizers
@@ -166,7 +166,7 @@ class LabelMap:
                 raise DataError(f"num_labels is {num_labels} but the data has {len(names)} distinct labels: {names}")
             return cls(names)
 
-        ids = [int(ex.label) for ex in examples]  # all ints, checked above
+        ids = [int(cast(int, ex.label)) for ex in examples]  # all ints, checked above
         for ex, label in zip(examples, ids):
             if label < 0:
                 raise DataError(f"{ex.where}: label {label} is negative; class ids start at 0")

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -137,11 +138,11 @@ class Classifier:
         # Head-side trainables; norms are not decayed (as transformers' Trainer groups them).
         self.score = _Param("score.weight", score, dev, st, decay=True)
         self.norm = _Param("model.norm.weight", final_norm, dev, st, decay=False)
+        self.embedding: _Param | None = None
         if train_embedding:
             self.embedding = _Param("model.embed_tokens.weight", embedding.astype(np.float32), dev, st, decay=True)
             self.table = self.embedding.value
         else:
-            self.embedding = None
             table = embedding if embedding.dtype == np.float32 or embedding.dtype.name == "bfloat16" else embedding.astype(np.float32)
             self.table = GpuBuffer.from_numpy(np.ascontiguousarray(table), dev, stream=st)
 
@@ -314,7 +315,7 @@ class Classifier:
         trainable tensor; a non-finite norm skips the step (see :meth:`grad_norm_value`)."""
         heads = self.head_params()
         self.grad_norm.compute(self.workspaces, self.stream, buffers=[p.grad for p in heads])
-        common = dict(beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps, stream=self.stream)
+        common: dict[str, Any] = dict(beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps, stream=self.stream)
         for block, state, ws in zip(self.blocks, self.block_states, self.workspaces):
             if self.mode is Mode.FULL:
                 block.optimizer_step(state, step, hyper.lr, weight_decay=hyper.weight_decay, grad_ws=ws,

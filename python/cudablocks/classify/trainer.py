@@ -123,7 +123,7 @@ def build_classifier(
     cfg = files.config
     trained = trained or {}
     blocks: list[CudaBlock] = []
-    memory = dict(arena=BlockArena(device), share_activations=recompute)
+    memory: dict[str, Any] = dict(arena=BlockArena(device), share_activations=recompute)
     quantized = files.quantization is not None
     if quantized and mode is Mode.FULL:
         raise InvalidArgumentError(f"{files.path} is a 4-bit checkpoint: full mode needs float weights; use --mode lora or head")
