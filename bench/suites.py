@@ -467,6 +467,97 @@ def nf4(device: str, quick: bool) -> Iterator[Row]:
     _free_gpu(device)
 
 
+def qlora_layer(device: str, quick: bool) -> Iterator[Row]:
+    """One QLoRA layer step at Qwen3-4B size, 8x512 tokens: forward + backward_lora of our NF4 block (bf16
+    compute, LoRA r=16 alpha=32 on q_proj, v_proj) against transformers' Qwen3DecoderLayer whose
+    projections are bitsandbytes Linear4bit (nf4, bf16 compute) with peft LoRA on q_proj, v_proj (the input
+    gradient and the LoRA gradients, as in training). On the CPU: tiny sizes, ours only."""
+    import ml_dtypes
+    import transformers
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RotaryEmbedding
+
+    cpu = device == "cpu"
+    dims = TINY_LAYER if cpu else QWEN3_4B_LAYER
+    H = dims["hidden_size"]
+    batch, seq = (2, 16) if cpu else (8, 512)
+    tokens, seq_lens = batch * seq, [seq] * batch
+    hf_config = transformers.Qwen3Config(**dims, num_hidden_layers=1, vocab_size=128, max_position_embeddings=4096)
+    hf_config._attn_implementation = "sdpa"
+    cfg = cb.TransformerConfig.from_dict(hf_config.to_dict())
+    rng = np.random.default_rng(0)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Qwen3DecoderLayer(hf_config, layer_idx=0).state_dict().items()}
+    # bf16-representable weights: both sides quantize the same values to the same NF4 bytes.
+    weights = {k: ((1.0 + 0.1 * rng.standard_normal(s, dtype=np.float32)) if "norm" in k
+                   else 0.02 * rng.standard_normal(s, dtype=np.float32)).astype(ml_dtypes.bfloat16).astype(np.float32)
+               for k, s in shapes.items()}
+    repeats, warmup = (3, 1) if cpu else ((10, 3) if quick else (30, 5))
+    stream = cb.CudaStream("cpu") if cpu else cb.CudaStream.wrap(device, torch.cuda.current_stream().cuda_stream)
+    x_np = rng.standard_normal((tokens, H), dtype=np.float32)
+    g_np = rng.standard_normal((tokens, H), dtype=np.float32)
+
+    lora = cb.LoraConfig(rank=16, alpha=32, targets=("q_proj", "v_proj"))
+    blk = cb.CudaBlock.nf4(cfg, 0, weights, device, tokens, lora=lora, compute="fp32" if cpu else "bf16")
+    x = cb.GpuBuffer.from_numpy(x_np, device, stream=stream)
+    gout = cb.GpuBuffer.from_numpy(g_np, device, stream=stream)
+    out = cb.GpuBuffer.empty((tokens, H), "float32", device)
+    gin = cb.GpuBuffer.empty((tokens, H), "float32", device)
+    ws = blk.new_lora_grad_workspace(stream)
+
+    def ours() -> None:
+        blk.forward(x, out, seq_lens, stream)
+        blk.backward_lora(x, gout, gin, seq_lens, stream, ws)
+
+    ours_ms = time_ms(ours, device, repeats=repeats, warmup=warmup)
+    blk.forward(x, out, seq_lens, stream)
+    ours_out = out.to_numpy(stream)
+    del blk, x, gout, out, gin, ws
+    _free_gpu(device)
+
+    anchor_ms = None
+    bnb = None if cpu else _bnb_functional()
+    note = "bitsandbytes not installed" if bnb is None and not cpu else ""
+    if bnb is not None:
+        import peft
+
+        with torch.device("meta"):
+            layer = Qwen3DecoderLayer(hf_config, layer_idx=0)
+        layer = layer.to_empty(device=device).to(torch.bfloat16)
+        layer.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                          compute_dtype=torch.bfloat16, quant_type="nf4", device="cpu")
+                    q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                    setattr(parent, name, q.to(device))
+        layer = peft.inject_adapter_in_model(
+            peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]), layer)
+        for name, p in layer.named_parameters():
+            p.requires_grad_("lora_" in name)
+        rotary = Qwen3RotaryEmbedding(hf_config).to(device)
+        hx = torch.from_numpy(x_np).to(device=device, dtype=torch.bfloat16).view(batch, seq, H).requires_grad_(True)
+        hg = torch.from_numpy(g_np).to(device=device, dtype=torch.bfloat16).view(batch, seq, H)
+        pos = torch.arange(seq, device=device)[None].expand(batch, seq)
+        with torch.no_grad():
+            cos, sin = rotary(hx, pos)
+
+        def hf_forward() -> Any:
+            y = layer(hx, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+            return y[0] if isinstance(y, tuple) else y
+
+        anchor_ms = time_ms(lambda: torch.autograd.backward(hf_forward(), hg), device, repeats=repeats, warmup=warmup)
+        with torch.no_grad():
+            hf_out = hf_forward().float().reshape(tokens, H).cpu().numpy()
+        # LoRA B starts at zero on both sides: the same NF4 layer, compared at bf16 tolerance.
+        diff = float(np.linalg.norm(ours_out - hf_out) / np.linalg.norm(hf_out - x_np))
+        assert diff < 5e-2, f"qlora layer: ours differs from the bitsandbytes + peft layer by {diff:.3g}"
+        del layer, rotary, hx, hg, pos, cos, sin
+        _free_gpu(device)
+    yield Row(f"qlora layer fwd+bwd_lora {batch}x{seq}", "ms", ours_ms, anchor=anchor_ms,
+              anchor_name="transformers + peft + bitsandbytes", target=2.5, note=note)
+
+
 SUITES: dict[str, Callable[[str, bool], Iterator[Row]]] = {
     "ceilings": ceilings,
     "rmsnorm": rmsnorm,
@@ -474,5 +565,6 @@ SUITES: dict[str, Callable[[str, bool], Iterator[Row]]] = {
     "block": block,
     "adamw": adamw,
     "nf4": nf4,
+    "qlora_layer": qlora_layer,
     "classify": classify,
 }
