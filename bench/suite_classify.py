@@ -90,6 +90,18 @@ def _emb_index(model: Classifier, ids: np.ndarray) -> Any:
     return cb.ops.embedding_backward_index(ids) if model.embedding is not None else None
 
 
+def nf4_linears(layer: Any, bnb: Any, device: str) -> None:
+    """Replaces the projections of a transformers decoder layer by bitsandbytes Linear4bit (nf4, bf16
+    compute), quantized from their weights as transformers' 4-bit loading does."""
+    for parent in (layer.self_attn, layer.mlp):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4", device="cpu")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                setattr(parent, name, q.to(device))
+
+
 def _hf_qlora(hf_config: Any, device: str) -> tuple[Any, Any] | None:
     """transformers' Qwen3ForSequenceClassification with bitsandbytes NF4 projections (bf16
     compute) and peft LoRA r=16 alpha=32 on q_proj, v_proj; None without bitsandbytes."""
@@ -103,13 +115,7 @@ def _hf_qlora(hf_config: Any, device: str) -> tuple[Any, Any] | None:
     with torch.device(device):
         model = transformers.Qwen3ForSequenceClassification(hf_config).to(torch.bfloat16)
     for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                          compute_dtype=torch.bfloat16, quant_type="nf4", device="cpu")
-                    q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-                    setattr(parent, name, q.to(device))
+        nf4_linears(layer, bnb, device)
     torch.cuda.empty_cache()
     model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32, lora_dropout=0.0,
                                                        target_modules=["q_proj", "v_proj"]))

@@ -11,7 +11,7 @@ import torch
 
 import cudablocks as cb
 from harness import Row, time_ms
-from suite_classify import classify
+from suite_classify import classify, nf4_linears
 
 # Rates measured by `ceilings` in this process, keyed by (name, size), for suites that compare with them.
 MEASURED_TFLOPS: dict[tuple[str, int], float] = {}
@@ -112,6 +112,28 @@ def block_flops(dims: dict[str, Any], seq_lens: list[int]) -> float:
     return 3 * gemm_fwd + 3.5 * attn_fwd
 
 
+def _hf_layer_call(layer: Any, rotary: Any, x_np: np.ndarray, g_np: np.ndarray, batch: int, seq: int, device: str,
+                   dtype: torch.dtype) -> tuple[Callable[[], Any], Any, Any]:
+    """(forward, input, output gradient) of a transformers decoder layer on [batch, seq, H] inputs.
+
+    Rotary cos/sin are computed once outside the timing (a model computes them once for all its layers);
+    attention_mask=None is what Qwen3Model hands an sdpa layer for an unpadded causal batch (sdpa then runs
+    with is_causal=True). The input requires grad: the backward computes the input gradient, as in training.
+    """
+    H = x_np.shape[1]
+    hx = torch.from_numpy(x_np).to(device=device, dtype=dtype).view(batch, seq, H).requires_grad_(True)
+    hg = torch.from_numpy(g_np).to(device=device, dtype=dtype).view(batch, seq, H)
+    pos = torch.arange(seq, device=device)[None].expand(batch, seq)
+    with torch.no_grad():
+        cos, sin = rotary(hx, pos)
+
+    def forward() -> Any:
+        y = layer(hx, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+        return y[0] if isinstance(y, tuple) else y
+
+    return forward, hx, hg
+
+
 def block(device: str, quick: bool) -> Iterator[Row]:
     """One Qwen3-4B-sized decoder layer against transformers' Qwen3DecoderLayer (sdpa), forward and
     forward+backward, in fp32, tf32 and bf16; plus the fp32 rate at 8x512 and the activation bytes kept."""
@@ -193,18 +215,8 @@ def block(device: str, quick: bool) -> Iterator[Row]:
                 del blk, x, gout, out, gin, ws
                 _free_gpu(device)
 
-                # transformers: [B, L, H]; rotary cos/sin computed once outside the timing (a model computes
-                # them once for all its layers); attention_mask=None is what Qwen3Model hands an sdpa layer for
-                # an unpadded causal batch (sdpa then runs with is_causal=True).
-                hx = torch.from_numpy(x_np).to(device=device, dtype=hf_dtype).view(batch, seq, H).requires_grad_(True)
-                hg = torch.from_numpy(g_np).to(device=device, dtype=hf_dtype).view(batch, seq, H)
-                pos = torch.arange(seq, device=device)[None].expand(batch, seq)
-                with torch.no_grad():
-                    cos, sin = rotary(hx, pos)
-
-                def hf_forward() -> Any:
-                    y = layer(hx, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
-                    return y[0] if isinstance(y, tuple) else y
+                # transformers: [B, L, H].
+                hf_forward, hx, hg = _hf_layer_call(layer, rotary, x_np, g_np, batch, seq, device, hf_dtype)
 
                 def hf_fwd_bwd() -> None:
                     torch.autograd.backward(hf_forward(), hg)
@@ -219,7 +231,7 @@ def block(device: str, quick: bool) -> Iterator[Row]:
                     hf_out = hf_forward().float().reshape(tokens, H).cpu().numpy()
                 diff = float(np.linalg.norm(ours_out - hf_out) / np.linalg.norm(hf_out - x_np))
                 assert diff < 3e-2, f"block {precision} {batch}x{seq}: differs from transformers by {diff:.3g}"
-                del hx, hg, pos, cos, sin
+                del hx, hg, hf_forward
                 _free_gpu(device)
 
                 shape = f"{batch}x{seq}"
@@ -524,35 +536,20 @@ def qlora_layer(device: str, quick: bool) -> Iterator[Row]:
             layer = Qwen3DecoderLayer(hf_config, layer_idx=0)
         layer = layer.to_empty(device=device).to(torch.bfloat16)
         layer.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                          compute_dtype=torch.bfloat16, quant_type="nf4", device="cpu")
-                    q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-                    setattr(parent, name, q.to(device))
+        nf4_linears(layer, bnb, device)
         layer = peft.inject_adapter_in_model(
             peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]), layer)
         for name, p in layer.named_parameters():
             p.requires_grad_("lora_" in name)
         rotary = Qwen3RotaryEmbedding(hf_config).to(device)
-        hx = torch.from_numpy(x_np).to(device=device, dtype=torch.bfloat16).view(batch, seq, H).requires_grad_(True)
-        hg = torch.from_numpy(g_np).to(device=device, dtype=torch.bfloat16).view(batch, seq, H)
-        pos = torch.arange(seq, device=device)[None].expand(batch, seq)
-        with torch.no_grad():
-            cos, sin = rotary(hx, pos)
-
-        def hf_forward() -> Any:
-            y = layer(hx, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
-            return y[0] if isinstance(y, tuple) else y
-
+        hf_forward, hx, hg = _hf_layer_call(layer, rotary, x_np, g_np, batch, seq, device, torch.bfloat16)
         anchor_ms = time_ms(lambda: torch.autograd.backward(hf_forward(), hg), device, repeats=repeats, warmup=warmup)
         with torch.no_grad():
             hf_out = hf_forward().float().reshape(tokens, H).cpu().numpy()
         # LoRA B starts at zero on both sides: the same NF4 layer, compared at bf16 tolerance.
         diff = float(np.linalg.norm(ours_out - hf_out) / np.linalg.norm(hf_out - x_np))
         assert diff < 5e-2, f"qlora layer: ours differs from the bitsandbytes + peft layer by {diff:.3g}"
-        del layer, rotary, hx, hg, pos, cos, sin
+        del layer, rotary, hx, hg, hf_forward
         _free_gpu(device)
     yield Row(f"qlora layer fwd+bwd_lora {batch}x{seq}", "ms", ours_ms, anchor=anchor_ms,
               anchor_name="transformers + peft + bitsandbytes", target=2.5, note=note)
