@@ -39,6 +39,10 @@ inline AdamWHyper adamw_hyper(std::int64_t step, float lr, float beta1, float be
   return hyper;
 }
 
+// A Python int in [0, 2^64) (numpy integers included) as uint64; InvalidArgumentError naming
+// `what` otherwise (pybind11's own cast would give a TypeError about the signature).
+std::uint64_t to_uint64(const py::handle& value, const char* what);
+
 void bind_errors(py::module_& m);
 void bind_device(py::module_& m);
 void bind_buffer(py::module_& m);

@@ -1,5 +1,6 @@
 // TransformerConfig, BlockArena, CudaBlock (the fp32 and nf4 kinds) and CudaGradWorkspace.
 #include <cmath>
+#include <optional>
 #include <set>
 
 #include <pybind11/numpy.h>
@@ -303,6 +304,12 @@ std::shared_ptr<CudaBlock> make_nf4(const TransformerConfig& config, int layer_i
                           prec, double_quant, std::move(arena), share_activations);
 }
 
+// The dropout_step keyword of forward and backward_lora: None, or an int in [0, 2^64).
+std::optional<std::uint64_t> dropout_step_arg(const py::object& step) {
+  if (step.is_none()) return std::nullopt;
+  return to_uint64(step, "dropout_step");
+}
+
 std::shared_ptr<CudaGradWorkspace> lora_workspace(const CudaBlock& self, const py::object& stream_arg) {
   self.require_lora("new_lora_grad_workspace");
   const Stream stream = block_stream(stream_arg, self.device());
@@ -378,22 +385,26 @@ void bind_block_class(py::module_& m) {
       .def("new_lora_grad_workspace", &lora_workspace, py::arg("stream") = py::none(),
            "A zeroed CudaGradWorkspace for the LoRA adapters (one contiguous allocation).")
       .def("backward_lora", [](CudaBlock& self, const PyBuffer& x, const PyBuffer& grad_out, PyBuffer& grad_in,
-                               const py::object& seq_lens, const py::object& stream_arg, CudaGradWorkspace* lora_ws) {
-            self.require_lora("backward_lora");
+                               const py::object& seq_lens, const py::object& stream_arg, CudaGradWorkspace* lora_ws,
+                               const py::object& dropout_step) {
+            self.require_lora("backward_lora");  // an nf4 block from here on
             if (lora_ws == nullptr) {
               throw InvalidArgumentError("backward_lora needs lora_ws: make one with block.new_lora_grad_workspace()");
             }
+            const std::optional<std::uint64_t> step = dropout_step_arg(dropout_step);
             const std::vector<std::int64_t> lens = to_seq_lens(seq_lens);
             const Stream stream = stream_or(stream_arg, grad_in);
             {
               py::gil_scoped_release release;
-              self.backward_lora(x.buffer, grad_out.buffer, grad_in.buffer, lens, stream, *lora_ws);
+              static_cast<Nf4Block&>(self).backward_lora(x.buffer, grad_out.buffer, grad_in.buffer, lens, stream,
+                                                         *lora_ws, step);
             }
             grad_in.stream = stream;
           }, py::arg("x"), py::arg("grad_out"), py::arg("grad_in"), py::arg("seq_lens"), py::arg("stream") = py::none(),
-          py::arg("lora_ws") = nullptr,
-          "After forward(x, ..., seq_lens): grad_in = dL/dx through the frozen weights; the LoRA gradients are ADDED "
-          "into lora_ws.")
+          py::arg("lora_ws") = nullptr, py::kw_only(), py::arg("dropout_step") = py::none(),
+          "After forward(x, ..., seq_lens, dropout_step=...): grad_in = dL/dx (through the frozen weights and the "
+          "adapters); the LoRA gradients are ADDED into lora_ws. With LoRA dropout, dropout_step must be the "
+          "forward's (InvalidArgumentError otherwise): the masks are drawn again from it.")
       .def("init_lora_optimizer_state", [](const CudaBlock& self, const py::object& stream_arg) {
             self.require_lora("init_lora_optimizer_state");
             const Stream stream = block_stream(stream_arg, self.device());
@@ -439,16 +450,27 @@ void bind_block_class(py::module_& m) {
       .def_property_readonly("param_layout", [](const CudaBlock& b) { return layout_list(*b.param_layout()); },
                              "[(HF name, offset in floats, shape, is_matrix)] of the flat parameters and gradients.")
       .def("forward", [](CudaBlock& self, const PyBuffer& x, PyBuffer& out, const py::object& seq_lens,
-                         const py::object& stream_arg) {
+                         const py::object& stream_arg, const py::object& dropout_step) {
+            const std::optional<std::uint64_t> step = dropout_step_arg(dropout_step);
             const std::vector<std::int64_t> lens = to_seq_lens(seq_lens);
             const Stream stream = stream_or(stream_arg, out);
+            auto* nf4 = dynamic_cast<Nf4Block*>(&self);
             {
               py::gil_scoped_release release;
-              self.forward(x.buffer, out.buffer, lens, stream);
+              if (nf4 != nullptr) {
+                nf4->forward(x.buffer, out.buffer, lens, stream, step);
+              } else {
+                self.forward(x.buffer, out.buffer, lens, stream);
+              }
             }
             out.stream = stream;
-          }, py::arg("x"), py::arg("out"), py::arg("seq_lens"), py::arg("stream") = py::none(),
-          "out = layer(x) for packed sequences x, out float32 [sum(seq_lens), hidden]. Saves what backward needs.")
+          }, py::arg("x"), py::arg("out"), py::arg("seq_lens"), py::arg("stream") = py::none(), py::kw_only(),
+          py::arg("dropout_step") = py::none(),
+          "out = layer(x) for packed sequences x, out float32 [sum(seq_lens), hidden]. Saves what backward needs. "
+          "dropout_step (an int in [0, 2^64), or None): for an nf4 block with LoRA dropout, the training step whose "
+          "masks the adapters' inputs get (a pure function of LoraConfig.seed, the layer, the projection, the step, "
+          "the token row and the feature; see cudablocks.lora); None runs without dropout (inference). Blocks without "
+          "LoRA dropout ignore it.")
       .def("backward", [](CudaBlock& self, const PyBuffer& x, const PyBuffer& grad_out, PyBuffer& grad_in,
                           const py::object& seq_lens, const py::object& stream_arg, CudaGradWorkspace* grad_ws) {
             self.require_full_training("backward");

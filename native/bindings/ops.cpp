@@ -64,6 +64,22 @@ void bind_ops(py::module_& m) {
       "\"tf32\" or \"bf16\": cuBLAS's fp32-buffer modes) or both bfloat16 (bf16 tensor cores, precision \"bf16\"); "
       "out float32. trans_a gives weight gradients: dW = dY^T X is gemm(dY, X, dW, trans_a=True).");
 
+  m.def("dropout", [](const PyBuffer& x, PyBuffer& out, double p, const py::object& key, bool accumulate,
+                      const py::object& stream_arg) {
+        const std::uint64_t k = to_uint64(key, "dropout key");
+        Stream stream = stream_or(stream_arg, out);
+        {
+          py::gil_scoped_release release;
+          dropout(x.buffer, out.buffer, p, k, accumulate, stream);
+        }
+        out.stream = stream;
+      }, py::arg("x"), py::arg("out"), py::arg("p"), py::arg("key"), py::kw_only(), py::arg("accumulate") = false,
+      py::arg("stream") = py::none(),
+      "LoRA dropout (inverted, as PEFT's): out = x * mask / (1 - p), or out += that with accumulate, for float32 x "
+      "and out of one shape (out may be x). The mask keeps element i (flat index) when the high 32 bits of "
+      "splitmix64's i-th output from `key` are >= floor(p * 2^32): the same bits on every backend (the hash is "
+      "documented in cudablocks.lora). p in [0, 1), key an int in [0, 2^64).");
+
   m.def("embedding_forward", [](const PyBuffer& ids, const PyBuffer& table, PyBuffer& out,
                                 const py::object& stream_arg) {
         Stream stream = stream_or(stream_arg, out);

@@ -134,6 +134,15 @@ def gemm(
     *,
     trans_a: bool = False,
 ) -> None: ...
+def dropout(
+    x: GpuBuffer,
+    out: GpuBuffer,
+    p: float,
+    key: int,
+    *,
+    accumulate: bool = False,
+    stream: CudaStream | None = None,
+) -> None: ...
 
 # The classification head.
 def embedding_forward(ids: GpuBuffer, table: GpuBuffer, out: GpuBuffer, stream: CudaStream | None = None) -> None: ...
@@ -311,7 +320,13 @@ class CudaBlock:
     @property
     def param_layout(self) -> list[ParamLayoutRow]: ...
     def forward(
-        self, x: GpuBuffer, out: GpuBuffer, seq_lens: int | list[int], stream: CudaStream | None = None
+        self,
+        x: GpuBuffer,
+        out: GpuBuffer,
+        seq_lens: int | list[int],
+        stream: CudaStream | None = None,
+        *,
+        dropout_step: int | None = None,
     ) -> None: ...
     def backward(
         self,
@@ -350,6 +365,8 @@ class CudaBlock:
         seq_lens: int | list[int],
         stream: CudaStream | None = None,
         lora_ws: CudaGradWorkspace | None = None,
+        *,
+        dropout_step: int | None = None,
     ) -> None: ...
     def init_lora_optimizer_state(self, stream: CudaStream | None = None) -> GpuBlockOptimizerState: ...
     def lora_optimizer_step(

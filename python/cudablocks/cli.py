@@ -62,6 +62,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lora-rank", type=int, help="LoRA rank r; " + default("lora_rank"))
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (scale = alpha / r); " + default("lora_alpha"))
     g.add_argument("--lora-targets", help="comma-separated projections that get adapters; " + default("lora_targets"))
+    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout,
+                   help="LoRA dropout (PEFT's lora_dropout) while training: each element of an adapter's input is "
+                        "dropped with this probability and the rest scaled by 1/(1-p); the masks follow from "
+                        "--seed and the step, so --resume continues exactly")
     g.add_argument("--train-embeddings", action="store_true", help="also train the token embedding (full mode)")
     g = p.add_argument_group("optimization")
     g.add_argument("--token-budget", type=int,

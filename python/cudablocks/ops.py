@@ -13,6 +13,7 @@ import numpy as np
 from cudablocks._core import (
     adamw_step,
     cross_entropy,
+    dropout,
     embedding_backward,
     embedding_forward,
     gemm,
@@ -26,6 +27,7 @@ from cudablocks.errors import InvalidArgumentError
 __all__ = [
     "adamw_step",
     "cross_entropy",
+    "dropout",
     "embedding_backward",
     "embedding_backward_index",
     "embedding_forward",

@@ -87,9 +87,9 @@ TEST(Nf4Block, RefusesWhatItCannotDo) {
   bad.targets = {"q_proj", "qkv"};
   EXPECT_THROW(Nf4Block::create(c, 0, w.map, {}, Device(), 16, &bad, Precision::BF16, false), InvalidArgumentError);
   LoraConfig dropout;
-  dropout.dropout = 0.1;
+  dropout.dropout = 1.0;
   EXPECT_THROW(Nf4Block::create(c, 0, w.map, {}, Device(), 16, &dropout, Precision::BF16, false),
-               UnsupportedOperationError);
+               InvalidArgumentError);
   WeightMap missing = w.map;
   missing.erase("mlp.gate_proj.weight");
   EXPECT_THROW(Nf4Block::create(c, 0, missing, {}, Device(), 16, nullptr, Precision::BF16, false),

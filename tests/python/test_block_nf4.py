@@ -291,8 +291,8 @@ def test_bad_lora_configs_and_weights(rng: np.random.Generator) -> None:
         cb.CudaBlock.nf4(cfg, 0, weights, "cpu", 8, lora=cb.LoraConfig(targets=("q_proj", "q_proj")))
     with pytest.raises(cb.InvalidArgumentError, match="rank"):
         cb.CudaBlock.nf4(cfg, 0, weights, "cpu", 8, lora=cb.LoraConfig(rank=0))
-    with pytest.raises(cb.UnsupportedOperationError, match="dropout"):
-        cb.CudaBlock.nf4(cfg, 0, weights, "cpu", 8, lora=cb.LoraConfig(dropout=0.1))
+    with pytest.raises(cb.InvalidArgumentError, match="dropout"):
+        cb.CudaBlock.nf4(cfg, 0, weights, "cpu", 8, lora=cb.LoraConfig(dropout=1.0))
     with pytest.raises(cb.InvalidArgumentError, match="compute|precision"):
         cb.CudaBlock.nf4(cfg, 0, weights, "cpu", 8, compute="fp16")
     missing = {k: v for k, v in weights.items() if k != "mlp.up_proj.weight"}

@@ -210,6 +210,7 @@ TRAIN_ERRORS: list[Case] = [
     flag("--beta1", "1.5"), flag("--beta2", "-0.1"), flag("--adam-eps", "0"), flag("--weight-decay", "-0.1"),
     flag("--lora-alpha", "0", "--mode", "lora"), flag("--lora-targets", "q_proj,bogus_proj", "--mode", "lora"),
     flag("--class-weights", "1,2"), flag("--token-budget", str(2**31)), out_of_memory,
+    flag("--lora-dropout", "1.0", "--mode", "lora"), flag("--lora-dropout", "-0.1", "--mode", "lora"),
 ]
 
 

@@ -2,7 +2,8 @@
 
 * full mode: our training losses over 24 steps equal those of Qwen3ForSequenceClassification +
   torch.optim.AdamW on the same weights, batches and hyperparameters (fp32; max |diff| <= 1e-4);
-* lora mode: against peft's LoRA on the NF4-dequantized weights (<= 1e-3);
+* lora mode: against peft's LoRA on the NF4-dequantized weights (<= 1e-3), with LoRA dropout too
+  (peft's dropout modules replaced by ones applying our documented masks);
 * resuming continues exactly; a failed checkpoint write keeps the previous checkpoint;
 * the PEFT adapter and the full export load in peft / transformers and reproduce our logits.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +102,10 @@ def padded(batch: dataset.Batch) -> tuple[Any, Any]:
 
 
 def torch_losses(model: Any, params: list[tuple[str, Any]], s: TrainSettings, steps: list[list[dataset.Batch]],
-                 class_weights: Any = None) -> list[float]:
-    """transformers + torch.optim.AdamW over the same steps; no decay on norms (as ours)."""
+                 class_weights: Any = None,
+                 before_batch: Callable[[int, int, dataset.Batch], None] | None = None) -> list[float]:
+    """transformers + torch.optim.AdamW over the same steps; no decay on norms (as ours).
+    ``before_batch(step, micro, batch)`` (1-based step) runs before each micro-batch's forward."""
     decay = [p for n, p in params if "norm" not in n]
     no_decay = [p for n, p in params if "norm" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
@@ -114,7 +118,9 @@ def torch_losses(model: Any, params: list[tuple[str, Any]], s: TrainSettings, st
         opt.zero_grad()
         w_sum = sum(len(b.seq_lens) for b in group)
         total_loss = 0.0
-        for b in group:
+        for micro, b in enumerate(group):
+            if before_batch is not None:
+                before_batch(len(losses) + 1, micro, b)
             ids, mask = padded(b)
             logits = model(input_ids=ids, attention_mask=mask).logits
             loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(b.labels.astype(np.int64)),
@@ -157,14 +163,10 @@ def test_full_mode_losses_match_transformers(model_type: str, train_embeddings: 
     assert ref[-1] < ref[0]  # it learned something: the comparison is not between two flat lines
 
 
-def test_lora_mode_losses_match_peft(tmp_path: Path, rng: np.random.Generator) -> None:
+def peft_twin(model_dir: Path, s: TrainSettings) -> tuple[Any, list[tuple[str, Any]]]:
+    """peft's LoRA (no dropout) on the NF4-dequantized model with our initial adapters and score,
+    and its trainable parameters."""
     peft = pytest.importorskip("peft")
-    model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)))
-    targets = ("q_proj", "v_proj", "down_proj")
-    s = settings_for(model_dir, make_data(tmp_path / "train.jsonl", rng, 120), tmp_path / "run", mode="lora",
-                     lora_rank=4, lora_alpha=8.0, lora_targets=targets, max_steps=20, lr=5e-3)
-    result = train(s, log=lambda *a: None)
-
     files = ModelFiles.open(model_dir)
     cfg = files.config
     model = seq_cls_model(model_dir, 3, _score_init(3, 64, files, s.seed))
@@ -178,8 +180,8 @@ def test_lora_mode_losses_match_peft(tmp_path: Path, rng: np.random.Generator) -
                 if name.split(".")[-1] in cb.LORA_TARGETS:
                     q = cb.nf4.quantize(module.weight.detach().numpy(), 64)
                     module.weight.copy_(torch.from_numpy(cb.nf4.dequantize(q, "float32").to_numpy()))
-    pm = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8.0, lora_dropout=0.0,
-                                                    target_modules=list(targets)))
+    pm = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=lora.rank, lora_alpha=lora.alpha,
+                                                    lora_dropout=0.0, target_modules=list(lora.targets)))
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_" in name:
@@ -187,12 +189,77 @@ def test_lora_mode_losses_match_peft(tmp_path: Path, rng: np.random.Generator) -
                 p.copy_(torch.from_numpy(init[key]))
     params = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
     assert any("score" in n for n, _ in params)
-    tok_set = dataset.tokenize(dataset.read_jsonl(s.train_path()), dataset.load_tokenizer(model_dir), s.max_length,
-                               label_map=dataset.LabelMap.from_examples(dataset.read_jsonl(s.train_path())))
-    ref = torch_losses(pm, params, s, steps_of(s, tok_set, s.max_steps))
+    return pm, params
+
+
+def train_set(model_dir: Path, s: TrainSettings) -> dataset.TokenizedSet:
+    return dataset.tokenize(dataset.read_jsonl(s.train_path()), dataset.load_tokenizer(model_dir), s.max_length,
+                            label_map=dataset.LabelMap.from_examples(dataset.read_jsonl(s.train_path())))
+
+
+def test_lora_mode_losses_match_peft(tmp_path: Path, rng: np.random.Generator) -> None:
+    model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)))
+    targets = ("q_proj", "v_proj", "down_proj")
+    s = settings_for(model_dir, make_data(tmp_path / "train.jsonl", rng, 120), tmp_path / "run", mode="lora",
+                     lora_rank=4, lora_alpha=8.0, lora_targets=targets, max_steps=20, lr=5e-3)
+    result = train(s, log=lambda *a: None)
+    pm, params = peft_twin(model_dir, s)
+    ref = torch_losses(pm, params, s, steps_of(s, train_set(model_dir, s), s.max_steps))
     diff = np.abs(np.array(result.train_losses) - np.array(ref))
     assert diff.max() <= 1e-3, (diff.max(), result.train_losses, ref)
     assert ref[-1] < ref[0]
+
+
+class PaddedMask(torch.nn.Module):
+    """Stands in for a peft lora_dropout module: multiplies the adapter's padded input
+    [batch, width, in] by the mask set for the current micro-batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: Any = None
+
+    def forward(self, x: Any) -> Any:
+        return x * self.mask
+
+
+def test_lora_dropout_losses_match_peft_with_the_same_masks(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Each micro-batch's masks are those of the documented hash at (step, micro-batch): peft with
+    those masks in place of its dropout gives our losses; without them, other losses."""
+    from test_lora_dropout import PROJECTION_IDS, dropout_key, keep_mask
+
+    model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)))
+    # q and v share their input; up is one half of the gate/up product; down reads the SwiGLU output.
+    targets = ("q_proj", "v_proj", "up_proj", "down_proj")
+    s = settings_for(model_dir, make_data(tmp_path / "train.jsonl", rng, 80), tmp_path / "run", mode="lora",
+                     lora_rank=4, lora_alpha=8.0, lora_targets=targets, lora_dropout=0.5, max_steps=10, lr=1e-2)
+    result = train(s, log=lambda *a: None)
+    steps = steps_of(s, train_set(model_dir, s), s.max_steps)
+
+    pm, params = peft_twin(model_dir, s)
+    ref_plain = torch_losses(pm, params, s, steps)
+    pm, params = peft_twin(model_dir, s)
+    masks: dict[tuple[int, str], tuple[int, PaddedMask]] = {}  # (layer, target): (in_features, module)
+    for i, layer in enumerate(pm.base_model.model.model.layers):
+        for name, module in list(layer.named_modules()):
+            target = name.split(".")[-1]
+            if target in targets:
+                masks[i, target] = (module.in_features, PaddedMask())
+                module.lora_dropout["default"] = masks[i, target][1]
+
+    def set_masks(step: int, micro: int, batch: dataset.Batch) -> None:
+        T, width = int(batch.cu_seqlens[-1]), max(batch.seq_lens)
+        for (i, target), (in_features, module) in masks.items():
+            key = dropout_key(s.seed, i, PROJECTION_IDS[target], (step << 32) | micro)
+            packed = keep_mask(key, T, in_features, s.lora_dropout) / np.float32(1 - s.lora_dropout)
+            mask = np.zeros((len(batch.seq_lens), width, in_features), np.float32)
+            for b, (lo, hi) in enumerate(zip(batch.cu_seqlens[:-1], batch.cu_seqlens[1:])):
+                mask[b, : hi - lo] = packed[lo:hi]
+            module.mask = torch.from_numpy(mask)
+
+    ref = torch_losses(pm, params, s, steps, before_batch=set_masks)
+    diff = np.abs(np.array(result.train_losses) - np.array(ref))
+    assert diff.max() <= 1e-3, (diff.max(), result.train_losses, ref)
+    assert np.abs(np.array(ref_plain) - np.array(ref)).max() > 1e-2  # the masks matter at this tolerance
 
 
 def test_resume_continues_exactly(tmp_path: Path, rng: np.random.Generator) -> None:
@@ -215,6 +282,37 @@ def test_resume_continues_exactly(tmp_path: Path, rng: np.random.Generator) -> N
     assert partial.train_losses + rest.train_losses == whole.train_losses
     records = dataset_metrics(tmp_path / "d")
     assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 13))
+
+
+def test_resume_with_lora_dropout_continues_exactly(tmp_path: Path, rng: np.random.Generator) -> None:
+    """The masks follow from the seed and the step: a resumed run draws the original's."""
+    model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)))
+    data = make_data(tmp_path / "train.jsonl", rng, 60)
+    kw: dict[str, Any] = dict(mode="lora", lora_rank=4, lora_alpha=8.0, lora_targets=("k_proj", "gate_proj", "up_proj"),
+                              lora_dropout=0.4, lr=1e-2, max_steps=7, save_every=3)
+    whole = train(settings_for(model_dir, data, tmp_path / "a", **kw), log=lambda *a: None)
+    partial = _train_until(settings_for(model_dir, data, tmp_path / "b", **kw), 3)
+    assert partial.interrupted and partial.steps == 3
+    with pytest.raises(cb.CheckpointError, match="lora_dropout"):
+        train(settings_for(model_dir, data, tmp_path / "b", resume=True, **{**kw, "lora_dropout": 0.2}),
+              log=lambda *a: None)
+    rest = train(settings_for(model_dir, data, tmp_path / "b", resume=True, **kw), log=lambda *a: None)
+    assert partial.train_losses + rest.train_losses == whole.train_losses
+    undropped = train(settings_for(model_dir, data, tmp_path / "c", **{**kw, "lora_dropout": 0.0}), log=lambda *a: None)
+    assert undropped.train_losses != whole.train_losses
+
+
+def test_lora_dropout_setting() -> None:
+    from cudablocks.cli import build_parser
+
+    args = build_parser().parse_args(["classify", "train", "--lora-dropout", "0.25"])
+    s = TrainSettings.create(**{k: v for k, v in vars(args).items() if k not in ("command", "action")})
+    assert s.lora_dropout == 0.25 and s.result_defining()["lora_dropout"] == 0.25
+    config = s.lora_config()
+    assert config is not None and config.dropout == 0.25
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(cb.InvalidArgumentError, match="--lora-dropout"):
+            TrainSettings(lora_dropout=bad).validate()
 
 
 def dataset_metrics(run: Path) -> list[dict[str, Any]]:
@@ -361,14 +459,16 @@ def test_lora_on_a_bitsandbytes_checkpoint_equals_lora_on_its_float_twin(tmp_pat
         train(settings_for(bnb_dir, data, tmp_path / "c", mode="full"), log=lambda *a: None)
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "lora-dropout"])
 def test_recompute_gives_the_same_losses(mode: str, tmp_path: Path, rng: np.random.Generator) -> None:
-    """Shared saved activations with a forward again before each backward: the same arithmetic."""
+    """Shared saved activations with a forward again before each backward: the same arithmetic
+    (with LoRA dropout, the forward again draws the same masks)."""
     model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)))
     data = make_data(tmp_path / "train.jsonl", rng, 60)
-    kw: dict[str, Any] = dict(mode=mode, max_steps=5, train_embeddings=mode == "full", pooling="mean")
-    if mode == "lora":
-        kw.update(lora_rank=4, lora_alpha=8.0, lora_targets=("k_proj", "down_proj"), lr=5e-3)
+    kw: dict[str, Any] = dict(mode=mode.split("-")[0], max_steps=5, train_embeddings=mode == "full", pooling="mean")
+    if mode != "full":
+        kw.update(lora_rank=4, lora_alpha=8.0, lora_targets=("k_proj", "down_proj"), lr=5e-3,
+                  lora_dropout=0.3 if mode == "lora-dropout" else 0.0)
     plain = train(settings_for(model_dir, data, tmp_path / "a", **kw), log=lambda *a: None)
     recomputed = train(settings_for(model_dir, data, tmp_path / "b", recompute=True, **kw), log=lambda *a: None)
     assert recomputed.train_losses == plain.train_losses

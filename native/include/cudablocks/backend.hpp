@@ -80,6 +80,13 @@ class Backend {
   // out = a + b over n elements (out may alias a or b).
   virtual void add(const float* a, const float* b, float* out, std::int64_t n, const Stream& stream) const = 0;
 
+  // LoRA dropout (inverted, PEFT's lora_dropout) over n elements: out[i] = x[i] * scale(p) for the
+  // elements kept under `key`, 0 for the dropped ones; with accumulate, out[i] += x[i] * scale(p)
+  // for the kept ones and dropped ones leave out as it is. The mask is a hash of (key, i), p in
+  // [0, 1) (src/core/dropout_hash.hpp: the same bits on every backend). out may alias x.
+  virtual void dropout(const float* x, float* out, std::int64_t n, double p, std::uint64_t key, bool accumulate,
+                       const Stream& stream) const = 0;
+
   // Per-head RMSNorm (optional) then rotary embedding, for q or k laid out [T, n_heads * d]:
   //   h = w == nullptr ? x : x_head * rstd * w   (rstd per (token, head), eps as for RMSNorm)
   //   y = rope(h): pairs (i, i + d/2) rotated by angle positions[t] * theta^(-2i/d).

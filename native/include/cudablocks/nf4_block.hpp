@@ -27,9 +27,26 @@
 // attention/norm/RoPE/SwiGLU backward of the fp32 block, and the adapters' gradients ADDED into a
 // LoRA gradient workspace (a CudaGradWorkspace of lora_layout(): one contiguous allocation).
 // Saved activations are those of the fp32 block. Norm weights stay frozen.
+//
+// ---- LoRA dropout (PEFT's lora_dropout) ----------------------------------------------------------
+// With LoraConfig.dropout = p > 0, a forward given a dropout_step computes each adapted projection
+// as y = x W^T + scale * (dropout(x) A^T) B^T: the adapter sees its input with a mask of its own
+// (q, k and v share x but not their masks; so do gate and up, whose adapter products then run per
+// projection and meet in the [T, 2r] product through the exact 0/1 selectors), kept elements
+// multiplied by 1 / (1 - p). The frozen product never sees the mask. The mask of projection j of
+// this layer is a pure function of (LoraConfig.seed, layer_idx, j, dropout_step, token row,
+// feature): the hash documented in src/core/dropout_hash.hpp (Backend::dropout draws it), so the
+// backends agree bit for bit and nothing is stored: backward_lora, given the same dropout_step as
+// the latest forward (else InvalidArgumentError), draws the masks again for dA = du^T dropout(x)
+// and for the adapters' part of dx, masked in turn. The caller picks a dropout_step per
+// micro-batch (the classify trainer: from the optimizer step and the micro-batch's index), so a
+// resumed run draws the masks of the original. No dropout_step (inference), or dropout 0, runs the
+// products without any mask, exactly as a block without dropout. Dropout needs one more fp32
+// scratch of [T, largest adapted in_features] (a part's masked input, then its masked dx term).
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -49,8 +66,8 @@ struct LoraConfig {
   bool use_rslora = false;
   double dropout = 0.0;
   std::uint64_t seed = 0;
-  // InvalidArgumentError for rank < 1, alpha <= 0 (or not finite), an unknown or repeated target,
-  // no targets; UnsupportedOperationError for dropout > 0.
+  // InvalidArgumentError for rank < 1, alpha <= 0 (or not finite), dropout outside [0, 1), an
+  // unknown or repeated target, no targets.
   void validate() const;
   double scale() const;  // alpha / rank, or alpha / sqrt(rank)
 };
@@ -81,6 +98,10 @@ class Nf4Block final : public CudaBlock {
   const char* kind() const override { return "nf4"; }
   void forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens,
                const Stream& stream) override;
+  // The forward with the LoRA dropout masks of `dropout_step` (nullopt: no dropout, as above);
+  // a block without dropout ignores it.
+  void forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens, const Stream& stream,
+               std::optional<std::uint64_t> dropout_step);
   std::int64_t saved_bytes_per_token() const override;
   std::int64_t scratch_bytes_per_token() const override;
   std::int64_t device_bytes() const override;
@@ -96,6 +117,11 @@ class Nf4Block final : public CudaBlock {
   void backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& grad_in,
                      const std::vector<std::int64_t>& seq_lens, const Stream& stream,
                      CudaGradWorkspace& lora_ws) override;
+  // The backward through the masks of `dropout_step`, which must be the latest forward's when the
+  // block has dropout (InvalidArgumentError otherwise).
+  void backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& grad_in,
+                     const std::vector<std::int64_t>& seq_lens, const Stream& stream, CudaGradWorkspace& lora_ws,
+                     std::optional<std::uint64_t> dropout_step);
   std::shared_ptr<CudaGradWorkspace> new_lora_grad_workspace(const Stream& stream) const override;
   std::shared_ptr<GpuBlockOptimizerState> init_lora_optimizer_state(const Stream& stream) const override;
   void lora_optimizer_step(GpuBlockOptimizerState& state, const AdamWHyper& hyper, const Stream& stream,
@@ -132,6 +158,7 @@ class Nf4Block final : public CudaBlock {
 
   std::mutex mutex_;
   std::vector<std::int64_t> forward_seq_lens_;
+  std::optional<std::uint64_t> forward_dropout_step_;  // of the latest forward
 };
 
 }  // namespace cudablocks

@@ -26,6 +26,12 @@ void rmsnorm_backward(const Buffer& dy, const Buffer& x, const Buffer& w, const 
 void gemm(const Buffer& a, const Buffer& b, Buffer& out, bool trans_a, bool trans_b, float beta, Precision precision,
           const Stream& stream);
 
+// LoRA dropout (Backend::dropout) of float32 x into out, both of the same shape on the stream's
+// device (out may be x itself): the kept elements times 1 / (1 - p), the dropped ones 0; with
+// accumulate, out += that. The mask is the hash of `key` and the flat element index
+// (src/core/dropout_hash.hpp). InvalidArgumentError for p outside [0, 1).
+void dropout(const Buffer& x, Buffer& out, double p, std::uint64_t key, bool accumulate, const Stream& stream);
+
 // The classification head (Backend documents the math and what out-of-range values do).
 // out float32 [T, H] = table [V, H] (float32 or bfloat16) at ids int32 [T].
 void embedding_forward(const Buffer& ids, const Buffer& table, Buffer& out, const Stream& stream);

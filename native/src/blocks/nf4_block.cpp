@@ -10,6 +10,7 @@
 
 #include "blocks/block_internal.hpp"
 #include "core/checks.hpp"
+#include "core/dropout_hash.hpp"
 #include "core/nf4_format.hpp"
 #include "cudablocks/backend.hpp"
 #include "cudablocks/errors.hpp"
@@ -75,11 +76,14 @@ Buffer dequant_scratch(const Device& device, std::int64_t bytes) {
 
 // The nf4 block's fp32 scratch: the fp32 block's (ScratchLayout), then dh [T, H] (backward_lora
 // keeps h readable for the adapters' gradients), with LoRA of rank r the adapters' products u and
-// du [T, 2r] and the gate/up block-diagonal B and its gradient [2I, 2r], and last a sink for the
-// gradients of the frozen norm weights (the shared backward ops compute them; nothing reads them).
+// du [T, 2r] and the gate/up block-diagonal B and its gradient [2I, 2r], with LoRA dropout a
+// masked operand [T, drop_cols] (drop_cols: the largest in_features of an adapted projection), and
+// last a sink for the gradients of the frozen norm weights (the shared backward ops compute them;
+// nothing reads them).
 struct Nf4ScratchLayout {
-  std::int64_t dh, lora_u = -1, lora_du = -1, lora_bbd = -1, lora_dbbd = -1, norm_sink, total;
-  Nf4ScratchLayout(const TransformerConfig& c, std::int64_t t, std::int64_t attn_ws_floats, int lora_rank) {
+  std::int64_t dh, lora_u = -1, lora_du = -1, lora_bbd = -1, lora_dbbd = -1, lora_drop = -1, norm_sink, total;
+  Nf4ScratchLayout(const TransformerConfig& c, std::int64_t t, std::int64_t attn_ws_floats, int lora_rank,
+                   std::int64_t drop_cols) {
     Segments s;
     s.at = ScratchLayout(c, t, attn_ws_floats).total;
     dh = s.add(t, c.hidden_size);
@@ -90,6 +94,7 @@ struct Nf4ScratchLayout {
       lora_bbd = s.add(2 * c.intermediate_size, r2);
       lora_dbbd = s.add(2 * c.intermediate_size, r2);
     }
+    if (drop_cols > 0) lora_drop = s.add(t, drop_cols);
     norm_sink = s.add(1, 2 * c.hidden_size + 2 * c.head_dim);  // ln_in, ln_post, q_norm, k_norm
     total = s.at;
   }
@@ -98,6 +103,8 @@ struct Nf4ScratchLayout {
 std::string weight_desc(const TransformerConfig& c, int layer_idx) {
   return "layer " + std::to_string(layer_idx) + " of " + c.describe();
 }
+
+std::string step_str(std::optional<std::uint64_t> step) { return step ? std::to_string(*step) : "None"; }
 
 }  // namespace
 
@@ -110,10 +117,6 @@ void LoraConfig::validate() const {
   }
   if (!(dropout >= 0.0 && dropout < 1.0)) {
     throw InvalidArgumentError("LoraConfig: dropout must be in [0, 1), got " + std::to_string(dropout));
-  }
-  if (dropout > 0.0) {
-    throw UnsupportedOperationError("LoraConfig: dropout " + std::to_string(dropout) +
-                                    " is not supported by nf4 blocks yet; use dropout=0.0");
   }
   if (targets.empty()) throw InvalidArgumentError("LoraConfig: targets is empty; name at least one projection");
   std::string known;
@@ -148,8 +151,14 @@ struct Nf4Block::Impl {
   float* du = nullptr;      // [T, 2r]
   float* bbd = nullptr;     // [2I, 2r]
   float* dbbd = nullptr;    // [2I, 2r]
+  // LoRA dropout of this call: off without a dropout_step or with dropout 0 (the products then
+  // run exactly as without dropout).
+  bool dropping = false;
+  std::uint64_t drop_step = 0;
+  float* drop = nullptr;    // [T, largest adapted in_features]: a part's masked input or dx term
 
-  Impl(Nf4Block& block, const Backend& backend, const Stream& s, std::int64_t tokens, const BlockMemory::Call& mem)
+  Impl(Nf4Block& block, const Backend& backend, const Stream& s, std::int64_t tokens, const BlockMemory::Call& mem,
+       std::optional<std::uint64_t> dropout_step)
       : b(block), be(backend), stream(s), T(tokens), bf(block.precision_ == Precision::BF16) {
     Buffer shared = dequant_scratch(b.device_, b.dequant_bytes_);
     const std::int64_t wbytes = weight_region_bytes(b);
@@ -162,11 +171,26 @@ struct Nf4Block::Impl {
       du = mem.scratch() + sl.lora_du;
       bbd = mem.scratch() + sl.lora_bbd;
       dbbd = mem.scratch() + sl.lora_dbbd;
+      dropping = sl.lora_drop >= 0 && dropout_step.has_value();
+      if (dropping) {
+        drop_step = *dropout_step;
+        drop = mem.scratch() + sl.lora_drop;
+      }
     }
   }
 
   static Nf4ScratchLayout scratch_layout(const Nf4Block& blk) {
-    return Nf4ScratchLayout(blk.config_, blk.max_tokens_, blk.attn_ws_floats_, blk.has_lora() ? blk.lora_.rank : 0);
+    return Nf4ScratchLayout(blk.config_, blk.max_tokens_, blk.attn_ws_floats_, blk.has_lora() ? blk.lora_.rank : 0,
+                            dropout_cols(blk));
+  }
+  // The widest input of an adapted projection with dropout (0 without dropout).
+  static std::int64_t dropout_cols(const Nf4Block& blk) {
+    std::int64_t cols = 0;
+    if (!blk.has_lora() || blk.lora_.dropout == 0.0) return cols;
+    for (int p = 0; p < 7; ++p) {
+      if (blk.lora_target_[p]) cols = std::max(cols, proj_shape(blk.config_, p)[1]);
+    }
+    return cols;
   }
 
   // Bytes of the largest stacked weight in the compute dtype (256-byte aligned).
@@ -280,24 +304,62 @@ struct Nf4Block::Impl {
     }
     return bbd;
   }
-  // y[T, out] += scale * (x A^T) B^T.
+  // ---- LoRA dropout: per targeted part p of a group, the part's own mask on its input ----
+  // out = dropout(x) of part p (x [T, in]), or out += dropout(x) with accumulate.
+  void apply_dropout(int p, const float* x, float* out, bool accumulate) {
+    const std::uint64_t key = dropout::key(b.lora_.seed, static_cast<std::uint64_t>(b.layer_idx_),
+                                           static_cast<std::uint64_t>(p), drop_step);
+    be.dropout(x, out, T * b.weights_[p].shape[1], b.lora_.dropout, key, accumulate, stream);
+  }
+  // Part p's columns of du [T, R] as a [T, r] matrix: du itself for a one-part group, else du
+  // times the part's selector^T (exact), written into u (free once the B gradient is taken).
+  const float* part_du(int group, int p, const LoraGroup& lg) {
+    if (lg.R == b.lora_.rank) return du;
+    be.gemm(false, true, T, b.lora_.rank, lg.R, 1.0f, du, selector(group, p), 0.0f, u, Precision::FP32, stream);
+    return u;
+  }
+
+  // u[T, R] = x A^T, each part's x under its own mask when dropping. A part's own product goes
+  // through du (free here), then into its columns of u by its selector (exact 0/1 products).
+  void lora_u(int group, const LoraGroup& lg, const float* x) {
+    const Group& g = kGroups[group];
+    const std::int64_t in = cols(g), r = b.lora_.rank;
+    if (!dropping) {
+      be.gemm(false, true, T, lg.R, in, 1.0f, x, lg.A, 0.0f, u, lora_prec(), stream);
+      return;
+    }
+    const bool one_part = lg.R == r;
+    bool first = true;
+    for (int p = g.first; p < g.first + g.count; ++p) {
+      if (!b.lora_target_[p]) continue;
+      apply_dropout(p, x, drop, false);
+      const float* A = b.lora_params_.data_as<float>() + b.lora_a_[p];
+      be.gemm(false, true, T, r, in, 1.0f, drop, A, 0.0f, one_part ? u : du, lora_prec(), stream);
+      if (!one_part) {
+        be.gemm(false, false, T, lg.R, r, 1.0f, du, selector(group, p), first ? 0.0f : 1.0f, u, Precision::FP32,
+                stream);
+      }
+      first = false;
+    }
+  }
+  // y[T, out] += scale * (x A^T) B^T (x under the masks when dropping).
   void lora_forward(int group, const float* x, float* y) {
     const LoraGroup lg = lora_group(group);
     if (lg.R == 0) return;
-    const Group& g = kGroups[group];
-    const std::int64_t out = rows(g), in = cols(g);
-    be.gemm(false, true, T, lg.R, in, 1.0f, x, lg.A, 0.0f, u, lora_prec(), stream);
+    const std::int64_t out = rows(kGroups[group]);
+    lora_u(group, lg, x);
     const float* B = lora_b(group, lg);
     be.gemm(false, true, T, out, lg.R, scale(), u, B, 1.0f, y, lora_prec(), stream);
   }
   // With dy [T, out] and the group's input x [T, in]: dB += scale dy^T u, dA += du^T x where
-  // du = scale dy B (kept in the scratch for lora_dx). Reads x: call before x is overwritten.
+  // du = scale dy B (kept in the scratch for lora_dx); x is each part's masked x when dropping.
+  // Reads x: call before x is overwritten.
   void lora_grads(int group, const float* x, const float* dy, float* G) {
     const LoraGroup lg = lora_group(group);
     if (lg.R == 0) return;
     const Group& g = kGroups[group];
     const std::int64_t out = rows(g), in = cols(g), r = b.lora_.rank;
-    be.gemm(false, true, T, lg.R, in, 1.0f, x, lg.A, 0.0f, u, lora_prec(), stream);
+    lora_u(group, lg, x);
     const float* B = lora_b(group, lg);
     if (lg.direct) {
       be.gemm(true, false, out, lg.R, T, scale(), dy, u, 1.0f, G + b.lora_b_[g.first], lora_prec(), stream);
@@ -314,13 +376,33 @@ struct Nf4Block::Impl {
       }
     }
     be.gemm(false, false, T, lg.R, out, scale(), dy, B, 0.0f, du, lora_prec(), stream);
-    be.gemm(true, false, lg.R, in, T, 1.0f, du, x, 1.0f, G + lg.a_off, lora_prec(), stream);
+    if (!dropping) {
+      be.gemm(true, false, lg.R, in, T, 1.0f, du, x, 1.0f, G + lg.a_off, lora_prec(), stream);
+      return;
+    }
+    for (int p = g.first; p < g.first + g.count; ++p) {
+      if (!b.lora_target_[p]) continue;
+      apply_dropout(p, x, drop, false);
+      be.gemm(true, false, r, in, T, 1.0f, part_du(group, p, lg), drop, 1.0f, G + b.lora_a_[p], lora_prec(), stream);
+    }
   }
-  // dx[T, in] += du A (after lora_grads of the same group).
+  // dx[T, in] += du A (after lora_grads of the same group); when dropping, each part's du_p A_p
+  // under the part's mask.
   void lora_dx(int group, float* dx) {
     const LoraGroup lg = lora_group(group);
     if (lg.R == 0) return;
-    be.gemm(false, false, T, cols(kGroups[group]), lg.R, 1.0f, du, lg.A, 1.0f, dx, lora_prec(), stream);
+    const Group& g = kGroups[group];
+    const std::int64_t in = cols(g), r = b.lora_.rank;
+    if (!dropping) {
+      be.gemm(false, false, T, in, lg.R, 1.0f, du, lg.A, 1.0f, dx, lora_prec(), stream);
+      return;
+    }
+    for (int p = g.first; p < g.first + g.count; ++p) {
+      if (!b.lora_target_[p]) continue;
+      const float* A = b.lora_params_.data_as<float>() + b.lora_a_[p];
+      be.gemm(false, false, T, in, r, 1.0f, part_du(group, p, lg), A, 0.0f, drop, lora_prec(), stream);
+      apply_dropout(p, drop, dx, true);
+    }
   }
 };
 
@@ -592,7 +674,7 @@ std::int64_t Nf4Block::scratch_bytes_per_token() const {
       precision_ == Precision::BF16
           ? std::max({config_.hidden_size, config_.num_attention_heads * config_.head_dim, 2 * config_.intermediate_size}) * 2
           : 0;
-  const std::int64_t lora = has_lora() ? 2 * 2 * lora_.rank * 4 : 0;
+  const std::int64_t lora = has_lora() ? 2 * 2 * lora_.rank * 4 + Impl::dropout_cols(*this) * 4 : 0;
   return (ScratchLayout::floats_per_token(config_) + config_.hidden_size + ws_per_token) *
              static_cast<std::int64_t>(sizeof(float)) + bf16_bytes + lora;
 }
@@ -613,6 +695,11 @@ std::int64_t Nf4Block::activation_bytes() const {
 // ---- forward ----------------------------------------------------------------------------------
 
 void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens, const Stream& stream) {
+  forward(x, out, seq_lens, stream, std::nullopt);
+}
+
+void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens, const Stream& stream,
+                       std::optional<std::uint64_t> dropout_step) {
   if (stream.device() != device_) {
     throw DeviceError("forward of a block on " + device_.str() + " with a stream of " + stream.device().str());
   }
@@ -624,6 +711,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   std::lock_guard<std::mutex> lock(mutex_);
   BlockMemory::Call mem(memory_);  // with an arena: holds it until the work is queued
   forward_seq_lens_.clear();
+  forward_dropout_step_ = dropout_step;
   mem.forward_starts();
   DeviceGuard guard(device_);
   const Backend& be = backend_for(device_);
@@ -640,7 +728,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   const std::int32_t* cu = positions + T;
   const int n_seqs = static_cast<int>(seq_lens.size());
 
-  Impl m(*this, be, stream, T, mem);
+  Impl m(*this, be, stream, T, mem, dropout_step);
   const float* D = dense_.data_as<float>();
   const SavedLayout sl(c, max_tokens_);
   const ScratchLayout sc(c, max_tokens_, attn_ws_floats_);
@@ -693,6 +781,12 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
 void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& grad_in,
                              const std::vector<std::int64_t>& seq_lens, const Stream& stream,
                              CudaGradWorkspace& lora_ws) {
+  backward_lora(x, grad_out, grad_in, seq_lens, stream, lora_ws, std::nullopt);
+}
+
+void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& grad_in,
+                             const std::vector<std::int64_t>& seq_lens, const Stream& stream,
+                             CudaGradWorkspace& lora_ws, std::optional<std::uint64_t> dropout_step) {
   require_lora("backward_lora");
   if (stream.device() != device_) {
     throw DeviceError("backward_lora of a block on " + device_.str() + " with a stream of " + stream.device().str());
@@ -726,6 +820,11 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     throw InvalidArgumentError("backward_lora seq_lens " + lens_str(seq_lens) + " differ from those of the latest forward " +
                                lens_str(forward_seq_lens_) + "; run forward on this batch first");
   }
+  if (lora_.dropout > 0.0 && dropout_step != forward_dropout_step_) {
+    throw InvalidArgumentError("backward_lora dropout_step " + step_str(dropout_step) +
+                               " differs from that of the latest forward (" + step_str(forward_dropout_step_) +
+                               "): the LoRA dropout masks must be the forward's");
+  }
   const BlockMemory::Call mem(memory_);
   mem.check_saved(seq_lens, "backward_lora");
 
@@ -740,7 +839,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   const std::int32_t* cu = positions + T;
   const int n_seqs = static_cast<int>(seq_lens.size());
 
-  Impl m(*this, be, stream, T, mem);
+  Impl m(*this, be, stream, T, mem, dropout_step);
   const float* D = dense_.data_as<float>();
   float* G = lora_ws.flat().data_as<float>();
   const SavedLayout sl(c, max_tokens_);

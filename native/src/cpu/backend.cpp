@@ -6,6 +6,7 @@
 #include "cpu/attention.hpp"
 #include "cpu/bias.hpp"
 #include "cpu/cross_entropy.hpp"
+#include "cpu/dropout.hpp"
 #include "cpu/elementwise.hpp"
 #include "cpu/embedding.hpp"
 #include "cpu/fill.hpp"
@@ -74,6 +75,11 @@ class CpuBackend final : public Backend {
 
   void add(const float* a, const float* b, float* out, std::int64_t n, const Stream&) const override {
     cpu::add(a, b, out, n);
+  }
+
+  void dropout(const float* x, float* out, std::int64_t n, double p, std::uint64_t key, bool accumulate,
+               const Stream&) const override {
+    cpu::dropout(x, out, n, p, key, accumulate);
   }
 
   void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd, const std::int32_t* positions,

@@ -7,6 +7,7 @@
 #include "cuda/attention_mma.cuh"
 #include "cuda/bias.cuh"
 #include "cuda/cross_entropy.cuh"
+#include "cuda/dropout.cuh"
 #include "cuda/elementwise.cuh"
 #include "cuda/embedding.cuh"
 #include "cuda/fill.cuh"
@@ -76,6 +77,11 @@ class CudaBackend final : public Backend {
 
   void add(const float* a, const float* b, float* out, std::int64_t n, const Stream& stream) const override {
     cuda::add(a, b, out, n, native(stream));
+  }
+
+  void dropout(const float* x, float* out, std::int64_t n, double p, std::uint64_t key, bool accumulate,
+               const Stream& stream) const override {
+    cuda::dropout(x, out, n, p, key, accumulate, native(stream));
   }
 
   void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd, const std::int32_t* positions,

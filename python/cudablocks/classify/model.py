@@ -13,6 +13,10 @@ same chain in reverse into the gradients of whatever the mode trains:
 * ``lora``: the LoRA adapters of NF4 blocks, and the head;
 * ``head``: the head only (the blocks run forward only).
 
+With LoRA dropout, a training micro-batch draws its masks from its (optimizer step, micro-batch
+index) pair, passed to the blocks as their ``dropout_step``: the same pair always draws the same
+masks (a resumed run continues exactly), evaluation draws none.
+
 Every buffer is allocated once for ``max_tokens`` packed tokens; a step uploads the batch's ids,
 sequence offsets and labels into them and queues everything on one stream, with no host
 synchronisation until the caller reads the loss.
@@ -60,6 +64,14 @@ class OptimizerHyper:
     eps: float = 1e-8
     weight_decay: float = 0.01
     max_grad_norm: float = float("inf")
+
+
+def _dropout_step(step: int, micro_batch: int) -> int:
+    """The blocks' ``dropout_step`` of a micro-batch: the optimizer step in the high 32 bits, the
+    micro-batch's index within the step in the low 32 (distinct masks for every micro-batch)."""
+    if not (0 <= step < 2**32 and 0 <= micro_batch < 2**32):
+        raise InvalidArgumentError(f"step {step} / micro-batch {micro_batch}: each must be in [0, 2^32)")
+    return (step << 32) | micro_batch
 
 
 class _Param:
@@ -181,6 +193,7 @@ class Classifier:
             self.workspaces = [b.new_lora_grad_workspace(st) for b in blocks]
             self.block_states = [b.init_lora_optimizer_state(st) for b in blocks]
         self.grad_norm = GradNorm(dev)
+        self._dropout_step: int | None = None  # of the latest forward, for its backward
 
     # ---- the head-side parameters ---------------------------------------------------------------
 
@@ -214,17 +227,21 @@ class Classifier:
         train: bool,
         grad_scale: float = 1.0,
         probs: bool = False,
+        step: tuple[int, int] | None = None,
     ) -> None:
         """Queues the forward of one packed micro-batch and adds its weighted loss sum to
         :attr:`loss_sum`. With ``train`` the logits' gradient (``grad_scale`` times the per-row
         gradient of the weighted loss sum) is kept for :meth:`backward`; with ``probs`` the
-        softmax is written to :attr:`probs`."""
+        softmax is written to :attr:`probs`. ``step``: (1-based optimizer step, micro-batch index
+        within it) of a training micro-batch, which picks its LoRA dropout masks; None (evaluation):
+        no dropout."""
+        self._dropout_step = None if step is None else _dropout_step(*step)
         T, B = self._upload(ids, cu_seqlens, labels)
         st, H, C = self.stream, self.hidden, self.num_labels
         h = [buf.view(0, (T, H)) for buf in self.hidden_states]
         ops.embedding_forward(self.ids.view(0, (T,)), self.table, h[0], stream=st)
         for i, block in enumerate(self.blocks):
-            block.forward(h[i], h[i + 1], seq_lens, st)
+            block.forward(h[i], h[i + 1], seq_lens, st, dropout_step=self._dropout_step)
         cu = self.cu_seqlens.view(0, (B + 1,))
         pooled, normed = self.pooled.view(0, (B, H)), self.normed.view(0, (B, H))
         if self.pooling is Pooling.LAST:
@@ -283,11 +300,11 @@ class Classifier:
             if self.recompute and i < len(self.blocks) - 1:
                 # The shared activations hold the layer above's: restore this layer's. Its output goes
                 # to h[i + 1] again (the same values; the layer above is done with it).
-                block.forward(h[i], h[i + 1], seq_lens, st)
+                block.forward(h[i], h[i + 1], seq_lens, st, dropout_step=self._dropout_step)
             if self.mode is Mode.FULL:
                 block.backward(h[i], g_out, g_in, seq_lens, st, ws)
             else:
-                block.backward_lora(h[i], g_out, g_in, seq_lens, st, ws)
+                block.backward_lora(h[i], g_out, g_in, seq_lens, st, ws, dropout_step=self._dropout_step)
             g_out, g_in = g_in, g_out
         if self.embedding is not None:
             assert emb_index is not None

@@ -57,6 +57,7 @@ class TrainSettings:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_targets: tuple[str, ...] = _ALL_PROJECTIONS
+    lora_dropout: float = 0.0  #: PEFT's lora_dropout on the adapters' inputs while training
     train_embeddings: bool = False
     max_length: int = 512
     truncate: bool = True
@@ -110,7 +111,8 @@ class TrainSettings:
     def lora_config(self) -> LoraConfig | None:
         if self.mode != Mode.LORA.value:
             return None
-        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets, seed=self.seed)
+        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets,
+                          dropout=self.lora_dropout, seed=self.seed)
 
     def model_dir(self) -> Path:
         return Path(self.model) if self.model is not None else default_assets() / "model"
@@ -169,6 +171,8 @@ class TrainSettings:
             bad("weight_decay", self.weight_decay, "must be a finite number >= 0")
         if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
             bad("lora_alpha", self.lora_alpha, "must be a positive number")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            bad("lora_dropout", self.lora_dropout, "must be in [0, 1)")
         if self.token_budget < self.max_length:
             bad("token_budget", self.token_budget, f"must hold one sequence of --max-length {self.max_length}")
         if self.token_budget > MAX_TOKEN_BUDGET:
@@ -180,7 +184,7 @@ class TrainSettings:
     def result_defining(self) -> dict[str, Any]:
         """The settings a resumed run must share with the original to continue exactly."""
         keep = ("model", "train_file", "valid_file", "valid_fraction", "mode", "precision", "pooling",
-                "lora_rank", "lora_alpha", "lora_targets", "train_embeddings", "max_length", "truncate",
+                "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "train_embeddings", "max_length", "truncate",
                 "token_budget", "grad_accum", "epochs", "max_steps", "lr", "schedule", "warmup_ratio",
                 "weight_decay", "beta1", "beta2", "adam_eps", "max_grad_norm", "class_weights", "seed")
         d = asdict(self)

@@ -400,8 +400,9 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
                 if weight_sum <= 0:
                     raise DataError("a training step's examples all have class weight 0")
                 model.zero_grad()
-                for b in group:
-                    model.forward(b.ids, b.seq_lens, b.cu_seqlens, b.labels, train=True, grad_scale=1.0 / weight_sum)
+                for micro, b in enumerate(group):
+                    model.forward(b.ids, b.seq_lens, b.cu_seqlens, b.labels, train=True, grad_scale=1.0 / weight_sum,
+                                  step=(prog.step + 1, micro))
                     model.backward(b.seq_lens, b.embedding_index if model.embedding is not None else None)
                 lr = settings.peak_lr * lr_factor(prog.step, total=total_steps, warmup=warmup, schedule=settings.schedule)
                 model.optimizer_step(prog.step + 1, OptimizerHyper(
