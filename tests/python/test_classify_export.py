@@ -258,6 +258,24 @@ def test_atomic_directory_keeps_the_previous_checkpoint(tmp_path: Path, monkeypa
     assert files_of(final) == new and os.listdir(tmp_path) == ["checkpoint"]
 
 
+def test_a_crash_between_the_renames_is_undone(tmp_path: Path, rng: np.random.Generator) -> None:
+    """The process dies after moving the old checkpoint aside and before moving the new one in: the
+    next reader or writer finds the old one back under its name."""
+    from cudablocks.classify.checkpoint import is_checkpoint
+
+    final = tmp_path / "last"
+    old = {"state.json": b"{}", "weights.bin": rng.bytes(100)}
+    with atomic_directory(final) as d:
+        for name, data in old.items():
+            (d / name).write_bytes(data)
+    os.rename(final, tmp_path / ".last.tmp-0123456789ab-old")  # the first rename, then the crash
+    assert is_checkpoint(final) and files_of(final) == old
+    os.rename(final, tmp_path / ".last.tmp-0123456789ab-old")
+    with atomic_directory(final) as d:  # a writer restores it before replacing it
+        (d / "state.json").write_bytes(b"{}")
+    assert files_of(final) == {"state.json": b"{}"} and os.listdir(tmp_path) == ["last"]
+
+
 def test_atomic_write_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "metrics.json"
     atomic_write_text(path, "old ✓")

@@ -8,7 +8,9 @@ was.
 A directory cannot be swapped in one system call, so :func:`atomic_directory` does it in two
 renames: the old directory goes aside, the new one takes its name, then the old one is deleted.
 Only a crash of the process between those two renames leaves no directory under the final name;
-the previous checkpoint is then the sibling ``.<name>.tmp-<random>-old``.
+the previous checkpoint is then the sibling ``.<name>.tmp-<random>-old``, which
+:func:`restore_interrupted` (called before every write and by the checkpoint readers) renames
+back. One process writes a given checkpoint directory at a time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from cudablocks.errors import CheckpointError
 
-__all__ = ["atomic_directory", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_directory", "atomic_write_bytes", "atomic_write_text", "restore_interrupted"]
 
 
 def _temporary_sibling(path: Path) -> Path:
@@ -57,6 +59,20 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def restore_interrupted(final: str | os.PathLike[str]) -> None:
+    """Undoes a crash between the two renames of :func:`atomic_directory`: when ``final`` is
+    missing and its previous version sits aside, that version takes its name back."""
+    final = Path(final)
+    if final.exists() or not final.parent.is_dir():
+        return
+    aside = sorted(final.parent.glob(f".{final.name}.tmp-*-old"), key=lambda p: p.stat().st_mtime)
+    if aside:
+        try:
+            os.rename(aside[-1], final)
+        except OSError as e:
+            raise CheckpointError(f"{final} is missing and restoring it from {aside[-1]} failed: {e}") from e
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yields a new empty directory to fill; on normal exit it replaces ``final``.
@@ -67,6 +83,7 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     restoring the previous ``final`` if one existed.
     """
     final = Path(final)
+    restore_interrupted(final)
     if final.exists() and not final.is_dir():
         raise CheckpointError(f"cannot write a checkpoint directory at {final}: a file of that name exists")
     try:

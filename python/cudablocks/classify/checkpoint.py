@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from cudablocks.classify.atomic import atomic_directory
+from cudablocks.classify.atomic import atomic_directory, restore_interrupted
 from cudablocks.errors import CheckpointError
 
 __all__ = ["CHECKPOINT_VERSION", "Checkpoint", "Progress", "is_checkpoint", "read_checkpoint", "write_checkpoint"]
@@ -57,7 +57,9 @@ class Checkpoint:
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` holds a checkpoint written by :func:`write_checkpoint`."""
+    """Whether ``path`` holds a checkpoint written by :func:`write_checkpoint` (restoring it first
+    if a crash mid-replacement left it aside)."""
+    restore_interrupted(path)
     return (Path(path) / "state.json").is_file()
 
 
