@@ -2,5 +2,16 @@
 
 A Hugging Face decoder model directory, a ``tokenizer.json`` and JSONL data (``{"text", "label"}``)
 become a classifier: embedding, blocks, final norm, last-token pooling, the ``score`` head and
-cross-entropy, trained with AdamW in one of three modes (full, lora, head).
+cross-entropy, trained with AdamW in one of three modes (full, lora, head)::
+
+    from cudablocks.classify import TrainSettings, evaluate, predict, train
+
+    result = train(TrainSettings.create(model="path/to/Qwen3-4B", train_file="train.jsonl", mode="lora"))
+    print(evaluate(result.output_dir, "test.jsonl").accuracy)
+    print(predict(result.output_dir, ["some text"]))
 """
+
+from cudablocks.classify.settings import TrainSettings
+from cudablocks.classify.trainer import EvalResult, TrainResult, evaluate, predict, train
+
+__all__ = ["EvalResult", "TrainResult", "TrainSettings", "evaluate", "predict", "train"]
