@@ -24,7 +24,6 @@ synchronisation until the caller reads the loss.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -33,10 +32,12 @@ import numpy as np
 
 from cudablocks import ops
 from cudablocks._core import CudaBlock, CudaGradWorkspace, CudaStream, Device, GpuBlockOptimizerState, GpuBuffer, GradNorm
-from cudablocks.errors import InvalidArgumentError
-from cudablocks.lora import LoraConfig
+from cudablocks.errors import CheckpointError, InvalidArgumentError
 
-__all__ = ["Classifier", "HeadState", "Mode", "OptimizerHyper", "Pooling"]
+__all__ = ["LAYER_PREFIX", "Classifier", "Mode", "OptimizerHyper", "Pooling"]
+
+#: The state-dict prefix of decoder layer i (transformers' names).
+LAYER_PREFIX = "model.layers.{}."
 
 
 class Mode(str, Enum):
@@ -84,15 +85,6 @@ class _Param:
         self.grad = GpuBuffer.zeros(value.shape, "float32", device, stream=stream)
         self.exp_avg = GpuBuffer.zeros(value.shape, "float32", device, stream=stream)
         self.exp_avg_sq = GpuBuffer.zeros(value.shape, "float32", device, stream=stream)
-
-
-@dataclass
-class HeadState:
-    """Host copies of the head-side tensors (for checkpoints): values and AdamW moments by name."""
-
-    values: dict[str, np.ndarray]
-    exp_avg: dict[str, np.ndarray]
-    exp_avg_sq: dict[str, np.ndarray]
 
 
 class Classifier:
@@ -359,28 +351,40 @@ class Classifier:
 
     # ---- state for checkpoints ------------------------------------------------------------------
 
-    def head_state(self) -> HeadState:
-        """Host copies of the trained head-side tensors and their AdamW moments."""
-        params = self.head_params()
-        return HeadState(
-            values={p.name: p.value.to_numpy(self.stream) for p in params},
-            exp_avg={p.name: p.exp_avg.to_numpy(self.stream) for p in params},
-            exp_avg_sq={p.name: p.exp_avg_sq.to_numpy(self.stream) for p in params},
-        )
-
-    def load_head_state(self, state: HeadState) -> None:
-        """Restores :meth:`head_state` output (resume)."""
-        for p in self.head_params():
-            p.value.copy_from_numpy(np.ascontiguousarray(state.values[p.name], dtype=np.float32), self.stream)
-            p.exp_avg.copy_from_numpy(np.ascontiguousarray(state.exp_avg[p.name], dtype=np.float32), self.stream)
-            p.exp_avg_sq.copy_from_numpy(np.ascontiguousarray(state.exp_avg_sq[p.name], dtype=np.float32), self.stream)
-        self.stream.synchronize()
-
-    def final_norm_weight(self) -> np.ndarray:
-        """The final RMSNorm weight as it is now (trained in full mode)."""
-        return self.norm.value.to_numpy(self.stream)
-
-    def iter_block_states(self) -> Iterator[tuple[int, CudaBlock, GpuBlockOptimizerState]]:
-        """(layer index, block, optimizer state) of every trained block."""
+    def trainable_state(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Host copies of every trained tensor and of its AdamW moments, named as in transformers'
+        state dict: ``({"model.layers.3.self_attn.q_proj.lora_A.weight": ..., "score.weight": ...},
+        {"exp_avg.<name>": ..., "exp_avg_sq.<name>": ...})``."""
+        values: dict[str, np.ndarray] = {}
+        moments: dict[str, np.ndarray] = {}
         for i, (block, state) in enumerate(zip(self.blocks, self.block_states)):
-            yield i, block, state
+            prefix = LAYER_PREFIX.format(i)
+            weights = (block.download_weights(self.stream) if self.mode is Mode.FULL
+                       else block.download_lora_weights(self.stream))
+            values.update({prefix + k: v for k, v in weights.items()})
+            for key, v in state.to_numpy(self.stream).items():
+                kind, name = key.split(".", 1)  # "exp_avg.self_attn.q_proj.weight"
+                moments[f"{kind}.{prefix}{name}"] = v
+        for p in self.head_params():
+            values[p.name] = p.value.to_numpy(self.stream)
+            moments[f"exp_avg.{p.name}"] = p.exp_avg.to_numpy(self.stream)
+            moments[f"exp_avg_sq.{p.name}"] = p.exp_avg_sq.to_numpy(self.stream)
+        return values, moments
+
+    def load_moments(self, moments: dict[str, np.ndarray]) -> None:
+        """Restores the AdamW moments of :meth:`trainable_state` (resume; the trained values come in
+        when the blocks and the classifier are made). CheckpointError names a missing one."""
+        for i, state in enumerate(self.block_states):
+            prefix = LAYER_PREFIX.format(i)
+            mine = {}
+            for key, v in moments.items():
+                kind, name = key.split(".", 1)
+                if name.startswith(prefix):
+                    mine[f"{kind}.{name[len(prefix):]}"] = v
+            state.load_numpy(mine, self.stream)
+        for p in self.head_params():
+            for kind, buf in (("exp_avg", p.exp_avg), ("exp_avg_sq", p.exp_avg_sq)):
+                if f"{kind}.{p.name}" not in moments:
+                    raise CheckpointError(f"the checkpoint has no AdamW moments {kind} of {p.name}")
+                buf.copy_from_numpy(np.ascontiguousarray(moments[f"{kind}.{p.name}"], dtype=np.float32), self.stream)
+        self.stream.synchronize()  # the host arrays may go once this returns

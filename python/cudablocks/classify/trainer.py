@@ -36,7 +36,7 @@ from cudablocks.classify.atomic import atomic_write_text
 from cudablocks.classify.checkpoint import Checkpoint, Progress, is_checkpoint, read_checkpoint, write_checkpoint
 from cudablocks.classify.export import export_classifier, merge_lora, save_peft_adapter
 from cudablocks.classify.metrics import MetricsLog, accuracy, confusion_matrix, macro_f1, read_metrics
-from cudablocks.classify.model import Classifier, Mode, OptimizerHyper, Pooling
+from cudablocks.classify.model import LAYER_PREFIX, Classifier, Mode, OptimizerHyper, Pooling
 from cudablocks.classify.plot import plot_metrics
 from cudablocks.classify.schedule import lr_factor
 from cudablocks.classify.settings import TrainSettings
@@ -46,7 +46,6 @@ from cudablocks.lora import LoraConfig
 
 __all__ = ["EvalResult", "TrainResult", "evaluate", "load_classifier", "predict", "train"]
 
-_LAYER = "model.layers.{}."
 #: The block size NF4 blocks quantize float weights with (bitsandbytes' default).
 NF4_BLOCKSIZE = 64
 
@@ -94,7 +93,7 @@ def _score_init(num_labels: int, hidden: int, files: ModelFiles, seed: int) -> n
 
 
 def _layer_tensors(trainable: dict[str, np.ndarray], layer: int) -> dict[str, np.ndarray]:
-    prefix = _LAYER.format(layer)
+    prefix = LAYER_PREFIX.format(layer)
     return {k[len(prefix):]: v for k, v in trainable.items() if k.startswith(prefix)}
 
 
@@ -157,46 +156,6 @@ def build_classifier(
     return Classifier(blocks, embedding, final_norm, score, mode=mode, pooling=pooling, eps=cfg.rms_norm_eps,
                       device=device, stream=stream, train_embedding=train_embedding, class_weights=class_weights,
                       recompute=recompute)
-
-
-def _trainable_state(model: Classifier) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(trained tensors, their AdamW moments) by transformers' names, copied to the host."""
-    values: dict[str, np.ndarray] = {}
-    moments: dict[str, np.ndarray] = {}
-    for i, block, state in model.iter_block_states():
-        prefix = _LAYER.format(i)
-        weights = block.download_weights(model.stream) if model.mode is Mode.FULL else block.download_lora_weights(model.stream)
-        values.update({prefix + k: v for k, v in weights.items()})
-        for key, v in state.to_numpy(model.stream).items():
-            kind, name = key.split(".", 1)  # "exp_avg.self_attn.q_proj.weight"
-            moments[f"{kind}.{prefix}{name}"] = v
-    head = model.head_state()
-    values.update(head.values)
-    moments.update({f"exp_avg.{k}": v for k, v in head.exp_avg.items()})
-    moments.update({f"exp_avg_sq.{k}": v for k, v in head.exp_avg_sq.items()})
-    return values, moments
-
-
-def _load_moments(model: Classifier, moments: dict[str, np.ndarray]) -> None:
-    from cudablocks.classify.model import HeadState
-
-    for i, _, state in model.iter_block_states():
-        prefix = _LAYER.format(i)
-        mine = {}
-        for key, v in moments.items():
-            kind, name = key.split(".", 1)
-            if name.startswith(prefix):
-                mine[f"{kind}.{name[len(prefix):]}"] = v
-        state.load_numpy(mine, model.stream)
-    head = HeadState(values={}, exp_avg={}, exp_avg_sq={})
-    for p in model.head_params():
-        head.values[p.name] = p.value.to_numpy(model.stream)
-        try:
-            head.exp_avg[p.name] = moments[f"exp_avg.{p.name}"]
-            head.exp_avg_sq[p.name] = moments[f"exp_avg_sq.{p.name}"]
-        except KeyError as e:
-            raise CheckpointError(f"the checkpoint has no AdamW moments for {p.name}") from e
-    model.load_head_state(head)
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -358,7 +317,7 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
         trained=resumed.trainable if resumed is not None else None, progress=settings.progress,
         recompute=settings.recompute)
     if resumed is not None:
-        _load_moments(model, resumed.optimizer)
+        model.load_moments(resumed.optimizer)
     # The run directory changes only now that the model is on the device: a run that fails to
     # start (bad data, out of memory) leaves an earlier run's files as they were.
     atomic_write_text(out / "settings.json", json.dumps(asdict(settings), indent=2, default=list) + "\n")
@@ -370,7 +329,7 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
     eval_every = settings.eval_every or steps_per_epoch
 
     def checkpoint(path: Path) -> None:
-        values, moments = _trainable_state(model)
+        values, moments = model.trainable_state()
         write_checkpoint(path, Checkpoint(progress=prog, settings=settings.result_defining(),
                                           label_map=label_map.to_json(), trainable=values, optimizer=moments))
 
