@@ -76,6 +76,11 @@ py::dict config_dict(const TransformerConfig& c) {
   d["max_position_embeddings"] = c.max_position_embeddings;
   d["rms_norm_eps"] = c.rms_norm_eps;
   d["rope_theta"] = c.rope_theta;
+  d["rope_type"] = c.rope_type;
+  d["rope_factor"] = c.rope_factor;
+  d["rope_low_freq_factor"] = c.rope_low_freq_factor;
+  d["rope_high_freq_factor"] = c.rope_high_freq_factor;
+  d["rope_original_max_position_embeddings"] = c.rope_original_max_position_embeddings;
   d["attention_bias"] = c.attention_bias;
   d["o_proj_bias"] = c.o_proj_bias;
   d["qk_norm"] = c.qk_norm;
@@ -90,8 +95,10 @@ void bind_config(py::module_& m) {
       .def(py::init([](const std::string& model_type, std::int64_t hidden_size, std::int64_t num_attention_heads,
                        std::int64_t num_key_value_heads, std::int64_t head_dim, std::int64_t intermediate_size,
                        std::int64_t num_hidden_layers, std::int64_t vocab_size, std::int64_t max_position_embeddings,
-                       double rms_norm_eps, double rope_theta, bool attention_bias, bool o_proj_bias, bool qk_norm,
-                       bool tie_word_embeddings) {
+                       double rms_norm_eps, double rope_theta, const std::string& rope_type, double rope_factor,
+                       double rope_low_freq_factor, double rope_high_freq_factor,
+                       std::int64_t rope_original_max_position_embeddings, bool attention_bias, bool o_proj_bias,
+                       bool qk_norm, bool tie_word_embeddings) {
              TransformerConfig c;
              c.model_type = model_type;
              c.hidden_size = hidden_size;
@@ -104,6 +111,11 @@ void bind_config(py::module_& m) {
              c.max_position_embeddings = max_position_embeddings;
              c.rms_norm_eps = rms_norm_eps;
              c.rope_theta = rope_theta;
+             c.rope_type = rope_type;
+             c.rope_factor = rope_factor;
+             c.rope_low_freq_factor = rope_low_freq_factor;
+             c.rope_high_freq_factor = rope_high_freq_factor;
+             c.rope_original_max_position_embeddings = rope_original_max_position_embeddings;
              c.attention_bias = attention_bias;
              c.o_proj_bias = o_proj_bias;
              c.qk_norm = qk_norm;
@@ -114,7 +126,9 @@ void bind_config(py::module_& m) {
            py::kw_only(), py::arg("model_type"), py::arg("hidden_size"), py::arg("num_attention_heads"),
            py::arg("num_key_value_heads"), py::arg("head_dim"), py::arg("intermediate_size"),
            py::arg("num_hidden_layers"), py::arg("vocab_size"), py::arg("max_position_embeddings"),
-           py::arg("rms_norm_eps") = 1e-6, py::arg("rope_theta") = 10000.0, py::arg("attention_bias") = false,
+           py::arg("rms_norm_eps") = 1e-6, py::arg("rope_theta") = 10000.0, py::arg("rope_type") = "default",
+           py::arg("rope_factor") = 1.0, py::arg("rope_low_freq_factor") = 1.0, py::arg("rope_high_freq_factor") = 4.0,
+           py::arg("rope_original_max_position_embeddings") = 0, py::arg("attention_bias") = false,
            py::arg("o_proj_bias") = false, py::arg("qk_norm") = false, py::arg("tie_word_embeddings") = false,
            "Every field explicit (keyword-only); validated. Most users want from_pretrained / from_dict.")
       .def_static("from_dict", [](const py::object& d) { return py::module_::import("cudablocks.config").attr("config_from_dict")(d); },
@@ -133,6 +147,12 @@ void bind_config(py::module_& m) {
       .def_readwrite("max_position_embeddings", &TransformerConfig::max_position_embeddings)
       .def_readwrite("rms_norm_eps", &TransformerConfig::rms_norm_eps)
       .def_readwrite("rope_theta", &TransformerConfig::rope_theta)
+      .def_readwrite("rope_type", &TransformerConfig::rope_type,
+                     "RoPE scaling: \"default\" (none) or \"llama3\" (the rope_* numbers below apply to llama3 only).")
+      .def_readwrite("rope_factor", &TransformerConfig::rope_factor)
+      .def_readwrite("rope_low_freq_factor", &TransformerConfig::rope_low_freq_factor)
+      .def_readwrite("rope_high_freq_factor", &TransformerConfig::rope_high_freq_factor)
+      .def_readwrite("rope_original_max_position_embeddings", &TransformerConfig::rope_original_max_position_embeddings)
       .def_readwrite("attention_bias", &TransformerConfig::attention_bias,
                      "q_proj, k_proj and v_proj have biases (always for qwen2).")
       .def_readwrite("o_proj_bias", &TransformerConfig::o_proj_bias,
@@ -140,6 +160,11 @@ void bind_config(py::module_& m) {
       .def_readwrite("qk_norm", &TransformerConfig::qk_norm, "Per-head RMSNorm of q and k before RoPE (qwen3).")
       .def_readwrite("tie_word_embeddings", &TransformerConfig::tie_word_embeddings)
       .def("validate", &TransformerConfig::validate)
+      .def("rope_inv_freq", [](const TransformerConfig& c) {
+            const std::vector<float> inv_freq = c.rope_inv_freq();
+            return py::array_t<float>(static_cast<py::ssize_t>(inv_freq.size()), inv_freq.data());
+          }, "RoPE's inverse frequencies, float32 [head_dim // 2], as transformers computes them (llama3 scaling "
+             "applied): the pair (i, i + head_dim // 2) at position p rotates by float32(p * inv_freq[i]).")
       .def("to_dict", &config_dict)
       .def("__eq__", [](const TransformerConfig& a, const py::object& b) {
             if (!py::isinstance<TransformerConfig>(b)) return false;
@@ -168,6 +193,12 @@ void bind_config(py::module_& m) {
                         c.max_position_embeddings = d["max_position_embeddings"].cast<std::int64_t>();
                         c.rms_norm_eps = d["rms_norm_eps"].cast<double>();
                         c.rope_theta = d["rope_theta"].cast<double>();
+                        c.rope_type = d["rope_type"].cast<std::string>();
+                        c.rope_factor = d["rope_factor"].cast<double>();
+                        c.rope_low_freq_factor = d["rope_low_freq_factor"].cast<double>();
+                        c.rope_high_freq_factor = d["rope_high_freq_factor"].cast<double>();
+                        c.rope_original_max_position_embeddings =
+                            d["rope_original_max_position_embeddings"].cast<std::int64_t>();
                         c.attention_bias = d["attention_bias"].cast<bool>();
                         c.o_proj_bias = d["o_proj_bias"].cast<bool>();
                         c.qk_norm = d["qk_norm"].cast<bool>();

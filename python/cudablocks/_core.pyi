@@ -230,6 +230,11 @@ class TransformerConfig:
         max_position_embeddings: int,
         rms_norm_eps: float = 1e-6,
         rope_theta: float = 10000.0,
+        rope_type: str = "default",
+        rope_factor: float = 1.0,
+        rope_low_freq_factor: float = 1.0,
+        rope_high_freq_factor: float = 4.0,
+        rope_original_max_position_embeddings: int = 0,
         attention_bias: bool = False,
         o_proj_bias: bool = False,
         qk_norm: bool = False,
@@ -250,11 +255,17 @@ class TransformerConfig:
     max_position_embeddings: int
     rms_norm_eps: float
     rope_theta: float
+    rope_type: str
+    rope_factor: float
+    rope_low_freq_factor: float
+    rope_high_freq_factor: float
+    rope_original_max_position_embeddings: int
     attention_bias: bool
     o_proj_bias: bool
     qk_norm: bool
     tie_word_embeddings: bool
     def validate(self) -> None: ...
+    def rope_inv_freq(self) -> np.ndarray: ...
     def to_dict(self) -> dict[str, Any]: ...
 
 ParamLayoutRow = tuple[str, int, tuple[int, ...], bool]

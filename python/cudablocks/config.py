@@ -8,8 +8,11 @@ struct (``cudablocks._core.TransformerConfig``):
   transformers' default of 128 and Qwen2/Llama use ``hidden_size // num_attention_heads``.
 * ``rope_theta`` is read top-level (transformers 4) or from the ``rope_parameters`` /
   ``rope_scaling`` dicts (transformers 5: ``{"rope_type": "default", "rope_theta": ...}``).
-  Any RoPE type other than ``default`` (linear, dynamic, yarn, llama3, longrope, ...) or a
-  ``partial_rotary_factor`` below 1 is refused with :class:`UnsupportedOperationError`.
+  RoPE types ``default`` and ``llama3`` (Llama 3.1 and later: ``factor``, ``low_freq_factor``,
+  ``high_freq_factor``, ``original_max_position_embeddings``, all required) are implemented;
+  any other (linear, dynamic, yarn, longrope, ...) or a ``partial_rotary_factor`` below 1 is
+  refused with :class:`UnsupportedOperationError`. ``TransformerConfig.rope_inv_freq()`` gives
+  the resulting inverse frequencies, as transformers computes them.
 * Biases: Qwen2 always has q/k/v biases and no o_proj bias; Qwen3 and Llama have q/k/v *and*
   o_proj biases exactly when ``attention_bias`` is true. ``qk_norm`` is true for Qwen3 only.
 * Refused (``UnsupportedOperationError``): unknown ``model_type``, ``hidden_act`` other than
@@ -68,8 +71,33 @@ def _float(d: Mapping[str, Any], key: str, value: Any) -> float:
     return float(value)
 
 
-def _rope_theta(d: Mapping[str, Any]) -> float:
+# llama3's keys in a rope_scaling / rope_parameters dict, and the TransformerConfig fields they fill.
+_LLAMA3_FIELDS = {
+    "factor": "rope_factor",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "original_max_position_embeddings": "rope_original_max_position_embeddings",
+}
+
+
+def _llama3_scaling(params: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """TransformerConfig's rope_* fields from a llama3 ``rope_scaling`` dict (ranges: validate())."""
+    missing = [name for name in _LLAMA3_FIELDS if params.get(name) is None]
+    if missing:
+        raise InvalidArgumentError(f"config {key!r} has rope_type 'llama3' but no {', '.join(missing)}")
+    scaling: dict[str, Any] = {"rope_type": "llama3"}
+    for name, field in _LLAMA3_FIELDS.items():
+        if name == "original_max_position_embeddings":
+            scaling[field] = _int(params, name)
+        else:
+            scaling[field] = _float(params, name, params[name])
+    return scaling
+
+
+def _rope(d: Mapping[str, Any]) -> dict[str, Any]:
+    """TransformerConfig's RoPE fields: rope_theta, and rope_type with llama3's numbers when scaled."""
     theta = d.get("rope_theta")
+    scaling: dict[str, Any] = {}
     for key in ("rope_parameters", "rope_scaling"):
         params = d.get(key)
         if params is None:
@@ -79,13 +107,18 @@ def _rope_theta(d: Mapping[str, Any]) -> float:
         if any(isinstance(v, Mapping) for v in params.values()):
             raise UnsupportedOperationError(
                 f"config {key!r} gives RoPE parameters per layer type ({sorted(params)}); cudablocks implements "
-                "one default rotary embedding for every layer"
+                "one rotary embedding for every layer"
             )
         rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type not in (None, "default"):
+        if rope_type == "llama3":
+            found = _llama3_scaling(params, key)
+            if scaling and found != scaling:
+                raise InvalidArgumentError("config 'rope_parameters' and 'rope_scaling' give different llama3 RoPE scalings")
+            scaling = found
+        elif rope_type not in (None, "default"):
             raise UnsupportedOperationError(
                 f"RoPE scaling type {rope_type!r} ({key} = {dict(params)}) is not implemented: cudablocks supports "
-                "only the default (unscaled) rotary embedding; use a checkpoint without rope scaling"
+                "the default rotary embedding and llama3's scaling (not linear, dynamic, yarn or longrope)"
             )
         factor = params.get("partial_rotary_factor", 1.0)
         if factor is not None and float(factor) != 1.0:
@@ -94,7 +127,7 @@ def _rope_theta(d: Mapping[str, Any]) -> float:
             theta = params["rope_theta"]
     if d.get("partial_rotary_factor", 1.0) not in (None, 1, 1.0):
         raise UnsupportedOperationError(f"partial_rotary_factor {d['partial_rotary_factor']} is not implemented (only 1.0)")
-    return _float(d, "rope_theta", 10000.0 if theta is None else theta)
+    return {"rope_theta": _float(d, "rope_theta", 10000.0 if theta is None else theta), **scaling}
 
 
 def config_from_dict(config: Mapping[str, Any]) -> TransformerConfig:
@@ -160,7 +193,7 @@ def config_from_dict(config: Mapping[str, Any]) -> TransformerConfig:
         vocab_size=_int(d, "vocab_size", defaults["vocab_size"]),
         max_position_embeddings=_int(d, "max_position_embeddings", defaults["max_position_embeddings"]),
         rms_norm_eps=_float(d, "rms_norm_eps", d.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(d),
+        **_rope(d),
         attention_bias=qkv_bias,
         o_proj_bias=o_bias,
         qk_norm=model_type == "qwen3",

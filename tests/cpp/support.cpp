@@ -56,6 +56,14 @@ TransformerConfig tiny_config() {
   return c;
 }
 
+std::vector<float> rope_inv_freq(int head_dim, float theta) {
+  TransformerConfig c = tiny_config();
+  c.num_attention_heads = c.num_key_value_heads = 1;
+  c.head_dim = head_dim;
+  c.rope_theta = theta;
+  return c.rope_inv_freq();
+}
+
 Weights random_weights(const TransformerConfig& c) {
   Weights w;
   ParamLayout layout(c);

@@ -21,6 +21,8 @@ double relative_error(const std::vector<float>& a, const std::vector<float>& b);
 
 // A tiny Qwen3 config (hidden 32, 4/2 heads of 8, intermediate 48) with q/k/v biases and QK-norm.
 TransformerConfig tiny_config();
+// The default (unscaled) RoPE inverse frequencies [head_dim / 2] of TransformerConfig::rope_inv_freq().
+std::vector<float> rope_inv_freq(int head_dim, float theta);
 
 // Random weights for every tensor of a config's layout, and the storage they point into.
 struct Weights {

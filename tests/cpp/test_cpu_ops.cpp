@@ -367,10 +367,20 @@ TEST(CpuAdd, AddsAndAllowsAliasing) {
 
 // ---- QK-norm + RoPE -----------------------------------------------------------------------------
 
-// Per-head RMSNorm (when w is non-empty) then rotate-half RoPE, all in double.
+// transformers' default RoPE frequencies: fp32 inv_freq = 1 / theta^(fp32(2i/d)), the power correctly rounded.
+std::vector<float> default_inv_freq(int d, double theta) {
+  std::vector<float> inv_freq(static_cast<std::size_t>(d / 2));
+  for (int i = 0; i < d / 2; ++i) {
+    inv_freq[i] = 1.0f / static_cast<float>(std::pow(theta, static_cast<double>(float(2 * i) / float(d))));
+  }
+  return inv_freq;
+}
+
+// Per-head RMSNorm (when w is non-empty) then rotate-half RoPE, in double but for the angle,
+// which is transformers' fp32 product of the position and inv_freq.
 std::vector<double> qk_norm_rope_fp64(const std::vector<double>& x, const std::vector<double>& w,
                                       const std::vector<std::int32_t>& positions, int n_heads, int d, double eps,
-                                      double theta, std::vector<double>* rstd = nullptr) {
+                                      const std::vector<float>& inv_freq, std::vector<double>* rstd = nullptr) {
   const std::int64_t tokens = static_cast<std::int64_t>(positions.size());
   std::vector<double> y(x.size()), h(static_cast<std::size_t>(d));
   if (rstd != nullptr) rstd->assign(static_cast<std::size_t>(tokens * n_heads), 0.0);
@@ -386,9 +396,7 @@ std::vector<double> qk_norm_rope_fp64(const std::vector<double>& x, const std::v
         if (rstd != nullptr) (*rstd)[t * n_heads + hd] = s;
       }
       for (int i = 0; i < d / 2; ++i) {
-        // transformers' angle: fp32 inv_freq = 1 / theta^(fp32(2i/d)), times the position in fp32.
-        const float inv_freq = 1.0f / static_cast<float>(std::pow(theta, static_cast<double>(float(2 * i) / float(d))));
-        const double angle = static_cast<float>(positions[t]) * inv_freq;
+        const double angle = static_cast<float>(positions[t]) * inv_freq[i];
         // rotate_half(h) = [-h[d/2:], h[:d/2]];  y = h * cos + rotate_half(h) * sin
         y[base + i] = h[i] * std::cos(angle) + (-h[i + d / 2]) * std::sin(angle);
         y[base + i + d / 2] = h[i + d / 2] * std::cos(angle) + h[i] * std::sin(angle);
@@ -397,9 +405,10 @@ std::vector<double> qk_norm_rope_fp64(const std::vector<double>& x, const std::v
   return y;
 }
 
-void check_qk_forward(bool with_norm, std::int64_t tokens, int n_heads, int d, float theta, int max_position) {
+void check_qk_forward(bool with_norm, std::int64_t tokens, int n_heads, int d, const std::vector<float>& inv_freq,
+                      int max_position) {
   SCOPED_TRACE(testing::Message() << "norm=" << with_norm << " tokens=" << tokens << " heads=" << n_heads
-                                  << " d=" << d << " theta=" << theta);
+                                  << " d=" << d << " inv_freq[1]=" << inv_freq[1]);
   const float eps = 1e-6f;
   const auto x = random_normal(tokens * n_heads * d, 3.0f);
   const auto w = with_norm ? random_normal(d) : std::vector<float>{};
@@ -407,19 +416,30 @@ void check_qk_forward(bool with_norm, std::int64_t tokens, int n_heads, int d, f
   auto y = nans(x.size());
   auto rstd = nans(tokens * n_heads);
   cpu().qk_norm_rope_forward(x.data(), with_norm ? w.data() : nullptr, y.data(), rstd.data(), positions.data(),
-                             tokens, n_heads, d, eps, theta, stream());
+                             tokens, n_heads, d, eps, inv_freq.data(), stream());
   std::vector<double> ref_rstd;
-  const auto ref = qk_norm_rope_fp64(to_double(x), to_double(w), positions, n_heads, d, eps, theta, &ref_rstd);
+  const auto ref = qk_norm_rope_fp64(to_double(x), to_double(w), positions, n_heads, d, eps, inv_freq, &ref_rstd);
   EXPECT_LE(relative_error(y, ref), kForwardTol);
   if (with_norm) EXPECT_LE(relative_error(rstd, ref_rstd), kForwardTol);
 }
 
 TEST(CpuQkNormRope, ForwardMatchesFp64) {
-  check_qk_forward(true, 23, 3, 16, 10000.0f, 64);
-  check_qk_forward(false, 23, 3, 16, 10000.0f, 64);
+  check_qk_forward(true, 23, 3, 16, default_inv_freq(16, 10000.0), 64);
+  check_qk_forward(false, 23, 3, 16, default_inv_freq(16, 10000.0), 64);
   // Qwen3-like head and theta, positions up to 8K, several threads.
-  check_qk_forward(true, 50, 8, 128, 1000000.0f, 8192);
-  check_qk_forward(false, 50, 8, 128, 1000000.0f, 8192);
+  check_qk_forward(true, 50, 8, 128, default_inv_freq(128, 1000000.0), 8192);
+  check_qk_forward(false, 50, 8, 128, default_inv_freq(128, 1000000.0), 8192);
+  // Any frequencies (RoPE scaling rescales them): random ones in (0, 1].
+  std::vector<float> any = random_normal(32);
+  for (float& f : any) f = std::exp(-4.0f * std::abs(f));
+  check_qk_forward(true, 40, 4, 64, any, 8192);
+}
+
+TEST(CpuQkNormRope, ConfigFrequenciesAreTransformersDefault) {
+  for (int d : {8, 64, 128, 256})
+    for (double theta : {10000.0, 500000.0, 1000000.0}) {
+      EXPECT_EQ(test::rope_inv_freq(d, static_cast<float>(theta)), default_inv_freq(d, theta)) << d << " " << theta;
+    }
 }
 
 TEST(CpuQkNormRope, PositionZeroIsIdentityRope) {
@@ -429,13 +449,14 @@ TEST(CpuQkNormRope, PositionZeroIsIdentityRope) {
   const std::vector<std::int32_t> positions(3, 0);
   auto y = nans(x.size());
   cpu().qk_norm_rope_forward(x.data(), nullptr, y.data(), nullptr, positions.data(), 3, n_heads, d, 1e-6f,
-                             10000.0f, stream());
+                             default_inv_freq(d, 10000.0).data(), stream());
   EXPECT_EQ(y, x);
 }
 
 void check_qk_backward(bool with_norm, std::int64_t tokens, int n_heads, int d) {
   SCOPED_TRACE(testing::Message() << "norm=" << with_norm << " tokens=" << tokens);
-  const float eps = 1e-6f, theta = 10000.0f;
+  const float eps = 1e-6f;
+  const std::vector<float> inv_freq = default_inv_freq(d, 10000.0);
   const auto x = random_normal(tokens * n_heads * d);
   const auto w = with_norm ? random_normal(d) : std::vector<float>{};
   const auto g = random_normal(x.size());
@@ -443,20 +464,21 @@ void check_qk_backward(bool with_norm, std::int64_t tokens, int n_heads, int d) 
   const float* wp = with_norm ? w.data() : nullptr;
   auto y = nans(x.size()), rstd = nans(tokens * n_heads);
   cpu().qk_norm_rope_forward(x.data(), wp, y.data(), with_norm ? rstd.data() : nullptr, positions.data(), tokens,
-                             n_heads, d, eps, theta, stream());
+                             n_heads, d, eps, inv_freq.data(), stream());
   auto dx = nans(x.size());
   const auto dw0 = with_norm ? random_normal(d) : std::vector<float>{};
   auto dw = dw0;
   cpu().qk_norm_rope_backward(g.data(), x.data(), wp, with_norm ? rstd.data() : nullptr, dx.data(),
-                              with_norm ? dw.data() : nullptr, positions.data(), tokens, n_heads, d, theta, stream());
+                              with_norm ? dw.data() : nullptr, positions.data(), tokens, n_heads, d, inv_freq.data(),
+                              stream());
   const auto xd = to_double(x), wd = to_double(w);
   const auto fd_x = finite_difference(x, [&](const std::vector<double>& v) {
-    return dot(qk_norm_rope_fp64(v, wd, positions, n_heads, d, eps, theta), g);
+    return dot(qk_norm_rope_fp64(v, wd, positions, n_heads, d, eps, inv_freq), g);
   });
   EXPECT_LE(relative_error(dx, fd_x), kGradTol);
   if (with_norm) {
     const auto fd_w = finite_difference(w, [&](const std::vector<double>& v) {
-      return dot(qk_norm_rope_fp64(xd, v, positions, n_heads, d, eps, theta), g);
+      return dot(qk_norm_rope_fp64(xd, v, positions, n_heads, d, eps, inv_freq), g);
     });
     EXPECT_LE(relative_error(dw, plus(dw0, fd_w)), kGradTol);  // dw accumulates
   }

@@ -406,15 +406,17 @@ TEST(CudaOps, QkNormRopeMatchesCpu) {
     Vec rstd_in(rows, 1.0f);
     auto [ref, out] = on_both([&](Env& e) {
       Buffer xb = e.upload(x), wb = e.upload(w), pb = e.upload(pos), yb = e.poisoned(n), rb = e.poisoned(rows);
+      Buffer fb = e.upload(test::rope_inv_freq(rc.head_dim, theta));
       const float* wp = rc.norm ? wb.data_as<float>() : nullptr;
       e.backend.qk_norm_rope_forward(xb.data_as<float>(), wp, yb.data_as<float>(), rb.data_as<float>(),
-                                     pb.data_as<std::int32_t>(), tokens, rc.heads, rc.head_dim, eps, theta, e.stream);
+                                     pb.data_as<std::int32_t>(), tokens, rc.heads, rc.head_dim, eps, fb.data_as<float>(),
+                                     e.stream);
       Vec rstd = rc.norm ? e.download(rb) : Vec(rows, 0.0f);
       if (e.device.is_cpu()) rstd_in = rstd;
       Buffer rin = e.upload(rstd_in), dyb = e.upload(dy), dxb = e.poisoned(n), dwb = e.upload(dw0);
       e.backend.qk_norm_rope_backward(dyb.data_as<float>(), xb.data_as<float>(), wp, rin.data_as<float>(),
                                       dxb.data_as<float>(), dwb.data_as<float>(), pb.data_as<std::int32_t>(), tokens,
-                                      rc.heads, rc.head_dim, theta, e.stream);
+                                      rc.heads, rc.head_dim, fb.data_as<float>(), e.stream);
       return std::vector<Vec>{e.download(yb), rstd, e.download(dxb), e.download(dwb)};
     });
     const std::string what = std::to_string(rc.heads) + " heads x " + std::to_string(rc.head_dim) +
@@ -456,8 +458,9 @@ TEST(CudaOps, RopeLongPositionsUseTransformersFp32Angles) {
     }
   Env cuda{gpu()};
   Buffer xb = cuda.upload(x), pb = cuda.upload(pos), yb = cuda.poisoned(n);
+  Buffer fb = cuda.upload(test::rope_inv_freq(d, theta));
   cuda.backend.qk_norm_rope_forward(xb.data_as<float>(), nullptr, yb.data_as<float>(), nullptr,
-                                    pb.data_as<std::int32_t>(), tokens, heads, d, 1e-6f, theta, cuda.stream);
+                                    pb.data_as<std::int32_t>(), tokens, heads, d, 1e-6f, fb.data_as<float>(), cuda.stream);
   EXPECT_LT(relative_error(cuda.download(yb), expect), 1e-6);
 }
 

@@ -35,7 +35,9 @@ PAD = "<pad>"
 
 
 def make_model_dir(root: Path, seed: int, model_type: str = "qwen3") -> Path:
-    """A tiny random decoder model (fp32 safetensors) with a WordLevel tokenizer.json."""
+    """A tiny random decoder model (fp32 safetensors) with a WordLevel tokenizer.json. "llama" is a
+    Llama 3.1-style model: llama3 RoPE scaling, with original_max_position_embeddings small enough
+    (16) that the scaling changes the rotation at our lengths."""
     vocab = {PAD: 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
@@ -46,6 +48,11 @@ def make_model_dir(root: Path, seed: int, model_type: str = "qwen3") -> Path:
     if model_type == "qwen3":
         config = transformers.Qwen3Config(head_dim=16, **common)
         model = transformers.Qwen3ForCausalLM(config)
+    elif model_type == "llama":
+        scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 16}
+        config = transformers.LlamaConfig(rope_scaling=scaling, **common)
+        model = transformers.LlamaForCausalLM(config)
     else:
         config = transformers.Qwen2Config(**common)
         model = transformers.Qwen2ForCausalLM(config)
@@ -142,7 +149,8 @@ def seq_cls_model(model_dir: Path, num_labels: int, score: np.ndarray) -> Any:
     return model
 
 
-@pytest.mark.parametrize(("model_type", "train_embeddings"), [("qwen3", False), ("qwen2", False), ("qwen3", True)])
+@pytest.mark.parametrize(("model_type", "train_embeddings"),
+                         [("qwen3", False), ("qwen2", False), ("llama", False), ("qwen3", True)])
 def test_full_mode_losses_match_transformers(model_type: str, train_embeddings: bool, tmp_path: Path,
                                              rng: np.random.Generator) -> None:
     model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)), model_type)

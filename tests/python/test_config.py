@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import cudablocks as cb
@@ -31,6 +32,16 @@ LLAMA = {
     "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "rope_scaling": None,
     "attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "tie_word_embeddings": True,
 }
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+LLAMA_3_1_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "rope_scaling": LLAMA3_SCALING,
+    "attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "tie_word_embeddings": False,
+}
+# Llama 3.2 1B: head_dim 64, factor 32.
+LLAMA_3_2_1B = {**LLAMA, "rope_scaling": {**LLAMA3_SCALING, "factor": 32.0}}
 
 
 def v5(config: dict[str, Any], key: str = "rope_parameters") -> dict[str, Any]:
@@ -93,8 +104,7 @@ def test_head_dim_is_never_derived_when_given() -> None:
 @pytest.mark.parametrize("scaling", [
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
     {"type": "linear", "factor": 2.0},
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 8192},
+    {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0], "original_max_position_embeddings": 4096},
     {"rope_type": "dynamic", "factor": 2.0},
 ])
 @pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
@@ -153,3 +163,85 @@ def test_transformers_own_configs_round_trip() -> None:
         assert cfg.rope_theta == 12345.0 and cfg.rms_norm_eps == 1e-5 and cfg.num_hidden_layers == 3
         assert cfg.head_dim == extra.get("head_dim", 32)
         assert cfg.o_proj_bias == bool(extra.get("attention_bias"))
+
+
+# ---- llama3 RoPE scaling ------------------------------------------------------------------------------
+
+def hf_inv_freq(config: Any) -> Any:
+    """transformers' inverse frequencies (LlamaRotaryEmbedding's, float32) for a LlamaConfig or a config dict."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    if isinstance(config, dict):
+        config = transformers.LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    return LlamaRotaryEmbedding(config).inv_freq.numpy()
+
+
+@pytest.mark.parametrize("spelling", ["v4", "v5"])
+@pytest.mark.parametrize("config", [LLAMA_3_1_8B, LLAMA_3_2_1B], ids=["llama-3.1-8b", "llama-3.2-1b"])
+def test_llama3_scaling_parses_and_matches_transformers(config: dict[str, Any], spelling: str) -> None:
+    d = dict(config)
+    if spelling == "v5":  # transformers 5: rope_parameters with rope_theta inside
+        d["rope_parameters"] = {**d.pop("rope_scaling"), "rope_theta": d.pop("rope_theta")}
+    cfg = cb.TransformerConfig.from_dict(d)
+    scaling = config["rope_scaling"]
+    assert (cfg.rope_type, cfg.rope_theta, cfg.rope_factor) == ("llama3", 500000.0, scaling["factor"])
+    assert (cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_position_embeddings) == (
+        1.0, 4.0, 8192)
+    inv_freq = cfg.rope_inv_freq()
+    assert inv_freq.dtype == np.float32 and inv_freq.shape == (cfg.head_dim // 2,)
+    np.testing.assert_array_equal(inv_freq, hf_inv_freq(config))
+    assert pickle.loads(pickle.dumps(cfg)) == cfg and cfg.to_dict()["rope_type"] == "llama3"
+    assert cfg != cb.TransformerConfig.from_dict({**config, "rope_scaling": None})
+
+
+def test_llama3_scaling_of_random_configs_matches_transformers(rng: np.random.Generator) -> None:
+    """Random head dims, thetas and scalings. transformers takes theta ** x with torch's vectorised
+    powf, which differs from the correctly rounded power by an ulp for a few (theta, head_dim); where
+    the unscaled frequencies agree, the scaled ones must agree bit for bit, elsewhere within
+    2 * factor ulp (the blend's s = original / wavelen - low cancels, amplifying the ulp by up to factor)."""
+    agreed = 0
+    for _ in range(40):
+        head_dim = int(rng.choice([16, 64, 96, 128, 256]))
+        scaling = {"rope_type": "llama3", "factor": float(rng.uniform(1, 40)),
+                   "low_freq_factor": float(rng.uniform(0.5, 2)), "high_freq_factor": float(rng.uniform(2.5, 8)),
+                   "original_max_position_embeddings": int(rng.integers(16, 20000))}
+        base = {**LLAMA, "hidden_size": 2 * head_dim, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "head_dim": head_dim, "rope_theta": float(rng.choice([10000.0, 500000.0, rng.uniform(100, 2e6)])),
+                "max_position_embeddings": 10**6}
+        scaled = {**base, "rope_scaling": scaling}
+        ours, theirs = cb.TransformerConfig.from_dict(scaled).rope_inv_freq(), hf_inv_freq(scaled)
+        same_base = cb.TransformerConfig.from_dict(base).rope_inv_freq() == hf_inv_freq(base)
+        np.testing.assert_array_equal(ours[same_base], theirs[same_base])
+        np.testing.assert_allclose(ours, theirs, rtol=2 * scaling["factor"] * 2.0**-23, atol=0)
+        agreed += int(same_base.sum())
+    assert agreed > 0.9 * 40 * 32
+
+
+def test_bad_llama3_scaling_is_refused() -> None:
+    with pytest.raises(cb.InvalidArgumentError, match="no low_freq_factor"):
+        cb.TransformerConfig.from_dict({**LLAMA, "rope_scaling": {**LLAMA3_SCALING, "low_freq_factor": None}})
+    with pytest.raises(cb.InvalidArgumentError, match="low_freq_factor < high_freq_factor"):
+        cb.TransformerConfig.from_dict({**LLAMA, "rope_scaling": {**LLAMA3_SCALING, "high_freq_factor": 1.0}})
+    with pytest.raises(cb.InvalidArgumentError, match="factor must be finite and >= 1"):
+        cb.TransformerConfig.from_dict({**LLAMA, "rope_scaling": {**LLAMA3_SCALING, "factor": 0.5}})
+    with pytest.raises(cb.InvalidArgumentError, match="original_max_position_embeddings must be positive"):
+        cb.TransformerConfig.from_dict({**LLAMA, "rope_scaling": {**LLAMA3_SCALING,
+                                                                  "original_max_position_embeddings": 0}})
+    with pytest.raises(cb.InvalidArgumentError, match="different llama3"):
+        cb.TransformerConfig.from_dict({**LLAMA, "rope_scaling": LLAMA3_SCALING,
+                                        "rope_parameters": {**LLAMA3_SCALING, "factor": 16.0}})
+    with pytest.raises(cb.UnsupportedOperationError, match="rope_type 'yarn'"):
+        cb.TransformerConfig(model_type="llama", hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
+                             head_dim=32, intermediate_size=8, num_hidden_layers=1, vocab_size=8,
+                             max_position_embeddings=64, rope_type="yarn")
+
+
+def test_transformers_own_llama3_config_round_trips() -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_hidden_layers=2,
+                                  vocab_size=100, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING),
+                                  max_position_embeddings=131072)
+    cfg = cb.TransformerConfig.from_dict(hf.to_dict())
+    assert cfg.rope_type == "llama3" and cfg.rope_theta == 500000.0 and cfg.rope_factor == 8.0
+    np.testing.assert_array_equal(cfg.rope_inv_freq(), hf_inv_freq(hf))

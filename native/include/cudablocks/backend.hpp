@@ -89,15 +89,16 @@ class Backend {
 
   // Per-head RMSNorm (optional) then rotary embedding, for q or k laid out [T, n_heads * d]:
   //   h = w == nullptr ? x : x_head * rstd * w   (rstd per (token, head), eps as for RMSNorm)
-  //   y = rope(h): pairs (i, i + d/2) rotated by angle positions[t] * theta^(-2i/d).
-  // rstd [T * n_heads] receives the norm factors when w != nullptr (saved for the backward).
+  //   y = rope(h): pairs (i, i + d/2) rotated by the fp32 angle positions[t] * inv_freq[i].
+  // inv_freq [d/2] (TransformerConfig::rope_inv_freq(), on the backend's device) carries theta and
+  // any RoPE scaling. rstd [T * n_heads] receives the norm factors when w != nullptr (saved for the backward).
   virtual void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd,
                                     const std::int32_t* positions, std::int64_t tokens, int n_heads,
-                                    int head_dim, float eps, float theta, const Stream& stream) const = 0;
+                                    int head_dim, float eps, const float* inv_freq, const Stream& stream) const = 0;
   // The backward of qk_norm_rope_forward: dx written; dw[i] += its gradient (when w != nullptr).
   virtual void qk_norm_rope_backward(const float* dy, const float* x, const float* w, const float* rstd,
                                      float* dx, float* dw, const std::int32_t* positions, std::int64_t tokens,
-                                     int n_heads, int head_dim, float theta, const Stream& stream) const = 0;
+                                     int n_heads, int head_dim, const float* inv_freq, const Stream& stream) const = 0;
 
   // SwiGLU on gate_up [rows, 2 * cols] (gate in columns [0, cols), up in [cols, 2 * cols)):
   //   out[r, c] = silu(gate[r, c]) * up[r, c],  out [rows, cols].

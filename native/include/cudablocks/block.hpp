@@ -295,12 +295,15 @@ class CudaBlock {
   [[noreturn]] void unsupported(const std::string& call, const std::string& instead) const;
 
   void set_last_stream(const Stream& stream);
+  // Uploads config_.rope_inv_freq() into rope_inv_freq_ (the create functions call it once).
+  void upload_rope_inv_freq(const Stream& stream);
 
   TransformerConfig config_;
   int layer_idx_;
   Device device_;
   std::int64_t max_tokens_;
   Precision precision_;
+  Buffer rope_inv_freq_;  // float32 [head_dim / 2] on device_: the RoPE op's inverse frequencies
 
  private:
   mutable std::mutex last_stream_mutex_;

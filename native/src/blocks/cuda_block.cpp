@@ -35,6 +35,12 @@ void CudaBlock::set_last_stream(const Stream& stream) {
   last_stream_ = stream;
 }
 
+void CudaBlock::upload_rope_inv_freq(const Stream& stream) {
+  const std::vector<float> inv_freq = config_.rope_inv_freq();
+  rope_inv_freq_ = Buffer::empty({static_cast<std::int64_t>(inv_freq.size())}, DType::Float32, device_);
+  rope_inv_freq_.copy_from_host(inv_freq.data(), stream);
+}
+
 void CudaBlock::unsupported(const std::string& call, const std::string& instead) const {
   throw UnsupportedOperationError(call + " is not supported by " + kind() + " blocks" +
                                   (instead.empty() ? std::string() : ": " + instead));

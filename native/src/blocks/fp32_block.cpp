@@ -115,6 +115,7 @@ std::shared_ptr<Fp32Block> Fp32Block::create(const TransformerConfig& config, in
   }
   Stream stream = Stream::wrap(device, 0);
   block->params_.copy_from_host(host.data(), stream);
+  block->upload_rope_inv_freq(stream);
   if (precision == Precision::BF16) {
     backend.to_bf16(block->params_.data_as<float>(), block->params_bf16_.data_as<std::uint16_t>(),
                     layout->total_floats(), stream);
@@ -136,7 +137,7 @@ std::int64_t Fp32Block::scratch_bytes_per_token() const {
 }
 
 std::int64_t Fp32Block::device_bytes() const {
-  return static_cast<std::int64_t>(params_.nbytes() + params_bf16_.nbytes());
+  return static_cast<std::int64_t>(params_.nbytes() + params_bf16_.nbytes() + rope_inv_freq_.nbytes());
 }
 
 std::int64_t Fp32Block::activation_bytes() const {
@@ -191,7 +192,8 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   const std::int64_t T = batch.tokens, H = c.hidden_size, d = c.head_dim, I = c.intermediate_size;
   const int nq = static_cast<int>(c.num_attention_heads), nkv = static_cast<int>(c.num_key_value_heads);
   const std::int64_t q = nq * d, kv = nkv * d;
-  const float eps = static_cast<float>(c.rms_norm_eps), theta = static_cast<float>(c.rope_theta);
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const float* inv_freq = rope_inv_freq_.data_as<float>();
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   const Precision prec = precision_;
 
@@ -241,9 +243,9 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   }
   const bool qkn = c.qk_norm;
   be.qk_norm_rope_forward(S + sl.q_raw, qkn ? W + pl.q_norm : nullptr, X + sc.q_rot, qkn ? S + sl.rstd_q : nullptr,
-                          positions, T, nq, static_cast<int>(d), eps, theta, stream);
+                          positions, T, nq, static_cast<int>(d), eps, inv_freq, stream);
   be.qk_norm_rope_forward(S + sl.k_raw, qkn ? W + pl.k_norm : nullptr, X + sc.k_rot, qkn ? S + sl.rstd_k : nullptr,
-                          positions, T, nkv, static_cast<int>(d), eps, theta, stream);
+                          positions, T, nkv, static_cast<int>(d), eps, inv_freq, stream);
   be.attention_forward(X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, cu, n_seqs, batch.max_seqlen, T,
                        nq, nkv, static_cast<int>(d), scale, precision_, stream);
   float* r = S + sl.r;
@@ -315,7 +317,8 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   const std::int64_t T = batch.tokens, H = c.hidden_size, d = c.head_dim, I = c.intermediate_size;
   const int nq = static_cast<int>(c.num_attention_heads), nkv = static_cast<int>(c.num_key_value_heads);
   const std::int64_t q = nq * d, kv = nkv * d;
-  const float eps = static_cast<float>(c.rms_norm_eps), theta = static_cast<float>(c.rope_theta);
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const float* inv_freq = rope_inv_freq_.data_as<float>();
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   const Precision prec = precision_;
   const std::int32_t* positions = indices_.data_as<std::int32_t>();  // uploaded by the forward
@@ -392,10 +395,10 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   // Recompute the rotated q and k (their rstd values are rewritten with the same numbers).
   be.qk_norm_rope_forward(S + sl.q_raw, qkn ? W + pl.q_norm : nullptr, q_rot,
                           qkn ? S + sl.rstd_q : nullptr, positions, T, nq, static_cast<int>(d), eps,
-                          theta, stream);
+                          inv_freq, stream);
   be.qk_norm_rope_forward(S + sl.k_raw, qkn ? W + pl.k_norm : nullptr, k_rot,
                           qkn ? S + sl.rstd_k : nullptr, positions, T, nkv, static_cast<int>(d), eps,
-                          theta, stream);
+                          inv_freq, stream);
   float* dq_rot = X + sc.dq_rot;
   float* dk_rot = X + sc.dk_rot;
   float* dv = X + sc.dv;
@@ -404,9 +407,9 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   float* dq = d_att;  // d_att and q_rot are dead after the attention backward
   float* dk = q_rot;
   be.qk_norm_rope_backward(dq_rot, S + sl.q_raw, qkn ? W + pl.q_norm : nullptr, qkn ? S + sl.rstd_q : nullptr, dq,
-                           qkn ? G + pl.q_norm : nullptr, positions, T, nq, static_cast<int>(d), theta, stream);
+                           qkn ? G + pl.q_norm : nullptr, positions, T, nq, static_cast<int>(d), inv_freq, stream);
   be.qk_norm_rope_backward(dk_rot, S + sl.k_raw, qkn ? W + pl.k_norm : nullptr, qkn ? S + sl.rstd_k : nullptr, dk,
-                           qkn ? G + pl.k_norm : nullptr, positions, T, nkv, static_cast<int>(d), theta, stream);
+                           qkn ? G + pl.k_norm : nullptr, positions, T, nkv, static_cast<int>(d), inv_freq, stream);
   if (pl.bqkv >= 0) {
     be.bias_backward(dq, G + pl.bqkv, T, q, stream);
     be.bias_backward(dk, G + pl.bqkv + q, T, kv, stream);

@@ -658,6 +658,7 @@ std::shared_ptr<Nf4Block> Nf4Block::create(const TransformerConfig& config, int 
   }
   block->memory_ = BlockMemory(device, needs, std::move(arena), share_activations);
   block->indices_ = Buffer::empty({2 * max_tokens + 1}, DType::Int32, device);
+  block->upload_rope_inv_freq(stream);
   block->dequant_bytes_ = Impl::scratch_bytes(*block);
   dequant_scratch(device, block->dequant_bytes_);  // grows the shared scratch now, not mid-forward
   stream.synchronize();
@@ -680,7 +681,8 @@ std::int64_t Nf4Block::scratch_bytes_per_token() const {
 }
 
 std::int64_t Nf4Block::device_bytes() const {
-  std::size_t total = dense_.nbytes() + lora_params_.nbytes() + lora_consts_.nbytes() + dequant_code_.nbytes();
+  std::size_t total = dense_.nbytes() + lora_params_.nbytes() + lora_consts_.nbytes() + dequant_code_.nbytes() +
+                      rope_inv_freq_.nbytes();
   for (const Nf4Weight& w : weights_) {
     total += w.packed.nbytes() + w.absmax.nbytes() + w.qabsmax.nbytes() + w.absmax2.nbytes() + w.offset.nbytes();
     if (w.code.data() != dequant_code_.data()) total += w.code.nbytes();
@@ -719,7 +721,8 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   const std::int64_t T = batch.tokens, H = c.hidden_size, d = c.head_dim, I = c.intermediate_size;
   const int nq = static_cast<int>(c.num_attention_heads), nkv = static_cast<int>(c.num_key_value_heads);
   const std::int64_t q = nq * d, kv = nkv * d;
-  const float eps = static_cast<float>(c.rms_norm_eps), theta = static_cast<float>(c.rope_theta);
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const float* inv_freq = rope_inv_freq_.data_as<float>();
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
 
   const std::vector<std::int32_t> idx = position_indices(batch);
@@ -752,9 +755,9 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   }
   const bool qkn = c.qk_norm;
   be.qk_norm_rope_forward(S + sl.q_raw, qkn ? D + q_norm_ : nullptr, X + sc.q_rot, qkn ? S + sl.rstd_q : nullptr,
-                          positions, T, nq, static_cast<int>(d), eps, theta, stream);
+                          positions, T, nq, static_cast<int>(d), eps, inv_freq, stream);
   be.qk_norm_rope_forward(S + sl.k_raw, qkn ? D + k_norm_ : nullptr, X + sc.k_rot, qkn ? S + sl.rstd_k : nullptr,
-                          positions, T, nkv, static_cast<int>(d), eps, theta, stream);
+                          positions, T, nkv, static_cast<int>(d), eps, inv_freq, stream);
   be.attention_forward(X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, cu, n_seqs, batch.max_seqlen, T,
                        nq, nkv, static_cast<int>(d), scale, precision_, stream);
   float* r = S + sl.r;
@@ -833,7 +836,8 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   const TransformerConfig& c = config_;
   const std::int64_t T = batch.tokens, H = c.hidden_size, d = c.head_dim, I = c.intermediate_size;
   const int nq = static_cast<int>(c.num_attention_heads), nkv = static_cast<int>(c.num_key_value_heads);
-  const float eps = static_cast<float>(c.rms_norm_eps), theta = static_cast<float>(c.rope_theta);
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const float* inv_freq = rope_inv_freq_.data_as<float>();
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   const std::int32_t* positions = indices_.data_as<std::int32_t>();
   const std::int32_t* cu = positions + T;
@@ -880,9 +884,9 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* q_rot = X + sc.q_rot;
   float* k_rot = X + sc.k_rot;
   be.qk_norm_rope_forward(S + sl.q_raw, qkn ? D + q_norm_ : nullptr, q_rot, qkn ? S + sl.rstd_q : nullptr, positions,
-                          T, nq, static_cast<int>(d), eps, theta, stream);
+                          T, nq, static_cast<int>(d), eps, inv_freq, stream);
   be.qk_norm_rope_forward(S + sl.k_raw, qkn ? D + k_norm_ : nullptr, k_rot, qkn ? S + sl.rstd_k : nullptr, positions,
-                          T, nkv, static_cast<int>(d), eps, theta, stream);
+                          T, nkv, static_cast<int>(d), eps, inv_freq, stream);
   float* dq_rot = X + sc.dq_rot;
   float* dk_rot = X + sc.dk_rot;
   float* dv = X + sc.dv;
@@ -891,9 +895,9 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* dq = d_att;
   float* dk = q_rot;
   be.qk_norm_rope_backward(dq_rot, S + sl.q_raw, qkn ? D + q_norm_ : nullptr, qkn ? S + sl.rstd_q : nullptr, dq,
-                           qkn ? sink + 2 * H : nullptr, positions, T, nq, static_cast<int>(d), theta, stream);
+                           qkn ? sink + 2 * H : nullptr, positions, T, nq, static_cast<int>(d), inv_freq, stream);
   be.qk_norm_rope_backward(dk_rot, S + sl.k_raw, qkn ? D + k_norm_ : nullptr, qkn ? S + sl.rstd_k : nullptr, dk,
-                           qkn ? sink + 2 * H + d : nullptr, positions, T, nkv, static_cast<int>(d), theta, stream);
+                           qkn ? sink + 2 * H + d : nullptr, positions, T, nkv, static_cast<int>(d), inv_freq, stream);
   float* h = X + sc.sh;
   be.rmsnorm_forward(xin, D + ln_in_, h, nullptr, T, H, eps, stream);
   float* dh = X + nsc.dh;  // h stays readable for the adapters' gradients

@@ -9,25 +9,13 @@
 namespace cudablocks::cpu {
 namespace {
 
-// The angles as transformers computes them, in fp32: inv_freq = 1 / theta^(2i/d) rounded to
-// fp32, angle = fp32(position * inv_freq). Rounding the angle to fp32 moves it by up to ~2e-4 rad
-// at position 8K; computing it in double would make this reference disagree with transformers
-// (and with the CUDA backend, which computes the same fp32 angles) by that much. cos and sin of
-// the fp32 angle are then taken in double.
-std::vector<float> inverse_frequencies(int head_dim, float theta) {
-  std::vector<float> inv_freq(static_cast<std::size_t>(head_dim / 2));
-  for (int i = 0; i < head_dim / 2; ++i) {
-    const float exponent = static_cast<float>(2 * i) / static_cast<float>(head_dim);
-    const float power = static_cast<float>(std::pow(static_cast<double>(theta), static_cast<double>(exponent)));
-    inv_freq[i] = 1.0f / power;
-  }
-  return inv_freq;
-}
-
-// cos and sin of the angles of one token: cs[i] = cos(a_i), cs[d/2 + i] = sin(a_i).
-void angles(std::int32_t position, const std::vector<float>& inv_freq, std::vector<double>& cs) {
-  const std::size_t half = inv_freq.size();
-  for (std::size_t i = 0; i < half; ++i) {
+// cos and sin of the angles of one token: cs[i] = cos(a_i), cs[half + i] = sin(a_i). The angle
+// is rounded to fp32 as transformers computes it: rounding moves it by up to ~2e-4 rad at position
+// 8K, so computing it in double would make this reference disagree with transformers (and with
+// the CUDA backend, which computes the same fp32 angles) by that much. cos and sin of the fp32
+// angle are then taken in double.
+void angles(std::int32_t position, const float* inv_freq, int half, std::vector<double>& cs) {
+  for (int i = 0; i < half; ++i) {
     const double a = static_cast<float>(position) * inv_freq[i];  // the product rounded to fp32
     cs[i] = std::cos(a);
     cs[half + i] = std::sin(a);
@@ -41,13 +29,12 @@ std::int64_t token_grain(int n_heads, int head_dim) {
 }  // namespace
 
 void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd, const std::int32_t* positions,
-                          std::int64_t tokens, int n_heads, int head_dim, float eps, float theta) {
+                          std::int64_t tokens, int n_heads, int head_dim, float eps, const float* inv_freq) {
   const int half = head_dim / 2;
-  const std::vector<float> inv_freq = inverse_frequencies(head_dim, theta);
   parallel_for(tokens, [&](std::int64_t t) {
     std::vector<double> cs(static_cast<std::size_t>(head_dim));
     std::vector<float> normed(static_cast<std::size_t>(head_dim));
-    angles(positions[t], inv_freq, cs);
+    angles(positions[t], inv_freq, half, cs);
     for (int hd = 0; hd < n_heads; ++hd) {
       const std::int64_t offset = (t * n_heads + hd) * head_dim;
       const float* xh = x + offset;
@@ -76,9 +63,8 @@ void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd,
 
 void qk_norm_rope_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx,
                            float* dw, const std::int32_t* positions, std::int64_t tokens, int n_heads,
-                           int head_dim, float theta) {
+                           int head_dim, const float* inv_freq) {
   const int half = head_dim / 2;
-  const std::vector<float> inv_freq = inverse_frequencies(head_dim, theta);
   // dw sums over every (token, head): each chunk of tokens sums into its own row of partials,
   // and the rows are added in order afterwards (no races, same result for any thread count).
   constexpr std::int64_t chunk = 32;
@@ -89,7 +75,7 @@ void qk_norm_rope_backward(const float* dy, const float* x, const float* w, cons
     std::vector<double> cs(static_cast<std::size_t>(head_dim));
     std::vector<double> dh(static_cast<std::size_t>(head_dim));
     for (std::int64_t t = ch * chunk; t < std::min(tokens, (ch + 1) * chunk); ++t) {
-      angles(positions[t], inv_freq, cs);
+      angles(positions[t], inv_freq, half, cs);
       for (int hd = 0; hd < n_heads; ++hd) {
         const std::int64_t offset = (t * n_heads + hd) * head_dim;
         const float* dyh = dy + offset;

@@ -7,10 +7,10 @@
 //   rope, rotate-half (non-interleaved, as Hugging Face transformers), for i in [0, d/2):
 //     y[i]       = h[i] * cos(a_i) - h[i + d/2] * sin(a_i)
 //     y[i + d/2] = h[i + d/2] * cos(a_i) + h[i] * sin(a_i)
-//     a_i = positions[t] * inv_freq[i],  inv_freq[i] = theta^(-2i/d)
-// inv_freq and the angle are rounded to fp32 as transformers computes them (so the reference
-// agrees with it, and with the CUDA backend, at long positions); cos, sin and the rotation are
-// then computed in double. rstd [T * n_heads] is written when w != nullptr.
+//     a_i = fp32(positions[t] * inv_freq[i]),  inv_freq [d/2] from TransformerConfig::rope_inv_freq()
+// The angle is rounded to fp32 as transformers computes it (so the reference agrees with it, and
+// with the CUDA backend, at long positions); cos, sin and the rotation are then computed in
+// double. rstd [T * n_heads] is written when w != nullptr.
 //
 // Backward: RoPE is a rotation, so its backward rotates dy by -a_i; then, with w, the RMSNorm
 // backward per head (as rmsnorm_backward, over d): dx = rstd * (w * dh - x * rstd^2 * mean(w * dh * x)),
@@ -23,10 +23,10 @@
 namespace cudablocks::cpu {
 
 void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd, const std::int32_t* positions,
-                          std::int64_t tokens, int n_heads, int head_dim, float eps, float theta);
+                          std::int64_t tokens, int n_heads, int head_dim, float eps, const float* inv_freq);
 
 void qk_norm_rope_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx,
                            float* dw, const std::int32_t* positions, std::int64_t tokens, int n_heads,
-                           int head_dim, float theta);
+                           int head_dim, const float* inv_freq);
 
 }  // namespace cudablocks::cpu

@@ -39,20 +39,12 @@ template <int V> struct Pack;
 template <> struct Pack<1> { using type = float; };
 template <> struct Pack<2> { using type = float2; };
 
-// transformers' inv_freq in fp32: 1 / (theta ** (arange(0, d, 2).float() / d)). The power is
-// computed in double and rounded once to fp32 (the correctly rounded fp32 pow, which CPU libms
-// also give), the division is the IEEE fp32 one: the CPU reference can reproduce it bit for bit.
-__device__ __forceinline__ float rope_inv_freq(int i, int head_dim, float theta) {
-  const float exponent = __fdiv_rn(static_cast<float>(2 * i), static_cast<float>(head_dim));
-  const float power = static_cast<float>(pow(static_cast<double>(theta), static_cast<double>(exponent)));
-  return __fdiv_rn(1.0f, power);
-}
-
-// cos/sin of token t's angles into shared memory. Callers put a barrier after it (and before it
-// when the arrays were in use).
-__device__ __forceinline__ void rope_table(float* cos_s, float* sin_s, int pos, int half, int head_dim, float theta) {
+// cos/sin of token t's angles into shared memory: angle = fp32(pos * inv_freq[i]) as transformers
+// (the CPU reference rounds it the same way). Callers put a barrier after it (and before it when
+// the arrays were in use).
+__device__ __forceinline__ void rope_table(float* cos_s, float* sin_s, int pos, int half, const float* inv_freq) {
   for (int i = threadIdx.x; i < half; i += kThreads) {
-    const float angle = __fmul_rn(static_cast<float>(pos), rope_inv_freq(i, head_dim, theta));
+    const float angle = __fmul_rn(static_cast<float>(pos), inv_freq[i]);
     sincosf(angle, &sin_s[i], &cos_s[i]);
   }
 }
@@ -61,12 +53,13 @@ template <int V, int K>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
                                                                    float* __restrict__ y, float* __restrict__ rstd,
                                                                    const std::int32_t* __restrict__ positions, int n_heads,
-                                                                   int head_dim, float eps, float theta) {
+                                                                   int head_dim, float eps,
+                                                                   const float* __restrict__ inv_freq) {
   using P = typename Pack<V>::type;
   __shared__ float cos_s[kMaxHalf], sin_s[kMaxHalf];
   const std::int64_t t = blockIdx.x;
   const int half = head_dim / 2;
-  rope_table(cos_s, sin_s, positions[t], half, head_dim, theta);
+  rope_table(cos_s, sin_s, positions[t], half, inv_freq);
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int h = warp; h < n_heads; h += kWarps) {
@@ -132,7 +125,7 @@ template <int V, int K>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_kernel(
     const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ rstd,
     float* __restrict__ dx, float* __restrict__ dw_partial, const std::int32_t* __restrict__ positions, std::int64_t tokens,
-    int n_heads, int head_dim, float theta) {
+    int n_heads, int head_dim, const float* __restrict__ inv_freq) {
   using P = typename Pack<V>::type;
   __shared__ float cos_s[kMaxHalf], sin_s[kMaxHalf];
   __shared__ float dw_s[kWarps][2 * kMaxHalf];
@@ -147,7 +140,7 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_kernel(
 
   for (std::int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     __syncthreads();  // the previous token's table is no longer read
-    rope_table(cos_s, sin_s, positions[t], half, head_dim, theta);
+    rope_table(cos_s, sin_s, positions[t], half, inv_freq);
     __syncthreads();
     for (int h = warp; h < n_heads; h += kWarps) {
       const std::int64_t base = (t * n_heads + h) * head_dim;
@@ -269,21 +262,22 @@ template <> constexpr int width<Pack<2>> = 2;
 }  // namespace
 
 void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd, const std::int32_t* positions,
-                          std::int64_t tokens, int n_heads, int head_dim, float eps, float theta, cudaStream_t stream) {
+                          std::int64_t tokens, int n_heads, int head_dim, float eps, const float* inv_freq,
+                          cudaStream_t stream) {
   const bool vec2 = aligned8(x) && aligned8(y) && (w == nullptr || aligned8(w));
   dispatch(head_dim, vec2, [&](auto pack, auto k) {
     constexpr int V = width<decltype(pack)>;
     constexpr int K = decltype(k)::value;
     if (tokens == 0 || n_heads == 0) return;
     qk_norm_rope_forward_kernel<V, K><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
-        x, w, y, rstd, positions, n_heads, head_dim, eps, theta);
+        x, w, y, rstd, positions, n_heads, head_dim, eps, inv_freq);
     CUDABLOCKS_CHECK_LAUNCH("qk_norm_rope_forward_kernel");
   });
 }
 
 void qk_norm_rope_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw,
-                           const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float theta,
-                           cudaStream_t stream) {
+                           const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim,
+                           const float* inv_freq, cudaStream_t stream) {
   const bool vec2 = aligned8(dy) && aligned8(dx) && (w == nullptr || (aligned8(x) && aligned8(w)));
   dispatch(head_dim, vec2, [&](auto pack, auto k) {
     constexpr int V = width<decltype(pack)>;
@@ -293,13 +287,13 @@ void qk_norm_rope_backward(const float* dy, const float* x, const float* w, cons
     const std::int64_t blocks = std::min<std::int64_t>(tokens, 4 * static_cast<std::int64_t>(multiprocessor_count()));
     if (w == nullptr) {
       qk_norm_rope_backward_kernel<V, K><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          dy, x, w, rstd, dx, nullptr, positions, tokens, n_heads, head_dim, theta);
+          dy, x, w, rstd, dx, nullptr, positions, tokens, n_heads, head_dim, inv_freq);
       CUDABLOCKS_CHECK_LAUNCH("qk_norm_rope_backward_kernel");
       return;
     }
     ScratchLease scratch(sizeof(float) * static_cast<std::size_t>(blocks * head_dim), stream);
     qk_norm_rope_backward_kernel<V, K><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        dy, x, w, rstd, dx, scratch.get<float>(), positions, tokens, n_heads, head_dim, theta);
+        dy, x, w, rstd, dx, scratch.get<float>(), positions, tokens, n_heads, head_dim, inv_freq);
     CUDABLOCKS_CHECK_LAUNCH("qk_norm_rope_backward_kernel");
     add_column_partials(scratch.get<float>(), static_cast<int>(blocks), head_dim, dw, stream);
   });
