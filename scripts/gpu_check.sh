@@ -4,6 +4,8 @@
 # every log under OUTDIR. Prints a short summary last.
 #
 #   scripts/gpu_check.sh OUTDIR [--quick] [--skip-bench]
+#
+# Carry bitsandbytes as a wheel in .whl/ (see the README's GPU section) for the anchors that use it.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUTDIR [--quick] [--skip-bench]}
 shift
@@ -24,6 +26,12 @@ status=0
 gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
 echo "GPU: ${gpu:-none}" | tee "$out/summary.txt"
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+
+# Wheels carried in .whl/ (bitsandbytes for the anchors: the GPU machines have no network).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 start=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-deps -v . >"$out/build.log" 2>&1; then
