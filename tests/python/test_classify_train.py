@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -123,7 +124,8 @@ def torch_losses(model: Any, params: list[tuple[str, Any]], s: TrainSettings, st
     losses = []
     for group in steps:
         opt.zero_grad()
-        w_sum = sum(len(b.seq_lens) for b in group)
+        w_sum = sum(float(class_weights[torch.from_numpy(b.labels.astype(np.int64))].sum())
+                    if class_weights is not None else len(b.seq_lens) for b in group)
         total_loss = 0.0
         for micro, b in enumerate(group):
             if before_batch is not None:
@@ -169,6 +171,45 @@ def test_full_mode_losses_match_transformers(model_type: str, train_embeddings: 
     diff = np.abs(np.array(result.train_losses) - np.array(ref))
     assert diff.max() <= 1e-4, (diff.max(), result.train_losses, ref)
     assert ref[-1] < ref[0]  # it learned something: the comparison is not between two flat lines
+
+
+class MeanPooled(torch.nn.Module):
+    """A sequence classifier whose head reads the mean of the (final-normed) hidden states of the
+    real tokens instead of the last one's."""
+
+    def __init__(self, classifier: Any) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+        hidden = self.classifier.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask[..., None].to(hidden.dtype)
+        return SimpleNamespace(logits=self.classifier.score((hidden * mask).sum(1) / mask.sum(1)))
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_head_mode_losses_match_transformers(pooling: str, tmp_path: Path, rng: np.random.Generator) -> None:
+    """Only the score head trains; with mean pooling the reference averages transformers' normed
+    hidden states over each sequence (what ``--pooling mean`` computes) before the head."""
+    model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)))
+    s = settings_for(model_dir, make_data(tmp_path / "train.jsonl", rng, 120), tmp_path / "run", mode="head",
+                     pooling=pooling, lr=2e-2, class_weights="1,0.5,2")
+    result = train(s, log=lambda *a: None)
+
+    examples = dataset.read_jsonl(s.train_path())
+    label_map = dataset.LabelMap.from_examples(examples)
+    tok_set = dataset.tokenize(examples, dataset.load_tokenizer(model_dir), s.max_length, label_map=label_map)
+    model = seq_cls_model(model_dir, 3, _score_init(3, 64, ModelFiles.open(model_dir), s.seed))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("score."))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if pooling == "mean":
+        model = MeanPooled(model)
+    weights = torch.tensor([1.0, 0.5, 2.0])
+    ref = torch_losses(model, params, s, steps_of(s, tok_set, s.max_steps), class_weights=weights)
+    diff = np.abs(np.array(result.train_losses) - np.array(ref))
+    assert diff.max() <= 1e-4, (diff.max(), result.train_losses, ref)
+    assert ref[-1] < ref[0]
 
 
 def peft_twin(model_dir: Path, s: TrainSettings) -> tuple[Any, list[tuple[str, Any]]]:
