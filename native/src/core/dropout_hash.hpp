@@ -32,11 +32,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define CUDABLOCKS_HD __host__ __device__ __forceinline__
-#else
-#define CUDABLOCKS_HD inline
-#endif
+#include "core/host_device.hpp"
 
 namespace cudablocks::dropout {
 

@@ -15,11 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define CUDABLOCKS_HD __host__ __device__ __forceinline__
-#else
-#define CUDABLOCKS_HD inline
-#endif
+#include "core/host_device.hpp"
 
 namespace cudablocks::nf4 {
 
