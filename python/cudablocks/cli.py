@@ -134,7 +134,10 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the whole command line."""
+    from cudablocks import __version__
+
     parser = argparse.ArgumentParser(prog="cudablocks", description="Decoder-transformer blocks on NVIDIA GPUs.")
+    parser.add_argument("--version", action="version", version=f"cudablocks {__version__}")
     top = parser.add_subparsers(dest="command", required=True)
     classify = top.add_parser("classify", help="fine-tune and use sequence classifiers",
                               description="Fine-tune and use sequence classifiers.")
