@@ -1,4 +1,4 @@
-"""The ``cudablocks`` command line: ``cudablocks classify train | eval | predict``.
+"""The ``cudablocks`` command line: ``cudablocks classify train | eval | predict | export``.
 
 User errors (bad data, missing files, bad flags, out of GPU memory) print one ``error:`` line and
 exit with status 2; an interrupted run exits with 130 after saving a resumable checkpoint.
@@ -132,6 +132,17 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a full ...ForSequenceClassification directory",
+                       description="Write the best checkpoint of a run as a full transformers sequence "
+                                   "classifier (LoRA merged; NF4 weights dequantized), loadable with "
+                                   "AutoModelForSequenceClassification.from_pretrained.")
+    p.add_argument("checkpoint", help="run directory (its best/ checkpoint) or checkpoint directory")
+    p.add_argument("output", help="directory to write (replaced atomically if it exists)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the written weights")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the whole command line."""
     from cudablocks import __version__
@@ -145,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _eval_parser(sub)
     _predict_parser(sub)
+    _export_parser(sub)
     return parser
 
 
@@ -200,13 +212,20 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from cudablocks.classify.trainer import export_run
+
+    print(f"full classifier: {export_run(args.checkpoint, args.output, args.dtype)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error that argparse has already printed
         return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
-    run = {"train": _train, "eval": _eval, "predict": _predict}[args.action]
+    run = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}[args.action]
     try:
         return run(args)
     except OutOfMemoryError as e:

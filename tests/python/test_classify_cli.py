@@ -30,7 +30,7 @@ from cudablocks import cli  # noqa: E402
 from cudablocks.classify.data import load_tokenizer  # noqa: E402
 from test_classify_train import LABELS, WORDS, make_data, make_model_dir  # noqa: E402
 
-ACTIONS = ["train", "eval", "predict"]
+ACTIONS = ["train", "eval", "predict", "export"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAIN_STEPS = 3
 

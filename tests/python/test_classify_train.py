@@ -469,36 +469,40 @@ def test_mean_pooling_and_class_weights_train(tmp_path: Path, rng: np.random.Gen
     assert r.confusion.sum() == len(tok) and np.allclose(r.probs.sum(1), 1.0, atol=1e-5)
 
 
-def test_lora_on_a_bitsandbytes_checkpoint_equals_lora_on_its_float_twin(tmp_path: Path,
-                                                                          rng: np.random.Generator) -> None:
-    """A bitsandbytes 4-bit checkpoint (as transformers saves one) trains exactly as the bf16 model
-    it was quantized from: the NF4 blocks quantize the float weights to the same bytes."""
+def make_bnb_twins(model_dir: Path, root: Path) -> tuple[Path, Path]:
+    """A bf16 copy of the model and its bitsandbytes 4-bit twin (NF4 projections, blocksize 64, as
+    transformers saves one): (float_dir, bnb_dir)."""
     import ml_dtypes
     from safetensors.numpy import save_file
 
-    model_dir = make_model_dir(tmp_path, int(rng.integers(1 << 30)))
     files = ModelFiles.open(model_dir)
+    bf16 = {n: files.tensor(n).astype(np.float32).astype(ml_dtypes.bfloat16) for n in files.tensor_names()}
     stored: dict[str, np.ndarray] = {}
-    for name in files.tensor_names():
-        a = files.tensor(name).astype(np.float32).astype(ml_dtypes.bfloat16)  # the float twin is bf16
+    for name, a in bf16.items():
         if name.endswith("_proj.weight"):
             stored.update(cb.nf4.quantize(a, 64).to_bnb_state_dict(name[: -len("weight")]))
         else:
             stored[name] = a
-    float_dir, bnb_dir = tmp_path / "float", tmp_path / "bnb"
+    float_dir, bnb_dir = root / "float", root / "bnb"
     for d in (float_dir, bnb_dir):
         d.mkdir()
         (d / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes())
     config = json.loads((model_dir / "config.json").read_text())
     (float_dir / "config.json").write_text(json.dumps(config))
-    save_file({n: files.tensor(n).astype(np.float32).astype(ml_dtypes.bfloat16) for n in files.tensor_names()},
-              str(float_dir / "model.safetensors"))
+    save_file(bf16, str(float_dir / "model.safetensors"))
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
                                      "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
                                      "bnb_4bit_compute_dtype": "bfloat16"}
     (bnb_dir / "config.json").write_text(json.dumps(config))
     save_file(stored, str(bnb_dir / "model.safetensors"))
+    return float_dir, bnb_dir
 
+
+def test_lora_on_a_bitsandbytes_checkpoint_equals_lora_on_its_float_twin(tmp_path: Path,
+                                                                          rng: np.random.Generator) -> None:
+    """A bitsandbytes 4-bit checkpoint (as transformers saves one) trains exactly as the bf16 model
+    it was quantized from: the NF4 blocks quantize the float weights to the same bytes."""
+    float_dir, bnb_dir = make_bnb_twins(make_model_dir(tmp_path, int(rng.integers(1 << 30))), tmp_path)
     data = make_data(tmp_path / "train.jsonl", rng, 60)
     kw = dict(mode="lora", lora_rank=4, lora_alpha=8.0, lora_targets=("q_proj", "gate_proj"), max_steps=6, lr=5e-3)
     twin = train(settings_for(float_dir, data, tmp_path / "a", **kw), log=lambda *a: None)
@@ -521,3 +525,30 @@ def test_recompute_gives_the_same_losses(mode: str, tmp_path: Path, rng: np.rand
     plain = train(settings_for(model_dir, data, tmp_path / "a", **kw), log=lambda *a: None)
     recomputed = train(settings_for(model_dir, data, tmp_path / "b", recompute=True, **kw), log=lambda *a: None)
     assert recomputed.train_losses == plain.train_losses
+
+
+@pytest.mark.parametrize("mode", ["lora", "head"])
+def test_export_of_a_bitsandbytes_run_reproduces_its_probabilities(mode: str, tmp_path: Path,
+                                                                   rng: np.random.Generator) -> None:
+    """`cudablocks classify export` of a run on a 4-bit checkpoint: the dequantized weights (with the
+    adapters merged) in transformers give the probabilities the run gives; a bf16 export, nearly."""
+    from cudablocks import cli
+
+    _, bnb_dir = make_bnb_twins(make_model_dir(tmp_path, int(rng.integers(1 << 30))), tmp_path)
+    data = make_data(tmp_path / "train.jsonl", rng, 60)
+    kw: dict[str, Any] = dict(mode=mode, max_steps=5, lr=1e-2)
+    if mode == "lora":
+        kw.update(lora_rank=4, lora_alpha=8.0, lora_targets=("v_proj", "up_proj"))
+    train(settings_for(bnb_dir, data, tmp_path / "run", **kw), log=lambda *a: None)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 12)))) for _ in range(5)]
+    ours = np.array([[r["probs"][n] for n in sorted(LABELS)] for r in predict(tmp_path / "run", texts, device="cpu")])
+    tok = dataset.load_tokenizer(bnb_dir)
+    for dtype, tol in (("float32", 2e-5), ("bfloat16", 3e-2)):
+        out = tmp_path / f"export-{dtype}"
+        assert cli.main(["classify", "export", str(tmp_path / "run"), str(out), "--dtype", dtype]) == 0
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(out, torch_dtype=torch.float32)
+        assert "quantization_config" not in json.loads((out / "config.json").read_text())
+        with torch.no_grad():
+            theirs = np.array([torch.softmax(model(input_ids=torch.tensor([tok.encode(t).ids])).logits[0], -1).numpy()
+                               for t in texts])
+        np.testing.assert_allclose(theirs, ours, atol=tol)

@@ -44,7 +44,7 @@ from cudablocks.classify.weights import ModelFiles
 from cudablocks.errors import CheckpointError, DataError, InvalidArgumentError
 from cudablocks.lora import LoraConfig
 
-__all__ = ["EvalResult", "TrainResult", "evaluate", "load_classifier", "predict", "train"]
+__all__ = ["EvalResult", "TrainResult", "evaluate", "export_run", "load_classifier", "predict", "train"]
 
 #: The block size NF4 blocks quantize float weights with (bitsandbytes' default).
 NF4_BLOCKSIZE = 64
@@ -461,30 +461,59 @@ def _nf4_round_trip(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def export_model(ckpt: Checkpoint, files: ModelFiles, directory: Path, lora: LoraConfig | None) -> None:
-    """A full ``...ForSequenceClassification`` directory of a checkpoint. After lora mode the
-    projections are the NF4-dequantized weights with the adapters merged, so the export computes
-    what the trained model computed."""
-    if files.quantization is not None:
-        raise InvalidArgumentError("exporting a full classifier from a 4-bit checkpoint is not supported; "
-                                   "use the PEFT adapter")
+def _dequantized(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A layer of a bitsandbytes 4-bit checkpoint with its projections dequantized to float32 (the
+    values its NF4 blocks compute with) and the bitsandbytes entries dropped."""
+    out = {name: w for name, w in weights.items() if not name.endswith("_proj.weight") and "_proj.weight." not in name}
+    for name in weights:
+        if name.endswith("_proj.weight"):
+            t = nf4.Nf4Tensor.from_bnb_state_dict(weights, name[: -len("weight")])
+            out[name] = nf4.dequantize(t, "float32").to_numpy()
+    return out
+
+
+def export_model(ckpt: Checkpoint, files: ModelFiles, directory: Path, lora: LoraConfig | None,
+                 dtype: str = "float32") -> None:
+    """A full ``...ForSequenceClassification`` directory of a checkpoint, in ``dtype``. Where the
+    blocks were NF4 (lora mode, or a 4-bit checkpoint) the projections are the dequantized weights
+    with the adapters merged, so the export computes what the trained model computed."""
     cfg = files.config
+    quantized = files.quantization is not None
 
     def layers() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         for i in range(cfg.num_hidden_layers):
             weights = files.layer_weights(i)
             ours = _layer_tensors(ckpt.trainable, i)
+            if quantized:
+                weights = _dequantized(weights)
+            elif lora is not None:
+                weights = _nf4_round_trip(weights)
             if lora is not None:
-                weights = merge_lora(_nf4_round_trip(weights), ours, lora.scale)
+                weights = merge_lora(weights, ours, lora.scale)
             else:
                 weights.update(ours)
             yield i, weights
 
-    export_classifier(directory, config_dict=files.raw_config, layers=layers(),
+    config = files.raw_config
+    config.pop("quantization_config", None)
+    export_classifier(directory, config_dict=config, layers=layers(),
                       embedding=ckpt.trainable.get("model.embed_tokens.weight", files.embedding("float32")),
                       final_norm=ckpt.trainable.get("model.norm.weight", files.final_norm()),
                       score_weight=ckpt.trainable["score.weight"], label_map_json=ckpt.label_map,
-                      tokenizer_dir=files.path)
+                      dtype=dtype, tokenizer_dir=files.path)
+
+
+def export_run(run: str | Path, directory: str | Path, dtype: str = "float32") -> Path:
+    """``cudablocks classify export``: a full classifier directory from a run's best checkpoint
+    (or from a checkpoint directory itself)."""
+    run = Path(run)
+    ckpt_dir = run / "best" if is_checkpoint(run / "best") else run
+    if not is_checkpoint(ckpt_dir):
+        raise CheckpointError(f"{run} is neither a classify run directory nor a checkpoint")
+    ckpt = read_checkpoint(ckpt_dir, optimizer=False)
+    s = TrainSettings(**ckpt.settings)
+    export_model(ckpt, ModelFiles.open(s.model_dir()), Path(directory), s.lora_config(), dtype)
+    return Path(directory)
 
 
 # ---- evaluation and prediction ------------------------------------------------------------------
