@@ -346,7 +346,16 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
     last_eval: EvalResult | None = None
     interrupted = False
     bar = _progress(None, settings.progress, "training", total=total_steps, initial=prog.step)
+
+    def say(message: str) -> None:
+        """A line of output that does not break the progress bar."""
+        if bar is not None:
+            bar.write(message)
+        else:
+            log(message)
+
     start = time.perf_counter()
+    first_step, first_tokens = prog.step, prog.tokens
     with _interrupt_flag() as stop:
         while prog.step < total_steps and not prog.stopped_early:
             groups = _batches(train_tok, settings.token_budget, shuffle=True, seed=settings.seed, epoch=prog.epoch)
@@ -382,14 +391,17 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}")
                 if not math.isfinite(grad_norm):
-                    log(f"step {prog.step}: non-finite gradient norm, the update was skipped")
+                    say(f"step {prog.step}: non-finite gradient norm, the update was skipped")
                 at_eval = prog.step % eval_every == 0 or prog.step == total_steps
                 if at_eval:
                     r = evaluate_now()
                     if r is not None:
                         last_eval = r
                         value = {"accuracy": r.accuracy, "macro_f1": r.macro_f1, "loss": r.loss}[settings.metric]
-                        if _better(settings.metric, value, prog.best_metric):
+                        improved = _better(settings.metric, value, prog.best_metric)
+                        say(f"step {prog.step}/{total_steps}: validation loss {r.loss:.4f}, accuracy "
+                            f"{r.accuracy:.4f}, macro-F1 {r.macro_f1:.4f}" + (" (best so far)" if improved else ""))
+                        if improved:
                             prog.best_metric, prog.best_step, prog.evals_without_improvement = value, prog.step, 0
                             checkpoint(best_dir)
                         else:
@@ -417,6 +429,10 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
             checkpoint(best_dir)
     metrics.close()
     _plot(out)
+    elapsed = time.perf_counter() - start
+    if prog.step > first_step:
+        log(f"trained {prog.step - first_step} steps in {elapsed:.1f} s "
+            f"({(prog.tokens - first_tokens) / elapsed:,.0f} tokens/s including evaluation and checkpoints)")
     if interrupted:
         log(f"interrupted: a resumable checkpoint is in {last_dir} (continue with --resume)")
     else:
