@@ -88,6 +88,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--adam-eps", type=float, default=d.adam_eps, help="AdamW epsilon")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
                    help="clip the global gradient norm to this (inf: no clipping)")
+    g.add_argument("--num-labels", type=int,
+                   help="with integer labels: the number of classes (default: the largest label + 1); a label "
+                        "outside [0, N) is an error naming its line")
     g.add_argument("--class-weights", help="'balanced' or comma-separated weights of the cross-entropy per label")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of data order and initialisation")
     g = p.add_argument_group("evaluation and checkpoints")

@@ -173,6 +173,12 @@ def too_long(env: Env, tmp: Path) -> tuple[list[str], list[str]]:
     return ["--train", str(path), "--no-truncate", "--max-length", "32"], [f"{path}:4", "32"]
 
 
+def label_out_of_range(env: Env, tmp: Path) -> tuple[list[str], list[str]]:
+    lines = [json.dumps({"text": "w1 w2 w3", "label": i % 3}) for i in range(6)]
+    path = write_lines(tmp / "ints.jsonl", lines + [json.dumps({"text": "w4 w5", "label": 3})])
+    return ["--train", str(path), "--num-labels", "3"], [f"{path}:7", "3"]
+
+
 def unsupported_model_type(env: Env, tmp: Path) -> tuple[list[str], list[str]]:
     return ["--model", str(model_copy(env, tmp, model_type="gpt2"))], ["gpt2"]
 
@@ -210,7 +216,7 @@ TRAIN_ERRORS: list[Case] = [
     flag("--beta1", "1.5"), flag("--beta2", "-0.1"), flag("--adam-eps", "0"), flag("--weight-decay", "-0.1"),
     flag("--lora-alpha", "0", "--mode", "lora"), flag("--lora-targets", "q_proj,bogus_proj", "--mode", "lora"),
     flag("--class-weights", "1,2"), flag("--token-budget", str(2**31)), out_of_memory,
-    flag("--lora-dropout", "1.0", "--mode", "lora"), flag("--lora-dropout", "-0.1", "--mode", "lora"),
+    flag("--lora-dropout", "1.0", "--mode", "lora"), label_out_of_range, flag("--num-labels", "1"), flag("--lora-dropout", "-0.1", "--mode", "lora"),
 ]
 
 

@@ -75,6 +75,7 @@ class TrainSettings:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     class_weights: str | None = None  #: None, "balanced" or comma-separated weights
+    num_labels: int | None = None  #: integer labels: the number of classes (None: the largest label + 1)
     seed: int = 0
     eval_every: int = 0  #: optimizer steps between evaluations; 0: once per epoch
     save_every: int = 0  #: optimizer steps between resumable checkpoints; 0: at evaluations
@@ -148,6 +149,8 @@ class TrainSettings:
         for name in ("eval_every", "save_every", "patience", "seed"):
             if getattr(self, name) < 0:
                 bad(name, getattr(self, name), "must be >= 0")
+        if self.num_labels is not None and self.num_labels < 2:
+            bad("num_labels", self.num_labels, "a classifier needs at least 2 labels")
         if self.max_steps is not None and self.max_steps < 1:
             bad("max_steps", self.max_steps, "must be at least 1")
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
@@ -186,7 +189,7 @@ class TrainSettings:
         keep = ("model", "train_file", "valid_file", "valid_fraction", "mode", "precision", "pooling",
                 "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "train_embeddings", "max_length", "truncate",
                 "token_budget", "grad_accum", "epochs", "max_steps", "lr", "schedule", "warmup_ratio",
-                "weight_decay", "beta1", "beta2", "adam_eps", "max_grad_norm", "class_weights", "seed")
+                "weight_decay", "beta1", "beta2", "adam_eps", "max_grad_norm", "class_weights", "num_labels", "seed")
         d = asdict(self)
         out = {k: d[k] for k in keep}
         out["lora_targets"] = list(out["lora_targets"])

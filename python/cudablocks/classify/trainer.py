@@ -282,7 +282,7 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
     else:
         valid_examples = []
     label_map = (dataset.LabelMap.from_json(resumed.label_map) if resumed is not None
-                 else dataset.LabelMap.from_examples(train_examples))
+                 else dataset.LabelMap.from_examples(train_examples, settings.num_labels))
     train_tok = dataset.tokenize(train_examples, tokenizer, settings.max_length, settings.truncate, label_map=label_map)
     valid_tok = (dataset.tokenize(valid_examples, tokenizer, settings.max_length, settings.truncate, label_map=label_map)
                  if valid_examples else None)
