@@ -3,17 +3,18 @@
 # already installed), runs the C++ tests, the GPU Python tests and the benchmarks, and writes
 # every log under OUTDIR. Prints a short summary last.
 #
-#   scripts/gpu_check.sh OUTDIR [--quick] [--skip-bench]
+#   scripts/gpu_check.sh OUTDIR [--quick] [--skip-bench] [--suites=classify,qlora_layer]
 #
 # Carry bitsandbytes as a wheel in .whl/ (see the README's GPU section) for the anchors that use it.
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUTDIR [--quick] [--skip-bench]}
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [--quick] [--skip-bench] [--suites=a,b]}
 shift
-quick=""; bench=1
+quick=""; bench=1; only=()
 for arg in "$@"; do
   case "$arg" in
     --quick) quick="--quick" ;;
     --skip-bench) bench=0 ;;
+    --suites=*) IFS=, read -r -a suites <<<"${arg#--suites=}"; only=(--only "${suites[@]}") ;;
   esac
 done
 mkdir -p "$out"
@@ -55,7 +56,7 @@ python3 -m cudablocks classify train --device cuda:0 --no-progress --output "$ou
 echo "classify train: $(grep -E '^validation' "$out/classify.log" || tail -n 1 "$out/classify.log")" | tee -a "$out/summary.txt"
 
 if [ "$bench" = 1 ]; then
-  python3 bench/run.py --out "$out" $quick >"$out/bench.log" 2>&1 || status=1
+  python3 bench/run.py --out "$out" $quick "${only[@]}" >"$out/bench.log" 2>&1 || status=1
   tail -n 40 "$out/bench.log"
 fi
 echo "status: $status" | tee -a "$out/summary.txt"
