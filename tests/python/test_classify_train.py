@@ -209,7 +209,7 @@ def test_head_mode_losses_match_transformers(pooling: str, tmp_path: Path, rng: 
     ref = torch_losses(model, params, s, steps_of(s, tok_set, s.max_steps), class_weights=weights)
     diff = np.abs(np.array(result.train_losses) - np.array(ref))
     assert diff.max() <= 1e-4, (diff.max(), result.train_losses, ref)
-    assert ref[-1] < ref[0]
+    assert max(ref) - min(ref) > 1e-2  # the head moved: the comparison is not between two flat lines
 
 
 def peft_twin(model_dir: Path, s: TrainSettings) -> tuple[Any, list[tuple[str, Any]]]:
