@@ -367,3 +367,17 @@ def test_default_run_learns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     last_valid = [r for r in records if r["split"] == "valid"][-1]
     assert last_valid["step"] == 30
     assert last_valid["accuracy"] > 0.5  # 4 balanced classes: chance is 0.25
+
+
+def test_console_script_is_installed() -> None:
+    """The `cudablocks` command that pip installs runs the same main (skipped in a source checkout)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("cudablocks")
+    if exe is None:
+        pytest.skip("the cudablocks console script is not installed (source checkout)")
+    import cudablocks
+
+    done = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"cudablocks {cudablocks.__version__}"
