@@ -183,7 +183,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from cudablocks.classify.metrics import format_confusion
-    from cudablocks.classify.trainer import evaluate
+    from cudablocks.classify.inference import evaluate
 
     r = evaluate(args.checkpoint, args.data, device=args.device, token_budget=args.token_budget,
                  progress=args.progress)
@@ -199,7 +199,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from cudablocks.classify.data import read_jsonl
-    from cudablocks.classify.trainer import predict
+    from cudablocks.classify.inference import predict
 
     texts = args.text if args.text else [ex.text for ex in read_jsonl(args.input, require_label=False)]
     rows = predict(args.checkpoint, texts, device=args.device, token_budget=args.token_budget,
@@ -216,7 +216,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from cudablocks.classify.trainer import export_run
+    from cudablocks.classify.export import export_run
 
     print(f"full classifier: {export_run(args.checkpoint, args.output, args.dtype)}")
     return 0

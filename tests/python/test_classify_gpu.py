@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from cudablocks.classify.trainer import predict, train  # noqa: E402
+from cudablocks.classify.inference import predict  # noqa: E402
+from cudablocks.classify.trainer import train  # noqa: E402
 from test_classify_train import WORDS, make_data, make_model_dir, settings_for  # noqa: E402
 
 pytestmark = pytest.mark.gpu

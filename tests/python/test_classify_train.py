@@ -27,7 +27,9 @@ tokenizers = pytest.importorskip("tokenizers")
 import cudablocks as cb  # noqa: E402
 from cudablocks.classify import data as dataset  # noqa: E402
 from cudablocks.classify.settings import TrainSettings  # noqa: E402
-from cudablocks.classify.trainer import _score_init, load_classifier, predict, run_eval, train  # noqa: E402
+from cudablocks.classify.inference import load_classifier, predict, run_eval  # noqa: E402
+from cudablocks.classify.loading import init_score  # noqa: E402
+from cudablocks.classify.trainer import train  # noqa: E402
 from cudablocks.classify.weights import ModelFiles  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(60)]
@@ -164,7 +166,7 @@ def test_full_mode_losses_match_transformers(model_type: str, train_embeddings: 
     tok_set = dataset.tokenize(dataset.read_jsonl(s.train_path()), dataset.load_tokenizer(model_dir), s.max_length,
                                label_map=dataset.LabelMap.from_examples(dataset.read_jsonl(s.train_path())))
     files = ModelFiles.open(model_dir)
-    model = seq_cls_model(model_dir, 3, _score_init(3, 64, files, s.seed))
+    model = seq_cls_model(model_dir, 3, init_score(3, 64, files, s.seed))
     model.model.embed_tokens.weight.requires_grad_(train_embeddings)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     ref = torch_losses(model, params, s, steps_of(s, tok_set, s.max_steps))
@@ -199,7 +201,7 @@ def test_head_mode_losses_match_transformers(pooling: str, tmp_path: Path, rng: 
     examples = dataset.read_jsonl(s.train_path())
     label_map = dataset.LabelMap.from_examples(examples)
     tok_set = dataset.tokenize(examples, dataset.load_tokenizer(model_dir), s.max_length, label_map=label_map)
-    model = seq_cls_model(model_dir, 3, _score_init(3, 64, ModelFiles.open(model_dir), s.seed))
+    model = seq_cls_model(model_dir, 3, init_score(3, 64, ModelFiles.open(model_dir), s.seed))
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("score."))
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -218,7 +220,7 @@ def peft_twin(model_dir: Path, s: TrainSettings) -> tuple[Any, list[tuple[str, A
     peft = pytest.importorskip("peft")
     files = ModelFiles.open(model_dir)
     cfg = files.config
-    model = seq_cls_model(model_dir, 3, _score_init(3, 64, files, s.seed))
+    model = seq_cls_model(model_dir, 3, init_score(3, 64, files, s.seed))
     lora = s.lora_config()
     init: dict[str, np.ndarray] = {}
     with torch.no_grad():
@@ -374,9 +376,9 @@ def _train_until(s: TrainSettings, stop_after: int) -> Any:
     """train() with Ctrl-C pressed once while step ``stop_after`` runs."""
     import signal
 
-    from cudablocks.classify import trainer
+    from cudablocks.classify.model import Classifier
 
-    original = trainer.Classifier.optimizer_step
+    original = Classifier.optimizer_step
     calls = {"n": 0}
 
     def step(self: Any, *args: Any, **kw: Any) -> None:
@@ -385,11 +387,11 @@ def _train_until(s: TrainSettings, stop_after: int) -> Any:
         if calls["n"] == stop_after:
             signal.raise_signal(signal.SIGINT)
 
-    trainer.Classifier.optimizer_step = step  # type: ignore[method-assign]
+    Classifier.optimizer_step = step  # type: ignore[method-assign]
     try:
         return train(s, log=lambda *a: None)
     finally:
-        trainer.Classifier.optimizer_step = original  # type: ignore[method-assign]
+        Classifier.optimizer_step = original  # type: ignore[method-assign]
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path, rng: np.random.Generator,

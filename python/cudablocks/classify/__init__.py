@@ -11,7 +11,9 @@ cross-entropy, trained with AdamW in one of three modes (full, lora, head)::
     print(predict(result.output_dir, ["some text"]))
 """
 
+from cudablocks.classify.export import export_run
+from cudablocks.classify.inference import EvalResult, evaluate, predict
 from cudablocks.classify.settings import TrainSettings
-from cudablocks.classify.trainer import EvalResult, TrainResult, evaluate, predict, train
+from cudablocks.classify.trainer import TrainResult, train
 
-__all__ = ["EvalResult", "TrainResult", "TrainSettings", "evaluate", "predict", "train"]
+__all__ = ["EvalResult", "TrainResult", "TrainSettings", "evaluate", "export_run", "predict", "train"]

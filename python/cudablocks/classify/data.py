@@ -453,3 +453,24 @@ def make_batch(tokenized: TokenizedSet, indices: np.ndarray) -> Batch:
         num_tokens=int(ids.size),
         embedding_index=ops.embedding_backward_index(ids),
     )
+
+
+def packed_batches(tok: TokenizedSet, budget: int, *, shuffle: bool, seed: int, epoch: int = 0) -> list[Batch]:
+    """The batches of one pass over ``tok`` (:func:`pack_batches` then :func:`make_batch`); a text
+    over the budget is a DataError naming its file and line."""
+    too_long = np.flatnonzero(tok.lengths > budget)
+    if too_long.size:  # checked here, where the example's file and line are known
+        i = int(too_long[0])
+        where = f"{tok.paths[i]}:{tok.lines[i]}" if tok.paths[i] else f"line {tok.lines[i]}"
+        raise DataError(f"{where}: the text has {len(tok.ids[i])} tokens, more than the token budget of {budget}; "
+                        "use a larger --token-budget")
+    groups = pack_batches(tok.lengths, budget, shuffle=shuffle, seed=seed, epoch=epoch)
+    return [make_batch(tok, g) for g in groups]
+
+
+def check_vocab(tok: TokenizedSet, vocab_size: int, what: str) -> None:
+    """DataError naming the first text whose token ids fall outside the model's vocabulary."""
+    for i, ids in enumerate(tok.ids):
+        if ids.size and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+            raise DataError(f"{tok.paths[i]}:{tok.lines[i]}: the tokenizer gives token id {int(ids.max())}, "
+                            f"outside the model's vocabulary of {vocab_size} ({what}: tokenizer and model disagree)")

@@ -8,6 +8,8 @@
   (``config.json``, safetensors shards with their index, tokenizer files) for
   ``AutoModelForSequenceClassification.from_pretrained(dir)``.
 * :func:`merge_lora`: folds LoRA adapters into the projections, for the full export.
+* :func:`export_model` / :func:`export_run` (``cudablocks classify export``): a trained
+  checkpoint as a full classifier, with the weights its blocks computed with.
 
 Both directories also get ``label_map.json`` (the ``id2label`` / ``label2id`` of the labels), so
 that a checkpoint of either kind tells which class each output is. Both are written through
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,12 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from cudablocks import nf4
 from cudablocks.classify.atomic import atomic_directory
-from cudablocks.classify.weights import CONFIG_FILE, SAFETENSORS_INDEX_FILE, layer_tensor_shapes
+from cudablocks.classify.checkpoint import Checkpoint, is_checkpoint, read_checkpoint
+from cudablocks.classify.loading import NF4_BLOCKSIZE, layer_tensors
+from cudablocks.classify.settings import TrainSettings
+from cudablocks.classify.weights import CONFIG_FILE, SAFETENSORS_INDEX_FILE, ModelFiles, layer_tensor_shapes
 from cudablocks.config import config_from_dict
 from cudablocks.errors import CheckpointError, DtypeError, InvalidArgumentError, ShapeError
 from cudablocks.lora import LoraConfig
@@ -40,6 +46,8 @@ __all__ = [
     "LABEL_MAP_FILE",
     "TOKENIZER_FILES",
     "export_classifier",
+    "export_model",
+    "export_run",
     "merge_lora",
     "save_peft_adapter",
 ]
@@ -275,3 +283,69 @@ def export_classifier(
         _write_json(tmp / LABEL_MAP_FILE, labels)
         for file in tokenizer_files:
             shutil.copyfile(file, tmp / file.name)
+
+
+# ---- a trained checkpoint as a full classifier -------------------------------------------------
+
+def _nf4_round_trip(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The projection weights as the NF4 blocks compute with them (quantized as the blocks do)."""
+    out = dict(weights)
+    for name, w in weights.items():
+        if name.endswith("_proj.weight"):
+            out[name] = nf4.dequantize(nf4.quantize(w, NF4_BLOCKSIZE), "float32").to_numpy()
+    return out
+
+
+def _dequantized(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A layer of a bitsandbytes 4-bit checkpoint with its projections dequantized to float32 (the
+    values its NF4 blocks compute with) and the bitsandbytes entries dropped."""
+    out = {name: w for name, w in weights.items() if not name.endswith("_proj.weight") and "_proj.weight." not in name}
+    for name in weights:
+        if name.endswith("_proj.weight"):
+            t = nf4.Nf4Tensor.from_bnb_state_dict(weights, name[: -len("weight")])
+            out[name] = nf4.dequantize(t, "float32").to_numpy()
+    return out
+
+
+def export_model(ckpt: Checkpoint, files: ModelFiles, directory: Path, lora: LoraConfig | None,
+                 dtype: str = "float32") -> None:
+    """A full ``...ForSequenceClassification`` directory of a checkpoint, in ``dtype``. Where the
+    blocks were NF4 (lora mode, or a 4-bit checkpoint) the projections are the dequantized weights
+    with the adapters merged, so the export computes what the trained model computed."""
+    cfg = files.config
+    quantized = files.quantization is not None
+
+    def layers() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        for i in range(cfg.num_hidden_layers):
+            weights = files.layer_weights(i)
+            ours = layer_tensors(ckpt.trainable, i)
+            if quantized:
+                weights = _dequantized(weights)
+            elif lora is not None:
+                weights = _nf4_round_trip(weights)
+            if lora is not None:
+                weights = merge_lora(weights, ours, lora.scale)
+            else:
+                weights.update(ours)
+            yield i, weights
+
+    config = files.raw_config
+    config.pop("quantization_config", None)
+    export_classifier(directory, config_dict=config, layers=layers(),
+                      embedding=ckpt.trainable.get("model.embed_tokens.weight", files.embedding("float32")),
+                      final_norm=ckpt.trainable.get("model.norm.weight", files.final_norm()),
+                      score_weight=ckpt.trainable["score.weight"], label_map_json=ckpt.label_map,
+                      dtype=dtype, tokenizer_dir=files.path)
+
+
+def export_run(run: str | Path, directory: str | Path, dtype: str = "float32") -> Path:
+    """``cudablocks classify export``: a full classifier directory from a run's best checkpoint
+    (or from a checkpoint directory itself)."""
+    run = Path(run)
+    ckpt_dir = run / "best" if is_checkpoint(run / "best") else run
+    if not is_checkpoint(ckpt_dir):
+        raise CheckpointError(f"{run} is neither a classify run directory nor a checkpoint")
+    ckpt = read_checkpoint(ckpt_dir, optimizer=False)
+    s = TrainSettings(**ckpt.settings)
+    export_model(ckpt, ModelFiles.open(s.model_dir()), Path(directory), s.lora_config(), dtype)
+    return Path(directory)
