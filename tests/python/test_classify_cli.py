@@ -381,3 +381,18 @@ def test_console_script_is_installed() -> None:
 
     done = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == f"cudablocks {cudablocks.__version__}"
+
+
+def test_num_labels_gives_absent_classes_a_row(env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Integer labels 0..2 in the data with --num-labels 5: a 5-way head and label map."""
+    lines = [json.dumps({"text": " ".join(WORDS[i: i + 4]), "label": i % 3}) for i in range(12)]
+    data = write_lines(tmp_path / "ints.jsonl", lines)
+    run = tmp_path / "run"
+    argv = train_argv(env, run, "--train", str(data), "--valid", str(data), "--num-labels", "5")
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    names = json.loads((run / "label_map.json").read_text())["id2label"]
+    assert names == {str(i): str(i) for i in range(5)}
+    assert cli.main(["classify", "predict", str(run), "--text", "w1 w2", "--device", "cpu", "--no-progress"]) == 0
+    row = json.loads(capsys.readouterr().out.strip())
+    assert sorted(row["probs"]) == [str(i) for i in range(5)] and abs(sum(row["probs"].values()) - 1) < 1e-5
