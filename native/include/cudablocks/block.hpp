@@ -49,7 +49,7 @@
 // caller passes it again. saved_bytes_per_token() reports the total; for Qwen3-4B
 // (H 2560, 32/8 heads x 128, I 9728) it is 129,320 bytes (about 126 KiB) per token.
 // Transient scratch (dead outside a call) is a second allocation: scratch_bytes_per_token()
-// (Qwen3-4B: 126,976 bytes per token + the CUDA attention backward's workspace, 24,704 bytes).
+// (Qwen3-4B: 126,976 bytes per token + the CUDA attention backward's workspace, 8,320 bytes).
 //
 // ---- Precision ----------------------------------------------------------------------------------
 // fp32 and tf32 run every product through Backend::gemm on the fp32 buffers. bf16 runs them on
