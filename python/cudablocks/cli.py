@@ -182,8 +182,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from cudablocks.classify.metrics import format_confusion
     from cudablocks.classify.inference import evaluate
+    from cudablocks.classify.metrics import format_report
 
     r = evaluate(args.checkpoint, args.data, device=args.device, token_budget=args.token_budget,
                  progress=args.progress)
@@ -191,9 +191,9 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps({"loss": r.loss, "accuracy": r.accuracy, "macro_f1": r.macro_f1,
                           "labels": r.names, "confusion": r.confusion.tolist()}))
     else:
-        print(f"examples: {len(r.preds)}\nloss: {r.loss:.4f}\naccuracy: {r.accuracy:.4f}\nmacro-F1: {r.macro_f1:.4f}")
-        print("confusion matrix (rows: true label, columns: predicted):")
-        print(format_confusion(r.confusion, r.names))
+        print(f"examples  {len(r.preds)}\nloss      {r.loss:.4f}")
+        print(format_report(r.preds, r.labels, r.names))
+        print("(confusion matrix: rows are the true labels, columns the predicted ones)")
     return 0
 
 

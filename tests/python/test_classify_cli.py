@@ -311,6 +311,15 @@ def test_eval_agrees_with_predict(env: Env, tmp_path: Path, capsys: pytest.Captu
     assert result["macro_f1"] == pytest.approx(
         metrics.f1_score(labels, preds, labels=names, average="macro", zero_division=0), abs=1e-9)
 
+    # The text report says the same, with scikit-learn's per-class recall.
+    assert cli.main(eval_argv(env.run, env.valid, "--no-progress")) == 0
+    report = capsys.readouterr().out
+    assert f"accuracy  {result['accuracy']:.4f}" in report and f"macro-F1  {result['macro_f1']:.4f}" in report
+    recall = metrics.recall_score(labels, preds, labels=names, average=None, zero_division=0)
+    for name, r in zip(names, recall):
+        row = next(line for line in report.splitlines() if line.startswith(name + " ") and len(line.split()) == 5)
+        assert row.split()[2] == f"{r:.4f}"
+
 
 def test_predict_texts(env: Env, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]) -> None:
     texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 15)))) for _ in range(3)]

@@ -31,7 +31,8 @@ __all__ = ["EvalResult", "evaluate", "load_classifier", "predict", "run_eval"]
 
 @dataclass
 class EvalResult:
-    """Metrics of one pass over a labelled set; ``preds`` and ``probs`` per example in order."""
+    """Metrics of one pass over a labelled set; ``preds``, ``probs`` and ``labels`` per example in
+    order."""
 
     loss: float
     accuracy: float
@@ -40,6 +41,7 @@ class EvalResult:
     preds: np.ndarray
     probs: np.ndarray
     names: list[str]
+    labels: np.ndarray
 
 
 def run_eval(model: Classifier, batches: Sequence[dataset.Batch], weights: np.ndarray | None, names: list[str],
@@ -58,7 +60,8 @@ def run_eval(model: Classifier, batches: Sequence[dataset.Batch], weights: np.nd
     preds = probs.argmax(axis=1)
     C = model.num_labels
     return EvalResult(loss=loss, accuracy=accuracy(preds, labels), macro_f1=macro_f1(preds, labels, C),
-                      confusion=confusion_matrix(preds, labels, C), preds=preds, probs=probs, names=names)
+                      confusion=confusion_matrix(preds, labels, C), preds=preds, probs=probs, names=names,
+                      labels=labels)
 
 
 def load_classifier(path: str | Path, *, device: str = "auto", token_budget: int | None = None,
