@@ -421,8 +421,7 @@ class Batch:
 
     ``ids`` int32 [T] tokens back to back, ``seq_lens`` their lengths, ``cu_seqlens`` int32 [B+1]
     cumulative lengths (sequence b is ``ids[cu_seqlens[b]:cu_seqlens[b+1]]``), ``labels`` int32
-    [B], ``indices`` the examples' indices in their TokenizedSet, ``num_tokens`` T, and
-    ``embedding_index`` the :func:`cudablocks.ops.embedding_backward_index` of ``ids``.
+    [B], ``indices`` the examples' indices in their TokenizedSet.
     """
 
     ids: np.ndarray
@@ -430,8 +429,17 @@ class Batch:
     cu_seqlens: np.ndarray
     labels: np.ndarray
     indices: np.ndarray
-    num_tokens: int
-    embedding_index: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+    @property
+    def num_tokens(self) -> int:
+        """T, the batch's token count."""
+        return int(self.ids.size)
+
+    @property
+    def embedding_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`cudablocks.ops.embedding_backward_index` of ``ids``: computed when asked, as only
+        a step that trains the embedding needs it."""
+        return ops.embedding_backward_index(self.ids)
 
 
 def make_batch(tokenized: TokenizedSet, indices: np.ndarray) -> Batch:
@@ -450,8 +458,6 @@ def make_batch(tokenized: TokenizedSet, indices: np.ndarray) -> Batch:
         cu_seqlens=cu_seqlens,
         labels=tokenized.labels[indices],
         indices=indices,
-        num_tokens=int(ids.size),
-        embedding_index=ops.embedding_backward_index(ids),
     )
 
 
