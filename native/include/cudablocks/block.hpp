@@ -348,15 +348,6 @@ class Fp32Block final : public CudaBlock {
             Precision precision);
 
  private:
-  struct Batch {  // a validated seq_lens
-    std::int64_t tokens = 0;
-    int max_seqlen = 0;
-    std::vector<std::int32_t> cu_seqlens;
-  };
-  Batch check_batch(const std::vector<std::int64_t>& seq_lens, const char* call) const;
-  void check_activation(const Buffer& b, std::int64_t tokens, const char* name) const;
-  void check_input(const Buffer& x, const Batch& batch, const std::vector<std::int64_t>& seq_lens) const;
-
   std::shared_ptr<const ParamLayout> layout_;
   Buffer params_;    // [layout total]
   // bf16 mode only (empty otherwise): bf16 copy of params_ (same layout; made at creation,

@@ -52,6 +52,33 @@ void check_input(const Buffer& x, const TransformerConfig& config_, const Device
   }
 }
 
+Batch check_backward(const char* call, const char* ws_name, const TransformerConfig& config, const Device& device,
+                     std::int64_t max_tokens, const Buffer& x, const Buffer& grad_out, const Buffer& grad_in,
+                     const std::vector<std::int64_t>& seq_lens, const Stream& stream, const CudaGradWorkspace& ws,
+                     const ParamLayout& layout, const std::function<std::string()>& mismatch) {
+  const std::string c = call;
+  if (stream.device() != device) {
+    throw DeviceError(c + " of a block on " + device.str() + " with a stream of " + stream.device().str());
+  }
+  Batch batch = check_batch(seq_lens, max_tokens, call);
+  check_input(x, config, device, batch, seq_lens);
+  check_activation(grad_out, config, device, batch.tokens, "grad_out");
+  check_activation(grad_in, config, device, batch.tokens, "grad_in");
+  if (ws.device() != device) {
+    throw DeviceError(std::string(ws_name) + " is on " + ws.device().str() + " but the block is on " + device.str());
+  }
+  if (!(ws.layout() == layout)) throw InvalidArgumentError(mismatch());
+  if (overlaps(grad_in, x)) throw InvalidArgumentError(c + ": grad_in must not overlap x");
+  const bool in_place = grad_in.data() == grad_out.data();
+  if (!in_place && overlaps(grad_in, grad_out)) {
+    throw InvalidArgumentError(c + ": grad_in must be grad_out itself or not overlap it");
+  }
+  if (overlaps(grad_in, ws.flat()) || overlaps(grad_out, ws.flat())) {
+    throw InvalidArgumentError(c + ": grad_in and grad_out must not overlap " + ws_name);
+  }
+  return batch;
+}
+
 std::vector<std::int32_t> position_indices(const Batch& batch) {
   const std::int64_t T = batch.tokens;
   std::vector<std::int32_t> idx(static_cast<std::size_t>(T) + batch.cu_seqlens.size());

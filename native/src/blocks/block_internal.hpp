@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -144,6 +145,15 @@ void check_activation(const Buffer& b, const TransformerConfig& config, const De
 // x as check_activation with rows == batch.tokens (InvalidArgumentError naming seq_lens otherwise).
 void check_input(const Buffer& x, const TransformerConfig& config, const Device& device, const Batch& batch,
                  const std::vector<std::int64_t>& seq_lens);
+// The checks of a backward before anything is written (the errors name `call` and `ws_name`):
+// the stream and every buffer on `device`, x / grad_out / grad_in shaped for seq_lens, the
+// gradient workspace on `device` and made for `layout` (`mismatch()` is the error otherwise),
+// grad_in not overlapping x and either grad_out itself or disjoint from it, neither overlapping
+// the workspace. Returns the validated batch.
+Batch check_backward(const char* call, const char* ws_name, const TransformerConfig& config, const Device& device,
+                     std::int64_t max_tokens, const Buffer& x, const Buffer& grad_out, const Buffer& grad_in,
+                     const std::vector<std::int64_t>& seq_lens, const Stream& stream, const CudaGradWorkspace& ws,
+                     const ParamLayout& layout, const std::function<std::string()>& mismatch);
 // Positions (restarting at 0 per sequence) then cu_seqlens, as one int32 host array.
 std::vector<std::int32_t> position_indices(const Batch& batch);
 

@@ -157,28 +157,15 @@ void Fp32Block::download_weights(float* host, const Stream& stream) const {
 
 // ---- checks -----------------------------------------------------------------------------------
 
-Fp32Block::Batch Fp32Block::check_batch(const std::vector<std::int64_t>& seq_lens, const char* call) const {
-  blocks::Batch b = blocks::check_batch(seq_lens, max_tokens_, call);
-  return Batch{b.tokens, b.max_seqlen, std::move(b.cu_seqlens)};
-}
-
-void Fp32Block::check_activation(const Buffer& b, std::int64_t tokens, const char* name) const {
-  blocks::check_activation(b, config_, device_, tokens, name);
-}
-
-void Fp32Block::check_input(const Buffer& x, const Batch& batch, const std::vector<std::int64_t>& seq_lens) const {
-  blocks::check_input(x, config_, device_, blocks::Batch{batch.tokens, batch.max_seqlen, batch.cu_seqlens}, seq_lens);
-}
-
 // ---- forward ----------------------------------------------------------------------------------
 
 void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens, const Stream& stream) {
   if (stream.device() != device_) {
     throw DeviceError("forward of a block on " + device_.str() + " with a stream of " + stream.device().str());
   }
-  const Batch batch = check_batch(seq_lens, "forward");
-  check_input(x, batch, seq_lens);
-  check_activation(out, batch.tokens, "out");
+  const Batch batch = check_batch(seq_lens, max_tokens_, "forward");
+  check_input(x, config_, device_, batch, seq_lens);
+  check_activation(out, config_, device_, batch.tokens, "out");
   if (overlaps(x, out)) throw InvalidArgumentError("forward: out must not overlap x (the backward needs x)");
 
   std::lock_guard<std::mutex> lock(mutex_);
@@ -276,28 +263,11 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
 
 void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_in,
                          const std::vector<std::int64_t>& seq_lens, const Stream& stream, CudaGradWorkspace& grad_ws) {
-  if (stream.device() != device_) {
-    throw DeviceError("backward of a block on " + device_.str() + " with a stream of " + stream.device().str());
-  }
-  const Batch batch = check_batch(seq_lens, "backward");
-  check_input(x, batch, seq_lens);
-  check_activation(grad_out, batch.tokens, "grad_out");
-  check_activation(grad_in, batch.tokens, "grad_in");
-  if (grad_ws.device() != device_) {
-    throw DeviceError("grad_ws is on " + grad_ws.device().str() + " but the block is on " + device_.str());
-  }
-  if (!(grad_ws.layout() == *layout_)) {
-    throw InvalidArgumentError("grad_ws (" + grad_ws.layout().describe() + ") was made for another layer shape than this block's " +
-                               config_.describe() + " (" + layout_->describe() + "); make one with CudaGradWorkspace(block)");
-  }
-  if (overlaps(grad_in, x)) throw InvalidArgumentError("backward: grad_in must not overlap x");
-  const bool in_place = grad_in.data() == grad_out.data();
-  if (!in_place && overlaps(grad_in, grad_out)) {
-    throw InvalidArgumentError("backward: grad_in must be grad_out itself or not overlap it");
-  }
-  if (overlaps(grad_in, grad_ws.flat()) || overlaps(grad_out, grad_ws.flat())) {
-    throw InvalidArgumentError("backward: grad_in and grad_out must not overlap grad_ws");
-  }
+  const Batch batch = check_backward("backward", "grad_ws", config_, device_, max_tokens_, x, grad_out, grad_in,
+                                     seq_lens, stream, grad_ws, *layout_, [&] {
+    return "grad_ws (" + grad_ws.layout().describe() + ") was made for another layer shape than this block's " +
+           config_.describe() + " (" + layout_->describe() + "); make one with CudaGradWorkspace(block)";
+  });
 
   std::lock_guard<std::mutex> lock(mutex_);
   if (forward_seq_lens_.empty()) {
@@ -377,7 +347,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   float* dg = X + sc.sh;
   mm.gemm(false, false, T, H, 2 * I, d_gu, d_gu16, W + pl.w_gate_up, w16(pl.w_gate_up), 0.0f, dg);  // dg = d_gu Wgu
   // dr = dy + rmsnorm_backward(dg): grad_in carries dr from here on.
-  if (!in_place) grad_in.copy_from(grad_out, stream);
+  if (grad_in.data() != grad_out.data()) grad_in.copy_from(grad_out, stream);  // not in place
   be.rmsnorm_backward(dg, r, W + pl.ln_post, S + sl.rstd2, dx, G + pl.ln_post, T, H, true, stream);
 
   // Attention: r = x + att Wo^T (+ bo).

@@ -791,28 +791,11 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
                              const std::vector<std::int64_t>& seq_lens, const Stream& stream,
                              CudaGradWorkspace& lora_ws, std::optional<std::uint64_t> dropout_step) {
   require_lora("backward_lora");
-  if (stream.device() != device_) {
-    throw DeviceError("backward_lora of a block on " + device_.str() + " with a stream of " + stream.device().str());
-  }
-  const Batch batch = check_batch(seq_lens, max_tokens_, "backward_lora");
-  check_input(x, config_, device_, batch, seq_lens);
-  check_activation(grad_out, config_, device_, batch.tokens, "grad_out");
-  check_activation(grad_in, config_, device_, batch.tokens, "grad_in");
-  if (lora_ws.device() != device_) {
-    throw DeviceError("lora_ws is on " + lora_ws.device().str() + " but the block is on " + device_.str());
-  }
-  if (!(lora_ws.layout() == *lora_layout_)) {
-    throw InvalidArgumentError("lora_ws (" + lora_ws.layout().describe() + ") was made for other LoRA adapters than this "
-                               "block's (" + lora_layout_->describe() + "); make one with block.new_lora_grad_workspace()");
-  }
-  if (overlaps(grad_in, x)) throw InvalidArgumentError("backward_lora: grad_in must not overlap x");
-  const bool in_place = grad_in.data() == grad_out.data();
-  if (!in_place && overlaps(grad_in, grad_out)) {
-    throw InvalidArgumentError("backward_lora: grad_in must be grad_out itself or not overlap it");
-  }
-  if (overlaps(grad_in, lora_ws.flat()) || overlaps(grad_out, lora_ws.flat())) {
-    throw InvalidArgumentError("backward_lora: grad_in and grad_out must not overlap lora_ws");
-  }
+  const Batch batch = check_backward("backward_lora", "lora_ws", config_, device_, max_tokens_, x, grad_out, grad_in,
+                                     seq_lens, stream, lora_ws, *lora_layout_, [&] {
+    return "lora_ws (" + lora_ws.layout().describe() + ") was made for other LoRA adapters than this block's (" +
+           lora_layout_->describe() + "); make one with block.new_lora_grad_workspace()";
+  });
 
   std::lock_guard<std::mutex> lock(mutex_);
   if (forward_seq_lens_.empty()) {
@@ -872,7 +855,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* dg = X + sc.sh;
   m.product(kGroupGU, true, d_gu, true, 0.0f, dg);  // dg = d_gu Wgu
   m.lora_dx(kGroupGU, dg);
-  if (!in_place) grad_in.copy_from(grad_out, stream);
+  if (grad_in.data() != grad_out.data()) grad_in.copy_from(grad_out, stream);  // not in place
   be.rmsnorm_backward(dg, r, D + ln_post_, S + sl.rstd2, dx, sink + H, T, H, true, stream);
 
   // Attention: r = x + att Wo^T (+ bo).
