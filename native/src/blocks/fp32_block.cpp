@@ -23,7 +23,13 @@ struct Products {
   const Backend& be;
   Precision prec;
   const Stream& stream;
+  // bf16 mode: the weights' bf16 copy (refreshed by optimizer_step) and the bf16 operand scratch.
+  const std::uint16_t* weights16;
+  std::uint16_t* scratch16;
   bool bf16() const { return prec == Precision::BF16; }
+  // A product's bf16 operand at `offset` into the weight copy or the scratch; nullptr outside bf16 mode.
+  const std::uint16_t* w16(std::int64_t offset) const { return bf16() ? weights16 + offset : nullptr; }
+  std::uint16_t* s16(std::int64_t offset) const { return bf16() ? scratch16 + offset : nullptr; }
   void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, const float* a, const std::uint16_t* a16,
             const float* b, const std::uint16_t* b16, float beta, float* c) const {
     if (bf16()) {
@@ -205,20 +211,14 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   float* X = mem.scratch();
   const float* xin = x.data_as<float>();
   float* y = out.data_as<float>();
-  // bf16 mode: weight copies (refreshed by optimizer_step) and operand scratch; nullptr otherwise.
-  const Products mm{be, prec, stream};
-  const bool bf = mm.bf16();
-  const std::uint16_t* W16 = bf ? params_bf16_.data_as<std::uint16_t>() : nullptr;
-  std::uint16_t* B16 = bf ? mem.scratch_bf16() : nullptr;
+  const Products mm{be, prec, stream, params_bf16_.data_as<std::uint16_t>(), mem.scratch_bf16()};
   const Bf16ScratchLayout bl(c, max_tokens_);
-  auto w16 = [&](std::int64_t offset) { return bf ? W16 + offset : nullptr; };
-  auto s16 = [&](std::int64_t offset) { return bf ? B16 + offset : nullptr; };
-  const std::uint16_t* wq16 = w16(pl.wqkv);
-  const std::uint16_t* wk16 = w16(pl.wqkv + q * H);
-  const std::uint16_t* wv16 = w16(pl.wqkv + (q + kv) * H);
+  const std::uint16_t* wq16 = mm.w16(pl.wqkv);
+  const std::uint16_t* wk16 = mm.w16(pl.wqkv + q * H);
+  const std::uint16_t* wv16 = mm.w16(pl.wqkv + (q + kv) * H);
 
   float* h = X + sc.sh;
-  std::uint16_t* h16 = s16(bl.a);
+  std::uint16_t* h16 = mm.s16(bl.a);
   mm.rmsnorm(xin, W + pl.ln_in, h, h16, S + sl.rstd1, T, H, eps);
   mm.gemm(false, true, T, q, H, h, h16, wq, wq16, 0.0f, S + sl.q_raw);
   mm.gemm(false, true, T, kv, H, h, h16, wk, wk16, 0.0f, S + sl.k_raw);
@@ -236,23 +236,23 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   be.attention_forward(X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, cu, n_seqs, batch.max_seqlen, T,
                        nq, nkv, static_cast<int>(d), scale, precision_, stream);
   float* r = S + sl.r;
-  std::uint16_t* att16 = s16(bl.a);  // h16 is dead once the q/k/v products are queued
+  std::uint16_t* att16 = mm.s16(bl.a);  // h16 is dead once the q/k/v products are queued
   mm.convert(S + sl.att, att16, T * q);
-  mm.gemm(false, true, T, H, q, S + sl.att, att16, W + pl.wo, w16(pl.wo), 0.0f, r);
+  mm.gemm(false, true, T, H, q, S + sl.att, att16, W + pl.wo, mm.w16(pl.wo), 0.0f, r);
   if (pl.bo >= 0) be.add_bias(r, W + pl.bo, T, H, stream);
   be.add(xin, r, r, T * H, stream);
   float* g = X + sc.sh;
-  std::uint16_t* g16 = s16(bl.a);
+  std::uint16_t* g16 = mm.s16(bl.a);
   mm.rmsnorm(r, W + pl.ln_post, g, g16, S + sl.rstd2, T, H, eps);
-  mm.gemm(false, true, T, 2 * I, H, g, g16, W + pl.w_gate_up, w16(pl.w_gate_up), 0.0f, S + sl.gate_up);
+  mm.gemm(false, true, T, 2 * I, H, g, g16, W + pl.w_gate_up, mm.w16(pl.w_gate_up), 0.0f, S + sl.gate_up);
   float* act = X + sc.act;
-  std::uint16_t* act16 = s16(bl.b);
-  if (bf) {
+  std::uint16_t* act16 = mm.s16(bl.b);
+  if (mm.bf16()) {
     be.swiglu_forward_bf16(S + sl.gate_up, act16, T, I, stream);
   } else {
     be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
   }
-  mm.gemm(false, true, T, H, I, act, act16, W + pl.w_down, w16(pl.w_down), 0.0f, y);
+  mm.gemm(false, true, T, H, I, act, act16, W + pl.w_down, mm.w16(pl.w_down), 0.0f, y);
   be.add(r, y, y, T * H, stream);
   forward_seq_lens_ = seq_lens;
   mem.forward_done(seq_lens);
@@ -311,54 +311,48 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   const float* dy = grad_out.data_as<float>();
   float* dx = grad_in.data_as<float>();
   const float* r = S + sl.r;
-  // bf16 mode: weight copies and operand scratch (see forward); nullptr otherwise.
-  const Products mm{be, prec, stream};
-  const bool bf = mm.bf16();
-  const std::uint16_t* W16 = bf ? params_bf16_.data_as<std::uint16_t>() : nullptr;
-  std::uint16_t* B16 = bf ? mem.scratch_bf16() : nullptr;
+  const Products mm{be, prec, stream, params_bf16_.data_as<std::uint16_t>(), mem.scratch_bf16()};
   const Bf16ScratchLayout bl(c, max_tokens_);
-  auto w16 = [&](std::int64_t offset) { return bf ? W16 + offset : nullptr; };
-  auto s16 = [&](std::int64_t offset) { return bf ? B16 + offset : nullptr; };
 
   // MLP: out = r + swiglu(g Wgu^T) Wdown^T.
   float* g = X + sc.sh;
-  std::uint16_t* g16 = s16(bl.a);
+  std::uint16_t* g16 = mm.s16(bl.a);
   mm.rmsnorm(r, W + pl.ln_post, g, g16, nullptr, T, H, eps);
   float* act = X + sc.act;
-  std::uint16_t* act16 = s16(bl.b);
-  if (bf) {
+  std::uint16_t* act16 = mm.s16(bl.b);
+  if (mm.bf16()) {
     be.swiglu_forward_bf16(S + sl.gate_up, act16, T, I, stream);
   } else {
     be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
   }
-  std::uint16_t* dy16 = s16(bl.c);
+  std::uint16_t* dy16 = mm.s16(bl.c);
   mm.convert(dy, dy16, T * H);
   mm.gemm(true, false, H, I, T, dy, dy16, act, act16, 1.0f, G + pl.w_down);                 // dWdown += dy^T act
   float* d_act = act;
-  mm.gemm(false, false, T, I, H, dy, dy16, W + pl.w_down, w16(pl.w_down), 0.0f, d_act);  // d_act = dy Wdown
+  mm.gemm(false, false, T, I, H, dy, dy16, W + pl.w_down, mm.w16(pl.w_down), 0.0f, d_act);  // d_act = dy Wdown
   float* d_gu = X + sc.d_gate_up;
-  std::uint16_t* d_gu16 = s16(bl.b);  // act16 is dead once dWdown is queued
-  if (bf) {
+  std::uint16_t* d_gu16 = mm.s16(bl.b);  // act16 is dead once dWdown is queued
+  if (mm.bf16()) {
     be.swiglu_backward_bf16(d_act, S + sl.gate_up, d_gu16, T, I, stream);
   } else {
     be.swiglu_backward(d_act, S + sl.gate_up, d_gu, T, I, stream);
   }
   mm.gemm(true, false, 2 * I, H, T, d_gu, d_gu16, g, g16, 1.0f, G + pl.w_gate_up);  // dWgu += d_gu^T g
   float* dg = X + sc.sh;
-  mm.gemm(false, false, T, H, 2 * I, d_gu, d_gu16, W + pl.w_gate_up, w16(pl.w_gate_up), 0.0f, dg);  // dg = d_gu Wgu
+  mm.gemm(false, false, T, H, 2 * I, d_gu, d_gu16, W + pl.w_gate_up, mm.w16(pl.w_gate_up), 0.0f, dg);  // dg = d_gu Wgu
   // dr = dy + rmsnorm_backward(dg): grad_in carries dr from here on.
   if (grad_in.data() != grad_out.data()) grad_in.copy_from(grad_out, stream);  // not in place
   be.rmsnorm_backward(dg, r, W + pl.ln_post, S + sl.rstd2, dx, G + pl.ln_post, T, H, true, stream);
 
   // Attention: r = x + att Wo^T (+ bo).
   if (pl.bo >= 0) be.bias_backward(dx, G + pl.bo, T, H, stream);
-  std::uint16_t* dr16 = s16(bl.c);  // dy16 is dead
+  std::uint16_t* dr16 = mm.s16(bl.c);  // dy16 is dead
   mm.convert(dx, dr16, T * H);
-  std::uint16_t* att16 = s16(bl.a);  // g16 is dead
+  std::uint16_t* att16 = mm.s16(bl.a);  // g16 is dead
   mm.convert(S + sl.att, att16, T * q);
   mm.gemm(true, false, H, q, T, dx, dr16, S + sl.att, att16, 1.0f, G + pl.wo);       // dWo += dr^T att
   float* d_att = X + sc.d_att;
-  mm.gemm(false, false, T, q, H, dx, dr16, W + pl.wo, w16(pl.wo), 0.0f, d_att);  // d_att = dr Wo
+  mm.gemm(false, false, T, q, H, dx, dr16, W + pl.wo, mm.w16(pl.wo), 0.0f, d_att);  // d_att = dr Wo
   const bool qkn = c.qk_norm;
   float* q_rot = X + sc.q_rot;
   float* k_rot = X + sc.k_rot;
@@ -385,22 +379,22 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
     be.bias_backward(dk, G + pl.bqkv + q, T, kv, stream);
     be.bias_backward(dv, G + pl.bqkv + q + kv, T, kv, stream);
   }
-  std::uint16_t* dq16 = s16(bl.b);
-  std::uint16_t* dk16 = s16(bl.dk);
-  std::uint16_t* dv16 = s16(bl.dv);
+  std::uint16_t* dq16 = mm.s16(bl.b);
+  std::uint16_t* dk16 = mm.s16(bl.dk);
+  std::uint16_t* dv16 = mm.s16(bl.dv);
   mm.convert(dq, dq16, T * q);
   mm.convert(dk, dk16, T * kv);
   mm.convert(dv, dv16, T * kv);
   float* h = X + sc.sh;
-  std::uint16_t* h16 = s16(bl.a);  // att16 is dead
+  std::uint16_t* h16 = mm.s16(bl.a);  // att16 is dead
   mm.rmsnorm(xin, W + pl.ln_in, h, h16, nullptr, T, H, eps);
   mm.gemm(true, false, q, H, T, dq, dq16, h, h16, 1.0f, gwq);
   mm.gemm(true, false, kv, H, T, dk, dk16, h, h16, 1.0f, gwk);
   mm.gemm(true, false, kv, H, T, dv, dv16, h, h16, 1.0f, gwv);
   float* dh = h;  // h is dead once the weight gradients are queued
-  const std::uint16_t* wq16 = w16(pl.wqkv);
-  const std::uint16_t* wk16 = w16(pl.wqkv + q * H);
-  const std::uint16_t* wv16 = w16(pl.wqkv + (q + kv) * H);
+  const std::uint16_t* wq16 = mm.w16(pl.wqkv);
+  const std::uint16_t* wk16 = mm.w16(pl.wqkv + q * H);
+  const std::uint16_t* wv16 = mm.w16(pl.wqkv + (q + kv) * H);
   mm.gemm(false, false, T, H, q, dq, dq16, wq, wq16, 0.0f, dh);
   mm.gemm(false, false, T, H, kv, dk, dk16, wk, wk16, 1.0f, dh);
   mm.gemm(false, false, T, H, kv, dv, dv16, wv, wv16, 1.0f, dh);
