@@ -86,21 +86,23 @@ def peft_grads(grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k.replace(".default.", "."): v for k, v in grads.items() if "lora_" in k}
 
 
-def run(block: cb.CudaBlock, x: np.ndarray, lens: list[int], grad_out: np.ndarray | None = None
-        ) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray] | None]:
+def run(block: cb.CudaBlock, x: np.ndarray, lens: list[int], grad_out: np.ndarray | None = None,
+        dropout_step: int | None = None) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray] | None]:
+    """forward (outputs poisoned first), then with grad_out backward_lora: (out, grad_in, LoRA grads)."""
     dev = block.device
     stream = cb.CudaStream(dev)
     xb = cb.GpuBuffer.from_numpy(x, dev, stream=stream)
     out = cb.GpuBuffer.empty(x.shape, "float32", dev)
     out.fill(float("nan"), stream=stream)
-    block.forward(xb, out, lens, stream)
+    block.forward(xb, out, lens, stream, dropout_step=dropout_step)
     if grad_out is None:
-        return out.to_numpy(), None, None
+        return out.to_numpy(stream), None, None
     ws = block.new_lora_grad_workspace(stream)
     gi = cb.GpuBuffer.empty(x.shape, "float32", dev)
     gi.fill(float("nan"), stream=stream)
-    block.backward_lora(xb, cb.GpuBuffer.from_numpy(grad_out, dev, stream=stream), gi, lens, stream, ws)
-    return out.to_numpy(), gi.to_numpy(), ws.to_numpy()
+    block.backward_lora(xb, cb.GpuBuffer.from_numpy(grad_out, dev, stream=stream), gi, lens, stream, ws,
+                        dropout_step=dropout_step)
+    return out.to_numpy(stream), gi.to_numpy(stream), ws.to_numpy(stream)
 
 
 def small(rng: np.random.Generator, model_type: str = "qwen3") -> tuple[Any, Any, cb.TransformerConfig]:

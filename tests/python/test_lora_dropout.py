@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from test_block_fp32 import rel, weights_of  # noqa: E402
+from test_block_nf4 import run as run_nf4  # noqa: E402
 from test_block_nf4 import (  # noqa: E402
     LENS,
     PROJECTIONS,
@@ -144,18 +145,10 @@ def peft_with_masks(layer: Any, lora: cb.LoraConfig, masks: dict[str, np.ndarray
 
 def run(block: cb.CudaBlock, x: np.ndarray, grad_out: np.ndarray, step: int | None
         ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    dev = block.device
-    stream = cb.CudaStream(dev)
-    xb = cb.GpuBuffer.from_numpy(x, dev, stream=stream)
-    out = cb.GpuBuffer.empty(x.shape, "float32", dev)
-    out.fill(float("nan"), stream=stream)
-    block.forward(xb, out, LENS, stream, dropout_step=step)
-    ws = block.new_lora_grad_workspace(stream)
-    gi = cb.GpuBuffer.empty(x.shape, "float32", dev)
-    gi.fill(float("nan"), stream=stream)
-    block.backward_lora(xb, cb.GpuBuffer.from_numpy(grad_out, dev, stream=stream), gi, LENS, stream, ws,
-                        dropout_step=step)
-    return out.to_numpy(stream), gi.to_numpy(stream), ws.to_numpy(stream)
+    """forward and backward_lora over LENS with dropout step ``step``: (out, grad_in, LoRA grads)."""
+    out, grad_in, grads = run_nf4(block, x, LENS, grad_out, dropout_step=step)
+    assert grad_in is not None and grads is not None
+    return out, grad_in, grads
 
 
 DROPOUT_CASES = {
