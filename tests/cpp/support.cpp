@@ -75,4 +75,32 @@ Weights random_weights(const TransformerConfig& c) {
   return w;
 }
 
+std::vector<float> forward_backward(CudaBlock& block, const std::vector<float>& x_host, const std::vector<float>& gy_host,
+                                    const std::vector<std::int64_t>& lens, bool lora) {
+  std::int64_t T = 0;
+  for (std::int64_t len : lens) T += len;
+  const std::int64_t H = block.config().hidden_size;
+  const Device dev = block.device();
+  Stream stream(dev);
+  Buffer x = Buffer::empty({T, H}, DType::Float32, dev), y = Buffer::empty({T, H}, DType::Float32, dev);
+  Buffer gy = Buffer::empty({T, H}, DType::Float32, dev), gx = Buffer::empty({T, H}, DType::Float32, dev);
+  x.copy_from_host(x_host.data(), stream);
+  gy.copy_from_host(gy_host.data(), stream);
+  auto ws = lora ? block.new_lora_grad_workspace(stream) : block.new_grad_workspace(stream);
+  block.forward(x, y, lens, stream);
+  if (lora) {
+    block.backward_lora(x, gy, gx, lens, stream, *ws);
+  } else {
+    block.backward(x, gy, gx, lens, stream, *ws);
+  }
+  std::vector<float> out(static_cast<std::size_t>(T * H)), gin(static_cast<std::size_t>(T * H));
+  std::vector<float> grads(static_cast<std::size_t>(ws->layout().total_floats()));
+  y.copy_to_host(out.data(), stream);
+  gx.copy_to_host(gin.data(), stream);
+  ws->download(grads.data(), stream);
+  out.insert(out.end(), gin.begin(), gin.end());
+  out.insert(out.end(), grads.begin(), grads.end());
+  return out;
+}
+
 }  // namespace cudablocks::test

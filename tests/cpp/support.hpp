@@ -24,6 +24,12 @@ TransformerConfig tiny_config();
 // The default (unscaled) RoPE inverse frequencies [head_dim / 2] of TransformerConfig::rope_inv_freq().
 std::vector<float> rope_inv_freq(int head_dim, float theta);
 
+// One training step of `block` on host x and grad_out [sum(lens), hidden]: forward, then backward
+// (backward_lora when `lora`). Returns out, grad_in and the workspace's gradients, concatenated.
+std::vector<float> forward_backward(cudablocks::CudaBlock& block, const std::vector<float>& x_host,
+                                    const std::vector<float>& gy_host, const std::vector<std::int64_t>& lens,
+                                    bool lora);
+
 // Random weights for every tensor of a config's layout, and the storage they point into.
 struct Weights {
   std::vector<std::vector<float>> storage;

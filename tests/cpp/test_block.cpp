@@ -72,21 +72,7 @@ void cuda_matches_cpu(Precision precision, double tol) {
   std::vector<std::vector<float>> results;
   for (const Device& dev : {Device(), Device(DeviceType::CUDA, 0)}) {
     auto block = Fp32Block::create(c, 1, w.map, dev, 64, precision);
-    Stream stream(dev);
-    Buffer x = Buffer::empty({T, H}, DType::Float32, dev), y = Buffer::empty({T, H}, DType::Float32, dev);
-    Buffer gy = Buffer::empty({T, H}, DType::Float32, dev), gx = Buffer::empty({T, H}, DType::Float32, dev);
-    x.copy_from_host(x_host.data(), stream);
-    gy.copy_from_host(gy_host.data(), stream);
-    auto ws = block->new_grad_workspace(stream);
-    block->forward(x, y, lens, stream);
-    block->backward(x, gy, gx, lens, stream, *ws);
-    std::vector<float> out(T * H), gin(T * H), grads(static_cast<std::size_t>(ws->layout().total_floats()));
-    y.copy_to_host(out.data(), stream);
-    gx.copy_to_host(gin.data(), stream);
-    ws->download(grads.data(), stream);
-    out.insert(out.end(), gin.begin(), gin.end());
-    out.insert(out.end(), grads.begin(), grads.end());
-    results.push_back(out);
+    results.push_back(test::forward_backward(*block, x_host, gy_host, lens, false));
   }
   for (float v : results[1]) ASSERT_TRUE(std::isfinite(v));
   EXPECT_LT(test::relative_error(results[1], results[0]), tol);

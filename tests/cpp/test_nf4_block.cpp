@@ -124,20 +124,8 @@ void cuda_matches_cpu(Precision precision, bool double_quant, double tol) {
       b_map[e.name] = HostTensor{e.shape, b_values[i++].data()};
     }
     block->upload_lora_weights(b_map, stream);
-    Buffer x = Buffer::empty({T, H}, DType::Float32, dev), y = Buffer::empty({T, H}, DType::Float32, dev);
-    Buffer gy = Buffer::empty({T, H}, DType::Float32, dev), gx = Buffer::empty({T, H}, DType::Float32, dev);
-    x.copy_from_host(x_host.data(), stream);
-    gy.copy_from_host(gy_host.data(), stream);
-    auto ws = block->new_lora_grad_workspace(stream);
-    block->forward(x, y, lens, stream);
-    block->backward_lora(x, gy, gx, lens, stream, *ws);
-    std::vector<float> out(T * H), gin(T * H), grads(static_cast<std::size_t>(ws->layout().total_floats()));
-    y.copy_to_host(out.data(), stream);
-    gx.copy_to_host(gin.data(), stream);
-    ws->download(grads.data(), stream);
-    out.insert(out.end(), gin.begin(), gin.end());
-    out.insert(out.end(), grads.begin(), grads.end());
-    results.push_back(out);
+    stream.synchronize();  // the helper uses a stream of its own
+    results.push_back(test::forward_backward(*block, x_host, gy_host, lens, true));
   }
   for (float v : results[1]) ASSERT_TRUE(std::isfinite(v));
   EXPECT_LT(test::relative_error(results[1], results[0]), tol);
