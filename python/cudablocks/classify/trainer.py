@@ -182,10 +182,16 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
                      if valid_tok is not None else [])
     eval_every = settings.eval_every or steps_per_epoch
 
-    def checkpoint(path: Path) -> None:
+    saved: dict[str, Any] = {}  # the progress of the latest last/ checkpoint
+
+    def checkpoint(*paths: Path) -> None:
+        """Writes the current state to each of ``paths``, copying it from the device once."""
         values, moments = model.trainable_state()
-        write_checkpoint(path, Checkpoint(progress=prog, settings=settings.result_defining(),
-                                          label_map=label_map.to_json(), trainable=values, optimizer=moments))
+        for path in paths:
+            write_checkpoint(path, Checkpoint(progress=prog, settings=settings.result_defining(),
+                                              label_map=label_map.to_json(), trainable=values, optimizer=moments))
+        if last_dir in paths:
+            saved.update(asdict(prog))
 
     def evaluate_now() -> EvalResult | None:
         if not valid_batches:
@@ -247,6 +253,7 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
                 if not math.isfinite(grad_norm):
                     say(f"step {prog.step}: non-finite gradient norm, the update was skipped")
                 at_eval = prog.step % eval_every == 0 or prog.step == total_steps
+                due: list[Path] = []  # the checkpoints this step writes
                 if at_eval:
                     r = evaluate_now()
                     if r is not None:
@@ -257,14 +264,16 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
                             f"{r.accuracy:.4f}, macro-F1 {r.macro_f1:.4f}" + (" (best so far)" if improved else ""))
                         if improved:
                             prog.best_metric, prog.best_step, prog.evals_without_improvement = value, prog.step, 0
-                            checkpoint(best_dir)
+                            due.append(best_dir)
                         else:
                             prog.evals_without_improvement += 1
                             if settings.patience and prog.evals_without_improvement >= settings.patience:
                                 prog.stopped_early = True
                         _plot(out)
                 if at_eval or (settings.save_every and prog.step % settings.save_every == 0) or stop["set"]:
-                    checkpoint(last_dir)
+                    due.append(last_dir)
+                if due:
+                    checkpoint(*due)
                 if stop["set"]:
                     interrupted = True
                     break
@@ -278,9 +287,11 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
         if bar is not None:
             bar.close()
     if not interrupted:
-        checkpoint(last_dir)
+        final = [] if saved == asdict(prog) else [last_dir]  # unless this very state was just saved
         if not valid_batches:  # nothing to choose by: the final weights are the result
-            checkpoint(best_dir)
+            final.append(best_dir)
+        if final:
+            checkpoint(*final)
     metrics.close()
     _plot(out)
     elapsed = time.perf_counter() - start
