@@ -36,6 +36,25 @@ void check_blocksize(std::int64_t blocksize) {
 
 std::int64_t blocks_of(std::int64_t n, std::int64_t blocksize) { return (n + blocksize - 1) / blocksize; }
 
+// The buffers of double quantization, either way: on `device`, fp32 absmax / code / offset /
+// absmax2 and uint8 qabsmax, the 256-value map, one offset and one absmax2 per 256 of the m
+// absmax values (the callers check absmax's and qabsmax's counts against m).
+void check_double_quant_buffers(const Buffer& absmax, const Buffer& code, const Buffer& offset, const Buffer& qabsmax,
+                                const Buffer& absmax2, const Device& device, std::int64_t m) {
+  for (auto [b, name] : {std::pair<const Buffer*, const char*>{&absmax, "absmax"}, {&code, "code"},
+                         {&offset, "offset"}, {&qabsmax, "qabsmax"}, {&absmax2, "absmax2"}}) {
+    check_device(*b, device, name);
+  }
+  check_dtype(absmax, DType::Float32, "absmax");
+  check_dtype(code, DType::Float32, "code");
+  check_dtype(offset, DType::Float32, "offset");
+  check_dtype(qabsmax, DType::UInt8, "qabsmax");
+  check_dtype(absmax2, DType::Float32, "absmax2");
+  check_numel(code, 256, "code", "the 8-bit map");
+  check_numel(offset, 1, "offset", "one value");
+  check_numel(absmax2, blocks_of(m, nf4::kNestedBlocksize), "absmax2", "one per 256 absmax values");
+}
+
 }  // namespace
 
 bool nf4_valid_blocksize(std::int64_t blocksize) { return nf4::valid_blocksize(blocksize); }
@@ -80,20 +99,9 @@ void nf4_dequantize(const Buffer& packed, const Buffer& absmax, std::int64_t blo
 void nf4_double_quantize(const Buffer& absmax, const Buffer& code, Buffer& offset, bool compute_offset,
                          Buffer& qabsmax, Buffer& absmax2, const Stream& stream) {
   const Device& device = stream.device();
-  for (auto [b, name] : {std::pair<const Buffer*, const char*>{&absmax, "absmax"}, {&code, "code"},
-                         {&offset, "offset"}, {&qabsmax, "qabsmax"}, {&absmax2, "absmax2"}}) {
-    check_device(*b, device, name);
-  }
-  check_dtype(absmax, DType::Float32, "absmax");
-  check_dtype(code, DType::Float32, "code");
-  check_dtype(offset, DType::Float32, "offset");
-  check_dtype(qabsmax, DType::UInt8, "qabsmax");
-  check_dtype(absmax2, DType::Float32, "absmax2");
   const std::int64_t m = absmax.numel();
-  check_numel(code, 256, "code", "the 8-bit map");
-  check_numel(offset, 1, "offset", "one value");
+  check_double_quant_buffers(absmax, code, offset, qabsmax, absmax2, device, m);
   check_numel(qabsmax, m, "qabsmax", "one code per absmax");
-  check_numel(absmax2, blocks_of(m, nf4::kNestedBlocksize), "absmax2", "one per 256 absmax values");
   DeviceGuard guard(device);
   const Backend& backend = backend_for(device);
   if (compute_offset) backend.nf4_absmax_mean(absmax.data_as<float>(), m, offset.data_as<float>(), stream);
@@ -105,19 +113,8 @@ void nf4_double_quantize(const Buffer& absmax, const Buffer& code, Buffer& offse
 void nf4_double_dequantize(const Buffer& qabsmax, const Buffer& absmax2, const Buffer& offset, const Buffer& code,
                            Buffer& absmax, const Stream& stream) {
   const Device& device = stream.device();
-  for (auto [b, name] : {std::pair<const Buffer*, const char*>{&qabsmax, "qabsmax"}, {&absmax2, "absmax2"},
-                         {&offset, "offset"}, {&code, "code"}, {&absmax, "absmax"}}) {
-    check_device(*b, device, name);
-  }
-  check_dtype(qabsmax, DType::UInt8, "qabsmax");
-  check_dtype(absmax2, DType::Float32, "absmax2");
-  check_dtype(offset, DType::Float32, "offset");
-  check_dtype(code, DType::Float32, "code");
-  check_dtype(absmax, DType::Float32, "absmax");
   const std::int64_t m = qabsmax.numel();
-  check_numel(code, 256, "code", "the 8-bit map");
-  check_numel(offset, 1, "offset", "one value");
-  check_numel(absmax2, blocks_of(m, nf4::kNestedBlocksize), "absmax2", "one per 256 absmax values");
+  check_double_quant_buffers(absmax, code, offset, qabsmax, absmax2, device, m);
   check_numel(absmax, m, "absmax", "one per code");
   if (m == 0) return;
   DeviceGuard guard(device);
