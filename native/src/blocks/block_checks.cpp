@@ -79,6 +79,28 @@ Batch check_backward(const char* call, const char* ws_name, const TransformerCon
   return batch;
 }
 
+void check_optimizer_step(const char* call, const char* ws_name, const char* other, const char* state_hint,
+                          const Device& device, const ParamLayout& layout, const AdamWHyper& hyper,
+                          const Stream& stream, const GpuBlockOptimizerState& state, const CudaGradWorkspace& ws,
+                          const GradNorm* grad_norm) {
+  validate(hyper);
+  const std::string c = call;
+  if (stream.device() != device) {
+    throw DeviceError(c + " of a block on " + device.str() + " with a stream of " + stream.device().str());
+  }
+  if (!(state.layout() == layout)) {
+    throw InvalidArgumentError(c + ": the state was made for " + other + " (" + state.layout().describe() +
+                               ") than this block's (" + layout.describe() + ")" + state_hint);
+  }
+  if (!(ws.layout() == layout)) {
+    throw InvalidArgumentError(c + ": " + ws_name + " holds " + other + " (" + ws.layout().describe() +
+                               ") than this block's (" + layout.describe() + ")");
+  }
+  check_device(state.exp_avg(), device, "optimizer state");
+  check_device(ws.flat(), device, ws_name);
+  if (grad_norm != nullptr) check_device(grad_norm->sum_squares(), device, "grad_norm");
+}
+
 std::vector<std::int32_t> position_indices(const Batch& batch) {
   const std::int64_t T = batch.tokens;
   std::vector<std::int32_t> idx(static_cast<std::size_t>(T) + batch.cu_seqlens.size());

@@ -154,6 +154,14 @@ Batch check_backward(const char* call, const char* ws_name, const TransformerCon
                      std::int64_t max_tokens, const Buffer& x, const Buffer& grad_out, const Buffer& grad_in,
                      const std::vector<std::int64_t>& seq_lens, const Stream& stream, const CudaGradWorkspace& ws,
                      const ParamLayout& layout, const std::function<std::string()>& mismatch);
+// The checks of an optimizer step before anything is written: valid hyperparameters, the stream,
+// state, workspace and grad_norm on `device`, state and workspace made for `layout` (the errors
+// name `call` and `ws_name`, say the state was made for `other` (a description such as "other
+// adapters") and end the state's with `state_hint`).
+void check_optimizer_step(const char* call, const char* ws_name, const char* other, const char* state_hint,
+                          const Device& device, const ParamLayout& layout, const AdamWHyper& hyper,
+                          const Stream& stream, const GpuBlockOptimizerState& state, const CudaGradWorkspace& ws,
+                          const GradNorm* grad_norm);
 // Positions (restarting at 0 per sequence) then cu_seqlens, as one int32 host array.
 std::vector<std::int32_t> position_indices(const Batch& batch);
 

@@ -4,6 +4,7 @@
 #include <utility>
 #include <vector>
 
+#include "blocks/block_internal.hpp"
 #include "core/checks.hpp"
 #include "cudablocks/backend.hpp"
 #include "cudablocks/block.hpp"
@@ -72,21 +73,8 @@ std::shared_ptr<GpuBlockOptimizerState> Fp32Block::init_optimizer_state(const St
 void Fp32Block::optimizer_step(GpuBlockOptimizerState& state, const AdamWHyper& hyper, const Stream& stream,
                                const CudaGradWorkspace& grad_ws, const GradNorm* grad_norm,
                                bool decay_norms_and_biases) {
-  validate(hyper);
-  if (stream.device() != device_) {
-    throw DeviceError("optimizer_step of a block on " + device_.str() + " with a stream of " + stream.device().str());
-  }
-  if (!(state.layout() == *layout_)) {
-    throw InvalidArgumentError("optimizer_step: the state was made for another layout (" + state.layout().describe() +
-                               ") than this block's (" + layout_->describe() + ")");
-  }
-  if (!(grad_ws.layout() == *layout_)) {
-    throw InvalidArgumentError("optimizer_step: grad_ws holds another layout (" + grad_ws.layout().describe() +
-                               ") than this block's (" + layout_->describe() + ")");
-  }
-  check_device(state.exp_avg(), device_, "optimizer state");
-  check_device(grad_ws.flat(), device_, "grad_ws");
-  if (grad_norm != nullptr) check_device(grad_norm->sum_squares(), device_, "grad_norm");
+  blocks::check_optimizer_step("optimizer_step", "grad_ws", "another layout", "", device_, *layout_, hyper, stream, state,
+                               grad_ws, grad_norm);
 
   std::lock_guard<std::mutex> lock(mutex_);
   DeviceGuard guard(device_);

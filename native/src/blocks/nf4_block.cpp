@@ -930,21 +930,8 @@ std::shared_ptr<GpuBlockOptimizerState> Nf4Block::init_lora_optimizer_state(cons
 void Nf4Block::lora_optimizer_step(GpuBlockOptimizerState& state, const AdamWHyper& hyper, const Stream& stream,
                                    const CudaGradWorkspace& lora_ws, const GradNorm* grad_norm) {
   require_lora("lora_optimizer_step");
-  validate(hyper);
-  if (stream.device() != device_) {
-    throw DeviceError("lora_optimizer_step of a block on " + device_.str() + " with a stream of " + stream.device().str());
-  }
-  if (!(state.layout() == *lora_layout_)) {
-    throw InvalidArgumentError("lora_optimizer_step: the state was made for other adapters (" + state.layout().describe() +
-                               ") than this block's (" + lora_layout_->describe() + "); use init_lora_optimizer_state()");
-  }
-  if (!(lora_ws.layout() == *lora_layout_)) {
-    throw InvalidArgumentError("lora_optimizer_step: lora_ws holds other adapters (" + lora_ws.layout().describe() +
-                               ") than this block's (" + lora_layout_->describe() + ")");
-  }
-  check_device(state.exp_avg(), device_, "optimizer state");
-  check_device(lora_ws.flat(), device_, "lora_ws");
-  if (grad_norm != nullptr) check_device(grad_norm->sum_squares(), device_, "grad_norm");
+  check_optimizer_step("lora_optimizer_step", "lora_ws", "other adapters", "; use init_lora_optimizer_state()", device_,
+                       *lora_layout_, hyper, stream, state, lora_ws, grad_norm);
   std::lock_guard<std::mutex> lock(mutex_);
   DeviceGuard guard(device_);
   // Every adapter decays alike (torch.optim.AdamW over PEFT's parameters); the gaps stay zero.
