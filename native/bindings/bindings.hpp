@@ -1,6 +1,8 @@
 // The pybind11 module cudablocks._core: thin glue over the C++ API. Each file binds one area.
 #pragma once
 
+#include <initializer_list>
+
 #include <pybind11/pybind11.h>
 
 #include "cudablocks/buffer.hpp"
@@ -20,6 +22,21 @@ struct PyBuffer {
 
 // The stream to run on: the one given, else the buffer's own.
 Stream stream_or(const py::object& stream, const PyBuffer& buffer);
+
+// Runs `op(stream)` with the GIL released on `stream_arg`, or else on the first output's stream,
+// then records that stream on every output (nullptr entries, optional outputs not given, are
+// skipped): the common body of a binding that queues an op.
+template <class Op>
+void run_queued(const py::object& stream_arg, std::initializer_list<PyBuffer*> outputs, Op&& op) {
+  const Stream stream = stream_or(stream_arg, **outputs.begin());
+  {
+    py::gil_scoped_release release;
+    op(stream);
+  }
+  for (PyBuffer* out : outputs) {
+    if (out != nullptr) out->stream = stream;
+  }
+}
 // The default stream of a device: the legacy default stream on CUDA, inline on the CPU.
 Stream default_stream(const Device& device);
 

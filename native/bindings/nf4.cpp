@@ -21,47 +21,32 @@ void bind_nf4(py::module_& m) {
   m.def("nf4_valid_blocksize", &nf4_valid_blocksize, py::arg("blocksize"));
   m.def("nf4_quantize", [](const PyBuffer& x, std::int64_t blocksize, PyBuffer& packed, PyBuffer& absmax,
                            const py::object& stream_arg) {
-        Stream stream = stream_or(stream_arg, packed);
-        {
-          py::gil_scoped_release release;
+        run_queued(stream_arg, {&packed, &absmax}, [&](const Stream& stream) {
           nf4_quantize(x.buffer, blocksize, packed.buffer, absmax.buffer, stream);
-        }
-        packed.stream = stream;
-        absmax.stream = stream;
+        });
       }, py::arg("x"), py::arg("blocksize"), py::arg("packed"), py::arg("absmax"), py::arg("stream") = py::none(),
       "NF4-quantizes x into packed (uint8, (n+1)//2 elements) and absmax (float32, ceil(n/blocksize)).");
   m.def("nf4_dequantize", [](const PyBuffer& packed, const PyBuffer& absmax, std::int64_t blocksize, PyBuffer& out,
                              const py::object& stream_arg) {
-        Stream stream = stream_or(stream_arg, out);
-        {
-          py::gil_scoped_release release;
+        run_queued(stream_arg, {&out}, [&](const Stream& stream) {
           nf4_dequantize(packed.buffer, absmax.buffer, blocksize, out.buffer, stream);
-        }
-        out.stream = stream;
+        });
       }, py::arg("packed"), py::arg("absmax"), py::arg("blocksize"), py::arg("out"), py::arg("stream") = py::none(),
       "out = code[nibble] * absmax[i // blocksize], rounded once to out's dtype.");
   m.def("nf4_double_quantize", [](const PyBuffer& absmax, const PyBuffer& code, PyBuffer& offset, bool compute_offset,
                                   PyBuffer& qabsmax, PyBuffer& absmax2, const py::object& stream_arg) {
-        Stream stream = stream_or(stream_arg, qabsmax);
-        {
-          py::gil_scoped_release release;
+        run_queued(stream_arg, {&qabsmax, &offset, &absmax2}, [&](const Stream& stream) {
           nf4_double_quantize(absmax.buffer, code.buffer, offset.buffer, compute_offset, qabsmax.buffer,
                               absmax2.buffer, stream);
-        }
-        offset.stream = stream;
-        qabsmax.stream = stream;
-        absmax2.stream = stream;
+        });
       }, py::arg("absmax"), py::arg("code"), py::arg("offset"), py::arg("compute_offset"), py::arg("qabsmax"),
       py::arg("absmax2"), py::arg("stream") = py::none(),
       "8-bit blockwise (256) quantization of absmax - offset; offset = mean(absmax) when compute_offset.");
   m.def("nf4_double_dequantize", [](const PyBuffer& qabsmax, const PyBuffer& absmax2, const PyBuffer& offset,
                                     const PyBuffer& code, PyBuffer& absmax, const py::object& stream_arg) {
-        Stream stream = stream_or(stream_arg, absmax);
-        {
-          py::gil_scoped_release release;
+        run_queued(stream_arg, {&absmax}, [&](const Stream& stream) {
           nf4_double_dequantize(qabsmax.buffer, absmax2.buffer, offset.buffer, code.buffer, absmax.buffer, stream);
-        }
-        absmax.stream = stream;
+        });
       }, py::arg("qabsmax"), py::arg("absmax2"), py::arg("offset"), py::arg("code"), py::arg("absmax"),
       py::arg("stream") = py::none(), "absmax = code[qabsmax] * absmax2[i // 256] + offset.");
 }

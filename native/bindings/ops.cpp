@@ -24,26 +24,18 @@ Buffer* optional_buffer(PyBuffer* b) { return b != nullptr ? &b->buffer : nullpt
 void bind_ops(py::module_& m) {
   m.def("rmsnorm_forward", [](const PyBuffer& x, const PyBuffer& w, PyBuffer& out, float eps,
                               const py::object& stream_arg, PyBuffer* rstd) {
-        Stream stream = stream_or(stream_arg, out);
-        {
-          py::gil_scoped_release release;
+        run_queued(stream_arg, {&out, rstd}, [&](const Stream& stream) {
           rmsnorm_forward(x.buffer, w.buffer, out.buffer, eps, stream, optional_buffer(rstd));
-        }
-        out.stream = stream;
-        if (rstd != nullptr) rstd->stream = stream;
+        });
       }, py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("eps") = 1e-6f, py::arg("stream") = py::none(),
       py::kw_only(), py::arg("rstd") = nullptr,
       "out = x * rsqrt(mean(x**2, axis=-1) + eps) * weight for float32 x, out [rows, cols] and weight [cols]. "
       "rstd (float32 [rows]), when given, receives rsqrt(mean(x**2) + eps) per row for rmsnorm_backward.");
   m.def("rmsnorm_backward", [](const PyBuffer& dy, const PyBuffer& x, const PyBuffer& w, const PyBuffer& rstd,
                                PyBuffer& dx, PyBuffer& dw, bool accumulate_dx, const py::object& stream_arg) {
-        Stream stream = stream_or(stream_arg, dx);
-        {
-          py::gil_scoped_release release;
+        run_queued(stream_arg, {&dx, &dw}, [&](const Stream& stream) {
           rmsnorm_backward(dy.buffer, x.buffer, w.buffer, rstd.buffer, dx.buffer, dw.buffer, accumulate_dx, stream);
-        }
-        dx.stream = stream;
-        dw.stream = stream;
+        });
       }, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("rstd"), py::arg("dx"), py::arg("dweight"),
       py::arg("accumulate_dx") = false, py::arg("stream") = py::none(),
       "The backward of rmsnorm_forward, given dy [rows, cols] and the forward's x and rstd [rows]: dx = dL/dx is "
@@ -52,12 +44,9 @@ void bind_ops(py::module_& m) {
   m.def("gemm", [](const PyBuffer& a, const PyBuffer& b, PyBuffer& out, bool trans_b, float beta,
                     const std::string& precision, const py::object& stream_arg, bool trans_a) {
         const Precision prec = precision_from_name(precision);
-        Stream stream = stream_or(stream_arg, out);
-        {
-          py::gil_scoped_release release;
+        run_queued(stream_arg, {&out}, [&](const Stream& stream) {
           gemm(a.buffer, b.buffer, out.buffer, trans_a, trans_b, beta, prec, stream);
-        }
-        out.stream = stream;
+        });
       }, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("trans_b") = false, py::arg("beta") = 0.0f,
       py::arg("precision") = "fp32", py::arg("stream") = py::none(), py::kw_only(), py::arg("trans_a") = false,
       "out = (a.T if trans_a else a) @ (b.T if trans_b else b) + beta * out. a, b float32 (precision \"fp32\", "
@@ -67,12 +56,9 @@ void bind_ops(py::module_& m) {
   m.def("dropout", [](const PyBuffer& x, PyBuffer& out, double p, const py::object& key, bool accumulate,
                       const py::object& stream_arg) {
         const std::uint64_t k = to_uint64(key, "dropout key");
-        Stream stream = stream_or(stream_arg, out);
-        {
-          py::gil_scoped_release release;
+        run_queued(stream_arg, {&out}, [&](const Stream& stream) {
           dropout(x.buffer, out.buffer, p, k, accumulate, stream);
-        }
-        out.stream = stream;
+        });
       }, py::arg("x"), py::arg("out"), py::arg("p"), py::arg("key"), py::kw_only(), py::arg("accumulate") = false,
       py::arg("stream") = py::none(),
       "LoRA dropout (inverted, as PEFT's): out = x * mask / (1 - p), or out += that with accumulate, for float32 x "
@@ -82,24 +68,18 @@ void bind_ops(py::module_& m) {
 
   m.def("embedding_forward", [](const PyBuffer& ids, const PyBuffer& table, PyBuffer& out,
                                 const py::object& stream_arg) {
-        Stream stream = stream_or(stream_arg, out);
-        {
-          py::gil_scoped_release release;
+        run_queued(stream_arg, {&out}, [&](const Stream& stream) {
           embedding_forward(ids.buffer, table.buffer, out.buffer, stream);
-        }
-        out.stream = stream;
+        });
       }, py::arg("ids"), py::arg("table"), py::arg("out"), py::arg("stream") = py::none(),
       "out[t] = float32(table[ids[t]]) for ids int32 [T], table float32 or bfloat16 [V, H], out float32 [T, H]. "
       "An id outside [0, V) raises InvalidArgumentError on the CPU and gives a zero row on CUDA (check ids on the "
       "host first).");
   m.def("embedding_backward", [](const PyBuffer& grad_out, const PyBuffer& rows, const PyBuffer& offsets,
                                  const PyBuffer& order, PyBuffer& grad_table, const py::object& stream_arg) {
-        Stream stream = stream_or(stream_arg, grad_table);
-        {
-          py::gil_scoped_release release;
+        run_queued(stream_arg, {&grad_table}, [&](const Stream& stream) {
           embedding_backward(grad_out.buffer, rows.buffer, offsets.buffer, order.buffer, grad_table.buffer, stream);
-        }
-        grad_table.stream = stream;
+        });
       }, py::arg("grad_out"), py::arg("rows"), py::arg("offsets"), py::arg("order"), py::arg("grad_table"),
       py::arg("stream") = py::none(),
       "Deterministic scatter-add: grad_table[rows[u]] += sum(grad_out[order[j]] for j in range(offsets[u], "
@@ -109,12 +89,9 @@ void bind_ops(py::module_& m) {
   m.def("pool_forward", [](const PyBuffer& x, const PyBuffer& cu_seqlens, PyBuffer& out, const std::string& mode,
                            const py::object& stream_arg) {
         const PoolMode pool_mode = pool_mode_from_name(mode);
-        Stream stream = stream_or(stream_arg, out);
-        {
-          py::gil_scoped_release release;
+        run_queued(stream_arg, {&out}, [&](const Stream& stream) {
           pool_forward(x.buffer, cu_seqlens.buffer, out.buffer, pool_mode, stream);
-        }
-        out.stream = stream;
+        });
       }, py::arg("x"), py::arg("cu_seqlens"), py::arg("out"), py::arg("mode") = "last", py::arg("stream") = py::none(),
       "One row per packed sequence: x float32 [T, H], cu_seqlens int32 [B + 1] (0, ..., T; every sequence at least "
       "one token), out float32 [B, H]. mode \"last\": the sequence's last token (as transformers' sequence "
@@ -123,12 +100,9 @@ void bind_ops(py::module_& m) {
   m.def("pool_backward", [](const PyBuffer& dout, const PyBuffer& cu_seqlens, PyBuffer& dx, const std::string& mode,
                             const py::object& stream_arg) {
         const PoolMode pool_mode = pool_mode_from_name(mode);
-        Stream stream = stream_or(stream_arg, dx);
-        {
-          py::gil_scoped_release release;
+        run_queued(stream_arg, {&dx}, [&](const Stream& stream) {
           pool_backward(dout.buffer, cu_seqlens.buffer, dx.buffer, pool_mode, stream);
-        }
-        dx.stream = stream;
+        });
       }, py::arg("dout"), py::arg("cu_seqlens"), py::arg("dx"), py::arg("mode") = "last",
       py::arg("stream") = py::none(),
       "The backward of pool_forward: every row of dx float32 [T, H] is written, from dout float32 [B, H] (\"last\": "
@@ -136,15 +110,10 @@ void bind_ops(py::module_& m) {
   m.def("cross_entropy", [](const PyBuffer& logits, const PyBuffer& labels, PyBuffer& loss_sum, PyBuffer* dlogits,
                             PyBuffer* probs, const PyBuffer* class_weights, float grad_scale,
                             const py::object& stream_arg) {
-        Stream stream = stream_or(stream_arg, loss_sum);
-        {
-          py::gil_scoped_release release;
+        run_queued(stream_arg, {&loss_sum, dlogits, probs}, [&](const Stream& stream) {
           cross_entropy(logits.buffer, labels.buffer, loss_sum.buffer, optional_buffer(dlogits), optional_buffer(probs),
                         class_weights != nullptr ? &class_weights->buffer : nullptr, grad_scale, stream);
-        }
-        for (PyBuffer* out : {&loss_sum, dlogits, probs}) {
-          if (out != nullptr) out->stream = stream;
-        }
+        });
       }, py::arg("logits"), py::arg("labels"), py::arg("loss_sum"), py::arg("dlogits") = nullptr,
       py::arg("probs") = nullptr, py::arg("class_weights") = nullptr, py::arg("grad_scale") = 1.0f,
       py::arg("stream") = py::none(),
@@ -160,13 +129,10 @@ void bind_ops(py::module_& m) {
                          std::int64_t step, float lr, float beta1, float beta2, float eps, float weight_decay,
                          const py::object& stream_arg, const GradNorm* grad_norm, float max_grad_norm) {
         const AdamWHyper hyper = adamw_hyper(step, lr, beta1, beta2, eps, weight_decay, max_grad_norm);
-        Stream stream = stream_or(stream_arg, param);
-        {
-          py::gil_scoped_release release;
+        run_queued(stream_arg, {&param, &exp_avg, &exp_avg_sq}, [&](const Stream& stream) {
           adamw_step(param.buffer, grad.buffer, exp_avg.buffer, exp_avg_sq.buffer, hyper,
                      grad_norm != nullptr ? &grad_norm->sum_squares() : nullptr, stream);
-        }
-        for (PyBuffer* out : {&param, &exp_avg, &exp_avg_sq}) out->stream = stream;
+        });
       }, py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"), py::arg("lr"),
       py::arg("beta1") = 0.9f, py::arg("beta2") = 0.999f, py::arg("eps") = 1e-8f, py::arg("weight_decay") = 0.01f,
       py::arg("stream") = py::none(), py::kw_only(), py::arg("grad_norm") = nullptr,
