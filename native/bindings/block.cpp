@@ -418,19 +418,15 @@ void bind_block_class(py::module_& m) {
       .def("backward_lora", [](CudaBlock& self, const PyBuffer& x, const PyBuffer& grad_out, PyBuffer& grad_in,
                                const py::object& seq_lens, const py::object& stream_arg, CudaGradWorkspace* lora_ws,
                                const py::object& dropout_step) {
-            self.require_lora("backward_lora");  // an nf4 block from here on
+            self.require_lora("backward_lora");
             if (lora_ws == nullptr) {
               throw InvalidArgumentError("backward_lora needs lora_ws: make one with block.new_lora_grad_workspace()");
             }
             const std::optional<std::uint64_t> step = dropout_step_arg(dropout_step);
             const std::vector<std::int64_t> lens = to_seq_lens(seq_lens);
-            const Stream stream = stream_or(stream_arg, grad_in);
-            {
-              py::gil_scoped_release release;
-              static_cast<Nf4Block&>(self).backward_lora(x.buffer, grad_out.buffer, grad_in.buffer, lens, stream,
-                                                         *lora_ws, step);
-            }
-            grad_in.stream = stream;
+            run_queued(stream_arg, {&grad_in}, [&](const Stream& stream) {
+              self.backward_lora(x.buffer, grad_out.buffer, grad_in.buffer, lens, stream, *lora_ws, step);
+            });
           }, py::arg("x"), py::arg("grad_out"), py::arg("grad_in"), py::arg("seq_lens"), py::arg("stream") = py::none(),
           py::arg("lora_ws") = nullptr, py::kw_only(), py::arg("dropout_step") = py::none(),
           "After forward(x, ..., seq_lens, dropout_step=...): grad_in = dL/dx (through the frozen weights and the "
@@ -484,17 +480,9 @@ void bind_block_class(py::module_& m) {
                          const py::object& stream_arg, const py::object& dropout_step) {
             const std::optional<std::uint64_t> step = dropout_step_arg(dropout_step);
             const std::vector<std::int64_t> lens = to_seq_lens(seq_lens);
-            const Stream stream = stream_or(stream_arg, out);
-            auto* nf4 = dynamic_cast<Nf4Block*>(&self);
-            {
-              py::gil_scoped_release release;
-              if (nf4 != nullptr) {
-                nf4->forward(x.buffer, out.buffer, lens, stream, step);
-              } else {
-                self.forward(x.buffer, out.buffer, lens, stream);
-              }
-            }
-            out.stream = stream;
+            run_queued(stream_arg, {&out}, [&](const Stream& stream) {
+              self.forward(x.buffer, out.buffer, lens, stream, step);
+            });
           }, py::arg("x"), py::arg("out"), py::arg("seq_lens"), py::arg("stream") = py::none(), py::kw_only(),
           py::arg("dropout_step") = py::none(),
           "out = layer(x) for packed sequences x, out float32 [sum(seq_lens), hidden]. Saves what backward needs. "
@@ -509,12 +497,9 @@ void bind_block_class(py::module_& m) {
               throw InvalidArgumentError("backward needs grad_ws: make one with cudablocks.CudaGradWorkspace(block)");
             }
             const std::vector<std::int64_t> lens = to_seq_lens(seq_lens);
-            const Stream stream = stream_or(stream_arg, grad_in);
-            {
-              py::gil_scoped_release release;
+            run_queued(stream_arg, {&grad_in}, [&](const Stream& stream) {
               self.backward(x.buffer, grad_out.buffer, grad_in.buffer, lens, stream, *grad_ws);
-            }
-            grad_in.stream = stream;
+            });
           }, py::arg("x"), py::arg("grad_out"), py::arg("grad_in"), py::arg("seq_lens"), py::arg("stream") = py::none(),
           py::arg("grad_ws") = nullptr,
           "After forward(x, ..., seq_lens): grad_in = dL/dx; every parameter gradient is ADDED into grad_ws.")

@@ -98,6 +98,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -231,8 +232,10 @@ class CudaBlock {
   // stream orders after it. The legacy default stream before any call.
   Stream last_stream() const;
 
-  virtual void forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens,
-                       const Stream& stream) = 0;
+  // dropout_step: the LoRA dropout masks of a training step (nullopt: no dropout); blocks without
+  // LoRA dropout ignore it.
+  virtual void forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens, const Stream& stream,
+                       std::optional<std::uint64_t> dropout_step = std::nullopt) = 0;
   virtual void backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_in,
                         const std::vector<std::int64_t>& seq_lens, const Stream& stream,
                         CudaGradWorkspace& grad_ws);
@@ -277,9 +280,10 @@ class CudaBlock {
   virtual void require_lora(const std::string& call) const;
   // Names (PEFT's, relative to the layer), offsets and shapes of the adapters' flat allocation.
   virtual std::shared_ptr<const ParamLayout> lora_layout() const;
+  // dropout_step: as in forward, and the latest forward's when the block has dropout.
   virtual void backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& grad_in,
                              const std::vector<std::int64_t>& seq_lens, const Stream& stream,
-                             CudaGradWorkspace& lora_ws);
+                             CudaGradWorkspace& lora_ws, std::optional<std::uint64_t> dropout_step = std::nullopt);
   virtual std::shared_ptr<CudaGradWorkspace> new_lora_grad_workspace(const Stream& stream) const;
   virtual std::shared_ptr<GpuBlockOptimizerState> init_lora_optimizer_state(const Stream& stream) const;
   virtual void lora_optimizer_step(GpuBlockOptimizerState& state, const AdamWHyper& hyper, const Stream& stream,
@@ -325,8 +329,8 @@ class Fp32Block final : public CudaBlock {
 
   const char* kind() const override { return "fp32"; }
   void require_full_training(const std::string&) const override {}
-  void forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens,
-               const Stream& stream) override;
+  void forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens, const Stream& stream,
+               std::optional<std::uint64_t> dropout_step = std::nullopt) override;
   void backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_in, const std::vector<std::int64_t>& seq_lens,
                 const Stream& stream, CudaGradWorkspace& grad_ws) override;
   std::shared_ptr<CudaGradWorkspace> new_grad_workspace(const Stream& stream) const override;

@@ -96,12 +96,8 @@ class Nf4Block final : public CudaBlock {
                                           std::shared_ptr<BlockArena> arena = nullptr, bool share_activations = false);
 
   const char* kind() const override { return "nf4"; }
-  void forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens,
-               const Stream& stream) override;
-  // The forward with the LoRA dropout masks of `dropout_step` (nullopt: no dropout, as above);
-  // a block without dropout ignores it.
   void forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens, const Stream& stream,
-               std::optional<std::uint64_t> dropout_step);
+               std::optional<std::uint64_t> dropout_step = std::nullopt) override;
   std::int64_t saved_bytes_per_token() const override;
   std::int64_t scratch_bytes_per_token() const override;
   std::int64_t device_bytes() const override;
@@ -114,14 +110,11 @@ class Nf4Block final : public CudaBlock {
 
   void require_lora(const std::string& call) const override;
   std::shared_ptr<const ParamLayout> lora_layout() const override;
-  void backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& grad_in,
-                     const std::vector<std::int64_t>& seq_lens, const Stream& stream,
-                     CudaGradWorkspace& lora_ws) override;
   // The backward through the masks of `dropout_step`, which must be the latest forward's when the
   // block has dropout (InvalidArgumentError otherwise).
   void backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& grad_in,
                      const std::vector<std::int64_t>& seq_lens, const Stream& stream, CudaGradWorkspace& lora_ws,
-                     std::optional<std::uint64_t> dropout_step);
+                     std::optional<std::uint64_t> dropout_step = std::nullopt) override;
   std::shared_ptr<CudaGradWorkspace> new_lora_grad_workspace(const Stream& stream) const override;
   std::shared_ptr<GpuBlockOptimizerState> init_lora_optimizer_state(const Stream& stream) const override;
   void lora_optimizer_step(GpuBlockOptimizerState& state, const AdamWHyper& hyper, const Stream& stream,

@@ -100,7 +100,7 @@ std::shared_ptr<const ParamLayout> CudaBlock::lora_layout() const {
 }
 
 void CudaBlock::backward_lora(const Buffer&, const Buffer&, Buffer&, const std::vector<std::int64_t>&, const Stream&,
-                              CudaGradWorkspace&) {
+                              CudaGradWorkspace&, std::optional<std::uint64_t>) {
   require_lora("backward_lora");
 }
 

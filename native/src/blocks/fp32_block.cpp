@@ -165,7 +165,8 @@ void Fp32Block::download_weights(float* host, const Stream& stream) const {
 
 // ---- forward ----------------------------------------------------------------------------------
 
-void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens, const Stream& stream) {
+void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens, const Stream& stream,
+                        std::optional<std::uint64_t>) {  // no LoRA, no dropout
   if (stream.device() != device_) {
     throw DeviceError("forward of a block on " + device_.str() + " with a stream of " + stream.device().str());
   }

@@ -696,10 +696,6 @@ std::int64_t Nf4Block::activation_bytes() const {
 
 // ---- forward ----------------------------------------------------------------------------------
 
-void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens, const Stream& stream) {
-  forward(x, out, seq_lens, stream, std::nullopt);
-}
-
 void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int64_t>& seq_lens, const Stream& stream,
                        std::optional<std::uint64_t> dropout_step) {
   if (stream.device() != device_) {
@@ -780,12 +776,6 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
 }
 
 // ---- backward_lora ------------------------------------------------------------------------------
-
-void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& grad_in,
-                             const std::vector<std::int64_t>& seq_lens, const Stream& stream,
-                             CudaGradWorkspace& lora_ws) {
-  backward_lora(x, grad_out, grad_in, seq_lens, stream, lora_ws, std::nullopt);
-}
 
 void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& grad_in,
                              const std::vector<std::int64_t>& seq_lens, const Stream& stream,
