@@ -28,6 +28,10 @@ from cudablocks.errors import CheckpointError, DataError, InvalidArgumentError
 
 __all__ = ["EvalResult", "evaluate", "load_classifier", "predict", "run_eval"]
 
+# A classifier that only runs forward: no training state, and the layers share one set of saved
+# activations (nothing reads them back).
+_FORWARD_ONLY: dict[str, Any] = {"trainable": False, "recompute": True}
+
 
 @dataclass
 class EvalResult:
@@ -85,7 +89,7 @@ def load_classifier(path: str | Path, *, device: str = "auto", token_budget: int
         model = build_classifier(files, mode=Mode(s.mode), num_labels=label_map.num_labels, device=dev, stream=stream,
                                  max_tokens=budget, precision=s.precision, pooling=Pooling(s.pooling),
                                  lora=s.lora_config(), train_embedding=False, seed=s.seed,
-                                 trained=ckpt.trainable, progress=progress)
+                                 trained=ckpt.trainable, progress=progress, **_FORWARD_ONLY)
         return model, label_map, ckpt.settings, dataset.load_tokenizer(s.model_dir())
     files = ModelFiles.open(path)  # an exported ...ForSequenceClassification directory
     score = files.score()
@@ -96,7 +100,7 @@ def load_classifier(path: str | Path, *, device: str = "auto", token_budget: int
     budget = token_budget or s.token_budget
     model = build_classifier(files, mode=Mode.HEAD, num_labels=score.shape[0], device=dev, stream=stream,
                              max_tokens=budget, precision="fp32", pooling=Pooling.LAST, lora=None,
-                             train_embedding=False, seed=0, progress=progress)
+                             train_embedding=False, seed=0, progress=progress, **_FORWARD_ONLY)
     return model, label_map, s.result_defining(), dataset.load_tokenizer(path)
 
 

@@ -66,6 +66,7 @@ def build_classifier(
     trained: dict[str, np.ndarray] | None = None,
     progress: bool = False,
     recompute: bool = False,
+    trainable: bool = True,
 ) -> Classifier:
     """The model of ``files`` on ``device``, one layer at a time (host memory peaks near one
     layer). ``trained`` holds tensors of a checkpoint that replace the files' (and LoRA's init).
@@ -107,4 +108,4 @@ def build_classifier(
             num_labels, cfg.hidden_size, files, seed)
     return Classifier(blocks, embedding, final_norm, score, mode=mode, pooling=pooling, eps=cfg.rms_norm_eps,
                       device=device, stream=stream, train_embedding=train_embedding, class_weights=class_weights,
-                      recompute=recompute)
+                      recompute=recompute, trainable=trainable)

@@ -102,6 +102,8 @@ class Classifier:
         class_weights: optional ``[num_labels]`` weights of the cross-entropy.
         recompute: the blocks share one set of saved activations (``share_activations`` in one
             :class:`cudablocks.BlockArena`): the backward runs each block's forward again first.
+        trainable: False for a classifier that only runs forward (evaluation, prediction): no
+            gradient buffers, workspaces or optimizer states are allocated.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class Classifier:
         train_embedding: bool = False,
         class_weights: np.ndarray | None = None,
         recompute: bool = False,
+        trainable: bool = True,
     ) -> None:
         if not blocks:
             raise InvalidArgumentError("a classifier needs at least one block")
@@ -152,7 +155,7 @@ class Classifier:
 
         # Activations: the input of every block and the top one; two gradient buffers in turn.
         self.hidden_states = [GpuBuffer.empty((T, H), "float32", dev) for _ in range(len(blocks) + 1)]
-        self.grads = [GpuBuffer.empty((T, H), "float32", dev) for _ in range(2)]
+        self.grads = [GpuBuffer.empty((T, H), "float32", dev) for _ in range(2 if trainable else 0)]
         self.ids = GpuBuffer.zeros((T,), "int32", dev, stream=st)
         self.cu_seqlens = GpuBuffer.zeros((T + 1,), "int32", dev, stream=st)
         self.labels = GpuBuffer.zeros((T,), "int32", dev, stream=st)
@@ -178,10 +181,10 @@ class Classifier:
         # Block gradients and optimizer states of the trained blocks.
         self.workspaces: list[CudaGradWorkspace] = []
         self.block_states: list[GpuBlockOptimizerState] = []
-        if self.mode is Mode.FULL:
+        if trainable and self.mode is Mode.FULL:
             self.workspaces = [b.new_grad_workspace(st) for b in blocks]
             self.block_states = [b.init_optimizer_state(st) for b in blocks]
-        elif self.mode is Mode.LORA:
+        elif trainable and self.mode is Mode.LORA:
             self.workspaces = [b.new_lora_grad_workspace(st) for b in blocks]
             self.block_states = [b.init_lora_optimizer_state(st) for b in blocks]
         self.grad_norm = GradNorm(dev)
