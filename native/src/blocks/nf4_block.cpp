@@ -273,6 +273,11 @@ struct Nf4Block::Impl {
     lg.direct = g.count == 1;
     return lg;
   }
+  // Whether the group has LoRA adapters. A group without them uses its input only as the product's
+  // operand: in bf16 mode the producer (norm, SwiGLU) then writes the bf16 operand directly, and
+  // the backward recomputes nothing for it.
+  bool adapted(int group) const { return lora_group(group).R > 0; }
+  bool bf16_operand_only(int group) const { return bf && !adapted(group); }
   Precision lora_prec() const { return b.precision_ == Precision::FP32 ? Precision::FP32 : Precision::TF32; }
   float scale() const { return static_cast<float>(b.lora_.scale()); }
   // Selector [r, R] for part p of the gate/up group: I_r, or [I_r | 0] / [0 | I_r] when both are targeted.
@@ -737,8 +742,14 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   float* y = out.data_as<float>();
 
   float* h = X + sc.sh;
-  be.rmsnorm_forward(xin, D + ln_in_, h, S + sl.rstd1, T, H, eps, stream);
-  m.product(kGroupQ, false, h, true, 0.0f, S + sl.q_raw);
+  const bool qkv_bf16_only =
+      m.bf16_operand_only(kGroupQ) && m.bf16_operand_only(kGroupK) && m.bf16_operand_only(kGroupV);
+  if (qkv_bf16_only) {
+    be.rmsnorm_forward_bf16(xin, D + ln_in_, m.op16, S + sl.rstd1, T, H, eps, stream);
+  } else {
+    be.rmsnorm_forward(xin, D + ln_in_, h, S + sl.rstd1, T, H, eps, stream);
+  }
+  m.product(kGroupQ, false, h, !qkv_bf16_only, 0.0f, S + sl.q_raw);
   m.lora_forward(kGroupQ, h, S + sl.q_raw);
   m.product(kGroupK, false, h, false, 0.0f, S + sl.k_raw);
   m.lora_forward(kGroupK, h, S + sl.k_raw);
@@ -762,12 +773,22 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   if (bo_ >= 0) be.add_bias(r, D + bo_, T, H, stream);
   be.add(xin, r, r, T * H, stream);
   float* g = X + sc.sh;
-  be.rmsnorm_forward(r, D + ln_post_, g, S + sl.rstd2, T, H, eps, stream);
-  m.product(kGroupGU, false, g, true, 0.0f, S + sl.gate_up);
+  const bool gu_bf16_only = m.bf16_operand_only(kGroupGU);
+  if (gu_bf16_only) {
+    be.rmsnorm_forward_bf16(r, D + ln_post_, m.op16, S + sl.rstd2, T, H, eps, stream);
+  } else {
+    be.rmsnorm_forward(r, D + ln_post_, g, S + sl.rstd2, T, H, eps, stream);
+  }
+  m.product(kGroupGU, false, g, !gu_bf16_only, 0.0f, S + sl.gate_up);
   m.lora_forward(kGroupGU, g, S + sl.gate_up);
   float* act = X + sc.act;
-  be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
-  m.product(kGroupDown, false, act, true, 0.0f, y);
+  const bool down_bf16_only = m.bf16_operand_only(kGroupDown);
+  if (down_bf16_only) {
+    be.swiglu_forward_bf16(S + sl.gate_up, m.op16, T, I, stream);
+  } else {
+    be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
+  }
+  m.product(kGroupDown, false, act, !down_bf16_only, 0.0f, y);
   m.lora_forward(kGroupDown, act, y);
   be.add(r, y, y, T * H, stream);
   forward_seq_lens_ = seq_lens;
@@ -830,20 +851,28 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* dx = grad_in.data_as<float>();
   const float* r = S + sl.r;
 
-  // MLP: out = r + swiglu(g Wgu^T) Wdown^T.
+  // MLP: out = r + swiglu(g Wgu^T) Wdown^T. The adapters' inputs g and act are recomputed only for
+  // the groups that have adapters.
   float* g = X + sc.sh;
-  be.rmsnorm_forward(r, D + ln_post_, g, nullptr, T, H, eps, stream);
+  if (m.adapted(kGroupGU)) be.rmsnorm_forward(r, D + ln_post_, g, nullptr, T, H, eps, stream);
   float* act = X + sc.act;
-  be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
-  m.lora_grads(kGroupDown, act, dy, G);
+  if (m.adapted(kGroupDown)) {
+    be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
+    m.lora_grads(kGroupDown, act, dy, G);
+  }
   float* d_act = act;
   m.product(kGroupDown, true, dy, true, 0.0f, d_act);  // d_act = dy Wdown
   m.lora_dx(kGroupDown, d_act);
   float* d_gu = X + sc.d_gate_up;
-  be.swiglu_backward(d_act, S + sl.gate_up, d_gu, T, I, stream);
-  m.lora_grads(kGroupGU, g, d_gu, G);
+  const bool gu_bf16_only = m.bf16_operand_only(kGroupGU);
+  if (gu_bf16_only) {
+    be.swiglu_backward_bf16(d_act, S + sl.gate_up, m.op16, T, I, stream);
+  } else {
+    be.swiglu_backward(d_act, S + sl.gate_up, d_gu, T, I, stream);
+    m.lora_grads(kGroupGU, g, d_gu, G);
+  }
   float* dg = X + sc.sh;
-  m.product(kGroupGU, true, d_gu, true, 0.0f, dg);  // dg = d_gu Wgu
+  m.product(kGroupGU, true, d_gu, !gu_bf16_only, 0.0f, dg);  // dg = d_gu Wgu
   m.lora_dx(kGroupGU, dg);
   if (grad_in.data() != grad_out.data()) grad_in.copy_from(grad_out, stream);  // not in place
   be.rmsnorm_backward(dg, r, D + ln_post_, S + sl.rstd2, dx, sink + H, T, H, true, stream);
@@ -872,7 +901,9 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   be.qk_norm_rope_backward(dk_rot, S + sl.k_raw, qkn ? D + k_norm_ : nullptr, qkn ? S + sl.rstd_k : nullptr, dk,
                            qkn ? sink + 2 * H + d : nullptr, positions, T, nkv, static_cast<int>(d), inv_freq, stream);
   float* h = X + sc.sh;
-  be.rmsnorm_forward(xin, D + ln_in_, h, nullptr, T, H, eps, stream);
+  if (m.adapted(kGroupQ) || m.adapted(kGroupK) || m.adapted(kGroupV)) {
+    be.rmsnorm_forward(xin, D + ln_in_, h, nullptr, T, H, eps, stream);
+  }
   float* dh = X + nsc.dh;  // h stays readable for the adapters' gradients
   m.lora_grads(kGroupQ, h, dq, G);
   m.product(kGroupQ, true, dq, true, 0.0f, dh);
