@@ -193,6 +193,21 @@ TEST(CpuBf16, GemmBf16IsTheProductOfTheBf16Values) {
   for (std::size_t i = 0; i < c.size(); ++i) EXPECT_FLOAT_EQ(c[i], 2.0f * c0[i]);
 }
 
+TEST(CpuBf16, GemmBf16ToBf16IsTheRoundedGemmBf16) {
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      const std::int64_t m = 37, n = 53, k = 29;
+      SCOPED_TRACE(testing::Message() << ta << tb);
+      const auto a16 = bf16_of(random_normal(static_cast<std::size_t>(m * k)));
+      const auto b16 = bf16_of(random_normal(static_cast<std::size_t>(k * n)));
+      auto c = nans(static_cast<std::size_t>(m * n));
+      cpu().gemm_bf16(ta, tb, m, n, k, 0.5f, a16.data(), b16.data(), 0.0f, c.data(), stream());
+      std::vector<std::uint16_t> c16(c.size(), 0xffff);
+      cpu().gemm_bf16_to_bf16(ta, tb, m, n, k, 0.5f, a16.data(), b16.data(), c16.data(), stream());
+      EXPECT_EQ(c16, bf16_of(c));
+    }
+}
+
 TEST(CpuBf16, AdamwWritesTheBf16CopyOfTheUpdatedParameters) {
   const std::size_t n = 1003;
   auto p = random_normal(n), m = random_normal(n, 0.1f), v = random_normal(n, 0.1f);
@@ -520,6 +535,27 @@ TEST(CpuSwiglu, BackwardMatchesFiniteDifferences) {
   cpu().swiglu_backward(g.data(), gate_up.data(), d.data(), rows, cols, stream());
   const auto fd = finite_difference(gate_up, [&](const std::vector<double>& v) { return dot(swiglu_fp64(v, rows, cols), g); });
   EXPECT_LE(relative_error(d, fd), kGradTol);
+}
+
+TEST(CpuSwiglu, Bf16GateUpAndOutputsAreTheFp32OpOnTheBf16Values) {
+  // bf16-mode blocks keep gate_up in bf16: the op widens it (exact) and rounds bf16 outputs once.
+  const std::int64_t rows = 5, cols = 33;
+  const auto gu16 = bf16_of(random_normal(rows * 2 * cols, 2.0f));
+  const auto gate_up = float_of(gu16), g = random_normal(rows * cols);
+  auto out = nans(rows * cols), out_from16 = nans(rows * cols);
+  cpu().swiglu_forward(gate_up.data(), out.data(), rows, cols, stream());
+  cpu().swiglu_forward(gu16.data(), out_from16.data(), rows, cols, stream());
+  EXPECT_EQ(out_from16, out);
+  std::vector<std::uint16_t> out16(out.size(), 0xffff);
+  cpu().swiglu_forward(gu16.data(), out16.data(), rows, cols, stream());
+  EXPECT_EQ(out16, bf16_of(out));
+  auto d = nans(gate_up.size()), d_from16 = nans(gate_up.size());
+  cpu().swiglu_backward(g.data(), gate_up.data(), d.data(), rows, cols, stream());
+  cpu().swiglu_backward(g.data(), gu16.data(), d_from16.data(), rows, cols, stream());
+  EXPECT_EQ(d_from16, d);
+  std::vector<std::uint16_t> d16(d.size(), 0xffff);
+  cpu().swiglu_backward(g.data(), gu16.data(), d16.data(), rows, cols, stream());
+  EXPECT_EQ(d16, bf16_of(d));
 }
 
 // ---- attention forwarding -----------------------------------------------------------------------

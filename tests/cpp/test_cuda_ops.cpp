@@ -288,6 +288,18 @@ void expect_rounded_from(const Bits& got, const Vec& fp32, const Bits& cpu, cons
   EXPECT_GE(static_cast<double>(exact), 0.999 * static_cast<double>(got.size())) << what;
 }
 
+// The same fp32 arithmetic on the same values, in two kernel instantiations: equal up to an FMA
+// contraction the compiler may choose differently (a few fp32 ulps, rarely).
+void expect_same_values(const Vec& got, const Vec& want, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size());
+  std::size_t exact = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    ASSERT_LE(std::abs(got[i] - want[i]), 1e-6f * std::abs(want[i]) + 1e-30f) << what << " element " << i;
+    exact += got[i] == want[i];
+  }
+  EXPECT_GE(static_cast<double>(exact), 0.999 * static_cast<double>(got.size())) << what;
+}
+
 TEST(CudaOps, RmsNormAndSwigluBf16OutputsAreTheRoundedFp32Outputs) {
   if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
   struct Case { std::int64_t rows, cols; };
@@ -295,11 +307,16 @@ TEST(CudaOps, RmsNormAndSwigluBf16OutputsAreTheRoundedFp32Outputs) {
     const std::string what = std::to_string(c.rows) + "x" + std::to_string(c.cols);
     const auto n = static_cast<std::size_t>(c.rows * c.cols);
     const Vec x = random_normal(n, 2.0f), w = random_normal(c.cols);
-    const Vec gate_up = random_normal(2 * n, 2.0f), dout = random_normal(n);
+    // gate_up as bf16-mode blocks keep it: bf16 values (the fp32 ops get the same values widened).
+    const Bits gu_bits = bf16_of(random_normal(2 * n, 2.0f));
+    Vec gate_up(gu_bits.size());
+    for (std::size_t i = 0; i < gate_up.size(); ++i) gate_up[i] = bf16_bits_to_float(gu_bits[i]);
+    const Vec dout = random_normal(n);
     std::vector<Bits> cpu_bits;
     for (Env* e : {new Env{Device()}, new Env{gpu()}}) {
       std::unique_ptr<Env> env(e);
       Buffer xb = e->upload(x), wb = e->upload(w), gub = e->upload(gate_up), db = e->upload(dout);
+      Buffer gu16 = upload_bits(*e, gu_bits);
       Buffer y = e->poisoned(n), y16 = upload_bits(*e, Bits(n, 0xffff));
       Buffer r1 = e->poisoned(c.rows), r2 = e->poisoned(c.rows);
       e->backend.rmsnorm_forward(xb.data_as<float>(), wb.data_as<float>(), y.data_as<float>(), r1.data_as<float>(),
@@ -308,12 +325,21 @@ TEST(CudaOps, RmsNormAndSwigluBf16OutputsAreTheRoundedFp32Outputs) {
                                       r2.data_as<float>(), c.rows, c.cols, 1e-6f, e->stream);
       Buffer a = e->poisoned(n), a16 = upload_bits(*e, Bits(n, 0xffff));
       e->backend.swiglu_forward(gub.data_as<float>(), a.data_as<float>(), c.rows, c.cols, e->stream);
-      e->backend.swiglu_forward_bf16(gub.data_as<float>(), a16.data_as<std::uint16_t>(), c.rows, c.cols, e->stream);
+      e->backend.swiglu_forward(gu16.data_as<std::uint16_t>(), a16.data_as<std::uint16_t>(), c.rows, c.cols,
+                                e->stream);
+      Buffer a_from16 = e->poisoned(n);
+      e->backend.swiglu_forward(gu16.data_as<std::uint16_t>(), a_from16.data_as<float>(), c.rows, c.cols, e->stream);
       Buffer dg = e->poisoned(2 * n), dg16 = upload_bits(*e, Bits(2 * n, 0xffff));
       e->backend.swiglu_backward(db.data_as<float>(), gub.data_as<float>(), dg.data_as<float>(), c.rows, c.cols,
                                  e->stream);
-      e->backend.swiglu_backward_bf16(db.data_as<float>(), gub.data_as<float>(), dg16.data_as<std::uint16_t>(), c.rows,
-                                      c.cols, e->stream);
+      e->backend.swiglu_backward(db.data_as<float>(), gu16.data_as<std::uint16_t>(), dg16.data_as<std::uint16_t>(),
+                                 c.rows, c.cols, e->stream);
+      Buffer dg_from16 = e->poisoned(2 * n);
+      e->backend.swiglu_backward(db.data_as<float>(), gu16.data_as<std::uint16_t>(), dg_from16.data_as<float>(),
+                                 c.rows, c.cols, e->stream);
+      // A bf16 gate_up read into fp32 outputs: the fp32 op on the same values.
+      expect_same_values(e->download(a_from16), e->download(a), what + " swiglu forward from bf16");
+      expect_same_values(e->download(dg_from16), e->download(dg), what + " swiglu backward from bf16");
       const std::vector<Bits> bits = {download_bits(*e, y16), download_bits(*e, a16), download_bits(*e, dg16)};
       const std::vector<Vec> fp32 = {e->download(y), e->download(a), e->download(dg)};
       EXPECT_EQ(e->download(r1), e->download(r2)) << what << " rstd";
@@ -326,6 +352,40 @@ TEST(CudaOps, RmsNormAndSwigluBf16OutputsAreTheRoundedFp32Outputs) {
         expect_rounded_from(bits[2], fp32[2], cpu_bits[2], what + " swiglu backward");
       }
     }
+  }
+}
+
+TEST(CudaOps, GemmBf16ToBf16IsTheRoundedProduct) {
+  // Against the CPU's exact products summed in fp32, then rounded: within one bf16 ulp (the sums'
+  // order differs, so a value near a rounding boundary may round the other way), mostly equal.
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  const std::vector<GemmCase> cases = {
+      {false, true, 850, 2048, 2560, 1.0f, 0.0f},  // forward: X W^T (bf16 mode's gate_up)
+      {false, false, 37, 53, 29, 0.5f, 0.0f},
+      {true, true, 1, 7, 300, 1.0f, 0.0f},
+  };
+  for (const GemmCase& g : cases) {
+    const std::string what = std::to_string(g.m) + "x" + std::to_string(g.n) + "x" + std::to_string(g.k);
+    const Bits a = bf16_of(random_normal(static_cast<std::size_t>(g.m * g.k)));
+    const Bits b = bf16_of(random_normal(static_cast<std::size_t>(g.k * g.n)));
+    std::vector<Bits> results;
+    for (Env* e : {new Env{Device()}, new Env{gpu()}}) {
+      std::unique_ptr<Env> env(e);
+      Buffer ab = upload_bits(*e, a), bb = upload_bits(*e, b);
+      Buffer c16 = upload_bits(*e, Bits(static_cast<std::size_t>(g.m * g.n), 0xffff));
+      e->backend.gemm_bf16_to_bf16(g.ta, g.tb, g.m, g.n, g.k, g.alpha, ab.data_as<std::uint16_t>(),
+                                   bb.data_as<std::uint16_t>(), c16.data_as<std::uint16_t>(), e->stream);
+      results.push_back(download_bits(*e, c16));
+    }
+    const Bits& cpu = results[0];
+    const Bits& cuda = results[1];
+    ASSERT_EQ(cuda.size(), cpu.size());
+    std::size_t exact = 0;
+    for (std::size_t i = 0; i < cpu.size(); ++i) {
+      ASSERT_LE(std::abs(static_cast<int>(cuda[i]) - static_cast<int>(cpu[i])), 1) << what << " element " << i;
+      exact += cuda[i] == cpu[i];
+    }
+    EXPECT_GE(static_cast<double>(exact), 0.98 * static_cast<double>(cpu.size())) << what;
   }
 }
 

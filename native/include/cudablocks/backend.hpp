@@ -67,6 +67,11 @@ class Backend {
   virtual void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                          const std::uint16_t* a, const std::uint16_t* b, float beta, float* c,
                          const Stream& stream) const = 0;
+  // c = alpha op(a) op(b) as gemm_bf16 computes it (beta 0), written as bf16 (rounded to nearest
+  // even from the fp32 sum): a product whose result is only read as bf16 (bf16 mode's gate_up).
+  virtual void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                                 float alpha, const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,
+                                 const Stream& stream) const = 0;
   // y[i] = bf16(x[i]) over n elements, rounded to nearest even (y holds bf16 bit patterns).
   virtual void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, const Stream& stream) const = 0;
 
@@ -101,18 +106,24 @@ class Backend {
                                      int n_heads, int head_dim, const float* inv_freq, const Stream& stream) const = 0;
 
   // SwiGLU on gate_up [rows, 2 * cols] (gate in columns [0, cols), up in [cols, 2 * cols)):
-  //   out[r, c] = silu(gate[r, c]) * up[r, c],  out [rows, cols].
+  //   out[r, c] = silu(gate[r, c]) * up[r, c],  out [rows, cols],
+  // and its backward: d_gate_up [rows, 2 * cols] from dout [rows, cols] and the forward's gate_up.
+  // gate_up and the result are each fp32 (float) or bf16 (std::uint16_t bit patterns): bf16-mode
+  // blocks keep gate_up in bf16 (half the bytes saved for the backward) and write a result that
+  // only feeds a bf16 GEMM in bf16 (rounded to nearest even from the fp32 value, with no fp32
+  // round trip through memory). The arithmetic is fp32 in every case.
   virtual void swiglu_forward(const float* gate_up, float* out, std::int64_t rows, std::int64_t cols,
                               const Stream& stream) const = 0;
-  // d_gate_up [rows, 2 * cols] from dout [rows, cols] and the forward's gate_up.
+  virtual void swiglu_forward(const std::uint16_t* gate_up, float* out, std::int64_t rows, std::int64_t cols,
+                              const Stream& stream) const = 0;
+  virtual void swiglu_forward(const std::uint16_t* gate_up, std::uint16_t* out, std::int64_t rows,
+                              std::int64_t cols, const Stream& stream) const = 0;
   virtual void swiglu_backward(const float* dout, const float* gate_up, float* d_gate_up, std::int64_t rows,
                                std::int64_t cols, const Stream& stream) const = 0;
-  // The same two ops writing their result as bf16 (bit patterns, rounded to nearest even from the
-  // fp32 value): the operand of the next bf16 GEMM, without an fp32 round trip through memory.
-  virtual void swiglu_forward_bf16(const float* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t cols,
-                                   const Stream& stream) const = 0;
-  virtual void swiglu_backward_bf16(const float* dout, const float* gate_up, std::uint16_t* d_gate_up,
-                                    std::int64_t rows, std::int64_t cols, const Stream& stream) const = 0;
+  virtual void swiglu_backward(const float* dout, const std::uint16_t* gate_up, float* d_gate_up,
+                               std::int64_t rows, std::int64_t cols, const Stream& stream) const = 0;
+  virtual void swiglu_backward(const float* dout, const std::uint16_t* gate_up, std::uint16_t* d_gate_up,
+                               std::int64_t rows, std::int64_t cols, const Stream& stream) const = 0;
 
   // Causal grouped-query attention over packed sequences; see src/cpu/attention.hpp for the
   // layout. cu_seqlens [n_seqs + 1] lives on the backend's device; lse [T, n_q_heads] is saved

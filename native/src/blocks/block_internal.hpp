@@ -35,10 +35,11 @@ struct Segments {
   }
 };
 
-// The saved activations' offsets; widths documented in block.hpp.
+// The saved activations' offsets; widths documented in block.hpp. In bf16 mode gate_up holds
+// bf16 values (2 I of them per token in the space of I floats).
 struct SavedLayout {
   std::int64_t q_raw, k_raw, v, att, r, gate_up, lse, rstd_q, rstd_k, rstd1, rstd2, total;
-  SavedLayout(const TransformerConfig& c, std::int64_t t) {
+  SavedLayout(const TransformerConfig& c, std::int64_t t, Precision precision) {
     Widths w(c);
     Segments s;
     q_raw = s.add(t, w.q);
@@ -46,7 +47,7 @@ struct SavedLayout {
     v = s.add(t, w.kv);
     att = s.add(t, w.q);
     r = s.add(t, w.H);
-    gate_up = s.add(t, 2 * w.I);
+    gate_up = s.add(t, gate_up_floats(w, precision));
     lse = s.add(t, w.nq);
     rstd_q = c.qk_norm ? s.add(t, w.nq) : -1;
     rstd_k = c.qk_norm ? s.add(t, w.nkv) : -1;
@@ -54,9 +55,12 @@ struct SavedLayout {
     rstd2 = s.add(t, 1);
     total = s.at;
   }
-  static std::int64_t floats_per_token(const TransformerConfig& c) {
+  static std::int64_t floats_per_token(const TransformerConfig& c, Precision precision) {
     Widths w(c);
-    return 2 * w.q + 2 * w.kv + w.H + 2 * w.I + w.nq + (c.qk_norm ? w.nq + w.nkv : 0) + 2;
+    return 2 * w.q + 2 * w.kv + w.H + gate_up_floats(w, precision) + w.nq + (c.qk_norm ? w.nq + w.nkv : 0) + 2;
+  }
+  static std::int64_t gate_up_floats(const Widths& w, Precision precision) {
+    return precision == Precision::BF16 ? w.I : 2 * w.I;
   }
 };
 

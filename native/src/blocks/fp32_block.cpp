@@ -106,7 +106,7 @@ std::shared_ptr<Fp32Block> Fp32Block::create(const TransformerConfig& config, in
                                                               static_cast<int>(config.head_dim));
   block->params_ = Buffer::empty({layout->total_floats()}, DType::Float32, device);
   ActivationNeeds needs;
-  needs.saved = SavedLayout(config, max_tokens).total * static_cast<std::int64_t>(sizeof(float));
+  needs.saved = SavedLayout(config, max_tokens, precision).total * static_cast<std::int64_t>(sizeof(float));
   needs.scratch = ScratchLayout(config, max_tokens, block->attn_ws_floats_).total * static_cast<std::int64_t>(sizeof(float));
   if (precision == Precision::BF16) {
     block->params_bf16_ = Buffer::empty({layout->total_floats()}, DType::BFloat16, device);
@@ -131,7 +131,7 @@ std::shared_ptr<Fp32Block> Fp32Block::create(const TransformerConfig& config, in
 }
 
 std::int64_t Fp32Block::saved_bytes_per_token() const {
-  return SavedLayout::floats_per_token(config_) * static_cast<std::int64_t>(sizeof(float));
+  return SavedLayout::floats_per_token(config_, precision_) * static_cast<std::int64_t>(sizeof(float));
 }
 
 std::int64_t Fp32Block::scratch_bytes_per_token() const {
@@ -206,7 +206,7 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   const float* wq = W + pl.wqkv;
   const float* wk = wq + q * H;
   const float* wv = wk + kv * H;
-  const SavedLayout sl(c, max_tokens_);
+  const SavedLayout sl(c, max_tokens_, precision_);
   const ScratchLayout sc(c, max_tokens_, attn_ws_floats_);
   float* S = mem.saved();
   float* X = mem.scratch();
@@ -245,12 +245,14 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   float* g = X + sc.sh;
   std::uint16_t* g16 = mm.s16(bl.a);
   mm.rmsnorm(r, W + pl.ln_post, g, g16, S + sl.rstd2, T, H, eps);
-  mm.gemm(false, true, T, 2 * I, H, g, g16, W + pl.w_gate_up, mm.w16(pl.w_gate_up), 0.0f, S + sl.gate_up);
   float* act = X + sc.act;
   std::uint16_t* act16 = mm.s16(bl.b);
   if (mm.bf16()) {
-    be.swiglu_forward_bf16(S + sl.gate_up, act16, T, I, stream);
+    std::uint16_t* gate_up16 = reinterpret_cast<std::uint16_t*>(S + sl.gate_up);
+    be.gemm_bf16_to_bf16(false, true, T, 2 * I, H, 1.0f, g16, mm.w16(pl.w_gate_up), gate_up16, stream);
+    be.swiglu_forward(gate_up16, act16, T, I, stream);
   } else {
+    mm.gemm(false, true, T, 2 * I, H, g, nullptr, W + pl.w_gate_up, nullptr, 0.0f, S + sl.gate_up);
     be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
   }
   mm.gemm(false, true, T, H, I, act, act16, W + pl.w_down, mm.w16(pl.w_down), 0.0f, y);
@@ -304,7 +306,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   float* gwq = G + pl.wqkv;
   float* gwk = gwq + q * H;
   float* gwv = gwk + kv * H;
-  const SavedLayout sl(c, max_tokens_);
+  const SavedLayout sl(c, max_tokens_, precision_);
   const ScratchLayout sc(c, max_tokens_, attn_ws_floats_);
   float* S = mem.saved();
   float* X = mem.scratch();
@@ -321,8 +323,9 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   mm.rmsnorm(r, W + pl.ln_post, g, g16, nullptr, T, H, eps);
   float* act = X + sc.act;
   std::uint16_t* act16 = mm.s16(bl.b);
+  const std::uint16_t* gate_up16 = reinterpret_cast<const std::uint16_t*>(S + sl.gate_up);  // bf16 mode
   if (mm.bf16()) {
-    be.swiglu_forward_bf16(S + sl.gate_up, act16, T, I, stream);
+    be.swiglu_forward(gate_up16, act16, T, I, stream);
   } else {
     be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
   }
@@ -334,7 +337,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   float* d_gu = X + sc.d_gate_up;
   std::uint16_t* d_gu16 = mm.s16(bl.b);  // act16 is dead once dWdown is queued
   if (mm.bf16()) {
-    be.swiglu_backward_bf16(d_act, S + sl.gate_up, d_gu16, T, I, stream);
+    be.swiglu_backward(d_act, gate_up16, d_gu16, T, I, stream);
   } else {
     be.swiglu_backward(d_act, S + sl.gate_up, d_gu, T, I, stream);
   }

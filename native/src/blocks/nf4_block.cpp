@@ -252,6 +252,14 @@ struct Nf4Block::Impl {
     }
   }
 
+  // bf16 mode, forward: c16[T, out] = a W^T written in bf16, with a's bf16 copy already in op16.
+  void product_to_bf16(int group, std::uint16_t* c16) {
+    const Group& g = kGroups[group];
+    dequantize(g);
+    be.gemm_bf16_to_bf16(false, true, T, rows(g), cols(g), 1.0f, op16, reinterpret_cast<const std::uint16_t*>(wscratch),
+                         c16, stream);
+  }
+
   // ---- LoRA over a group: targeted parts of the group, their A rows adjacent ----
   struct LoraGroup {
     int R = 0;                   // total rank over the targeted parts
@@ -655,7 +663,7 @@ std::shared_ptr<Nf4Block> Nf4Block::create(const TransformerConfig& config, int 
                                                          static_cast<int>(config.num_key_value_heads),
                                                          static_cast<int>(config.head_dim));
   ActivationNeeds needs;
-  needs.saved = SavedLayout(config, max_tokens).total * static_cast<std::int64_t>(sizeof(float));
+  needs.saved = SavedLayout(config, max_tokens, compute).total * static_cast<std::int64_t>(sizeof(float));
   needs.scratch = Impl::scratch_layout(*block).total * static_cast<std::int64_t>(sizeof(float));
   if (compute == Precision::BF16) {
     const std::int64_t H = config.hidden_size, q = config.num_attention_heads * config.head_dim;
@@ -671,7 +679,7 @@ std::shared_ptr<Nf4Block> Nf4Block::create(const TransformerConfig& config, int 
 }
 
 std::int64_t Nf4Block::saved_bytes_per_token() const {
-  return SavedLayout::floats_per_token(config_) * static_cast<std::int64_t>(sizeof(float));
+  return SavedLayout::floats_per_token(config_, precision_) * static_cast<std::int64_t>(sizeof(float));
 }
 
 std::int64_t Nf4Block::scratch_bytes_per_token() const {
@@ -734,7 +742,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
 
   Impl m(*this, be, stream, T, mem, dropout_step);
   const float* D = dense_.data_as<float>();
-  const SavedLayout sl(c, max_tokens_);
+  const SavedLayout sl(c, max_tokens_, precision_);
   const ScratchLayout sc(c, max_tokens_, attn_ws_floats_);
   float* S = mem.saved();
   float* X = mem.scratch();
@@ -779,12 +787,25 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   } else {
     be.rmsnorm_forward(r, D + ln_post_, g, S + sl.rstd2, T, H, eps, stream);
   }
-  m.product(kGroupGU, false, g, !gu_bf16_only, 0.0f, S + sl.gate_up);
-  m.lora_forward(kGroupGU, g, S + sl.gate_up);
+  // gate_up is saved in bf16 in bf16 mode (written so by its product, or rounded after the adapters).
+  std::uint16_t* gate_up16 = reinterpret_cast<std::uint16_t*>(S + sl.gate_up);
+  if (gu_bf16_only) {
+    m.product_to_bf16(kGroupGU, gate_up16);
+  } else if (m.bf) {
+    float* gate_up = X + sc.d_gate_up;
+    m.product(kGroupGU, false, g, true, 0.0f, gate_up);
+    m.lora_forward(kGroupGU, g, gate_up);
+    be.to_bf16(gate_up, gate_up16, T * 2 * I, stream);
+  } else {
+    m.product(kGroupGU, false, g, false, 0.0f, S + sl.gate_up);
+    m.lora_forward(kGroupGU, g, S + sl.gate_up);
+  }
   float* act = X + sc.act;
   const bool down_bf16_only = m.bf16_operand_only(kGroupDown);
   if (down_bf16_only) {
-    be.swiglu_forward_bf16(S + sl.gate_up, m.op16, T, I, stream);
+    be.swiglu_forward(gate_up16, m.op16, T, I, stream);
+  } else if (m.bf) {
+    be.swiglu_forward(gate_up16, act, T, I, stream);
   } else {
     be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
   }
@@ -840,7 +861,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   Impl m(*this, be, stream, T, mem, dropout_step);
   const float* D = dense_.data_as<float>();
   float* G = lora_ws.flat().data_as<float>();
-  const SavedLayout sl(c, max_tokens_);
+  const SavedLayout sl(c, max_tokens_, precision_);
   const ScratchLayout sc(c, max_tokens_, attn_ws_floats_);
   const Nf4ScratchLayout nsc = Impl::scratch_layout(*this);
   float* S = mem.saved();
@@ -856,8 +877,13 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* g = X + sc.sh;
   if (m.adapted(kGroupGU)) be.rmsnorm_forward(r, D + ln_post_, g, nullptr, T, H, eps, stream);
   float* act = X + sc.act;
+  const std::uint16_t* gate_up16 = reinterpret_cast<const std::uint16_t*>(S + sl.gate_up);  // bf16 mode
   if (m.adapted(kGroupDown)) {
-    be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
+    if (m.bf) {
+      be.swiglu_forward(gate_up16, act, T, I, stream);
+    } else {
+      be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
+    }
     m.lora_grads(kGroupDown, act, dy, G);
   }
   float* d_act = act;
@@ -866,9 +892,13 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* d_gu = X + sc.d_gate_up;
   const bool gu_bf16_only = m.bf16_operand_only(kGroupGU);
   if (gu_bf16_only) {
-    be.swiglu_backward_bf16(d_act, S + sl.gate_up, m.op16, T, I, stream);
+    be.swiglu_backward(d_act, gate_up16, m.op16, T, I, stream);
   } else {
-    be.swiglu_backward(d_act, S + sl.gate_up, d_gu, T, I, stream);
+    if (m.bf) {
+      be.swiglu_backward(d_act, gate_up16, d_gu, T, I, stream);
+    } else {
+      be.swiglu_backward(d_act, S + sl.gate_up, d_gu, T, I, stream);
+    }
     m.lora_grads(kGroupGU, g, d_gu, G);
   }
   float* dg = X + sc.sh;

@@ -22,6 +22,12 @@ namespace cudablocks {
 
 namespace {
 
+std::vector<float> widened(const std::uint16_t* x, std::int64_t n) {
+  std::vector<float> y(static_cast<std::size_t>(n));
+  cpu::from_bf16(x, y.data(), n);
+  return y;
+}
+
 class CpuBackend final : public Backend {
  public:
   const char* name() const override { return "cpu"; }
@@ -60,6 +66,13 @@ class CpuBackend final : public Backend {
     cpu::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, b, beta, c);
   }
 
+  void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                         const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,
+                         const Stream&) const override {
+    std::vector<float> tmp(static_cast<std::size_t>(m * n));
+    cpu::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, b, 0.0f, tmp.data());
+    cpu::to_bf16(tmp.data(), c, m * n);
+  }
   void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, const Stream&) const override {
     cpu::to_bf16(x, y, n);
   }
@@ -104,18 +117,28 @@ class CpuBackend final : public Backend {
     cpu::swiglu_backward(dout, gate_up, d_gate_up, rows, cols);
   }
 
-  // The fp32 op, then the conversion (the CPU is the reference, not the fast path).
-  void swiglu_forward_bf16(const float* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t cols,
-                           const Stream&) const override {
+  // bf16 gate_up or results: widened (exact) or rounded around the fp32 op (the CPU is the
+  // reference, not the fast path).
+  void swiglu_forward(const std::uint16_t* gate_up, float* out, std::int64_t rows, std::int64_t cols,
+                      const Stream&) const override {
+    const std::vector<float> gu = widened(gate_up, rows * 2 * cols);
+    cpu::swiglu_forward(gu.data(), out, rows, cols);
+  }
+  void swiglu_forward(const std::uint16_t* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t cols,
+                      const Stream& stream) const override {
     std::vector<float> tmp(static_cast<std::size_t>(rows * cols));
-    cpu::swiglu_forward(gate_up, tmp.data(), rows, cols);
+    swiglu_forward(gate_up, tmp.data(), rows, cols, stream);
     cpu::to_bf16(tmp.data(), out, rows * cols);
   }
-
-  void swiglu_backward_bf16(const float* dout, const float* gate_up, std::uint16_t* d_gate_up, std::int64_t rows,
-                            std::int64_t cols, const Stream&) const override {
+  void swiglu_backward(const float* dout, const std::uint16_t* gate_up, float* d_gate_up, std::int64_t rows,
+                       std::int64_t cols, const Stream&) const override {
+    const std::vector<float> gu = widened(gate_up, rows * 2 * cols);
+    cpu::swiglu_backward(dout, gu.data(), d_gate_up, rows, cols);
+  }
+  void swiglu_backward(const float* dout, const std::uint16_t* gate_up, std::uint16_t* d_gate_up, std::int64_t rows,
+                       std::int64_t cols, const Stream& stream) const override {
     std::vector<float> tmp(static_cast<std::size_t>(rows * 2 * cols));
-    cpu::swiglu_backward(dout, gate_up, tmp.data(), rows, cols);
+    swiglu_backward(dout, gate_up, tmp.data(), rows, cols, stream);
     cpu::to_bf16(tmp.data(), d_gate_up, rows * 2 * cols);
   }
 

@@ -9,7 +9,7 @@
 // sum_squares reads 4 bytes per element: per-block partial sums in double go to a small
 // scratch, and a single block adds them in a fixed order (deterministic, no atomics).
 #include "cuda/adamw.cuh"
-#include "cuda/bf16_store.cuh"
+#include "cuda/bf16_vec.cuh"
 #include "cuda/block_reduce.cuh"
 #include "cuda/check.hpp"
 #include "cuda/scratch.hpp"

@@ -61,6 +61,11 @@ class CudaBackend final : public Backend {
     cuda::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, native(stream));
   }
 
+  void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                         const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,
+                         const Stream& stream) const override {
+    cuda::gemm_bf16_to_bf16(trans_a, trans_b, m, n, k, alpha, a, b, c, native(stream));
+  }
   void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, const Stream& stream) const override {
     cuda::to_bf16(x, y, n, native(stream));
   }
@@ -100,20 +105,26 @@ class CudaBackend final : public Backend {
                       const Stream& stream) const override {
     cuda::swiglu_forward(gate_up, out, rows, cols, native(stream));
   }
+  void swiglu_forward(const std::uint16_t* gate_up, float* out, std::int64_t rows, std::int64_t cols,
+                      const Stream& stream) const override {
+    cuda::swiglu_forward(gate_up, out, rows, cols, native(stream));
+  }
+  void swiglu_forward(const std::uint16_t* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t cols,
+                      const Stream& stream) const override {
+    cuda::swiglu_forward(gate_up, out, rows, cols, native(stream));
+  }
 
   void swiglu_backward(const float* dout, const float* gate_up, float* d_gate_up, std::int64_t rows, std::int64_t cols,
                        const Stream& stream) const override {
     cuda::swiglu_backward(dout, gate_up, d_gate_up, rows, cols, native(stream));
   }
-
-  void swiglu_forward_bf16(const float* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t cols,
-                           const Stream& stream) const override {
-    cuda::swiglu_forward_bf16(gate_up, out, rows, cols, native(stream));
+  void swiglu_backward(const float* dout, const std::uint16_t* gate_up, float* d_gate_up, std::int64_t rows,
+                       std::int64_t cols, const Stream& stream) const override {
+    cuda::swiglu_backward(dout, gate_up, d_gate_up, rows, cols, native(stream));
   }
-
-  void swiglu_backward_bf16(const float* dout, const float* gate_up, std::uint16_t* d_gate_up, std::int64_t rows,
-                            std::int64_t cols, const Stream& stream) const override {
-    cuda::swiglu_backward_bf16(dout, gate_up, d_gate_up, rows, cols, native(stream));
+  void swiglu_backward(const float* dout, const std::uint16_t* gate_up, std::uint16_t* d_gate_up, std::int64_t rows,
+                       std::int64_t cols, const Stream& stream) const override {
+    cuda::swiglu_backward(dout, gate_up, d_gate_up, rows, cols, native(stream));
   }
 
   void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse,

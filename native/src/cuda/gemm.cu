@@ -44,14 +44,15 @@ void scale_c(std::int64_t m, std::int64_t n, float beta, float* c, cudaStream_t 
 
 // The shared cublasGemmEx call (see the top of this file for the row-major mapping).
 void gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const void* a, const void* b,
-             cudaDataType_t ab_type, float beta, float* c, cublasComputeType_t compute, cudaStream_t stream) {
+             cudaDataType_t ab_type, float beta, void* c, cudaDataType_t c_type, cublasComputeType_t compute,
+             cudaStream_t stream) {
   CublasCall call(stream);
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const int ld_b = trans_b ? K : N;  // row length of B as stored
   const int ld_a = trans_a ? M : K;  // row length of A as stored
   CUDABLOCKS_CUBLAS_CHECK(cublasGemmEx(call.handle(), op_b, op_a, N, M, K, &alpha, b, ab_type, ld_b, a, ab_type, ld_a,
-                                       &beta, c, CUDA_R_32F, N, compute, CUBLAS_GEMM_DEFAULT));
+                                       &beta, c, c_type, N, compute, CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace
@@ -64,7 +65,18 @@ void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::
     scale_c(m, n, beta, c, stream);
     return;
   }
-  gemm_ex(trans_a, trans_b, M, N, K, alpha, a, b, CUDA_R_16BF, beta, c, CUBLAS_COMPUTE_32F, stream);
+  gemm_ex(trans_a, trans_b, M, N, K, alpha, a, b, CUDA_R_16BF, beta, c, CUDA_R_32F, CUBLAS_COMPUTE_32F, stream);
+}
+
+void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                       const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c, cudaStream_t stream) {
+  const int M = as_int(m, "m"), N = as_int(n, "n"), K = as_int(k, "k");
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    CUDABLOCKS_CUDA_CHECK(cudaMemsetAsync(c, 0, static_cast<std::size_t>(m * n) * sizeof(std::uint16_t), stream));
+    return;
+  }
+  gemm_ex(trans_a, trans_b, M, N, K, alpha, a, b, CUDA_R_16BF, 0.0f, c, CUDA_R_16BF, CUBLAS_COMPUTE_32F, stream);
 }
 
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
@@ -75,7 +87,7 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
     scale_c(m, n, beta, c, stream);
     return;
   }
-  gemm_ex(trans_a, trans_b, M, N, K, alpha, a, b, CUDA_R_32F, beta, c, compute_type(precision), stream);
+  gemm_ex(trans_a, trans_b, M, N, K, alpha, a, b, CUDA_R_32F, beta, c, CUDA_R_32F, compute_type(precision), stream);
 }
 
 }  // namespace cudablocks::cuda

@@ -16,7 +16,7 @@
 //   at most ~1/6 of the main pass (850 rows), negligible at thousands of rows.
 #include "cuda/check.hpp"
 #include "cuda/rmsnorm.cuh"
-#include "cuda/bf16_store.cuh"
+#include "cuda/bf16_vec.cuh"
 #include "cuda/bias.cuh"
 #include "cuda/block_reduce.cuh"
 #include "cuda/scratch.hpp"

@@ -3,15 +3,16 @@
 //   backward: read dout, gate, up, write d_gate, d_up: 20 bytes per element, ~10 FLOPs + 1 expf.
 // Memory-bound. Blocks stride over rows; a block's threads stride over the row's VEC-wide column
 // groups (gate and up of one row are cols apart, so the float4 path needs cols % 4 == 0 and
-// 16-byte aligned pointers). expf and the division are IEEE-accurate (no fast intrinsics).
-// The _bf16 variants write bf16 (2 bytes per output element instead of 4): the operands of the
-// block's bf16 GEMMs, with no fp32 copy written and converted.
+// aligned pointers). expf and the division are IEEE-accurate (no fast intrinsics).
+// gate_up and the outputs are each fp32 or bf16 (a bf16 gate_up, as bf16-mode blocks save it,
+// halves its bytes; bf16 outputs are the operands of the next bf16 GEMM, with no fp32 copy
+// written and converted). The arithmetic is fp32 either way.
 #include "cuda/swiglu.cuh"
 
 #include <algorithm>
 #include <cstdint>
 
-#include "cuda/bf16_store.cuh"
+#include "cuda/bf16_vec.cuh"
 #include "cuda/block_reduce.cuh"
 #include "cuda/check.hpp"
 #include "cuda/scratch.hpp"
@@ -20,23 +21,22 @@ namespace cudablocks::cuda {
 
 namespace {
 
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 bool aligned(const void* p, std::size_t bytes) { return (reinterpret_cast<std::uintptr_t>(p) & (bytes - 1)) == 0; }
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
 
-template <int VEC, typename Out>
-__global__ void swiglu_forward_kernel(const float* __restrict__ gate_up, Out* __restrict__ out, std::int64_t rows,
+template <int VEC, typename In, typename Out>
+__global__ void swiglu_forward_kernel(const In* __restrict__ gate_up, Out* __restrict__ out, std::int64_t rows,
                                       std::int64_t cols) {
   using Vec = typename VecType<VEC>::type;
   const std::int64_t n = cols / VEC;
   for (std::int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const Vec* gate = reinterpret_cast<const Vec*>(gate_up + row * 2 * cols);
-    const Vec* up = gate + n;
+    const In* gate = gate_up + row * 2 * cols;
+    const In* up = gate + cols;
     Out* o = out + row * cols;
     for (std::int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      Vec g = gate[i];
-      const Vec u = up[i];
+      Vec g = load_vec<Vec>(gate, i);
+      const Vec u = load_vec<Vec>(up, i);
       float* ge = reinterpret_cast<float*>(&g);
       const float* ue = reinterpret_cast<const float*>(&u);
 #pragma unroll
@@ -47,19 +47,19 @@ __global__ void swiglu_forward_kernel(const float* __restrict__ gate_up, Out* __
 }
 
 // s = sigmoid(g): d_up = dout * g * s,  d_gate = dout * up * s * (1 + g * (1 - s)).
-template <int VEC, typename Out>
-__global__ void swiglu_backward_kernel(const float* __restrict__ dout, const float* __restrict__ gate_up,
+template <int VEC, typename In, typename Out>
+__global__ void swiglu_backward_kernel(const float* __restrict__ dout, const In* __restrict__ gate_up,
                                        Out* __restrict__ d_gate_up, std::int64_t rows, std::int64_t cols) {
   using Vec = typename VecType<VEC>::type;
   const std::int64_t n = cols / VEC;
   for (std::int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const Vec* gate = reinterpret_cast<const Vec*>(gate_up + row * 2 * cols);
-    const Vec* up = gate + n;
-    const Vec* d = reinterpret_cast<const Vec*>(dout + row * cols);
+    const In* gate = gate_up + row * 2 * cols;
+    const In* up = gate + cols;
+    const float* d = dout + row * cols;
     Out* dgate = d_gate_up + row * 2 * cols;
     Out* dup = dgate + cols;
     for (std::int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const Vec g = gate[i], u = up[i], dv = d[i];
+      const Vec g = load_vec<Vec>(gate, i), u = load_vec<Vec>(up, i), dv = load_vec<Vec>(d, i);
       Vec dg, du;
       const float* ge = reinterpret_cast<const float*>(&g);
       const float* ue = reinterpret_cast<const float*>(&u);
@@ -85,27 +85,28 @@ unsigned blocks_for(std::int64_t rows) {
   return static_cast<unsigned>(std::min<std::int64_t>(rows, 16 * static_cast<std::int64_t>(multiprocessor_count())));
 }
 
-template <typename Out>
-void forward(const float* gate_up, Out* out, std::int64_t rows, std::int64_t cols, cudaStream_t stream) {
+template <typename In, typename Out>
+void forward(const In* gate_up, Out* out, std::int64_t rows, std::int64_t cols, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
-  if (cols % 4 == 0 && aligned16(gate_up) && aligned(out, 4 * sizeof(Out))) {
-    swiglu_forward_kernel<4, Out><<<blocks_for(rows), threads_for(cols / 4), 0, stream>>>(gate_up, out, rows, cols);
+  if (cols % 4 == 0 && aligned(gate_up, 4 * sizeof(In)) && aligned(out, 4 * sizeof(Out))) {
+    swiglu_forward_kernel<4, In, Out><<<blocks_for(rows), threads_for(cols / 4), 0, stream>>>(gate_up, out, rows,
+                                                                                              cols);
   } else {
-    swiglu_forward_kernel<1, Out><<<blocks_for(rows), threads_for(cols), 0, stream>>>(gate_up, out, rows, cols);
+    swiglu_forward_kernel<1, In, Out><<<blocks_for(rows), threads_for(cols), 0, stream>>>(gate_up, out, rows, cols);
   }
   CUDABLOCKS_CHECK_LAUNCH("swiglu_forward_kernel");
 }
 
-template <typename Out>
-void backward(const float* dout, const float* gate_up, Out* d_gate_up, std::int64_t rows, std::int64_t cols,
+template <typename In, typename Out>
+void backward(const float* dout, const In* gate_up, Out* d_gate_up, std::int64_t rows, std::int64_t cols,
               cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
-  if (cols % 4 == 0 && aligned16(dout) && aligned16(gate_up) && aligned(d_gate_up, 4 * sizeof(Out))) {
-    swiglu_backward_kernel<4, Out><<<blocks_for(rows), threads_for(cols / 4), 0, stream>>>(dout, gate_up, d_gate_up,
-                                                                                           rows, cols);
+  if (cols % 4 == 0 && aligned(dout, 16) && aligned(gate_up, 4 * sizeof(In)) && aligned(d_gate_up, 4 * sizeof(Out))) {
+    swiglu_backward_kernel<4, In, Out><<<blocks_for(rows), threads_for(cols / 4), 0, stream>>>(dout, gate_up,
+                                                                                               d_gate_up, rows, cols);
   } else {
-    swiglu_backward_kernel<1, Out><<<blocks_for(rows), threads_for(cols), 0, stream>>>(dout, gate_up, d_gate_up, rows,
-                                                                                       cols);
+    swiglu_backward_kernel<1, In, Out><<<blocks_for(rows), threads_for(cols), 0, stream>>>(dout, gate_up, d_gate_up,
+                                                                                           rows, cols);
   }
   CUDABLOCKS_CHECK_LAUNCH("swiglu_backward_kernel");
 }
@@ -115,19 +116,25 @@ void backward(const float* dout, const float* gate_up, Out* d_gate_up, std::int6
 void swiglu_forward(const float* gate_up, float* out, std::int64_t rows, std::int64_t cols, cudaStream_t stream) {
   forward(gate_up, out, rows, cols, stream);
 }
+void swiglu_forward(const std::uint16_t* gate_up, float* out, std::int64_t rows, std::int64_t cols,
+                    cudaStream_t stream) {
+  forward(gate_up, out, rows, cols, stream);
+}
+void swiglu_forward(const std::uint16_t* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t cols,
+                    cudaStream_t stream) {
+  forward(gate_up, out, rows, cols, stream);
+}
 
 void swiglu_backward(const float* dout, const float* gate_up, float* d_gate_up, std::int64_t rows, std::int64_t cols,
                      cudaStream_t stream) {
   backward(dout, gate_up, d_gate_up, rows, cols, stream);
 }
-
-void swiglu_forward_bf16(const float* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t cols,
-                         cudaStream_t stream) {
-  forward(gate_up, out, rows, cols, stream);
+void swiglu_backward(const float* dout, const std::uint16_t* gate_up, float* d_gate_up, std::int64_t rows,
+                     std::int64_t cols, cudaStream_t stream) {
+  backward(dout, gate_up, d_gate_up, rows, cols, stream);
 }
-
-void swiglu_backward_bf16(const float* dout, const float* gate_up, std::uint16_t* d_gate_up, std::int64_t rows,
-                          std::int64_t cols, cudaStream_t stream) {
+void swiglu_backward(const float* dout, const std::uint16_t* gate_up, std::uint16_t* d_gate_up, std::int64_t rows,
+                     std::int64_t cols, cudaStream_t stream) {
   backward(dout, gate_up, d_gate_up, rows, cols, stream);
 }
 

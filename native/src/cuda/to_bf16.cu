@@ -7,7 +7,7 @@
 
 #include <algorithm>
 
-#include "cuda/bf16_store.cuh"
+#include "cuda/bf16_vec.cuh"
 #include "cuda/check.hpp"
 #include "cuda/scratch.hpp"
 
