@@ -499,6 +499,32 @@ void check_qk_backward(bool with_norm, std::int64_t tokens, int n_heads, int d) 
   }
 }
 
+TEST(CpuQkNormRope, Bf16InputIsTheFp32OpOnTheBf16Values) {
+  // bf16-mode blocks keep q and k before the norm in bf16: the op widens them (exact).
+  const std::int64_t tokens = 6;
+  const int heads = 3, d = 8;
+  const auto n = static_cast<std::size_t>(tokens * heads * d);
+  const auto x16 = bf16_of(random_normal(n, 2.0f));
+  const auto x = float_of(x16), w = random_normal(d), dy = random_normal(n);
+  const std::vector<std::int32_t> pos{0, 1, 2, 0, 1, 5};
+  const auto inv_freq = default_inv_freq(d, 10000.0);
+  auto y = nans(n), y16in = nans(n), r = nans(tokens * heads), r16in = nans(tokens * heads);
+  cpu().qk_norm_rope_forward(x.data(), w.data(), y.data(), r.data(), pos.data(), tokens, heads, d, 1e-6f,
+                             inv_freq.data(), stream());
+  cpu().qk_norm_rope_forward(x16.data(), w.data(), y16in.data(), r16in.data(), pos.data(), tokens, heads, d, 1e-6f,
+                             inv_freq.data(), stream());
+  EXPECT_EQ(y16in, y);
+  EXPECT_EQ(r16in, r);
+  auto dx = nans(n), dx16in = nans(n);
+  std::vector<float> dw(d, 0.0f), dw16in(d, 0.0f);
+  cpu().qk_norm_rope_backward(dy.data(), x.data(), w.data(), r.data(), dx.data(), dw.data(), pos.data(), tokens, heads,
+                              d, inv_freq.data(), stream());
+  cpu().qk_norm_rope_backward(dy.data(), x16.data(), w.data(), r.data(), dx16in.data(), dw16in.data(), pos.data(),
+                              tokens, heads, d, inv_freq.data(), stream());
+  EXPECT_EQ(dx16in, dx);
+  EXPECT_EQ(dw16in, dw);
+}
+
 TEST(CpuQkNormRope, BackwardMatchesFiniteDifferences) {
   check_qk_backward(true, 5, 2, 8);
   check_qk_backward(false, 5, 2, 8);

@@ -268,7 +268,7 @@ class _Bf16Round(torch.autograd.Function):
 
 def bf16_operand_layer(layer: Any) -> Any:
     """The layer with every nn.Linear computing through _Bf16Linear (biases added in full precision), and
-    the gate and up projections' outputs rounded to bf16 (the block keeps gate_up in bf16)."""
+    the q, k, gate and up projections' outputs rounded to bf16 (the block keeps them in bf16)."""
     import types
 
     def forward(self: Any, x: Any) -> Any:
@@ -280,7 +280,7 @@ def bf16_operand_layer(layer: Any) -> Any:
 
     for name, module in layer.named_modules():
         if isinstance(module, torch.nn.Linear):
-            rounds = name.endswith(("gate_proj", "up_proj"))
+            rounds = name.endswith(("q_proj", "k_proj", "gate_proj", "up_proj"))
             module.forward = types.MethodType(rounded_forward if rounds else forward, module)
     return layer
 
@@ -348,9 +348,11 @@ def test_bf16_scratch_and_saved_bytes_are_counted() -> None:
     weights = {name: np.zeros(shape, np.float32) for name, shape in layout_shapes(cfg).items()}
     fp32 = cb.CudaBlock.fp32(cfg, 0, weights, "cpu", max_tokens=1)
     bf16 = cb.CudaBlock.fp32(cfg, 0, weights, "cpu", max_tokens=1, precision="bf16")
-    # The documented Qwen3-4B figures; bf16 mode keeps gate_up [2 I] in bf16 (2 bytes less per value).
+    # The documented Qwen3-4B figures; bf16 mode keeps q, k before the norm [4096 + 1024] and gate_up
+    # [2 I] in bf16 (2 bytes less per value).
     assert fp32.saved_bytes_per_token == 129_320
-    assert fp32.saved_bytes_per_token - bf16.saved_bytes_per_token == 2 * 2 * 9728
+    assert fp32.saved_bytes_per_token - bf16.saved_bytes_per_token == 2 * (4096 + 1024 + 2 * 9728)
+    assert bf16.saved_bytes_per_token == 80_168
     # bf16 operands: [T, max(H, q)] + [T, max(2 I, q + 2 kv)] + [T, H], 2 bytes each.
     assert bf16.scratch_bytes_per_token - fp32.scratch_bytes_per_token == 2 * (4096 + 2 * 9728 + 2560)
 

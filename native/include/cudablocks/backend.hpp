@@ -104,6 +104,14 @@ class Backend {
   virtual void qk_norm_rope_backward(const float* dy, const float* x, const float* w, const float* rstd,
                                      float* dx, float* dw, const std::int32_t* positions, std::int64_t tokens,
                                      int n_heads, int head_dim, const float* inv_freq, const Stream& stream) const = 0;
+  // The same two with x in bf16 (bit patterns, widened exactly): bf16-mode blocks keep q and k
+  // before the norm in bf16, as their products write them.
+  virtual void qk_norm_rope_forward(const std::uint16_t* x, const float* w, float* y, float* rstd,
+                                    const std::int32_t* positions, std::int64_t tokens, int n_heads,
+                                    int head_dim, float eps, const float* inv_freq, const Stream& stream) const = 0;
+  virtual void qk_norm_rope_backward(const float* dy, const std::uint16_t* x, const float* w, const float* rstd,
+                                     float* dx, float* dw, const std::int32_t* positions, std::int64_t tokens,
+                                     int n_heads, int head_dim, const float* inv_freq, const Stream& stream) const = 0;
 
   // SwiGLU on gate_up [rows, 2 * cols] (gate in columns [0, cols), up in [cols, 2 * cols)):
   //   out[r, c] = silu(gate[r, c]) * up[r, c],  out [rows, cols],

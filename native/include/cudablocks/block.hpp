@@ -42,13 +42,14 @@
 // GEMM once the ops accept a row stride.
 //
 // ---- Saved activations (kept from forward to backward), floats per token ---------------------
-//   q_raw n_q d, k_raw n_kv d, v n_kv d, att n_q d, r H, gate_up 2 I (bf16 in bf16 mode: the
-//   space of I floats), lse n_q, rstd_q n_q and rstd_k n_kv (with qk_norm), rstd1 1, rstd2 1.
+//   q_raw n_q d, k_raw n_kv d, v n_kv d, att n_q d, r H, gate_up 2 I, lse n_q, rstd_q n_q and
+//   rstd_k n_kv (with qk_norm), rstd1 1, rstd2 1. In bf16 mode q_raw, k_raw and gate_up are bf16
+//   (half the floats).
 // Recomputed in the backward instead of kept: h and g (one RMSNorm each), q_rot and k_rot (one
 // QK-norm+RoPE each), act (one SwiGLU) — all cheap elementwise passes. x itself is not kept: the
 // caller passes it again. saved_bytes_per_token() reports the total; for Qwen3-4B
 // (H 2560, 32/8 heads x 128, I 9728) it is 129,320 bytes (about 126 KiB) per token in fp32 and
-// tf32, 90,408 bytes (about 88 KiB) in bf16.
+// tf32, 80,168 bytes (about 78 KiB) in bf16.
 // Transient scratch (dead outside a call) is a second allocation: scratch_bytes_per_token()
 // (Qwen3-4B: 126,976 bytes per token + the CUDA attention backward's workspace, 8,320 bytes).
 //
@@ -65,9 +66,11 @@
 //     1 more op call in the forward, 6 in the backward). Per token: max(H, q) +
 //     max(2 I, q + 2 kv) + H bf16 values (Qwen3-4B: 26,112 values, 52,224 bytes; counted in
 //     scratch_bytes_per_token).
-//   - gate_up is written by its product in bf16 (Backend::gemm_bf16_to_bf16) and saved so: its
-//     only reader is SwiGLU, whose result is rounded to bf16 anyway, as torch's bf16 layers do.
-//   - the other products write fp32: q/k/v, the residual branches, every gradient (weight
+//   - gate_up, q and k (before QK-norm) are written by their products in bf16
+//     (Backend::gemm_bf16_to_bf16) and saved so, as torch's bf16 layers keep them; a bias (or,
+//     in the nf4 block, an adapter's term) is added in fp32 first and the sum rounded. Their
+//     readers, SwiGLU and QK-norm + RoPE, widen them and compute in fp32.
+//   - the other products write fp32: v, the residual branches, every gradient (weight
 //     gradients accumulate in fp32 into the grad workspace with beta = 1). Norms, QK-norm, RoPE,
 //     softmax and SwiGLU compute in fp32; the other saved activations stay fp32.
 // On the CPU backend bf16 computes the same thing (the exact products of the bf16 operands, summed

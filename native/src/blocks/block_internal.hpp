@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/checks.hpp"
+#include "cudablocks/backend.hpp"
 #include "cudablocks/block.hpp"
 #include "cudablocks/errors.hpp"
 
@@ -35,19 +36,19 @@ struct Segments {
   }
 };
 
-// The saved activations' offsets; widths documented in block.hpp. In bf16 mode gate_up holds
-// bf16 values (2 I of them per token in the space of I floats).
+// The saved activations' offsets; widths documented in block.hpp. In bf16 mode q_raw, k_raw and
+// gate_up hold bf16 values (n of them per token in the space of n / 2 floats; n is even).
 struct SavedLayout {
   std::int64_t q_raw, k_raw, v, att, r, gate_up, lse, rstd_q, rstd_k, rstd1, rstd2, total;
   SavedLayout(const TransformerConfig& c, std::int64_t t, Precision precision) {
     Widths w(c);
     Segments s;
-    q_raw = s.add(t, w.q);
-    k_raw = s.add(t, w.kv);
+    q_raw = s.add(t, floats_for(w.q, precision));
+    k_raw = s.add(t, floats_for(w.kv, precision));
     v = s.add(t, w.kv);
     att = s.add(t, w.q);
     r = s.add(t, w.H);
-    gate_up = s.add(t, gate_up_floats(w, precision));
+    gate_up = s.add(t, floats_for(2 * w.I, precision));
     lse = s.add(t, w.nq);
     rstd_q = c.qk_norm ? s.add(t, w.nq) : -1;
     rstd_k = c.qk_norm ? s.add(t, w.nkv) : -1;
@@ -57,12 +58,38 @@ struct SavedLayout {
   }
   static std::int64_t floats_per_token(const TransformerConfig& c, Precision precision) {
     Widths w(c);
-    return 2 * w.q + 2 * w.kv + w.H + gate_up_floats(w, precision) + w.nq + (c.qk_norm ? w.nq + w.nkv : 0) + 2;
+    return floats_for(w.q, precision) + floats_for(w.kv, precision) + w.kv + w.q + w.H +
+           floats_for(2 * w.I, precision) + w.nq + (c.qk_norm ? w.nq + w.nkv : 0) + 2;
   }
-  static std::int64_t gate_up_floats(const Widths& w, Precision precision) {
-    return precision == Precision::BF16 ? w.I : 2 * w.I;
+  // Floats holding n values of an activation kept in bf16 in bf16 mode.
+  static std::int64_t floats_for(std::int64_t n, Precision precision) {
+    return precision == Precision::BF16 ? n / 2 : n;
   }
 };
+
+// QK-norm + RoPE of q or k as the forward saved it (SavedLayout: bf16 bits in bf16 mode).
+inline void qk_norm_rope_forward_saved(const Backend& be, Precision precision, const float* raw, const float* w,
+                                       float* y, float* rstd, const std::int32_t* positions, std::int64_t tokens,
+                                       int heads, int head_dim, float eps, const float* inv_freq,
+                                       const Stream& stream) {
+  if (precision == Precision::BF16) {
+    be.qk_norm_rope_forward(reinterpret_cast<const std::uint16_t*>(raw), w, y, rstd, positions, tokens, heads,
+                            head_dim, eps, inv_freq, stream);
+  } else {
+    be.qk_norm_rope_forward(raw, w, y, rstd, positions, tokens, heads, head_dim, eps, inv_freq, stream);
+  }
+}
+inline void qk_norm_rope_backward_saved(const Backend& be, Precision precision, const float* dy, const float* raw,
+                                        const float* w, const float* rstd, float* dx, float* dw,
+                                        const std::int32_t* positions, std::int64_t tokens, int heads, int head_dim,
+                                        const float* inv_freq, const Stream& stream) {
+  if (precision == Precision::BF16) {
+    be.qk_norm_rope_backward(dy, reinterpret_cast<const std::uint16_t*>(raw), w, rstd, dx, dw, positions, tokens,
+                             heads, head_dim, inv_freq, stream);
+  } else {
+    be.qk_norm_rope_backward(dy, raw, w, rstd, dx, dw, positions, tokens, heads, head_dim, inv_freq, stream);
+  }
+}
 
 // Scratch: sh [T, H] (h, g, dg, dh), then a union region used by the attention phase
 // (q_rot, k_rot, d_att, dq_rot, dk_rot, dv) or by the MLP phase (act / d_act, d_gate_up), then

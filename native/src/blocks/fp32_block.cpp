@@ -221,19 +221,35 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   float* h = X + sc.sh;
   std::uint16_t* h16 = mm.s16(bl.a);
   mm.rmsnorm(xin, W + pl.ln_in, h, h16, S + sl.rstd1, T, H, eps);
-  mm.gemm(false, true, T, q, H, h, h16, wq, wq16, 0.0f, S + sl.q_raw);
-  mm.gemm(false, true, T, kv, H, h, h16, wk, wk16, 0.0f, S + sl.k_raw);
+  const float* bias = pl.bqkv >= 0 ? W + pl.bqkv : nullptr;
+  // q and k (before the norm) into their saved slots: fp32, or in bf16 mode bf16 as the product
+  // writes them (rounded after the bias, which is added in fp32 in d_att, free until the backward).
+  auto project_raw = [&](const float* w, const std::uint16_t* w16, const float* b, std::int64_t n, float* dst) {
+    if (!mm.bf16()) {
+      mm.gemm(false, true, T, n, H, h, nullptr, w, nullptr, 0.0f, dst);
+      if (b != nullptr) be.add_bias(dst, b, T, n, stream);
+      return;
+    }
+    std::uint16_t* dst16 = reinterpret_cast<std::uint16_t*>(dst);
+    if (b == nullptr) {
+      be.gemm_bf16_to_bf16(false, true, T, n, H, 1.0f, h16, w16, dst16, stream);
+      return;
+    }
+    float* sum = X + sc.d_att;
+    mm.gemm(false, true, T, n, H, h, h16, w, w16, 0.0f, sum);
+    be.add_bias(sum, b, T, n, stream);
+    be.to_bf16(sum, dst16, T * n, stream);
+  };
+  project_raw(wq, wq16, bias, q, S + sl.q_raw);
+  project_raw(wk, wk16, bias != nullptr ? bias + q : nullptr, kv, S + sl.k_raw);
   mm.gemm(false, true, T, kv, H, h, h16, wv, wv16, 0.0f, S + sl.v);
-  if (pl.bqkv >= 0) {
-    be.add_bias(S + sl.q_raw, W + pl.bqkv, T, q, stream);
-    be.add_bias(S + sl.k_raw, W + pl.bqkv + q, T, kv, stream);
-    be.add_bias(S + sl.v, W + pl.bqkv + q + kv, T, kv, stream);
-  }
+  if (bias != nullptr) be.add_bias(S + sl.v, bias + q + kv, T, kv, stream);
   const bool qkn = c.qk_norm;
-  be.qk_norm_rope_forward(S + sl.q_raw, qkn ? W + pl.q_norm : nullptr, X + sc.q_rot, qkn ? S + sl.rstd_q : nullptr,
-                          positions, T, nq, static_cast<int>(d), eps, inv_freq, stream);
-  be.qk_norm_rope_forward(S + sl.k_raw, qkn ? W + pl.k_norm : nullptr, X + sc.k_rot, qkn ? S + sl.rstd_k : nullptr,
-                          positions, T, nkv, static_cast<int>(d), eps, inv_freq, stream);
+  qk_norm_rope_forward_saved(be, prec, S + sl.q_raw, qkn ? W + pl.q_norm : nullptr, X + sc.q_rot,
+                             qkn ? S + sl.rstd_q : nullptr, positions, T, nq, static_cast<int>(d), eps, inv_freq, stream);
+  qk_norm_rope_forward_saved(be, prec, S + sl.k_raw, qkn ? W + pl.k_norm : nullptr, X + sc.k_rot,
+                             qkn ? S + sl.rstd_k : nullptr, positions, T, nkv, static_cast<int>(d), eps, inv_freq,
+                             stream);
   be.attention_forward(X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, cu, n_seqs, batch.max_seqlen, T,
                        nq, nkv, static_cast<int>(d), scale, precision_, stream);
   float* r = S + sl.r;
@@ -361,12 +377,11 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   float* q_rot = X + sc.q_rot;
   float* k_rot = X + sc.k_rot;
   // Recompute the rotated q and k (their rstd values are rewritten with the same numbers).
-  be.qk_norm_rope_forward(S + sl.q_raw, qkn ? W + pl.q_norm : nullptr, q_rot,
-                          qkn ? S + sl.rstd_q : nullptr, positions, T, nq, static_cast<int>(d), eps,
-                          inv_freq, stream);
-  be.qk_norm_rope_forward(S + sl.k_raw, qkn ? W + pl.k_norm : nullptr, k_rot,
-                          qkn ? S + sl.rstd_k : nullptr, positions, T, nkv, static_cast<int>(d), eps,
-                          inv_freq, stream);
+  qk_norm_rope_forward_saved(be, prec, S + sl.q_raw, qkn ? W + pl.q_norm : nullptr, q_rot,
+                             qkn ? S + sl.rstd_q : nullptr, positions, T, nq, static_cast<int>(d), eps, inv_freq, stream);
+  qk_norm_rope_forward_saved(be, prec, S + sl.k_raw, qkn ? W + pl.k_norm : nullptr, k_rot,
+                             qkn ? S + sl.rstd_k : nullptr, positions, T, nkv, static_cast<int>(d), eps, inv_freq,
+                             stream);
   float* dq_rot = X + sc.dq_rot;
   float* dk_rot = X + sc.dk_rot;
   float* dv = X + sc.dv;
@@ -374,10 +389,12 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
                         n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale, precision_, stream);
   float* dq = d_att;  // d_att and q_rot are dead after the attention backward
   float* dk = q_rot;
-  be.qk_norm_rope_backward(dq_rot, S + sl.q_raw, qkn ? W + pl.q_norm : nullptr, qkn ? S + sl.rstd_q : nullptr, dq,
-                           qkn ? G + pl.q_norm : nullptr, positions, T, nq, static_cast<int>(d), inv_freq, stream);
-  be.qk_norm_rope_backward(dk_rot, S + sl.k_raw, qkn ? W + pl.k_norm : nullptr, qkn ? S + sl.rstd_k : nullptr, dk,
-                           qkn ? G + pl.k_norm : nullptr, positions, T, nkv, static_cast<int>(d), inv_freq, stream);
+  qk_norm_rope_backward_saved(be, prec, dq_rot, S + sl.q_raw, qkn ? W + pl.q_norm : nullptr,
+                              qkn ? S + sl.rstd_q : nullptr, dq, qkn ? G + pl.q_norm : nullptr, positions, T, nq,
+                              static_cast<int>(d), inv_freq, stream);
+  qk_norm_rope_backward_saved(be, prec, dk_rot, S + sl.k_raw, qkn ? W + pl.k_norm : nullptr,
+                              qkn ? S + sl.rstd_k : nullptr, dk, qkn ? G + pl.k_norm : nullptr, positions, T, nkv,
+                              static_cast<int>(d), inv_freq, stream);
   if (pl.bqkv >= 0) {
     be.bias_backward(dq, G + pl.bqkv, T, q, stream);
     be.bias_backward(dk, G + pl.bqkv + q, T, kv, stream);

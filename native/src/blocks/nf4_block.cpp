@@ -757,22 +757,41 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   } else {
     be.rmsnorm_forward(xin, D + ln_in_, h, S + sl.rstd1, T, H, eps, stream);
   }
-  m.product(kGroupQ, false, h, !qkv_bf16_only, 0.0f, S + sl.q_raw);
-  m.lora_forward(kGroupQ, h, S + sl.q_raw);
-  m.product(kGroupK, false, h, false, 0.0f, S + sl.k_raw);
-  m.lora_forward(kGroupK, h, S + sl.k_raw);
+  if (m.bf && !qkv_bf16_only) be.to_bf16(h, m.op16, T * H, stream);  // the products' operand
+  const float* bias = bqkv_ >= 0 ? D + bqkv_ : nullptr;
+  // q and k (before the norm) into their saved slots: fp32, or in bf16 mode bf16 as the product
+  // writes them (rounded after the adapters and the bias, added in fp32 in d_att, free until the
+  // backward).
+  auto project_raw = [&](int group, const float* b, std::int64_t n, float* dst) {
+    if (!m.bf) {
+      m.product(group, false, h, false, 0.0f, dst);
+      m.lora_forward(group, h, dst);
+      if (b != nullptr) be.add_bias(dst, b, T, n, stream);
+      return;
+    }
+    std::uint16_t* dst16 = reinterpret_cast<std::uint16_t*>(dst);
+    if (!m.adapted(group) && b == nullptr) {
+      m.product_to_bf16(group, dst16);
+      return;
+    }
+    float* sum = X + sc.d_att;
+    m.product(group, false, h, false, 0.0f, sum);
+    m.lora_forward(group, h, sum);
+    if (b != nullptr) be.add_bias(sum, b, T, n, stream);
+    be.to_bf16(sum, dst16, T * n, stream);
+  };
+  project_raw(kGroupQ, bias, q, S + sl.q_raw);
+  project_raw(kGroupK, bias != nullptr ? bias + q : nullptr, kv, S + sl.k_raw);
   m.product(kGroupV, false, h, false, 0.0f, S + sl.v);
   m.lora_forward(kGroupV, h, S + sl.v);
-  if (bqkv_ >= 0) {
-    be.add_bias(S + sl.q_raw, D + bqkv_, T, q, stream);
-    be.add_bias(S + sl.k_raw, D + bqkv_ + q, T, kv, stream);
-    be.add_bias(S + sl.v, D + bqkv_ + q + kv, T, kv, stream);
-  }
+  if (bias != nullptr) be.add_bias(S + sl.v, bias + q + kv, T, kv, stream);
   const bool qkn = c.qk_norm;
-  be.qk_norm_rope_forward(S + sl.q_raw, qkn ? D + q_norm_ : nullptr, X + sc.q_rot, qkn ? S + sl.rstd_q : nullptr,
-                          positions, T, nq, static_cast<int>(d), eps, inv_freq, stream);
-  be.qk_norm_rope_forward(S + sl.k_raw, qkn ? D + k_norm_ : nullptr, X + sc.k_rot, qkn ? S + sl.rstd_k : nullptr,
-                          positions, T, nkv, static_cast<int>(d), eps, inv_freq, stream);
+  const Precision prec = precision_;
+  qk_norm_rope_forward_saved(be, prec, S + sl.q_raw, qkn ? D + q_norm_ : nullptr, X + sc.q_rot,
+                             qkn ? S + sl.rstd_q : nullptr, positions, T, nq, static_cast<int>(d), eps, inv_freq, stream);
+  qk_norm_rope_forward_saved(be, prec, S + sl.k_raw, qkn ? D + k_norm_ : nullptr, X + sc.k_rot,
+                             qkn ? S + sl.rstd_k : nullptr, positions, T, nkv, static_cast<int>(d), eps, inv_freq,
+                             stream);
   be.attention_forward(X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, cu, n_seqs, batch.max_seqlen, T,
                        nq, nkv, static_cast<int>(d), scale, precision_, stream);
   float* r = S + sl.r;
@@ -915,10 +934,12 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   const bool qkn = c.qk_norm;
   float* q_rot = X + sc.q_rot;
   float* k_rot = X + sc.k_rot;
-  be.qk_norm_rope_forward(S + sl.q_raw, qkn ? D + q_norm_ : nullptr, q_rot, qkn ? S + sl.rstd_q : nullptr, positions,
-                          T, nq, static_cast<int>(d), eps, inv_freq, stream);
-  be.qk_norm_rope_forward(S + sl.k_raw, qkn ? D + k_norm_ : nullptr, k_rot, qkn ? S + sl.rstd_k : nullptr, positions,
-                          T, nkv, static_cast<int>(d), eps, inv_freq, stream);
+  const Precision prec = precision_;
+  qk_norm_rope_forward_saved(be, prec, S + sl.q_raw, qkn ? D + q_norm_ : nullptr, q_rot,
+                             qkn ? S + sl.rstd_q : nullptr, positions, T, nq, static_cast<int>(d), eps, inv_freq, stream);
+  qk_norm_rope_forward_saved(be, prec, S + sl.k_raw, qkn ? D + k_norm_ : nullptr, k_rot,
+                             qkn ? S + sl.rstd_k : nullptr, positions, T, nkv, static_cast<int>(d), eps, inv_freq,
+                             stream);
   float* dq_rot = X + sc.dq_rot;
   float* dk_rot = X + sc.dk_rot;
   float* dv = X + sc.dv;
@@ -926,10 +947,12 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
                         n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale, precision_, stream);
   float* dq = d_att;
   float* dk = q_rot;
-  be.qk_norm_rope_backward(dq_rot, S + sl.q_raw, qkn ? D + q_norm_ : nullptr, qkn ? S + sl.rstd_q : nullptr, dq,
-                           qkn ? sink + 2 * H : nullptr, positions, T, nq, static_cast<int>(d), inv_freq, stream);
-  be.qk_norm_rope_backward(dk_rot, S + sl.k_raw, qkn ? D + k_norm_ : nullptr, qkn ? S + sl.rstd_k : nullptr, dk,
-                           qkn ? sink + 2 * H + d : nullptr, positions, T, nkv, static_cast<int>(d), inv_freq, stream);
+  qk_norm_rope_backward_saved(be, prec, dq_rot, S + sl.q_raw, qkn ? D + q_norm_ : nullptr,
+                              qkn ? S + sl.rstd_q : nullptr, dq, qkn ? sink + 2 * H : nullptr, positions, T, nq,
+                              static_cast<int>(d), inv_freq, stream);
+  qk_norm_rope_backward_saved(be, prec, dk_rot, S + sl.k_raw, qkn ? D + k_norm_ : nullptr,
+                              qkn ? S + sl.rstd_k : nullptr, dk, qkn ? sink + 2 * H + d : nullptr, positions, T, nkv,
+                              static_cast<int>(d), inv_freq, stream);
   float* h = X + sc.sh;
   if (m.adapted(kGroupQ) || m.adapted(kGroupK) || m.adapted(kGroupV)) {
     be.rmsnorm_forward(xin, D + ln_in_, h, nullptr, T, H, eps, stream);

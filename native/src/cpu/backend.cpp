@@ -106,6 +106,18 @@ class CpuBackend final : public Backend {
                              int head_dim, const float* inv_freq, const Stream&) const override {
     cpu::qk_norm_rope_backward(dy, x, w, rstd, dx, dw, positions, tokens, n_heads, head_dim, inv_freq);
   }
+  void qk_norm_rope_forward(const std::uint16_t* x, const float* w, float* y, float* rstd,
+                            const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
+                            const float* inv_freq, const Stream&) const override {
+    const std::vector<float> x32 = widened(x, tokens * n_heads * head_dim);
+    cpu::qk_norm_rope_forward(x32.data(), w, y, rstd, positions, tokens, n_heads, head_dim, eps, inv_freq);
+  }
+  void qk_norm_rope_backward(const float* dy, const std::uint16_t* x, const float* w, const float* rstd, float* dx,
+                             float* dw, const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim,
+                             const float* inv_freq, const Stream&) const override {
+    const std::vector<float> x32 = widened(x, tokens * n_heads * head_dim);
+    cpu::qk_norm_rope_backward(dy, x32.data(), w, rstd, dx, dw, positions, tokens, n_heads, head_dim, inv_freq);
+  }
 
   void swiglu_forward(const float* gate_up, float* out, std::int64_t rows, std::int64_t cols,
                       const Stream&) const override {

@@ -16,11 +16,14 @@
 // dw: each warp keeps its partial in registers over all its (token, head) pairs, the block adds
 // its warps' partials in shared memory in a fixed order and writes one row of scratch; then
 // add_column_partials (bias.cu) adds the blocks' rows into dw. Deterministic, no atomics.
+// x is fp32 or bf16 (bf16-mode blocks keep q and k before the norm in bf16, as their products
+// write them): a bf16 x is widened exactly as it is read; everything else is fp32.
 #include "cuda/qk_norm_rope.cuh"
 
 #include <algorithm>
 #include <string>
 
+#include "cuda/bf16_vec.cuh"
 #include "cuda/bias.cuh"
 #include "cuda/block_reduce.cuh"
 #include "cuda/check.hpp"
@@ -39,6 +42,28 @@ template <int V> struct Pack;
 template <> struct Pack<1> { using type = float; };
 template <> struct Pack<2> { using type = float2; };
 
+// p[0 .. V) as floats: fp32, or bf16 widened (exact). V = 2 needs p aligned to two elements.
+template <int V>
+__device__ __forceinline__ void load_x(const float* p, float (&v)[V]) {
+  if constexpr (V == 2) {
+    const float2 a = *reinterpret_cast<const float2*>(p);
+    v[0] = a.x;
+    v[1] = a.y;
+  } else {
+    v[0] = *p;
+  }
+}
+template <int V>
+__device__ __forceinline__ void load_x(const std::uint16_t* p, float (&v)[V]) {
+  if constexpr (V == 2) {
+    const unsigned a = *reinterpret_cast<const unsigned*>(p);
+    v[0] = bf16_to_float(a & 0xffffu);
+    v[1] = bf16_to_float(a >> 16);
+  } else {
+    v[0] = bf16_to_float(*p);
+  }
+}
+
 // cos/sin of token t's angles into shared memory: angle = fp32(pos * inv_freq[i]) as transformers
 // (the CPU reference rounds it the same way). Callers put a barrier after it (and before it when
 // the arrays were in use).
@@ -49,8 +74,8 @@ __device__ __forceinline__ void rope_table(float* cos_s, float* sin_s, int pos, 
   }
 }
 
-template <int V, int K>
-__global__ void __launch_bounds__(kThreads) qk_norm_rope_forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
+template <int V, int K, typename In>
+__global__ void __launch_bounds__(kThreads) qk_norm_rope_forward_kernel(const In* __restrict__ x, const float* __restrict__ w,
                                                                    float* __restrict__ y, float* __restrict__ rstd,
                                                                    const std::int32_t* __restrict__ positions, int n_heads,
                                                                    int head_dim, float eps,
@@ -68,18 +93,12 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_forward_kernel(const fl
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int i = (k * 32 + lane) * V;
-      P a, b;
       if (i < half) {
-        a = *reinterpret_cast<const P*>(x + base + i);
-        b = *reinterpret_cast<const P*>(x + base + half + i);
+        load_x<V>(x + base + i, lo[k]);
+        load_x<V>(x + base + half + i, hi[k]);
       } else {
-        a = P{};
-        b = P{};
-      }
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        lo[k][j] = reinterpret_cast<const float*>(&a)[j];
-        hi[k][j] = reinterpret_cast<const float*>(&b)[j];
+        for (int j = 0; j < V; ++j) lo[k][j] = hi[k][j] = 0.0f;
       }
     }
     if (w != nullptr) {
@@ -121,9 +140,9 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_forward_kernel(const fl
   }
 }
 
-template <int V, int K>
+template <int V, int K, typename In>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_kernel(
-    const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ rstd,
+    const float* __restrict__ dy, const In* __restrict__ x, const float* __restrict__ w, const float* __restrict__ rstd,
     float* __restrict__ dx, float* __restrict__ dw_partial, const std::int32_t* __restrict__ positions, std::int64_t tokens,
     int n_heads, int head_dim, const float* __restrict__ inv_freq) {
   using P = typename Pack<V>::type;
@@ -148,13 +167,15 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_kernel(
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const int i = (k * 32 + lane) * V;
-        P a{}, b{}, c{}, d{};
+        P a{}, b{};
+#pragma unroll
+        for (int j = 0; j < V; ++j) xlo[k][j] = xhi[k][j] = 0.0f;
         if (i < half) {
           a = *reinterpret_cast<const P*>(dy + base + i);
           b = *reinterpret_cast<const P*>(dy + base + half + i);
           if (norm) {
-            c = *reinterpret_cast<const P*>(x + base + i);
-            d = *reinterpret_cast<const P*>(x + base + half + i);
+            load_x<V>(x + base + i, xlo[k]);
+            load_x<V>(x + base + half + i, xhi[k]);
           }
         }
 #pragma unroll
@@ -163,8 +184,6 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_kernel(
           const float cs = i < half ? cos_s[i + j] : 0.0f, sn = i < half ? sin_s[i + j] : 0.0f;
           dlo[k][j] = ylo * cs + yhi * sn;  // inverse rotation: dh
           dhi[k][j] = yhi * cs - ylo * sn;
-          xlo[k][j] = reinterpret_cast<const float*>(&c)[j];
-          xhi[k][j] = reinterpret_cast<const float*>(&d)[j];
         }
       }
       if (norm) {
@@ -233,6 +252,11 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_kernel(
 }
 
 bool aligned8(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 7u) == 0; }
+// x's pair loads (V = 2) need two of its elements' alignment.
+template <typename In>
+bool pair_aligned(const In* p) {
+  return (reinterpret_cast<std::uintptr_t>(p) & (2 * sizeof(In) - 1)) == 0;
+}
 
 // Picks V (pair-vector width) and K (pair chunks per lane) for head_dim and calls
 // f(std::integral_constant V, K) style via a template functor.
@@ -259,26 +283,26 @@ void dispatch(int head_dim, bool vec2_ok, F&& f) {
 template <typename P> constexpr int width = 1;
 template <> constexpr int width<Pack<2>> = 2;
 
-}  // namespace
 
-void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd, const std::int32_t* positions,
-                          std::int64_t tokens, int n_heads, int head_dim, float eps, const float* inv_freq,
-                          cudaStream_t stream) {
-  const bool vec2 = aligned8(x) && aligned8(y) && (w == nullptr || aligned8(w));
+template <typename In>
+void forward(const In* x, const float* w, float* y, float* rstd, const std::int32_t* positions, std::int64_t tokens,
+             int n_heads, int head_dim, float eps, const float* inv_freq, cudaStream_t stream) {
+  const bool vec2 = pair_aligned(x) && aligned8(y) && (w == nullptr || aligned8(w));
   dispatch(head_dim, vec2, [&](auto pack, auto k) {
     constexpr int V = width<decltype(pack)>;
     constexpr int K = decltype(k)::value;
     if (tokens == 0 || n_heads == 0) return;
-    qk_norm_rope_forward_kernel<V, K><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
+    qk_norm_rope_forward_kernel<V, K, In><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
         x, w, y, rstd, positions, n_heads, head_dim, eps, inv_freq);
     CUDABLOCKS_CHECK_LAUNCH("qk_norm_rope_forward_kernel");
   });
 }
 
-void qk_norm_rope_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw,
-                           const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim,
-                           const float* inv_freq, cudaStream_t stream) {
-  const bool vec2 = aligned8(dy) && aligned8(dx) && (w == nullptr || (aligned8(x) && aligned8(w)));
+template <typename In>
+void backward(const float* dy, const In* x, const float* w, const float* rstd, float* dx, float* dw,
+              const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, const float* inv_freq,
+              cudaStream_t stream) {
+  const bool vec2 = aligned8(dy) && aligned8(dx) && (w == nullptr || (pair_aligned(x) && aligned8(w)));
   dispatch(head_dim, vec2, [&](auto pack, auto k) {
     constexpr int V = width<decltype(pack)>;
     constexpr int K = decltype(k)::value;
@@ -286,17 +310,41 @@ void qk_norm_rope_backward(const float* dy, const float* x, const float* w, cons
     // Blocks stride over tokens: at most 4 per SM (all resident at once), so the dw partials stay few.
     const std::int64_t blocks = std::min<std::int64_t>(tokens, 4 * static_cast<std::int64_t>(multiprocessor_count()));
     if (w == nullptr) {
-      qk_norm_rope_backward_kernel<V, K><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      qk_norm_rope_backward_kernel<V, K, In><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           dy, x, w, rstd, dx, nullptr, positions, tokens, n_heads, head_dim, inv_freq);
       CUDABLOCKS_CHECK_LAUNCH("qk_norm_rope_backward_kernel");
       return;
     }
     ScratchLease scratch(sizeof(float) * static_cast<std::size_t>(blocks * head_dim), stream);
-    qk_norm_rope_backward_kernel<V, K><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    qk_norm_rope_backward_kernel<V, K, In><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         dy, x, w, rstd, dx, scratch.get<float>(), positions, tokens, n_heads, head_dim, inv_freq);
     CUDABLOCKS_CHECK_LAUNCH("qk_norm_rope_backward_kernel");
     add_column_partials(scratch.get<float>(), static_cast<int>(blocks), head_dim, dw, stream);
   });
+}
+
+}  // namespace
+
+void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd, const std::int32_t* positions,
+                          std::int64_t tokens, int n_heads, int head_dim, float eps, const float* inv_freq,
+                          cudaStream_t stream) {
+  forward(x, w, y, rstd, positions, tokens, n_heads, head_dim, eps, inv_freq, stream);
+}
+void qk_norm_rope_forward(const std::uint16_t* x, const float* w, float* y, float* rstd,
+                          const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
+                          const float* inv_freq, cudaStream_t stream) {
+  forward(x, w, y, rstd, positions, tokens, n_heads, head_dim, eps, inv_freq, stream);
+}
+
+void qk_norm_rope_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw,
+                           const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim,
+                           const float* inv_freq, cudaStream_t stream) {
+  backward(dy, x, w, rstd, dx, dw, positions, tokens, n_heads, head_dim, inv_freq, stream);
+}
+void qk_norm_rope_backward(const float* dy, const std::uint16_t* x, const float* w, const float* rstd, float* dx,
+                           float* dw, const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim,
+                           const float* inv_freq, cudaStream_t stream) {
+  backward(dy, x, w, rstd, dx, dw, positions, tokens, n_heads, head_dim, inv_freq, stream);
 }
 
 }  // namespace cudablocks::cuda

@@ -12,15 +12,22 @@ namespace cudablocks::cuda {
 //   angle    = float(positions[t]) * inv_freq[i]   (one fp32 multiply)
 //   cos, sin = sincosf(angle)                      (accurate, not the fast intrinsics)
 // inv_freq [head_dim/2]: TransformerConfig::rope_inv_freq(). head_dim: even, at most 512
-// (InvalidArgumentError otherwise). positions and inv_freq are device pointers.
+// (InvalidArgumentError otherwise). positions and inv_freq are device pointers. x is fp32 or bf16
+// (bit patterns), widened exactly.
 void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd, const std::int32_t* positions,
                           std::int64_t tokens, int n_heads, int head_dim, float eps, const float* inv_freq,
                           cudaStream_t stream);
+void qk_norm_rope_forward(const std::uint16_t* x, const float* w, float* y, float* rstd,
+                          const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
+                          const float* inv_freq, cudaStream_t stream);
 
 // The backward: dx written; dw[i] += its gradient when w != nullptr (deterministic, per-stream
 // scratch for the partial sums).
 void qk_norm_rope_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw,
                            const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim,
+                           const float* inv_freq, cudaStream_t stream);
+void qk_norm_rope_backward(const float* dy, const std::uint16_t* x, const float* w, const float* rstd, float* dx,
+                           float* dw, const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim,
                            const float* inv_freq, cudaStream_t stream);
 
 }  // namespace cudablocks::cuda
