@@ -63,7 +63,7 @@
 //   - activations and incoming gradients that feed products are bf16 in a bf16 scratch: h and g
 //     from RMSNorm, act and d_gate_up from SwiGLU are written in bf16 directly (their bf16 outputs; no
 //     fp32 copy exists), att, dy, dr, dq, dk, dv are rounded right before use (Backend::to_bf16:
-//     1 more op call in the forward, 6 in the backward). Per token: max(H, q) +
+//     1 more op call in the forward, 3 with q/k biases, 6 in the backward). Per token: max(H, q) +
 //     max(2 I, q + 2 kv) + H bf16 values (Qwen3-4B: 26,112 values, 52,224 bytes; counted in
 //     scratch_bytes_per_token).
 //   - gate_up, q and k (before QK-norm) are written by their products in bf16
