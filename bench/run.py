@@ -42,7 +42,8 @@ def main() -> int:
             rows.append(row)
             ratio = f"{row.ratio:.2f}x" if row.ratio is not None else ""
             met = "" if row.target_met is None else ("  target met" if row.target_met else "  TARGET MISSED")
-            print(f"  {row.name:<48} {row.ours or 0:>10.4g} {row.unit:<8} {ratio}{met}", flush=True)
+            share = f"  {row.share:.0%} of {row.share_of}" if row.share is not None else ""
+            print(f"  {row.name:<48} {row.ours or 0:>10.4g} {row.unit:<8} {ratio}{met}{share}", flush=True)
 
     here = Path(__file__).resolve().parent
     outs = [args.out] if args.out else []

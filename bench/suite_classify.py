@@ -146,6 +146,8 @@ def _hf_step(model: Any, opt: Any, ids: torch.Tensor, labels: torch.Tensor) -> N
 
 def classify(device: str, quick: bool) -> Iterator[Row]:
     """Training steps of the whole classifier, ours against the transformers stacks."""
+    from suites import block_flops, share_of_ceiling  # here: suites imports this module
+
     cpu = device == "cpu"
     dims = TINY if cpu else QWEN3_4B
     batch, seq = (2, 16) if cpu else (8, 512)
@@ -184,15 +186,25 @@ def classify(device: str, quick: bool) -> Iterator[Row]:
         return ms, peak
 
     shape = f"{batch}x{seq}"
+    seq_lens = data[1]
+
+    def step_share(backward: str, layers: int, precision: str, ms: float) -> dict[str, Any]:
+        # A step's useful FLOPs: the layers' forward and backward (embedding lookup and the 2-label head are
+        # negligible); recompute's second forward is not useful work, so the same count serves it.
+        return share_of_ceiling(precision, layers * block_flops(dims, seq_lens, backward=backward) / ms / 1e9)
+
     # lora mode, 36 layers (4 on the CPU).
     layers = 4 if cpu else 36
     hf_ms, hf_gb = measure_hf(lambda: _hf_qlora(_hf_config(dims, layers), device))
     anchor = "transformers + peft + bitsandbytes QLoRA"
     for recompute in (False, True):
-        ours_ms, ours_gb = measure_ours(Mode.LORA, layers, "fp32" if cpu else "bf16", recompute)
+        precision = "fp32" if cpu else "bf16"
+        ours_ms, ours_gb = measure_ours(Mode.LORA, layers, precision, recompute)
         how = ", recompute" if recompute else ""
+        # Frozen NF4 weights: the backward computes input gradients only (LoRA's small products left out).
         yield Row(f"classify lora step, {layers} NF4 layers, {shape}{how}", "tokens/s", tokens / ours_ms * 1e3,
-                  anchor=tokens / hf_ms * 1e3 if hf_ms else None, anchor_name=anchor, target=2.5)
+                  anchor=tokens / hf_ms * 1e3 if hf_ms else None, anchor_name=anchor, target=2.5,
+                  **step_share("input", layers, precision, ours_ms))
         yield Row(f"classify lora peak memory, {layers} layers, {shape}{how}", "GB", ours_gb, anchor=hf_gb,
                   anchor_name=anchor, limit=None if cpu else LIGER_QLORA_PEAK_GB,
                   note="limit: the peak of that stack with Liger Kernel's patches (shared/anchors.md)")
@@ -207,6 +219,6 @@ def classify(device: str, quick: bool) -> Iterator[Row]:
                 if precision == "bf16" else "")
         yield Row(f"classify full {precision} step, {layers} layers, {shape}", "tokens/s", tokens / ours_ms * 1e3,
                   anchor=tokens / hf_ms * 1e3 if hf_ms else None, anchor_name="transformers + torch AdamW",
-                  target=target, note=note)
+                  target=target, note=note, **step_share("full", layers, precision, ours_ms))
         yield Row(f"classify full {precision} peak memory, {layers} layers", "GB", ours_gb, anchor=hf_gb,
                   anchor_name="transformers + torch AdamW")

@@ -17,6 +17,20 @@ from suite_classify import classify, nf4_linears
 MEASURED_TFLOPS: dict[tuple[str, int], float] = {}
 
 
+def share_of_ceiling(kind: str, rate: float | None) -> dict[str, Any]:
+    """Row fields (share, share_of) placing `rate` against this run's measured ceiling: kind "copy" for a
+    rate in TB/s, or "fp32"/"tf32"/"bf16" for a rate in TFLOP/s against that GEMM (its largest size
+    measured). Empty where the ceiling is unknown (on the CPU, or with --only and no `ceilings`)."""
+    if kind == "copy":
+        ceiling, label = MEASURED_TFLOPS.get(("copy TB/s", 0)), "copy bandwidth"
+    else:
+        sizes = [size for name, size in MEASURED_TFLOPS if name == kind]
+        ceiling, label = (MEASURED_TFLOPS[(kind, max(sizes))] if sizes else None), f"{kind} GEMM"
+    if not rate or not ceiling:
+        return {}
+    return {"share": rate / ceiling, "share_of": label}
+
+
 def ceilings(device: str, quick: bool) -> Iterator[Row]:
     """The card's measured limits: copy bandwidth and GEMM rates (torch/cuBLAS)."""
     if device == "cpu":
@@ -63,8 +77,10 @@ def rmsnorm(device: str, quick: bool) -> Iterator[Row]:
     bytes_moved = 2 * rows * cols * 4
     ours_ms = time_ms(ours, device)
     anchor_ms = time_ms(theirs, device)
-    yield Row(f"rmsnorm fwd [{rows}, {cols}]", "GB/s", bytes_moved / ours_ms / 1e6,
-              anchor=bytes_moved / anchor_ms / 1e6, anchor_name="torch rms_norm")
+    ours_gbs = bytes_moved / ours_ms / 1e6
+    yield Row(f"rmsnorm fwd [{rows}, {cols}]", "GB/s", ours_gbs,
+              anchor=bytes_moved / anchor_ms / 1e6, anchor_name="torch rms_norm",
+              **share_of_ceiling("copy", ours_gbs / 1e3))
 
 
 QWEN3_4B_LAYER = dict(hidden_size=2560, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -100,16 +116,19 @@ def _fp32_gemm_tflops(device: str) -> float:
     return MEASURED_TFLOPS[("fp32", 8192)]
 
 
-def block_flops(dims: dict[str, Any], seq_lens: list[int]) -> float:
-    """FLOPs of one forward+backward of the layer: GEMMs 2*T*P forward and twice that backward; causal
-    attention 2 * 2 * n_q * d * L^2 / 2 per sequence forward (QK^T and PV) and 2.5 times that backward."""
+def block_flops(dims: dict[str, Any], seq_lens: list[int], backward: str = "full") -> float:
+    """FLOPs of one pass of the layer. Forward: GEMMs 2*T*P, causal attention 2 * 2 * n_q * d * L^2 / 2 per
+    sequence (QK^T and PV). Backward "full": GEMMs twice the forward (input and weight gradients), attention
+    2.5 times; "input": the input gradient only (frozen weights, as with LoRA): GEMMs once the forward,
+    attention as in "full"; "none": forward only. Norms, rotary and SwiGLU are left out (a few FLOPs/param)."""
     H, d, I = dims["hidden_size"], dims["head_dim"], dims["intermediate_size"]
     q, kv = dims["num_attention_heads"] * d, dims["num_key_value_heads"] * d
     gemm_params = H * q + 2 * H * kv + q * H + 3 * H * I
     tokens = sum(seq_lens)
     gemm_fwd = 2 * tokens * gemm_params
     attn_fwd = 2 * dims["num_attention_heads"] * d * sum(n * n for n in seq_lens)
-    return 3 * gemm_fwd + 3.5 * attn_fwd
+    gemm_bwd, attn_bwd = {"none": (0.0, 0.0), "input": (1.0, 2.5), "full": (2.0, 2.5)}[backward]
+    return (1 + gemm_bwd) * gemm_fwd + (1 + attn_bwd) * attn_fwd
 
 
 def _hf_layer_call(layer: Any, rotary: Any, x_np: np.ndarray, g_np: np.ndarray, batch: int, seq: int, device: str,
@@ -237,16 +256,19 @@ def block(device: str, quick: bool) -> Iterator[Row]:
                 shape = f"{batch}x{seq}"
                 note = ("HF: bf16 weights and inputs; ours: bf16 GEMM operands (bf16 weight copy), fp32 buffers"
                         if precision == "bf16" else "")
+                fwd_tflops = block_flops(dims, seq_lens, backward="none") / ours_f / 1e9
+                fwd_bwd_tflops = block_flops(dims, seq_lens) / ours_fb / 1e9
                 yield Row(f"block {precision} {shape} fwd", "ms", ours_f, anchor=hf_f, anchor_name="transformers",
-                          note=note)
+                          note=note, **share_of_ceiling(precision, fwd_tflops))
                 yield Row(f"block {precision} {shape} fwd+bwd", "ms", ours_fb, anchor=hf_fb,
-                          anchor_name="transformers", target=targets.get((precision, batch, seq)), note=note)
+                          anchor_name="transformers", target=targets.get((precision, batch, seq)), note=note,
+                          **share_of_ceiling(precision, fwd_bwd_tflops))
                 del ours_out, hf_out
                 if precision == "fp32" and (batch, seq) == (8, 512) and not cpu:
-                    rate_row = Row(f"block fp32 {shape} fwd+bwd rate", "TFLOP/s",
-                                   block_flops(dims, seq_lens) / ours_fb / 1e9,
+                    rate_row = Row(f"block fp32 {shape} fwd+bwd rate", "TFLOP/s", fwd_bwd_tflops,
                                    anchor=_fp32_gemm_tflops(device), anchor_name="fp32 GEMM 8192^3", target=0.9,
-                                   note="fraction of measured fp32 GEMM rate")
+                                   note="fraction of measured fp32 GEMM rate",
+                                   **share_of_ceiling("fp32", fwd_bwd_tflops))
             del layer, rotary
             _free_gpu(device)
             if rate_row is not None:
@@ -288,9 +310,11 @@ def gemm(device: str, quick: bool) -> Iterator[Row]:
         ms = time_ms(lambda: cb.ops.gemm(a, b, out, trans_b=True, precision=precision, stream=stream), device,
                      repeats=repeats)
         results[label] = out.to_numpy(stream)
+        # Against the ceiling of the precision the product runs in (FAST_16BF and gemm_bf16: bf16).
         yield Row(f"gemm [{m}, {k}] x [{n}, {k}]^T, {label}", "TFLOP/s", flops / ms / 1e9, anchor=torch_rate,
                   anchor_name="torch bf16 matmul",
-                  target=0.95 if label.startswith("bf16 buffers") else None)
+                  target=0.95 if label.startswith("bf16 buffers") else None,
+                  **share_of_ceiling(precision, flops / ms / 1e9))
     ref = x_np.astype(np.float64) @ w_np.astype(np.float64).T
     err = float(np.linalg.norm(results["bf16 buffers (gemm_bf16)"] - ref) / np.linalg.norm(ref))
     assert err < 1e-2, f"gemm_bf16 differs from float64 by {err:.3g}"
@@ -334,12 +358,18 @@ def adamw(device: str, quick: bool) -> Iterator[Row]:
         p.grad = torch.randn_like(p)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device != "cpu")
     torch_ms = time_ms(opt.step, device, repeats=repeats)
+    # Bytes a step must move: parameter, m and v read and written, gradient read (28 B/param); clipping reads
+    # the gradient once more for its norm (4 B/param).
+    plain_tbs, clip_tbs = 28 * n_params / plain_ms / 1e9, 32 * n_params / clip_ms / 1e9
     yield Row(f"adamw step, {n_params / 1e6:.1f}M params", "ms", plain_ms, anchor=torch_ms,
-              anchor_name="torch AdamW fused" if device != "cpu" else "torch AdamW", target=1.15)
+              anchor_name="torch AdamW fused" if device != "cpu" else "torch AdamW", target=1.15,
+              **share_of_ceiling("copy", plain_tbs))
     yield Row("adamw step with global-norm clipping", "ms", clip_ms, anchor=plain_ms, anchor_name="ours, no clipping",
-              target=1 / 1.1, note="target: at most 1.1x the time without clipping")
-    yield Row("adamw effective bandwidth (28 B/param)", "TB/s", 28 * n_params / plain_ms / 1e9,
-              anchor=MEASURED_TFLOPS.get(("copy TB/s", 0)), anchor_name="measured copy bandwidth", target=0.85)
+              target=1 / 1.1, note="target: at most 1.1x the time without clipping",
+              **share_of_ceiling("copy", clip_tbs))
+    yield Row("adamw effective bandwidth (28 B/param)", "TB/s", plain_tbs,
+              anchor=MEASURED_TFLOPS.get(("copy TB/s", 0)), anchor_name="measured copy bandwidth", target=0.85,
+              **share_of_ceiling("copy", plain_tbs))
 
 
 def _bnb_functional() -> Any:
@@ -409,14 +439,15 @@ def nf4(device: str, quick: bool) -> Iterator[Row]:
         assert torch.equal(torch.from_dlpack(w16).view(torch.int16), tout.view(torch.int16)), \
             "nf4: our dequantized weight differs from bitsandbytes'"
         del tout
-    yield Row(f"nf4 dequantize {inter}x{hidden} -> bf16", "us", ours_us, anchor=anchor_us,
-              anchor_name="bitsandbytes dequantize_4bit", target=3.0, note=bnb_note)
     # Bytes it must move: the packed nibbles and the fp32 absmax read, the bf16 weight written.
     dq_bytes = q.packed.nbytes + q.absmax.nbytes + n * 2
-    yield Row(f"nf4 dequantize effective bandwidth ({dq_bytes / 1e6:.1f} MB)", "TB/s",
-              dq_bytes / (ours_us * 1e-6) / 1e12,
+    dq_tbs = dq_bytes / (ours_us * 1e-6) / 1e12
+    yield Row(f"nf4 dequantize {inter}x{hidden} -> bf16", "us", ours_us, anchor=anchor_us,
+              anchor_name="bitsandbytes dequantize_4bit", target=3.0, note=bnb_note, **share_of_ceiling("copy", dq_tbs))
+    yield Row(f"nf4 dequantize effective bandwidth ({dq_bytes / 1e6:.1f} MB)", "TB/s", dq_tbs,
               anchor=MEASURED_TFLOPS.get(("copy TB/s", 0)), anchor_name="measured copy bandwidth",
-              note=f"{(q.packed.nbytes + q.absmax.nbytes) / 1e6:.2f} MB read + {n * 2 / 1e6:.2f} MB written")
+              note=f"{(q.packed.nbytes + q.absmax.nbytes) / 1e6:.2f} MB read + {n * 2 / 1e6:.2f} MB written",
+              **share_of_ceiling("copy", dq_tbs))
 
     # 2. Staged NF4 GEMMs: forward y = x . W^T and input gradient dX = dY . W, for both projections.
     for tokens in token_counts:
@@ -465,14 +496,19 @@ def nf4(device: str, quick: bool) -> Iterator[Row]:
             fwd = f"nf4 gemm fwd [{tokens}, {n_in}] x W[{n_out}, {n_in}]^T"
             bwd = f"nf4 gemm dX [{tokens}, {n_out}] x W[{n_out}, {n_in}]"
             staged = "ours: dequantize to bf16 + gemm on bf16 buffers (fp32 out)"
+            # The product's FLOPs over the whole time (the dequantize included) against the bf16 GEMM.
+            flops = 2 * tokens * n_out * n_in
+            fwd_share = share_of_ceiling("bf16", flops / fwd_ms / 1e9)
             yield Row(fwd, "ms", fwd_ms, anchor=bnb_ms, anchor_name="bitsandbytes matmul_4bit",
-                      target=2.5 if tokens == 512 else None, note="; ".join(filter(None, (staged, bnb_note))))
+                      target=2.5 if tokens == 512 else None, note="; ".join(filter(None, (staged, bnb_note))),
+                      **fwd_share)
             yield Row(f"{fwd} vs cuBLAS", "ms", fwd_ms, anchor=torch_fwd_ms,
                       anchor_name="torch bf16 matmul, dequantized W", target=1 / 1.15,
-                      note="target: at most 1.15x the bf16 matmul's time (it writes bf16, ours fp32)")
+                      note="target: at most 1.15x the bf16 matmul's time (it writes bf16, ours fp32)", **fwd_share)
             yield Row(f"{bwd} vs cuBLAS", "ms", dx_ms, anchor=torch_dx_ms,
                       anchor_name="torch bf16 matmul, dequantized W", target=1 / 1.15,
-                      note="target: at most 1.15x the bf16 matmul's time (it writes bf16, ours fp32)")
+                      note="target: at most 1.15x the bf16 matmul's time (it writes bf16, ours fp32)",
+                      **share_of_ceiling("bf16", flops / dx_ms / 1e9))
             del x, g, y, dx, tx, tg, tw, ref_y, ref_dx
             _free_gpu(device)
     del weights
@@ -551,8 +587,12 @@ def qlora_layer(device: str, quick: bool) -> Iterator[Row]:
         assert diff < 5e-2, f"qlora layer: ours differs from the bitsandbytes + peft layer by {diff:.3g}"
         del layer, rotary, hx, hg, hf_forward
         _free_gpu(device)
+    # Useful work: the forward and the input-gradient backward (the base weights are frozen); LoRA's rank-16
+    # products are under 1% of the FLOPs and left out.
+    tflops = block_flops(dims, seq_lens, backward="input") / ours_ms / 1e9
     yield Row(f"qlora layer fwd+bwd_lora {batch}x{seq}", "ms", ours_ms, anchor=anchor_ms,
-              anchor_name="transformers + peft + bitsandbytes", target=2.5, note=note)
+              anchor_name="transformers + peft + bitsandbytes", target=2.5, note=note,
+              **share_of_ceiling("fp32" if cpu else "bf16", tflops))
 
 
 SUITES: dict[str, Callable[[str, bool], Iterator[Row]]] = {
