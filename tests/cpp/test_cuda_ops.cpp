@@ -386,8 +386,8 @@ TEST(CudaOps, GemmBf16ToBf16IsTheRoundedProduct) {
     for (std::uint16_t c : cpu) largest = std::max(largest, std::abs(bf16_bits_to_float(c)));
     std::size_t exact = 0;
     for (std::size_t i = 0; i < cpu.size(); ++i) {
-      const float g = bf16_bits_to_float(cuda[i]), c = bf16_bits_to_float(cpu[i]);
-      ASSERT_LE(std::abs(g - c), std::ldexp(std::abs(c), -7) + 1e-5f * largest) << what << " element " << i;
+      const float got = bf16_bits_to_float(cuda[i]), want = bf16_bits_to_float(cpu[i]);
+      ASSERT_LE(std::abs(got - want), std::ldexp(std::abs(want), -7) + 1e-5f * largest) << what << " element " << i;
       exact += cuda[i] == cpu[i];
     }
     EXPECT_GE(static_cast<double>(exact), 0.98 * static_cast<double>(cpu.size())) << what;

@@ -16,7 +16,7 @@ import cudablocks as cb
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_block_fp32 import QWEN3_4B, SMALL, Rotary, hf_config, hf_layer, rel, weights_of  # noqa: E402
+from test_block_fp32 import QWEN3_4B, SMALL, Rotary, hf_config, hf_layer, rel, run_block, weights_of  # noqa: E402
 
 PROJECTIONS = {
     "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
@@ -400,6 +400,28 @@ def test_bf16_compute_on_cpu_is_close_to_fp32(targets: tuple[str, ...], rng: np.
     assert rel(i16, i32) <= 3e-2
     for k in g32:
         assert rel(g16[k], g32[k]) <= 3e-2, k
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen2", "llama"])
+@pytest.mark.parametrize(("targets", "dropout"), [(None, 0.0), (tuple(PROJECTIONS), 0.0), (("q_proj", "v_proj"), 0.0),
+                                                  (("k_proj", "down_proj"), 0.0), (("q_proj", "up_proj"), 0.3)])
+def test_bf16_compute_equals_the_fp32_block_in_bf16(model_type: str, targets: tuple[str, ...] | None, dropout: float,
+                                                    rng: np.random.Generator) -> None:
+    """compute="bf16" is the fp32 block's bf16 mode on the dequantized weights, exactly: the same bf16
+    operands and bf16-kept activations (q, k, gate_up, with biases and adapters added before rounding),
+    whichever groups have adapters. Fresh adapters (B = 0) add exact zeros, dropout or not."""
+    config, layer, cfg = small(rng, model_type)
+    weights = weights_of(layer)
+    x = rng.standard_normal((sum(LENS), cfg.hidden_size)).astype(np.float32)
+    grad_out = rng.standard_normal(x.shape).astype(np.float32)
+    fp32 = cb.CudaBlock.fp32(cfg, 0, dequantized(weights), "cpu", max_tokens=32, precision="bf16")
+    out, grad_in, _ = run_block(fp32, x, LENS, grad_out)
+    lora = None if targets is None else cb.LoraConfig(rank=4, alpha=8, targets=targets, dropout=dropout)
+    nf4 = cb.CudaBlock.nf4(cfg, 0, weights, "cpu", 32, lora=lora, compute="bf16")
+    ours = run(nf4, x, LENS, None if lora is None else grad_out, dropout_step=3 if dropout else None)
+    np.testing.assert_array_equal(ours[0], out)
+    if lora is not None:
+        np.testing.assert_array_equal(ours[1], grad_in)
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------

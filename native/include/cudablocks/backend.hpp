@@ -67,8 +67,9 @@ class Backend {
   virtual void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                          const std::uint16_t* a, const std::uint16_t* b, float beta, float* c,
                          const Stream& stream) const = 0;
-  // c = alpha op(a) op(b) as gemm_bf16 computes it (beta 0), written as bf16 (rounded to nearest
-  // even from the fp32 sum): a product whose result is only read as bf16 (bf16 mode's gate_up).
+  // c = alpha op(a) op(b) as gemm_bf16 computes it (beta 0), written as bf16: a product whose
+  // result is only read as bf16 (bf16 mode's gate_up, q and k). The CPU rounds the fp32 sum to
+  // nearest even; cuBLAS converts its fp32 accumulator (the tests allow one bf16 ulp between them).
   virtual void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
                                  float alpha, const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,
                                  const Stream& stream) const = 0;

@@ -55,7 +55,8 @@
 //
 // ---- Precision ----------------------------------------------------------------------------------
 // fp32 and tf32 run every product through Backend::gemm on the fp32 buffers. bf16 runs them on
-// genuine bf16 operands (Backend::gemm_bf16: bf16 tensor cores, fp32 accumulation, fp32 results):
+// genuine bf16 operands (Backend::gemm_bf16: bf16 tensor cores, fp32 accumulation; fp32 results
+// except where noted below):
 //   - weights: a bf16 copy of the flat parameters (same layout, 2 bytes per parameter; Qwen3-4B:
 //     100.9M parameters, 202 MB per block), made at creation and rewritten by every
 //     optimizer_step inside the AdamW pass (adamw_step's param_bf16: 2 more bytes written per

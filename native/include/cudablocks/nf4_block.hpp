@@ -12,7 +12,10 @@
 //   y = x W^T:  W is dequantized into a transient scratch shared by every nf4 block of the device
 //   (process-wide, grow-only: the largest product's weight, gate and up stacked as [2I, H] so that
 //   one GEMM writes the swiglu layout; 100 MB bf16 / 200 MB fp32 at Qwen3-4B), then
-//     compute "bf16": gemm_bf16 on bf16(x) and the bf16 weight (nf4_dequantize straight to bf16);
+//     compute "bf16": gemm_bf16 on bf16(x) and the bf16 weight (nf4_dequantize straight to bf16),
+//       with the fp32 block's bf16-mode storage (block.hpp, Precision): gate_up, q and k written
+//       and saved in bf16. A group without adapters gets bf16(x) straight from the RMSNorm or
+//       SwiGLU before it (no fp32 copy), and backward_lora recomputes no input for it;
 //     compute "fp32"/"tf32": gemm in that precision on the fp32 weight.
 //   The scratch is reused by the next product, so blocks of one device must not run concurrently
 //   on different streams (their work is ordered on one stream in the pipeline).

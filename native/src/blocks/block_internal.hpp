@@ -61,9 +61,9 @@ struct SavedLayout {
     return floats_for(w.q, precision) + floats_for(w.kv, precision) + w.kv + w.q + w.H +
            floats_for(2 * w.I, precision) + w.nq + (c.qk_norm ? w.nq + w.nkv : 0) + 2;
   }
-  // Floats holding n values of an activation kept in bf16 in bf16 mode.
+  // Floats holding n values of an activation kept in bf16 in bf16 mode (rounded up: never short).
   static std::int64_t floats_for(std::int64_t n, Precision precision) {
-    return precision == Precision::BF16 ? n / 2 : n;
+    return precision == Precision::BF16 ? (n + 1) / 2 : n;
   }
 };
 

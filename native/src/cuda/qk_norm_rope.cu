@@ -1,14 +1,15 @@
 // QK-norm + RoPE, fused: per (token, head) vector of head_dim d, optional RMSNorm over the head
-// then the rotate-half rotation. Bytes: read x, write y (8 bytes per element, + rstd): memory-bound;
-// ~10 FLOPs per element. Backward: read dy, x, write dx (12 bytes per element) + a small dw partial.
+// then the rotate-half rotation. Bytes: read x, write y (8 bytes per element with fp32 x, 6 with
+// bf16 x, + rstd): memory-bound; ~10 FLOPs per element. Backward: read dy, x, write dx (12 bytes
+// per element, 10 with bf16 x) + a small dw partial.
 //
 // Layout: one block (8 warps) per token (the backward: blocks stride over tokens); the block first
 // puts cos/sin of its token's d/2 angles in shared memory (d/2 sincosf per token, shared by all
 // heads), then each warp takes one head at a time. A lane holds the pairs i = (k*32 + lane)*V + j
 // (k < K, j < V) and their partners i + d/2 in registers, so the norm's warp reduction, the
-// scaling and the rotation all happen on registers: x is read once, y written once. V = 2 (8-byte
-// accesses) when d/2 is even and the pointers 8-byte aligned; d = 128 is V = 2, K = 1 (all lanes
-// busy, 256-byte coalesced row segments).
+// scaling and the rotation all happen on registers: x is read once, y written once. V = 2 (pair
+// accesses: 8 bytes of fp32, 4 of bf16 x) when d/2 is even and the pointers aligned to a pair;
+// d = 128 is V = 2, K = 1 (all lanes busy, coalesced row segments).
 //
 // Backward, with (c, s) = cos, sin of the pair's angle and r = rstd:
 //   dh_lo = dy_lo c + dy_hi s,  dh_hi = dy_hi c - dy_lo s          (the inverse rotation)

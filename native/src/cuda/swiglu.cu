@@ -1,6 +1,8 @@
 // SwiGLU, fused: each element of gate_up is read once and each output written once.
-//   forward:  read gate, up, write out: 12 bytes per output element, ~5 FLOPs + 1 expf.
-//   backward: read dout, gate, up, write d_gate, d_up: 20 bytes per element, ~10 FLOPs + 1 expf.
+//   forward:  read gate, up, write out: 12 bytes per output element in fp32 (6 with bf16 gate_up
+//             and out), ~5 FLOPs + 1 expf.
+//   backward: read dout, gate, up, write d_gate, d_up: 20 bytes per element in fp32 (12 with bf16
+//             gate_up and d_gate_up), ~10 FLOPs + 1 expf.
 // Memory-bound. Blocks stride over rows; a block's threads stride over the row's VEC-wide column
 // groups (gate and up of one row are cols apart, so the float4 path needs cols % 4 == 0 and
 // aligned pointers). expf and the division are IEEE-accurate (no fast intrinsics).
