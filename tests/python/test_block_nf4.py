@@ -381,12 +381,14 @@ def test_refused_calls_change_nothing(rng: np.random.Generator) -> None:
 BF16_TARGET_SETS = [tuple(PROJECTIONS), ("q_proj", "v_proj"), ("k_proj", "up_proj"), ("down_proj",)]
 
 
-@pytest.mark.parametrize("targets", BF16_TARGET_SETS)
-def test_bf16_compute_on_cpu_is_close_to_fp32(targets: tuple[str, ...], rng: np.random.Generator) -> None:
-    """compute="bf16" rounds the GEMM operands to bf16 (as CUDA's tensor cores): close to fp32, not equal."""
+@pytest.mark.parametrize(("targets", "dropout"), [(t, 0.0) for t in BF16_TARGET_SETS] + [(("q_proj", "up_proj"), 0.3)])
+def test_bf16_compute_on_cpu_is_close_to_fp32(targets: tuple[str, ...], dropout: float, rng: np.random.Generator
+                                              ) -> None:
+    """compute="bf16" rounds the GEMM operands to bf16 (as CUDA's tensor cores): close to fp32, not equal. With
+    LoRA dropout both draw the same masks (the adapters' gradients included)."""
     config, layer, cfg = small(rng)
     weights = weights_of(layer)
-    lora = cb.LoraConfig(rank=4, alpha=8, targets=targets)
+    lora = cb.LoraConfig(rank=4, alpha=8, targets=targets, dropout=dropout)
     blocks = [cb.CudaBlock.nf4(cfg, 0, weights, "cpu", 32, lora=lora, compute=c) for c in ("fp32", "bf16")]
     b_weights = random_b(blocks[0], rng)
     x = rng.standard_normal((20, 64)).astype(np.float32)
@@ -394,7 +396,7 @@ def test_bf16_compute_on_cpu_is_close_to_fp32(targets: tuple[str, ...], rng: np.
     results = []
     for block in blocks:
         block.upload_lora_weights(b_weights)
-        results.append(run(block, x, LENS, g))
+        results.append(run(block, x, LENS, g, dropout_step=7 if dropout else None))
     (o32, i32, g32), (o16, i16, g16) = results
     assert 0 < rel(o16, o32) <= 2e-2
     assert rel(i16, i32) <= 3e-2
