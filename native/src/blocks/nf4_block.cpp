@@ -260,6 +260,23 @@ struct Nf4Block::Impl {
                          c16, stream);
   }
 
+  // SwiGLU of the saved gate_up (bf16 in bf16 mode, SavedLayout) into fp32: the forward's act and
+  // the backward's d_gate_up where adapters read them.
+  void swiglu_forward_saved(const float* saved, float* out, std::int64_t I) const {
+    if (bf) {
+      be.swiglu_forward(reinterpret_cast<const std::uint16_t*>(saved), out, T, I, stream);
+    } else {
+      be.swiglu_forward(saved, out, T, I, stream);
+    }
+  }
+  void swiglu_backward_saved(const float* dout, const float* saved, float* d_gate_up, std::int64_t I) const {
+    if (bf) {
+      be.swiglu_backward(dout, reinterpret_cast<const std::uint16_t*>(saved), d_gate_up, T, I, stream);
+    } else {
+      be.swiglu_backward(dout, saved, d_gate_up, T, I, stream);
+    }
+  }
+
   // ---- LoRA over a group: targeted parts of the group, their A rows adjacent ----
   struct LoraGroup {
     int R = 0;                   // total rank over the targeted parts
@@ -823,10 +840,8 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   const bool down_bf16_only = m.bf16_operand_only(kGroupDown);
   if (down_bf16_only) {
     be.swiglu_forward(gate_up16, m.op16, T, I, stream);
-  } else if (m.bf) {
-    be.swiglu_forward(gate_up16, act, T, I, stream);
   } else {
-    be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
+    m.swiglu_forward_saved(S + sl.gate_up, act, I);
   }
   m.product(kGroupDown, false, act, !down_bf16_only, 0.0f, y);
   m.lora_forward(kGroupDown, act, y);
@@ -896,13 +911,8 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* g = X + sc.sh;
   if (m.adapted(kGroupGU)) be.rmsnorm_forward(r, D + ln_post_, g, nullptr, T, H, eps, stream);
   float* act = X + sc.act;
-  const std::uint16_t* gate_up16 = reinterpret_cast<const std::uint16_t*>(S + sl.gate_up);  // bf16 mode
   if (m.adapted(kGroupDown)) {
-    if (m.bf) {
-      be.swiglu_forward(gate_up16, act, T, I, stream);
-    } else {
-      be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
-    }
+    m.swiglu_forward_saved(S + sl.gate_up, act, I);
     m.lora_grads(kGroupDown, act, dy, G);
   }
   float* d_act = act;
@@ -911,13 +921,9 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* d_gu = X + sc.d_gate_up;
   const bool gu_bf16_only = m.bf16_operand_only(kGroupGU);
   if (gu_bf16_only) {
-    be.swiglu_backward(d_act, gate_up16, m.op16, T, I, stream);
+    be.swiglu_backward(d_act, reinterpret_cast<const std::uint16_t*>(S + sl.gate_up), m.op16, T, I, stream);
   } else {
-    if (m.bf) {
-      be.swiglu_backward(d_act, gate_up16, d_gu, T, I, stream);
-    } else {
-      be.swiglu_backward(d_act, S + sl.gate_up, d_gu, T, I, stream);
-    }
+    m.swiglu_backward_saved(d_act, S + sl.gate_up, d_gu, I);
     m.lora_grads(kGroupGU, g, d_gu, G);
   }
   float* dg = X + sc.sh;
