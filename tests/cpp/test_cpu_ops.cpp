@@ -292,7 +292,7 @@ TEST(CpuRmsNorm, BackwardMatchesFiniteDifferences) {
   cpu().rmsnorm_forward(x.data(), w.data(), y.data(), rstd.data(), rows, cols, eps, stream());
   auto dx = nans(x.size());
   std::vector<float> dw(cols, 0.0f);
-  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx.data(), dw.data(), rows, cols, false,
+  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), nullptr, dx.data(), dw.data(), rows, cols,
                          stream());
   const auto wd = to_double(w), xd = to_double(x);
   const auto fd_x = finite_difference(x, [&](const std::vector<double>& v) { return dot(rmsnorm_fp64(v, wd, rows, cols, eps), g); });
@@ -313,19 +313,23 @@ TEST(CpuRmsNorm, BackwardMatchesAnalyticAndAccumulates) {
 
   auto dx = nans(x.size());
   std::vector<float> dw(cols, 0.0f);
-  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx.data(), dw.data(), rows, cols, false,
+  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), nullptr, dx.data(), dw.data(), rows, cols,
                          stream());
   EXPECT_LE(relative_error(dx, ref_dx), kGradTol);
   EXPECT_LE(relative_error(dw, ref_dw), kGradTol);
 
-  // accumulate_dx adds to dx; dw always adds.
+  // A residual adds to dx, in place (residual = dx) or from another buffer; dw always adds.
   const auto dx0 = random_normal(x.size()), dw0 = random_normal(cols);
   dx = dx0;
   dw = dw0;
-  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx.data(), dw.data(), rows, cols, true,
+  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx.data(), dx.data(), dw.data(), rows, cols,
                          stream());
   EXPECT_LE(relative_error(dx, plus(dx0, ref_dx)), kGradTol);
   EXPECT_LE(relative_error(dw, plus(dw0, ref_dw)), kGradTol);
+  dx = nans(x.size());
+  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx0.data(), dx.data(), dw.data(), rows, cols,
+                         stream());
+  EXPECT_LE(relative_error(dx, plus(dx0, ref_dx)), kGradTol);
 }
 
 // ---- bias and add ------------------------------------------------------------------------------

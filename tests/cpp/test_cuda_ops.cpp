@@ -96,20 +96,24 @@ Vec positive(std::size_t n) {  // rstd-like factors
 TEST(CudaOps, RmsNormBackwardMatchesCpu) {
   if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
   struct Case { std::int64_t rows, cols; };
+  enum class Residual { None, InPlace, Separate };
   for (Case c : {Case{850, 2560}, Case{3001, 2560}, Case{37, 33}, Case{5, 1000}}) {
-    for (bool accumulate : {false, true}) {
+    for (Residual mode : {Residual::None, Residual::InPlace, Residual::Separate}) {
       const auto n = static_cast<std::size_t>(c.rows * c.cols);
       const Vec dy = random_normal(n), x = random_normal(n, 2.0f), w = random_normal(c.cols);
       const Vec rstd = positive(c.rows), dx0 = random_normal(n), dw0 = random_normal(c.cols);
       auto [ref, out] = on_both([&](Env& e) {
         Buffer dyb = e.upload(dy), xb = e.upload(x), wb = e.upload(w), rb = e.upload(rstd), dwb = e.upload(dw0);
-        Buffer dxb = accumulate ? e.upload(dx0) : e.poisoned(n);
+        Buffer res = e.upload(dx0);
+        Buffer dxb = mode == Residual::InPlace ? res : e.poisoned(n);
+        const float* residual = mode == Residual::None ? nullptr : res.data_as<float>();
         e.backend.rmsnorm_backward(dyb.data_as<float>(), xb.data_as<float>(), wb.data_as<float>(), rb.data_as<float>(),
-                                   dxb.data_as<float>(), dwb.data_as<float>(), c.rows, c.cols, accumulate, e.stream);
+                                   residual, dxb.data_as<float>(), dwb.data_as<float>(), c.rows, c.cols, e.stream);
         return std::vector<Vec>{e.download(dxb), e.download(dwb)};
       });
       expect_close(ref, out, kBackwardTol,
-                   std::to_string(c.rows) + "x" + std::to_string(c.cols) + (accumulate ? " accumulate" : ""));
+                   std::to_string(c.rows) + "x" + std::to_string(c.cols) + " residual mode " +
+                       std::to_string(static_cast<int>(mode)));
     }
   }
 }

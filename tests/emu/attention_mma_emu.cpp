@@ -1,7 +1,7 @@
 // Host emulation of the tensor-core attention kernels (native/src/cuda/attention_mma.cu) for machines
 // without a GPU: the kernels' own source is compiled for the host (CUDABLOCKS_ATTN_MMA_EMULATION)
 // and run with one std::thread per CUDA thread, std::barrier for __syncthreads and the warp
-// collectives; mma.sync (bf16 m16n8k16, tf32 m16n8k8), ldmatrix.x4.trans and cvt.rna.tf32 are
+// collectives; mma.sync (bf16 m16n8k16, tf32 m16n8k8), ldmatrix.x4 (.trans) and cvt.rna.tf32 are
 // emulated from the PTX ISA's fragment layouts. Checks forward and backward (every kernel, splits of
 // the dK/dV pass included) against the CPU fp32 reference on small ragged shapes. Not a unit test
 // of the PTX semantics themselves (they are this file's assumptions); a check of everything around
@@ -117,7 +117,10 @@ inline void mma_tf32_1688(float d[4], const uint32_t a[4], const uint32_t b[2]) 
         d[i] = (float)acc;
     }
 }
-inline void ldsm_x4_trans(const void* p, uint32_t r[4]) {
+// ldmatrix.x4: lanes 8i..8i+7 give the 16-byte row addresses of 8x8 block i; lane l receives in
+// r[i] the two elements (row l/4, columns 2(l%4), 2(l%4)+1) of block i, or with .trans those of
+// (rows 2(l%4), 2(l%4)+1; column l/4).
+inline void ldsm_x4_impl(const void* p, uint32_t r[4], bool trans) {
     WarpBuf& B = g_wbuf[warp_id()];
     const int l = lane_id();
     B.p[l] = p;
@@ -127,11 +130,14 @@ inline void ldsm_x4_trans(const void* p, uint32_t r[4]) {
     for (int i = 0; i < 4; ++i) {
         uint16_t M[8][8];
         for (int row = 0; row < 8; ++row) std::memcpy(M[row], B.p[8 * i + row], 16);
-        const uint16_t lo = M[2 * (l % 4)][l / 4], hi = M[2 * (l % 4) + 1][l / 4];
+        const uint16_t lo = trans ? M[2 * (l % 4)][l / 4] : M[l / 4][2 * (l % 4)];
+        const uint16_t hi = trans ? M[2 * (l % 4) + 1][l / 4] : M[l / 4][2 * (l % 4) + 1];
         r[i] = (uint32_t)lo | ((uint32_t)hi << 16);
     }
     warp_sync();
 }
+inline void ldsm_x4(const void* p, uint32_t r[4]) { ldsm_x4_impl(p, r, false); }
+inline void ldsm_x4_trans(const void* p, uint32_t r[4]) { ldsm_x4_impl(p, r, true); }
 
 #include "cuda/attention_mma.cu"
 #include "cpu/attention.hpp"

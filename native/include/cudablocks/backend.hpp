@@ -47,10 +47,11 @@ class Backend {
                                     std::int64_t rows, std::int64_t cols, float eps,
                                     const Stream& stream) const = 0;
 
-  // dx = d/dx of rmsnorm_forward given dy, with rstd saved by the forward; written, or added to
-  // dx when accumulate_dx (the residual path). dw[c] += sum_r dy[r, c] * x[r, c] * rstd[r].
-  virtual void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx,
-                                float* dw, std::int64_t rows, std::int64_t cols, bool accumulate_dx,
+  // dx = residual + d/dx of rmsnorm_forward given dy, with rstd saved by the forward. residual:
+  // nullptr (dx is written), dx itself (added to dx), or another [rows, cols] buffer: the residual
+  // path's gradient joins in the same pass, with no copy. dw[c] += sum_r dy[r, c] * x[r, c] * rstd[r].
+  virtual void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd,
+                                const float* residual, float* dx, float* dw, std::int64_t rows, std::int64_t cols,
                                 const Stream& stream) const = 0;
 
   // C[M, N] = alpha * op(A) op(B) + beta * C, row-major and contiguous. op(A) is A [M, K], or

@@ -360,9 +360,8 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   mm.gemm(true, false, 2 * I, H, T, d_gu, d_gu16, g, g16, 1.0f, G + pl.w_gate_up);  // dWgu += d_gu^T g
   float* dg = X + sc.sh;
   mm.gemm(false, false, T, H, 2 * I, d_gu, d_gu16, W + pl.w_gate_up, mm.w16(pl.w_gate_up), 0.0f, dg);  // dg = d_gu Wgu
-  // dr = dy + rmsnorm_backward(dg): grad_in carries dr from here on.
-  if (grad_in.data() != grad_out.data()) grad_in.copy_from(grad_out, stream);  // not in place
-  be.rmsnorm_backward(dg, r, W + pl.ln_post, S + sl.rstd2, dx, G + pl.ln_post, T, H, true, stream);
+  // dr = dy + rmsnorm_backward(dg) (grad_in may be grad_out): grad_in carries dr from here on.
+  be.rmsnorm_backward(dg, r, W + pl.ln_post, S + sl.rstd2, dy, dx, G + pl.ln_post, T, H, stream);
 
   // Attention: r = x + att Wo^T (+ bo).
   if (pl.bo >= 0) be.bias_backward(dx, G + pl.bo, T, H, stream);
@@ -419,7 +418,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   mm.gemm(false, false, T, H, q, dq, dq16, wq, wq16, 0.0f, dh);
   mm.gemm(false, false, T, H, kv, dk, dk16, wk, wk16, 1.0f, dh);
   mm.gemm(false, false, T, H, kv, dv, dv16, wv, wv16, 1.0f, dh);
-  be.rmsnorm_backward(dh, xin, W + pl.ln_in, S + sl.rstd1, dx, G + pl.ln_in, T, H, true, stream);
+  be.rmsnorm_backward(dh, xin, W + pl.ln_in, S + sl.rstd1, dx, dx, G + pl.ln_in, T, H, stream);
   grad_ws.set_last_stream(stream);
   set_last_stream(stream);
 }

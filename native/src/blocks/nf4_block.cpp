@@ -929,8 +929,8 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* dg = X + sc.sh;
   m.product(kGroupGU, true, d_gu, !gu_bf16_only, 0.0f, dg);  // dg = d_gu Wgu
   m.lora_dx(kGroupGU, dg);
-  if (grad_in.data() != grad_out.data()) grad_in.copy_from(grad_out, stream);  // not in place
-  be.rmsnorm_backward(dg, r, D + ln_post_, S + sl.rstd2, dx, sink + H, T, H, true, stream);
+  // dr = dy + rmsnorm_backward(dg) (grad_in may be grad_out): grad_in carries dr from here on.
+  be.rmsnorm_backward(dg, r, D + ln_post_, S + sl.rstd2, dy, dx, sink + H, T, H, stream);
 
   // Attention: r = x + att Wo^T (+ bo).
   m.lora_grads(kGroupO, S + sl.att, dx, G);
@@ -973,7 +973,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   m.lora_grads(kGroupV, h, dv, G);
   m.product(kGroupV, true, dv, true, 1.0f, dh);
   m.lora_dx(kGroupV, dh);
-  be.rmsnorm_backward(dh, xin, D + ln_in_, S + sl.rstd1, dx, sink, T, H, true, stream);
+  be.rmsnorm_backward(dh, xin, D + ln_in_, S + sl.rstd1, dx, dx, sink, T, H, stream);
   lora_ws.set_last_stream(stream);
   set_last_stream(stream);
 }

@@ -49,10 +49,9 @@ class CpuBackend final : public Backend {
     cpu::to_bf16(tmp.data(), y, rows * cols);
   }
 
-  void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx,
-                        float* dw, std::int64_t rows, std::int64_t cols, bool accumulate_dx,
-                        const Stream&) const override {
-    cpu::rmsnorm_backward(dy, x, w, rstd, dx, dw, rows, cols, accumulate_dx);
+  void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, const float* residual,
+                        float* dx, float* dw, std::int64_t rows, std::int64_t cols, const Stream&) const override {
+    cpu::rmsnorm_backward(dy, x, w, rstd, residual, dx, dw, rows, cols);
   }
 
   // The CPU computes every precision in fp32.

@@ -30,8 +30,8 @@ void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, std:
 //           = s * (w_j * dy_j - x_j * s^2 * mean_c(w_c * dy_c * x_c))
 namespace cudablocks::cpu {
 
-void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx,
-                      float* dw, std::int64_t rows, std::int64_t cols, bool accumulate_dx) {
+void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, const float* residual,
+                      float* dx, float* dw, std::int64_t rows, std::int64_t cols) {
   const std::int64_t row_grain = std::max<std::int64_t>(1, 65536 / std::max<std::int64_t>(cols, 1));
   // dx, one row at a time; the row's mean in double.
   parallel_for(rows, [&](std::int64_t r) {
@@ -44,7 +44,7 @@ void rmsnorm_backward(const float* dy, const float* x, const float* w, const flo
     const double correction = s * s * dot / static_cast<double>(cols);
     for (std::int64_t c = 0; c < cols; ++c) {
       const float g = static_cast<float>(s * (static_cast<double>(w[c]) * dyr[c] - xr[c] * correction));
-      dxr[c] = accumulate_dx ? dxr[c] + g : g;
+      dxr[c] = residual != nullptr ? residual[r * cols + c] + g : g;
     }
   }, row_grain);
 

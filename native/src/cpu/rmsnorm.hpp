@@ -10,8 +10,8 @@ void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, std:
 
 // The backward of rmsnorm_forward, with rstd saved by it. With s = rstd[r] and n = cols:
 //   dx[r, :] = s * (w * dy[r, :] - x[r, :] * s^2 * mean(w * dy[r, :] * x[r, :]))
-// written, or added to dx when accumulate_dx (the residual path); dw[c] += sum_r dy[r, c] * x[r, c] * s.
-void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx,
-                      float* dw, std::int64_t rows, std::int64_t cols, bool accumulate_dx);
+// plus residual[r, :] when residual is given (it may be dx itself); dw[c] += sum_r dy[r, c] * x[r, c] * s.
+void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, const float* residual,
+                      float* dx, float* dw, std::int64_t rows, std::int64_t cols);
 
 }  // namespace cudablocks::cpu

@@ -153,7 +153,14 @@ __device__ __forceinline__ void mma_tf32_1688(float d[4], const uint32_t a[4], c
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16; p: this lane's row address (shared memory).
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16; p: this lane's row address (shared memory).
+__device__ __forceinline__ void ldsm_x4(const void* p, uint32_t r[4]) {
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
 __device__ __forceinline__ void ldsm_x4_trans(const void* p, uint32_t r[4]) {
     const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -198,21 +205,28 @@ struct Bf16Op {
     static __device__ __forceinline__ void store2(Pair* dst, const float4& x) {
         *reinterpret_cast<uint2*>(dst) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
     }
-    // A fragment of rows row0..row0+15, k step ks, from a pair array with row stride ld.
+    // The fragments below come from ldmatrix.x4 (one instruction for four 8x8 blocks, a quarter of
+    // the shared-memory load instructions of word loads). Lanes 8m..8m+7 give the row addresses of
+    // block m, and lane 4g+t receives word (row g, pair t) of block m in register m, which is the
+    // mma fragment layout. Rows are 16-byte aligned and ld = 4 mod 32 words: conflict-free.
+    //
+    // A fragment of rows row0..row0+15, k step ks, from a pair array with row stride ld: blocks
+    // (rows 0-7, pairs 0-3), (rows 8-15, pairs 0-3), (rows 0-7, pairs 4-7), (rows 8-15, pairs 4-7).
     static __device__ __forceinline__ void load_a(const Pair* s, int ld, int row0, int ks, uint32_t a[4]) {
-        const int lane = threadIdx.x & 31;
-        const Pair* p = s + (row0 + (lane >> 2)) * ld + ks * KP + (lane & 3);
-        a[0] = p[0];
-        a[1] = p[8 * ld];
-        a[2] = p[4];
-        a[3] = p[8 * ld + 4];
+        const int lane = threadIdx.x & 31, m = lane >> 3;
+        ldsm_x4(s + (row0 + (lane & 7) + 8 * (m & 1)) * ld + ks * KP + 4 * (m >> 1), a);
     }
-    // B fragment of columns n0..n0+7 (rows n0.. of the array), k step ks.
-    static __device__ __forceinline__ void load_b(const Pair* s, int ld, int n0, int ks, uint32_t b[2]) {
-        const int lane = threadIdx.x & 31;
-        const Pair* p = s + (n0 + (lane >> 2)) * ld + ks * KP + (lane & 3);
-        b[0] = p[0];
-        b[1] = p[4];
+    // B fragments of the n-blocks n0 and n0+8 (rows n0.. of the array), k step ks: blocks (rows
+    // n0..+7, pairs 0-3), (n0..+7, pairs 4-7), (n0+8..+15, pairs 0-3), (n0+8..+15, pairs 4-7).
+    static __device__ __forceinline__ void load_b2(const Pair* s, int ld, int n0, int ks, uint32_t b0[2],
+                                                   uint32_t b1[2]) {
+        const int lane = threadIdx.x & 31, m = lane >> 3;
+        uint32_t r[4];
+        ldsm_x4(s + (n0 + (lane & 7) + 8 * (m >> 1)) * ld + ks * KP + 4 * (m & 1), r);
+        b0[0] = r[0];
+        b0[1] = r[1];
+        b1[0] = r[2];
+        b1[1] = r[3];
     }
     // B fragments of the n-blocks n0 and n0+8 at k step ks, for B = R (k x n) held as a "rows"
     // tile R[k][n pairs] (row stride ld): ldmatrix.x4.trans of the 8x8 blocks (k 0-7, n0), (k 8-15,
@@ -263,6 +277,11 @@ struct Tf32Op {
         const uint2 p = s[(n0 + (lane >> 2)) * ld + ks * KP + (lane & 3)];
         b[0] = p.x;
         b[1] = p.y;
+    }
+    static __device__ __forceinline__ void load_b2(const Pair* s, int ld, int n0, int ks, uint32_t b0[2],
+                                                   uint32_t b1[2]) {
+        load_b(s, ld, n0, ks, b0);
+        load_b(s, ld, n0 + 8, ks, b1);
     }
     static __device__ __forceinline__ void a_from_c(const float (&c)[8][4], int ks, uint32_t a[4]) {
         a[0] = to_tf32(c[ks][0]);
@@ -413,10 +432,11 @@ __device__ __forceinline__ void warp_abT(const typename Op::Pair* A, int row0, c
         uint32_t a[4];
         Op::load_a(A, LD, row0, ks, a);
 #pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
-            uint32_t b[2];
-            Op::load_b(B, LD, nb * 8, ks, b);
-            Op::mma(acc[nb], a, b);
+        for (int nb = 0; nb < 8; nb += 2) {
+            uint32_t b0[2], b1[2];
+            Op::load_b2(B, LD, nb * 8, ks, b0, b1);
+            Op::mma(acc[nb], a, b0);
+            Op::mma(acc[nb + 1], a, b1);
         }
     }
 }

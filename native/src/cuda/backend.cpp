@@ -45,9 +45,9 @@ class CudaBackend final : public Backend {
     cuda::rmsnorm_forward_bf16(x, w, y, rstd, rows, cols, eps, native(stream));
   }
 
-  void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw,
-                        std::int64_t rows, std::int64_t cols, bool accumulate_dx, const Stream& stream) const override {
-    cuda::rmsnorm_backward(dy, x, w, rstd, dx, dw, rows, cols, accumulate_dx, native(stream));
+  void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, const float* residual,
+                        float* dx, float* dw, std::int64_t rows, std::int64_t cols, const Stream& stream) const override {
+    cuda::rmsnorm_backward(dy, x, w, rstd, residual, dx, dw, rows, cols, native(stream));
   }
 
   void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,

@@ -4,8 +4,8 @@
 // kernel is bound by memory bandwidth. One block per row; the row is read twice (sum of squares,
 // then scale), the second time from L1/L2, which holds a row of a few KB easily.
 //
-// Backward. Bytes: read dy, x (twice, the second time from L1/L2) and w, write dx (+ read dx when
-// accumulating): 12-16 bytes per element, ~8 FLOPs per element: memory-bound. Two stages:
+// Backward. Bytes: read dy, x (twice, the second time from L1/L2) and w, write dx (+ read the
+// residual gradient when given): 12-16 bytes per element, ~8 FLOPs per element: memory-bound. Two stages:
 //   1. rmsnorm_backward_kernel: a block strides over rows (a few per block); per row a block
 //      reduction gives dot = sum(dy * w * x), then dx is written and the block's dw partial
 //      (cols floats in shared memory, each thread owning the same columns for every row: no
@@ -68,8 +68,9 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(const float* 
 template <int VEC>
 __global__ void __launch_bounds__(kThreads) rmsnorm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ x,
                                                                const float* __restrict__ w, const float* __restrict__ rstd,
-                                                               float* __restrict__ dx, float* __restrict__ dw_partial,
-                                                               std::int64_t rows, std::int64_t cols, bool accumulate_dx) {
+                                                               const float* residual, float* dx,  // may alias
+                                                               float* __restrict__ dw_partial, std::int64_t rows,
+                                                               std::int64_t cols) {
   using Vec = typename VecType<VEC>::type;
   extern __shared__ float4 dw_shared_raw[];
   Vec* dw_s = reinterpret_cast<Vec*>(dw_shared_raw);
@@ -86,6 +87,7 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_backward_kernel(const float*
     const Vec* dyr = reinterpret_cast<const Vec*>(dy + row * cols);
     const Vec* xr = reinterpret_cast<const Vec*>(x + row * cols);
     Vec* dxr = reinterpret_cast<Vec*>(dx + row * cols);
+    const Vec* rr = residual != nullptr ? reinterpret_cast<const Vec*>(residual + row * cols) : nullptr;
     const float s = rstd[row];
     float dot = 0.0f;
     for (std::int64_t i = threadIdx.x; i < n; i += kThreads) {
@@ -104,13 +106,13 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_backward_kernel(const float*
       const float* be = reinterpret_cast<const float*>(&b);
       const float* ge = reinterpret_cast<const float*>(&g);
       Vec out;
-      if (accumulate_dx) out = dxr[i];
+      if (rr != nullptr) out = rr[i];
       float* oe = reinterpret_cast<float*>(&out);
       float* de = reinterpret_cast<float*>(&dw_s[i]);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const float v = s * (ae[j] * ge[j] - be[j] * coef);
-        oe[j] = accumulate_dx ? oe[j] + v : v;
+        oe[j] = rr != nullptr ? oe[j] + v : v;
         de[j] += ae[j] * (be[j] * s);
       }
       dxr[i] = out;
@@ -153,10 +155,11 @@ void rmsnorm_forward_bf16(const float* x, const float* w, std::uint16_t* y, floa
   forward(x, w, y, rstd, rows, cols, eps, stream);
 }
 
-void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw,
-                      std::int64_t rows, std::int64_t cols, bool accumulate_dx, cudaStream_t stream) {
+void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, const float* residual,
+                      float* dx, float* dw, std::int64_t rows, std::int64_t cols, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
-  const bool vec4 = cols % 4 == 0 && aligned16(dy) && aligned16(x) && aligned16(w) && aligned16(dx);
+  const bool vec4 = cols % 4 == 0 && aligned16(dy) && aligned16(x) && aligned16(w) && aligned16(dx) &&
+                    (residual == nullptr || aligned16(residual));
   // At least 4 rows per block (bounds the partials' traffic), at most 4 blocks per SM (what fits
   // at once: 64 registers x 256 threads x 4 = the register file).
   const std::int64_t blocks = std::clamp<std::int64_t>((rows + 3) / 4, 1, 4 * static_cast<std::int64_t>(multiprocessor_count()));
@@ -166,8 +169,8 @@ void rmsnorm_backward(const float* dy, const float* x, const float* w, const flo
     if (smem > 48 * 1024) {
       CUDABLOCKS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     }
-    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(dy, x, w, rstd, dx, scratch.get<float>(), rows, cols,
-                                                                      accumulate_dx);
+    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(dy, x, w, rstd, residual, dx, scratch.get<float>(),
+                                                                      rows, cols);
     CUDABLOCKS_CHECK_LAUNCH("rmsnorm_backward_kernel");
   };
   if (vec4) {

@@ -13,10 +13,10 @@ void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, std:
 void rmsnorm_forward_bf16(const float* x, const float* w, std::uint16_t* y, float* rstd, std::int64_t rows,
                           std::int64_t cols, float eps, cudaStream_t stream);
 
-// With s = rstd[r] and g = dy * w:  dx[r, :] = s * (g - x * s^2 * mean(g * x)), written, or added
-// to dx when accumulate_dx;  dw[c] += sum_r dy[r, c] * x[r, c] * s  (deterministic, no atomics).
-// Uses per-stream scratch (cuda/scratch.hpp) for the dw partial sums.
-void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw,
-                      std::int64_t rows, std::int64_t cols, bool accumulate_dx, cudaStream_t stream);
+// With s = rstd[r] and g = dy * w:  dx[r, :] = s * (g - x * s^2 * mean(g * x)), plus residual[r, :]
+// when residual is given (it may be dx itself);  dw[c] += sum_r dy[r, c] * x[r, c] * s
+// (deterministic, no atomics). Uses per-stream scratch (cuda/scratch.hpp) for the dw partial sums.
+void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, const float* residual,
+                      float* dx, float* dw, std::int64_t rows, std::int64_t cols, cudaStream_t stream);
 
 }  // namespace cudablocks::cuda

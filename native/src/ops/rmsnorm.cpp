@@ -51,8 +51,8 @@ void rmsnorm_backward(const Buffer& dy, const Buffer& x, const Buffer& w, const 
   if (rows == 0 || cols == 0) return;
   DeviceGuard guard(device);
   backend_for(device).rmsnorm_backward(dy.data_as<float>(), x.data_as<float>(), w.data_as<float>(),
-                                       rstd.data_as<float>(), dx.data_as<float>(), dw.data_as<float>(), rows, cols,
-                                       accumulate_dx, stream);
+                                       rstd.data_as<float>(), accumulate_dx ? dx.data_as<float>() : nullptr,
+                                       dx.data_as<float>(), dw.data_as<float>(), rows, cols, stream);
 }
 
 }  // namespace cudablocks
