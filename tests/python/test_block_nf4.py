@@ -444,18 +444,24 @@ def test_cuda_matches_cpu_at_qwen3_4b_size(double_quant: bool, targets: tuple[st
                            double_quant=double_quant)
     cpu = cb.CudaBlock.nf4(cfg, 0, weights, "cpu", max_tokens=sum(lens), lora=lora, compute="fp32",
                            double_quant=double_quant)
+    # The same-precision yardstick: the CPU backend rounding at the same points (bf16 GEMM operands
+    # and the activations kept in bf16), with its own accumulation order.
+    cpu16 = cb.CudaBlock.nf4(cfg, 0, weights, "cpu", max_tokens=sum(lens), lora=lora, compute="bf16",
+                             double_quant=double_quant)
     # <= 60 MB besides the adapters (3.7 MB here: rank 16 on all seven projections).
     lora_bytes = 4 * sum(math.prod(shape) for _, _, shape, _ in gpu.lora_layout)
     assert gpu.device_bytes - lora_bytes <= 60e6
     assert gpu.device_bytes == cpu.device_bytes
     b_weights = random_b(cpu, rng)
-    for block in (gpu, cpu):
+    for block in (gpu, cpu, cpu16):
         block.upload_lora_weights(b_weights)
-    ours, ref = run(gpu, x, lens, grad_out), run(cpu, x, lens, grad_out)
-    assert rel(ours[0], ref[0]) <= 2e-2
-    assert rel(ours[1], ref[1]) <= 2e-2
-    for name in ref[2]:
-        assert rel(ours[2][name], ref[2][name]) <= 2e-2, name
+    ours, ref, same = run(gpu, x, lens, grad_out), run(cpu, x, lens, grad_out), run(cpu16, x, lens, grad_out)
+    # FlashAttention's rule: against the fp32 reference, our error is at most twice that of bf16
+    # arithmetic done elsewhere (a floor of 1e-4 for outputs where bf16 rounding barely shows).
+    pairs = [("out", ours[0], same[0], ref[0]), ("grad_in", ours[1], same[1], ref[1])]
+    pairs += [(name, ours[2][name], same[2][name], ref[2][name]) for name in ref[2]]
+    for name, o, s, r in pairs:
+        assert rel(o, r) <= 2 * rel(s, r) + 1e-4, (name, rel(o, r), rel(s, r))
 
 
 @pytest.mark.gpu
