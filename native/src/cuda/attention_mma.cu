@@ -32,9 +32,9 @@
 // from the rows tile by ldmatrix.x4.trans for bf16; tf32 (no 32-bit ldmatrix transpose) stages a
 // cols tile instead. The +4 pairs of padding make every fragment read conflict-free (word stride =
 // 4 mod 32 for bf16 and ldmatrix rows; 8-byte stride = 4 mod 16 for tf32), and the transposed
-// stores as well (lanes 0..15 take 16 consecutive row pairs, see stage_cols). Staging is
-// synchronous (load, convert, store, barrier); the latency is hidden by the other resident blocks.
-// The backward can instead stage with cp.async (see the perf notes above and async_rows).
+// stores as well (lanes 0..15 take 16 consecutive row pairs, see stage_cols). The forward stages
+// synchronously (load, convert, store, barrier): only the other resident block overlaps the
+// latency. The backward stages with cp.async by default ("Staging modes" below, async_rows).
 //
 // Fragments (lane = 4*g + t). mma m16n8k16 bf16: A regs (row g | g+8) x (pair t | t+4) of a 16-wide
 // k step, B regs (col g) x (pair t | t+4), C (row g | g+8) x (cols 2t, 2t+1). mma m16n8k8 tf32 uses
@@ -55,50 +55,32 @@
 // (capped: 3 bf16 blocks per SM, 1 tf32). Spills (ptxas, d 128): dkdv tf32 28 / 40 B (sync / async
 // staging), dkdv bf16 0 / 8 B, dq bf16 16 / 0 B (sync, 168 registers / mode 2, 194).
 //
-// Measured on an H200, 2026-11-27 (Qwen3-4B heads, backward): tf32 8x512 1.75 ms sync -> 1.23 ms
-// async (predicted ~0.85), 1x2048 2.67 -> 2.00 ms (predicted ~1.2); bf16 8x512 0.571 -> 0.542 ms
-// (predicted ~0.47), 1x2048 0.838 -> 0.827 ms. The async path is the default; the predictions
-// overestimated the gain: latency was not the only limit (shared-memory traffic is the next suspect).
-// Perf notes (backward; written 2026-11-27 without GPU access, predictions to be checked against
-// CudaAttentionTiming.DISABLED_Qwen3Heads, which times every staging mode: "staging 0/1/2").
-//   Baseline (H200, Qwen3-4B heads 32/8, d 128, sync staging): 8x512 tf32 bwd 1.769 ms (24 TFLOP/s
-//   useful), bf16 0.579 ms (74); 1x2048 tf32 2.675 ms (32), bf16 0.846 ms (102).
-//   Diagnosis: staging is synchronous and latency-bound. stage_rows keeps 4 float4 loads in flight
-//   per thread, so a 64x128 fp32 tile costs 4 dependent L2 round trips and stage_cols 4 more. Per
-//   query tile the dK/dV pass pays 8 round trips (bf16: Q, dO rows; 2 blocks/SM overlap a little)
-//   or 16 (tf32: Q, dO rows and cols, alone on its SM: 213 KB shared, 4 warps), the dq pass per key
-//   tile 8 (bf16, 3 blocks/SM) or 12 (tf32, 1 block/SM). For tf32 that is more time than the four
-//   16x64x128 products per warp take.
-//   Change: "async staging", modes 1 and 2 (detail::set_attention_mma_async_staging, or the
-//   environment variable CUDABLOCKS_ATTN_MMA_ASYNC=1 / 2; default 0 = the synchronous staging above,
-//   until timed on the GPU; bitwise the same results in every mode, checked by the tests and by the
-//   host emulation):
-//     tiles are copied with cp.async (every 16-byte chunk of a tile in flight at once: 1 round trip
-//     per tile group) and converted in shared memory by the thread that copied them:
-//     - tf32: straight into the rows tiles (a rounded tf32 rows tile is a padded fp32 copy), rounded
-//       in place (cvt.rna, as before); the transposed "cols" tiles (Q^T, dO^T; K^T in dq) are built
-//       from the rounded rows tiles in shared memory (conflict-free 8x8 word-block transpose)
-//       instead of a second, strided read of global memory. Once the first two products of a step
-//       are done, the rows tiles are free (the remaining products read the cols tiles): the next
-//       step's Q, dO (dkdv) or K, V (dq) are prefetched into them, overlapping the last products.
-//       Shared memory unchanged (dkdv 213,504 B, dq 176,128 B at d 128; 1 block/SM).
-//       Prediction: tf32 dkdv and dq each ~2x faster (latency hidden behind the dV/dK, dQ products,
-//       L2 traffic per query tile halved); tf32 bwd 8x512 1.77 -> ~0.85 ms (~50 TFLOP/s), 1x2048
-//       2.68 -> ~1.2 ms (~70 TFLOP/s).
-//     - bf16 dkdv: through an fp32 landing tile [64][D] (+32 KB: 102,912 B at d 128, still 2
-//       blocks/SM); Q of the next step is prefetched into it during the current step's products, dO
-//       costs one exposed round trip. bf16 dq keeps synchronous staging in mode 1 (3 blocks/SM);
-//       mode 2 runs it through a landing tile as well (102,400 B, 2 blocks/SM, 194 registers, no
-//       spills; next K prefetched, V exposed): a trade of occupancy for latency, to be measured.
-//       Prediction: bf16 dkdv ~1.3-1.5x faster; bwd 8x512 0.58 -> ~0.47 ms (~90 TFLOP/s), 1x2048
-//       0.85 -> ~0.68 ms (~125 TFLOP/s); mode 2 a further 0-10% (dq), could also be slower.
-//   Not done (why): bf16/tf32 copies of q, k, v, dO in global memory for straight cp.async loads
-//   need a larger attention workspace (Backend::attention_workspace_floats has no precision
-//   argument; other files); 2 tf32 blocks/SM needs <= 113 KB of shared memory, i.e. dropping
-//   both the cols tiles (reading transposed B fragments from rows tiles with 32-bit loads costs 2x
-//   the shared-memory wavefronts of the mma.sync path, which is already shared-memory bound) and
-//   more; reaching 200 TFLOP/s (bf16) most likely needs wgmma (sm_90a) with 128-key tiles and bf16
-//   operands in global memory.
+// Staging modes of the backward (detail::set_attention_mma_async_staging; the same results bit for
+// bit in every mode):
+//   0  synchronous: four 16-byte loads in flight per thread, rounded in registers, stored.
+//   1  (default) cp.async: every 16-byte chunk of a tile in flight at once, converted in shared
+//      memory by the thread that copied it (no barrier between its wait and its conversion). tf32:
+//      straight into the rows tiles, rounded in place; the transposed "cols" tiles are built from
+//      them in shared memory (conflict-free 8x8 word-block transpose), and the next step's tiles are
+//      prefetched once the products that read the rows tiles are done. bf16 dK/dV: through an fp32
+//      landing tile [64][D] (+32 KB, still 2 blocks per SM), the next Q tile prefetched into it.
+//   2  as 1, and the bf16 dQ pass through a landing tile too (2 blocks per SM instead of 3).
+// On an H200 (2026-11-27) mode 1 took the tf32 backward from 1.75 to 1.23 ms at 8x512 (2.67 to 2.00
+// ms at 1x2048) and the bf16 one from 0.571 to 0.542 ms; mode 2 was no better than 1.
+//
+// Measured (H200, 2026-11-28, CudaAttentionTiming.DISABLED_Qwen3Heads: Qwen3-4B heads 32/8, d 128,
+// TFLOP/s counted on the useful 2*n_q*d*sum(L^2) forward and 2.5x that backward):
+//   8 x 512   bf16 forward 0.136 ms (126 TFLOP/s), backward 0.536 ms (80); tf32 0.313 / 1.225 ms
+//   1 x 2048  bf16 forward 0.185 ms (186 TFLOP/s), backward 0.826 ms (104); tf32 0.433 / 1.996 ms
+// What limits them (Nsight Compute, same day, bf16 8x512): no unit is saturated. SM throughput
+// 30-42%, L1/shared 57-65%, L2 34-41%, DRAM 19-25%: the kernels are latency-bound at low occupancy
+// (registers allow 4 warps per scheduler in the forward, 3 in dq, 2 in dkdv, which also spills a
+// little), and a block waits for its own tiles (no double buffering). Fetching fragments with
+// ldmatrix.x4 instead of 32-bit loads (a quarter of the load instructions) changed nothing
+// measurable, so instruction issue is not the limit either.
+// Next steps, most promising first: bf16 q, k, v (and dO) in global memory, written so by their
+// producers (half the bytes per tile, cp.async straight into the operand tiles, no landing tiles
+// or conversions); double-buffered K/V tiles; wgmma (sm_90a) with 128-row tiles.
 #include "cuda/attention_mma.cuh"
 #include "cuda/attention_shared.cuh"
 #include "cudablocks/errors.hpp"
@@ -360,7 +342,7 @@ __device__ __forceinline__ void stage_cols(typename Op::Pair* s, const float* g,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Asynchronous staging (backward, "async" variant; see the perf notes). A 64 x D fp32 tile is copied
+// Asynchronous staging (backward, modes 1 and 2; see "Staging modes" at the top). A 64 x D fp32 tile is copied
 // with cp.async into fp32 words (row stride ldw words): for tf32 straight into its "rows" tile (a
 // tf32 rows tile is a padded fp32 copy: pair p = elements 2p, 2p+1), for bf16 into an fp32 landing
 // buffer [64][D]. Every thread then converts exactly the chunks it copied itself (same u mapping in
@@ -1082,9 +1064,8 @@ int choose_splits(Kernel kernel, size_t smem, const Shape& s) {
     return group;
 }
 
-// Staging switch of the backward (perf notes): 0 = synchronous staging (default, proven),
-// 1 = cp.async staging (dkdv; dq for tf32), 2 = also the bf16 dq pass through a landing tile;
-// -1 (initial) = from the environment variable CUDABLOCKS_ATTN_MMA_ASYNC ("1" or "2").
+// Staging mode of the backward (see the top of the file): 0, 1 (the default) or 2; -1 (initial) =
+// from the environment variable CUDABLOCKS_ATTN_MMA_ASYNC ("0", "1" or "2").
 std::atomic<int> g_async_mode{-1};
 
 int staging_mode() {
