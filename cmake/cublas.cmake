@@ -10,7 +10,7 @@ set(CUDABLOCKS_CUBLAS_RUNPATH "$ORIGIN/../nvidia/cu13/lib")
 
 add_library(cudablocks::cublas INTERFACE IMPORTED)
 if(TARGET CUDA::cublas)
-  target_link_libraries(cudablocks::cublas INTERFACE CUDA::cublas)
+  target_link_libraries(cudablocks::cublas INTERFACE CUDA::cublas CUDA::cublasLt)
   list(APPEND CUDABLOCKS_CUBLAS_RUNPATH "${CUDAToolkit_LIBRARY_DIR}")
   message(STATUS "cudablocks: cuBLAS from the CUDA toolkit (${CUDAToolkit_LIBRARY_DIR})")
   return()

@@ -124,6 +124,23 @@ TEST(CpuGemm, SizesCrossingEveryBlock) {
     }
 }
 
+TEST(CpuGemm, GemmAddReadsTheAddendFromAnyBuffer) {
+  // c = alpha op(a) op(b) + addend, with the addend in another buffer (c poisoned) or in c itself.
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      const std::int64_t m = 37, n = 53, k = 29;
+      const auto a = random_normal(static_cast<std::size_t>(m * k)), b = random_normal(static_cast<std::size_t>(k * n));
+      const auto addend = random_normal(static_cast<std::size_t>(m * n));
+      const auto ref = gemm_fp64(ta, tb, m, n, k, 0.5f, a, b, 1.0f, addend);
+      auto c = nans(addend.size());
+      cpu().gemm_add(ta, tb, m, n, k, 0.5f, a.data(), b.data(), addend.data(), c.data(), Precision::FP32, stream());
+      EXPECT_LE(relative_error(c, ref), kForwardTol);
+      c = addend;
+      cpu().gemm_add(ta, tb, m, n, k, 0.5f, a.data(), b.data(), c.data(), c.data(), Precision::FP32, stream());
+      EXPECT_LE(relative_error(c, ref), kForwardTol);
+    }
+}
+
 TEST(CpuGemm, PrecisionIsIgnoredOnCpu) {
   check_gemm(false, true, 33, 40, 70, 1.0f, 0.0f, Precision::BF16);
   check_gemm(true, false, 33, 40, 70, 1.0f, 0.0f, Precision::TF32);

@@ -249,6 +249,57 @@ TEST(CudaOps, GemmBf16MatchesCpu) {
   }
 }
 
+TEST(CudaOps, GemmAddMatchesCpu) {
+  // The addend in another buffer (cuBLASLt, C != D; some at offsets that are not 256-byte aligned)
+  // or in c itself (beta 1), for fp32 operands in each precision and for bf16 operands.
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  const std::vector<GemmCase> cases = {
+      {false, true, 850, 2560, 2560, 1.0f, 1.0f},  // the blocks' residual products: X W^T + R
+      {false, true, 37, 53, 29, 0.5f, 1.0f},       {false, false, 37, 53, 29, 1.0f, 1.0f},
+      {true, false, 37, 53, 29, 2.0f, 1.0f},       {true, true, 1, 7, 300, 1.0f, 1.0f},
+  };
+  for (const GemmCase& g : cases) {
+    for (int offset : {0, 4}) {  // floats into each buffer: 16-byte instead of 256-byte alignment
+      for (bool in_place : {false, true}) {
+        const auto a = random_normal(static_cast<std::size_t>(g.m * g.k));
+        const auto b = random_normal(static_cast<std::size_t>(g.k * g.n));
+        const auto addend = random_normal(static_cast<std::size_t>(g.m * g.n));
+        const std::string what = std::string(g.ta ? "T" : "N") + (g.tb ? "T" : "N") + " " + std::to_string(g.m) +
+                                 "x" + std::to_string(g.n) + "x" + std::to_string(g.k) + " offset " +
+                                 std::to_string(offset) + (in_place ? " in place" : "");
+        auto pad = [&](const Vec& v) {
+          Vec p(static_cast<std::size_t>(offset), 0.0f);
+          p.insert(p.end(), v.begin(), v.end());
+          return p;
+        };
+        auto run = [&](Env& e, Precision p, bool bf16_operands) {
+          Buffer ab = e.upload(pad(a)), bb = e.upload(pad(b)), rb = e.upload(pad(addend));
+          Buffer cb = in_place ? rb : e.poisoned(addend.size() + offset);
+          float* c = cb.data_as<float>() + offset;
+          const float* r = rb.data_as<float>() + offset;
+          if (bf16_operands) {
+            Buffer a16 = upload_bits(e, bf16_of(a)), b16 = upload_bits(e, bf16_of(b));
+            e.backend.gemm_bf16_add(g.ta, g.tb, g.m, g.n, g.k, g.alpha, a16.data_as<std::uint16_t>(),
+                                    b16.data_as<std::uint16_t>(), r, c, e.stream);
+          } else {
+            e.backend.gemm_add(g.ta, g.tb, g.m, g.n, g.k, g.alpha, ab.data_as<float>() + offset,
+                               bb.data_as<float>() + offset, r, c, p, e.stream);
+          }
+          Vec out = e.download(cb);
+          return Vec(out.begin() + offset, out.end());
+        };
+        Env cpu{Device()};
+        Env cuda{gpu()};
+        const Vec ref = run(cpu, Precision::FP32, false);
+        EXPECT_LT(relative_error(run(cuda, Precision::FP32, false), ref), 1e-5) << what << " fp32";
+        EXPECT_LT(relative_error(run(cuda, Precision::TF32, false), ref), 2e-3) << what << " tf32";
+        EXPECT_LT(relative_error(run(cuda, Precision::BF16, true), run(cpu, Precision::FP32, true)), kForwardTol)
+            << what << " bf16 operands";
+      }
+    }
+  }
+}
+
 TEST(CudaOps, AdamwWritesTheBf16Copy) {
   if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
   for (std::size_t n : {std::size_t{1} << 20, std::size_t{1003}}) {  // the tail path too

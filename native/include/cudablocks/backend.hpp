@@ -68,6 +68,15 @@ class Backend {
   virtual void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                          const std::uint16_t* a, const std::uint16_t* b, float beta, float* c,
                          const Stream& stream) const = 0;
+  // c = alpha op(a) op(b) + addend: gemm / gemm_bf16 with C read from addend [M, N], which may be c
+  // itself or another buffer (not partly overlapping c). A residual joins the product in its
+  // epilogue (CUDA: cuBLASLt, whose C and D may differ) instead of a pass of its own.
+  virtual void gemm_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                        const float* a, const float* b, const float* addend, float* c, Precision precision,
+                        const Stream& stream) const = 0;
+  virtual void gemm_bf16_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                             const std::uint16_t* a, const std::uint16_t* b, const float* addend, float* c,
+                             const Stream& stream) const = 0;
   // c = alpha op(a) op(b) as gemm_bf16 computes it (beta 0), written as bf16: a product whose
   // result is only read as bf16 (bf16 mode's gate_up, q and k). The CPU rounds the fp32 sum to
   // nearest even; cuBLAS converts its fp32 accumulator (the tests allow one bf16 ulp between them).

@@ -38,6 +38,15 @@ struct Products {
       be.gemm(ta, tb, m, n, k, 1.0f, a, b, beta, c, prec, stream);
     }
   }
+  // c = a b^T + addend: a residual added in the product's epilogue.
+  void gemm_add(std::int64_t m, std::int64_t n, std::int64_t k, const float* a, const std::uint16_t* a16,
+                const float* b, const std::uint16_t* b16, const float* addend, float* c) const {
+    if (bf16()) {
+      be.gemm_bf16_add(false, true, m, n, k, 1.0f, a16, b16, addend, c, stream);
+    } else {
+      be.gemm_add(false, true, m, n, k, 1.0f, a, b, addend, c, prec, stream);
+    }
+  }
   // y = bf16(x) in bf16 mode; nothing otherwise.
   void convert(const float* x, std::uint16_t* y, std::int64_t n) const {
     if (bf16()) be.to_bf16(x, y, n, stream);
@@ -255,9 +264,8 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   float* r = S + sl.r;
   std::uint16_t* att16 = mm.s16(bl.a);  // h16 is dead once the q/k/v products are queued
   mm.convert(S + sl.att, att16, T * q);
-  mm.gemm(false, true, T, H, q, S + sl.att, att16, W + pl.wo, mm.w16(pl.wo), 0.0f, r);
+  mm.gemm_add(T, H, q, S + sl.att, att16, W + pl.wo, mm.w16(pl.wo), xin, r);  // r = x + att Wo^T
   if (pl.bo >= 0) be.add_bias(r, W + pl.bo, T, H, stream);
-  be.add(xin, r, r, T * H, stream);
   float* g = X + sc.sh;
   std::uint16_t* g16 = mm.s16(bl.a);
   mm.rmsnorm(r, W + pl.ln_post, g, g16, S + sl.rstd2, T, H, eps);
@@ -271,8 +279,7 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
     mm.gemm(false, true, T, 2 * I, H, g, nullptr, W + pl.w_gate_up, nullptr, 0.0f, S + sl.gate_up);
     be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
   }
-  mm.gemm(false, true, T, H, I, act, act16, W + pl.w_down, mm.w16(pl.w_down), 0.0f, y);
-  be.add(r, y, y, T * H, stream);
+  mm.gemm_add(T, H, I, act, act16, W + pl.w_down, mm.w16(pl.w_down), r, y);  // y = r + act Wdown^T
   forward_seq_lens_ = seq_lens;
   mem.forward_done(seq_lens);
   set_last_stream(stream);

@@ -252,6 +252,21 @@ struct Nf4Block::Impl {
     }
   }
 
+  // Forward: c[T, out] = a W^T + addend (a residual, added in the product's epilogue).
+  void product_add(int group, const float* a, bool convert_a, const float* addend, float* c) {
+    const Group& g = kGroups[group];
+    const std::int64_t out = rows(g), in = cols(g);
+    dequantize(g);
+    if (bf) {
+      if (convert_a) be.to_bf16(a, op16, T * in, stream);
+      be.gemm_bf16_add(false, true, T, out, in, 1.0f, op16, reinterpret_cast<const std::uint16_t*>(wscratch), addend,
+                       c, stream);
+    } else {
+      be.gemm_add(false, true, T, out, in, 1.0f, a, reinterpret_cast<const float*>(wscratch), addend, c,
+                  b.precision_, stream);
+    }
+  }
+
   // bf16 mode, forward: c16[T, out] = a W^T written in bf16, with a's bf16 copy already in op16.
   void product_to_bf16(int group, std::uint16_t* c16) {
     const Group& g = kGroups[group];
@@ -812,10 +827,9 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   be.attention_forward(X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, cu, n_seqs, batch.max_seqlen, T,
                        nq, nkv, static_cast<int>(d), scale, precision_, stream);
   float* r = S + sl.r;
-  m.product(kGroupO, false, S + sl.att, true, 0.0f, r);
+  m.product_add(kGroupO, S + sl.att, true, xin, r);  // r = x + att Wo^T
   m.lora_forward(kGroupO, S + sl.att, r);
   if (bo_ >= 0) be.add_bias(r, D + bo_, T, H, stream);
-  be.add(xin, r, r, T * H, stream);
   float* g = X + sc.sh;
   const bool gu_bf16_only = m.bf16_operand_only(kGroupGU);
   if (gu_bf16_only) {
@@ -843,9 +857,8 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   } else {
     m.swiglu_forward_saved(S + sl.gate_up, act, I);
   }
-  m.product(kGroupDown, false, act, !down_bf16_only, 0.0f, y);
+  m.product_add(kGroupDown, act, !down_bf16_only, r, y);  // y = r + act Wdown^T
   m.lora_forward(kGroupDown, act, y);
-  be.add(r, y, y, T * H, stream);
   forward_seq_lens_ = seq_lens;
   mem.forward_done(seq_lens);
   set_last_stream(stream);

@@ -1,4 +1,5 @@
 // The CPU backend: forwards each op to its reference implementation in this folder.
+#include <algorithm>
 #include <vector>
 
 #include "core/backends.hpp"
@@ -63,6 +64,21 @@ class CpuBackend final : public Backend {
   void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                  const std::uint16_t* a, const std::uint16_t* b, float beta, float* c, const Stream&) const override {
     cpu::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, b, beta, c);
+  }
+
+  // The addend is copied into c and the product accumulated onto it (beta 1): one rounding of
+  // alpha * sum + addend, as cuBLAS's epilogue does it.
+  void gemm_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                const float* a, const float* b, const float* addend, float* c, Precision,
+                const Stream&) const override {
+    if (addend != c) std::copy(addend, addend + m * n, c);
+    cpu::gemm(trans_a, trans_b, m, n, k, alpha, a, b, 1.0f, c);
+  }
+  void gemm_bf16_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                     const std::uint16_t* a, const std::uint16_t* b, const float* addend, float* c,
+                     const Stream&) const override {
+    if (addend != c) std::copy(addend, addend + m * n, c);
+    cpu::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, b, 1.0f, c);
   }
 
   void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,

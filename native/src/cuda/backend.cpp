@@ -61,6 +61,17 @@ class CudaBackend final : public Backend {
     cuda::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, native(stream));
   }
 
+  void gemm_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                const float* a, const float* b, const float* addend, float* c, Precision precision,
+                const Stream& stream) const override {
+    cuda::gemm_add(trans_a, trans_b, m, n, k, alpha, a, b, addend, c, precision, native(stream));
+  }
+  void gemm_bf16_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                     const std::uint16_t* a, const std::uint16_t* b, const float* addend, float* c,
+                     const Stream& stream) const override {
+    cuda::gemm_bf16_add(trans_a, trans_b, m, n, k, alpha, a, b, addend, c, native(stream));
+  }
+
   void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                          const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,
                          const Stream& stream) const override {

@@ -20,6 +20,7 @@ constexpr std::size_t kWorkspaceBytes = std::size_t(32) << 20;  // what cuBLAS a
 struct DeviceHandle {
   std::mutex mutex;  // held by a CublasCall
   cublasHandle_t handle = nullptr;
+  cublasLtHandle_t lt_handle = nullptr;
   std::map<cudaStream_t, std::shared_ptr<Allocation>> workspaces;
 };
 
@@ -55,6 +56,9 @@ CublasCall::CublasCall(cudaStream_t stream) {
     // Default math: no TF32 unless a call's compute type asks for it (Precision::TF32).
     CUDABLOCKS_CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
     entry->handle = handle;
+    cublasLtHandle_t lt = nullptr;
+    CUDABLOCKS_CUBLAS_CHECK(cublasLtCreate(&lt));
+    entry->lt_handle = lt;
   }
   auto& workspace = entry->workspaces[stream];
   if (!workspace) workspace = Allocation::create(Device(DeviceType::CUDA, device), kWorkspaceBytes);
@@ -62,6 +66,9 @@ CublasCall::CublasCall(cudaStream_t stream) {
   CUDABLOCKS_CUBLAS_CHECK(cublasSetStream(entry->handle, stream));
   CUDABLOCKS_CUBLAS_CHECK(cublasSetWorkspace(entry->handle, workspace->data(), workspace->bytes()));
   handle_ = entry->handle;
+  lt_handle_ = entry->lt_handle;
+  workspace_ = workspace->data();
+  workspace_bytes_ = workspace->bytes();
 }
 
 }  // namespace cudablocks::cuda

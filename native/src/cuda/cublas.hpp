@@ -1,4 +1,4 @@
-// cuBLAS for the CUDA backend: status checking and one handle per device.
+// cuBLAS for the CUDA backend: status checking and one handle per device (cuBLAS and cuBLASLt).
 //
 // Handles: created lazily, one per device, with a 32 MiB workspace per (device, stream) set on
 // every call (cuBLAS resets the workspace when the stream changes, and two streams must not share
@@ -8,6 +8,7 @@
 // from a static destructor can run after the CUDA context has been torn down, and crash.
 #pragma once
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -29,10 +30,18 @@ class CublasCall {
   CublasCall(const CublasCall&) = delete;
   CublasCall& operator=(const CublasCall&) = delete;
   cublasHandle_t handle() const { return handle_; }
+  // The device's cuBLASLt handle and this stream's workspace, for cublasLtMatmul (which takes the
+  // workspace per call).
+  cublasLtHandle_t lt_handle() const { return lt_handle_; }
+  void* workspace() const { return workspace_; }
+  std::size_t workspace_bytes() const { return workspace_bytes_; }
 
  private:
   std::unique_lock<std::mutex> lock_;
   cublasHandle_t handle_ = nullptr;
+  cublasLtHandle_t lt_handle_ = nullptr;
+  void* workspace_ = nullptr;
+  std::size_t workspace_bytes_ = 0;
 };
 
 }  // namespace cudablocks::cuda

@@ -8,7 +8,11 @@
 #include "cuda/gemm.cuh"
 
 #include <climits>
+#include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 
 #include "cuda/check.hpp"
 #include "cuda/cublas.hpp"
@@ -55,7 +59,135 @@ void gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const
                                        &beta, c, c_type, N, compute, CUBLAS_GEMM_DEFAULT));
 }
 
+// ---- cuBLASLt: D = alpha op(A) op(B) + C with C and D distinct (cublasGemmEx has one C) ----
+
+// The largest power of two (<= 256) dividing the address: cuBLASLt's algorithms state the
+// alignment they need, and its heuristics assume 256 bytes unless told otherwise.
+int alignment(const void* p) {
+  const auto v = reinterpret_cast<std::uintptr_t>(p);
+  int a = 256;
+  while (a > 1 && v % static_cast<std::uintptr_t>(a) != 0) a /= 2;
+  return a;
+}
+
+template <class T, cublasStatus_t (*Destroy)(T)>
+struct LtObject {  // RAII for the cuBLASLt descriptors
+  T value = nullptr;
+  LtObject() = default;
+  LtObject(const LtObject&) = delete;
+  LtObject& operator=(const LtObject&) = delete;
+  ~LtObject() {
+    if (value != nullptr) Destroy(value);
+  }
+};
+using MatmulDesc = LtObject<cublasLtMatmulDesc_t, cublasLtMatmulDescDestroy>;
+using Layout = LtObject<cublasLtMatrixLayout_t, cublasLtMatrixLayoutDestroy>;
+using Preference = LtObject<cublasLtMatmulPreference_t, cublasLtMatmulPreferenceDestroy>;
+
+// The heuristic's first choice, per problem (shape, types, alignments); asked once, then reused.
+using AlgoKey = std::tuple<int, int, int, bool, bool, int, int, int, int, int, int, int>;
+std::mutex algo_mutex;
+std::map<AlgoKey, cublasLtMatmulAlgo_t>& algo_cache() {
+  static auto* cache = new std::map<AlgoKey, cublasLtMatmulAlgo_t>;  // leaked, as the handles
+  return *cache;
+}
+
+// Row-major d[M, N] = alpha op(a) op(b) + c (see the top of this file for the mapping).
+void lt_gemm_add(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const void* a, const void* b,
+                 cudaDataType_t ab_type, const float* c, float* d, cublasComputeType_t compute, cudaStream_t stream) {
+  CublasCall call(stream);
+  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const int ld_b = trans_b ? K : N, ld_a = trans_a ? M : K;
+  MatmulDesc desc;
+  CUDABLOCKS_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc.value, compute, CUDA_R_32F));
+  CUDABLOCKS_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.value, CUBLASLT_MATMUL_DESC_TRANSA, &op_b, sizeof(op_b)));
+  CUDABLOCKS_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.value, CUBLASLT_MATMUL_DESC_TRANSB, &op_a, sizeof(op_a)));
+  // Column-major: D^T [N, M] = op(B)^T [N, K] op(A)^T [K, M]; layouts give each matrix as stored.
+  Layout lb, la, lc;
+  CUDABLOCKS_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb.value, ab_type, trans_b ? K : N, trans_b ? N : K, ld_b));
+  CUDABLOCKS_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la.value, ab_type, trans_a ? M : K, trans_a ? K : M, ld_a));
+  CUDABLOCKS_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc.value, CUDA_R_32F, N, M, N));
+
+  const int align_b = alignment(b), align_a = alignment(a), align_c = alignment(c), align_d = alignment(d);
+  int device = 0;
+  CUDABLOCKS_CUDA_CHECK(cudaGetDevice(&device));
+  const AlgoKey key{M, N, K, trans_a, trans_b, static_cast<int>(ab_type), static_cast<int>(compute),
+                    align_a, align_b, align_c, align_d, device};
+  cublasLtMatmulAlgo_t algo;
+  bool found = false;
+  {
+    std::lock_guard<std::mutex> guard(algo_mutex);
+    auto it = algo_cache().find(key);
+    if (it != algo_cache().end()) {
+      algo = it->second;
+      found = true;
+    }
+  }
+  if (!found) {
+    Preference pref;
+    CUDABLOCKS_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref.value));
+    const std::size_t ws = call.workspace_bytes();
+    const std::uint32_t aligns[4] = {static_cast<std::uint32_t>(align_b), static_cast<std::uint32_t>(align_a),
+                                     static_cast<std::uint32_t>(align_c), static_cast<std::uint32_t>(align_d)};
+    CUDABLOCKS_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.value, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                                 &ws, sizeof(ws)));
+    const cublasLtMatmulPreferenceAttributes_t attrs[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4; ++i) {
+      CUDABLOCKS_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.value, attrs[i], &aligns[i], sizeof(aligns[i])));
+    }
+    cublasLtMatmulHeuristicResult_t result;
+    std::memset(&result, 0, sizeof(result));
+    int count = 0;
+    CUDABLOCKS_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(call.lt_handle(), desc.value, lb.value, la.value, lc.value,
+                                                           lc.value, pref.value, 1, &result, &count));
+    if (count == 0) {
+      throw CudaError("cuBLASLt has no algorithm for the " + std::to_string(M) + "x" + std::to_string(N) + "x" +
+                      std::to_string(K) + " product with a separate addend");
+    }
+    algo = result.algo;
+    std::lock_guard<std::mutex> guard(algo_mutex);
+    algo_cache()[key] = algo;
+  }
+  const float beta = 1.0f;
+  CUDABLOCKS_CUBLAS_CHECK(cublasLtMatmul(call.lt_handle(), desc.value, &alpha, b, lb.value, a, la.value, &beta, c,
+                                         lc.value, d, lc.value, &algo, call.workspace(), call.workspace_bytes(),
+                                         stream));
+}
+
+// d = alpha op(A) op(B) + addend: cublasGemmEx with beta 1 when the addend is d itself, else cuBLASLt.
+void gemm_add_any(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                  const void* a, const void* b, cudaDataType_t ab_type, const float* addend, float* d,
+                  cublasComputeType_t compute, cudaStream_t stream) {
+  const int M = as_int(m, "m"), N = as_int(n, "n"), K = as_int(k, "k");
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // the product is zero: d = addend
+    if (addend != d) {
+      CUDABLOCKS_CUDA_CHECK(cudaMemcpyAsync(d, addend, sizeof(float) * static_cast<std::size_t>(m) * n,
+                                            cudaMemcpyDeviceToDevice, stream));
+    }
+    return;
+  }
+  if (addend == d) {
+    gemm_ex(trans_a, trans_b, M, N, K, alpha, a, b, ab_type, 1.0f, d, CUDA_R_32F, compute, stream);
+  } else {
+    lt_gemm_add(trans_a, trans_b, M, N, K, alpha, a, b, ab_type, addend, d, compute, stream);
+  }
+}
+
 }  // namespace
+
+void gemm_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
+              const float* b, const float* addend, float* c, Precision precision, cudaStream_t stream) {
+  gemm_add_any(trans_a, trans_b, m, n, k, alpha, a, b, CUDA_R_32F, addend, c, compute_type(precision), stream);
+}
+
+void gemm_bf16_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                   const std::uint16_t* a, const std::uint16_t* b, const float* addend, float* c, cudaStream_t stream) {
+  gemm_add_any(trans_a, trans_b, m, n, k, alpha, a, b, CUDA_R_16BF, addend, c, CUBLAS_COMPUTE_32F, stream);
+}
 
 void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                const std::uint16_t* a, const std::uint16_t* b, float beta, float* c, cudaStream_t stream) {

@@ -19,6 +19,13 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
 void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                const std::uint16_t* a, const std::uint16_t* b, float beta, float* c, cudaStream_t stream);
 
+// c = alpha op(A) op(B) + addend (addend [M, N], may be c itself): the product's epilogue adds the
+// addend (cuBLASLt with a separate C when addend != c), so a residual costs no pass of its own.
+void gemm_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
+              const float* b, const float* addend, float* c, Precision precision, cudaStream_t stream);
+void gemm_bf16_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                   const std::uint16_t* a, const std::uint16_t* b, const float* addend, float* c, cudaStream_t stream);
+
 // The same, beta 0, with c written as bf16 (rounded from the fp32 accumulation).
 void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                        const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c, cudaStream_t stream);
