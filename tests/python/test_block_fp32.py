@@ -524,15 +524,25 @@ def test_bad_calls_raise_and_write_nothing(rng: np.random.Generator) -> None:
 
 # ---- GPU ------------------------------------------------------------------------------------------------
 
-def qwen3_4b(rng: np.random.Generator) -> tuple[Any, Any, cb.TransformerConfig]:
-    config = hf_config("qwen3", **QWEN3_4B)
+# Qwen3-4B's layer shape under each model type: Qwen2 adds the q/k/v biases, Llama has neither those nor
+# QK-norm. 20 / 4 heads keep head_dim 128 = hidden / heads for the model types that derive it.
+LAYER_4B = {
+    "qwen3": dict(QWEN3_4B),
+    "qwen2": {**QWEN3_4B, "num_attention_heads": 20, "num_key_value_heads": 4, "rope_theta": 10000.0},
+    "llama": {**QWEN3_4B, "num_attention_heads": 20, "num_key_value_heads": 4, "rope_theta": 500000.0},
+}
+
+
+def layer_4b(model_type: str, rng: np.random.Generator) -> tuple[Any, Any, cb.TransformerConfig]:
+    config = hf_config(model_type, **LAYER_4B[model_type])
     layer = hf_layer(config, rng)
     return config, layer, cb.TransformerConfig.from_dict(config.to_dict())
 
 
 @pytest.mark.gpu
-def test_cuda_matches_cpu_and_fp64_at_qwen3_4b_size(rng: np.random.Generator) -> None:
-    config, layer, cfg = qwen3_4b(rng)
+@pytest.mark.parametrize("model_type", list(LAYER_4B))
+def test_cuda_matches_cpu_and_fp64_at_4b_layer_size(model_type: str, rng: np.random.Generator) -> None:
+    config, layer, cfg = layer_4b(model_type, rng)
     weights = weights_of(layer)
     lens = [512, 37, 1, 300]
     x = rng.standard_normal((sum(lens), cfg.hidden_size)).astype(np.float32)
@@ -548,9 +558,11 @@ def test_cuda_matches_cpu_and_fp64_at_qwen3_4b_size(rng: np.random.Generator) ->
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("model_type", list(LAYER_4B))
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-def test_reduced_precision_within_twice_torch_error(precision: str, rng: np.random.Generator) -> None:
-    config, layer, cfg = qwen3_4b(rng)
+def test_reduced_precision_within_twice_torch_error(precision: str, model_type: str,
+                                                    rng: np.random.Generator) -> None:
+    config, layer, cfg = layer_4b(model_type, rng)
     weights = weights_of(layer)
     lens = [512, 37, 1, 300]
     x = rng.standard_normal((sum(lens), cfg.hidden_size)).astype(np.float32)
