@@ -347,6 +347,11 @@ TEST(CpuRmsNorm, BackwardMatchesAnalyticAndAccumulates) {
   cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx0.data(), dx.data(), dw.data(), rows, cols,
                          stream());
   EXPECT_LE(relative_error(dx, plus(dx0, ref_dx)), kGradTol);
+  // A frozen norm (dw == nullptr): the same dx.
+  auto dx_frozen = nans(x.size());
+  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx0.data(), dx_frozen.data(), nullptr, rows, cols,
+                         stream());
+  EXPECT_EQ(dx_frozen, dx);
 }
 
 // ---- bias and add ------------------------------------------------------------------------------
@@ -517,6 +522,10 @@ void check_qk_backward(bool with_norm, std::int64_t tokens, int n_heads, int d) 
       return dot(qk_norm_rope_fp64(xd, v, positions, n_heads, d, eps, inv_freq), g);
     });
     EXPECT_LE(relative_error(dw, plus(dw0, fd_w)), kGradTol);  // dw accumulates
+    auto dx_frozen = nans(x.size());  // a frozen norm (dw == nullptr): the same dx
+    cpu().qk_norm_rope_backward(g.data(), x.data(), wp, rstd.data(), dx_frozen.data(), nullptr, positions.data(),
+                                tokens, n_heads, d, inv_freq.data(), stream());
+    EXPECT_EQ(dx_frozen, dx);
   }
 }
 

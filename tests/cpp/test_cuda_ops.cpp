@@ -85,6 +85,18 @@ void expect_close(const std::vector<Vec>& cpu, const std::vector<Vec>& cuda, dou
   }
 }
 
+// The same fp32 arithmetic on the same values, in two kernel instantiations: equal up to an FMA
+// contraction the compiler may choose differently (a few fp32 ulps, rarely).
+void expect_same_values(const Vec& got, const Vec& want, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size());
+  std::size_t exact = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    ASSERT_LE(std::abs(got[i] - want[i]), 1e-6f * std::abs(want[i]) + 1e-30f) << what << " element " << i;
+    exact += got[i] == want[i];
+  }
+  EXPECT_GE(static_cast<double>(exact), 0.999 * static_cast<double>(got.size())) << what;
+}
+
 Vec positive(std::size_t n) {  // rstd-like factors
   Vec v = random_normal(n, 0.3f);
   for (auto& x : v) x = 1.0f + std::fabs(x);
@@ -109,6 +121,13 @@ TEST(CudaOps, RmsNormBackwardMatchesCpu) {
         const float* residual = mode == Residual::None ? nullptr : res.data_as<float>();
         e.backend.rmsnorm_backward(dyb.data_as<float>(), xb.data_as<float>(), wb.data_as<float>(), rb.data_as<float>(),
                                    residual, dxb.data_as<float>(), dwb.data_as<float>(), c.rows, c.cols, e.stream);
+        // A frozen norm (dw == nullptr): the same dx (from the same residual).
+        Buffer res2 = e.upload(dx0);
+        Buffer dx2 = mode == Residual::InPlace ? res2 : e.poisoned(n);
+        e.backend.rmsnorm_backward(dyb.data_as<float>(), xb.data_as<float>(), wb.data_as<float>(), rb.data_as<float>(),
+                                   mode == Residual::None ? nullptr : res2.data_as<float>(), dx2.data_as<float>(),
+                                   nullptr, c.rows, c.cols, e.stream);
+        expect_same_values(e.download(dx2), e.download(dxb), std::string(e.backend.name()) + " frozen norm dx");
         return std::vector<Vec>{e.download(dxb), e.download(dwb)};
       });
       expect_close(ref, out, kBackwardTol,
@@ -343,18 +362,6 @@ void expect_rounded_from(const Bits& got, const Vec& fp32, const Bits& cpu, cons
   EXPECT_GE(static_cast<double>(exact), 0.999 * static_cast<double>(got.size())) << what;
 }
 
-// The same fp32 arithmetic on the same values, in two kernel instantiations: equal up to an FMA
-// contraction the compiler may choose differently (a few fp32 ulps, rarely).
-void expect_same_values(const Vec& got, const Vec& want, const std::string& what) {
-  ASSERT_EQ(got.size(), want.size());
-  std::size_t exact = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    ASSERT_LE(std::abs(got[i] - want[i]), 1e-6f * std::abs(want[i]) + 1e-30f) << what << " element " << i;
-    exact += got[i] == want[i];
-  }
-  EXPECT_GE(static_cast<double>(exact), 0.999 * static_cast<double>(got.size())) << what;
-}
-
 TEST(CudaOps, RmsNormAndSwigluBf16OutputsAreTheRoundedFp32Outputs) {
   if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
   struct Case { std::int64_t rows, cols; };
@@ -557,6 +564,12 @@ TEST(CudaOps, QkNormRopeMatchesCpu) {
       if (rc.norm) expect_same_values(e.download(r2), rstd, on + " rstd");
       expect_same_values(e.download(dx2), e.download(dxb), on + " dx");
       expect_same_values(e.download(dw2), e.download(dwb), on + " dw");
+      // A frozen norm (dw == nullptr): the same dx, no weight gradient taken.
+      Buffer dx3 = e.poisoned(n);
+      e.backend.qk_norm_rope_backward(dyb.data_as<float>(), xb.data_as<float>(), wp, rin.data_as<float>(),
+                                      dx3.data_as<float>(), nullptr, pb.data_as<std::int32_t>(), tokens, rc.heads,
+                                      rc.head_dim, fb.data_as<float>(), e.stream);
+      expect_same_values(e.download(dx3), e.download(dxb), on + " dx, frozen norm");
       return std::vector<Vec>{e.download(yb), rstd, e.download(dxb), e.download(dwb)};
     });
     EXPECT_LT(relative_error(out[0], ref[0]), kForwardTol) << what << " y";

@@ -49,7 +49,8 @@ class Backend {
 
   // dx = residual + d/dx of rmsnorm_forward given dy, with rstd saved by the forward. residual:
   // nullptr (dx is written), dx itself (added to dx), or another [rows, cols] buffer: the residual
-  // path's gradient joins in the same pass, with no copy. dw[c] += sum_r dy[r, c] * x[r, c] * rstd[r].
+  // path's gradient joins in the same pass, with no copy. dw[c] += sum_r dy[r, c] * x[r, c] * rstd[r];
+  // dw == nullptr skips it (a frozen norm).
   virtual void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd,
                                 const float* residual, float* dx, float* dw, std::int64_t rows, std::int64_t cols,
                                 const Stream& stream) const = 0;
@@ -111,7 +112,8 @@ class Backend {
   virtual void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd,
                                     const std::int32_t* positions, std::int64_t tokens, int n_heads,
                                     int head_dim, float eps, const float* inv_freq, const Stream& stream) const = 0;
-  // The backward of qk_norm_rope_forward: dx written; dw[i] += its gradient (when w != nullptr).
+  // The backward of qk_norm_rope_forward: dx written; dw[i] += its gradient (when w != nullptr;
+  // dw == nullptr skips it: a frozen norm).
   virtual void qk_norm_rope_backward(const float* dy, const float* x, const float* w, const float* rstd,
                                      float* dx, float* dw, const std::int32_t* positions, std::int64_t tokens,
                                      int n_heads, int head_dim, const float* inv_freq, const Stream& stream) const = 0;

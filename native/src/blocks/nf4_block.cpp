@@ -77,11 +77,9 @@ Buffer dequant_scratch(const Device& device, std::int64_t bytes) {
 // The nf4 block's fp32 scratch: the fp32 block's (ScratchLayout), then dh [T, H] (backward_lora
 // keeps h readable for the adapters' gradients), with LoRA of rank r the adapters' products u and
 // du [T, 2r] and the gate/up block-diagonal B and its gradient [2I, 2r], with LoRA dropout a
-// masked operand [T, drop_cols] (drop_cols: the largest in_features of an adapted projection), and
-// last a sink for the gradients of the frozen norm weights (the shared backward ops compute them;
-// nothing reads them).
+// masked operand [T, drop_cols] (drop_cols: the largest in_features of an adapted projection).
 struct Nf4ScratchLayout {
-  std::int64_t dh, lora_u = -1, lora_du = -1, lora_bbd = -1, lora_dbbd = -1, lora_drop = -1, norm_sink, total;
+  std::int64_t dh, lora_u = -1, lora_du = -1, lora_bbd = -1, lora_dbbd = -1, lora_drop = -1, total;
   Nf4ScratchLayout(const TransformerConfig& c, std::int64_t t, std::int64_t attn_ws_floats, int lora_rank,
                    std::int64_t drop_cols) {
     Segments s;
@@ -95,7 +93,6 @@ struct Nf4ScratchLayout {
       lora_dbbd = s.add(2 * c.intermediate_size, r2);
     }
     if (drop_cols > 0) lora_drop = s.add(t, drop_cols);
-    norm_sink = s.add(1, 2 * c.hidden_size + 2 * c.head_dim);  // ln_in, ln_post, q_norm, k_norm
     total = s.at;
   }
 };
@@ -913,7 +910,6 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   const Nf4ScratchLayout nsc = Impl::scratch_layout(*this);
   float* S = mem.saved();
   float* X = mem.scratch();
-  float* sink = X + nsc.norm_sink;
   const float* xin = x.data_as<float>();
   const float* dy = grad_out.data_as<float>();
   float* dx = grad_in.data_as<float>();
@@ -943,7 +939,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   m.product(kGroupGU, true, d_gu, !gu_bf16_only, 0.0f, dg);  // dg = d_gu Wgu
   m.lora_dx(kGroupGU, dg);
   // dr = dy + rmsnorm_backward(dg) (grad_in may be grad_out): grad_in carries dr from here on.
-  be.rmsnorm_backward(dg, r, D + ln_post_, S + sl.rstd2, dy, dx, sink + H, T, H, stream);
+  be.rmsnorm_backward(dg, r, D + ln_post_, S + sl.rstd2, dy, dx, nullptr, T, H, stream);  // frozen norm
 
   // Attention: r = x + att Wo^T (+ bo).
   m.lora_grads(kGroupO, S + sl.att, dx, G);
@@ -967,10 +963,10 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* dq = d_att;
   float* dk = q_rot;
   qk_norm_rope_backward_saved(be, prec, dq_rot, S + sl.q_raw, qkn ? D + q_norm_ : nullptr,
-                              qkn ? S + sl.rstd_q : nullptr, dq, qkn ? sink + 2 * H : nullptr, positions, T, nq,
+                              qkn ? S + sl.rstd_q : nullptr, dq, nullptr, positions, T, nq,
                               static_cast<int>(d), inv_freq, stream);
   qk_norm_rope_backward_saved(be, prec, dk_rot, S + sl.k_raw, qkn ? D + k_norm_ : nullptr,
-                              qkn ? S + sl.rstd_k : nullptr, dk, qkn ? sink + 2 * H + d : nullptr, positions, T, nkv,
+                              qkn ? S + sl.rstd_k : nullptr, dk, nullptr, positions, T, nkv,
                               static_cast<int>(d), inv_freq, stream);
   float* h = X + sc.sh;
   if (m.adapted(kGroupQ) || m.adapted(kGroupK) || m.adapted(kGroupV)) {
@@ -986,7 +982,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   m.lora_grads(kGroupV, h, dv, G);
   m.product(kGroupV, true, dv, true, 1.0f, dh);
   m.lora_dx(kGroupV, dh);
-  be.rmsnorm_backward(dh, xin, D + ln_in_, S + sl.rstd1, dx, dx, sink, T, H, stream);
+  be.rmsnorm_backward(dh, xin, D + ln_in_, S + sl.rstd1, dx, dx, nullptr, T, H, stream);
   lora_ws.set_last_stream(stream);
   set_last_stream(stream);
 }

@@ -69,7 +69,8 @@ void qk_norm_rope_backward(const float* dy, const float* x, const float* w, cons
   // and the rows are added in order afterwards (no races, same result for any thread count).
   constexpr std::int64_t chunk = 32;
   const std::int64_t n_chunks = (tokens + chunk - 1) / chunk;
-  std::vector<double> dw_partial(w != nullptr ? static_cast<std::size_t>(n_chunks * head_dim) : 0, 0.0);
+  const bool take_dw = w != nullptr && dw != nullptr;
+  std::vector<double> dw_partial(take_dw ? static_cast<std::size_t>(n_chunks * head_dim) : 0, 0.0);
 
   parallel_for(n_chunks, [&](std::int64_t ch) {
     std::vector<double> cs(static_cast<std::size_t>(head_dim));
@@ -97,16 +98,15 @@ void qk_norm_rope_backward(const float* dy, const float* x, const float* w, cons
         double dot = 0.0;
         for (int i = 0; i < head_dim; ++i) dot += w[i] * dh[i] * xh[i];
         const double correction = s * s * dot / head_dim;
+        for (int i = 0; i < head_dim; ++i) dxh[i] = static_cast<float>(s * (w[i] * dh[i] - xh[i] * correction));
+        if (!take_dw) continue;
         double* partial = dw_partial.data() + ch * head_dim;
-        for (int i = 0; i < head_dim; ++i) {
-          dxh[i] = static_cast<float>(s * (w[i] * dh[i] - xh[i] * correction));
-          partial[i] += dh[i] * xh[i] * s;
-        }
+        for (int i = 0; i < head_dim; ++i) partial[i] += dh[i] * xh[i] * s;
       }
     }
   }, std::max<std::int64_t>(1, token_grain(n_heads, head_dim) / chunk));
 
-  if (w != nullptr) {
+  if (take_dw) {
     for (int i = 0; i < head_dim; ++i) {
       double sum = 0.0;
       for (std::int64_t ch = 0; ch < n_chunks; ++ch) sum += dw_partial[ch * head_dim + i];

@@ -14,7 +14,8 @@
 //
 // Backward: RoPE is a rotation, so its backward rotates dy by -a_i; then, with w, the RMSNorm
 // backward per head (as rmsnorm_backward, over d): dx = rstd * (w * dh - x * rstd^2 * mean(w * dh * x)),
-// dw[i] += sum over tokens and heads of dh[i] * x[i] * rstd. dx is written; w == nullptr gives dx = rotated dy.
+// dw[i] += sum over tokens and heads of dh[i] * x[i] * rstd. dx is written; w == nullptr gives dx = rotated dy;
+// dw == nullptr skips the weight gradient (a frozen norm).
 // head_dim must be even.
 #pragma once
 

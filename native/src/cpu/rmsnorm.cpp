@@ -48,7 +48,8 @@ void rmsnorm_backward(const float* dy, const float* x, const float* w, const flo
     }
   }, row_grain);
 
-  // dw[c] += sum_r dy[r, c] * x[r, c] * rstd[r].
+  // dw[c] += sum_r dy[r, c] * x[r, c] * rstd[r] (none for a frozen norm: dw == nullptr).
+  if (dw == nullptr) return;
   add_column_sums(rows, cols, [&](std::int64_t r, std::int64_t c) {
     return static_cast<double>(dy[r * cols + c]) * x[r * cols + c] * static_cast<double>(rstd[r]);
   }, dw);

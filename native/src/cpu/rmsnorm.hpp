@@ -10,7 +10,8 @@ void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, std:
 
 // The backward of rmsnorm_forward, with rstd saved by it. With s = rstd[r] and n = cols:
 //   dx[r, :] = s * (w * dy[r, :] - x[r, :] * s^2 * mean(w * dy[r, :] * x[r, :]))
-// plus residual[r, :] when residual is given (it may be dx itself); dw[c] += sum_r dy[r, c] * x[r, c] * s.
+// plus residual[r, :] when residual is given (it may be dx itself); dw[c] += sum_r dy[r, c] * x[r, c] * s,
+// unless dw == nullptr (a frozen norm).
 void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, const float* residual,
                       float* dx, float* dw, std::int64_t rows, std::int64_t cols);
 

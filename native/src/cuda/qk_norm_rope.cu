@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_kernel(
       }
     }
   }
-  if (!norm) return;  // uniform over the block
+  if (!norm || dw_partial == nullptr) return;  // uniform over the block
   // The block's dw partial: the warps' registers, added in warp order.
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -310,7 +310,7 @@ void backward(const float* dy, const In* x, const float* w, const float* rstd, f
     if (tokens == 0 || n_heads == 0) return;
     // Blocks stride over tokens: at most 4 per SM (all resident at once), so the dw partials stay few.
     const std::int64_t blocks = std::min<std::int64_t>(tokens, 4 * static_cast<std::int64_t>(multiprocessor_count()));
-    if (w == nullptr) {
+    if (w == nullptr || dw == nullptr) {  // no weight gradient to take
       qk_norm_rope_backward_kernel<V, K, In><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           dy, x, w, rstd, dx, nullptr, positions, tokens, n_heads, head_dim, inv_freq);
       CUDABLOCKS_CHECK_LAUNCH("qk_norm_rope_backward_kernel");

@@ -22,6 +22,7 @@
 #include "cuda/scratch.hpp"
 
 #include <algorithm>
+#include <optional>
 
 namespace cudablocks::cuda {
 
@@ -76,8 +77,9 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_backward_kernel(const float*
   Vec* dw_s = reinterpret_cast<Vec*>(dw_shared_raw);
   const std::int64_t n = cols / VEC;
   const Vec* wv = reinterpret_cast<const Vec*>(w);
+  const bool take_dw = dw_partial != nullptr;  // nullptr: a frozen norm (no shared memory given)
   // Each thread zeroes, updates and writes out only its own columns: no barrier needed.
-  for (std::int64_t i = threadIdx.x; i < n; i += kThreads) {
+  for (std::int64_t i = threadIdx.x; take_dw && i < n; i += kThreads) {
     float* e = reinterpret_cast<float*>(&dw_s[i]);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) e[j] = 0.0f;
@@ -108,16 +110,20 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_backward_kernel(const float*
       Vec out;
       if (rr != nullptr) out = rr[i];
       float* oe = reinterpret_cast<float*>(&out);
-      float* de = reinterpret_cast<float*>(&dw_s[i]);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const float v = s * (ae[j] * ge[j] - be[j] * coef);
         oe[j] = rr != nullptr ? oe[j] + v : v;
-        de[j] += ae[j] * (be[j] * s);
       }
       dxr[i] = out;
+      if (take_dw) {
+        float* de = reinterpret_cast<float*>(&dw_s[i]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) de[j] += ae[j] * (be[j] * s);
+      }
     }
   }
+  if (!take_dw) return;
   Vec* part = reinterpret_cast<Vec*>(dw_partial + static_cast<std::int64_t>(blockIdx.x) * cols);
   for (std::int64_t i = threadIdx.x; i < n; i += kThreads) part[i] = dw_s[i];
 }
@@ -163,14 +169,18 @@ void rmsnorm_backward(const float* dy, const float* x, const float* w, const flo
   // At least 4 rows per block (bounds the partials' traffic), at most 4 blocks per SM (what fits
   // at once: 64 registers x 256 threads x 4 = the register file).
   const std::int64_t blocks = std::clamp<std::int64_t>((rows + 3) / 4, 1, 4 * static_cast<std::int64_t>(multiprocessor_count()));
-  const std::size_t smem = sizeof(float) * static_cast<std::size_t>(cols);
-  ScratchLease scratch(sizeof(float) * static_cast<std::size_t>(blocks * cols), stream);
+  // The dw partials (shared memory and scratch) only when there is a dw to take.
+  const bool take_dw = dw != nullptr;
+  const std::size_t smem = take_dw ? sizeof(float) * static_cast<std::size_t>(cols) : 0;
+  std::optional<ScratchLease> scratch;
+  if (take_dw) scratch.emplace(sizeof(float) * static_cast<std::size_t>(blocks * cols), stream);
+  float* partials = take_dw ? scratch->get<float>() : nullptr;
   auto launch = [&](auto kernel) {
     if (smem > 48 * 1024) {
       CUDABLOCKS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     }
-    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(dy, x, w, rstd, residual, dx, scratch.get<float>(),
-                                                                      rows, cols);
+    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(dy, x, w, rstd, residual, dx, partials, rows,
+                                                                      cols);
     CUDABLOCKS_CHECK_LAUNCH("rmsnorm_backward_kernel");
   };
   if (vec4) {
@@ -178,7 +188,7 @@ void rmsnorm_backward(const float* dy, const float* x, const float* w, const flo
   } else {
     launch(rmsnorm_backward_kernel<1>);
   }
-  add_column_partials(scratch.get<float>(), static_cast<int>(blocks), cols, dw, stream);
+  if (take_dw) add_column_partials(partials, static_cast<int>(blocks), cols, dw, stream);
 }
 
 }  // namespace cudablocks::cuda
