@@ -142,5 +142,43 @@ TEST(Buffer, CudaCopiesAndMixedDevicesAreRejected) {
   for (auto b : bits) EXPECT_EQ(b, 0x3fc0);
 }
 
+TEST(Buffer, CudaFillWritesExactlyItsViewAtAnyAlignment) {
+  // Views starting at every element offset of a 16-byte line, lengths around the vectorized body,
+  // zero (cudaMemsetAsync) and other patterns (vectorized kernel): the view holds the value, the
+  // elements on both sides keep theirs.
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  Device gpu(DeviceType::CUDA, 0);
+  Stream stream(gpu);
+  for (DType dtype : {DType::Float32, DType::BFloat16, DType::Float16, DType::Int32, DType::UInt8}) {
+    const std::size_t es = dtype_size(dtype);
+    for (double value : {0.0, 7.0, -3.0}) {
+      if (dtype == DType::UInt8 && value < 0) continue;
+      for (std::int64_t offset = 0; offset < 16 / static_cast<std::int64_t>(es); ++offset) {
+        for (std::int64_t n : {1, 3, 8, 37, 1000}) {
+          const std::int64_t total = offset + n + 16;
+          Buffer b = Buffer::empty({total}, dtype, gpu);
+          std::vector<std::uint8_t> before(static_cast<std::size_t>(total) * es);
+          for (std::size_t i = 0; i < before.size(); ++i) before[i] = static_cast<std::uint8_t>(i * 7 + 1);
+          b.copy_from_host(before.data(), stream);
+          b.view(offset, {n}).fill(value, stream);
+          Buffer one = Buffer::empty({1}, dtype, Device());  // the CPU backend's bit pattern of the value
+          one.fill(value, Stream(Device()));
+          std::vector<std::uint8_t> after(before.size());
+          b.copy_to_host(after.data(), stream);
+          const auto* want = static_cast<const std::uint8_t*>(one.data());
+          for (std::int64_t i = 0; i < total; ++i) {
+            const bool inside = i >= offset && i < offset + n;
+            for (std::size_t k = 0; k < es; ++k) {
+              const std::size_t at = static_cast<std::size_t>(i) * es + k;
+              ASSERT_EQ(after[at], inside ? want[k] : before[at])
+                  << dtype_name(dtype) << " value " << value << " offset " << offset << " n " << n << " element " << i;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace cudablocks
