@@ -269,8 +269,9 @@ TEST(CudaOps, GemmBf16MatchesCpu) {
 }
 
 TEST(CudaOps, GemmAddMatchesCpu) {
-  // The addend in another buffer (cuBLASLt, C != D; some at offsets that are not 256-byte aligned)
-  // or in c itself (beta 1), for fp32 operands in each precision and for bf16 operands.
+  // The addend in another buffer (cuBLASLt, C != D, at offsets that are not 256-byte aligned; at
+  // 4-byte alignment the product and a separate add where cuBLASLt has no algorithm) or in c itself
+  // (beta 1), for fp32 operands in each precision and for bf16 operands.
   if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
   const std::vector<GemmCase> cases = {
       {false, true, 850, 2560, 2560, 1.0f, 1.0f},  // the blocks' residual products: X W^T + R
@@ -278,7 +279,7 @@ TEST(CudaOps, GemmAddMatchesCpu) {
       {true, false, 37, 53, 29, 2.0f, 1.0f},       {true, true, 1, 7, 300, 1.0f, 1.0f},
   };
   for (const GemmCase& g : cases) {
-    for (int offset : {0, 4}) {  // floats into each buffer: 16-byte instead of 256-byte alignment
+    for (int offset : {0, 1, 4}) {  // floats into each buffer: 4- or 16-byte instead of 256-byte alignment
       for (bool in_place : {false, true}) {
         const auto a = random_normal(static_cast<std::size_t>(g.m * g.k));
         const auto b = random_normal(static_cast<std::size_t>(g.k * g.n));

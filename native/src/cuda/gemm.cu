@@ -11,11 +11,13 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
 
 #include "cuda/check.hpp"
 #include "cuda/cublas.hpp"
+#include "cuda/elementwise.cuh"
 #include "cudablocks/errors.hpp"
 
 namespace cudablocks::cuda {
@@ -85,15 +87,17 @@ using Layout = LtObject<cublasLtMatrixLayout_t, cublasLtMatrixLayoutDestroy>;
 using Preference = LtObject<cublasLtMatmulPreference_t, cublasLtMatmulPreferenceDestroy>;
 
 // The heuristic's first choice, per problem (shape, types, alignments); asked once, then reused.
+// std::nullopt: cuBLASLt has no algorithm for it (unusual alignments), remembered as well.
 using AlgoKey = std::tuple<int, int, int, bool, bool, int, int, int, int, int, int, int>;
 std::mutex algo_mutex;
-std::map<AlgoKey, cublasLtMatmulAlgo_t>& algo_cache() {
-  static auto* cache = new std::map<AlgoKey, cublasLtMatmulAlgo_t>;  // leaked, as the handles
+std::map<AlgoKey, std::optional<cublasLtMatmulAlgo_t>>& algo_cache() {
+  static auto* cache = new std::map<AlgoKey, std::optional<cublasLtMatmulAlgo_t>>;  // leaked, as the handles
   return *cache;
 }
 
-// Row-major d[M, N] = alpha op(a) op(b) + c (see the top of this file for the mapping).
-void lt_gemm_add(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const void* a, const void* b,
+// Row-major d[M, N] = alpha op(a) op(b) + c (see the top of this file for the mapping). Returns
+// false, having queued nothing, when cuBLASLt has no algorithm for the problem.
+bool lt_gemm_add(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const void* a, const void* b,
                  cudaDataType_t ab_type, const float* c, float* d, cublasComputeType_t compute, cudaStream_t stream) {
   CublasCall call(stream);
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -114,7 +118,7 @@ void lt_gemm_add(bool trans_a, bool trans_b, int M, int N, int K, float alpha, c
   CUDABLOCKS_CUDA_CHECK(cudaGetDevice(&device));
   const AlgoKey key{M, N, K, trans_a, trans_b, static_cast<int>(ab_type), static_cast<int>(compute),
                     align_a, align_b, align_c, align_d, device};
-  cublasLtMatmulAlgo_t algo;
+  std::optional<cublasLtMatmulAlgo_t> algo;
   bool found = false;
   {
     std::lock_guard<std::mutex> guard(algo_mutex);
@@ -141,23 +145,23 @@ void lt_gemm_add(bool trans_a, bool trans_b, int M, int N, int K, float alpha, c
     cublasLtMatmulHeuristicResult_t result;
     std::memset(&result, 0, sizeof(result));
     int count = 0;
-    CUDABLOCKS_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(call.lt_handle(), desc.value, lb.value, la.value, lc.value,
-                                                           lc.value, pref.value, 1, &result, &count));
-    if (count == 0) {
-      throw CudaError("cuBLASLt has no algorithm for the " + std::to_string(M) + "x" + std::to_string(N) + "x" +
-                      std::to_string(K) + " product with a separate addend");
-    }
-    algo = result.algo;
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(call.lt_handle(), desc.value, lb.value, la.value,
+                                                                 lc.value, lc.value, pref.value, 1, &result, &count);
+    if (status != CUBLAS_STATUS_NOT_SUPPORTED) CUDABLOCKS_CUBLAS_CHECK(status);
+    if (status == CUBLAS_STATUS_SUCCESS && count > 0) algo = result.algo;
     std::lock_guard<std::mutex> guard(algo_mutex);
     algo_cache()[key] = algo;
   }
+  if (!algo) return false;
   const float beta = 1.0f;
   CUDABLOCKS_CUBLAS_CHECK(cublasLtMatmul(call.lt_handle(), desc.value, &alpha, b, lb.value, a, la.value, &beta, c,
-                                         lc.value, d, lc.value, &algo, call.workspace(), call.workspace_bytes(),
+                                         lc.value, d, lc.value, &*algo, call.workspace(), call.workspace_bytes(),
                                          stream));
+  return true;
 }
 
-// d = alpha op(A) op(B) + addend: cublasGemmEx with beta 1 when the addend is d itself, else cuBLASLt.
+// d = alpha op(A) op(B) + addend: cublasGemmEx with beta 1 when the addend is d itself, else
+// cuBLASLt; where it has no algorithm, the product then a separate add.
 void gemm_add_any(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                   const void* a, const void* b, cudaDataType_t ab_type, const float* addend, float* d,
                   cublasComputeType_t compute, cudaStream_t stream) {
@@ -172,8 +176,9 @@ void gemm_add_any(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, st
   }
   if (addend == d) {
     gemm_ex(trans_a, trans_b, M, N, K, alpha, a, b, ab_type, 1.0f, d, CUDA_R_32F, compute, stream);
-  } else {
-    lt_gemm_add(trans_a, trans_b, M, N, K, alpha, a, b, ab_type, addend, d, compute, stream);
+  } else if (!lt_gemm_add(trans_a, trans_b, M, N, K, alpha, a, b, ab_type, addend, d, compute, stream)) {
+    gemm_ex(trans_a, trans_b, M, N, K, alpha, a, b, ab_type, 0.0f, d, CUDA_R_32F, compute, stream);
+    add(addend, d, d, m * n, stream);
   }
 }
 
