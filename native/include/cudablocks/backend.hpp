@@ -94,9 +94,6 @@ class Backend {
   virtual void bias_backward(const float* dy, float* dbias, std::int64_t rows, std::int64_t cols,
                              const Stream& stream) const = 0;
 
-  // out = a + b over n elements (out may alias a or b).
-  virtual void add(const float* a, const float* b, float* out, std::int64_t n, const Stream& stream) const = 0;
-
   // LoRA dropout (inverted, PEFT's lora_dropout) over n elements: out[i] = x[i] * scale(p) for the
   // elements kept under `key`, 0 for the dropped ones; with accumulate, out[i] += x[i] * scale(p)
   // for the kept ones and dropped ones leave out as it is. The mask is a hash of (key, i), p in

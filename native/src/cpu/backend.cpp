@@ -8,7 +8,6 @@
 #include "cpu/bias.hpp"
 #include "cpu/cross_entropy.hpp"
 #include "cpu/dropout.hpp"
-#include "cpu/elementwise.hpp"
 #include "cpu/embedding.hpp"
 #include "cpu/fill.hpp"
 #include "cpu/gemm.hpp"
@@ -99,10 +98,6 @@ class CpuBackend final : public Backend {
   void bias_backward(const float* dy, float* dbias, std::int64_t rows, std::int64_t cols,
                      const Stream&) const override {
     cpu::bias_backward(dy, dbias, rows, cols);
-  }
-
-  void add(const float* a, const float* b, float* out, std::int64_t n, const Stream&) const override {
-    cpu::add(a, b, out, n);
   }
 
   void dropout(const float* x, float* out, std::int64_t n, double p, std::uint64_t key, bool accumulate,

@@ -110,7 +110,8 @@ constexpr int kLdT = kTile / 2 + 4;  // pairs per row of a transposed ("cols") t
 template <int D>
 constexpr int ld_rows() { return D / 2 + 4; }  // pairs per row of a "rows" tile
 
-// The four PTX primitives. A host-side test harness that runs these kernels on emulated threads
+// The PTX primitives (cvt.rna.tf32, mma.sync bf16 / tf32, ldmatrix.x4 with and without .trans,
+// cp.async). A host-side test harness that runs these kernels on emulated threads
 // defines CUDABLOCKS_ATTN_MMA_EMULATION and supplies its own versions (with the host code left out).
 #ifndef CUDABLOCKS_ATTN_MMA_EMULATION
 __device__ __forceinline__ uint32_t to_tf32(float x) {

@@ -8,7 +8,6 @@
 #include "cuda/bias.cuh"
 #include "cuda/cross_entropy.cuh"
 #include "cuda/dropout.cuh"
-#include "cuda/elementwise.cuh"
 #include "cuda/embedding.cuh"
 #include "cuda/fill.cuh"
 #include "cuda/gemm.cuh"
@@ -89,10 +88,6 @@ class CudaBackend final : public Backend {
   void bias_backward(const float* dy, float* dbias, std::int64_t rows, std::int64_t cols,
                      const Stream& stream) const override {
     cuda::bias_backward(dy, dbias, rows, cols, native(stream));
-  }
-
-  void add(const float* a, const float* b, float* out, std::int64_t n, const Stream& stream) const override {
-    cuda::add(a, b, out, n, native(stream));
   }
 
   void dropout(const float* x, float* out, std::int64_t n, double p, std::uint64_t key, bool accumulate,

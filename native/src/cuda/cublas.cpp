@@ -56,6 +56,8 @@ CublasCall::CublasCall(cudaStream_t stream) {
     // Default math: no TF32 unless a call's compute type asks for it (Precision::TF32).
     CUDABLOCKS_CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
     entry->handle = handle;
+  }
+  if (entry->lt_handle == nullptr) {  // on its own: a failed creation is retried by the next call
     cublasLtHandle_t lt = nullptr;
     CUDABLOCKS_CUBLAS_CHECK(cublasLtCreate(&lt));
     entry->lt_handle = lt;

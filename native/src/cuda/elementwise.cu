@@ -1,4 +1,5 @@
-// Elementwise add (the residual connections). Bytes: 12 per element (read a, b; write out),
+// Elementwise add: gemm_add's fallback where cuBLASLt has no algorithm (the blocks add their
+// residuals in the products' epilogue). Bytes: 12 per element (read a, b; write out),
 // 1 FLOP: memory-bound. float4 accesses over the bulk when all three pointers are 16-byte
 // aligned, the < 4 leftover elements handled by the first threads; scalar otherwise.
 #include "cuda/elementwise.cuh"

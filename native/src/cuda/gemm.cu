@@ -150,6 +150,9 @@ bool lt_gemm_add(bool trans_a, bool trans_b, int M, int N, int K, float alpha, c
     if (status != CUBLAS_STATUS_NOT_SUPPORTED) CUDABLOCKS_CUBLAS_CHECK(status);
     if (status == CUBLAS_STATUS_SUCCESS && count > 0) algo = result.algo;
     std::lock_guard<std::mutex> guard(algo_mutex);
+    // Packed batches vary M from step to step: the cache is bounded (cleared when full; a miss
+    // costs one heuristic query).
+    if (algo_cache().size() >= 4096) algo_cache().clear();
     algo_cache()[key] = algo;
   }
   if (!algo) return false;

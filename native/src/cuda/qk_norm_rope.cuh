@@ -21,8 +21,8 @@ void qk_norm_rope_forward(const std::uint16_t* x, const float* w, float* y, floa
                           const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
                           const float* inv_freq, cudaStream_t stream);
 
-// The backward: dx written; dw[i] += its gradient when w != nullptr (deterministic, per-stream
-// scratch for the partial sums).
+// The backward: dx written; dw[i] += its gradient when w != nullptr and dw != nullptr (a frozen
+// norm passes dw = nullptr). Deterministic; per-stream scratch for the partial sums.
 void qk_norm_rope_backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw,
                            const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim,
                            const float* inv_freq, cudaStream_t stream);
