@@ -24,20 +24,20 @@
 // Because fusion concatenates rows, every Hugging Face tensor is one contiguous range of the
 // allocation; ParamLayout::entries() lists (HF name, offset, shape, is_matrix) for each.
 //
-// ---- Forward (DESIGN §4), op calls per forward: 14 + 3 with q/k/v biases + 1 with an o bias ----
+// ---- Forward (DESIGN §4), op calls per forward: 12 + 3 with q/k/v biases + 1 with an o bias ----
 //   h = rmsnorm(x) * ln_in                       (rstd1 saved)
 //   q_raw, k_raw, v = h Wq^T, h Wk^T, h Wv^T (+ biases)   three GEMMs on the row blocks of wqkv
 //   q_rot, k_rot = rope(qk_norm(q_raw)), rope(qk_norm(k_raw))   (rstd_q, rstd_k saved)
 //   att = attention(q_rot, k_rot, v)             (lse saved)
-//   r = x + att Wo^T (+ bo)
+//   r = x + att Wo^T (+ bo)                      (x added in the GEMM's epilogue)
 //   g = rmsnorm(r) * ln_post                     (rstd2 saved)
 //   gate_up = g Wgu^T;  act = silu(gate) * up
-//   out = r + act Wdown^T
+//   out = r + act Wdown^T                        (r added in the GEMM's epilogue)
 // Each forward also uploads positions [T] (restarting at 0 per sequence) and cu_seqlens [n + 1]
 // (int32) in one host-to-device copy into block-owned memory, which the backward reuses.
 //
-// The backward is 24 op calls (+ 4 with biases; one of them a device copy grad_out -> grad_in,
-// skipped in place), all independent of the number of sequences. q, k and v take three GEMMs
+// The backward is 23 op calls (+ 4 with biases; grad_out joins grad_in inside the post-attention
+// RMSNorm's backward, in place or not), all independent of the number of sequences. q, k and v take three GEMMs
 // each way because the ops take dense [T, n*d] operands; the fused wqkv rows would allow one
 // GEMM once the ops accept a row stride.
 //
