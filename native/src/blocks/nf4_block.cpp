@@ -232,35 +232,29 @@ struct Nf4Block::Impl {
   }
   std::int64_t cols(const Group& g) const { return b.weights_[g.first].shape[1]; }
 
-  // Forward: c[T, out] = beta c + a[T, in] W^T. Transposed (the input gradient): c[T, in] = beta c +
-  // a[T, out] W. convert_a: a still needs its bf16 copy (bf16 compute; false reuses the last one).
-  void product(int group, bool transposed, const float* a, bool convert_a, float beta, float* c) {
+  // Forward: c[T, out] = a W^T (+ addend). Transposed (the input gradient): c[T, in] = a[T, out] W
+  // (+ addend). addend: nullptr, c itself (accumulate) or another buffer (a residual, added in the
+  // product's epilogue). convert_a: a still needs its bf16 copy (bf16 compute; false reuses the last one).
+  void product(int group, bool transposed, const float* a, bool convert_a, const float* addend, float* c) {
     const Group& g = kGroups[group];
     const std::int64_t out = rows(g), in = cols(g);
     const std::int64_t n = transposed ? in : out, k = transposed ? out : in;
     dequantize(g);
     if (bf) {
       if (convert_a) be.to_bf16(a, op16, T * k, stream);
-      be.gemm_bf16(false, !transposed, T, n, k, 1.0f, op16, reinterpret_cast<const std::uint16_t*>(wscratch), beta, c,
-                   stream);
+      const auto* w = reinterpret_cast<const std::uint16_t*>(wscratch);
+      if (addend == nullptr) {
+        be.gemm_bf16(false, !transposed, T, n, k, 1.0f, op16, w, 0.0f, c, stream);
+      } else {
+        be.gemm_bf16_add(false, !transposed, T, n, k, 1.0f, op16, w, addend, c, stream);
+      }
     } else {
-      be.gemm(false, !transposed, T, n, k, 1.0f, a, reinterpret_cast<const float*>(wscratch), beta, c, b.precision_,
-              stream);
-    }
-  }
-
-  // Forward: c[T, out] = a W^T + addend (a residual, added in the product's epilogue).
-  void product_add(int group, const float* a, bool convert_a, const float* addend, float* c) {
-    const Group& g = kGroups[group];
-    const std::int64_t out = rows(g), in = cols(g);
-    dequantize(g);
-    if (bf) {
-      if (convert_a) be.to_bf16(a, op16, T * in, stream);
-      be.gemm_bf16_add(false, true, T, out, in, 1.0f, op16, reinterpret_cast<const std::uint16_t*>(wscratch), addend,
-                       c, stream);
-    } else {
-      be.gemm_add(false, true, T, out, in, 1.0f, a, reinterpret_cast<const float*>(wscratch), addend, c,
-                  b.precision_, stream);
+      const auto* w = reinterpret_cast<const float*>(wscratch);
+      if (addend == nullptr) {
+        be.gemm(false, !transposed, T, n, k, 1.0f, a, w, 0.0f, c, b.precision_, stream);
+      } else {
+        be.gemm_add(false, !transposed, T, n, k, 1.0f, a, w, addend, c, b.precision_, stream);
+      }
     }
   }
 
@@ -793,7 +787,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   // backward).
   auto project_raw = [&](int group, const float* b, std::int64_t n, float* dst) {
     if (!m.bf) {
-      m.product(group, false, h, false, 0.0f, dst);
+      m.product(group, false, h, false, nullptr, dst);
       m.lora_forward(group, h, dst);
       if (b != nullptr) be.add_bias(dst, b, T, n, stream);
       return;
@@ -804,14 +798,14 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
       return;
     }
     float* sum = X + sc.d_att;
-    m.product(group, false, h, false, 0.0f, sum);
+    m.product(group, false, h, false, nullptr, sum);
     m.lora_forward(group, h, sum);
     if (b != nullptr) be.add_bias(sum, b, T, n, stream);
     be.to_bf16(sum, dst16, T * n, stream);
   };
   project_raw(kGroupQ, bias, q, S + sl.q_raw);
   project_raw(kGroupK, bias != nullptr ? bias + q : nullptr, kv, S + sl.k_raw);
-  m.product(kGroupV, false, h, false, 0.0f, S + sl.v);
+  m.product(kGroupV, false, h, false, nullptr, S + sl.v);
   m.lora_forward(kGroupV, h, S + sl.v);
   if (bias != nullptr) be.add_bias(S + sl.v, bias + q + kv, T, kv, stream);
   const bool qkn = c.qk_norm;
@@ -824,7 +818,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   be.attention_forward(X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, cu, n_seqs, batch.max_seqlen, T,
                        nq, nkv, static_cast<int>(d), scale, precision_, stream);
   float* r = S + sl.r;
-  m.product_add(kGroupO, S + sl.att, true, xin, r);  // r = x + att Wo^T
+  m.product(kGroupO, false, S + sl.att, true, xin, r);  // r = x + att Wo^T
   m.lora_forward(kGroupO, S + sl.att, r);
   if (bo_ >= 0) be.add_bias(r, D + bo_, T, H, stream);
   float* g = X + sc.sh;
@@ -840,11 +834,11 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
     m.product_to_bf16(kGroupGU, gate_up16);
   } else if (m.bf) {
     float* gate_up = X + sc.d_gate_up;
-    m.product(kGroupGU, false, g, true, 0.0f, gate_up);
+    m.product(kGroupGU, false, g, true, nullptr, gate_up);
     m.lora_forward(kGroupGU, g, gate_up);
     be.to_bf16(gate_up, gate_up16, T * 2 * I, stream);
   } else {
-    m.product(kGroupGU, false, g, false, 0.0f, S + sl.gate_up);
+    m.product(kGroupGU, false, g, false, nullptr, S + sl.gate_up);
     m.lora_forward(kGroupGU, g, S + sl.gate_up);
   }
   float* act = X + sc.act;
@@ -854,7 +848,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   } else {
     m.swiglu_forward_saved(S + sl.gate_up, act, I);
   }
-  m.product_add(kGroupDown, act, !down_bf16_only, r, y);  // y = r + act Wdown^T
+  m.product(kGroupDown, false, act, !down_bf16_only, r, y);  // y = r + act Wdown^T
   m.lora_forward(kGroupDown, act, y);
   forward_seq_lens_ = seq_lens;
   mem.forward_done(seq_lens);
@@ -925,7 +919,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     m.lora_grads(kGroupDown, act, dy, G);
   }
   float* d_act = act;
-  m.product(kGroupDown, true, dy, true, 0.0f, d_act);  // d_act = dy Wdown
+  m.product(kGroupDown, true, dy, true, nullptr, d_act);  // d_act = dy Wdown
   m.lora_dx(kGroupDown, d_act);
   float* d_gu = X + sc.d_gate_up;
   const bool gu_bf16_only = m.bf16_operand_only(kGroupGU);
@@ -936,7 +930,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     m.lora_grads(kGroupGU, g, d_gu, G);
   }
   float* dg = X + sc.sh;
-  m.product(kGroupGU, true, d_gu, !gu_bf16_only, 0.0f, dg);  // dg = d_gu Wgu
+  m.product(kGroupGU, true, d_gu, !gu_bf16_only, nullptr, dg);  // dg = d_gu Wgu
   m.lora_dx(kGroupGU, dg);
   // dr = dy + rmsnorm_backward(dg) (grad_in may be grad_out): grad_in carries dr from here on.
   be.rmsnorm_backward(dg, r, D + ln_post_, S + sl.rstd2, dy, dx, nullptr, T, H, stream);  // frozen norm
@@ -944,7 +938,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   // Attention: r = x + att Wo^T (+ bo).
   m.lora_grads(kGroupO, S + sl.att, dx, G);
   float* d_att = X + sc.d_att;
-  m.product(kGroupO, true, dx, true, 0.0f, d_att);  // d_att = dr Wo
+  m.product(kGroupO, true, dx, true, nullptr, d_att);  // d_att = dr Wo
   m.lora_dx(kGroupO, d_att);
   const bool qkn = c.qk_norm;
   float* q_rot = X + sc.q_rot;
@@ -974,13 +968,13 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   }
   float* dh = X + nsc.dh;  // h stays readable for the adapters' gradients
   m.lora_grads(kGroupQ, h, dq, G);
-  m.product(kGroupQ, true, dq, true, 0.0f, dh);
+  m.product(kGroupQ, true, dq, true, nullptr, dh);
   m.lora_dx(kGroupQ, dh);
   m.lora_grads(kGroupK, h, dk, G);
-  m.product(kGroupK, true, dk, true, 1.0f, dh);
+  m.product(kGroupK, true, dk, true, dh, dh);
   m.lora_dx(kGroupK, dh);
   m.lora_grads(kGroupV, h, dv, G);
-  m.product(kGroupV, true, dv, true, 1.0f, dh);
+  m.product(kGroupV, true, dv, true, dh, dh);
   m.lora_dx(kGroupV, dh);
   be.rmsnorm_backward(dh, xin, D + ln_in_, S + sl.rstd1, dx, dx, nullptr, T, H, stream);
   lora_ws.set_last_stream(stream);
