@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <random>
 #include <functional>
+#include <type_traits>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 
@@ -230,8 +231,74 @@ bool run_case(std::vector<int> lens, int nq, int nkv, int splits, double ob, dou
     return ok;
 }
 
+// bf16 q, k, v (the In = std::uint16_t kernels) against the fp32-input kernels on the same values
+// (fp32 copies of the bf16 numbers): the operands staged are the same bits, so every output must be
+// the same bit for bit.
+template <int D, int HPB>
+bool run_bf16_inputs_case(std::vector<int> lens, int nq, int nkv, int splits, const char* name) {
+    std::vector<int32_t> cu{0};
+    int maxlen = 0;
+    for (int L : lens) { cu.push_back(cu.back() + L); maxlen = std::max(maxlen, L); }
+    const int T = cu.back(), n_seqs = (int)lens.size();
+    const float scale = 1.f / std::sqrt((float)D);
+    std::mt19937 gen(321);
+    auto randn = [&](size_t n, float sd) { std::normal_distribution<float> d(0, sd); std::vector<float> x(n); for (auto& e : x) e = d(gen); return x; };
+    auto to_bits = [](const std::vector<float>& x) {
+        std::vector<uint16_t> b(x.size());
+        for (size_t i = 0; i < x.size(); ++i) b[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
+        return b;
+    };
+    auto widen = [](const std::vector<uint16_t>& b) {
+        std::vector<float> x(b.size());
+        for (size_t i = 0; i < b.size(); ++i) x[i] = bits_f((uint32_t)b[i] << 16);
+        return x;
+    };
+    const auto q16 = to_bits(randn((size_t)T * nq * D, 1.5f)), k16 = to_bits(randn((size_t)T * nkv * D, 1.f)),
+               v16 = to_bits(randn((size_t)T * nkv * D, 1.f));
+    const auto q = widen(q16), k = widen(k16), v = widen(v16);
+    const auto dout = randn((size_t)T * nq * D, 1.f);
+    const unsigned tiles = (maxlen + 63) / 64;
+    const int group = nq / nkv;
+    const int64_t rows = (int64_t)T * nq;
+    const int64_t ws_n = ((rows + 63) / 64) * 64 + std::max<int64_t>(0, 2 * (group - 1) - group) * (int64_t)T * nkv * D;
+    struct Result { std::vector<float> out, lse, dq, dk, dv; };
+    auto run = [&](auto qp, auto kp, auto vp) {
+        using In = std::remove_cv_t<std::remove_pointer_t<decltype(qp)>>;
+        Result r{std::vector<float>(q.size(), NAN), std::vector<float>(rows, NAN), std::vector<float>(q.size(), NAN),
+                 std::vector<float>(k.size(), NAN), std::vector<float>(v.size(), NAN)};
+        launch(dim3(nq / HPB, n_seqs, tiles), 128 * HPB, [&] {
+            attention_mma_forward_kernel<Bf16Op, D, HPB, In>(qp, kp, vp, r.out.data(), r.lse.data(), cu.data(), nq, nkv, scale * kLog2e);
+        });
+        std::vector<float> ws(ws_n, 0.f);
+        for (int64_t i = 0; i < rows; ++i) { float a = 0; for (int c = 0; c < D; ++c) a += r.out[i * D + c] * dout[i * D + c]; ws[i] = a; }
+        const Slabs slabs{r.dq.data(), ws.data() + ((rows + 63) / 64) * 64, group, (int64_t)T * nkv * D};
+        launch(dim3(nkv * splits, n_seqs, tiles), 128, [&] {
+            attention_mma_dkdv_kernel<Bf16Op, D, false, In>(qp, kp, vp, dout.data(), r.lse.data(), ws.data(), r.dk.data(), r.dv.data(), slabs, cu.data(), nq, nkv, splits, scale, scale * kLog2e);
+        });
+        if (splits > 1) {
+            const int64_t n = slabs.size;
+            auto slab = [&](int i) { return i < group ? r.dq.data() + (int64_t)i * n : ws.data() + ((rows + 63) / 64) * 64 + (int64_t)(i - group) * n; };
+            for (int64_t i = 0; i < n; ++i)
+                for (int sp = 1; sp < splits; ++sp) { r.dk[i] += slab(2 * (sp - 1))[i]; r.dv[i] += slab(2 * (sp - 1) + 1)[i]; }
+        }
+        launch(dim3(nq, n_seqs, tiles), 128, [&] {
+            attention_mma_dq_kernel<Bf16Op, D, false, In>(qp, kp, vp, dout.data(), r.lse.data(), ws.data(), r.dq.data(), cu.data(), nq, nkv, scale, scale * kLog2e);
+        });
+        return r;
+    };
+    const Result a = run(q.data(), k.data(), v.data()), b = run(q16.data(), k16.data(), v16.data());
+    auto same = [](const std::vector<float>& x, const std::vector<float>& y) {
+        return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+    };
+    const bool ok = same(a.out, b.out) && same(a.lse, b.lse) && same(a.dq, b.dq) && same(a.dk, b.dk) && same(a.dv, b.dv);
+    std::printf("%-28s splits %d: bf16 q, k, v equal to fp32 inputs bit for bit  %s\n", name, splits, ok ? "OK" : "FAIL");
+    return ok;
+}
+
 int main() {
     bool ok = true;
+    ok &= run_bf16_inputs_case<64, 2>({70, 1, 130}, 4, 2, 2, "bf16 inputs d64 4/2 hpb2");
+    ok &= run_bf16_inputs_case<128, 1>({64, 0, 129}, 3, 1, 1, "bf16 inputs d128 3/1 hpb1");
     ok &= run_case<Bf16Op, 64, 2>({70, 1, 130}, 4, 2, 1, 1.5e-2, 3e-2, "bf16 d64 4/2 hpb2");
     ok &= run_case<Bf16Op, 64, 2>({70, 1, 130}, 4, 2, 2, 1.5e-2, 3e-2, "bf16 d64 4/2 hpb2");
     ok &= run_case<Tf32Op, 64, 2>({70, 1, 130}, 4, 2, 2, 2e-3, 5e-3, "tf32 d64 4/2 hpb2");

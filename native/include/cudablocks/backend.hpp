@@ -161,6 +161,18 @@ class Backend {
                                   int max_seqlen, std::int64_t tokens, int n_q_heads, int n_kv_heads,
                                   int head_dim, float scale, Precision precision,
                                   const Stream& stream) const = 0;
+  // The same two with q, k, v in bf16 (bit patterns): bf16 mode's blocks keep them so (their
+  // producers round them once, as the BF16 kernels would on staging), so the products read them as
+  // they are: half the bytes, no conversion. BF16 precision; the CPU computes on their values.
+  virtual void attention_forward(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v,
+                                 float* out, float* lse, const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen,
+                                 std::int64_t tokens, int n_q_heads, int n_kv_heads, int head_dim, float scale,
+                                 const Stream& stream) const = 0;
+  virtual void attention_backward(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v,
+                                  const float* out, const float* dout, const float* lse, float* dq, float* dk,
+                                  float* dv, float* workspace, const std::int32_t* cu_seqlens, int n_seqs,
+                                  int max_seqlen, std::int64_t tokens, int n_q_heads, int n_kv_heads, int head_dim,
+                                  float scale, const Stream& stream) const = 0;
 
   // One AdamW step over n elements in place (cudablocks/optimizer.hpp). grad_sum_squares: nullptr,
   // or a device float holding the squared global gradient norm, for clipping and the skip of a

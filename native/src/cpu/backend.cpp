@@ -186,6 +186,24 @@ class CpuBackend final : public Backend {
                             tokens, n_q_heads, n_kv_heads, head_dim, scale);
   }
 
+  void attention_forward(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v, float* out,
+                         float* lse, const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen, std::int64_t tokens,
+                         int n_q_heads, int n_kv_heads, int head_dim, float scale, const Stream&) const override {
+    const std::vector<float> q32 = widened(q, tokens * n_q_heads * head_dim);
+    const std::vector<float> k32 = widened(k, tokens * n_kv_heads * head_dim), v32 = widened(v, tokens * n_kv_heads * head_dim);
+    cpu::attention_forward(q32.data(), k32.data(), v32.data(), out, lse, cu_seqlens, n_seqs, max_seqlen, tokens,
+                           n_q_heads, n_kv_heads, head_dim, scale);
+  }
+  void attention_backward(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v, const float* out,
+                          const float* dout, const float* lse, float* dq, float* dk, float* dv, float* workspace,
+                          const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen, std::int64_t tokens,
+                          int n_q_heads, int n_kv_heads, int head_dim, float scale, const Stream&) const override {
+    const std::vector<float> q32 = widened(q, tokens * n_q_heads * head_dim);
+    const std::vector<float> k32 = widened(k, tokens * n_kv_heads * head_dim), v32 = widened(v, tokens * n_kv_heads * head_dim);
+    cpu::attention_backward(q32.data(), k32.data(), v32.data(), out, dout, lse, dq, dk, dv, workspace, cu_seqlens,
+                            n_seqs, max_seqlen, tokens, n_q_heads, n_kv_heads, head_dim, scale);
+  }
+
   void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, std::int64_t n,
                   const AdamWHyper& hyper, const float* grad_sum_squares, std::uint16_t* param_bf16,
                   const Stream&) const override {

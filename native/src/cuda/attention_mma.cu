@@ -94,9 +94,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "cuda/attention.cuh"
 #include "cuda/check.hpp"
+#include "cuda/scratch.hpp"
+#include "cuda/to_bf16.cuh"
 
 namespace cudablocks::cuda {
 namespace {
@@ -309,6 +312,36 @@ __device__ __forceinline__ void stage_rows(typename Op::Pair* s, const float* g,
     }
 }
 
+// 64 x D bf16 rows at g (bit patterns, as bf16-mode blocks keep q, k, v) -> "rows" tile: a bf16
+// rows tile holds a row's elements in order (pair p = elements 2p, 2p+1), so staging is a copy of
+// 16-byte chunks (8 elements): half the bytes of the fp32 staging and no conversion. Bf16Op only.
+template <class Op, int D, int NT = kThreads>
+__device__ __forceinline__ void stage_rows(typename Op::Pair* s, const std::uint16_t* g, int64_t gstride,
+                                           int rows_valid) {
+    static_assert(Op::kTransFromRows, "bf16 inputs feed bf16 operands only");
+    constexpr int C8 = D / 8;
+    constexpr int N = kTile * C8 / NT;  // 128 threads: 4 (D=64) or 8 (D=128)
+    constexpr int LD = ld_rows<D>();
+    constexpr int B = N < 4 ? N : 4;    // loads in flight per thread
+    static_assert(N % B == 0, "");
+#pragma unroll 1
+    for (int it0 = 0; it0 < N; it0 += B) {
+        uint4 x[B];
+#pragma unroll
+        for (int j = 0; j < B; ++j) {
+            const int u = (it0 + j) * NT + threadIdx.x;
+            const int r = u / C8, c = u % C8;
+            x[j] = r < rows_valid ? __ldg(reinterpret_cast<const uint4*>(g + r * gstride + c * 8))
+                                  : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int j = 0; j < B; ++j) {
+            const int u = (it0 + j) * NT + threadIdx.x;
+            *reinterpret_cast<uint4*>(s + (u / C8) * LD + (u % C8) * 4) = x[j];
+        }
+    }
+}
+
 // 64 x D fp32 rows at g -> transposed "cols" tile s[D][kLdT]: pair p of row c holds elements
 // (rows 2p, 2p+1; column c). A thread takes row pair rp and column chunk c4 (two float4 loads, four
 // pair stores). Lanes 0..15 take 16 consecutive row pairs of one chunk, lanes 16..31 the next chunk:
@@ -454,8 +487,8 @@ __device__ __forceinline__ void warp_pB(const float (&p)[8][4], const typename O
 }
 
 // Stages a tile that is used only as the B operand of warp_pB: "rows" (bf16) or "cols" (tf32).
-template <class Op, int D, int NT = kThreads>
-__device__ __forceinline__ void stage_pb(typename Op::Pair* s, const float* g, int64_t gstride, int rows_valid) {
+template <class Op, int D, int NT = kThreads, class In>
+__device__ __forceinline__ void stage_pb(typename Op::Pair* s, const In* g, int64_t gstride, int rows_valid) {
     if constexpr (Op::kTransFromRows) stage_rows<Op, D, NT>(s, g, gstride, rows_valid);
     else stage_cols<Op, D, NT>(s, g, gstride, rows_valid);
 }
@@ -497,10 +530,11 @@ __device__ __forceinline__ void store_acc(float* dst, int64_t gstride, const flo
 // Forward. Grid (n_q_heads / HPB, n_seqs, n_qtiles), 128 * HPB threads: HPB query heads of one GQA
 // group share each staged K/V tile (half the K/V traffic per FLOP with HPB = 2); warp w computes
 // rows (w%4)*16 .. +15 of head blockIdx.x*HPB + w/4. Shared: HPB Q tiles, K "rows", V (stage_pb).
-template <class Op, int D, int HPB>
+// In: float, or std::uint16_t for bf16 q, k, v (Bf16Op; staged by copy).
+template <class Op, int D, int HPB, class In = float>
 __global__ void __launch_bounds__(kThreads * HPB, 4 / HPB)  // <= 128 registers: 16 warps per SM
-attention_mma_forward_kernel(const float* __restrict__ q, const float* __restrict__ k,
-                             const float* __restrict__ v, float* __restrict__ out, float* __restrict__ lse,
+attention_mma_forward_kernel(const In* __restrict__ q, const In* __restrict__ k,
+                             const In* __restrict__ v, float* __restrict__ out, float* __restrict__ lse,
                              const int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads,
                              float scale_log2) {
     using Pair = typename Op::Pair;
@@ -524,8 +558,8 @@ attention_mma_forward_kernel(const float* __restrict__ q, const float* __restric
     const int64_t q_stride = (int64_t)n_q_heads * D;
     const int64_t kv_stride = (int64_t)n_kv_heads * D;
     const Pair* Qw = Qs + (warp / 4) * kTile * LD;
-    const float* k_head = k + (int64_t)start * kv_stride + (int64_t)kvh * D;
-    const float* v_head = v + (int64_t)start * kv_stride + (int64_t)kvh * D;
+    const In* k_head = k + (int64_t)start * kv_stride + (int64_t)kvh * D;
+    const In* v_head = v + (int64_t)start * kv_stride + (int64_t)kvh * D;
 
     for (int qt = (int)gridDim.z - 1 - (int)blockIdx.z; qt < n_tiles; qt += gridDim.z) {
         const int q0 = qt * kTile;
@@ -612,14 +646,16 @@ attention_mma_forward_kernel(const float* __restrict__ q, const float* __restric
 // split s > 0 its slabs, which attention_reduce_kernel adds in split order: deterministic).
 // Grid (n_kv_heads * splits, n_seqs, n_ktiles), 128 threads. Shared: K, V, Q, dO "rows"; (tf32) Q^T, dO^T
 // "cols"; lse (log2 domain) and D of the current query tile.
-template <class Op, int D, bool ASYNC = false>
+// In as in the forward (bf16 q, k, v: synchronous staging, ASYNC false; dO stays fp32).
+template <class Op, int D, bool ASYNC = false, class In = float>
 __global__ void __launch_bounds__(kThreads)
-attention_mma_dkdv_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, const In* __restrict__ v,
                           const float* __restrict__ dout, const float* __restrict__ lse,
                           const float* __restrict__ dsum, float* __restrict__ dk, float* __restrict__ dv,
                           Slabs slabs, const int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads,
                           int splits, float scale, float scale_log2) {
     using Pair = typename Op::Pair;
+    static_assert(std::is_same_v<In, float> || (!ASYNC && Op::kTransFromRows), "bf16 inputs: Bf16Op, synchronous staging");
     constexpr int LD = ld_rows<D>();
     extern __shared__ uint4 smem_u4[];
     Pair* Ks = reinterpret_cast<Pair*>(smem_u4);
@@ -791,14 +827,15 @@ attention_mma_dkdv_kernel(const float* __restrict__ q, const float* __restrict__
 // ASYNC: tf32: cp.async into the rows tiles, rounded in place, K^T transposed in shared memory from
 // the rounded K rows instead of a second global read, the next K, V prefetched during dQ += dS K;
 // bf16 (staging mode 2): through an fp32 landing tile, the next K prefetched.
-template <class Op, int D, bool ASYNC = false>
+template <class Op, int D, bool ASYNC = false, class In = float>
 __global__ void __launch_bounds__(kThreads, Op::kTransFromRows && !ASYNC ? 3 : 2)
-attention_mma_dq_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+attention_mma_dq_kernel(const In* __restrict__ q, const In* __restrict__ k, const In* __restrict__ v,
                         const float* __restrict__ dout, const float* __restrict__ lse,
                         const float* __restrict__ dsum, float* __restrict__ dq,
                         const int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads, float scale,
                         float scale_log2) {
     using Pair = typename Op::Pair;
+    static_assert(std::is_same_v<In, float> || (!ASYNC && Op::kTransFromRows), "bf16 inputs: Bf16Op, synchronous staging");
     constexpr int LD = ld_rows<D>();
     extern __shared__ uint4 smem_u4[];
     Pair* Qs = reinterpret_cast<Pair*>(smem_u4);
@@ -823,8 +860,8 @@ attention_mma_dq_kernel(const float* __restrict__ q, const float* __restrict__ k
     const int64_t kv_stride = (int64_t)n_kv_heads * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
-    const float* k_head = k + (int64_t)start * kv_stride + (int64_t)kvh * D;
-    const float* v_head = v + (int64_t)start * kv_stride + (int64_t)kvh * D;
+    const In* k_head = k + (int64_t)start * kv_stride + (int64_t)kvh * D;
+    const In* v_head = v + (int64_t)start * kv_stride + (int64_t)kvh * D;
 
     for (int qt = (int)gridDim.z - 1 - (int)blockIdx.z; qt < n_tiles; qt += gridDim.z) {
         const int q0 = qt * kTile;
@@ -1021,20 +1058,20 @@ void prepare_smem(Kernel kernel, size_t bytes) {
                                                (int)cudaSharedmemCarveoutMaxShared));
 }
 
-template <class Op, int D, int HPB>
-void launch_forward_hpb(const float* q, const float* k, const float* v, float* out, float* lse,
+template <class Op, int D, int HPB, class In>
+void launch_forward_hpb(const In* q, const In* k, const In* v, float* out, float* lse,
                         const int32_t* cu_seqlens, const Shape& s, float scale, cudaStream_t stream) {
     const size_t smem = forward_smem<Op, D, HPB>();
-    prepare_smem(attention_mma_forward_kernel<Op, D, HPB>, smem);
+    prepare_smem(attention_mma_forward_kernel<Op, D, HPB, In>, smem);
     const dim3 grid((unsigned)(s.n_q_heads / HPB), (unsigned)s.n_seqs, tiles_for(s));
-    attention_mma_forward_kernel<Op, D, HPB><<<grid, kThreads * HPB, smem, stream>>>(
+    attention_mma_forward_kernel<Op, D, HPB, In><<<grid, kThreads * HPB, smem, stream>>>(
         q, k, v, out, lse, cu_seqlens, s.n_q_heads, s.n_kv_heads, scale * kLog2e);
     CUDABLOCKS_CHECK_LAUNCH("attention_mma_forward_kernel");
 }
 
 // Two query heads per block when the GQA group allows it (they share the kv head), else one.
-template <class Op, int D>
-void launch_forward(const float* q, const float* k, const float* v, float* out, float* lse,
+template <class Op, int D, class In>
+void launch_forward(const In* q, const In* k, const In* v, float* out, float* lse,
                     const int32_t* cu_seqlens, const Shape& s, float scale, cudaStream_t stream) {
     if ((s.n_q_heads / s.n_kv_heads) % 2 == 0)
         launch_forward_hpb<Op, D, 2>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
@@ -1082,8 +1119,8 @@ int staging_mode() {
     return m;
 }
 
-template <class Op, int D, bool ASYNC, bool DQ_ASYNC>
-void launch_backward(const float* q, const float* k, const float* v, const float* out, const float* dout,
+template <class Op, int D, bool ASYNC, bool DQ_ASYNC, class In>
+void launch_backward(const In* q, const In* k, const In* v, const float* out, const float* dout,
                      const float* lse, float* dq, float* dk, float* dv, float* workspace,
                      const int32_t* cu_seqlens, const Shape& s, float scale, int kv_splits,
                      cudaStream_t stream) {
@@ -1094,9 +1131,9 @@ void launch_backward(const float* q, const float* k, const float* v, const float
     const int group = s.n_q_heads / s.n_kv_heads;
     const Slabs slabs{dq, workspace + ((rows + 63) / 64) * 64, group, s.total_tokens * s.n_kv_heads * D};
     const size_t dkdv_bytes = dkdv_smem<Op, D, ASYNC>();
-    prepare_smem(attention_mma_dkdv_kernel<Op, D, ASYNC>, dkdv_bytes);
+    prepare_smem(attention_mma_dkdv_kernel<Op, D, ASYNC, In>, dkdv_bytes);
     const int splits =
-        kv_splits > 0 ? kv_splits : choose_splits(attention_mma_dkdv_kernel<Op, D, ASYNC>, dkdv_bytes, s);
+        kv_splits > 0 ? kv_splits : choose_splits(attention_mma_dkdv_kernel<Op, D, ASYNC, In>, dkdv_bytes, s);
     {
         const int warps_per_block = 256 / 32;
         int64_t blocks = (rows + warps_per_block - 1) / warps_per_block;
@@ -1106,7 +1143,7 @@ void launch_backward(const float* q, const float* k, const float* v, const float
     }
     {
         const dim3 grid((unsigned)(s.n_kv_heads * splits), (unsigned)s.n_seqs, tiles);
-        attention_mma_dkdv_kernel<Op, D, ASYNC><<<grid, kThreads, dkdv_bytes, stream>>>(
+        attention_mma_dkdv_kernel<Op, D, ASYNC, In><<<grid, kThreads, dkdv_bytes, stream>>>(
             q, k, v, dout, lse, dsum, dk, dv, slabs, cu_seqlens, s.n_q_heads, s.n_kv_heads, splits, scale,
             scale_log2);
         CUDABLOCKS_CHECK_LAUNCH("attention_mma_dkdv_kernel");
@@ -1119,9 +1156,9 @@ void launch_backward(const float* q, const float* k, const float* v, const float
     }
     {
         const size_t smem = dq_smem<Op, D, DQ_ASYNC>();
-        prepare_smem(attention_mma_dq_kernel<Op, D, DQ_ASYNC>, smem);
+        prepare_smem(attention_mma_dq_kernel<Op, D, DQ_ASYNC, In>, smem);
         const dim3 grid((unsigned)s.n_q_heads, (unsigned)s.n_seqs, tiles);
-        attention_mma_dq_kernel<Op, D, DQ_ASYNC><<<grid, kThreads, smem, stream>>>(
+        attention_mma_dq_kernel<Op, D, DQ_ASYNC, In><<<grid, kThreads, smem, stream>>>(
             q, k, v, dout, lse, dsum, dq, cu_seqlens, s.n_q_heads, s.n_kv_heads, scale, scale_log2);
         CUDABLOCKS_CHECK_LAUNCH("attention_mma_dq_kernel");
     }
@@ -1188,6 +1225,83 @@ void attention_forward_mma(const float* q, const float* k, const float* v, float
         if (bf16) launch_forward<Bf16Op, 64>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
         else launch_forward<Tf32Op, 64>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
     }
+}
+
+// ---- bf16 q, k, v (bf16 mode's blocks keep them so) ----
+
+namespace {
+
+// fp32 copies of q, k, v in per-stream scratch, for the head dims without tensor-core kernels.
+struct WidenedQkv {
+    ScratchLease scratch;
+    const float *q, *k, *v;
+    WidenedQkv(const std::uint16_t* q16, const std::uint16_t* k16, const std::uint16_t* v16, const Shape& s,
+               cudaStream_t stream)
+        : scratch(sizeof(float) * (size_t)(s.total_tokens * (s.n_q_heads + 2 * s.n_kv_heads) * s.head_dim), stream) {
+        const int64_t nq = s.total_tokens * s.n_q_heads * s.head_dim, nkv = s.total_tokens * s.n_kv_heads * s.head_dim;
+        float* w = scratch.get<float>();
+        from_bf16(q16, w, nq, stream);
+        from_bf16(k16, w + nq, nkv, stream);
+        from_bf16(v16, w + nq + nkv, nkv, stream);
+        q = w;
+        k = w + nq;
+        v = w + nq + nkv;
+    }
+};
+
+template <int D>
+bool bf16_inputs_fit(const Shape& s) {
+    return mma_fits_forward<Bf16Op, D>(s) && mma_fits_backward<Bf16Op, D, false, false>();
+}
+
+}  // namespace
+
+void attention_forward_mma(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v, float* out,
+                           float* lse, const int32_t* cu_seqlens, int n_seqs, int max_seqlen, int64_t total_tokens,
+                           int n_q_heads, int n_kv_heads, int head_dim, float scale, cudaStream_t stream) {
+    const Shape s{n_seqs, max_seqlen, total_tokens, n_q_heads, n_kv_heads, head_dim};
+    const bool mma = attention_mma_supported(head_dim, Precision::BF16);
+    if (mma && !check_shape(s, cu_seqlens)) return;
+    if (!mma || !(head_dim == 128 ? bf16_inputs_fit<128>(s) : bf16_inputs_fit<64>(s))) {
+        const WidenedQkv w(q, k, v, s, stream);
+        attention_forward_mma(w.q, w.k, w.v, out, lse, cu_seqlens, n_seqs, max_seqlen, total_tokens, n_q_heads,
+                              n_kv_heads, head_dim, scale, Precision::BF16, stream);
+        return;
+    }
+    check_aligned(q, "q");
+    check_aligned(k, "k");
+    check_aligned(v, "v");
+    check_aligned(out, "out");
+    if (lse == nullptr) fail("lse is null");
+    if (head_dim == 128) launch_forward<Bf16Op, 128>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
+    else launch_forward<Bf16Op, 64>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
+}
+
+void attention_backward_mma(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v,
+                            const float* out, const float* dout, const float* lse, float* dq, float* dk, float* dv,
+                            float* workspace, const int32_t* cu_seqlens, int n_seqs, int max_seqlen,
+                            int64_t total_tokens, int n_q_heads, int n_kv_heads, int head_dim, float scale,
+                            cudaStream_t stream) {
+    const Shape s{n_seqs, max_seqlen, total_tokens, n_q_heads, n_kv_heads, head_dim};
+    const bool mma = attention_mma_supported(head_dim, Precision::BF16);
+    if (mma && !check_shape(s, cu_seqlens)) return;
+    if (!mma || !(head_dim == 128 ? bf16_inputs_fit<128>(s) : bf16_inputs_fit<64>(s))) {
+        const WidenedQkv w(q, k, v, s, stream);
+        attention_backward_mma(w.q, w.k, w.v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, n_seqs, max_seqlen,
+                               total_tokens, n_q_heads, n_kv_heads, head_dim, scale, Precision::BF16, stream);
+        return;
+    }
+    for (const auto& [p, name] : {std::pair<const void*, const char*>{q, "q"}, {k, "k"}, {v, "v"}, {out, "out"},
+                                  {dout, "dout"}, {dq, "dq"}, {dk, "dk"}, {dv, "dv"}, {workspace, "workspace"}})
+        check_aligned(p, name);
+    if (lse == nullptr) fail("lse is null");
+    // Synchronous staging: the bf16 tiles are copies (half the bytes, no conversion); no landing tiles.
+    if (head_dim == 128)
+        launch_backward<Bf16Op, 128, false, false>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s,
+                                                   scale, 0, stream);
+    else
+        launch_backward<Bf16Op, 64, false, false>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s,
+                                                  scale, 0, stream);
 }
 
 namespace detail {

@@ -40,6 +40,16 @@ __global__ void __launch_bounds__(kThreads) to_bf16_scalar_kernel(const float* _
   }
 }
 
+// y[i] = float(x[i]): exact; the fallback of the bf16-input attention where no tensor-core kernel
+// serves (rare head dims), so one element per thread is enough.
+__global__ void __launch_bounds__(kThreads) from_bf16_kernel(const std::uint16_t* __restrict__ x,
+                                                             float* __restrict__ y, std::int64_t n) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * kThreads;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
+    y[i] = bf16_to_float(x[i]);
+  }
+}
+
 unsigned grid_for(std::int64_t work) {
   const std::int64_t cap = 16 * static_cast<std::int64_t>(multiprocessor_count());
   return static_cast<unsigned>(std::clamp<std::int64_t>((work + kThreads - 1) / kThreads, 1, cap));
@@ -58,6 +68,12 @@ void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, cudaStream_t stre
     to_bf16_scalar_kernel<<<grid_for(n), kThreads, 0, stream>>>(x, y, n);
     CUDABLOCKS_CHECK_LAUNCH("to_bf16_scalar_kernel");
   }
+}
+
+void from_bf16(const std::uint16_t* x, float* y, std::int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  from_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(x, y, n);
+  CUDABLOCKS_CHECK_LAUNCH("from_bf16_kernel");
 }
 
 }  // namespace cudablocks::cuda
