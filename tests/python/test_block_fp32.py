@@ -4,7 +4,10 @@ layer size."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import ml_dtypes
@@ -285,11 +288,28 @@ def bf16_operand_layer(layer: Any) -> Any:
     return layer
 
 
+@contextlib.contextmanager
+def bf16_attention_operands(layer: Any) -> Iterator[None]:
+    """Within the block, the layer's eager attention sees q and k (after the norm and RoPE) and v rounded to
+    bf16 (straight-through gradients), as the block's bf16 mode keeps them for its tensor-core attention."""
+    module = sys.modules[type(layer.self_attn).__module__]
+    eager = module.eager_attention_forward
+
+    def rounded(attn: Any, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        return eager(attn, _Bf16Round.apply(query), _Bf16Round.apply(key), _Bf16Round.apply(value), *args, **kwargs)
+
+    module.eager_attention_forward = rounded
+    try:
+        yield
+    finally:
+        module.eager_attention_forward = eager
+
+
 @pytest.mark.parametrize("case", ["qwen3", "qwen2", "llama-attention_bias"])
 def test_bf16_mode_on_cpu_emulates_bf16_operands(case: str, rng: np.random.Generator) -> None:
-    """The CPU backend's bf16 mode rounds every GEMM operand to bf16 as CUDA's bf16 GEMMs do: it matches a
-    float64 reference whose projections see bf16-rounded operands (forward and backward) far more closely
-    than it matches the plain float64 layer."""
+    """The CPU backend's bf16 mode rounds every GEMM operand to bf16 as CUDA's bf16 GEMMs do, and attention's
+    q, k, v as CUDA's bf16 attention reads them: it matches a float64 reference that rounds the same operands
+    (forward and backward) far more closely than it matches the plain float64 layer."""
     spec = dict(CASES[case])
     model_type = spec.pop("model_type")
     lens = [40, 1, 60]
@@ -302,7 +322,8 @@ def test_bf16_mode_on_cpu_emulates_bf16_operands(case: str, rng: np.random.Gener
     ours = run_block(cb.CudaBlock.fp32(cfg, 0, weights, "cpu", max_tokens=sum(lens), precision="bf16"),
                      x, lens, grad_out)
     exact = hf_reference(layer, Rotary(config, "cpu"), x, lens, grad_out)
-    emulated = hf_reference(bf16_operand_layer(layer), Rotary(config, "cpu"), x, lens, grad_out)
+    with bf16_attention_operands(layer):
+        emulated = hf_reference(bf16_operand_layer(layer), Rotary(config, "cpu"), x, lens, grad_out)
     pairs = [("out", ours[0], emulated[0], exact[0]), ("grad_in", ours[1], emulated[1], exact[1])]
     pairs += [(name, ours[2][name], emulated[2][name], exact[2][name]) for name in exact[2]]
     for name, o, e, x64 in pairs:
@@ -348,11 +369,11 @@ def test_bf16_scratch_and_saved_bytes_are_counted() -> None:
     weights = {name: np.zeros(shape, np.float32) for name, shape in layout_shapes(cfg).items()}
     fp32 = cb.CudaBlock.fp32(cfg, 0, weights, "cpu", max_tokens=1)
     bf16 = cb.CudaBlock.fp32(cfg, 0, weights, "cpu", max_tokens=1, precision="bf16")
-    # The documented Qwen3-4B figures; bf16 mode keeps q, k before the norm [4096 + 1024] and gate_up
-    # [2 I] in bf16 (2 bytes less per value).
+    # The documented Qwen3-4B figures; bf16 mode keeps q, k before the norm [4096 + 1024], v [1024] and
+    # gate_up [2 I] in bf16 (2 bytes less per value).
     assert fp32.saved_bytes_per_token == 129_320
-    assert fp32.saved_bytes_per_token - bf16.saved_bytes_per_token == 2 * (4096 + 1024 + 2 * 9728)
-    assert bf16.saved_bytes_per_token == 80_168
+    assert fp32.saved_bytes_per_token - bf16.saved_bytes_per_token == 2 * (4096 + 1024 + 1024 + 2 * 9728)
+    assert bf16.saved_bytes_per_token == 78_120
     # bf16 operands: [T, max(H, q)] + [T, max(2 I, q + 2 kv)] + [T, H], 2 bytes each.
     assert bf16.scratch_bytes_per_token - fp32.scratch_bytes_per_token == 2 * (4096 + 2 * 9728 + 2560)
 

@@ -122,6 +122,11 @@ class Backend {
   virtual void qk_norm_rope_backward(const float* dy, const std::uint16_t* x, const float* w, const float* rstd,
                                      float* dx, float* dw, const std::int32_t* positions, std::int64_t tokens,
                                      int n_heads, int head_dim, const float* inv_freq, const Stream& stream) const = 0;
+  // The forward with y in bf16 too (rounded to nearest even from the same fp32 result): bf16 mode's
+  // attention reads q and k so.
+  virtual void qk_norm_rope_forward(const std::uint16_t* x, const float* w, std::uint16_t* y, float* rstd,
+                                    const std::int32_t* positions, std::int64_t tokens, int n_heads,
+                                    int head_dim, float eps, const float* inv_freq, const Stream& stream) const = 0;
 
   // SwiGLU on gate_up [rows, 2 * cols] (gate in columns [0, cols), up in [cols, 2 * cols)):
   //   out[r, c] = silu(gate[r, c]) * up[r, c],  out [rows, cols],

@@ -43,13 +43,13 @@
 //
 // ---- Saved activations (kept from forward to backward), floats per token ---------------------
 //   q_raw n_q d, k_raw n_kv d, v n_kv d, att n_q d, r H, gate_up 2 I, lse n_q, rstd_q n_q and
-//   rstd_k n_kv (with qk_norm), rstd1 1, rstd2 1. In bf16 mode q_raw, k_raw and gate_up are bf16
-//   (half the floats).
+//   rstd_k n_kv (with qk_norm), rstd1 1, rstd2 1. In bf16 mode q_raw, k_raw, v and gate_up are bf16
+//   (half the floats), and so are q_rot and k_rot in the scratch: attention reads bf16 q, k, v.
 // Recomputed in the backward instead of kept: h and g (one RMSNorm each), q_rot and k_rot (one
 // QK-norm+RoPE each), act (one SwiGLU) — all cheap elementwise passes. x itself is not kept: the
 // caller passes it again. saved_bytes_per_token() reports the total; for Qwen3-4B
 // (H 2560, 32/8 heads x 128, I 9728) it is 129,320 bytes (about 126 KiB) per token in fp32 and
-// tf32, 80,168 bytes (about 78 KiB) in bf16.
+// tf32, 78,120 bytes (about 76 KiB) in bf16.
 // Transient scratch (dead outside a call) is a second allocation: scratch_bytes_per_token()
 // (Qwen3-4B: 126,976 bytes per token + the CUDA attention backward's workspace, 8,320 bytes).
 //

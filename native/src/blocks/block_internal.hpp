@@ -36,8 +36,8 @@ struct Segments {
   }
 };
 
-// The saved activations' offsets; widths documented in block.hpp. In bf16 mode q_raw, k_raw and
-// gate_up hold bf16 values (n of them per token in the space of n / 2 floats; n is even).
+// The saved activations' offsets; widths documented in block.hpp. In bf16 mode q_raw, k_raw, v and
+// gate_up hold bf16 values (n of them per token in the space of n / 2 floats, rounded up).
 struct SavedLayout {
   std::int64_t q_raw, k_raw, v, att, r, gate_up, lse, rstd_q, rstd_k, rstd1, rstd2, total;
   SavedLayout(const TransformerConfig& c, std::int64_t t, Precision precision) {
@@ -45,7 +45,7 @@ struct SavedLayout {
     Segments s;
     q_raw = s.add(t, floats_for(w.q, precision));
     k_raw = s.add(t, floats_for(w.kv, precision));
-    v = s.add(t, w.kv);
+    v = s.add(t, floats_for(w.kv, precision));
     att = s.add(t, w.q);
     r = s.add(t, w.H);
     gate_up = s.add(t, floats_for(2 * w.I, precision));
@@ -58,7 +58,7 @@ struct SavedLayout {
   }
   static std::int64_t floats_per_token(const TransformerConfig& c, Precision precision) {
     Widths w(c);
-    return floats_for(w.q, precision) + floats_for(w.kv, precision) + w.kv + w.q + w.H +
+    return floats_for(w.q, precision) + 2 * floats_for(w.kv, precision) + w.q + w.H +
            floats_for(2 * w.I, precision) + w.nq + (c.qk_norm ? w.nq + w.nkv : 0) + 2;
   }
   // Floats holding n values of an activation kept in bf16 in bf16 mode (rounded up: never short).
@@ -67,14 +67,15 @@ struct SavedLayout {
   }
 };
 
-// QK-norm + RoPE of q or k as the forward saved it (SavedLayout: bf16 bits in bf16 mode).
+// QK-norm + RoPE of q or k as the forward saved it (SavedLayout: bf16 bits in bf16 mode), into y
+// as attention reads it: fp32, or in bf16 mode bf16 bits (the tensor cores' operand, rounded once).
 inline void qk_norm_rope_forward_saved(const Backend& be, Precision precision, const float* raw, const float* w,
                                        float* y, float* rstd, const std::int32_t* positions, std::int64_t tokens,
                                        int heads, int head_dim, float eps, const float* inv_freq,
                                        const Stream& stream) {
   if (precision == Precision::BF16) {
-    be.qk_norm_rope_forward(reinterpret_cast<const std::uint16_t*>(raw), w, y, rstd, positions, tokens, heads,
-                            head_dim, eps, inv_freq, stream);
+    be.qk_norm_rope_forward(reinterpret_cast<const std::uint16_t*>(raw), w, reinterpret_cast<std::uint16_t*>(y),
+                            rstd, positions, tokens, heads, head_dim, eps, inv_freq, stream);
   } else {
     be.qk_norm_rope_forward(raw, w, y, rstd, positions, tokens, heads, head_dim, eps, inv_freq, stream);
   }
@@ -88,6 +89,41 @@ inline void qk_norm_rope_backward_saved(const Backend& be, Precision precision, 
                              heads, head_dim, inv_freq, stream);
   } else {
     be.qk_norm_rope_backward(dy, raw, w, rstd, dx, dw, positions, tokens, heads, head_dim, inv_freq, stream);
+  }
+}
+
+// Attention on the rotated q, k and on v as the blocks keep them: fp32, or bf16 bits in bf16 mode.
+struct AttentionShape {
+  const std::int32_t* cu_seqlens;
+  int n_seqs, max_seqlen;
+  std::int64_t tokens;
+  int n_q_heads, n_kv_heads, head_dim;
+  float scale;
+};
+inline void attention_forward_saved(const Backend& be, Precision precision, const float* q, const float* k,
+                                    const float* v, float* out, float* lse, const AttentionShape& a,
+                                    const Stream& stream) {
+  if (precision == Precision::BF16) {
+    be.attention_forward(reinterpret_cast<const std::uint16_t*>(q), reinterpret_cast<const std::uint16_t*>(k),
+                         reinterpret_cast<const std::uint16_t*>(v), out, lse, a.cu_seqlens, a.n_seqs, a.max_seqlen,
+                         a.tokens, a.n_q_heads, a.n_kv_heads, a.head_dim, a.scale, stream);
+  } else {
+    be.attention_forward(q, k, v, out, lse, a.cu_seqlens, a.n_seqs, a.max_seqlen, a.tokens, a.n_q_heads,
+                         a.n_kv_heads, a.head_dim, a.scale, precision, stream);
+  }
+}
+inline void attention_backward_saved(const Backend& be, Precision precision, const float* q, const float* k,
+                                     const float* v, const float* out, const float* dout, const float* lse, float* dq,
+                                     float* dk, float* dv, float* workspace, const AttentionShape& a,
+                                     const Stream& stream) {
+  if (precision == Precision::BF16) {
+    be.attention_backward(reinterpret_cast<const std::uint16_t*>(q), reinterpret_cast<const std::uint16_t*>(k),
+                          reinterpret_cast<const std::uint16_t*>(v), out, dout, lse, dq, dk, dv, workspace,
+                          a.cu_seqlens, a.n_seqs, a.max_seqlen, a.tokens, a.n_q_heads, a.n_kv_heads, a.head_dim,
+                          a.scale, stream);
+  } else {
+    be.attention_backward(q, k, v, out, dout, lse, dq, dk, dv, workspace, a.cu_seqlens, a.n_seqs, a.max_seqlen,
+                          a.tokens, a.n_q_heads, a.n_kv_heads, a.head_dim, a.scale, precision, stream);
   }
 }
 

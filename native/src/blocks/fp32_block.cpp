@@ -231,8 +231,9 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   std::uint16_t* h16 = mm.s16(bl.a);
   mm.rmsnorm(xin, W + pl.ln_in, h, h16, S + sl.rstd1, T, H, eps);
   const float* bias = pl.bqkv >= 0 ? W + pl.bqkv : nullptr;
-  // q and k (before the norm) into their saved slots: fp32, or in bf16 mode bf16 as the product
-  // writes them (rounded after the bias, which is added in fp32 in d_att, free until the backward).
+  // q and k (before the norm) and v into their saved slots: fp32, or in bf16 mode bf16 as the
+  // product writes them (rounded after the bias, which is added in fp32 in d_att, free until the
+  // backward).
   auto project_raw = [&](const float* w, const std::uint16_t* w16, const float* b, std::int64_t n, float* dst) {
     if (!mm.bf16()) {
       mm.gemm(false, true, T, n, H, h, nullptr, w, nullptr, 0.0f, dst);
@@ -251,16 +252,15 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   };
   project_raw(wq, wq16, bias, q, S + sl.q_raw);
   project_raw(wk, wk16, bias != nullptr ? bias + q : nullptr, kv, S + sl.k_raw);
-  mm.gemm(false, true, T, kv, H, h, h16, wv, wv16, 0.0f, S + sl.v);
-  if (bias != nullptr) be.add_bias(S + sl.v, bias + q + kv, T, kv, stream);
+  project_raw(wv, wv16, bias != nullptr ? bias + q + kv : nullptr, kv, S + sl.v);
   const bool qkn = c.qk_norm;
   qk_norm_rope_forward_saved(be, prec, S + sl.q_raw, qkn ? W + pl.q_norm : nullptr, X + sc.q_rot,
                              qkn ? S + sl.rstd_q : nullptr, positions, T, nq, static_cast<int>(d), eps, inv_freq, stream);
   qk_norm_rope_forward_saved(be, prec, S + sl.k_raw, qkn ? W + pl.k_norm : nullptr, X + sc.k_rot,
                              qkn ? S + sl.rstd_k : nullptr, positions, T, nkv, static_cast<int>(d), eps, inv_freq,
                              stream);
-  be.attention_forward(X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, cu, n_seqs, batch.max_seqlen, T,
-                       nq, nkv, static_cast<int>(d), scale, precision_, stream);
+  const AttentionShape attn{cu, n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale};
+  attention_forward_saved(be, prec, X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, attn, stream);
   float* r = S + sl.r;
   std::uint16_t* att16 = mm.s16(bl.a);  // h16 is dead once the q/k/v products are queued
   mm.convert(S + sl.att, att16, T * q);
@@ -391,8 +391,9 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   float* dq_rot = X + sc.dq_rot;
   float* dk_rot = X + sc.dk_rot;
   float* dv = X + sc.dv;
-  be.attention_backward(q_rot, k_rot, S + sl.v, S + sl.att, d_att, S + sl.lse, dq_rot, dk_rot, dv, X + sc.attn_ws, cu,
-                        n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale, precision_, stream);
+  const AttentionShape attn{cu, n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale};
+  attention_backward_saved(be, prec, q_rot, k_rot, S + sl.v, S + sl.att, d_att, S + sl.lse, dq_rot, dk_rot, dv,
+                           X + sc.attn_ws, attn, stream);
   float* dq = d_att;  // d_att and q_rot are dead after the attention backward
   float* dk = q_rot;
   qk_norm_rope_backward_saved(be, prec, dq_rot, S + sl.q_raw, qkn ? W + pl.q_norm : nullptr,

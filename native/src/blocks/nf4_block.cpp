@@ -782,9 +782,9 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   }
   if (m.bf && !qkv_bf16_only) be.to_bf16(h, m.op16, T * H, stream);  // the products' operand
   const float* bias = bqkv_ >= 0 ? D + bqkv_ : nullptr;
-  // q and k (before the norm) into their saved slots: fp32, or in bf16 mode bf16 as the product
-  // writes them (rounded after the adapters and the bias, added in fp32 in d_att, free until the
-  // backward).
+  // q and k (before the norm) and v into their saved slots: fp32, or in bf16 mode bf16 as the
+  // product writes them (rounded after the adapters and the bias, added in fp32 in d_att, free until
+  // the backward).
   auto project_raw = [&](int group, const float* b, std::int64_t n, float* dst) {
     if (!m.bf) {
       m.product(group, false, h, false, nullptr, dst);
@@ -805,9 +805,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   };
   project_raw(kGroupQ, bias, q, S + sl.q_raw);
   project_raw(kGroupK, bias != nullptr ? bias + q : nullptr, kv, S + sl.k_raw);
-  m.product(kGroupV, false, h, false, nullptr, S + sl.v);
-  m.lora_forward(kGroupV, h, S + sl.v);
-  if (bias != nullptr) be.add_bias(S + sl.v, bias + q + kv, T, kv, stream);
+  project_raw(kGroupV, bias != nullptr ? bias + q + kv : nullptr, kv, S + sl.v);
   const bool qkn = c.qk_norm;
   const Precision prec = precision_;
   qk_norm_rope_forward_saved(be, prec, S + sl.q_raw, qkn ? D + q_norm_ : nullptr, X + sc.q_rot,
@@ -815,8 +813,8 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   qk_norm_rope_forward_saved(be, prec, S + sl.k_raw, qkn ? D + k_norm_ : nullptr, X + sc.k_rot,
                              qkn ? S + sl.rstd_k : nullptr, positions, T, nkv, static_cast<int>(d), eps, inv_freq,
                              stream);
-  be.attention_forward(X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, cu, n_seqs, batch.max_seqlen, T,
-                       nq, nkv, static_cast<int>(d), scale, precision_, stream);
+  const AttentionShape attn{cu, n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale};
+  attention_forward_saved(be, prec, X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, attn, stream);
   float* r = S + sl.r;
   m.product(kGroupO, false, S + sl.att, true, xin, r);  // r = x + att Wo^T
   m.lora_forward(kGroupO, S + sl.att, r);
@@ -952,8 +950,9 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* dq_rot = X + sc.dq_rot;
   float* dk_rot = X + sc.dk_rot;
   float* dv = X + sc.dv;
-  be.attention_backward(q_rot, k_rot, S + sl.v, S + sl.att, d_att, S + sl.lse, dq_rot, dk_rot, dv, X + sc.attn_ws, cu,
-                        n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale, precision_, stream);
+  const AttentionShape attn{cu, n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale};
+  attention_backward_saved(be, prec, q_rot, k_rot, S + sl.v, S + sl.att, d_att, S + sl.lse, dq_rot, dk_rot, dv,
+                           X + sc.attn_ws, attn, stream);
   float* dq = d_att;
   float* dk = q_rot;
   qk_norm_rope_backward_saved(be, prec, dq_rot, S + sl.q_raw, qkn ? D + q_norm_ : nullptr,

@@ -75,13 +75,30 @@ __device__ __forceinline__ void rope_table(float* cos_s, float* sin_s, int pos, 
   }
 }
 
-template <int V, int K, typename In>
+// y's V consecutive elements at p: fp32, or bf16 rounded to nearest even (a pair in one 4-byte store).
+template <int V>
+__device__ __forceinline__ void store_y(float* p, const float* v) {
+  if constexpr (V == 2) {
+    *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+  } else {
+    p[0] = v[0];
+  }
+}
+template <int V>
+__device__ __forceinline__ void store_y(std::uint16_t* p, const float* v) {
+  if constexpr (V == 2) {
+    *reinterpret_cast<unsigned*>(p) = static_cast<unsigned>(bf16_bits(v[0])) | (static_cast<unsigned>(bf16_bits(v[1])) << 16);
+  } else {
+    p[0] = bf16_bits(v[0]);
+  }
+}
+
+template <int V, int K, typename In, typename Out>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_forward_kernel(const In* __restrict__ x, const float* __restrict__ w,
-                                                                   float* __restrict__ y, float* __restrict__ rstd,
+                                                                   Out* __restrict__ y, float* __restrict__ rstd,
                                                                    const std::int32_t* __restrict__ positions, int n_heads,
                                                                    int head_dim, float eps,
                                                                    const float* __restrict__ inv_freq) {
-  using P = typename Pack<V>::type;
   __shared__ float cos_s[kMaxHalf], sin_s[kMaxHalf];
   const std::int64_t t = blockIdx.x;
   const int half = head_dim / 2;
@@ -127,15 +144,15 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_forward_kernel(const In
     for (int k = 0; k < K; ++k) {
       const int i = (k * 32 + lane) * V;
       if (i < half) {
-        P a, b;
+        float a[V], b[V];
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const float c = cos_s[i + j], s = sin_s[i + j];
-          reinterpret_cast<float*>(&a)[j] = lo[k][j] * c - hi[k][j] * s;
-          reinterpret_cast<float*>(&b)[j] = hi[k][j] * c + lo[k][j] * s;
+          a[j] = lo[k][j] * c - hi[k][j] * s;
+          b[j] = hi[k][j] * c + lo[k][j] * s;
         }
-        *reinterpret_cast<P*>(y + base + i) = a;
-        *reinterpret_cast<P*>(y + base + half + i) = b;
+        store_y<V>(y + base + i, a);
+        store_y<V>(y + base + half + i, b);
       }
     }
   }
@@ -285,15 +302,15 @@ template <typename P> constexpr int width = 1;
 template <> constexpr int width<Pack<2>> = 2;
 
 
-template <typename In>
-void forward(const In* x, const float* w, float* y, float* rstd, const std::int32_t* positions, std::int64_t tokens,
+template <typename In, typename Out>
+void forward(const In* x, const float* w, Out* y, float* rstd, const std::int32_t* positions, std::int64_t tokens,
              int n_heads, int head_dim, float eps, const float* inv_freq, cudaStream_t stream) {
-  const bool vec2 = pair_aligned(x) && aligned8(y) && (w == nullptr || aligned8(w));
+  const bool vec2 = pair_aligned(x) && pair_aligned(y) && (w == nullptr || aligned8(w));
   dispatch(head_dim, vec2, [&](auto pack, auto k) {
     constexpr int V = width<decltype(pack)>;
     constexpr int K = decltype(k)::value;
     if (tokens == 0 || n_heads == 0) return;
-    qk_norm_rope_forward_kernel<V, K, In><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
+    qk_norm_rope_forward_kernel<V, K, In, Out><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
         x, w, y, rstd, positions, n_heads, head_dim, eps, inv_freq);
     CUDABLOCKS_CHECK_LAUNCH("qk_norm_rope_forward_kernel");
   });
@@ -332,6 +349,12 @@ void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd,
   forward(x, w, y, rstd, positions, tokens, n_heads, head_dim, eps, inv_freq, stream);
 }
 void qk_norm_rope_forward(const std::uint16_t* x, const float* w, float* y, float* rstd,
+                          const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
+                          const float* inv_freq, cudaStream_t stream) {
+  forward(x, w, y, rstd, positions, tokens, n_heads, head_dim, eps, inv_freq, stream);
+}
+
+void qk_norm_rope_forward(const std::uint16_t* x, const float* w, std::uint16_t* y, float* rstd,
                           const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
                           const float* inv_freq, cudaStream_t stream) {
   forward(x, w, y, rstd, positions, tokens, n_heads, head_dim, eps, inv_freq, stream);

@@ -20,6 +20,10 @@ void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd,
 void qk_norm_rope_forward(const std::uint16_t* x, const float* w, float* y, float* rstd,
                           const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
                           const float* inv_freq, cudaStream_t stream);
+// bf16 x and y: y rounded to nearest even from the same fp32 result (bf16 mode's attention operands).
+void qk_norm_rope_forward(const std::uint16_t* x, const float* w, std::uint16_t* y, float* rstd,
+                          const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
+                          const float* inv_freq, cudaStream_t stream);
 
 // The backward: dx written; dw[i] += its gradient when w != nullptr and dw != nullptr (a frozen
 // norm passes dw = nullptr). Deterministic; per-stream scratch for the partial sums.
