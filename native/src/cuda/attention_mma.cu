@@ -164,6 +164,11 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
                  : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// Groups (double buffering): commit closes this thread's copies issued since the last commit;
+// wait_group<N> waits until at most N of its committed groups are still in flight.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 #else
 // Emulation: a synchronous copy (the copies of the async staging are thread-private until a barrier).
 inline void cp_async16(void* smem, const void* gmem, bool valid) {
@@ -171,6 +176,9 @@ inline void cp_async16(void* smem, const void* gmem, bool valid) {
     else std::memset(smem, 0, 16);
 }
 inline void cp_async_wait_all() {}
+inline void cp_async_commit() {}
+template <int N>
+inline void cp_async_wait_group() {}
 #endif
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -339,6 +347,22 @@ __device__ __forceinline__ void stage_rows(typename Op::Pair* s, const std::uint
             const int u = (it0 + j) * NT + threadIdx.x;
             *reinterpret_cast<uint4*>(s + (u / C8) * LD + (u % C8) * 4) = x[j];
         }
+    }
+}
+
+// The same copy with cp.async (every 16-byte chunk in flight at once; zero-filled past rows_valid),
+// for double buffering: the caller commits the group and waits for it before a barrier.
+template <int D, int NT>
+__device__ __forceinline__ void async_rows_bf16(uint32_t* s, const std::uint16_t* g, int64_t gstride, int rows_valid) {
+    constexpr int C8 = D / 8;
+    constexpr int N = kTile * C8 / NT;
+    constexpr int LD = ld_rows<D>();
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        const int u = j * NT + threadIdx.x;
+        const int r = u / C8, c = u % C8;
+        const bool valid = r < rows_valid;
+        cp_async16(s + r * LD + c * 4, valid ? g + r * gstride + c * 8 : g, valid);
     }
 }
 
@@ -544,6 +568,9 @@ attention_mma_forward_kernel(const In* __restrict__ q, const In* __restrict__ k,
     Pair* Qs = reinterpret_cast<Pair*>(smem_u4);  // [HPB][64][LD]
     Pair* Ks = Qs + HPB * kTile * LD;
     Pair* Vt = Ks + kTile * LD;  // V as the B operand of P V (stage_pb)
+    // bf16 inputs: K, V double-buffered (buffer i: K at Ks + 2i tiles, V right after), the next
+    // tile's copies in flight while this tile's products run.
+    constexpr bool kPipe = std::is_same_v<In, std::uint16_t>;
 
     const int seq = blockIdx.y;
     const int start = cu_seqlens[seq];
@@ -570,6 +597,12 @@ attention_mma_forward_kernel(const In* __restrict__ q, const In* __restrict__ k,
                                   q + (int64_t)(start + q0) * q_stride + (int64_t)(h0 + hh) * D, q_stride,
                                   len - q0);
 
+        if constexpr (kPipe) {  // K, V of tile 0 into buffer 0
+            async_rows_bf16<D, NT>(Ks, k_head, kv_stride, len);
+            async_rows_bf16<D, NT>(Ks + kTile * LD, v_head, kv_stride, len);
+            cp_async_commit();
+        }
+
         float o[D / 8][4];
         zero(o);
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this thread's partial row sums
@@ -577,13 +610,30 @@ attention_mma_forward_kernel(const In* __restrict__ q, const In* __restrict__ k,
         for (int kt = 0; kt <= qt; ++kt) {
             const int k0 = kt * kTile;
             if (kt > 0) __syncthreads();  // everyone is done with K, V of the previous tile
-            stage_rows<Op, D, NT>(Ks, k_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
-            stage_pb<Op, D, NT>(Vt, v_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
+            const Pair* Kc = Ks;
+            const Pair* Vc = Vt;
+            if constexpr (kPipe) {
+                if (kt < qt) {  // tile kt + 1 into the buffer tile kt - 1 used
+                    Pair* next = Ks + ((kt + 1) & 1) * 2 * kTile * LD;
+                    const int k1 = k0 + kTile;
+                    async_rows_bf16<D, NT>(next, k_head + (int64_t)k1 * kv_stride, kv_stride, len - k1);
+                    async_rows_bf16<D, NT>(next + kTile * LD, v_head + (int64_t)k1 * kv_stride, kv_stride, len - k1);
+                    cp_async_commit();
+                    cp_async_wait_group<1>();  // tile kt has landed (this thread's copies)
+                } else {
+                    cp_async_wait_group<0>();
+                }
+                Kc = Ks + (kt & 1) * 2 * kTile * LD;
+                Vc = Kc + kTile * LD;
+            } else {
+                stage_rows<Op, D, NT>(Ks, k_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
+                stage_pb<Op, D, NT>(Vt, v_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
+            }
             __syncthreads();
 
             float s[8][4];
             zero(s);
-            warp_abT<Op, D>(Qw, wrow, Ks, s);
+            warp_abT<Op, D>(Qw, wrow, Kc, s);
 
             const bool diag = kt == qt;
 #pragma unroll
@@ -621,7 +671,7 @@ attention_mma_forward_kernel(const In* __restrict__ q, const In* __restrict__ k,
                     o[nb][2 * hh + 1] *= alpha;
                 }
             }
-            warp_pB<Op, D>(s, Vt, o);
+            warp_pB<Op, D>(s, Vc, o);
         }
 
         float inv[2];
@@ -979,8 +1029,11 @@ attention_mma_dq_kernel(const In* __restrict__ q, const In* __restrict__ k, cons
 template <class Op>
 constexpr size_t pair_bytes() { return sizeof(typename Op::Pair); }
 
-template <class Op, int D, int HPB>
-size_t forward_smem() { return pair_bytes<Op>() * (size_t)((HPB + 1) * kTile * ld_rows<D>() + pb_pairs<Op, D>()); }
+template <class Op, int D, int HPB, class In = float>
+size_t forward_smem() {
+    const int buffers = std::is_same_v<In, std::uint16_t> ? 2 : 1;  // bf16 inputs: double-buffered K, V
+    return pair_bytes<Op>() * (size_t)(HPB * kTile * ld_rows<D>() + buffers * (kTile * ld_rows<D>() + pb_pairs<Op, D>()));
+}
 template <class Op, int D, bool ASYNC = false>
 size_t dkdv_smem() {
     return pair_bytes<Op>() * (size_t)(4 * kTile * ld_rows<D>() + 2 * cols_pairs<Op, D>()) +
@@ -1037,10 +1090,10 @@ size_t smem_optin() {
 
 // Whether this GPU gives a block enough shared memory for the tensor-core kernels of (Op, D); when
 // not (tf32 at D = 128 on A100: the backward needs 213 KB), the fp32 kernels run instead.
-template <class Op, int D>
+template <class Op, int D, class In = float>
 bool mma_fits_forward(const Shape& s) {
     const bool hpb2 = (s.n_q_heads / s.n_kv_heads) % 2 == 0;
-    return (hpb2 ? forward_smem<Op, D, 2>() : forward_smem<Op, D, 1>()) <= smem_optin();
+    return (hpb2 ? forward_smem<Op, D, 2, In>() : forward_smem<Op, D, 1, In>()) <= smem_optin();
 }
 template <class Op, int D, bool ASYNC, bool DQ_ASYNC>
 bool mma_fits_backward() {
@@ -1061,7 +1114,7 @@ void prepare_smem(Kernel kernel, size_t bytes) {
 template <class Op, int D, int HPB, class In>
 void launch_forward_hpb(const In* q, const In* k, const In* v, float* out, float* lse,
                         const int32_t* cu_seqlens, const Shape& s, float scale, cudaStream_t stream) {
-    const size_t smem = forward_smem<Op, D, HPB>();
+    const size_t smem = forward_smem<Op, D, HPB, In>();
     prepare_smem(attention_mma_forward_kernel<Op, D, HPB, In>, smem);
     const dim3 grid((unsigned)(s.n_q_heads / HPB), (unsigned)s.n_seqs, tiles_for(s));
     attention_mma_forward_kernel<Op, D, HPB, In><<<grid, kThreads * HPB, smem, stream>>>(
@@ -1251,7 +1304,7 @@ struct WidenedQkv {
 
 template <int D>
 bool bf16_inputs_fit(const Shape& s) {
-    return mma_fits_forward<Bf16Op, D>(s) && mma_fits_backward<Bf16Op, D, false, false>();
+    return mma_fits_forward<Bf16Op, D, std::uint16_t>(s) && mma_fits_backward<Bf16Op, D, false, false>();
 }
 
 }  // namespace
