@@ -834,6 +834,50 @@ TEST(CudaAttentionTiming, DISABLED_Qwen3Heads) {
                 cudaEventDestroy(e1);
                 cudaEventDestroy(e2);
             }
+        // bf16 q, k, v in global memory (bf16 mode's blocks): the same products on copied tiles.
+        MmaRun run(s, in, Precision::BF16);
+        auto bits_of = [](const std::vector<float>& x) {
+            std::vector<uint16_t> b(x.size());
+            for (size_t i = 0; i < x.size(); ++i) b[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
+            return b;
+        };
+        DeviceArray<uint16_t> qb(in.q.size()), kb(in.k.size()), vb(in.v.size());
+        qb.upload(bits_of(in.q));
+        kb.upload(bits_of(in.k));
+        vb.upload(bits_of(in.v));
+        auto fwd = [&] {
+            cudablocks::cuda::attention_forward_mma(qb.ptr, kb.ptr, vb.ptr, run.out.ptr, run.lse.ptr, run.cu.ptr, s.n_seqs,
+                                                    s.max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
+        };
+        auto bwd = [&] {
+            cudablocks::cuda::attention_backward_mma(qb.ptr, kb.ptr, vb.ptr, run.out.ptr, run.dout.ptr, run.lse.ptr,
+                                                     run.dq.ptr, run.dk.ptr, run.dv.ptr, run.ws.ptr, run.cu.ptr, s.n_seqs,
+                                                     s.max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
+        };
+        fwd();
+        bwd();
+        CUDA_OK(cudaDeviceSynchronize());
+        cudaEvent_t e0, e1, e2;
+        CUDA_OK(cudaEventCreate(&e0));
+        CUDA_OK(cudaEventCreate(&e1));
+        CUDA_OK(cudaEventCreate(&e2));
+        const int iters = 20;
+        CUDA_OK(cudaEventRecord(e0));
+        for (int i = 0; i < iters; ++i) fwd();
+        CUDA_OK(cudaEventRecord(e1));
+        for (int i = 0; i < iters; ++i) bwd();
+        CUDA_OK(cudaEventRecord(e2));
+        CUDA_OK(cudaEventSynchronize(e2));
+        float ms_f = 0, ms_b = 0;
+        CUDA_OK(cudaEventElapsedTime(&ms_f, e0, e1));
+        CUDA_OK(cudaEventElapsedTime(&ms_b, e1, e2));
+        ms_f /= iters;
+        ms_b /= iters;
+        std::printf("    %zu x %d tokens, bf16 inputs: forward %.3f ms (%.0f TFLOP/s), backward %.3f ms (%.0f TFLOP/s)\n",
+                    lens.size(), lens[0], ms_f, useful / ms_f * 1e-9, ms_b, 2.5 * useful / ms_b * 1e-9);
+        cudaEventDestroy(e0);
+        cudaEventDestroy(e1);
+        cudaEventDestroy(e2);
     }
 }
 

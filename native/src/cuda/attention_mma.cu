@@ -696,7 +696,8 @@ attention_mma_forward_kernel(const In* __restrict__ q, const In* __restrict__ k,
 // split s > 0 its slabs, which attention_reduce_kernel adds in split order: deterministic).
 // Grid (n_kv_heads * splits, n_seqs, n_ktiles), 128 threads. Shared: K, V, Q, dO "rows"; (tf32) Q^T, dO^T
 // "cols"; lse (log2 domain) and D of the current query tile.
-// In as in the forward (bf16 q, k, v: synchronous staging, ASYNC false; dO stays fp32).
+// In as in the forward (bf16 q, k, v: K, V staged once by copy, Q double-buffered with cp.async;
+// ASYNC false; dO stays fp32, staged synchronously).
 template <class Op, int D, bool ASYNC = false, class In = float>
 __global__ void __launch_bounds__(kThreads)
 attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, const In* __restrict__ v,
@@ -705,7 +706,7 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
                           Slabs slabs, const int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads,
                           int splits, float scale, float scale_log2) {
     using Pair = typename Op::Pair;
-    static_assert(std::is_same_v<In, float> || (!ASYNC && Op::kTransFromRows), "bf16 inputs: Bf16Op, synchronous staging");
+    static_assert(std::is_same_v<In, float> || (!ASYNC && Op::kTransFromRows), "bf16 inputs: Bf16Op, no landing tiles");
     constexpr int LD = ld_rows<D>();
     extern __shared__ uint4 smem_u4[];
     Pair* Ks = reinterpret_cast<Pair*>(smem_u4);
@@ -715,12 +716,15 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
     Pair* Qt = dOs + kTile * LD;             // tf32 only (cols); bf16 reads Qs with ldmatrix.trans
     Pair* dOt = Qt + cols_pairs<Op, D>();    // tf32 only
     float* lse_s = reinterpret_cast<float*>(dOt + cols_pairs<Op, D>());
-    const Pair* dK_B = Op::kTransFromRows ? Qs : Qt;   // B operand of dK += dS^T Q
     const Pair* dV_B = Op::kTransFromRows ? dOs : dOt;  // B operand of dV += P^T dO
     float* dsum_s = lse_s + kTile;
     // ASYNC, bf16: fp32 landing buffer [64][D] for cp.async (tf32 copies straight into its rows tiles).
     constexpr bool kLand = ASYNC && Op::kTransFromRows;
     float* land = dsum_s + kTile;
+    // bf16 inputs: Q double-buffered (the second buffer after dsum_s), the next item's copies in
+    // flight during this item's dO staging and products.
+    constexpr bool kPipe = std::is_same_v<In, std::uint16_t>;
+    Pair* Q2 = reinterpret_cast<Pair*>(dsum_s + kTile);
 
     const int kvh = blockIdx.x / splits;
     const int split = blockIdx.x % splits;
@@ -761,6 +765,11 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
 
         const int n_qt = n_tiles - kt;  // query tiles kt .. n_tiles-1
         const int n_items = (h_end - h_begin) * n_qt;
+        if constexpr (kPipe) {  // Q of item 0 into buffer 0
+            async_rows_bf16<D, kThreads>(Qs, q + (int64_t)(start + k0) * q_stride + (int64_t)h_begin * D, q_stride,
+                                         len - k0);
+            cp_async_commit();
+        }
         if constexpr (kLand) {  // prefetch the first Q tile
             const int64_t off = (int64_t)(start + k0) * q_stride + (int64_t)h_begin * D;
             async_rows<D>(land, D, q + off, q_stride, len - k0);
@@ -770,7 +779,24 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
             const int q0 = (kt + item % n_qt) * kTile;
             const int64_t off = (int64_t)(start + q0) * q_stride + (int64_t)hq * D;
             if (item > 0) __syncthreads();  // everyone is done with the previous Q / dO tiles
-            if constexpr (kLand) {
+            const Pair* Qc = Qs;  // this item's Q
+            if constexpr (kPipe) {
+                if (item + 1 < n_items) {  // the next item's Q into the buffer the previous item used
+                    const int hq1 = h_begin + (item + 1) / n_qt;
+                    const int q1 = (kt + (item + 1) % n_qt) * kTile;
+                    async_rows_bf16<D, kThreads>((item & 1) ? Qs : Q2,
+                                                 q + (int64_t)(start + q1) * q_stride + (int64_t)hq1 * D, q_stride,
+                                                 len - q1);
+                    cp_async_commit();
+                }
+                stage_rows<Op, D>(dOs, dout + off, q_stride, len - q0);
+                if (item + 1 < n_items) {
+                    cp_async_wait_group<1>();  // this item's Q has landed (this thread's copies)
+                } else {
+                    cp_async_wait_group<0>();
+                }
+                Qc = (item & 1) ? Q2 : Qs;
+            } else if constexpr (kLand) {
                 cp_async_wait_all();  // Q of this item (prefetched during the previous item)
                 convert_rows<Op, D>(Qs, land, D);
                 async_rows<D>(land, D, dout + off, q_stride, len - q0);
@@ -821,7 +847,7 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
             // P^T (16 keys of this warp x 64 queries)
             float pt[8][4];
             zero(pt);
-            warp_abT<Op, D>(Ks, warp * 16, Qs, pt);
+            warp_abT<Op, D>(Ks, warp * 16, Qc, pt);
 #pragma unroll
             for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
@@ -858,7 +884,7 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
                     const int i = nb * 8 + 2 * t + (c & 1);
                     dpt[nb][c] = pt[nb][c] * (dpt[nb][c] - dsum_s[i]);  // dS^T
                 }
-            warp_pB<Op, D>(dpt, dK_B, dk_acc);  // dK += dS^T Q
+            warp_pB<Op, D>(dpt, Op::kTransFromRows ? Qc : Qt, dk_acc);  // dK += dS^T Q
         }
 
         float* dk_dst = split == 0 ? dk : slabs(2 * (split - 1));
@@ -876,7 +902,8 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
 // Register cap: bf16 fits 3 blocks per SM in shared memory (<= 168 registers), tf32 at most 2.
 // ASYNC: tf32: cp.async into the rows tiles, rounded in place, K^T transposed in shared memory from
 // the rounded K rows instead of a second global read, the next K, V prefetched during dQ += dS K;
-// bf16 (staging mode 2): through an fp32 landing tile, the next K prefetched.
+// bf16 (staging mode 2): through an fp32 landing tile, the next K prefetched. In: bf16 q, k, v are
+// staged synchronously by copy (3 blocks per SM kept).
 template <class Op, int D, bool ASYNC = false, class In = float>
 __global__ void __launch_bounds__(kThreads, Op::kTransFromRows && !ASYNC ? 3 : 2)
 attention_mma_dq_kernel(const In* __restrict__ q, const In* __restrict__ k, const In* __restrict__ v,
@@ -885,7 +912,7 @@ attention_mma_dq_kernel(const In* __restrict__ q, const In* __restrict__ k, cons
                         const int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads, float scale,
                         float scale_log2) {
     using Pair = typename Op::Pair;
-    static_assert(std::is_same_v<In, float> || (!ASYNC && Op::kTransFromRows), "bf16 inputs: Bf16Op, synchronous staging");
+    static_assert(std::is_same_v<In, float> || (!ASYNC && Op::kTransFromRows), "bf16 inputs: Bf16Op, no landing tiles");
     constexpr int LD = ld_rows<D>();
     extern __shared__ uint4 smem_u4[];
     Pair* Qs = reinterpret_cast<Pair*>(smem_u4);
@@ -1034,9 +1061,10 @@ size_t forward_smem() {
     const int buffers = std::is_same_v<In, std::uint16_t> ? 2 : 1;  // bf16 inputs: double-buffered K, V
     return pair_bytes<Op>() * (size_t)(HPB * kTile * ld_rows<D>() + buffers * (kTile * ld_rows<D>() + pb_pairs<Op, D>()));
 }
-template <class Op, int D, bool ASYNC = false>
+template <class Op, int D, bool ASYNC = false, class In = float>
 size_t dkdv_smem() {
-    return pair_bytes<Op>() * (size_t)(4 * kTile * ld_rows<D>() + 2 * cols_pairs<Op, D>()) +
+    const int q_buffers = std::is_same_v<In, std::uint16_t> ? 2 : 1;  // bf16 inputs: double-buffered Q
+    return pair_bytes<Op>() * (size_t)((3 + q_buffers) * kTile * ld_rows<D>() + 2 * cols_pairs<Op, D>()) +
            2 * kTile * sizeof(float) + (ASYNC && Op::kTransFromRows ? (size_t)kTile * D * sizeof(float) : 0);
 }
 template <class Op, int D, bool ASYNC = false>
@@ -1095,9 +1123,9 @@ bool mma_fits_forward(const Shape& s) {
     const bool hpb2 = (s.n_q_heads / s.n_kv_heads) % 2 == 0;
     return (hpb2 ? forward_smem<Op, D, 2, In>() : forward_smem<Op, D, 1, In>()) <= smem_optin();
 }
-template <class Op, int D, bool ASYNC, bool DQ_ASYNC>
+template <class Op, int D, bool ASYNC, bool DQ_ASYNC, class In = float>
 bool mma_fits_backward() {
-    return std::max(dkdv_smem<Op, D, ASYNC>(), dq_smem<Op, D, DQ_ASYNC>()) <= smem_optin();
+    return std::max(dkdv_smem<Op, D, ASYNC, In>(), dq_smem<Op, D, DQ_ASYNC>()) <= smem_optin();
 }
 
 template <typename Kernel>
@@ -1183,7 +1211,7 @@ void launch_backward(const In* q, const In* k, const In* v, const float* out, co
     const unsigned tiles = tiles_for(s);
     const int group = s.n_q_heads / s.n_kv_heads;
     const Slabs slabs{dq, workspace + ((rows + 63) / 64) * 64, group, s.total_tokens * s.n_kv_heads * D};
-    const size_t dkdv_bytes = dkdv_smem<Op, D, ASYNC>();
+    const size_t dkdv_bytes = dkdv_smem<Op, D, ASYNC, In>();
     prepare_smem(attention_mma_dkdv_kernel<Op, D, ASYNC, In>, dkdv_bytes);
     const int splits =
         kv_splits > 0 ? kv_splits : choose_splits(attention_mma_dkdv_kernel<Op, D, ASYNC, In>, dkdv_bytes, s);
@@ -1304,7 +1332,7 @@ struct WidenedQkv {
 
 template <int D>
 bool bf16_inputs_fit(const Shape& s) {
-    return mma_fits_forward<Bf16Op, D, std::uint16_t>(s) && mma_fits_backward<Bf16Op, D, false, false>();
+    return mma_fits_forward<Bf16Op, D, std::uint16_t>(s) && mma_fits_backward<Bf16Op, D, false, false, std::uint16_t>();
 }
 
 }  // namespace
@@ -1348,7 +1376,8 @@ void attention_backward_mma(const std::uint16_t* q, const std::uint16_t* k, cons
                                   {dout, "dout"}, {dq, "dq"}, {dk, "dk"}, {dv, "dv"}, {workspace, "workspace"}})
         check_aligned(p, name);
     if (lse == nullptr) fail("lse is null");
-    // Synchronous staging: the bf16 tiles are copies (half the bytes, no conversion); no landing tiles.
+    // The bf16 tiles are copies (half the bytes, no conversion, no landing tiles); the forward's K, V
+    // and the dK/dV pass's Q are double-buffered with cp.async, dO and the dQ pass stage synchronously.
     if (head_dim == 128)
         launch_backward<Bf16Op, 128, false, false>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s,
                                                    scale, 0, stream);
