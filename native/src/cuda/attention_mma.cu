@@ -78,9 +78,14 @@
 // little), and a block waits for its own tiles (no double buffering). Fetching fragments with
 // ldmatrix.x4 instead of 32-bit loads (a quarter of the load instructions) changed nothing
 // measurable, so instruction issue is not the limit either.
-// Next steps, most promising first: bf16 q, k, v (and dO) in global memory, written so by their
-// producers (half the bytes per tile, cp.async straight into the operand tiles, no landing tiles
-// or conversions); double-buffered K/V tiles; wgmma (sm_90a) with 128-row tiles.
+// bf16 q, k, v in global memory (In = std::uint16_t; bf16 mode's blocks keep them so): a tile is
+// staged by copying 16-byte chunks (half the bytes, no conversion, no landing tiles), which makes
+// double buffering affordable: the forward's K, V and the dK/dV pass's Q are cp.async'ed into a
+// second buffer while the current tile's products run; dO (fp32) and the dQ pass stay synchronous.
+// The results are bit for bit those of the fp32-input kernels on the same values (the host
+// emulation and CudaAttentionMmaBf16Inputs check it). Not yet timed on a GPU when written.
+// Next steps: bf16 dO from its producer, the dQ pass double-buffered; wgmma (sm_90a) with 128-row
+// tiles.
 #include "cuda/attention_mma.cuh"
 #include "cuda/attention_shared.cuh"
 #include "cudablocks/errors.hpp"
