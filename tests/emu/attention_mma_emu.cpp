@@ -66,6 +66,7 @@ inline uint32_t to_tf32(float x) {  // cvt.rna.tf32.f32: round to nearest, ties 
     u += 0x1000u;
     return u & 0xffffe000u;
 }
+inline float __uint_as_float(uint32_t u) { return bits_f(u); }
 inline float bf_lo(uint32_t w) { return bits_f(w << 16); }
 inline float bf_hi(uint32_t w) { return bits_f(w & 0xffff0000u); }
 
@@ -231,10 +232,11 @@ bool run_case(std::vector<int> lens, int nq, int nkv, int splits, double ob, dou
     return ok;
 }
 
-// bf16 q, k, v (the In = std::uint16_t kernels) against the fp32-input kernels on the same values
-// (fp32 copies of the bf16 numbers): the operands staged are the same bits, so every output must be
-// the same bit for bit.
-template <int D, int HPB>
+// bf16 q, k, v, out, dout (the In = std::uint16_t kernels) against the fp32-input kernels on the same
+// values (fp32 copies of the bf16 numbers): the operands staged are the same bits, so the forward's
+// out must be the fp32 kernel's rounded once, and every other output the same bit for bit. The dQ
+// pass both synchronous and with K, V double-buffered (DQ_PIPE).
+template <int D, int HPB, bool DQ_PIPE>
 bool run_bf16_inputs_case(std::vector<int> lens, int nq, int nkv, int splits, const char* name) {
     std::vector<int32_t> cu{0};
     int maxlen = 0;
@@ -254,26 +256,35 @@ bool run_bf16_inputs_case(std::vector<int> lens, int nq, int nkv, int splits, co
         return x;
     };
     const auto q16 = to_bits(randn((size_t)T * nq * D, 1.5f)), k16 = to_bits(randn((size_t)T * nkv * D, 1.f)),
-               v16 = to_bits(randn((size_t)T * nkv * D, 1.f));
-    const auto q = widen(q16), k = widen(k16), v = widen(v16);
-    const auto dout = randn((size_t)T * nq * D, 1.f);
+               v16 = to_bits(randn((size_t)T * nkv * D, 1.f)), dout16 = to_bits(randn((size_t)T * nq * D, 1.f));
+    const auto q = widen(q16), k = widen(k16), v = widen(v16), dout = widen(dout16);
     const unsigned tiles = (maxlen + 63) / 64;
     const int group = nq / nkv;
     const int64_t rows = (int64_t)T * nq;
     const int64_t ws_n = ((rows + 63) / 64) * 64 + std::max<int64_t>(0, 2 * (group - 1) - group) * (int64_t)T * nkv * D;
-    struct Result { std::vector<float> out, lse, dq, dk, dv; };
-    auto run = [&](auto qp, auto kp, auto vp) {
+
+    // Forwards: fp32 inputs (fp32 out), bf16 inputs (bf16 out).
+    std::vector<float> out32(q.size(), NAN), lse32(rows, NAN), lse16(rows, NAN);
+    std::vector<uint16_t> out16(q.size(), 0xFFFF);
+    launch(dim3(nq / HPB, n_seqs, tiles), 128 * HPB, [&] {
+        attention_mma_forward_kernel<Bf16Op, D, HPB, float>(q.data(), k.data(), v.data(), out32.data(), lse32.data(), cu.data(), nq, nkv, scale * kLog2e);
+    });
+    launch(dim3(nq / HPB, n_seqs, tiles), 128 * HPB, [&] {
+        attention_mma_forward_kernel<Bf16Op, D, HPB, uint16_t>(q16.data(), k16.data(), v16.data(), out16.data(), lse16.data(), cu.data(), nq, nkv, scale * kLog2e);
+    });
+    const bool fwd_ok = to_bits(out32) == out16 && std::memcmp(lse32.data(), lse16.data(), rows * sizeof(float)) == 0;
+
+    // Backwards from the bf16 out (D = rowsum(dout * out) on the host, the same numbers for both).
+    const auto out = widen(out16);
+    struct Grads { std::vector<float> dq, dk, dv; };
+    auto run = [&](auto qp, auto kp, auto vp, auto doutp, auto dq_kernel) {
         using In = std::remove_cv_t<std::remove_pointer_t<decltype(qp)>>;
-        Result r{std::vector<float>(q.size(), NAN), std::vector<float>(rows, NAN), std::vector<float>(q.size(), NAN),
-                 std::vector<float>(k.size(), NAN), std::vector<float>(v.size(), NAN)};
-        launch(dim3(nq / HPB, n_seqs, tiles), 128 * HPB, [&] {
-            attention_mma_forward_kernel<Bf16Op, D, HPB, In>(qp, kp, vp, r.out.data(), r.lse.data(), cu.data(), nq, nkv, scale * kLog2e);
-        });
+        Grads r{std::vector<float>(q.size(), NAN), std::vector<float>(k.size(), NAN), std::vector<float>(v.size(), NAN)};
         std::vector<float> ws(ws_n, 0.f);
-        for (int64_t i = 0; i < rows; ++i) { float a = 0; for (int c = 0; c < D; ++c) a += r.out[i * D + c] * dout[i * D + c]; ws[i] = a; }
+        for (int64_t i = 0; i < rows; ++i) { float a = 0; for (int c = 0; c < D; ++c) a += out[i * D + c] * dout[i * D + c]; ws[i] = a; }
         const Slabs slabs{r.dq.data(), ws.data() + ((rows + 63) / 64) * 64, group, (int64_t)T * nkv * D};
         launch(dim3(nkv * splits, n_seqs, tiles), 128, [&] {
-            attention_mma_dkdv_kernel<Bf16Op, D, false, In>(qp, kp, vp, dout.data(), r.lse.data(), ws.data(), r.dk.data(), r.dv.data(), slabs, cu.data(), nq, nkv, splits, scale, scale * kLog2e);
+            attention_mma_dkdv_kernel<Bf16Op, D, false, In>(qp, kp, vp, doutp, lse32.data(), ws.data(), r.dk.data(), r.dv.data(), slabs, cu.data(), nq, nkv, splits, scale, scale * kLog2e);
         });
         if (splits > 1) {
             const int64_t n = slabs.size;
@@ -282,23 +293,26 @@ bool run_bf16_inputs_case(std::vector<int> lens, int nq, int nkv, int splits, co
                 for (int sp = 1; sp < splits; ++sp) { r.dk[i] += slab(2 * (sp - 1))[i]; r.dv[i] += slab(2 * (sp - 1) + 1)[i]; }
         }
         launch(dim3(nq, n_seqs, tiles), 128, [&] {
-            attention_mma_dq_kernel<Bf16Op, D, false, In>(qp, kp, vp, dout.data(), r.lse.data(), ws.data(), r.dq.data(), cu.data(), nq, nkv, scale, scale * kLog2e);
+            dq_kernel(qp, kp, vp, doutp, lse32.data(), ws.data(), r.dq.data(), cu.data(), nq, nkv, scale, scale * kLog2e);
         });
         return r;
     };
-    const Result a = run(q.data(), k.data(), v.data()), b = run(q16.data(), k16.data(), v16.data());
+    const Grads a = run(q.data(), k.data(), v.data(), dout.data(), attention_mma_dq_kernel<Bf16Op, D, false, float>);
+    const Grads b = run(q16.data(), k16.data(), v16.data(), dout16.data(), attention_mma_dq_kernel<Bf16Op, D, DQ_PIPE, uint16_t>);
     auto same = [](const std::vector<float>& x, const std::vector<float>& y) {
         return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
     };
-    const bool ok = same(a.out, b.out) && same(a.lse, b.lse) && same(a.dq, b.dq) && same(a.dk, b.dk) && same(a.dv, b.dv);
-    std::printf("%-28s splits %d: bf16 q, k, v equal to fp32 inputs bit for bit  %s\n", name, splits, ok ? "OK" : "FAIL");
+    const bool ok = fwd_ok && same(a.dq, b.dq) && same(a.dk, b.dk) && same(a.dv, b.dv);
+    std::printf("%-34s splits %d: bf16 in/out equal to fp32 inputs bit for bit (forward %s)  %s\n", name, splits,
+                fwd_ok ? "ok" : "differs", ok ? "OK" : "FAIL");
     return ok;
 }
 
 int main() {
     bool ok = true;
-    ok &= run_bf16_inputs_case<64, 2>({70, 1, 130}, 4, 2, 2, "bf16 inputs d64 4/2 hpb2");
-    ok &= run_bf16_inputs_case<128, 1>({64, 0, 129}, 3, 1, 1, "bf16 inputs d128 3/1 hpb1");
+    ok &= run_bf16_inputs_case<64, 2, false>({70, 1, 130}, 4, 2, 2, "bf16 in/out d64 4/2 hpb2");
+    ok &= run_bf16_inputs_case<64, 2, true>({70, 1, 130}, 4, 2, 1, "bf16 in/out d64 4/2 hpb2 dq pipe");
+    ok &= run_bf16_inputs_case<128, 1, true>({64, 0, 129}, 3, 1, 1, "bf16 in/out d128 3/1 hpb1 dq pipe");
     ok &= run_case<Bf16Op, 64, 2>({70, 1, 130}, 4, 2, 1, 1.5e-2, 3e-2, "bf16 d64 4/2 hpb2");
     ok &= run_case<Bf16Op, 64, 2>({70, 1, 130}, 4, 2, 2, 1.5e-2, 3e-2, "bf16 d64 4/2 hpb2");
     ok &= run_case<Tf32Op, 64, 2>({70, 1, 130}, 4, 2, 2, 2e-3, 5e-3, "tf32 d64 4/2 hpb2");

@@ -257,6 +257,30 @@ class _Bf16Linear(torch.autograd.Function):
         return g @ wr, (g.reshape(-1, g.shape[-1]).T @ xr.reshape(-1, xr.shape[-1]))
 
 
+class _Bf16IoAttention(torch.autograd.Function):
+    """Softmax attention o = softmax(q k^T * scale + mask) v (float64) whose backward works from the output
+    and its gradient rounded to bf16, as the block's bf16 mode keeps them: dV = P^T dO, dS = P (dO V^T - D)
+    with D = rowsum(dO * O), dQ = dS K scale, dK = dS^T Q scale (dO, O rounded)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Any, k: Any, v: Any, mask: Any, scale: float) -> Any:
+        scores = q @ k.transpose(-1, -2) * scale
+        if mask is not None:
+            scores = scores + mask
+        p = torch.softmax(scores, dim=-1)
+        o = p @ v
+        ctx.save_for_backward(q, k, v, p, o)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx: Any, go: Any) -> Any:
+        q, k, v, p, o = ctx.saved_tensors
+        go, o = _bf16(go), _bf16(o)
+        ds = p * (go @ v.transpose(-1, -2) - (go * o).sum(dim=-1, keepdim=True))
+        return ds @ k * ctx.scale, ds.transpose(-1, -2) @ q * ctx.scale, p.transpose(-1, -2) @ go, None, None
+
+
 class _Bf16Round(torch.autograd.Function):
     """y = bf16(x); the gradient passes unchanged (the backward uses the rounded values it was given)."""
 
@@ -290,13 +314,19 @@ def bf16_operand_layer(layer: Any) -> Any:
 
 @contextlib.contextmanager
 def bf16_attention_operands(layer: Any) -> Iterator[None]:
-    """Within the block, the layer's eager attention sees q and k (after the norm and RoPE) and v rounded to
-    bf16 (straight-through gradients), as the block's bf16 mode keeps them for its tensor-core attention."""
+    """Within the block, the layer's attention sees q and k (after the norm and RoPE) and v rounded to bf16
+    (straight-through gradients) and runs _Bf16IoAttention, as the block's bf16 mode keeps q, k, v, the
+    output and its gradient in bf16 for its tensor-core attention."""
     module = sys.modules[type(layer.self_attn).__module__]
     eager = module.eager_attention_forward
 
-    def rounded(attn: Any, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
-        return eager(attn, _Bf16Round.apply(query), _Bf16Round.apply(key), _Bf16Round.apply(value), *args, **kwargs)
+    def rounded(attn: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float,
+                dropout: float = 0.0, **kwargs: Any) -> Any:
+        key = module.repeat_kv(_Bf16Round.apply(key), attn.num_key_value_groups)
+        value = module.repeat_kv(_Bf16Round.apply(value), attn.num_key_value_groups)
+        mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
+        out = _Bf16IoAttention.apply(_Bf16Round.apply(query), key, value, mask, scaling)
+        return out.transpose(1, 2).contiguous(), None
 
     module.eager_attention_forward = rounded
     try:
@@ -369,13 +399,13 @@ def test_bf16_scratch_and_saved_bytes_are_counted() -> None:
     weights = {name: np.zeros(shape, np.float32) for name, shape in layout_shapes(cfg).items()}
     fp32 = cb.CudaBlock.fp32(cfg, 0, weights, "cpu", max_tokens=1)
     bf16 = cb.CudaBlock.fp32(cfg, 0, weights, "cpu", max_tokens=1, precision="bf16")
-    # The documented Qwen3-4B figures; bf16 mode keeps q, k before the norm [4096 + 1024], v [1024] and
-    # gate_up [2 I] in bf16 (2 bytes less per value).
+    # The documented Qwen3-4B figures; bf16 mode keeps q, k before the norm [4096 + 1024], v [1024], the
+    # attention output [4096] and gate_up [2 I] in bf16 (2 bytes less per value).
     assert fp32.saved_bytes_per_token == 129_320
-    assert fp32.saved_bytes_per_token - bf16.saved_bytes_per_token == 2 * (4096 + 1024 + 1024 + 2 * 9728)
-    assert bf16.saved_bytes_per_token == 78_120
-    # bf16 operands: [T, max(H, q)] + [T, max(2 I, q + 2 kv)] + [T, H], 2 bytes each.
-    assert bf16.scratch_bytes_per_token - fp32.scratch_bytes_per_token == 2 * (4096 + 2 * 9728 + 2560)
+    assert fp32.saved_bytes_per_token - bf16.saved_bytes_per_token == 2 * (4096 + 1024 + 1024 + 4096 + 2 * 9728)
+    assert bf16.saved_bytes_per_token == 69_928
+    # bf16 operands: [T, H] + [T, max(2 I, q + 2 kv)] + [T, H], 2 bytes each.
+    assert bf16.scratch_bytes_per_token - fp32.scratch_bytes_per_token == 2 * (2560 + 2 * 9728 + 2560)
 
 
 # ---- semantics: accumulation, sharing, weights ---------------------------------------------------------

@@ -86,6 +86,8 @@ class Backend {
                                  const Stream& stream) const = 0;
   // y[i] = bf16(x[i]) over n elements, rounded to nearest even (y holds bf16 bit patterns).
   virtual void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, const Stream& stream) const = 0;
+  // y[i] = the bf16 value x[i] as fp32 (exact) over n elements.
+  virtual void from_bf16(const std::uint16_t* x, float* y, std::int64_t n, const Stream& stream) const = 0;
 
   // y[r, :] += bias for y [rows, cols].
   virtual void add_bias(float* y, const float* bias, std::int64_t rows, std::int64_t cols,
@@ -166,16 +168,18 @@ class Backend {
                                   int max_seqlen, std::int64_t tokens, int n_q_heads, int n_kv_heads,
                                   int head_dim, float scale, Precision precision,
                                   const Stream& stream) const = 0;
-  // The same two with q, k, v in bf16 (bit patterns): bf16 mode's blocks keep them so (their
-  // producers round them once, as the BF16 kernels would on staging), so the products read them as
-  // they are: half the bytes, no conversion. BF16 precision; the CPU computes on their values.
+  // The same two with q, k, v, out and dout in bf16 (bit patterns): bf16 mode's blocks keep them so
+  // (their producers round them once, as the BF16 kernels would on staging; out is the o
+  // projection's bf16 operand, dout the bf16 output of the product before), so the kernels read
+  // them as they are: half the bytes, no conversion. out is rounded once to bf16; BF16 precision;
+  // the CPU computes on their values.
   virtual void attention_forward(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v,
-                                 float* out, float* lse, const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen,
-                                 std::int64_t tokens, int n_q_heads, int n_kv_heads, int head_dim, float scale,
-                                 const Stream& stream) const = 0;
+                                 std::uint16_t* out, float* lse, const std::int32_t* cu_seqlens, int n_seqs,
+                                 int max_seqlen, std::int64_t tokens, int n_q_heads, int n_kv_heads, int head_dim,
+                                 float scale, const Stream& stream) const = 0;
   virtual void attention_backward(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v,
-                                  const float* out, const float* dout, const float* lse, float* dq, float* dk,
-                                  float* dv, float* workspace, const std::int32_t* cu_seqlens, int n_seqs,
+                                  const std::uint16_t* out, const std::uint16_t* dout, const float* lse, float* dq,
+                                  float* dk, float* dv, float* workspace, const std::int32_t* cu_seqlens, int n_seqs,
                                   int max_seqlen, std::int64_t tokens, int n_q_heads, int n_kv_heads, int head_dim,
                                   float scale, const Stream& stream) const = 0;
 

@@ -43,13 +43,14 @@
 //
 // ---- Saved activations (kept from forward to backward), floats per token ---------------------
 //   q_raw n_q d, k_raw n_kv d, v n_kv d, att n_q d, r H, gate_up 2 I, lse n_q, rstd_q n_q and
-//   rstd_k n_kv (with qk_norm), rstd1 1, rstd2 1. In bf16 mode q_raw, k_raw, v and gate_up are bf16
-//   (half the floats), and so are q_rot and k_rot in the scratch: attention reads bf16 q, k, v.
+//   rstd_k n_kv (with qk_norm), rstd1 1, rstd2 1. In bf16 mode q_raw, k_raw, v, att and gate_up are
+//   bf16 (half the floats), and so are q_rot, k_rot and d_att in the scratch: attention reads bf16
+//   q, k, v and dout, and writes att in bf16 (the o projection's operand).
 // Recomputed in the backward instead of kept: h and g (one RMSNorm each), q_rot and k_rot (one
 // QK-norm+RoPE each), act (one SwiGLU) — all cheap elementwise passes. x itself is not kept: the
 // caller passes it again. saved_bytes_per_token() reports the total; for Qwen3-4B
 // (H 2560, 32/8 heads x 128, I 9728) it is 129,320 bytes (about 126 KiB) per token in fp32 and
-// tf32, 78,120 bytes (about 76 KiB) in bf16.
+// tf32, 69,928 bytes (about 68 KiB) in bf16.
 // Transient scratch (dead outside a call) is a second allocation: scratch_bytes_per_token()
 // (Qwen3-4B: 126,976 bytes per token + the CUDA attention backward's workspace, 8,320 bytes).
 //
@@ -63,15 +64,17 @@
 //     parameter, no extra launch). The fp32 parameters stay the master copy.
 //   - activations and incoming gradients that feed products are bf16 in a bf16 scratch: h and g
 //     from RMSNorm, act and d_gate_up from SwiGLU are written in bf16 directly (their bf16 outputs; no
-//     fp32 copy exists), att, dy, dr, dq, dk, dv are rounded right before use (Backend::to_bf16:
-//     1 more op call in the forward, 3 with q/k biases, 6 in the backward). Per token: max(H, q) +
-//     max(2 I, q + 2 kv) + H bf16 values (Qwen3-4B: 26,112 values, 52,224 bytes; counted in
-//     scratch_bytes_per_token).
-//   - gate_up, q and k (before QK-norm) are written by their products in bf16
+//     fp32 copy exists), att by attention itself (saved so), dy, dr, dq, dk, dv are rounded right
+//     before use (Backend::to_bf16: 3 more op calls in the forward with q/k/v biases, 5 in the
+//     backward). Per token: H + max(2 I, q + 2 kv) + H bf16 values (Qwen3-4B: 24,576 values, 49,152
+//     bytes; counted in scratch_bytes_per_token).
+//   - gate_up, q, k (before QK-norm) and v are written by their products in bf16
 //     (Backend::gemm_bf16_to_bf16) and saved so, as torch's bf16 layers keep them; a bias (or,
 //     in the nf4 block, an adapter's term) is added in fp32 first and the sum rounded. Their
-//     readers, SwiGLU and QK-norm + RoPE, widen them and compute in fp32.
-//   - the other products write fp32: v, the residual branches, every gradient (weight
+//     readers, SwiGLU and QK-norm + RoPE, widen them and compute in fp32; attention reads them as
+//     they are. So is d_att, attention's incoming gradient (in the nf4 block with an adapter on o:
+//     rounded after the adapter's term is added).
+//   - the other products write fp32: the residual branches and the other gradients (weight
 //     gradients accumulate in fp32 into the grad workspace with beta = 1). Norms, QK-norm, RoPE,
 //     softmax and SwiGLU compute in fp32; the other saved activations stay fp32.
 // On the CPU backend bf16 computes the same thing (the exact products of the bf16 operands, summed

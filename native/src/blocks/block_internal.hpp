@@ -46,7 +46,7 @@ struct SavedLayout {
     q_raw = s.add(t, floats_for(w.q, precision));
     k_raw = s.add(t, floats_for(w.kv, precision));
     v = s.add(t, floats_for(w.kv, precision));
-    att = s.add(t, w.q);
+    att = s.add(t, floats_for(w.q, precision));
     r = s.add(t, w.H);
     gate_up = s.add(t, floats_for(2 * w.I, precision));
     lse = s.add(t, w.nq);
@@ -58,7 +58,7 @@ struct SavedLayout {
   }
   static std::int64_t floats_per_token(const TransformerConfig& c, Precision precision) {
     Widths w(c);
-    return floats_for(w.q, precision) + 2 * floats_for(w.kv, precision) + w.q + w.H +
+    return 2 * floats_for(w.q, precision) + 2 * floats_for(w.kv, precision) + w.H +
            floats_for(2 * w.I, precision) + w.nq + (c.qk_norm ? w.nq + w.nkv : 0) + 2;
   }
   // Floats holding n values of an activation kept in bf16 in bf16 mode (rounded up: never short).
@@ -92,7 +92,9 @@ inline void qk_norm_rope_backward_saved(const Backend& be, Precision precision, 
   }
 }
 
-// Attention on the rotated q, k and on v as the blocks keep them: fp32, or bf16 bits in bf16 mode.
+// Attention on the rotated q, k, on v, out and dout as the blocks keep them: fp32, or bf16 bits in
+// bf16 mode (out: the saved attention output, the o projection's operand; dout: its gradient as the
+// product before writes it).
 struct AttentionShape {
   const std::int32_t* cu_seqlens;
   int n_seqs, max_seqlen;
@@ -105,8 +107,9 @@ inline void attention_forward_saved(const Backend& be, Precision precision, cons
                                     const Stream& stream) {
   if (precision == Precision::BF16) {
     be.attention_forward(reinterpret_cast<const std::uint16_t*>(q), reinterpret_cast<const std::uint16_t*>(k),
-                         reinterpret_cast<const std::uint16_t*>(v), out, lse, a.cu_seqlens, a.n_seqs, a.max_seqlen,
-                         a.tokens, a.n_q_heads, a.n_kv_heads, a.head_dim, a.scale, stream);
+                         reinterpret_cast<const std::uint16_t*>(v), reinterpret_cast<std::uint16_t*>(out), lse,
+                         a.cu_seqlens, a.n_seqs, a.max_seqlen, a.tokens, a.n_q_heads, a.n_kv_heads, a.head_dim,
+                         a.scale, stream);
   } else {
     be.attention_forward(q, k, v, out, lse, a.cu_seqlens, a.n_seqs, a.max_seqlen, a.tokens, a.n_q_heads,
                          a.n_kv_heads, a.head_dim, a.scale, precision, stream);
@@ -118,9 +121,9 @@ inline void attention_backward_saved(const Backend& be, Precision precision, con
                                      const Stream& stream) {
   if (precision == Precision::BF16) {
     be.attention_backward(reinterpret_cast<const std::uint16_t*>(q), reinterpret_cast<const std::uint16_t*>(k),
-                          reinterpret_cast<const std::uint16_t*>(v), out, dout, lse, dq, dk, dv, workspace,
-                          a.cu_seqlens, a.n_seqs, a.max_seqlen, a.tokens, a.n_q_heads, a.n_kv_heads, a.head_dim,
-                          a.scale, stream);
+                          reinterpret_cast<const std::uint16_t*>(v), reinterpret_cast<const std::uint16_t*>(out),
+                          reinterpret_cast<const std::uint16_t*>(dout), lse, dq, dk, dv, workspace, a.cu_seqlens,
+                          a.n_seqs, a.max_seqlen, a.tokens, a.n_q_heads, a.n_kv_heads, a.head_dim, a.scale, stream);
   } else {
     be.attention_backward(q, k, v, out, dout, lse, dq, dk, dv, workspace, a.cu_seqlens, a.n_seqs, a.max_seqlen,
                           a.tokens, a.n_q_heads, a.n_kv_heads, a.head_dim, a.scale, precision, stream);
@@ -158,7 +161,8 @@ struct ScratchLayout {
 };
 
 // bf16 mode: the bf16 operands of the GEMMs (in bf16 elements), converted right before use.
-//   a [T, max(H, q)]           h, att, g (the activation side of the forward products and of dW)
+//   a [T, H]                   h, g (the activation side of the forward products and of dW; att
+//                              is saved in bf16 by attention itself)
 //   b [T, max(2I, q + 2kv)]    act, then d_gate_up; dq | dk | dv (each segment aligned)
 //   c [T, H]                   dy, then dr (the incoming gradients)
 struct Bf16ScratchLayout {
@@ -166,7 +170,7 @@ struct Bf16ScratchLayout {
   Bf16ScratchLayout(const TransformerConfig& cfg, std::int64_t t) {
     Widths w(cfg);
     Segments s;
-    a = s.add(t, std::max(w.H, w.q));
+    a = s.add(t, w.H);
     b = s.at;
     const std::int64_t qkv_end = align_up(align_up(b + t * w.q) + align_up(t * w.kv) + t * w.kv);
     dk = align_up(b + t * w.q);
@@ -178,7 +182,7 @@ struct Bf16ScratchLayout {
   }
   static std::int64_t elements_per_token(const TransformerConfig& cfg) {
     Widths w(cfg);
-    return std::max(w.H, w.q) + std::max(2 * w.I, w.q + 2 * w.kv) + w.H;
+    return w.H + std::max(2 * w.I, w.q + 2 * w.kv) + w.H;
   }
 };
 

@@ -47,6 +47,10 @@ struct Products {
       be.gemm_add(false, true, m, n, k, 1.0f, a, b, addend, c, prec, stream);
     }
   }
+  // A saved activation kept in bf16 in bf16 mode (SavedLayout) as a product's bf16 operand; nullptr otherwise.
+  const std::uint16_t* saved16(const float* saved) const {
+    return bf16() ? reinterpret_cast<const std::uint16_t*>(saved) : nullptr;
+  }
   // y = bf16(x) in bf16 mode; nothing otherwise.
   void convert(const float* x, std::uint16_t* y, std::int64_t n) const {
     if (bf16()) be.to_bf16(x, y, n, stream);
@@ -262,8 +266,7 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   const AttentionShape attn{cu, n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale};
   attention_forward_saved(be, prec, X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, attn, stream);
   float* r = S + sl.r;
-  std::uint16_t* att16 = mm.s16(bl.a);  // h16 is dead once the q/k/v products are queued
-  mm.convert(S + sl.att, att16, T * q);
+  const std::uint16_t* att16 = mm.saved16(S + sl.att);  // bf16 mode: attention wrote att in bf16
   mm.gemm_add(T, H, q, S + sl.att, att16, W + pl.wo, mm.w16(pl.wo), xin, r);  // r = x + att Wo^T
   if (pl.bo >= 0) be.add_bias(r, W + pl.bo, T, H, stream);
   float* g = X + sc.sh;
@@ -374,11 +377,16 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   if (pl.bo >= 0) be.bias_backward(dx, G + pl.bo, T, H, stream);
   std::uint16_t* dr16 = mm.s16(bl.c);  // dy16 is dead
   mm.convert(dx, dr16, T * H);
-  std::uint16_t* att16 = mm.s16(bl.a);  // g16 is dead
-  mm.convert(S + sl.att, att16, T * q);
-  mm.gemm(true, false, H, q, T, dx, dr16, S + sl.att, att16, 1.0f, G + pl.wo);       // dWo += dr^T att
+  const std::uint16_t* att16 = mm.saved16(S + sl.att);
+  mm.gemm(true, false, H, q, T, dx, dr16, S + sl.att, att16, 1.0f, G + pl.wo);  // dWo += dr^T att
+  // d_att = dr Wo: in bf16 mode written in bf16, as attention reads it.
   float* d_att = X + sc.d_att;
-  mm.gemm(false, false, T, q, H, dx, dr16, W + pl.wo, mm.w16(pl.wo), 0.0f, d_att);  // d_att = dr Wo
+  if (mm.bf16()) {
+    be.gemm_bf16_to_bf16(false, false, T, q, H, 1.0f, dr16, mm.w16(pl.wo), reinterpret_cast<std::uint16_t*>(d_att),
+                         stream);
+  } else {
+    mm.gemm(false, false, T, q, H, dx, nullptr, W + pl.wo, nullptr, 0.0f, d_att);
+  }
   const bool qkn = c.qk_norm;
   float* q_rot = X + sc.q_rot;
   float* k_rot = X + sc.k_rot;

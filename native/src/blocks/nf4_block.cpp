@@ -234,19 +234,23 @@ struct Nf4Block::Impl {
 
   // Forward: c[T, out] = a W^T (+ addend). Transposed (the input gradient): c[T, in] = a[T, out] W
   // (+ addend). addend: nullptr, c itself (accumulate) or another buffer (a residual, added in the
-  // product's epilogue). convert_a: a still needs its bf16 copy (bf16 compute; false reuses the last one).
-  void product(int group, bool transposed, const float* a, bool convert_a, const float* addend, float* c) {
+  // product's epilogue). a16, bf16 compute's operand: nullptr converts a into op16 first; op16
+  // reuses its last contents; a saved bf16 activation is read as it is (a unused).
+  void product(int group, bool transposed, const float* a, const std::uint16_t* a16, const float* addend, float* c) {
     const Group& g = kGroups[group];
     const std::int64_t out = rows(g), in = cols(g);
     const std::int64_t n = transposed ? in : out, k = transposed ? out : in;
     dequantize(g);
     if (bf) {
-      if (convert_a) be.to_bf16(a, op16, T * k, stream);
+      if (a16 == nullptr) {
+        be.to_bf16(a, op16, T * k, stream);
+        a16 = op16;
+      }
       const auto* w = reinterpret_cast<const std::uint16_t*>(wscratch);
       if (addend == nullptr) {
-        be.gemm_bf16(false, !transposed, T, n, k, 1.0f, op16, w, 0.0f, c, stream);
+        be.gemm_bf16(false, !transposed, T, n, k, 1.0f, a16, w, 0.0f, c, stream);
       } else {
-        be.gemm_bf16_add(false, !transposed, T, n, k, 1.0f, op16, w, addend, c, stream);
+        be.gemm_bf16_add(false, !transposed, T, n, k, 1.0f, a16, w, addend, c, stream);
       }
     } else {
       const auto* w = reinterpret_cast<const float*>(wscratch);
@@ -258,14 +262,28 @@ struct Nf4Block::Impl {
     }
   }
 
-  // bf16 mode, forward: c16[T, out] = a W^T written in bf16, with a's bf16 copy already in op16.
-  void product_to_bf16(int group, std::uint16_t* c16) {
+  // bf16 mode: c16 = a16 W^T, or transposed a16 W, written in bf16 (a16 must not be c16).
+  void product_to_bf16(int group, bool transposed, const std::uint16_t* a16, std::uint16_t* c16) {
     const Group& g = kGroups[group];
     dequantize(g);
-    be.gemm_bf16_to_bf16(false, true, T, rows(g), cols(g), 1.0f, op16, reinterpret_cast<const std::uint16_t*>(wscratch),
-                         c16, stream);
+    const std::int64_t n = transposed ? cols(g) : rows(g), k = transposed ? rows(g) : cols(g);
+    be.gemm_bf16_to_bf16(false, !transposed, T, n, k, 1.0f, a16, reinterpret_cast<const std::uint16_t*>(wscratch), c16,
+                         stream);
   }
 
+  // The saved attention output as the o product's bf16 operand (bf16 mode), else nullptr.
+  const std::uint16_t* saved16(const float* att) const {
+    return bf ? reinterpret_cast<const std::uint16_t*>(att) : nullptr;
+  }
+  // The saved attention output as o's adapter reads it: fp32 itself, or (bf16 mode, o adapted) widened
+  // into `scratch` [T, q]. Only when o has an adapter (else nothing reads it; nullptr).
+  const float* widened_att(const float* att, float* scratch) const {
+    if (!adapted(kGroupO)) return nullptr;
+    if (!bf) return att;
+    const std::int64_t n = T * b.config_.num_attention_heads * b.config_.head_dim;
+    be.from_bf16(reinterpret_cast<const std::uint16_t*>(att), scratch, n, stream);
+    return scratch;
+  }
   // SwiGLU of the saved gate_up (bf16 in bf16 mode, SavedLayout) into fp32: the forward's act and
   // the backward's d_gate_up where adapters read them.
   void swiglu_forward_saved(const float* saved, float* out, std::int64_t I) const {
@@ -787,18 +805,18 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   // the backward).
   auto project_raw = [&](int group, const float* b, std::int64_t n, float* dst) {
     if (!m.bf) {
-      m.product(group, false, h, false, nullptr, dst);
+      m.product(group, false, h, m.op16, nullptr, dst);
       m.lora_forward(group, h, dst);
       if (b != nullptr) be.add_bias(dst, b, T, n, stream);
       return;
     }
     std::uint16_t* dst16 = reinterpret_cast<std::uint16_t*>(dst);
     if (!m.adapted(group) && b == nullptr) {
-      m.product_to_bf16(group, dst16);
+      m.product_to_bf16(group, false, m.op16, dst16);
       return;
     }
     float* sum = X + sc.d_att;
-    m.product(group, false, h, false, nullptr, sum);
+    m.product(group, false, h, m.op16, nullptr, sum);
     m.lora_forward(group, h, sum);
     if (b != nullptr) be.add_bias(sum, b, T, n, stream);
     be.to_bf16(sum, dst16, T * n, stream);
@@ -816,8 +834,10 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   const AttentionShape attn{cu, n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale};
   attention_forward_saved(be, prec, X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, attn, stream);
   float* r = S + sl.r;
-  m.product(kGroupO, false, S + sl.att, true, xin, r);  // r = x + att Wo^T
-  m.lora_forward(kGroupO, S + sl.att, r);
+  // r = x + att Wo^T. In bf16 mode attention wrote att in bf16, the product's operand; an adapter
+  // on o reads an fp32 copy (in d_att's scratch, free until the backward).
+  m.product(kGroupO, false, S + sl.att, m.saved16(S + sl.att), xin, r);
+  m.lora_forward(kGroupO, m.widened_att(S + sl.att, X + sc.d_att), r);
   if (bo_ >= 0) be.add_bias(r, D + bo_, T, H, stream);
   float* g = X + sc.sh;
   const bool gu_bf16_only = m.bf16_operand_only(kGroupGU);
@@ -829,14 +849,14 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   // gate_up is saved in bf16 in bf16 mode (written so by its product, or rounded after the adapters).
   std::uint16_t* gate_up16 = reinterpret_cast<std::uint16_t*>(S + sl.gate_up);
   if (gu_bf16_only) {
-    m.product_to_bf16(kGroupGU, gate_up16);
+    m.product_to_bf16(kGroupGU, false, m.op16, gate_up16);
   } else if (m.bf) {
     float* gate_up = X + sc.d_gate_up;
-    m.product(kGroupGU, false, g, true, nullptr, gate_up);
+    m.product(kGroupGU, false, g, nullptr, nullptr, gate_up);
     m.lora_forward(kGroupGU, g, gate_up);
     be.to_bf16(gate_up, gate_up16, T * 2 * I, stream);
   } else {
-    m.product(kGroupGU, false, g, false, nullptr, S + sl.gate_up);
+    m.product(kGroupGU, false, g, m.op16, nullptr, S + sl.gate_up);
     m.lora_forward(kGroupGU, g, S + sl.gate_up);
   }
   float* act = X + sc.act;
@@ -846,7 +866,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   } else {
     m.swiglu_forward_saved(S + sl.gate_up, act, I);
   }
-  m.product(kGroupDown, false, act, !down_bf16_only, r, y);  // y = r + act Wdown^T
+  m.product(kGroupDown, false, act, down_bf16_only ? m.op16 : nullptr, r, y);  // y = r + act Wdown^T
   m.lora_forward(kGroupDown, act, y);
   forward_seq_lens_ = seq_lens;
   mem.forward_done(seq_lens);
@@ -917,7 +937,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     m.lora_grads(kGroupDown, act, dy, G);
   }
   float* d_act = act;
-  m.product(kGroupDown, true, dy, true, nullptr, d_act);  // d_act = dy Wdown
+  m.product(kGroupDown, true, dy, nullptr, nullptr, d_act);  // d_act = dy Wdown
   m.lora_dx(kGroupDown, d_act);
   float* d_gu = X + sc.d_gate_up;
   const bool gu_bf16_only = m.bf16_operand_only(kGroupGU);
@@ -928,16 +948,28 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     m.lora_grads(kGroupGU, g, d_gu, G);
   }
   float* dg = X + sc.sh;
-  m.product(kGroupGU, true, d_gu, !gu_bf16_only, nullptr, dg);  // dg = d_gu Wgu
+  m.product(kGroupGU, true, d_gu, gu_bf16_only ? m.op16 : nullptr, nullptr, dg);  // dg = d_gu Wgu
   m.lora_dx(kGroupGU, dg);
   // dr = dy + rmsnorm_backward(dg) (grad_in may be grad_out): grad_in carries dr from here on.
   be.rmsnorm_backward(dg, r, D + ln_post_, S + sl.rstd2, dy, dx, nullptr, T, H, stream);  // frozen norm
 
   // Attention: r = x + att Wo^T (+ bo).
-  m.lora_grads(kGroupO, S + sl.att, dx, G);
+  m.lora_grads(kGroupO, m.widened_att(S + sl.att, X + sc.d_att), dx, G);
+  // d_att = dr Wo (+ the adapter's term): in bf16 mode attention reads it in bf16, written so by the
+  // product, or (with an adapter on o) rounded after the fp32 sum into op16, free until dq's product.
   float* d_att = X + sc.d_att;
-  m.product(kGroupO, true, dx, true, nullptr, d_att);  // d_att = dr Wo
-  m.lora_dx(kGroupO, d_att);
+  const float* d_att_in = d_att;
+  if (m.bf && !m.adapted(kGroupO)) {
+    be.to_bf16(dx, m.op16, T * H, stream);
+    m.product_to_bf16(kGroupO, true, m.op16, reinterpret_cast<std::uint16_t*>(d_att));
+  } else {
+    m.product(kGroupO, true, dx, nullptr, nullptr, d_att);
+    m.lora_dx(kGroupO, d_att);
+    if (m.bf) {
+      be.to_bf16(d_att, m.op16, T * nq * d, stream);
+      d_att_in = reinterpret_cast<const float*>(m.op16);
+    }
+  }
   const bool qkn = c.qk_norm;
   float* q_rot = X + sc.q_rot;
   float* k_rot = X + sc.k_rot;
@@ -951,7 +983,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* dk_rot = X + sc.dk_rot;
   float* dv = X + sc.dv;
   const AttentionShape attn{cu, n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale};
-  attention_backward_saved(be, prec, q_rot, k_rot, S + sl.v, S + sl.att, d_att, S + sl.lse, dq_rot, dk_rot, dv,
+  attention_backward_saved(be, prec, q_rot, k_rot, S + sl.v, S + sl.att, d_att_in, S + sl.lse, dq_rot, dk_rot, dv,
                            X + sc.attn_ws, attn, stream);
   float* dq = d_att;
   float* dk = q_rot;
@@ -967,13 +999,13 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   }
   float* dh = X + nsc.dh;  // h stays readable for the adapters' gradients
   m.lora_grads(kGroupQ, h, dq, G);
-  m.product(kGroupQ, true, dq, true, nullptr, dh);
+  m.product(kGroupQ, true, dq, nullptr, nullptr, dh);
   m.lora_dx(kGroupQ, dh);
   m.lora_grads(kGroupK, h, dk, G);
-  m.product(kGroupK, true, dk, true, dh, dh);
+  m.product(kGroupK, true, dk, nullptr, dh, dh);
   m.lora_dx(kGroupK, dh);
   m.lora_grads(kGroupV, h, dv, G);
-  m.product(kGroupV, true, dv, true, dh, dh);
+  m.product(kGroupV, true, dv, nullptr, dh, dh);
   m.lora_dx(kGroupV, dh);
   be.rmsnorm_backward(dh, xin, D + ln_in_, S + sl.rstd1, dx, dx, nullptr, T, H, stream);
   lora_ws.set_last_stream(stream);

@@ -90,6 +90,9 @@ class CpuBackend final : public Backend {
   void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, const Stream&) const override {
     cpu::to_bf16(x, y, n);
   }
+  void from_bf16(const std::uint16_t* x, float* y, std::int64_t n, const Stream&) const override {
+    cpu::from_bf16(x, y, n);
+  }
 
   void add_bias(float* y, const float* bias, std::int64_t rows, std::int64_t cols, const Stream&) const override {
     cpu::add_bias(y, bias, rows, cols);
@@ -193,22 +196,26 @@ class CpuBackend final : public Backend {
                             tokens, n_q_heads, n_kv_heads, head_dim, scale);
   }
 
-  void attention_forward(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v, float* out,
+  void attention_forward(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v, std::uint16_t* out,
                          float* lse, const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen, std::int64_t tokens,
                          int n_q_heads, int n_kv_heads, int head_dim, float scale, const Stream&) const override {
-    const std::vector<float> q32 = widened(q, tokens * n_q_heads * head_dim);
-    const std::vector<float> k32 = widened(k, tokens * n_kv_heads * head_dim), v32 = widened(v, tokens * n_kv_heads * head_dim);
-    cpu::attention_forward(q32.data(), k32.data(), v32.data(), out, lse, cu_seqlens, n_seqs, max_seqlen, tokens,
-                           n_q_heads, n_kv_heads, head_dim, scale);
+    const std::int64_t nq = tokens * n_q_heads * head_dim, nkv = tokens * n_kv_heads * head_dim;
+    const std::vector<float> q32 = widened(q, nq), k32 = widened(k, nkv), v32 = widened(v, nkv);
+    std::vector<float> out32(static_cast<std::size_t>(nq));
+    cpu::attention_forward(q32.data(), k32.data(), v32.data(), out32.data(), lse, cu_seqlens, n_seqs, max_seqlen,
+                           tokens, n_q_heads, n_kv_heads, head_dim, scale);
+    cpu::to_bf16(out32.data(), out, nq);
   }
-  void attention_backward(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v, const float* out,
-                          const float* dout, const float* lse, float* dq, float* dk, float* dv, float* workspace,
-                          const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen, std::int64_t tokens,
-                          int n_q_heads, int n_kv_heads, int head_dim, float scale, const Stream&) const override {
-    const std::vector<float> q32 = widened(q, tokens * n_q_heads * head_dim);
-    const std::vector<float> k32 = widened(k, tokens * n_kv_heads * head_dim), v32 = widened(v, tokens * n_kv_heads * head_dim);
-    cpu::attention_backward(q32.data(), k32.data(), v32.data(), out, dout, lse, dq, dk, dv, workspace, cu_seqlens,
-                            n_seqs, max_seqlen, tokens, n_q_heads, n_kv_heads, head_dim, scale);
+  void attention_backward(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v,
+                          const std::uint16_t* out, const std::uint16_t* dout, const float* lse, float* dq, float* dk,
+                          float* dv, float* workspace, const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen,
+                          std::int64_t tokens, int n_q_heads, int n_kv_heads, int head_dim, float scale,
+                          const Stream&) const override {
+    const std::int64_t nq = tokens * n_q_heads * head_dim, nkv = tokens * n_kv_heads * head_dim;
+    const std::vector<float> q32 = widened(q, nq), k32 = widened(k, nkv), v32 = widened(v, nkv);
+    const std::vector<float> out32 = widened(out, nq), dout32 = widened(dout, nq);
+    cpu::attention_backward(q32.data(), k32.data(), v32.data(), out32.data(), dout32.data(), lse, dq, dk, dv,
+                            workspace, cu_seqlens, n_seqs, max_seqlen, tokens, n_q_heads, n_kv_heads, head_dim, scale);
   }
 
   void adamw_step(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, std::int64_t n,

@@ -78,14 +78,14 @@
 // little), and a block waits for its own tiles (no double buffering). Fetching fragments with
 // ldmatrix.x4 instead of 32-bit loads (a quarter of the load instructions) changed nothing
 // measurable, so instruction issue is not the limit either.
-// bf16 q, k, v in global memory (In = std::uint16_t; bf16 mode's blocks keep them so): a tile is
-// staged by copying 16-byte chunks (half the bytes, no conversion, no landing tiles), which makes
-// double buffering affordable: the forward's K, V and the dK/dV pass's Q are cp.async'ed into a
-// second buffer while the current tile's products run; dO (fp32) and the dQ pass stay synchronous.
-// The results are bit for bit those of the fp32-input kernels on the same values (the host
-// emulation and CudaAttentionMmaBf16Inputs check it). Not yet timed on a GPU when written.
-// Next steps: bf16 dO from its producer, the dQ pass double-buffered; wgmma (sm_90a) with 128-row
-// tiles.
+// bf16 I/O (In = std::uint16_t; bf16 mode's blocks keep q, k, v, out and dout so): a tile is staged
+// by copying 16-byte chunks (half the bytes, no conversion, no landing tiles), which makes double
+// buffering affordable: the forward's K, V and the dK/dV pass's Q, dO are cp.async'ed into a second
+// buffer while the current tile's products run; the dQ pass stages Q, dO once and (staging mode 2)
+// double-buffers K, V too. The forward writes out rounded once to bf16; the row dots read bf16 out
+// and dout. The results are bit for bit those of the fp32-input kernels on the same values (the host
+// emulation and CudaAttentionMmaBf16Inputs check it).
+// Next steps: the dQ pass fused into the dK/dV pass; wgmma (sm_90a) with 128-row tiles.
 #include "cuda/attention_mma.cuh"
 #include "cuda/attention_shared.cuh"
 #include "cudablocks/errors.hpp"
@@ -538,9 +538,15 @@ __device__ __forceinline__ void zero(float (&acc)[N][4]) {
 }
 
 // Store rows [row0, row0+16) of a 16 x D accumulator (times mul[h] for row half h) to global rows
-// (dst + row*gstride), rows >= rows_valid dropped.
-template <int D>
-__device__ __forceinline__ void store_acc(float* dst, int64_t gstride, const float (&acc)[D / 8][4], int row0,
+// (dst + row*gstride), rows >= rows_valid dropped: fp32, or bf16 (bit patterns, rounded once).
+__device__ __forceinline__ void store_pair(float* p, float lo, float hi) {
+    *reinterpret_cast<float2*>(p) = make_float2(lo, hi);
+}
+__device__ __forceinline__ void store_pair(std::uint16_t* p, float lo, float hi) {
+    *reinterpret_cast<uint32_t*>(p) = pack_bf16(lo, hi);
+}
+template <int D, class Out>
+__device__ __forceinline__ void store_acc(Out* dst, int64_t gstride, const float (&acc)[D / 8][4], int row0,
                                           int rows_valid, const float mul[2]) {
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -548,10 +554,9 @@ __device__ __forceinline__ void store_acc(float* dst, int64_t gstride, const flo
     for (int h = 0; h < 2; ++h) {
         const int r = row0 + g + 8 * h;
         if (r >= rows_valid) continue;
-        float* p = dst + r * gstride + 2 * t;
+        Out* p = dst + r * gstride + 2 * t;
 #pragma unroll
-        for (int nb = 0; nb < D / 8; ++nb)
-            *reinterpret_cast<float2*>(p + nb * 8) = make_float2(acc[nb][2 * h] * mul[h], acc[nb][2 * h + 1] * mul[h]);
+        for (int nb = 0; nb < D / 8; ++nb) store_pair(p + nb * 8, acc[nb][2 * h] * mul[h], acc[nb][2 * h + 1] * mul[h]);
     }
 }
 
@@ -559,11 +564,11 @@ __device__ __forceinline__ void store_acc(float* dst, int64_t gstride, const flo
 // Forward. Grid (n_q_heads / HPB, n_seqs, n_qtiles), 128 * HPB threads: HPB query heads of one GQA
 // group share each staged K/V tile (half the K/V traffic per FLOP with HPB = 2); warp w computes
 // rows (w%4)*16 .. +15 of head blockIdx.x*HPB + w/4. Shared: HPB Q tiles, K "rows", V (stage_pb).
-// In: float, or std::uint16_t for bf16 q, k, v (Bf16Op; staged by copy).
+// In: float, or std::uint16_t for bf16 q, k, v and out (Bf16Op; staged by copy, out rounded once).
 template <class Op, int D, int HPB, class In = float>
 __global__ void __launch_bounds__(kThreads * HPB, 4 / HPB)  // <= 128 registers: 16 warps per SM
 attention_mma_forward_kernel(const In* __restrict__ q, const In* __restrict__ k,
-                             const In* __restrict__ v, float* __restrict__ out, float* __restrict__ lse,
+                             const In* __restrict__ v, In* __restrict__ out, float* __restrict__ lse,
                              const int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads,
                              float scale_log2) {
     using Pair = typename Op::Pair;
@@ -701,12 +706,12 @@ attention_mma_forward_kernel(const In* __restrict__ q, const In* __restrict__ k,
 // split s > 0 its slabs, which attention_reduce_kernel adds in split order: deterministic).
 // Grid (n_kv_heads * splits, n_seqs, n_ktiles), 128 threads. Shared: K, V, Q, dO "rows"; (tf32) Q^T, dO^T
 // "cols"; lse (log2 domain) and D of the current query tile.
-// In as in the forward (bf16 q, k, v: K, V staged once by copy, Q double-buffered with cp.async;
-// ASYNC false; dO stays fp32, staged synchronously).
+// In as in the forward (bf16 q, k, v and dO: K, V staged once by copy, Q and dO double-buffered
+// with cp.async; ASYNC false).
 template <class Op, int D, bool ASYNC = false, class In = float>
 __global__ void __launch_bounds__(kThreads)
 attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, const In* __restrict__ v,
-                          const float* __restrict__ dout, const float* __restrict__ lse,
+                          const In* __restrict__ dout, const float* __restrict__ lse,
                           const float* __restrict__ dsum, float* __restrict__ dk, float* __restrict__ dv,
                           Slabs slabs, const int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads,
                           int splits, float scale, float scale_log2) {
@@ -721,15 +726,15 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
     Pair* Qt = dOs + kTile * LD;             // tf32 only (cols); bf16 reads Qs with ldmatrix.trans
     Pair* dOt = Qt + cols_pairs<Op, D>();    // tf32 only
     float* lse_s = reinterpret_cast<float*>(dOt + cols_pairs<Op, D>());
-    const Pair* dV_B = Op::kTransFromRows ? dOs : dOt;  // B operand of dV += P^T dO
     float* dsum_s = lse_s + kTile;
     // ASYNC, bf16: fp32 landing buffer [64][D] for cp.async (tf32 copies straight into its rows tiles).
     constexpr bool kLand = ASYNC && Op::kTransFromRows;
     float* land = dsum_s + kTile;
-    // bf16 inputs: Q double-buffered (the second buffer after dsum_s), the next item's copies in
-    // flight during this item's dO staging and products.
+    // bf16 inputs: Q and dO double-buffered (the second pair after dsum_s), the next item's copies
+    // in flight during this item's products.
     constexpr bool kPipe = std::is_same_v<In, std::uint16_t>;
     Pair* Q2 = reinterpret_cast<Pair*>(dsum_s + kTile);
+    Pair* dO2 = Q2 + kTile * LD;
 
     const int kvh = blockIdx.x / splits;
     const int split = blockIdx.x % splits;
@@ -770,9 +775,10 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
 
         const int n_qt = n_tiles - kt;  // query tiles kt .. n_tiles-1
         const int n_items = (h_end - h_begin) * n_qt;
-        if constexpr (kPipe) {  // Q of item 0 into buffer 0
-            async_rows_bf16<D, kThreads>(Qs, q + (int64_t)(start + k0) * q_stride + (int64_t)h_begin * D, q_stride,
-                                         len - k0);
+        if constexpr (kPipe) {  // Q, dO of item 0 into buffer 0
+            const int64_t off0 = (int64_t)(start + k0) * q_stride + (int64_t)h_begin * D;
+            async_rows_bf16<D, kThreads>(Qs, q + off0, q_stride, len - k0);
+            async_rows_bf16<D, kThreads>(dOs, dout + off0, q_stride, len - k0);
             cp_async_commit();
         }
         if constexpr (kLand) {  // prefetch the first Q tile
@@ -784,23 +790,22 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
             const int q0 = (kt + item % n_qt) * kTile;
             const int64_t off = (int64_t)(start + q0) * q_stride + (int64_t)hq * D;
             if (item > 0) __syncthreads();  // everyone is done with the previous Q / dO tiles
-            const Pair* Qc = Qs;  // this item's Q
+            const Pair* Qc = Qs;    // this item's Q and dO
+            const Pair* dOc = dOs;
             if constexpr (kPipe) {
-                if (item + 1 < n_items) {  // the next item's Q into the buffer the previous item used
+                if (item + 1 < n_items) {  // the next item's Q, dO into the buffers the previous item used
                     const int hq1 = h_begin + (item + 1) / n_qt;
                     const int q1 = (kt + (item + 1) % n_qt) * kTile;
-                    async_rows_bf16<D, kThreads>((item & 1) ? Qs : Q2,
-                                                 q + (int64_t)(start + q1) * q_stride + (int64_t)hq1 * D, q_stride,
-                                                 len - q1);
+                    const int64_t off1 = (int64_t)(start + q1) * q_stride + (int64_t)hq1 * D;
+                    async_rows_bf16<D, kThreads>((item & 1) ? Qs : Q2, q + off1, q_stride, len - q1);
+                    async_rows_bf16<D, kThreads>((item & 1) ? dOs : dO2, dout + off1, q_stride, len - q1);
                     cp_async_commit();
-                }
-                stage_rows<Op, D>(dOs, dout + off, q_stride, len - q0);
-                if (item + 1 < n_items) {
-                    cp_async_wait_group<1>();  // this item's Q has landed (this thread's copies)
+                    cp_async_wait_group<1>();  // this item's Q, dO have landed (this thread's copies)
                 } else {
                     cp_async_wait_group<0>();
                 }
                 Qc = (item & 1) ? Q2 : Qs;
+                dOc = (item & 1) ? dO2 : dOs;
             } else if constexpr (kLand) {
                 cp_async_wait_all();  // Q of this item (prefetched during the previous item)
                 convert_rows<Op, D>(Qs, land, D);
@@ -865,7 +870,7 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
 
             float dpt[8][4];
             zero(dpt);
-            warp_abT<Op, D>(Vs, warp * 16, dOs, dpt);
+            warp_abT<Op, D>(Vs, warp * 16, dOc, dpt);
 
             if constexpr (ASYNC && !Op::kTransFromRows) {
                 // tf32: the rows tiles Qs, dOs are done with (the two products left read Q^T, dO^T):
@@ -880,7 +885,7 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
                 }
             }
 
-            warp_pB<Op, D>(pt, dV_B, dv_acc);  // dV += P^T dO
+            warp_pB<Op, D>(pt, Op::kTransFromRows ? dOc : dOt, dv_acc);  // dV += P^T dO
 
 #pragma unroll
             for (int nb = 0; nb < 8; ++nb)
@@ -907,17 +912,19 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
 // Register cap: bf16 fits 3 blocks per SM in shared memory (<= 168 registers), tf32 at most 2.
 // ASYNC: tf32: cp.async into the rows tiles, rounded in place, K^T transposed in shared memory from
 // the rounded K rows instead of a second global read, the next K, V prefetched during dQ += dS K;
-// bf16 (staging mode 2): through an fp32 landing tile, the next K prefetched. In: bf16 q, k, v are
-// staged synchronously by copy (3 blocks per SM kept).
+// bf16 (staging mode 2): through an fp32 landing tile, the next K prefetched. In = std::uint16_t
+// (bf16 q, k, v, dO): tiles staged by copy; synchronously without ASYNC (3 blocks per SM), with
+// ASYNC the K, V tiles double-buffered with cp.async as in the forward (2 blocks per SM).
 template <class Op, int D, bool ASYNC = false, class In = float>
 __global__ void __launch_bounds__(kThreads, Op::kTransFromRows && !ASYNC ? 3 : 2)
 attention_mma_dq_kernel(const In* __restrict__ q, const In* __restrict__ k, const In* __restrict__ v,
-                        const float* __restrict__ dout, const float* __restrict__ lse,
+                        const In* __restrict__ dout, const float* __restrict__ lse,
                         const float* __restrict__ dsum, float* __restrict__ dq,
                         const int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads, float scale,
                         float scale_log2) {
     using Pair = typename Op::Pair;
-    static_assert(std::is_same_v<In, float> || (!ASYNC && Op::kTransFromRows), "bf16 inputs: Bf16Op, no landing tiles");
+    static_assert(std::is_same_v<In, float> || Op::kTransFromRows, "bf16 inputs: Bf16Op");
+    constexpr bool kPipe = std::is_same_v<In, std::uint16_t> && ASYNC;  // K, V double-buffered
     constexpr int LD = ld_rows<D>();
     extern __shared__ uint4 smem_u4[];
     Pair* Qs = reinterpret_cast<Pair*>(smem_u4);
@@ -925,11 +932,10 @@ attention_mma_dq_kernel(const In* __restrict__ q, const In* __restrict__ k, cons
     Pair* Ks = dOs + kTile * LD;
     Pair* Vs = Ks + kTile * LD;
     Pair* Kt = Vs + kTile * LD;  // tf32 only (cols); bf16 reads Ks with ldmatrix.trans
-    const Pair* dQ_B = Op::kTransFromRows ? Ks : Kt;  // B operand of dQ += dS K
     constexpr bool kAsync = ASYNC && !Op::kTransFromRows;
     // ASYNC, bf16: fp32 landing tile [64][D] after Vs (bf16 has no Kt); the next K tile is prefetched
     // into it during the current products. 2 blocks per SM instead of 3.
-    constexpr bool kLand = ASYNC && Op::kTransFromRows;
+    constexpr bool kLand = ASYNC && Op::kTransFromRows && !kPipe;
     float* land = reinterpret_cast<float*>(Vs + kTile * LD);
 
     const int h = blockIdx.x;
@@ -949,7 +955,13 @@ attention_mma_dq_kernel(const In* __restrict__ q, const In* __restrict__ k, cons
         const int q0 = qt * kTile;
         const int64_t q_off = (int64_t)(start + q0) * q_stride + (int64_t)h * D;
         __syncthreads();  // a previous iteration's readers of shared memory are done
-        if constexpr (kAsync) {  // waited for (and rounded) with the first K, V tiles
+        if constexpr (kPipe) {  // Q, dO and K, V of key tile 0 (buffer 0) in one group
+            async_rows_bf16<D, kThreads>(Qs, q + q_off, q_stride, len - q0);
+            async_rows_bf16<D, kThreads>(dOs, dout + q_off, q_stride, len - q0);
+            async_rows_bf16<D, kThreads>(Ks, k_head, kv_stride, len);
+            async_rows_bf16<D, kThreads>(Vs, v_head, kv_stride, len);
+            cp_async_commit();
+        } else if constexpr (kAsync) {  // waited for (and rounded) with the first K, V tiles
             async_rows<D>(reinterpret_cast<float*>(Qs), 2 * LD, q + q_off, q_stride, len - q0);
             async_rows<D>(reinterpret_cast<float*>(dOs), 2 * LD, dout + q_off, q_stride, len - q0);
         } else if constexpr (kLand) {
@@ -980,7 +992,23 @@ attention_mma_dq_kernel(const In* __restrict__ q, const In* __restrict__ k, cons
         for (int kt = 0; kt <= qt; ++kt) {
             const int k0 = kt * kTile;
             if (kt > 0) __syncthreads();  // everyone is done with K, V, K^T of the previous tile
-            if constexpr (kAsync) {
+            const Pair* Kc = Ks;  // this tile's K, V
+            const Pair* Vc = Vs;
+            if constexpr (kPipe) {
+                if (kt < qt) {  // tile kt + 1 into the buffer tile kt - 1 used
+                    Pair* next = Ks + ((kt + 1) & 1) * 2 * kTile * LD;
+                    const int k1 = k0 + kTile;
+                    async_rows_bf16<D, kThreads>(next, k_head + (int64_t)k1 * kv_stride, kv_stride, len - k1);
+                    async_rows_bf16<D, kThreads>(next + kTile * LD, v_head + (int64_t)k1 * kv_stride, kv_stride,
+                                                 len - k1);
+                    cp_async_commit();
+                    cp_async_wait_group<1>();  // tile kt has landed (this thread's copies)
+                } else {
+                    cp_async_wait_group<0>();
+                }
+                Kc = Ks + (kt & 1) * 2 * kTile * LD;
+                Vc = Kc + kTile * LD;
+            } else if constexpr (kAsync) {
                 if (kt == 0) {  // later K, V tiles were prefetched by the previous iteration (below)
                     async_rows<D>(reinterpret_cast<float*>(Ks), 2 * LD, k_head, kv_stride, len);
                     async_rows<D>(reinterpret_cast<float*>(Vs), 2 * LD, v_head, kv_stride, len);
@@ -1012,7 +1040,7 @@ attention_mma_dq_kernel(const In* __restrict__ q, const In* __restrict__ k, cons
 
             float s[8][4];
             zero(s);
-            warp_abT<Op, D>(Qs, warp * 16, Ks, s);
+            warp_abT<Op, D>(Qs, warp * 16, Kc, s);
             const bool diag = kt == qt;
 #pragma unroll
             for (int nb = 0; nb < 8; ++nb)
@@ -1026,7 +1054,7 @@ attention_mma_dq_kernel(const In* __restrict__ q, const In* __restrict__ k, cons
 
             float dp[8][4];
             zero(dp);
-            warp_abT<Op, D>(dOs, warp * 16, Vs, dp);
+            warp_abT<Op, D>(dOs, warp * 16, Vc, dp);
             if constexpr (kAsync) {
                 // The rows tiles Ks, Vs are done with (dQ += dS K reads K^T): prefetch the next K, V
                 // tiles into them, overlapping the last product.
@@ -1044,7 +1072,7 @@ attention_mma_dq_kernel(const In* __restrict__ q, const In* __restrict__ k, cons
 #pragma unroll
                 for (int c = 0; c < 4; ++c) dp[nb][c] = s[nb][c] * (dp[nb][c] - dsv[c >> 1]);  // dS
 
-            warp_pB<Op, D>(dp, dQ_B, dq_acc);  // dQ += dS K
+            warp_pB<Op, D>(dp, Op::kTransFromRows ? Kc : Kt, dq_acc);  // dQ += dS K
         }
 
         const float sc[2] = {scale, scale};
@@ -1068,12 +1096,14 @@ size_t forward_smem() {
 }
 template <class Op, int D, bool ASYNC = false, class In = float>
 size_t dkdv_smem() {
-    const int q_buffers = std::is_same_v<In, std::uint16_t> ? 2 : 1;  // bf16 inputs: double-buffered Q
-    return pair_bytes<Op>() * (size_t)((3 + q_buffers) * kTile * ld_rows<D>() + 2 * cols_pairs<Op, D>()) +
+    const int tiles = std::is_same_v<In, std::uint16_t> ? 6 : 4;  // bf16 inputs: Q and dO double-buffered
+    return pair_bytes<Op>() * (size_t)(tiles * kTile * ld_rows<D>() + 2 * cols_pairs<Op, D>()) +
            2 * kTile * sizeof(float) + (ASYNC && Op::kTransFromRows ? (size_t)kTile * D * sizeof(float) : 0);
 }
-template <class Op, int D, bool ASYNC = false>
+template <class Op, int D, bool ASYNC = false, class In = float>
 size_t dq_smem() {
+    if constexpr (std::is_same_v<In, std::uint16_t>)  // Q, dO, K, V; with ASYNC a second K, V
+        return pair_bytes<Op>() * (size_t)((ASYNC ? 6 : 4) * kTile * ld_rows<D>());
     return pair_bytes<Op>() * (size_t)(4 * kTile * ld_rows<D>() + cols_pairs<Op, D>()) +
            (ASYNC && Op::kTransFromRows ? (size_t)kTile * D * sizeof(float) : 0);
 }
@@ -1130,7 +1160,7 @@ bool mma_fits_forward(const Shape& s) {
 }
 template <class Op, int D, bool ASYNC, bool DQ_ASYNC, class In = float>
 bool mma_fits_backward() {
-    return std::max(dkdv_smem<Op, D, ASYNC, In>(), dq_smem<Op, D, DQ_ASYNC>()) <= smem_optin();
+    return std::max(dkdv_smem<Op, D, ASYNC, In>(), dq_smem<Op, D, DQ_ASYNC, In>()) <= smem_optin();
 }
 
 template <typename Kernel>
@@ -1145,7 +1175,7 @@ void prepare_smem(Kernel kernel, size_t bytes) {
 }
 
 template <class Op, int D, int HPB, class In>
-void launch_forward_hpb(const In* q, const In* k, const In* v, float* out, float* lse,
+void launch_forward_hpb(const In* q, const In* k, const In* v, In* out, float* lse,
                         const int32_t* cu_seqlens, const Shape& s, float scale, cudaStream_t stream) {
     const size_t smem = forward_smem<Op, D, HPB, In>();
     prepare_smem(attention_mma_forward_kernel<Op, D, HPB, In>, smem);
@@ -1157,7 +1187,7 @@ void launch_forward_hpb(const In* q, const In* k, const In* v, float* out, float
 
 // Two query heads per block when the GQA group allows it (they share the kv head), else one.
 template <class Op, int D, class In>
-void launch_forward(const In* q, const In* k, const In* v, float* out, float* lse,
+void launch_forward(const In* q, const In* k, const In* v, In* out, float* lse,
                     const int32_t* cu_seqlens, const Shape& s, float scale, cudaStream_t stream) {
     if ((s.n_q_heads / s.n_kv_heads) % 2 == 0)
         launch_forward_hpb<Op, D, 2>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
@@ -1206,7 +1236,7 @@ int staging_mode() {
 }
 
 template <class Op, int D, bool ASYNC, bool DQ_ASYNC, class In>
-void launch_backward(const In* q, const In* k, const In* v, const float* out, const float* dout,
+void launch_backward(const In* q, const In* k, const In* v, const In* out, const In* dout,
                      const float* lse, float* dq, float* dk, float* dv, float* workspace,
                      const int32_t* cu_seqlens, const Shape& s, float scale, int kv_splits,
                      cudaStream_t stream) {
@@ -1241,7 +1271,7 @@ void launch_backward(const In* q, const In* k, const In* v, const float* out, co
         CUDABLOCKS_CHECK_LAUNCH("attention_reduce_kernel");
     }
     {
-        const size_t smem = dq_smem<Op, D, DQ_ASYNC>();
+        const size_t smem = dq_smem<Op, D, DQ_ASYNC, In>();
         prepare_smem(attention_mma_dq_kernel<Op, D, DQ_ASYNC, In>, smem);
         const dim3 grid((unsigned)s.n_q_heads, (unsigned)s.n_seqs, tiles);
         attention_mma_dq_kernel<Op, D, DQ_ASYNC, In><<<grid, kThreads, smem, stream>>>(
@@ -1313,45 +1343,53 @@ void attention_forward_mma(const float* q, const float* k, const float* v, float
     }
 }
 
-// ---- bf16 q, k, v (bf16 mode's blocks keep them so) ----
+// ---- bf16 q, k, v, out, dout (bf16 mode's blocks keep them so) ----
 
 namespace {
 
-// fp32 copies of q, k, v in per-stream scratch, for the head dims without tensor-core kernels.
-struct WidenedQkv {
+// fp32 copies of the bf16 tensors in per-stream scratch, for the head dims without tensor-core
+// kernels: q, k, v (and out, dout for the backward; the forward's fp32 out lands in `out`).
+struct Widened {
     ScratchLease scratch;
-    const float *q, *k, *v;
-    WidenedQkv(const std::uint16_t* q16, const std::uint16_t* k16, const std::uint16_t* v16, const Shape& s,
-               cudaStream_t stream)
-        : scratch(sizeof(float) * (size_t)(s.total_tokens * (s.n_q_heads + 2 * s.n_kv_heads) * s.head_dim), stream) {
+    float *q, *k, *v, *out, *dout;
+    Widened(const std::uint16_t* q16, const std::uint16_t* k16, const std::uint16_t* v16, const std::uint16_t* out16,
+            const std::uint16_t* dout16, const Shape& s, cudaStream_t stream)
+        : scratch(sizeof(float) * (size_t)(s.total_tokens * (3 * s.n_q_heads + 2 * s.n_kv_heads) * s.head_dim), stream) {
         const int64_t nq = s.total_tokens * s.n_q_heads * s.head_dim, nkv = s.total_tokens * s.n_kv_heads * s.head_dim;
-        float* w = scratch.get<float>();
-        from_bf16(q16, w, nq, stream);
-        from_bf16(k16, w + nq, nkv, stream);
-        from_bf16(v16, w + nq + nkv, nkv, stream);
-        q = w;
-        k = w + nq;
-        v = w + nq + nkv;
+        q = scratch.get<float>();
+        k = q + nq;
+        v = k + nkv;
+        out = v + nkv;
+        dout = out + nq;
+        from_bf16(q16, q, nq, stream);
+        from_bf16(k16, k, nkv, stream);
+        from_bf16(v16, v, nkv, stream);
+        if (out16 != nullptr) from_bf16(out16, out, nq, stream);
+        if (dout16 != nullptr) from_bf16(dout16, dout, nq, stream);
     }
 };
 
+// The bf16 I/O kernels: the forward, the dK/dV pass and the dQ pass (staging mode 2: K, V
+// double-buffered; else synchronous).
 template <int D>
-bool bf16_inputs_fit(const Shape& s) {
-    return mma_fits_forward<Bf16Op, D, std::uint16_t>(s) && mma_fits_backward<Bf16Op, D, false, false, std::uint16_t>();
+bool bf16_io_fits(const Shape& s) {
+    using U = std::uint16_t;
+    return mma_fits_forward<Bf16Op, D, U>(s) && mma_fits_backward<Bf16Op, D, false, true, U>();
 }
 
 }  // namespace
 
-void attention_forward_mma(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v, float* out,
+void attention_forward_mma(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v, std::uint16_t* out,
                            float* lse, const int32_t* cu_seqlens, int n_seqs, int max_seqlen, int64_t total_tokens,
                            int n_q_heads, int n_kv_heads, int head_dim, float scale, cudaStream_t stream) {
     const Shape s{n_seqs, max_seqlen, total_tokens, n_q_heads, n_kv_heads, head_dim};
     const bool mma = attention_mma_supported(head_dim, Precision::BF16);
     if (mma && !check_shape(s, cu_seqlens)) return;
-    if (!mma || !(head_dim == 128 ? bf16_inputs_fit<128>(s) : bf16_inputs_fit<64>(s))) {
-        const WidenedQkv w(q, k, v, s, stream);
-        attention_forward_mma(w.q, w.k, w.v, out, lse, cu_seqlens, n_seqs, max_seqlen, total_tokens, n_q_heads,
+    if (!mma || !(head_dim == 128 ? bf16_io_fits<128>(s) : bf16_io_fits<64>(s))) {
+        const Widened w(q, k, v, nullptr, nullptr, s, stream);
+        attention_forward_mma(w.q, w.k, w.v, w.out, lse, cu_seqlens, n_seqs, max_seqlen, total_tokens, n_q_heads,
                               n_kv_heads, head_dim, scale, Precision::BF16, stream);
+        to_bf16(w.out, out, total_tokens * n_q_heads * head_dim, stream);
         return;
     }
     check_aligned(q, "q");
@@ -1364,16 +1402,16 @@ void attention_forward_mma(const std::uint16_t* q, const std::uint16_t* k, const
 }
 
 void attention_backward_mma(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v,
-                            const float* out, const float* dout, const float* lse, float* dq, float* dk, float* dv,
-                            float* workspace, const int32_t* cu_seqlens, int n_seqs, int max_seqlen,
+                            const std::uint16_t* out, const std::uint16_t* dout, const float* lse, float* dq, float* dk,
+                            float* dv, float* workspace, const int32_t* cu_seqlens, int n_seqs, int max_seqlen,
                             int64_t total_tokens, int n_q_heads, int n_kv_heads, int head_dim, float scale,
                             cudaStream_t stream) {
     const Shape s{n_seqs, max_seqlen, total_tokens, n_q_heads, n_kv_heads, head_dim};
     const bool mma = attention_mma_supported(head_dim, Precision::BF16);
     if (mma && !check_shape(s, cu_seqlens)) return;
-    if (!mma || !(head_dim == 128 ? bf16_inputs_fit<128>(s) : bf16_inputs_fit<64>(s))) {
-        const WidenedQkv w(q, k, v, s, stream);
-        attention_backward_mma(w.q, w.k, w.v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, n_seqs, max_seqlen,
+    if (!mma || !(head_dim == 128 ? bf16_io_fits<128>(s) : bf16_io_fits<64>(s))) {
+        const Widened w(q, k, v, out, dout, s, stream);
+        attention_backward_mma(w.q, w.k, w.v, w.out, w.dout, lse, dq, dk, dv, workspace, cu_seqlens, n_seqs, max_seqlen,
                                total_tokens, n_q_heads, n_kv_heads, head_dim, scale, Precision::BF16, stream);
         return;
     }
@@ -1382,13 +1420,23 @@ void attention_backward_mma(const std::uint16_t* q, const std::uint16_t* k, cons
         check_aligned(p, name);
     if (lse == nullptr) fail("lse is null");
     // The bf16 tiles are copies (half the bytes, no conversion, no landing tiles); the forward's K, V
-    // and the dK/dV pass's Q are double-buffered with cp.async, dO and the dQ pass stage synchronously.
-    if (head_dim == 128)
-        launch_backward<Bf16Op, 128, false, false>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s,
-                                                   scale, 0, stream);
-    else
-        launch_backward<Bf16Op, 64, false, false>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s,
-                                                  scale, 0, stream);
+    // and the dK/dV pass's Q, dO are double-buffered with cp.async.
+    const bool dq_pipe = staging_mode() == 2;
+    if (head_dim == 128) {
+        if (dq_pipe)
+            launch_backward<Bf16Op, 128, false, true>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s,
+                                                      scale, 0, stream);
+        else
+            launch_backward<Bf16Op, 128, false, false>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s,
+                                                       scale, 0, stream);
+    } else {
+        if (dq_pipe)
+            launch_backward<Bf16Op, 64, false, true>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s,
+                                                     scale, 0, stream);
+        else
+            launch_backward<Bf16Op, 64, false, false>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s,
+                                                      scale, 0, stream);
+    }
 }
 
 namespace detail {

@@ -42,15 +42,16 @@ void attention_backward_mma(const float* q, const float* k, const float* v, cons
                             int64_t total_tokens, int n_q_heads, int n_kv_heads, int head_dim,
                             float scale, Precision precision, cudaStream_t stream);
 
-// The same with q, k, v in bf16 (bit patterns; bf16 mode's blocks keep them so): the BF16 products
-// on operands staged by copy, exactly what the fp32-input kernels compute on those values. Head
-// dims without tensor-core kernels run the fp32 kernels on fp32 copies in per-stream scratch.
-void attention_forward_mma(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v, float* out,
+// The same with q, k, v, out and dout in bf16 (bit patterns; bf16 mode's blocks keep them so): the
+// BF16 products on operands staged by copy, exactly what the fp32-input kernels compute on those
+// values, with out rounded once to bf16 (lse stays fp32). Head dims without tensor-core kernels run
+// the fp32 kernels on fp32 copies in per-stream scratch.
+void attention_forward_mma(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v, std::uint16_t* out,
                            float* lse, const int32_t* cu_seqlens, int n_seqs, int max_seqlen, int64_t total_tokens,
                            int n_q_heads, int n_kv_heads, int head_dim, float scale, cudaStream_t stream);
 void attention_backward_mma(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v,
-                            const float* out, const float* dout, const float* lse, float* dq, float* dk, float* dv,
-                            float* workspace, const int32_t* cu_seqlens, int n_seqs, int max_seqlen,
+                            const std::uint16_t* out, const std::uint16_t* dout, const float* lse, float* dq, float* dk,
+                            float* dv, float* workspace, const int32_t* cu_seqlens, int n_seqs, int max_seqlen,
                             int64_t total_tokens, int n_q_heads, int n_kv_heads, int head_dim, float scale,
                             cudaStream_t stream);
 

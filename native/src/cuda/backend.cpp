@@ -79,6 +79,9 @@ class CudaBackend final : public Backend {
   void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, const Stream& stream) const override {
     cuda::to_bf16(x, y, n, native(stream));
   }
+  void from_bf16(const std::uint16_t* x, float* y, std::int64_t n, const Stream& stream) const override {
+    cuda::from_bf16(x, y, n, native(stream));
+  }
 
   void add_bias(float* y, const float* bias, std::int64_t rows, std::int64_t cols,
                 const Stream& stream) const override {
@@ -170,15 +173,15 @@ class CudaBackend final : public Backend {
                                  tokens, n_q_heads, n_kv_heads, head_dim, scale, precision, native(stream));
   }
 
-  void attention_forward(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v, float* out,
+  void attention_forward(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v, std::uint16_t* out,
                          float* lse, const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen, std::int64_t tokens,
                          int n_q_heads, int n_kv_heads, int head_dim, float scale,
                          const Stream& stream) const override {
     cuda::attention_forward_mma(q, k, v, out, lse, cu_seqlens, n_seqs, max_seqlen, tokens, n_q_heads, n_kv_heads,
                                 head_dim, scale, native(stream));
   }
-  void attention_backward(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v, const float* out,
-                          const float* dout, const float* lse, float* dq, float* dk, float* dv, float* workspace,
+  void attention_backward(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v,
+                          const std::uint16_t* out, const std::uint16_t* dout, const float* lse, float* dq, float* dk, float* dv, float* workspace,
                           const std::int32_t* cu_seqlens, int n_seqs, int max_seqlen, std::int64_t tokens,
                           int n_q_heads, int n_kv_heads, int head_dim, float scale,
                           const Stream& stream) const override {
