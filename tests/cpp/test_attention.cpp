@@ -740,60 +740,57 @@ std::vector<float> bf16_values(const std::vector<uint16_t>& bits) {
 
 // bf16 q, k, v, out and dout (bf16 mode's blocks keep them so) give, bit for bit, what the fp32-input
 // BF16 kernels give on the same values, the forward's out rounded once to bf16: the staging's
-// rounding is then exact and the row dots sum the same numbers in the same order. Staging modes 1
-// and 2 (the dQ pass synchronous / double-buffered). Head dim 80 has no tensor-core kernel: both run
-// the fp32 kernels (the bf16 tensors on fp32 copies).
+// rounding is then exact and the row dots sum the same numbers in the same order. Head dim 80 has
+// no tensor-core kernel: both run the fp32 kernels (the bf16 tensors on fp32 copies).
 TEST(CudaAttentionMmaBf16Inputs, EqualTheFp32InputsOnTheSameValues) {
     if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device";
-    for (int mode : {1, 2})
-        for (const auto& cs : {MmaCase{{300, 1, 77}, 8, 2, 128, Precision::BF16},
-                               MmaCase{{130, 64}, 4, 4, 64, Precision::BF16},
-                               MmaCase{{64, 65, 3}, 6, 2, 80, Precision::BF16}}) {
-            StagingMode staging(mode);
-            Seeded rng;
-            const Shape s = make_shape(cs.lens, cs.n_q, cs.n_kv, cs.d);
-            SCOPED_TRACE(rng.trace() + ", " + describe(s) + ", staging " + std::to_string(mode));
-            Inputs in = random_inputs(s, rng);
-            const std::vector<uint16_t> q16 = bf16_bits(in.q), k16 = bf16_bits(in.k), v16 = bf16_bits(in.v),
-                                        dout16 = bf16_bits(in.dout);
-            in.q = bf16_values(q16);
-            in.k = bf16_values(k16);
-            in.v = bf16_values(v16);
-            in.dout = bf16_values(dout16);
-            MmaRun run(s, in, cs.precision);
-            run.forward_mma(s.max_seqlen);
-            CUDA_OK(cudaDeviceSynchronize());
-            const std::vector<uint16_t> out16 = bf16_bits(run.out.download());
-            const std::vector<float> lse = run.lse.download();
-            run.backward_mma(bf16_values(out16), lse, s.max_seqlen);
-            CUDA_OK(cudaDeviceSynchronize());
-            const std::vector<float> dq = run.dq.download(), dk = run.dk.download(), dv = run.dv.download();
+    for (const auto& cs : {MmaCase{{300, 1, 77}, 8, 2, 128, Precision::BF16},
+                           MmaCase{{130, 64}, 4, 4, 64, Precision::BF16},
+                           MmaCase{{64, 65, 3}, 6, 2, 80, Precision::BF16}}) {
+        Seeded rng;
+        const Shape s = make_shape(cs.lens, cs.n_q, cs.n_kv, cs.d);
+        SCOPED_TRACE(rng.trace() + ", " + describe(s));
+        Inputs in = random_inputs(s, rng);
+        const std::vector<uint16_t> q16 = bf16_bits(in.q), k16 = bf16_bits(in.k), v16 = bf16_bits(in.v),
+                                    dout16 = bf16_bits(in.dout);
+        in.q = bf16_values(q16);
+        in.k = bf16_values(k16);
+        in.v = bf16_values(v16);
+        in.dout = bf16_values(dout16);
+        MmaRun run(s, in, cs.precision);
+        run.forward_mma(s.max_seqlen);
+        CUDA_OK(cudaDeviceSynchronize());
+        const std::vector<uint16_t> out16 = bf16_bits(run.out.download());
+        const std::vector<float> lse = run.lse.download();
+        run.backward_mma(bf16_values(out16), lse, s.max_seqlen);
+        CUDA_OK(cudaDeviceSynchronize());
+        const std::vector<float> dq = run.dq.download(), dk = run.dk.download(), dv = run.dv.download();
 
-            DeviceArray<uint16_t> qb(q16.size()), kb(k16.size()), vb(v16.size()), ob(out16.size()), gb(dout16.size());
-            qb.upload(q16);
-            kb.upload(k16);
-            vb.upload(v16);
-            gb.upload(dout16);
-            ob.poison();
-            run.lse.poison();
-            cudablocks::cuda::attention_forward_mma(qb.ptr, kb.ptr, vb.ptr, ob.ptr, run.lse.ptr, run.cu.ptr, s.n_seqs,
-                                                    s.max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
-            CUDA_OK(cudaDeviceSynchronize());
-            EXPECT_TRUE(ob.download() == out16);
-            EXPECT_TRUE(run.lse.download() == lse);
-            run.lse.upload(lse);
-            run.dq.poison();
-            run.dk.poison();
-            run.dv.poison();
-            run.ws.poison();
-            cudablocks::cuda::attention_backward_mma(qb.ptr, kb.ptr, vb.ptr, ob.ptr, gb.ptr, run.lse.ptr, run.dq.ptr,
-                                                     run.dk.ptr, run.dv.ptr, run.ws.ptr, run.cu.ptr, s.n_seqs,
-                                                     s.max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
-            CUDA_OK(cudaDeviceSynchronize());
-            EXPECT_TRUE(run.dq.download() == dq);
-            EXPECT_TRUE(run.dk.download() == dk);
-            EXPECT_TRUE(run.dv.download() == dv);
-        }
+        DeviceArray<uint16_t> qb(q16.size()), kb(k16.size()), vb(v16.size()), ob(out16.size()), gb(dout16.size());
+        qb.upload(q16);
+        kb.upload(k16);
+        vb.upload(v16);
+        gb.upload(dout16);
+        ob.poison();
+        run.lse.poison();
+        cudablocks::cuda::attention_forward_mma(qb.ptr, kb.ptr, vb.ptr, ob.ptr, run.lse.ptr, run.cu.ptr, s.n_seqs,
+                                                s.max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
+        CUDA_OK(cudaDeviceSynchronize());
+        EXPECT_TRUE(ob.download() == out16);
+        EXPECT_TRUE(run.lse.download() == lse);
+        run.lse.upload(lse);
+        run.dq.poison();
+        run.dk.poison();
+        run.dv.poison();
+        run.ws.poison();
+        cudablocks::cuda::attention_backward_mma(qb.ptr, kb.ptr, vb.ptr, ob.ptr, gb.ptr, run.lse.ptr, run.dq.ptr,
+                                                 run.dk.ptr, run.dv.ptr, run.ws.ptr, run.cu.ptr, s.n_seqs,
+                                                 s.max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
+        CUDA_OK(cudaDeviceSynchronize());
+        EXPECT_TRUE(run.dq.download() == dq);
+        EXPECT_TRUE(run.dk.download() == dk);
+        EXPECT_TRUE(run.dv.download() == dv);
+    }
 }
 
 // Timing (disabled by default): ./test_attention --gtest_also_run_disabled_tests
@@ -850,9 +847,8 @@ TEST(CudaAttentionTiming, DISABLED_Qwen3Heads) {
                 cudaEventDestroy(e2);
             }
         // bf16 q, k, v, out, dout in global memory (bf16 mode's blocks): the same products on copied
-        // tiles; staging mode 2 double-buffers the dQ pass's K, V.
-        for (int mode : {1, 2}) {
-            StagingMode staging(mode);
+        // tiles, double-buffered.
+        {
             MmaRun run(s, in, Precision::BF16);
             DeviceArray<uint16_t> qb(in.q.size()), kb(in.k.size()), vb(in.v.size()), ob(in.q.size()), gb(in.dout.size());
             qb.upload(bf16_bits(in.q));
@@ -888,9 +884,9 @@ TEST(CudaAttentionTiming, DISABLED_Qwen3Heads) {
             CUDA_OK(cudaEventElapsedTime(&ms_b, e1, e2));
             ms_f /= iters;
             ms_b /= iters;
-            std::printf("    %zu x %d tokens, bf16 in/out, staging %d: forward %.3f ms (%.0f TFLOP/s), backward %.3f ms "
+            std::printf("    %zu x %d tokens, bf16 in/out: forward %.3f ms (%.0f TFLOP/s), backward %.3f ms "
                         "(%.0f TFLOP/s)\n",
-                        lens.size(), lens[0], mode, ms_f, useful / ms_f * 1e-9, ms_b, 2.5 * useful / ms_b * 1e-9);
+                        lens.size(), lens[0], ms_f, useful / ms_f * 1e-9, ms_b, 2.5 * useful / ms_b * 1e-9);
             cudaEventDestroy(e0);
             cudaEventDestroy(e1);
             cudaEventDestroy(e2);

@@ -149,7 +149,6 @@ class Nf4Block final : public CudaBlock {
   // Saved activations (the fp32 block's SavedLayout), fp32 scratch (Nf4ScratchLayout in
   // nf4_block.cpp) and, with bf16 compute, the bf16 operand of the products: its own or an arena's.
   BlockMemory memory_;
-  Buffer indices_;
   std::int64_t attn_ws_floats_ = 0;
 
   std::mutex mutex_;

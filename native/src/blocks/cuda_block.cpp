@@ -1,5 +1,9 @@
 // The CudaBlock variant's shared parts: precision names, the defaults that refuse a call.
 #include "cudablocks/block.hpp"
+
+#include <algorithm>
+
+#include "core/gpu_runtime.hpp"
 #include "cudablocks/errors.hpp"
 
 namespace cudablocks {
@@ -39,6 +43,26 @@ void CudaBlock::upload_rope_inv_freq(const Stream& stream) {
   const std::vector<float> inv_freq = config_.rope_inv_freq();
   rope_inv_freq_ = Buffer::empty({static_cast<std::int64_t>(inv_freq.size())}, DType::Float32, device_);
   rope_inv_freq_.copy_from_host(inv_freq.data(), stream);
+}
+
+void CudaBlock::upload_indices(const std::vector<std::int32_t>& idx, const Stream& stream) {
+  Buffer dst = indices_.view(0, {static_cast<std::int64_t>(idx.size())});
+  if (!device_.is_cuda()) {
+    dst.copy_from_host(idx.data(), stream);
+    return;
+  }
+  if (!indices_staging_) {
+    const auto n = static_cast<std::size_t>(indices_.numel());
+    indices_staging_ = std::shared_ptr<std::int32_t>(
+        static_cast<std::int32_t*>(gpu::host_alloc_pinned(n * sizeof(std::int32_t))),
+        [](std::int32_t* p) { gpu::host_free_pinned(p); });
+    indices_copied_.emplace(device_);
+  } else {
+    indices_copied_->synchronize();  // the previous upload has read the staging (long done, in practice)
+  }
+  std::copy(idx.begin(), idx.end(), indices_staging_.get());
+  dst.copy_from_host(indices_staging_.get(), stream);
+  stream.record(*indices_copied_);
 }
 
 void CudaBlock::unsupported(const std::string& call, const std::string& instead) const {

@@ -210,7 +210,7 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
     for (std::int32_t t = batch.cu_seqlens[s]; t < batch.cu_seqlens[s + 1]; ++t) idx[t] = t - batch.cu_seqlens[s];
   }
   std::copy(batch.cu_seqlens.begin(), batch.cu_seqlens.end(), idx.begin() + T);
-  indices_.view(0, {static_cast<std::int64_t>(idx.size())}).copy_from_host(idx.data(), stream);
+  upload_indices(idx, stream);
   const std::int32_t* positions = indices_.data_as<std::int32_t>();
   const std::int32_t* cu = positions + T;
   const int n_seqs = static_cast<int>(seq_lens.size());

@@ -776,7 +776,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
 
   const std::vector<std::int32_t> idx = position_indices(batch);
-  indices_.view(0, {static_cast<std::int64_t>(idx.size())}).copy_from_host(idx.data(), stream);
+  upload_indices(idx, stream);
   const std::int32_t* positions = indices_.data_as<std::int32_t>();
   const std::int32_t* cu = positions + T;
   const int n_seqs = static_cast<int>(seq_lens.size());

@@ -21,6 +21,9 @@ void free(void* ptr) noexcept;
 
 // Any direction (unified addressing); host memory may be pageable.
 void memcpy_async(void* dst, const void* src, std::size_t bytes, void* stream);
+// Page-locked host memory (a copy from it is asynchronous with respect to the host).
+void* host_alloc_pinned(std::size_t bytes);
+void host_free_pinned(void* ptr) noexcept;
 
 void* stream_create();
 void stream_destroy(void* stream) noexcept;

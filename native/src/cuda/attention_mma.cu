@@ -81,8 +81,9 @@
 // bf16 I/O (In = std::uint16_t; bf16 mode's blocks keep q, k, v, out and dout so): a tile is staged
 // by copying 16-byte chunks (half the bytes, no conversion, no landing tiles), which makes double
 // buffering affordable: the forward's K, V and the dK/dV pass's Q, dO are cp.async'ed into a second
-// buffer while the current tile's products run; the dQ pass stages Q, dO once and (staging mode 2)
-// double-buffers K, V too. The forward writes out rounded once to bf16; the row dots read bf16 out
+// buffer while the current tile's products run; the dQ pass stages Q, dO once and double-buffers
+// K, V. (H200, Qwen3-4B heads: bf16 I/O backward 0.367 ms at 8 x 512 with a synchronous dQ pass,
+// 0.329 double-buffered; 1 x 2048 0.578 / 0.512; forward 0.102 and 0.147 ms.) The forward writes out rounded once to bf16; the row dots read bf16 out
 // and dout. The results are bit for bit those of the fp32-input kernels on the same values (the host
 // emulation and CudaAttentionMmaBf16Inputs check it).
 // Next steps: the dQ pass fused into the dK/dV pass; wgmma (sm_90a) with 128-row tiles.
@@ -913,8 +914,8 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
 // ASYNC: tf32: cp.async into the rows tiles, rounded in place, K^T transposed in shared memory from
 // the rounded K rows instead of a second global read, the next K, V prefetched during dQ += dS K;
 // bf16 (staging mode 2): through an fp32 landing tile, the next K prefetched. In = std::uint16_t
-// (bf16 q, k, v, dO): tiles staged by copy; synchronously without ASYNC (3 blocks per SM), with
-// ASYNC the K, V tiles double-buffered with cp.async as in the forward (2 blocks per SM).
+// (bf16 q, k, v, dO; ASYNC): tiles staged by copy, the K, V tiles double-buffered with cp.async as
+// in the forward (2 blocks per SM).
 template <class Op, int D, bool ASYNC = false, class In = float>
 __global__ void __launch_bounds__(kThreads, Op::kTransFromRows && !ASYNC ? 3 : 2)
 attention_mma_dq_kernel(const In* __restrict__ q, const In* __restrict__ k, const In* __restrict__ v,
@@ -923,8 +924,8 @@ attention_mma_dq_kernel(const In* __restrict__ q, const In* __restrict__ k, cons
                         const int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads, float scale,
                         float scale_log2) {
     using Pair = typename Op::Pair;
-    static_assert(std::is_same_v<In, float> || Op::kTransFromRows, "bf16 inputs: Bf16Op");
-    constexpr bool kPipe = std::is_same_v<In, std::uint16_t> && ASYNC;  // K, V double-buffered
+    static_assert(std::is_same_v<In, float> || (ASYNC && Op::kTransFromRows), "bf16 inputs: Bf16Op, ASYNC");
+    constexpr bool kPipe = std::is_same_v<In, std::uint16_t>;  // K, V double-buffered
     constexpr int LD = ld_rows<D>();
     extern __shared__ uint4 smem_u4[];
     Pair* Qs = reinterpret_cast<Pair*>(smem_u4);
@@ -1102,8 +1103,8 @@ size_t dkdv_smem() {
 }
 template <class Op, int D, bool ASYNC = false, class In = float>
 size_t dq_smem() {
-    if constexpr (std::is_same_v<In, std::uint16_t>)  // Q, dO, K, V; with ASYNC a second K, V
-        return pair_bytes<Op>() * (size_t)((ASYNC ? 6 : 4) * kTile * ld_rows<D>());
+    if constexpr (std::is_same_v<In, std::uint16_t>)  // Q, dO, two K, V buffers
+        return pair_bytes<Op>() * (size_t)(6 * kTile * ld_rows<D>());
     return pair_bytes<Op>() * (size_t)(4 * kTile * ld_rows<D>() + cols_pairs<Op, D>()) +
            (ASYNC && Op::kTransFromRows ? (size_t)kTile * D * sizeof(float) : 0);
 }
@@ -1369,8 +1370,7 @@ struct Widened {
     }
 };
 
-// The bf16 I/O kernels: the forward, the dK/dV pass and the dQ pass (staging mode 2: K, V
-// double-buffered; else synchronous).
+// The bf16 I/O kernels: the forward, the dK/dV pass and the dQ pass (all double-buffered).
 template <int D>
 bool bf16_io_fits(const Shape& s) {
     using U = std::uint16_t;
@@ -1419,24 +1419,14 @@ void attention_backward_mma(const std::uint16_t* q, const std::uint16_t* k, cons
                                   {dout, "dout"}, {dq, "dq"}, {dk, "dk"}, {dv, "dv"}, {workspace, "workspace"}})
         check_aligned(p, name);
     if (lse == nullptr) fail("lse is null");
-    // The bf16 tiles are copies (half the bytes, no conversion, no landing tiles); the forward's K, V
-    // and the dK/dV pass's Q, dO are double-buffered with cp.async.
-    const bool dq_pipe = staging_mode() == 2;
-    if (head_dim == 128) {
-        if (dq_pipe)
-            launch_backward<Bf16Op, 128, false, true>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s,
-                                                      scale, 0, stream);
-        else
-            launch_backward<Bf16Op, 128, false, false>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s,
-                                                       scale, 0, stream);
-    } else {
-        if (dq_pipe)
-            launch_backward<Bf16Op, 64, false, true>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s,
-                                                     scale, 0, stream);
-        else
-            launch_backward<Bf16Op, 64, false, false>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s,
-                                                      scale, 0, stream);
-    }
+    // The bf16 tiles are copies (half the bytes, no conversion, no landing tiles), double-buffered
+    // with cp.async: the dK/dV pass's Q, dO and the dQ pass's K, V (DQ_ASYNC).
+    if (head_dim == 128)
+        launch_backward<Bf16Op, 128, false, true>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale,
+                                                  0, stream);
+    else
+        launch_backward<Bf16Op, 64, false, true>(q, k, v, out, dout, lse, dq, dk, dv, workspace, cu_seqlens, s, scale,
+                                                 0, stream);
 }
 
 namespace detail {

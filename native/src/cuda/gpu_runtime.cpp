@@ -55,6 +55,14 @@ void memcpy_async(void* dst, const void* src, std::size_t bytes, void* stream) {
   CUDABLOCKS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, static_cast<cudaStream_t>(stream)));
 }
 
+void* host_alloc_pinned(std::size_t bytes) {
+  void* ptr = nullptr;
+  CUDABLOCKS_CUDA_CHECK(cudaMallocHost(&ptr, bytes));
+  return ptr;
+}
+
+void host_free_pinned(void* ptr) noexcept { cudaFreeHost(ptr); }
+
 void* stream_create() {
   cudaStream_t stream = nullptr;
   CUDABLOCKS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));

@@ -20,6 +20,8 @@ void memory_info(int, std::size_t*, std::size_t*) { not_built(); }
 void* try_malloc(std::size_t) { not_built(); }
 void free(void*) noexcept {}
 void memcpy_async(void*, const void*, std::size_t, void*) { not_built(); }
+void* host_alloc_pinned(std::size_t) { not_built(); }
+void host_free_pinned(void*) noexcept {}
 void* stream_create() { not_built(); }
 void stream_destroy(void*) noexcept {}
 void stream_synchronize(void*) { not_built(); }
