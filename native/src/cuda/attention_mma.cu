@@ -83,7 +83,9 @@
 // buffering affordable: the forward's K, V and the dK/dV pass's Q, dO are cp.async'ed into a second
 // buffer while the current tile's products run; the dQ pass stages Q, dO once and double-buffers
 // K, V. (H200, Qwen3-4B heads: bf16 I/O backward 0.367 ms at 8 x 512 with a synchronous dQ pass,
-// 0.329 double-buffered; 1 x 2048 0.578 / 0.512; forward 0.102 and 0.147 ms.) The forward writes out rounded once to bf16; the row dots read bf16 out
+// 0.329 double-buffered; 1 x 2048 0.578 / 0.512; forward 0.102 and 0.147 ms.) Shared memory per
+// block at D = 128: six bf16 tiles each (forward HPB=2 104,448 bytes, dK/dV 104,960, dQ 104,448):
+// 2 blocks per SM. The forward writes out rounded once to bf16; the row dots read bf16 out
 // and dout. The results are bit for bit those of the fp32-input kernels on the same values (the host
 // emulation and CudaAttentionMmaBf16Inputs check it).
 // Next steps: the dQ pass fused into the dK/dV pass; wgmma (sm_90a) with 128-row tiles.
