@@ -190,7 +190,7 @@ def block(device: str, quick: bool) -> Iterator[Row]:
 
     torch_stream = torch.cuda.current_stream() if not cpu else None
     stream = cb.CudaStream.wrap(device, torch_stream.cuda_stream) if not cpu else cb.CudaStream("cpu")
-    saved_kib: float | None = None
+    saved_kib: dict[str, float] = {}  # per precision (bf16 keeps several activations in bf16)
     rate_row: Row | None = None
     try:
         for precision in precisions:
@@ -218,8 +218,7 @@ def block(device: str, quick: bool) -> Iterator[Row]:
                 out = cb.GpuBuffer.empty((tokens, H), "float32", device)
                 gin = cb.GpuBuffer.empty((tokens, H), "float32", device)
                 ws = blk.new_grad_workspace(stream)
-                if saved_kib is None:
-                    saved_kib = blk.saved_bytes_per_token / 1024
+                saved_kib.setdefault(precision, blk.saved_bytes_per_token / 1024)
 
                 def ours_fwd() -> None:
                     blk.forward(x, out, seq_lens, stream)
@@ -276,9 +275,9 @@ def block(device: str, quick: bool) -> Iterator[Row]:
                 rate_row = None
     finally:
         _set_tf32(False)
-    assert saved_kib is not None
-    yield Row("block activations kept for backward", "KiB/token", saved_kib,
-              note=f"hidden {H}, intermediate {dims['intermediate_size']}")
+    for precision, kib in saved_kib.items():
+        yield Row(f"block activations kept for backward, {precision}", "KiB/token", kib,
+                  note=f"hidden {H}, intermediate {dims['intermediate_size']}")
 
 
 
