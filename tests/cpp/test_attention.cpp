@@ -793,6 +793,29 @@ TEST(CudaAttentionMmaBf16Inputs, EqualTheFp32InputsOnTheSameValues) {
     }
 }
 
+// Milliseconds per call of fwd and of bwd: one warm-up call each, then 20 calls of each between
+// events (results through references: CUDA_OK asserts).
+template <class Fwd, class Bwd>
+void time_forward_backward(Fwd fwd, Bwd bwd, float& ms_f, float& ms_b) {
+    fwd();
+    bwd();
+    CUDA_OK(cudaDeviceSynchronize());
+    cudaEvent_t e[3];
+    for (cudaEvent_t& ev : e) CUDA_OK(cudaEventCreate(&ev));
+    const int iters = 20;
+    CUDA_OK(cudaEventRecord(e[0]));
+    for (int i = 0; i < iters; ++i) fwd();
+    CUDA_OK(cudaEventRecord(e[1]));
+    for (int i = 0; i < iters; ++i) bwd();
+    CUDA_OK(cudaEventRecord(e[2]));
+    CUDA_OK(cudaEventSynchronize(e[2]));
+    CUDA_OK(cudaEventElapsedTime(&ms_f, e[0], e[1]));
+    CUDA_OK(cudaEventElapsedTime(&ms_b, e[1], e[2]));
+    for (cudaEvent_t ev : e) cudaEventDestroy(ev);
+    ms_f /= iters;
+    ms_b /= iters;
+}
+
 // Timing (disabled by default): ./test_attention --gtest_also_run_disabled_tests
 //   --gtest_filter='*AttentionTiming*'. Qwen3-4B heads at 8 x 512 and 1 x 2048 tokens, fp32 / tf32 /
 // bf16; TFLOP/s counted as bench/suites.py does (forward 2*n_q*d*sum(L^2), backward 2.5x that).
@@ -808,10 +831,6 @@ TEST(CudaAttentionTiming, DISABLED_Qwen3Heads) {
             for (int async = 0; async <= (p == Precision::FP32 ? 0 : 2); ++async) {
                 StagingMode mode(async);
                 MmaRun run(s, in, p);
-                cudaEvent_t e0, e1, e2;
-                CUDA_OK(cudaEventCreate(&e0));
-                CUDA_OK(cudaEventCreate(&e1));
-                CUDA_OK(cudaEventCreate(&e2));
                 auto fwd = [&] {
                     cudablocks::cuda::attention_forward_mma(run.q.ptr, run.k.ptr, run.v.ptr, run.out.ptr, run.lse.ptr,
                                                             run.cu.ptr, s.n_seqs, s.max_seqlen, s.T, s.n_q, s.n_kv, s.d,
@@ -823,28 +842,12 @@ TEST(CudaAttentionTiming, DISABLED_Qwen3Heads) {
                                                              run.cu.ptr, s.n_seqs, s.max_seqlen, s.T, s.n_q, s.n_kv,
                                                              s.d, s.scale, p, nullptr);
                 };
-                fwd();
-                bwd();
-                CUDA_OK(cudaDeviceSynchronize());
-                const int iters = 20;
-                CUDA_OK(cudaEventRecord(e0));
-                for (int i = 0; i < iters; ++i) fwd();
-                CUDA_OK(cudaEventRecord(e1));
-                for (int i = 0; i < iters; ++i) bwd();
-                CUDA_OK(cudaEventRecord(e2));
-                CUDA_OK(cudaEventSynchronize(e2));
                 float ms_f = 0, ms_b = 0;
-                CUDA_OK(cudaEventElapsedTime(&ms_f, e0, e1));
-                CUDA_OK(cudaEventElapsedTime(&ms_b, e1, e2));
-                ms_f /= iters;
-                ms_b /= iters;
+                time_forward_backward(fwd, bwd, ms_f, ms_b);
                 std::printf("    %zu x %d tokens, %s staging %d: forward %.3f ms (%.0f TFLOP/s), "
                             "backward %.3f ms (%.0f TFLOP/s)\n",
                             lens.size(), lens[0], precision_label(p), async, ms_f,
                             useful / ms_f * 1e-9, ms_b, 2.5 * useful / ms_b * 1e-9);
-                cudaEventDestroy(e0);
-                cudaEventDestroy(e1);
-                cudaEventDestroy(e2);
             }
         // bf16 q, k, v, out, dout in global memory (bf16 mode's blocks): the same products on copied
         // tiles, double-buffered.
@@ -865,31 +868,11 @@ TEST(CudaAttentionTiming, DISABLED_Qwen3Heads) {
                                                          run.dk.ptr, run.dv.ptr, run.ws.ptr, run.cu.ptr, s.n_seqs,
                                                          s.max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
             };
-            fwd();
-            bwd();
-            CUDA_OK(cudaDeviceSynchronize());
-            cudaEvent_t e0, e1, e2;
-            CUDA_OK(cudaEventCreate(&e0));
-            CUDA_OK(cudaEventCreate(&e1));
-            CUDA_OK(cudaEventCreate(&e2));
-            const int iters = 20;
-            CUDA_OK(cudaEventRecord(e0));
-            for (int i = 0; i < iters; ++i) fwd();
-            CUDA_OK(cudaEventRecord(e1));
-            for (int i = 0; i < iters; ++i) bwd();
-            CUDA_OK(cudaEventRecord(e2));
-            CUDA_OK(cudaEventSynchronize(e2));
             float ms_f = 0, ms_b = 0;
-            CUDA_OK(cudaEventElapsedTime(&ms_f, e0, e1));
-            CUDA_OK(cudaEventElapsedTime(&ms_b, e1, e2));
-            ms_f /= iters;
-            ms_b /= iters;
+            time_forward_backward(fwd, bwd, ms_f, ms_b);
             std::printf("    %zu x %d tokens, bf16 in/out: forward %.3f ms (%.0f TFLOP/s), backward %.3f ms "
                         "(%.0f TFLOP/s)\n",
                         lens.size(), lens[0], ms_f, useful / ms_f * 1e-9, ms_b, 2.5 * useful / ms_b * 1e-9);
-            cudaEventDestroy(e0);
-            cudaEventDestroy(e1);
-            cudaEventDestroy(e2);
         }
     }
 }

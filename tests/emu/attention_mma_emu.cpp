@@ -179,15 +179,41 @@ double rel(const std::vector<float>& a, const std::vector<float>& b) {
     return std::sqrt(n / d);
 }
 
+// Packed sequences of the given lengths: cu_seqlens, the longest, the token and sequence counts.
+struct Packed {
+    std::vector<int32_t> cu{0};
+    int maxlen = 0, T = 0, n_seqs = 0;
+    explicit Packed(const std::vector<int>& lens) : n_seqs((int)lens.size()) {
+        for (int L : lens) { cu.push_back(cu.back() + L); maxlen = std::max(maxlen, L); }
+        T = cu.back();
+    }
+};
+
+// n normal samples of standard deviation sd from a fixed-seed generator.
+struct Normal {
+    std::mt19937 gen;
+    explicit Normal(unsigned seed) : gen(seed) {}
+    std::vector<float> operator()(size_t n, float sd) {
+        std::normal_distribution<float> d(0, sd);
+        std::vector<float> x(n);
+        for (auto& e : x) e = d(gen);
+        return x;
+    }
+};
+
+// The split dK/dV pass's reduce (attention_reduce_kernel) on the host: dk, dv += the slabs in split order.
+void add_slabs(float* dk, float* dv, const Slabs& slabs, int splits) {
+    for (int64_t i = 0; i < slabs.size; ++i)
+        for (int sp = 1; sp < splits; ++sp) { dk[i] += slabs(2 * (sp - 1))[i]; dv[i] += slabs(2 * (sp - 1) + 1)[i]; }
+}
+
 template <class Op, int D, int HPB>
 bool run_case(std::vector<int> lens, int nq, int nkv, int splits, double ob, double gb, const char* name) {
-    std::vector<int32_t> cu{0};
-    int maxlen = 0;
-    for (int L : lens) { cu.push_back(cu.back() + L); maxlen = std::max(maxlen, L); }
-    const int T = cu.back(), n_seqs = (int)lens.size();
+    const Packed pk(lens);
+    const std::vector<int32_t>& cu = pk.cu;
+    const int maxlen = pk.maxlen, T = pk.T, n_seqs = pk.n_seqs;
     const float scale = 1.f / std::sqrt((float)D);
-    std::mt19937 gen(123);
-    auto randn = [&](size_t n, float sd) { std::normal_distribution<float> d(0, sd); std::vector<float> x(n); for (auto& e : x) e = d(gen); return x; };
+    Normal randn(123);
     auto q = randn((size_t)T * nq * D, 1.5f), k = randn((size_t)T * nkv * D, 1.f), v = randn((size_t)T * nkv * D, 1.f),
          dout = randn((size_t)T * nq * D, 1.f);
     std::vector<float> out_ref((size_t)T * nq * D), lse_ref((size_t)T * nq), dq_ref(q.size()), dk_ref(k.size()), dv_ref(v.size());
@@ -217,12 +243,7 @@ bool run_case(std::vector<int> lens, int nq, int nkv, int splits, double ob, dou
     launch(dim3(nkv * splits, n_seqs, tiles), 128, [&] {
         attention_mma_dkdv_kernel<Op, D>(q.data(), k.data(), v.data(), dout.data(), lse_ref.data(), dsum, dk.data(), dv.data(), slabs, cu.data(), nq, nkv, splits, scale, scale * kLog2e);
     });
-    if (splits > 1) {
-        const int64_t n = slabs.size;
-        auto slab = [&](int i) { return i < group ? dq.data() + (int64_t)i * n : ws.data() + ((rows + 63) / 64) * 64 + (int64_t)(i - group) * n; };
-        for (int64_t i = 0; i < n; ++i)
-            for (int sp = 1; sp < splits; ++sp) { dk[i] += slab(2 * (sp - 1))[i]; dv[i] += slab(2 * (sp - 1) + 1)[i]; }
-    }
+    add_slabs(dk.data(), dv.data(), slabs, splits);
     launch(dim3(nq, n_seqs, tiles), 128, [&] {
         attention_mma_dq_kernel<Op, D>(q.data(), k.data(), v.data(), dout.data(), lse_ref.data(), dsum, dq.data(), cu.data(), nq, nkv, scale, scale * kLog2e);
     });
@@ -237,13 +258,11 @@ bool run_case(std::vector<int> lens, int nq, int nkv, int splits, double ob, dou
 // out must be the fp32 kernel's rounded once, and every other output the same bit for bit.
 template <int D, int HPB>
 bool run_bf16_inputs_case(std::vector<int> lens, int nq, int nkv, int splits, const char* name) {
-    std::vector<int32_t> cu{0};
-    int maxlen = 0;
-    for (int L : lens) { cu.push_back(cu.back() + L); maxlen = std::max(maxlen, L); }
-    const int T = cu.back(), n_seqs = (int)lens.size();
+    const Packed pk(lens);
+    const std::vector<int32_t>& cu = pk.cu;
+    const int maxlen = pk.maxlen, T = pk.T, n_seqs = pk.n_seqs;
     const float scale = 1.f / std::sqrt((float)D);
-    std::mt19937 gen(321);
-    auto randn = [&](size_t n, float sd) { std::normal_distribution<float> d(0, sd); std::vector<float> x(n); for (auto& e : x) e = d(gen); return x; };
+    Normal randn(321);
     auto to_bits = [](const std::vector<float>& x) {
         std::vector<uint16_t> b(x.size());
         for (size_t i = 0; i < x.size(); ++i) b[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
@@ -285,12 +304,7 @@ bool run_bf16_inputs_case(std::vector<int> lens, int nq, int nkv, int splits, co
         launch(dim3(nkv * splits, n_seqs, tiles), 128, [&] {
             attention_mma_dkdv_kernel<Bf16Op, D, false, In>(qp, kp, vp, doutp, lse32.data(), ws.data(), r.dk.data(), r.dv.data(), slabs, cu.data(), nq, nkv, splits, scale, scale * kLog2e);
         });
-        if (splits > 1) {
-            const int64_t n = slabs.size;
-            auto slab = [&](int i) { return i < group ? r.dq.data() + (int64_t)i * n : ws.data() + ((rows + 63) / 64) * 64 + (int64_t)(i - group) * n; };
-            for (int64_t i = 0; i < n; ++i)
-                for (int sp = 1; sp < splits; ++sp) { r.dk[i] += slab(2 * (sp - 1))[i]; r.dv[i] += slab(2 * (sp - 1) + 1)[i]; }
-        }
+        add_slabs(r.dk.data(), r.dv.data(), slabs, splits);
         launch(dim3(nq, n_seqs, tiles), 128, [&] {
             dq_kernel(qp, kp, vp, doutp, lse32.data(), ws.data(), r.dq.data(), cu.data(), nq, nkv, scale, scale * kLog2e);
         });

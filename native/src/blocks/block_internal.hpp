@@ -67,6 +67,12 @@ struct SavedLayout {
   }
 };
 
+// A saved activation that bf16 mode keeps in bf16 (SavedLayout), as a product's bf16 operand;
+// nullptr in the other modes.
+inline const std::uint16_t* saved_bf16(Precision precision, const float* saved) {
+  return precision == Precision::BF16 ? reinterpret_cast<const std::uint16_t*>(saved) : nullptr;
+}
+
 // QK-norm + RoPE of q or k as the forward saved it (SavedLayout: bf16 bits in bf16 mode), into y
 // as attention reads it: fp32, or in bf16 mode bf16 bits (the tensor cores' operand, rounded once).
 inline void qk_norm_rope_forward_saved(const Backend& be, Precision precision, const float* raw, const float* w,

@@ -47,10 +47,6 @@ struct Products {
       be.gemm_add(false, true, m, n, k, 1.0f, a, b, addend, c, prec, stream);
     }
   }
-  // A saved activation kept in bf16 in bf16 mode (SavedLayout) as a product's bf16 operand; nullptr otherwise.
-  const std::uint16_t* saved16(const float* saved) const {
-    return bf16() ? reinterpret_cast<const std::uint16_t*>(saved) : nullptr;
-  }
   // y = bf16(x) in bf16 mode; nothing otherwise.
   void convert(const float* x, std::uint16_t* y, std::int64_t n) const {
     if (bf16()) be.to_bf16(x, y, n, stream);
@@ -266,7 +262,7 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   const AttentionShape attn{cu, n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale};
   attention_forward_saved(be, prec, X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, attn, stream);
   float* r = S + sl.r;
-  const std::uint16_t* att16 = mm.saved16(S + sl.att);  // bf16 mode: attention wrote att in bf16
+  const std::uint16_t* att16 = saved_bf16(prec, S + sl.att);  // bf16 mode: attention wrote att in bf16
   mm.gemm_add(T, H, q, S + sl.att, att16, W + pl.wo, mm.w16(pl.wo), xin, r);  // r = x + att Wo^T
   if (pl.bo >= 0) be.add_bias(r, W + pl.bo, T, H, stream);
   float* g = X + sc.sh;
@@ -377,7 +373,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   if (pl.bo >= 0) be.bias_backward(dx, G + pl.bo, T, H, stream);
   std::uint16_t* dr16 = mm.s16(bl.c);  // dy16 is dead
   mm.convert(dx, dr16, T * H);
-  const std::uint16_t* att16 = mm.saved16(S + sl.att);
+  const std::uint16_t* att16 = saved_bf16(prec, S + sl.att);
   mm.gemm(true, false, H, q, T, dx, dr16, S + sl.att, att16, 1.0f, G + pl.wo);  // dWo += dr^T att
   // d_att = dr Wo: in bf16 mode written in bf16, as attention reads it.
   float* d_att = X + sc.d_att;

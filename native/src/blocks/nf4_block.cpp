@@ -271,10 +271,6 @@ struct Nf4Block::Impl {
                          stream);
   }
 
-  // The saved attention output as the o product's bf16 operand (bf16 mode), else nullptr.
-  const std::uint16_t* saved16(const float* att) const {
-    return bf ? reinterpret_cast<const std::uint16_t*>(att) : nullptr;
-  }
   // The saved attention output as o's adapter reads it: fp32 itself, or (bf16 mode, o adapted) widened
   // into `scratch` [T, q]. Only when o has an adapter (else nothing reads it; nullptr).
   const float* widened_att(const float* att, float* scratch) const {
@@ -836,7 +832,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   float* r = S + sl.r;
   // r = x + att Wo^T. In bf16 mode attention wrote att in bf16, the product's operand; an adapter
   // on o reads an fp32 copy (in d_att's scratch, free until the backward).
-  m.product(kGroupO, false, S + sl.att, m.saved16(S + sl.att), xin, r);
+  m.product(kGroupO, false, S + sl.att, saved_bf16(prec, S + sl.att), xin, r);
   m.lora_forward(kGroupO, m.widened_att(S + sl.att, X + sc.d_att), r);
   if (bo_ >= 0) be.add_bias(r, D + bo_, T, H, stream);
   float* g = X + sc.sh;

@@ -375,6 +375,28 @@ __device__ __forceinline__ void async_rows_bf16(uint32_t* s, const std::uint16_t
     }
 }
 
+// Double-buffered K, V tiles of bf16 inputs (the forward, the dQ pass): buffer i holds K at kv + 2i
+// tiles and V right after. Before key tile kt's products (after the barrier that ends tile kt-1's):
+// issues tile kt+1 into the buffer tile kt-1 used when kt < last, waits for this thread's copies of
+// tile kt, and returns its K (V follows one tile later). The caller's barrier publishes them.
+template <int D, int NT>
+__device__ __forceinline__ const uint32_t* kv_tile_bf16(uint32_t* kv, const std::uint16_t* k_head,
+                                                        const std::uint16_t* v_head, int64_t kv_stride, int len,
+                                                        int kt, int last) {
+    constexpr int LD = ld_rows<D>();
+    if (kt < last) {
+        uint32_t* next = kv + ((kt + 1) & 1) * 2 * kTile * LD;
+        const int k1 = (kt + 1) * kTile;
+        async_rows_bf16<D, NT>(next, k_head + (int64_t)k1 * kv_stride, kv_stride, len - k1);
+        async_rows_bf16<D, NT>(next + kTile * LD, v_head + (int64_t)k1 * kv_stride, kv_stride, len - k1);
+        cp_async_commit();
+        cp_async_wait_group<1>();
+    } else {
+        cp_async_wait_group<0>();
+    }
+    return kv + (kt & 1) * 2 * kTile * LD;
+}
+
 // 64 x D fp32 rows at g -> transposed "cols" tile s[D][kLdT]: pair p of row c holds elements
 // (rows 2p, 2p+1; column c). A thread takes row pair rp and column chunk c4 (two float4 loads, four
 // pair stores). Lanes 0..15 take 16 consecutive row pairs of one chunk, lanes 16..31 the next chunk:
@@ -627,17 +649,7 @@ attention_mma_forward_kernel(const In* __restrict__ q, const In* __restrict__ k,
             const Pair* Kc = Ks;
             const Pair* Vc = Vt;
             if constexpr (kPipe) {
-                if (kt < qt) {  // tile kt + 1 into the buffer tile kt - 1 used
-                    Pair* next = Ks + ((kt + 1) & 1) * 2 * kTile * LD;
-                    const int k1 = k0 + kTile;
-                    async_rows_bf16<D, NT>(next, k_head + (int64_t)k1 * kv_stride, kv_stride, len - k1);
-                    async_rows_bf16<D, NT>(next + kTile * LD, v_head + (int64_t)k1 * kv_stride, kv_stride, len - k1);
-                    cp_async_commit();
-                    cp_async_wait_group<1>();  // tile kt has landed (this thread's copies)
-                } else {
-                    cp_async_wait_group<0>();
-                }
-                Kc = Ks + (kt & 1) * 2 * kTile * LD;
+                Kc = kv_tile_bf16<D, NT>(Ks, k_head, v_head, kv_stride, len, kt, qt);
                 Vc = Kc + kTile * LD;
             } else {
                 stage_rows<Op, D, NT>(Ks, k_head + (int64_t)k0 * kv_stride, kv_stride, len - k0);
@@ -999,18 +1011,7 @@ attention_mma_dq_kernel(const In* __restrict__ q, const In* __restrict__ k, cons
             const Pair* Kc = Ks;  // this tile's K, V
             const Pair* Vc = Vs;
             if constexpr (kPipe) {
-                if (kt < qt) {  // tile kt + 1 into the buffer tile kt - 1 used
-                    Pair* next = Ks + ((kt + 1) & 1) * 2 * kTile * LD;
-                    const int k1 = k0 + kTile;
-                    async_rows_bf16<D, kThreads>(next, k_head + (int64_t)k1 * kv_stride, kv_stride, len - k1);
-                    async_rows_bf16<D, kThreads>(next + kTile * LD, v_head + (int64_t)k1 * kv_stride, kv_stride,
-                                                 len - k1);
-                    cp_async_commit();
-                    cp_async_wait_group<1>();  // tile kt has landed (this thread's copies)
-                } else {
-                    cp_async_wait_group<0>();
-                }
-                Kc = Ks + (kt & 1) * 2 * kTile * LD;
+                Kc = kv_tile_bf16<D, kThreads>(Ks, k_head, v_head, kv_stride, len, kt, qt);
                 Vc = Kc + kTile * LD;
             } else if constexpr (kAsync) {
                 if (kt == 0) {  // later K, V tiles were prefetched by the previous iteration (below)
@@ -1352,19 +1353,23 @@ void attention_forward_mma(const float* q, const float* k, const float* v, float
 namespace {
 
 // fp32 copies of the bf16 tensors in per-stream scratch, for the head dims without tensor-core
-// kernels: q, k, v (and out, dout for the backward; the forward's fp32 out lands in `out`).
+// kernels: q, k, v and out (the forward's fp32 out lands there), and dout for the backward (given
+// dout16; else no room is taken for it).
 struct Widened {
     ScratchLease scratch;
     float *q, *k, *v, *out, *dout;
     Widened(const std::uint16_t* q16, const std::uint16_t* k16, const std::uint16_t* v16, const std::uint16_t* out16,
             const std::uint16_t* dout16, const Shape& s, cudaStream_t stream)
-        : scratch(sizeof(float) * (size_t)(s.total_tokens * (3 * s.n_q_heads + 2 * s.n_kv_heads) * s.head_dim), stream) {
+        : scratch(sizeof(float) * (size_t)(s.total_tokens *
+                                           ((dout16 != nullptr ? 3 : 2) * s.n_q_heads + 2 * s.n_kv_heads) *
+                                           s.head_dim),
+                  stream) {
         const int64_t nq = s.total_tokens * s.n_q_heads * s.head_dim, nkv = s.total_tokens * s.n_kv_heads * s.head_dim;
         q = scratch.get<float>();
         k = q + nq;
         v = k + nkv;
         out = v + nkv;
-        dout = out + nq;
+        dout = dout16 != nullptr ? out + nq : nullptr;
         from_bf16(q16, q, nq, stream);
         from_bf16(k16, k, nkv, stream);
         from_bf16(v16, v, nkv, stream);
