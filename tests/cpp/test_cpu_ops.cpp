@@ -578,10 +578,11 @@ TEST(CpuSwiglu, BackwardMatchesFiniteDifferences) {
 }
 
 TEST(CpuSwiglu, Bf16GateUpAndOutputsAreTheFp32OpOnTheBf16Values) {
-  // bf16-mode blocks keep gate_up in bf16: the op widens it (exact) and rounds bf16 outputs once.
+  // bf16-mode blocks keep gate_up (and the backward's dout) in bf16: the op widens them (exact) and
+  // rounds bf16 outputs once.
   const std::int64_t rows = 5, cols = 33;
-  const auto gu16 = bf16_of(random_normal(rows * 2 * cols, 2.0f));
-  const auto gate_up = float_of(gu16), g = random_normal(rows * cols);
+  const auto gu16 = bf16_of(random_normal(rows * 2 * cols, 2.0f)), g16 = bf16_of(random_normal(rows * cols));
+  const auto gate_up = float_of(gu16), g = float_of(g16);
   auto out = nans(rows * cols), out_from16 = nans(rows * cols);
   cpu().swiglu_forward(gate_up.data(), out.data(), rows, cols, stream());
   cpu().swiglu_forward(gu16.data(), out_from16.data(), rows, cols, stream());
@@ -591,10 +592,10 @@ TEST(CpuSwiglu, Bf16GateUpAndOutputsAreTheFp32OpOnTheBf16Values) {
   EXPECT_EQ(out16, bf16_of(out));
   auto d = nans(gate_up.size()), d_from16 = nans(gate_up.size());
   cpu().swiglu_backward(g.data(), gate_up.data(), d.data(), rows, cols, stream());
-  cpu().swiglu_backward(g.data(), gu16.data(), d_from16.data(), rows, cols, stream());
+  cpu().swiglu_backward(g16.data(), gu16.data(), d_from16.data(), rows, cols, stream());
   EXPECT_EQ(d_from16, d);
   std::vector<std::uint16_t> d16(d.size(), 0xffff);
-  cpu().swiglu_backward(g.data(), gu16.data(), d16.data(), rows, cols, stream());
+  cpu().swiglu_backward(g16.data(), gu16.data(), d16.data(), rows, cols, stream());
   EXPECT_EQ(d16, bf16_of(d));
 }
 

@@ -381,12 +381,15 @@ TEST(CudaOps, RmsNormAndSwigluBf16OutputsAreTheRoundedFp32Outputs) {
     const Bits gu_bits = bf16_of(random_normal(2 * n, 2.0f));
     Vec gate_up(gu_bits.size());
     for (std::size_t i = 0; i < gate_up.size(); ++i) gate_up[i] = bf16_bits_to_float(gu_bits[i]);
-    const Vec dout = random_normal(n);
+    // dout likewise (bf16 mode's down product writes it in bf16).
+    const Bits dout_bits = bf16_of(random_normal(n));
+    Vec dout(dout_bits.size());
+    for (std::size_t i = 0; i < dout.size(); ++i) dout[i] = bf16_bits_to_float(dout_bits[i]);
     std::vector<Bits> cpu_bits;
     for (Env* e : {new Env{Device()}, new Env{gpu()}}) {
       std::unique_ptr<Env> env(e);
       Buffer xb = e->upload(x), wb = e->upload(w), gub = e->upload(gate_up), db = e->upload(dout);
-      Buffer gu16 = upload_bits(*e, gu_bits);
+      Buffer gu16 = upload_bits(*e, gu_bits), d16 = upload_bits(*e, dout_bits);
       Buffer y = e->poisoned(n), y16 = upload_bits(*e, Bits(n, 0xffff));
       Buffer r1 = e->poisoned(c.rows), r2 = e->poisoned(c.rows);
       e->backend.rmsnorm_forward(xb.data_as<float>(), wb.data_as<float>(), y.data_as<float>(), r1.data_as<float>(),
@@ -402,12 +405,12 @@ TEST(CudaOps, RmsNormAndSwigluBf16OutputsAreTheRoundedFp32Outputs) {
       Buffer dg = e->poisoned(2 * n), dg16 = upload_bits(*e, Bits(2 * n, 0xffff));
       e->backend.swiglu_backward(db.data_as<float>(), gub.data_as<float>(), dg.data_as<float>(), c.rows, c.cols,
                                  e->stream);
-      e->backend.swiglu_backward(db.data_as<float>(), gu16.data_as<std::uint16_t>(), dg16.data_as<std::uint16_t>(),
-                                 c.rows, c.cols, e->stream);
+      e->backend.swiglu_backward(d16.data_as<std::uint16_t>(), gu16.data_as<std::uint16_t>(),
+                                 dg16.data_as<std::uint16_t>(), c.rows, c.cols, e->stream);
       Buffer dg_from16 = e->poisoned(2 * n);
-      e->backend.swiglu_backward(db.data_as<float>(), gu16.data_as<std::uint16_t>(), dg_from16.data_as<float>(),
-                                 c.rows, c.cols, e->stream);
-      // A bf16 gate_up read into fp32 outputs: the fp32 op on the same values.
+      e->backend.swiglu_backward(d16.data_as<std::uint16_t>(), gu16.data_as<std::uint16_t>(),
+                                 dg_from16.data_as<float>(), c.rows, c.cols, e->stream);
+      // bf16 inputs read into fp32 outputs: the fp32 op on the same values.
       expect_same_values(e->download(a_from16), e->download(a), what + " swiglu forward from bf16");
       expect_same_values(e->download(dg_from16), e->download(dg), what + " swiglu backward from bf16");
       const std::vector<Bits> bits = {download_bits(*e, y16), download_bits(*e, a16), download_bits(*e, dg16)};

@@ -281,6 +281,18 @@ class _Bf16IoAttention(torch.autograd.Function):
         return ds @ k * ctx.scale, ds.transpose(-1, -2) @ q * ctx.scale, p.transpose(-1, -2) @ go, None, None
 
 
+class _Bf16RoundGrad(torch.autograd.Function):
+    """y = x; the gradient rounded to bf16 (a gradient the block keeps in bf16)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Any) -> Any:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, gy: Any) -> Any:
+        return _bf16(gy)
+
+
 class _Bf16Round(torch.autograd.Function):
     """y = bf16(x); the gradient passes unchanged (the backward uses the rounded values it was given)."""
 
@@ -294,8 +306,9 @@ class _Bf16Round(torch.autograd.Function):
 
 
 def bf16_operand_layer(layer: Any) -> Any:
-    """The layer with every nn.Linear computing through _Bf16Linear (biases added in full precision), and
-    the q, k, gate and up projections' outputs rounded to bf16 (the block keeps them in bf16)."""
+    """The layer with every nn.Linear computing through _Bf16Linear (biases added in full precision), the
+    q, k, gate and up projections' outputs rounded to bf16 (the block keeps them in bf16), and the down
+    projection's input gradient rounded to bf16 (the block's SwiGLU backward reads it so)."""
     import types
 
     def forward(self: Any, x: Any) -> Any:
@@ -305,10 +318,17 @@ def bf16_operand_layer(layer: Any) -> Any:
     def rounded_forward(self: Any, x: Any) -> Any:
         return _Bf16Round.apply(forward(self, x))
 
+    def input_grad_rounded_forward(self: Any, x: Any) -> Any:
+        return forward(self, _Bf16RoundGrad.apply(x))
+
     for name, module in layer.named_modules():
         if isinstance(module, torch.nn.Linear):
-            rounds = name.endswith(("q_proj", "k_proj", "gate_proj", "up_proj"))
-            module.forward = types.MethodType(rounded_forward if rounds else forward, module)
+            if name.endswith(("q_proj", "k_proj", "gate_proj", "up_proj")):
+                module.forward = types.MethodType(rounded_forward, module)
+            elif name.endswith("down_proj"):
+                module.forward = types.MethodType(input_grad_rounded_forward, module)
+            else:
+                module.forward = types.MethodType(forward, module)
     return layer
 
 

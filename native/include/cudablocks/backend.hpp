@@ -136,7 +136,9 @@ class Backend {
   // gate_up and the result are each fp32 (float) or bf16 (std::uint16_t bit patterns): bf16-mode
   // blocks keep gate_up in bf16 (half the bytes saved for the backward) and write a result that
   // only feeds a bf16 GEMM in bf16 (rounded to nearest even from the fp32 value, with no fp32
-  // round trip through memory). The arithmetic is fp32 in every case.
+  // round trip through memory). The backward's dout is fp32 with fp32 gate_up, bf16 with bf16 gate_up
+  // (bf16 mode: the down projection's input gradient as its product writes it). The arithmetic is
+  // fp32 in every case.
   virtual void swiglu_forward(const float* gate_up, float* out, std::int64_t rows, std::int64_t cols,
                               const Stream& stream) const = 0;
   virtual void swiglu_forward(const std::uint16_t* gate_up, float* out, std::int64_t rows, std::int64_t cols,
@@ -145,9 +147,9 @@ class Backend {
                               std::int64_t cols, const Stream& stream) const = 0;
   virtual void swiglu_backward(const float* dout, const float* gate_up, float* d_gate_up, std::int64_t rows,
                                std::int64_t cols, const Stream& stream) const = 0;
-  virtual void swiglu_backward(const float* dout, const std::uint16_t* gate_up, float* d_gate_up,
+  virtual void swiglu_backward(const std::uint16_t* dout, const std::uint16_t* gate_up, float* d_gate_up,
                                std::int64_t rows, std::int64_t cols, const Stream& stream) const = 0;
-  virtual void swiglu_backward(const float* dout, const std::uint16_t* gate_up, std::uint16_t* d_gate_up,
+  virtual void swiglu_backward(const std::uint16_t* dout, const std::uint16_t* gate_up, std::uint16_t* d_gate_up,
                                std::int64_t rows, std::int64_t cols, const Stream& stream) const = 0;
 
   // Causal grouped-query attention over packed sequences; see src/cpu/attention.hpp for the

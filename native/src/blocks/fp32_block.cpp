@@ -354,13 +354,17 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   std::uint16_t* dy16 = mm.s16(bl.c);
   mm.convert(dy, dy16, T * H);
   mm.gemm(true, false, H, I, T, dy, dy16, act, act16, 1.0f, G + pl.w_down);                 // dWdown += dy^T act
+  // d_act = dy Wdown: in bf16 mode written in bf16 (into act's unused fp32 slot), as SwiGLU's
+  // backward reads it.
   float* d_act = act;
-  mm.gemm(false, false, T, I, H, dy, dy16, W + pl.w_down, mm.w16(pl.w_down), 0.0f, d_act);  // d_act = dy Wdown
   float* d_gu = X + sc.d_gate_up;
   std::uint16_t* d_gu16 = mm.s16(bl.b);  // act16 is dead once dWdown is queued
   if (mm.bf16()) {
-    be.swiglu_backward(d_act, gate_up16, d_gu16, T, I, stream);
+    auto* d_act16 = reinterpret_cast<std::uint16_t*>(d_act);
+    be.gemm_bf16_to_bf16(false, false, T, I, H, 1.0f, dy16, mm.w16(pl.w_down), d_act16, stream);
+    be.swiglu_backward(d_act16, gate_up16, d_gu16, T, I, stream);
   } else {
+    mm.gemm(false, false, T, I, H, dy, nullptr, W + pl.w_down, nullptr, 0.0f, d_act);
     be.swiglu_backward(d_act, S + sl.gate_up, d_gu, T, I, stream);
   }
   mm.gemm(true, false, 2 * I, H, T, d_gu, d_gu16, g, g16, 1.0f, G + pl.w_gate_up);  // dWgu += d_gu^T g

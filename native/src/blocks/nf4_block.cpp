@@ -289,9 +289,11 @@ struct Nf4Block::Impl {
       be.swiglu_forward(saved, out, T, I, stream);
     }
   }
-  void swiglu_backward_saved(const float* dout, const float* saved, float* d_gate_up, std::int64_t I) const {
+  // dout: fp32, or (bf16 mode) dout16, as the down product's input gradient is kept.
+  void swiglu_backward_saved(const float* dout, const std::uint16_t* dout16, const float* saved, float* d_gate_up,
+                             std::int64_t I) const {
     if (bf) {
-      be.swiglu_backward(dout, reinterpret_cast<const std::uint16_t*>(saved), d_gate_up, T, I, stream);
+      be.swiglu_backward(dout16, reinterpret_cast<const std::uint16_t*>(saved), d_gate_up, T, I, stream);
     } else {
       be.swiglu_backward(dout, saved, d_gate_up, T, I, stream);
     }
@@ -932,15 +934,32 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     m.swiglu_forward_saved(S + sl.gate_up, act, I);
     m.lora_grads(kGroupDown, act, dy, G);
   }
+  // d_act = dy Wdown (+ the adapter's term). In bf16 mode SwiGLU's backward reads it in bf16: written
+  // so by the product (into act's fp32 slot, unused without an adapter on down), or rounded after the
+  // fp32 sum into a buffer SwiGLU's backward does not write (d_gate_up's slot when that output goes to
+  // op16, else op16).
   float* d_act = act;
-  m.product(kGroupDown, true, dy, nullptr, nullptr, d_act);  // d_act = dy Wdown
-  m.lora_dx(kGroupDown, d_act);
   float* d_gu = X + sc.d_gate_up;
   const bool gu_bf16_only = m.bf16_operand_only(kGroupGU);
-  if (gu_bf16_only) {
-    be.swiglu_backward(d_act, reinterpret_cast<const std::uint16_t*>(S + sl.gate_up), m.op16, T, I, stream);
+  const std::uint16_t* d_act16 = nullptr;
+  if (m.bf && !m.adapted(kGroupDown)) {
+    auto* dst = reinterpret_cast<std::uint16_t*>(d_act);
+    be.to_bf16(dy, m.op16, T * H, stream);
+    m.product_to_bf16(kGroupDown, true, m.op16, dst);
+    d_act16 = dst;
   } else {
-    m.swiglu_backward_saved(d_act, S + sl.gate_up, d_gu, I);
+    m.product(kGroupDown, true, dy, nullptr, nullptr, d_act);
+    m.lora_dx(kGroupDown, d_act);
+    if (m.bf) {
+      auto* dst = gu_bf16_only ? reinterpret_cast<std::uint16_t*>(d_gu) : m.op16;
+      be.to_bf16(d_act, dst, T * I, stream);
+      d_act16 = dst;
+    }
+  }
+  if (gu_bf16_only) {
+    be.swiglu_backward(d_act16, reinterpret_cast<const std::uint16_t*>(S + sl.gate_up), m.op16, T, I, stream);
+  } else {
+    m.swiglu_backward_saved(d_act, d_act16, S + sl.gate_up, d_gu, I);
     m.lora_grads(kGroupGU, g, d_gu, G);
   }
   float* dg = X + sc.sh;

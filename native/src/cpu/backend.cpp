@@ -162,13 +162,13 @@ class CpuBackend final : public Backend {
     swiglu_forward(gate_up, tmp.data(), rows, cols, stream);
     cpu::to_bf16(tmp.data(), out, rows * cols);
   }
-  void swiglu_backward(const float* dout, const std::uint16_t* gate_up, float* d_gate_up, std::int64_t rows,
+  void swiglu_backward(const std::uint16_t* dout, const std::uint16_t* gate_up, float* d_gate_up, std::int64_t rows,
                        std::int64_t cols, const Stream&) const override {
-    const std::vector<float> gu = widened(gate_up, rows * 2 * cols);
-    cpu::swiglu_backward(dout, gu.data(), d_gate_up, rows, cols);
+    const std::vector<float> d = widened(dout, rows * cols), gu = widened(gate_up, rows * 2 * cols);
+    cpu::swiglu_backward(d.data(), gu.data(), d_gate_up, rows, cols);
   }
-  void swiglu_backward(const float* dout, const std::uint16_t* gate_up, std::uint16_t* d_gate_up, std::int64_t rows,
-                       std::int64_t cols, const Stream& stream) const override {
+  void swiglu_backward(const std::uint16_t* dout, const std::uint16_t* gate_up, std::uint16_t* d_gate_up,
+                       std::int64_t rows, std::int64_t cols, const Stream& stream) const override {
     std::vector<float> tmp(static_cast<std::size_t>(rows * 2 * cols));
     swiglu_backward(dout, gate_up, tmp.data(), rows, cols, stream);
     cpu::to_bf16(tmp.data(), d_gate_up, rows * 2 * cols);

@@ -50,14 +50,14 @@ __global__ void swiglu_forward_kernel(const In* __restrict__ gate_up, Out* __res
 
 // s = sigmoid(g): d_up = dout * g * s,  d_gate = dout * up * s * (1 + g * (1 - s)).
 template <int VEC, typename In, typename Out>
-__global__ void swiglu_backward_kernel(const float* __restrict__ dout, const In* __restrict__ gate_up,
+__global__ void swiglu_backward_kernel(const In* __restrict__ dout, const In* __restrict__ gate_up,
                                        Out* __restrict__ d_gate_up, std::int64_t rows, std::int64_t cols) {
   using Vec = typename VecType<VEC>::type;
   const std::int64_t n = cols / VEC;
   for (std::int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const In* gate = gate_up + row * 2 * cols;
     const In* up = gate + cols;
-    const float* d = dout + row * cols;
+    const In* d = dout + row * cols;
     Out* dgate = d_gate_up + row * 2 * cols;
     Out* dup = dgate + cols;
     for (std::int64_t i = threadIdx.x; i < n; i += blockDim.x) {
@@ -100,10 +100,11 @@ void forward(const In* gate_up, Out* out, std::int64_t rows, std::int64_t cols, 
 }
 
 template <typename In, typename Out>
-void backward(const float* dout, const In* gate_up, Out* d_gate_up, std::int64_t rows, std::int64_t cols,
+void backward(const In* dout, const In* gate_up, Out* d_gate_up, std::int64_t rows, std::int64_t cols,
               cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
-  if (cols % 4 == 0 && aligned(dout, 16) && aligned(gate_up, 4 * sizeof(In)) && aligned(d_gate_up, 4 * sizeof(Out))) {
+  if (cols % 4 == 0 && aligned(dout, 4 * sizeof(In)) && aligned(gate_up, 4 * sizeof(In)) &&
+      aligned(d_gate_up, 4 * sizeof(Out))) {
     swiglu_backward_kernel<4, In, Out><<<blocks_for(rows), threads_for(cols / 4), 0, stream>>>(dout, gate_up,
                                                                                                d_gate_up, rows, cols);
   } else {
@@ -131,12 +132,12 @@ void swiglu_backward(const float* dout, const float* gate_up, float* d_gate_up, 
                      cudaStream_t stream) {
   backward(dout, gate_up, d_gate_up, rows, cols, stream);
 }
-void swiglu_backward(const float* dout, const std::uint16_t* gate_up, float* d_gate_up, std::int64_t rows,
+void swiglu_backward(const std::uint16_t* dout, const std::uint16_t* gate_up, float* d_gate_up, std::int64_t rows,
                      std::int64_t cols, cudaStream_t stream) {
   backward(dout, gate_up, d_gate_up, rows, cols, stream);
 }
-void swiglu_backward(const float* dout, const std::uint16_t* gate_up, std::uint16_t* d_gate_up, std::int64_t rows,
-                     std::int64_t cols, cudaStream_t stream) {
+void swiglu_backward(const std::uint16_t* dout, const std::uint16_t* gate_up, std::uint16_t* d_gate_up,
+                     std::int64_t rows, std::int64_t cols, cudaStream_t stream) {
   backward(dout, gate_up, d_gate_up, rows, cols, stream);
 }
 

@@ -15,12 +15,13 @@ void swiglu_forward(const std::uint16_t* gate_up, float* out, std::int64_t rows,
 void swiglu_forward(const std::uint16_t* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t cols,
                     cudaStream_t stream);
 
-// d_gate_up [rows, 2 * cols] from dout [rows, cols] and the forward's gate_up (types as above).
+// d_gate_up [rows, 2 * cols] from dout [rows, cols] and the forward's gate_up (types as above; dout
+// bf16 with bf16 gate_up: bf16 mode's down product writes it so).
 void swiglu_backward(const float* dout, const float* gate_up, float* d_gate_up, std::int64_t rows,
                      std::int64_t cols, cudaStream_t stream);
-void swiglu_backward(const float* dout, const std::uint16_t* gate_up, float* d_gate_up, std::int64_t rows,
+void swiglu_backward(const std::uint16_t* dout, const std::uint16_t* gate_up, float* d_gate_up, std::int64_t rows,
                      std::int64_t cols, cudaStream_t stream);
-void swiglu_backward(const float* dout, const std::uint16_t* gate_up, std::uint16_t* d_gate_up, std::int64_t rows,
-                     std::int64_t cols, cudaStream_t stream);
+void swiglu_backward(const std::uint16_t* dout, const std::uint16_t* gate_up, std::uint16_t* d_gate_up,
+                     std::int64_t rows, std::int64_t cols, cudaStream_t stream);
 
 }  // namespace cudablocks::cuda
