@@ -537,6 +537,13 @@ TEST(CpuQkNormRope, Bf16InputIsTheFp32OpOnTheBf16Values) {
                               tokens, heads, d, inv_freq.data(), stream());
   EXPECT_EQ(dx16in, dx);
   EXPECT_EQ(dw16in, dw);
+  // bf16 dx (bf16 mode without q/k biases): the same result rounded once.
+  std::vector<std::uint16_t> dx16(n, 0xffff);
+  std::vector<float> dw16out(d, 0.0f);
+  cpu().qk_norm_rope_backward(dy.data(), x16.data(), w.data(), r.data(), dx16.data(), dw16out.data(), pos.data(),
+                              tokens, heads, d, inv_freq.data(), stream());
+  EXPECT_EQ(dx16, bf16_of(dx));
+  EXPECT_EQ(dw16out, dw);
 }
 
 TEST(CpuQkNormRope, BackwardMatchesFiniteDifferences) {

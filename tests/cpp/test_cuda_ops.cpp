@@ -576,24 +576,32 @@ TEST(CudaOps, QkNormRopeMatchesCpu) {
       if (rc.norm) expect_same_values(e.download(r2), rstd, on + " rstd");
       expect_same_values(e.download(dx2), e.download(dxb), on + " dx");
       expect_same_values(e.download(dw2), e.download(dwb), on + " dw");
-      // bf16 y as well (bf16 mode's attention operands): the bf16 rounding of the same fp32 result
-      // (one ulp apart at most where the two instantiations contract an FMA differently, rarely).
-      Buffer y16 = Buffer::empty({static_cast<std::int64_t>(n)}, DType::BFloat16, e.device);
-      e.backend.qk_norm_rope_forward(x16.data_as<std::uint16_t>(), wp, y16.data_as<std::uint16_t>(),
-                                     r2.data_as<float>(), pb.data_as<std::int32_t>(), tokens, rc.heads, rc.head_dim,
-                                     eps, fb.data_as<float>(), e.stream);
-      {
-        const Bits got = download_bits(e, y16);
-        const Vec want = e.download(y2);
+      // bf16 y and dx as well (bf16 mode's attention operands; dq, dk without biases): the bf16
+      // rounding of the same fp32 result (one ulp apart at most where the two instantiations contract
+      // an FMA differently, rarely).
+      auto expect_rounded = [&](const Buffer& bits16, const Buffer& fp32, const std::string& label) {
+        const Bits got = download_bits(e, bits16);
+        const Vec want = e.download(fp32);
         std::size_t exact = 0, far = 0;
         for (std::size_t i = 0; i < n; ++i) {
           const int w16 = float_to_bf16_bits(want[i]);
           far += std::abs(static_cast<int>(got[i]) - w16) > 1;
           exact += got[i] == w16;
         }
-        EXPECT_EQ(far, 0u) << on << " bf16 y: elements more than one ulp from the rounded fp32 result";
-        EXPECT_GE(static_cast<double>(exact), 0.999 * static_cast<double>(n)) << on << " bf16 y";
-      }
+        EXPECT_EQ(far, 0u) << on << " " << label << ": elements more than one ulp from the rounded fp32 result";
+        EXPECT_GE(static_cast<double>(exact), 0.999 * static_cast<double>(n)) << on << " " << label;
+      };
+      Buffer y16 = Buffer::empty({static_cast<std::int64_t>(n)}, DType::BFloat16, e.device);
+      e.backend.qk_norm_rope_forward(x16.data_as<std::uint16_t>(), wp, y16.data_as<std::uint16_t>(),
+                                     r2.data_as<float>(), pb.data_as<std::int32_t>(), tokens, rc.heads, rc.head_dim,
+                                     eps, fb.data_as<float>(), e.stream);
+      expect_rounded(y16, y2, "bf16 y");
+      Buffer dx16 = upload_bits(e, Bits(n, 0xffff)), dw4 = e.upload(dw0);
+      e.backend.qk_norm_rope_backward(dyb.data_as<float>(), x16.data_as<std::uint16_t>(), wp, rin.data_as<float>(),
+                                      dx16.data_as<std::uint16_t>(), dw4.data_as<float>(), pb.data_as<std::int32_t>(),
+                                      tokens, rc.heads, rc.head_dim, fb.data_as<float>(), e.stream);
+      expect_rounded(dx16, dx2, "bf16 dx");
+      expect_same_values(e.download(dw4), e.download(dwb), on + " dw, bf16 dx");
       // A frozen norm (dw == nullptr): the same dx, no weight gradient taken.
       Buffer dx3 = e.poisoned(n);
       e.backend.qk_norm_rope_backward(dyb.data_as<float>(), xb.data_as<float>(), wp, rin.data_as<float>(),

@@ -129,6 +129,12 @@ class Backend {
   virtual void qk_norm_rope_forward(const std::uint16_t* x, const float* w, std::uint16_t* y, float* rstd,
                                     const std::int32_t* positions, std::int64_t tokens, int n_heads,
                                     int head_dim, float eps, const float* inv_freq, const Stream& stream) const = 0;
+  // The backward with dx in bf16 too (rounded likewise): bf16 mode without q/k biases, where dq and
+  // dk only feed bf16 products.
+  virtual void qk_norm_rope_backward(const float* dy, const std::uint16_t* x, const float* w, const float* rstd,
+                                     std::uint16_t* dx, float* dw, const std::int32_t* positions,
+                                     std::int64_t tokens, int n_heads, int head_dim, const float* inv_freq,
+                                     const Stream& stream) const = 0;
 
   // SwiGLU on gate_up [rows, 2 * cols] (gate in columns [0, cols), up in [cols, 2 * cols)):
   //   out[r, c] = silu(gate[r, c]) * up[r, c],  out [rows, cols],

@@ -64,16 +64,17 @@
 //     parameter, no extra launch). The fp32 parameters stay the master copy.
 //   - activations and incoming gradients that feed products are bf16 in a bf16 scratch: h and g
 //     from RMSNorm, act and d_gate_up from SwiGLU are written in bf16 directly (their bf16 outputs; no
-//     fp32 copy exists), att by attention itself (saved so), dy, dr, dq, dk, dv are rounded right
-//     before use (Backend::to_bf16: 3 more op calls in the forward with q/k/v biases, 5 in the
-//     backward). Per token: H + max(2 I, q + 2 kv) + H bf16 values (Qwen3-4B: 24,576 values, 49,152
+//     fp32 copy exists), att by attention itself (saved so), dq and dk by the QK-norm+RoPE backward
+//     when there are no q/k biases; dy, dr, dv (and with biases dq, dk) are rounded right before use
+//     (Backend::to_bf16: 3 more op calls in the forward with q/k/v biases, 3 in the backward, 5
+//     with biases). Per token: H + max(2 I, q + 2 kv) + H bf16 values (Qwen3-4B: 24,576 values, 49,152
 //     bytes; counted in scratch_bytes_per_token).
 //   - gate_up, q, k (before QK-norm) and v are written by their products in bf16
 //     (Backend::gemm_bf16_to_bf16) and saved so, as torch's bf16 layers keep them; a bias (or,
 //     in the nf4 block, an adapter's term) is added in fp32 first and the sum rounded. Their
 //     readers, SwiGLU and QK-norm + RoPE, widen them and compute in fp32; attention reads them as
-//     they are. So is d_att, attention's incoming gradient (in the nf4 block with an adapter on o:
-//     rounded after the adapter's term is added).
+//     they are. So are d_att, attention's incoming gradient, and d_act, SwiGLU's (in the nf4 block
+//     with an adapter on o or down: rounded after the adapter's term is added).
 //   - the other products write fp32: the residual branches and the other gradients (weight
 //     gradients accumulate in fp32 into the grad workspace with beta = 1). Norms, QK-norm, RoPE,
 //     softmax and SwiGLU compute in fp32; the other saved activations stay fp32.

@@ -86,11 +86,15 @@ inline void qk_norm_rope_forward_saved(const Backend& be, Precision precision, c
     be.qk_norm_rope_forward(raw, w, y, rstd, positions, tokens, heads, head_dim, eps, inv_freq, stream);
   }
 }
+// The backward into dx (fp32), or in bf16 mode into dx16 instead when it is given (dx then unused).
 inline void qk_norm_rope_backward_saved(const Backend& be, Precision precision, const float* dy, const float* raw,
-                                        const float* w, const float* rstd, float* dx, float* dw,
+                                        const float* w, const float* rstd, float* dx, std::uint16_t* dx16, float* dw,
                                         const std::int32_t* positions, std::int64_t tokens, int heads, int head_dim,
                                         const float* inv_freq, const Stream& stream) {
-  if (precision == Precision::BF16) {
+  if (precision == Precision::BF16 && dx16 != nullptr) {
+    be.qk_norm_rope_backward(dy, reinterpret_cast<const std::uint16_t*>(raw), w, rstd, dx16, dw, positions, tokens,
+                             heads, head_dim, inv_freq, stream);
+  } else if (precision == Precision::BF16) {
     be.qk_norm_rope_backward(dy, reinterpret_cast<const std::uint16_t*>(raw), w, rstd, dx, dw, positions, tokens,
                              heads, head_dim, inv_freq, stream);
   } else {

@@ -404,22 +404,26 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
                            X + sc.attn_ws, attn, stream);
   float* dq = d_att;  // d_att and q_rot are dead after the attention backward
   float* dk = q_rot;
+  std::uint16_t* dq16 = mm.s16(bl.b);
+  std::uint16_t* dk16 = mm.s16(bl.dk);
+  std::uint16_t* dv16 = mm.s16(bl.dv);
+  // In bf16 mode without biases dq and dk only feed bf16 products: written in bf16 directly.
+  const bool qk_to16 = mm.bf16() && pl.bqkv < 0;
   qk_norm_rope_backward_saved(be, prec, dq_rot, S + sl.q_raw, qkn ? W + pl.q_norm : nullptr,
-                              qkn ? S + sl.rstd_q : nullptr, dq, qkn ? G + pl.q_norm : nullptr, positions, T, nq,
-                              static_cast<int>(d), inv_freq, stream);
+                              qkn ? S + sl.rstd_q : nullptr, dq, qk_to16 ? dq16 : nullptr,
+                              qkn ? G + pl.q_norm : nullptr, positions, T, nq, static_cast<int>(d), inv_freq, stream);
   qk_norm_rope_backward_saved(be, prec, dk_rot, S + sl.k_raw, qkn ? W + pl.k_norm : nullptr,
-                              qkn ? S + sl.rstd_k : nullptr, dk, qkn ? G + pl.k_norm : nullptr, positions, T, nkv,
-                              static_cast<int>(d), inv_freq, stream);
+                              qkn ? S + sl.rstd_k : nullptr, dk, qk_to16 ? dk16 : nullptr,
+                              qkn ? G + pl.k_norm : nullptr, positions, T, nkv, static_cast<int>(d), inv_freq, stream);
   if (pl.bqkv >= 0) {
     be.bias_backward(dq, G + pl.bqkv, T, q, stream);
     be.bias_backward(dk, G + pl.bqkv + q, T, kv, stream);
     be.bias_backward(dv, G + pl.bqkv + q + kv, T, kv, stream);
   }
-  std::uint16_t* dq16 = mm.s16(bl.b);
-  std::uint16_t* dk16 = mm.s16(bl.dk);
-  std::uint16_t* dv16 = mm.s16(bl.dv);
-  mm.convert(dq, dq16, T * q);
-  mm.convert(dk, dk16, T * kv);
+  if (!qk_to16) {
+    mm.convert(dq, dq16, T * q);
+    mm.convert(dk, dk16, T * kv);
+  }
   mm.convert(dv, dv16, T * kv);
   float* h = X + sc.sh;
   std::uint16_t* h16 = mm.s16(bl.a);  // g16 is dead

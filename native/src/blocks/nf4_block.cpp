@@ -1003,10 +1003,10 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* dq = d_att;
   float* dk = q_rot;
   qk_norm_rope_backward_saved(be, prec, dq_rot, S + sl.q_raw, qkn ? D + q_norm_ : nullptr,
-                              qkn ? S + sl.rstd_q : nullptr, dq, nullptr, positions, T, nq,
+                              qkn ? S + sl.rstd_q : nullptr, dq, nullptr, nullptr, positions, T, nq,
                               static_cast<int>(d), inv_freq, stream);
   qk_norm_rope_backward_saved(be, prec, dk_rot, S + sl.k_raw, qkn ? D + k_norm_ : nullptr,
-                              qkn ? S + sl.rstd_k : nullptr, dk, nullptr, positions, T, nkv,
+                              qkn ? S + sl.rstd_k : nullptr, dk, nullptr, nullptr, positions, T, nkv,
                               static_cast<int>(d), inv_freq, stream);
   float* h = X + sc.sh;
   if (m.adapted(kGroupQ) || m.adapted(kGroupK) || m.adapted(kGroupV)) {

@@ -138,6 +138,13 @@ class CpuBackend final : public Backend {
     const std::vector<float> x32 = widened(x, tokens * n_heads * head_dim);
     cpu::qk_norm_rope_backward(dy, x32.data(), w, rstd, dx, dw, positions, tokens, n_heads, head_dim, inv_freq);
   }
+  void qk_norm_rope_backward(const float* dy, const std::uint16_t* x, const float* w, const float* rstd,
+                             std::uint16_t* dx, float* dw, const std::int32_t* positions, std::int64_t tokens,
+                             int n_heads, int head_dim, const float* inv_freq, const Stream& stream) const override {
+    std::vector<float> dx32(static_cast<std::size_t>(tokens * n_heads * head_dim));
+    qk_norm_rope_backward(dy, x, w, rstd, dx32.data(), dw, positions, tokens, n_heads, head_dim, inv_freq, stream);
+    cpu::to_bf16(dx32.data(), dx, tokens * n_heads * head_dim);
+  }
 
   void swiglu_forward(const float* gate_up, float* out, std::int64_t rows, std::int64_t cols,
                       const Stream&) const override {

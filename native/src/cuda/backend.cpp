@@ -124,6 +124,11 @@ class CudaBackend final : public Backend {
                              const float* inv_freq, const Stream& stream) const override {
     cuda::qk_norm_rope_backward(dy, x, w, rstd, dx, dw, positions, tokens, n_heads, head_dim, inv_freq, native(stream));
   }
+  void qk_norm_rope_backward(const float* dy, const std::uint16_t* x, const float* w, const float* rstd,
+                             std::uint16_t* dx, float* dw, const std::int32_t* positions, std::int64_t tokens,
+                             int n_heads, int head_dim, const float* inv_freq, const Stream& stream) const override {
+    cuda::qk_norm_rope_backward(dy, x, w, rstd, dx, dw, positions, tokens, n_heads, head_dim, inv_freq, native(stream));
+  }
 
   void swiglu_forward(const float* gate_up, float* out, std::int64_t rows, std::int64_t cols,
                       const Stream& stream) const override {

@@ -158,10 +158,10 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_forward_kernel(const In
   }
 }
 
-template <int V, int K, typename In>
+template <int V, int K, typename In, typename Out>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_kernel(
     const float* __restrict__ dy, const In* __restrict__ x, const float* __restrict__ w, const float* __restrict__ rstd,
-    float* __restrict__ dx, float* __restrict__ dw_partial, const std::int32_t* __restrict__ positions, std::int64_t tokens,
+    Out* __restrict__ dx, float* __restrict__ dw_partial, const std::int32_t* __restrict__ positions, std::int64_t tokens,
     int n_heads, int head_dim, const float* __restrict__ inv_freq) {
   using P = typename Pack<V>::type;
   __shared__ float cos_s[kMaxHalf], sin_s[kMaxHalf];
@@ -235,14 +235,8 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_kernel(
       for (int k = 0; k < K; ++k) {
         const int i = (k * 32 + lane) * V;
         if (i < half) {
-          P a, b;
-#pragma unroll
-          for (int j = 0; j < V; ++j) {
-            reinterpret_cast<float*>(&a)[j] = dlo[k][j];
-            reinterpret_cast<float*>(&b)[j] = dhi[k][j];
-          }
-          *reinterpret_cast<P*>(dx + base + i) = a;
-          *reinterpret_cast<P*>(dx + base + half + i) = b;
+          store_y<V>(dx + base + i, dlo[k]);
+          store_y<V>(dx + base + half + i, dhi[k]);
         }
       }
     }
@@ -316,11 +310,11 @@ void forward(const In* x, const float* w, Out* y, float* rstd, const std::int32_
   });
 }
 
-template <typename In>
-void backward(const float* dy, const In* x, const float* w, const float* rstd, float* dx, float* dw,
+template <typename In, typename Out>
+void backward(const float* dy, const In* x, const float* w, const float* rstd, Out* dx, float* dw,
               const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, const float* inv_freq,
               cudaStream_t stream) {
-  const bool vec2 = aligned8(dy) && aligned8(dx) && (w == nullptr || (pair_aligned(x) && aligned8(w)));
+  const bool vec2 = aligned8(dy) && pair_aligned(dx) && (w == nullptr || (pair_aligned(x) && aligned8(w)));
   dispatch(head_dim, vec2, [&](auto pack, auto k) {
     constexpr int V = width<decltype(pack)>;
     constexpr int K = decltype(k)::value;
@@ -328,13 +322,13 @@ void backward(const float* dy, const In* x, const float* w, const float* rstd, f
     // Blocks stride over tokens: at most 4 per SM (all resident at once), so the dw partials stay few.
     const std::int64_t blocks = std::min<std::int64_t>(tokens, 4 * static_cast<std::int64_t>(multiprocessor_count()));
     if (w == nullptr || dw == nullptr) {  // no weight gradient to take
-      qk_norm_rope_backward_kernel<V, K, In><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      qk_norm_rope_backward_kernel<V, K, In, Out><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           dy, x, w, rstd, dx, nullptr, positions, tokens, n_heads, head_dim, inv_freq);
       CUDABLOCKS_CHECK_LAUNCH("qk_norm_rope_backward_kernel");
       return;
     }
     ScratchLease scratch(sizeof(float) * static_cast<std::size_t>(blocks * head_dim), stream);
-    qk_norm_rope_backward_kernel<V, K, In><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    qk_norm_rope_backward_kernel<V, K, In, Out><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         dy, x, w, rstd, dx, scratch.get<float>(), positions, tokens, n_heads, head_dim, inv_freq);
     CUDABLOCKS_CHECK_LAUNCH("qk_norm_rope_backward_kernel");
     add_column_partials(scratch.get<float>(), static_cast<int>(blocks), head_dim, dw, stream);
@@ -368,6 +362,11 @@ void qk_norm_rope_backward(const float* dy, const float* x, const float* w, cons
 void qk_norm_rope_backward(const float* dy, const std::uint16_t* x, const float* w, const float* rstd, float* dx,
                            float* dw, const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim,
                            const float* inv_freq, cudaStream_t stream) {
+  backward(dy, x, w, rstd, dx, dw, positions, tokens, n_heads, head_dim, inv_freq, stream);
+}
+void qk_norm_rope_backward(const float* dy, const std::uint16_t* x, const float* w, const float* rstd,
+                           std::uint16_t* dx, float* dw, const std::int32_t* positions, std::int64_t tokens,
+                           int n_heads, int head_dim, const float* inv_freq, cudaStream_t stream) {
   backward(dy, x, w, rstd, dx, dw, positions, tokens, n_heads, head_dim, inv_freq, stream);
 }
 

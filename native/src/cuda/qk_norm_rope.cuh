@@ -33,5 +33,10 @@ void qk_norm_rope_backward(const float* dy, const float* x, const float* w, cons
 void qk_norm_rope_backward(const float* dy, const std::uint16_t* x, const float* w, const float* rstd, float* dx,
                            float* dw, const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim,
                            const float* inv_freq, cudaStream_t stream);
+// bf16 x and dx: dx rounded to nearest even from the same fp32 result (bf16 mode, where it only
+// feeds bf16 products).
+void qk_norm_rope_backward(const float* dy, const std::uint16_t* x, const float* w, const float* rstd,
+                           std::uint16_t* dx, float* dw, const std::int32_t* positions, std::int64_t tokens,
+                           int n_heads, int head_dim, const float* inv_freq, cudaStream_t stream);
 
 }  // namespace cudablocks::cuda
