@@ -152,8 +152,7 @@ class CudaBackend final : public Backend {
     cuda::swiglu_backward(dout, gate_up, d_gate_up, rows, cols, native(stream));
   }
   void swiglu_backward(const std::uint16_t* dout, const std::uint16_t* gate_up, std::uint16_t* d_gate_up,
-                       std::int64_t rows,
-                       std::int64_t cols, const Stream& stream) const override {
+                       std::int64_t rows, std::int64_t cols, const Stream& stream) const override {
     cuda::swiglu_backward(dout, gate_up, d_gate_up, rows, cols, native(stream));
   }
 

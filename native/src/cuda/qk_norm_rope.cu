@@ -1,7 +1,7 @@
 // QK-norm + RoPE, fused: per (token, head) vector of head_dim d, optional RMSNorm over the head
 // then the rotate-half rotation. Bytes: read x, write y (8 bytes per element with fp32 x, 6 with
 // bf16 x, + rstd): memory-bound; ~10 FLOPs per element. Backward: read dy, x, write dx (12 bytes
-// per element, 10 with bf16 x) + a small dw partial.
+// per element, 10 with bf16 x, 8 with bf16 x and dx) + a small dw partial.
 //
 // Layout: one block (8 warps) per token (the backward: blocks stride over tokens); the block first
 // puts cos/sin of its token's d/2 angles in shared memory (d/2 sincosf per token, shared by all
@@ -18,7 +18,9 @@
 // its warps' partials in shared memory in a fixed order and writes one row of scratch; then
 // add_column_partials (bias.cu) adds the blocks' rows into dw. Deterministic, no atomics.
 // x is fp32 or bf16 (bf16-mode blocks keep q and k before the norm in bf16, as their products
-// write them): a bf16 x is widened exactly as it is read; everything else is fp32.
+// write them): a bf16 x is widened exactly as it is read. y and the backward's dx are fp32 or bf16
+// (rounded once from the fp32 result: attention's operands, and dq, dk for bf16 products); dy,
+// w, rstd and the arithmetic are fp32.
 #include "cuda/qk_norm_rope.cuh"
 
 #include <algorithm>

@@ -1,14 +1,15 @@
 // SwiGLU, fused: each element of gate_up is read once and each output written once.
 //   forward:  read gate, up, write out: 12 bytes per output element in fp32 (6 with bf16 gate_up
 //             and out), ~5 FLOPs + 1 expf.
-//   backward: read dout, gate, up, write d_gate, d_up: 20 bytes per element in fp32 (12 with bf16
-//             gate_up and d_gate_up), ~10 FLOPs + 1 expf.
+//   backward: read dout, gate, up, write d_gate, d_up: 20 bytes per element in fp32 (10 with bf16
+//             dout, gate_up and d_gate_up), ~10 FLOPs + 1 expf.
 // Memory-bound. Blocks stride over rows; a block's threads stride over the row's VEC-wide column
 // groups (gate and up of one row are cols apart, so the float4 path needs cols % 4 == 0 and
 // aligned pointers). expf and the division are IEEE-accurate (no fast intrinsics).
 // gate_up and the outputs are each fp32 or bf16 (a bf16 gate_up, as bf16-mode blocks save it,
 // halves its bytes; bf16 outputs are the operands of the next bf16 GEMM, with no fp32 copy
-// written and converted). The arithmetic is fp32 either way.
+// written and converted); the backward's dout is bf16 with a bf16 gate_up (bf16 mode's down
+// product writes it so). The arithmetic is fp32 either way.
 #include "cuda/swiglu.cuh"
 
 #include <algorithm>
