@@ -430,7 +430,8 @@ def test_bf16_compute_equals_the_fp32_block_in_bf16(model_type: str, targets: tu
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("double_quant", "targets"), [(False, tuple(PROJECTIONS)), (True, tuple(PROJECTIONS)),
-                                                       (False, ("q_proj", "v_proj")), (False, ("down_proj",))])
+                                                       (False, ("q_proj", "v_proj")), (False, ("down_proj",)),
+                                                       (False, ("up_proj",))])
 def test_cuda_matches_cpu_at_qwen3_4b_size(double_quant: bool, targets: tuple[str, ...],
                                            rng: np.random.Generator) -> None:
     config = hf_config("qwen3", **QWEN3_4B)
