@@ -81,12 +81,13 @@
 // measurable, so instruction issue is not the limit either.
 // bf16 I/O (In = std::uint16_t; bf16 mode's blocks keep q, k, v, out and dout so): a tile is staged
 // by copying 16-byte chunks (half the bytes, no conversion, no landing tiles), which makes double
-// buffering affordable: the forward's K, V and the dK/dV pass's Q, dO are cp.async'ed into a second
-// buffer while the current tile's products run; the dQ pass stages Q, dO once and double-buffers
+// buffering affordable: the forward's K, V and the dK/dV pass's Q, dO (with the query rows' lse
+// and D, 4-byte copies) are cp.async'ed into a second buffer while the current tile's products run; the dQ pass stages Q, dO once and double-buffers
 // K, V. (H200, Qwen3-4B heads: bf16 I/O backward 0.367 ms at 8 x 512 with a synchronous dQ pass,
 // 0.329 double-buffered; 1 x 2048 0.578 / 0.512; forward 0.102 and 0.147 ms.) Shared memory per
-// block at D = 128: six bf16 tiles each (forward HPB=2 104,448 bytes, dK/dV 104,960, dQ 104,448):
-// 2 blocks per SM. The forward writes out rounded once to bf16; the row dots read bf16 out
+// block at D = 128: six bf16 tiles each (forward HPB=2 104,448 bytes, dK/dV 105,472, dQ 104,448):
+// 2 blocks per SM. Prefetching lse and D also took the dK/dV pass's ptxas spills from 136 / 172
+// bytes (stores / loads) to 36 / 72 at 255 registers. The forward writes out rounded once to bf16; the row dots read bf16 out
 // and dout. The results are bit for bit those of the fp32-input kernels on the same values (the host
 // emulation and CudaAttentionMmaBf16Inputs check it).
 // Next steps: the dQ pass fused into the dK/dV pass; wgmma (sm_90a) with 128-row tiles.
@@ -172,6 +173,12 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0)
                  : "memory");
 }
+// The same for one 4-byte word (.ca: .cg takes 16 bytes only).
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 4 : 0)
+                 : "memory");
+}
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 // Groups (double buffering): commit closes this thread's copies issued since the last commit;
 // wait_group<N> waits until at most N of its committed groups are still in flight.
@@ -183,6 +190,10 @@ __device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.w
 inline void cp_async16(void* smem, const void* gmem, bool valid) {
     if (valid) std::memcpy(smem, gmem, 16);
     else std::memset(smem, 0, 16);
+}
+inline void cp_async4(void* smem, const void* gmem, bool valid) {
+    if (valid) std::memcpy(smem, gmem, 4);
+    else std::memset(smem, 0, 4);
 }
 inline void cp_async_wait_all() {}
 inline void cp_async_commit() {}
@@ -746,11 +757,13 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
     // ASYNC, bf16: fp32 landing buffer [64][D] for cp.async (tf32 copies straight into its rows tiles).
     constexpr bool kLand = ASYNC && Op::kTransFromRows;
     float* land = dsum_s + kTile;
-    // bf16 inputs: Q and dO double-buffered (the second pair after dsum_s), the next item's copies
-    // in flight during this item's products.
+    // bf16 inputs: Q, dO and the query rows' lse and D double-buffered (the second set after
+    // dsum_s), the next item's copies in flight during this item's products.
     constexpr bool kPipe = std::is_same_v<In, std::uint16_t>;
     Pair* Q2 = reinterpret_cast<Pair*>(dsum_s + kTile);
     Pair* dO2 = Q2 + kTile * LD;
+    float* lse2 = reinterpret_cast<float*>(dO2 + kTile * LD);
+    float* dsum2 = lse2 + kTile;
 
     const int kvh = blockIdx.x / splits;
     const int split = blockIdx.x % splits;
@@ -765,6 +778,17 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
     const int64_t kv_stride = (int64_t)n_kv_heads * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
+    // Copies lse and D of query rows q0 .. q0+63 of head hq into l, ds (threads < 64; rows past the
+    // end zero-filled: their P is masked to 0 where it is formed).
+    auto async_stats = [&](float* l, float* ds, int q0, int hq) {
+        if (threadIdx.x < kTile) {
+            const int i = threadIdx.x;
+            const bool valid = q0 + i < len;
+            const int64_t idx = valid ? (int64_t)(start + q0 + i) * n_q_heads + hq : 0;
+            cp_async4(l + i, lse + idx, valid);
+            cp_async4(ds + i, dsum + idx, valid);
+        }
+    };
 
     for (int kt = blockIdx.z; kt < n_tiles; kt += gridDim.z) {
         const int k0 = kt * kTile;
@@ -791,10 +815,11 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
 
         const int n_qt = n_tiles - kt;  // query tiles kt .. n_tiles-1
         const int n_items = (h_end - h_begin) * n_qt;
-        if constexpr (kPipe) {  // Q, dO of item 0 into buffer 0
+        if constexpr (kPipe) {  // Q, dO, lse, D of item 0 into buffer 0
             const int64_t off0 = (int64_t)(start + k0) * q_stride + (int64_t)h_begin * D;
             async_rows_bf16<D, kThreads>(Qs, q + off0, q_stride, len - k0);
             async_rows_bf16<D, kThreads>(dOs, dout + off0, q_stride, len - k0);
+            async_stats(lse_s, dsum_s, k0, h_begin);
             cp_async_commit();
         }
         if constexpr (kLand) {  // prefetch the first Q tile
@@ -806,22 +831,27 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
             const int q0 = (kt + item % n_qt) * kTile;
             const int64_t off = (int64_t)(start + q0) * q_stride + (int64_t)hq * D;
             if (item > 0) __syncthreads();  // everyone is done with the previous Q / dO tiles
-            const Pair* Qc = Qs;    // this item's Q and dO
+            const Pair* Qc = Qs;    // this item's Q, dO, lse (log2 domain) and D
             const Pair* dOc = dOs;
+            float* lse_c = lse_s;
+            float* dsum_c = dsum_s;
             if constexpr (kPipe) {
-                if (item + 1 < n_items) {  // the next item's Q, dO into the buffers the previous item used
+                if (item + 1 < n_items) {  // the next item's set into the buffers the previous item used
                     const int hq1 = h_begin + (item + 1) / n_qt;
                     const int q1 = (kt + (item + 1) % n_qt) * kTile;
                     const int64_t off1 = (int64_t)(start + q1) * q_stride + (int64_t)hq1 * D;
                     async_rows_bf16<D, kThreads>((item & 1) ? Qs : Q2, q + off1, q_stride, len - q1);
                     async_rows_bf16<D, kThreads>((item & 1) ? dOs : dO2, dout + off1, q_stride, len - q1);
+                    async_stats((item & 1) ? lse_s : lse2, (item & 1) ? dsum_s : dsum2, q1, hq1);
                     cp_async_commit();
-                    cp_async_wait_group<1>();  // this item's Q, dO have landed (this thread's copies)
+                    cp_async_wait_group<1>();  // this item's set has landed (this thread's copies)
                 } else {
                     cp_async_wait_group<0>();
                 }
                 Qc = (item & 1) ? Q2 : Qs;
                 dOc = (item & 1) ? dO2 : dOs;
+                lse_c = (item & 1) ? lse2 : lse_s;
+                dsum_c = (item & 1) ? dsum2 : dsum_s;
             } else if constexpr (kLand) {
                 cp_async_wait_all();  // Q of this item (prefetched during the previous item)
                 convert_rows<Op, D>(Qs, land, D);
@@ -864,9 +894,13 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
             if (threadIdx.x < kTile) {
                 const int i = threadIdx.x;
                 const bool valid = q0 + i < len;
-                const int64_t idx = (int64_t)(start + q0 + i) * n_q_heads + hq;
-                lse_s[i] = valid ? lse[idx] * kLog2e : INFINITY;
-                dsum_s[i] = valid ? dsum[idx] : 0.f;
+                if constexpr (kPipe) {  // the copies this thread made, scaled in place
+                    lse_c[i] = valid ? lse_c[i] * kLog2e : INFINITY;
+                } else {
+                    const int64_t idx = (int64_t)(start + q0 + i) * n_q_heads + hq;
+                    lse_c[i] = valid ? lse[idx] * kLog2e : INFINITY;
+                    dsum_c[i] = valid ? dsum[idx] : 0.f;
+                }
             }
             __syncthreads();
 
@@ -881,7 +915,7 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
                     const int j = k0 + warp * 16 + g + 8 * (c >> 1);  // key (sequence position)
                     const int i = nb * 8 + 2 * t + (c & 1);           // query within the tile
                     const bool valid = q0 + i < len && j <= q0 + i;
-                    pt[nb][c] = valid ? exp2f(pt[nb][c] * scale_log2 - lse_s[i]) : 0.f;
+                    pt[nb][c] = valid ? exp2f(pt[nb][c] * scale_log2 - lse_c[i]) : 0.f;
                 }
 
             float dpt[8][4];
@@ -908,7 +942,7 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
 #pragma unroll
                 for (int c = 0; c < 4; ++c) {
                     const int i = nb * 8 + 2 * t + (c & 1);
-                    dpt[nb][c] = pt[nb][c] * (dpt[nb][c] - dsum_s[i]);  // dS^T
+                    dpt[nb][c] = pt[nb][c] * (dpt[nb][c] - dsum_c[i]);  // dS^T
                 }
             warp_pB<Op, D>(dpt, Op::kTransFromRows ? Qc : Qt, dk_acc);  // dK += dS^T Q
         }
@@ -1101,9 +1135,10 @@ size_t forward_smem() {
 }
 template <class Op, int D, bool ASYNC = false, class In = float>
 size_t dkdv_smem() {
-    const int tiles = std::is_same_v<In, std::uint16_t> ? 6 : 4;  // bf16 inputs: Q and dO double-buffered
+    // bf16 inputs: Q, dO, lse and D double-buffered
+    const int tiles = std::is_same_v<In, std::uint16_t> ? 6 : 4, stats = std::is_same_v<In, std::uint16_t> ? 4 : 2;
     return pair_bytes<Op>() * (size_t)(tiles * kTile * ld_rows<D>() + 2 * cols_pairs<Op, D>()) +
-           2 * kTile * sizeof(float) + (ASYNC && Op::kTransFromRows ? (size_t)kTile * D * sizeof(float) : 0);
+           stats * kTile * sizeof(float) + (ASYNC && Op::kTransFromRows ? (size_t)kTile * D * sizeof(float) : 0);
 }
 template <class Op, int D, bool ASYNC = false, class In = float>
 size_t dq_smem() {
