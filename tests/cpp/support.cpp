@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "core/float_bits.hpp"
 #include "cudablocks/device.hpp"
 
 namespace cudablocks::test {
@@ -35,6 +36,18 @@ static double relative_error_impl(const std::vector<float>& a, const std::vector
   }
   if (a.size() != b.size() || std::isnan(num)) return INFINITY;  // NaN never passes
   return std::sqrt(num / (den > 0 ? den : 1.0));
+}
+
+std::vector<std::uint16_t> bf16_of(const std::vector<float>& v) {
+  std::vector<std::uint16_t> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = float_to_bf16_bits(v[i]);
+  return out;
+}
+
+std::vector<float> float_of(const std::vector<std::uint16_t>& bits) {
+  std::vector<float> out(bits.size());
+  for (std::size_t i = 0; i < bits.size(); ++i) out[i] = bf16_bits_to_float(bits[i]);
+  return out;
 }
 
 double relative_error(const std::vector<float>& a, const std::vector<double>& b) { return relative_error_impl(a, b); }

@@ -15,6 +15,9 @@ std::mt19937& rng();
 std::vector<float> random_normal(std::size_t n, float stddev = 1.0f);
 // True when a CUDA device is usable (the CUDA cases skip otherwise).
 bool have_cuda_device();
+// bf16 bit patterns of values rounded to nearest even (core/float_bits.hpp), and their exact widening.
+std::vector<std::uint16_t> bf16_of(const std::vector<float>& v);
+std::vector<float> float_of(const std::vector<std::uint16_t>& bits);
 // ||a - b|| / ||b|| in double.
 double relative_error(const std::vector<float>& a, const std::vector<double>& b);
 double relative_error(const std::vector<float>& a, const std::vector<float>& b);

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "cpu/attention.hpp"
+#include "support.hpp"
 
 #if CUDABLOCKS_WITH_CUDA
 #include <cuda_bf16.h>
@@ -346,10 +347,7 @@ TEST(CpuAttention, RejectsInconsistentArguments) {
 
 #if CUDABLOCKS_WITH_CUDA
 
-bool have_cuda_device() {
-    int n = 0;
-    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
+using cudablocks::test::have_cuda_device;
 
 #define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
 
@@ -726,17 +724,9 @@ TEST(CudaAttentionMmaFallback, OtherHeadDimsAndFp32UseTheFp32Kernels) {
     }
 }
 
-// bf16 <-> fp32 helpers of the bf16 I/O tests: bit patterns rounded to nearest even, and back.
-std::vector<uint16_t> bf16_bits(const std::vector<float>& x) {
-    std::vector<uint16_t> bits(x.size());
-    for (size_t i = 0; i < x.size(); ++i) bits[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
-    return bits;
-}
-std::vector<float> bf16_values(const std::vector<uint16_t>& bits) {
-    std::vector<float> x(bits.size());
-    for (size_t i = 0; i < bits.size(); ++i) x[i] = __bfloat162float(__ushort_as_bfloat16(bits[i]));
-    return x;
-}
+// bf16 <-> fp32 of the bf16 I/O tests: bit patterns rounded to nearest even, and back.
+using cudablocks::test::bf16_of;
+using cudablocks::test::float_of;
 
 // bf16 q, k, v, out and dout (bf16 mode's blocks keep them so) give, bit for bit, what the fp32-input
 // BF16 kernels give on the same values, the forward's out rounded once to bf16: the staging's
@@ -751,18 +741,18 @@ TEST(CudaAttentionMmaBf16Inputs, EqualTheFp32InputsOnTheSameValues) {
         const Shape s = make_shape(cs.lens, cs.n_q, cs.n_kv, cs.d);
         SCOPED_TRACE(rng.trace() + ", " + describe(s));
         Inputs in = random_inputs(s, rng);
-        const std::vector<uint16_t> q16 = bf16_bits(in.q), k16 = bf16_bits(in.k), v16 = bf16_bits(in.v),
-                                    dout16 = bf16_bits(in.dout);
-        in.q = bf16_values(q16);
-        in.k = bf16_values(k16);
-        in.v = bf16_values(v16);
-        in.dout = bf16_values(dout16);
+        const std::vector<uint16_t> q16 = bf16_of(in.q), k16 = bf16_of(in.k), v16 = bf16_of(in.v),
+                                    dout16 = bf16_of(in.dout);
+        in.q = float_of(q16);
+        in.k = float_of(k16);
+        in.v = float_of(v16);
+        in.dout = float_of(dout16);
         MmaRun run(s, in, cs.precision);
         run.forward_mma(s.max_seqlen);
         CUDA_OK(cudaDeviceSynchronize());
-        const std::vector<uint16_t> out16 = bf16_bits(run.out.download());
+        const std::vector<uint16_t> out16 = bf16_of(run.out.download());
         const std::vector<float> lse = run.lse.download();
-        run.backward_mma(bf16_values(out16), lse, s.max_seqlen);
+        run.backward_mma(float_of(out16), lse, s.max_seqlen);
         CUDA_OK(cudaDeviceSynchronize());
         const std::vector<float> dq = run.dq.download(), dk = run.dk.download(), dv = run.dv.download();
 
@@ -854,10 +844,10 @@ TEST(CudaAttentionTiming, DISABLED_Qwen3Heads) {
         {
             MmaRun run(s, in, Precision::BF16);
             DeviceArray<uint16_t> qb(in.q.size()), kb(in.k.size()), vb(in.v.size()), ob(in.q.size()), gb(in.dout.size());
-            qb.upload(bf16_bits(in.q));
-            kb.upload(bf16_bits(in.k));
-            vb.upload(bf16_bits(in.v));
-            gb.upload(bf16_bits(in.dout));
+            qb.upload(bf16_of(in.q));
+            kb.upload(bf16_of(in.k));
+            vb.upload(bf16_of(in.v));
+            gb.upload(bf16_of(in.dout));
             auto fwd = [&] {
                 cudablocks::cuda::attention_forward_mma(qb.ptr, kb.ptr, vb.ptr, ob.ptr, run.lse.ptr, run.cu.ptr,
                                                         s.n_seqs, s.max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale,

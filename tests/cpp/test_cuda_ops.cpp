@@ -214,11 +214,7 @@ Bits download_bits(Env& e, const Buffer& b) {
   return v;
 }
 
-Bits bf16_of(const Vec& v) {
-  Bits out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = float_to_bf16_bits(v[i]);
-  return out;
-}
+using test::bf16_of;
 
 TEST(CudaOps, ToBf16MatchesCpuBitwise) {
   if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
@@ -242,6 +238,17 @@ TEST(CudaOps, ToBf16MatchesCpuBitwise) {
       cuda.backend.to_bf16(xb.data_as<float>() + offset, yb.data_as<std::uint16_t>(), len, cuda.stream);
       const Bits got = download_bits(cuda, yb);
       EXPECT_TRUE(std::equal(got.begin(), got.end(), want.begin() + offset)) << "n " << n << " offset " << offset;
+      // And back (exact), from bf16 at offsets 0 (vectorised) and 1 (the scalar kernel).
+      for (std::int64_t back : {0, 1}) {
+        if (back >= len) continue;
+        Buffer zb = cuda.poisoned(static_cast<std::size_t>(len - back));
+        cuda.backend.from_bf16(yb.data_as<std::uint16_t>() + back, zb.data_as<float>(), len - back, cuda.stream);
+        const Vec wide = cuda.download(zb);
+        for (std::int64_t i = 0; i < len - back; ++i) {
+          ASSERT_EQ(float_to_bits(wide[i]), static_cast<std::uint32_t>(got[back + i]) << 16)
+              << "from_bf16, n " << n << " offset " << offset << " + " << back << " element " << i;
+        }
+      }
     }
   }
 }
@@ -562,22 +569,17 @@ TEST(CudaOps, QkNormRopeMatchesCpu) {
       e.backend.qk_norm_rope_backward(dyb.data_as<float>(), xb.data_as<float>(), wp, rin.data_as<float>(),
                                       dxb.data_as<float>(), dwb.data_as<float>(), pb.data_as<std::int32_t>(), tokens,
                                       rc.heads, rc.head_dim, fb.data_as<float>(), e.stream);
-      // The same ops reading x as bf16: the same values, the same arithmetic.
-      Buffer x16 = upload_bits(e, x_bits), y2 = e.poisoned(n), r2 = e.poisoned(rows), dx2 = e.poisoned(n);
+      // The backward reading x as bf16: the same values, the same arithmetic.
+      Buffer x16 = upload_bits(e, x_bits), r2 = e.poisoned(rows), dx2 = e.poisoned(n);
       Buffer dw2 = e.upload(dw0);
-      e.backend.qk_norm_rope_forward(x16.data_as<std::uint16_t>(), wp, y2.data_as<float>(), r2.data_as<float>(),
-                                     pb.data_as<std::int32_t>(), tokens, rc.heads, rc.head_dim, eps, fb.data_as<float>(),
-                                     e.stream);
       e.backend.qk_norm_rope_backward(dyb.data_as<float>(), x16.data_as<std::uint16_t>(), wp, rin.data_as<float>(),
                                       dx2.data_as<float>(), dw2.data_as<float>(), pb.data_as<std::int32_t>(), tokens,
                                       rc.heads, rc.head_dim, fb.data_as<float>(), e.stream);
       const std::string on = what + " (" + e.backend.name() + ", bf16 x)";
-      expect_same_values(e.download(y2), e.download(yb), on + " y");
-      if (rc.norm) expect_same_values(e.download(r2), rstd, on + " rstd");
       expect_same_values(e.download(dx2), e.download(dxb), on + " dx");
       expect_same_values(e.download(dw2), e.download(dwb), on + " dw");
-      // bf16 y and dx as well (bf16 mode's attention operands; dq, dk without biases): the bf16
-      // rounding of the same fp32 result (one ulp apart at most where the two instantiations contract
+      // The forward from bf16 x to bf16 y, and dx in bf16 (bf16 mode's attention operands; dq, dk
+      // without biases): the bf16 rounding of the same fp32 result (one ulp apart at most where the two instantiations contract
       // an FMA differently, rarely).
       auto expect_rounded = [&](const Buffer& bits16, const Buffer& fp32, const std::string& label) {
         const Bits got = download_bits(e, bits16);
@@ -595,7 +597,8 @@ TEST(CudaOps, QkNormRopeMatchesCpu) {
       e.backend.qk_norm_rope_forward(x16.data_as<std::uint16_t>(), wp, y16.data_as<std::uint16_t>(),
                                      r2.data_as<float>(), pb.data_as<std::int32_t>(), tokens, rc.heads, rc.head_dim,
                                      eps, fb.data_as<float>(), e.stream);
-      expect_rounded(y16, y2, "bf16 y");
+      expect_rounded(y16, yb, "bf16 y");
+      if (rc.norm) expect_same_values(e.download(r2), rstd, on + " rstd");
       Buffer dx16 = upload_bits(e, Bits(n, 0xffff)), dw4 = e.upload(dw0);
       e.backend.qk_norm_rope_backward(dyb.data_as<float>(), x16.data_as<std::uint16_t>(), wp, rin.data_as<float>(),
                                       dx16.data_as<std::uint16_t>(), dw4.data_as<float>(), pb.data_as<std::int32_t>(),

@@ -116,16 +116,13 @@ class Backend {
   virtual void qk_norm_rope_backward(const float* dy, const float* x, const float* w, const float* rstd,
                                      float* dx, float* dw, const std::int32_t* positions, std::int64_t tokens,
                                      int n_heads, int head_dim, const float* inv_freq, const Stream& stream) const = 0;
-  // The same two with x in bf16 (bit patterns, widened exactly): bf16-mode blocks keep q and k
+  // The backward with x in bf16 (bit patterns, widened exactly): bf16-mode blocks keep q and k
   // before the norm in bf16, as their products write them.
-  virtual void qk_norm_rope_forward(const std::uint16_t* x, const float* w, float* y, float* rstd,
-                                    const std::int32_t* positions, std::int64_t tokens, int n_heads,
-                                    int head_dim, float eps, const float* inv_freq, const Stream& stream) const = 0;
   virtual void qk_norm_rope_backward(const float* dy, const std::uint16_t* x, const float* w, const float* rstd,
                                      float* dx, float* dw, const std::int32_t* positions, std::int64_t tokens,
                                      int n_heads, int head_dim, const float* inv_freq, const Stream& stream) const = 0;
-  // The forward with y in bf16 too (rounded to nearest even from the same fp32 result): bf16 mode's
-  // attention reads q and k so.
+  // The forward with x and y in bf16 (x widened exactly, y rounded to nearest even from the same
+  // fp32 result): bf16 mode's attention reads q and k so.
   virtual void qk_norm_rope_forward(const std::uint16_t* x, const float* w, std::uint16_t* y, float* rstd,
                                     const std::int32_t* positions, std::int64_t tokens, int n_heads,
                                     int head_dim, float eps, const float* inv_freq, const Stream& stream) const = 0;

@@ -1,6 +1,5 @@
 // The fp32 decoder block: forward and full backward on the Backend ops (see block.hpp for the
 // math, the parameter layout and what is saved between forward and backward).
-#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -201,12 +200,7 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   const Precision prec = precision_;
 
   // Positions (restarting per sequence) then cu_seqlens, in one upload.
-  std::vector<std::int32_t> idx(static_cast<std::size_t>(T) + batch.cu_seqlens.size());
-  for (std::size_t s = 0; s + 1 < batch.cu_seqlens.size(); ++s) {
-    for (std::int32_t t = batch.cu_seqlens[s]; t < batch.cu_seqlens[s + 1]; ++t) idx[t] = t - batch.cu_seqlens[s];
-  }
-  std::copy(batch.cu_seqlens.begin(), batch.cu_seqlens.end(), idx.begin() + T);
-  upload_indices(idx, stream);
+  upload_indices(position_indices(batch), stream);
   const std::int32_t* positions = indices_.data_as<std::int32_t>();
   const std::int32_t* cu = positions + T;
   const int n_seqs = static_cast<int>(seq_lens.size());

@@ -242,10 +242,7 @@ struct Nf4Block::Impl {
     const std::int64_t n = transposed ? in : out, k = transposed ? out : in;
     dequantize(g);
     if (bf) {
-      if (a16 == nullptr) {
-        be.to_bf16(a, op16, T * k, stream);
-        a16 = op16;
-      }
+      a16 = operand16(a, a16, k);
       const auto* w = reinterpret_cast<const std::uint16_t*>(wscratch);
       if (addend == nullptr) {
         be.gemm_bf16(false, !transposed, T, n, k, 1.0f, a16, w, 0.0f, c, stream);
@@ -262,13 +259,21 @@ struct Nf4Block::Impl {
     }
   }
 
-  // bf16 mode: c16 = a16 W^T, or transposed a16 W, written in bf16 (a16 must not be c16).
-  void product_to_bf16(int group, bool transposed, const std::uint16_t* a16, std::uint16_t* c16) {
+  // bf16 mode: c16 = a W^T, or transposed a W, written in bf16; a16 as for product (it must not be c16).
+  void product_to_bf16(int group, bool transposed, const float* a, const std::uint16_t* a16, std::uint16_t* c16) {
     const Group& g = kGroups[group];
     dequantize(g);
     const std::int64_t n = transposed ? cols(g) : rows(g), k = transposed ? rows(g) : cols(g);
+    a16 = operand16(a, a16, k);
     be.gemm_bf16_to_bf16(false, !transposed, T, n, k, 1.0f, a16, reinterpret_cast<const std::uint16_t*>(wscratch), c16,
                          stream);
+  }
+
+  // The bf16 operand [T, k] of a product: a16 itself, or (nullptr) a converted into op16.
+  const std::uint16_t* operand16(const float* a, const std::uint16_t* a16, std::int64_t k) const {
+    if (a16 != nullptr) return a16;
+    be.to_bf16(a, op16, T * k, stream);
+    return op16;
   }
 
   // The saved attention output as o's adapter reads it: fp32 itself, or (bf16 mode, o adapted) widened
@@ -773,8 +778,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   const float* inv_freq = rope_inv_freq_.data_as<float>();
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
 
-  const std::vector<std::int32_t> idx = position_indices(batch);
-  upload_indices(idx, stream);
+  upload_indices(position_indices(batch), stream);
   const std::int32_t* positions = indices_.data_as<std::int32_t>();
   const std::int32_t* cu = positions + T;
   const int n_seqs = static_cast<int>(seq_lens.size());
@@ -810,7 +814,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
     }
     std::uint16_t* dst16 = reinterpret_cast<std::uint16_t*>(dst);
     if (!m.adapted(group) && b == nullptr) {
-      m.product_to_bf16(group, false, m.op16, dst16);
+      m.product_to_bf16(group, false, nullptr, m.op16, dst16);
       return;
     }
     float* sum = X + sc.d_att;
@@ -847,7 +851,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   // gate_up is saved in bf16 in bf16 mode (written so by its product, or rounded after the adapters).
   std::uint16_t* gate_up16 = reinterpret_cast<std::uint16_t*>(S + sl.gate_up);
   if (gu_bf16_only) {
-    m.product_to_bf16(kGroupGU, false, m.op16, gate_up16);
+    m.product_to_bf16(kGroupGU, false, nullptr, m.op16, gate_up16);
   } else if (m.bf) {
     float* gate_up = X + sc.d_gate_up;
     m.product(kGroupGU, false, g, nullptr, nullptr, gate_up);
@@ -944,8 +948,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   const std::uint16_t* d_act16 = nullptr;
   if (m.bf && !m.adapted(kGroupDown)) {
     auto* dst = reinterpret_cast<std::uint16_t*>(d_act);
-    be.to_bf16(dy, m.op16, T * H, stream);
-    m.product_to_bf16(kGroupDown, true, m.op16, dst);
+    m.product_to_bf16(kGroupDown, true, dy, nullptr, dst);
     d_act16 = dst;
   } else {
     m.product(kGroupDown, true, dy, nullptr, nullptr, d_act);
@@ -975,8 +978,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* d_att = X + sc.d_att;
   const float* d_att_in = d_att;
   if (m.bf && !m.adapted(kGroupO)) {
-    be.to_bf16(dx, m.op16, T * H, stream);
-    m.product_to_bf16(kGroupO, true, m.op16, reinterpret_cast<std::uint16_t*>(d_att));
+    m.product_to_bf16(kGroupO, true, dx, nullptr, reinterpret_cast<std::uint16_t*>(d_att));
   } else {
     m.product(kGroupO, true, dx, nullptr, nullptr, d_att);
     m.lora_dx(kGroupO, d_att);

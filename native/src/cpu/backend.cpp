@@ -119,17 +119,12 @@ class CpuBackend final : public Backend {
                              int head_dim, const float* inv_freq, const Stream&) const override {
     cpu::qk_norm_rope_backward(dy, x, w, rstd, dx, dw, positions, tokens, n_heads, head_dim, inv_freq);
   }
-  void qk_norm_rope_forward(const std::uint16_t* x, const float* w, float* y, float* rstd,
+  void qk_norm_rope_forward(const std::uint16_t* x, const float* w, std::uint16_t* y, float* rstd,
                             const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
                             const float* inv_freq, const Stream&) const override {
     const std::vector<float> x32 = widened(x, tokens * n_heads * head_dim);
-    cpu::qk_norm_rope_forward(x32.data(), w, y, rstd, positions, tokens, n_heads, head_dim, eps, inv_freq);
-  }
-  void qk_norm_rope_forward(const std::uint16_t* x, const float* w, std::uint16_t* y, float* rstd,
-                            const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
-                            const float* inv_freq, const Stream& stream) const override {
-    std::vector<float> y32(static_cast<std::size_t>(tokens * n_heads * head_dim));
-    qk_norm_rope_forward(x, w, y32.data(), rstd, positions, tokens, n_heads, head_dim, eps, inv_freq, stream);
+    std::vector<float> y32(x32.size());
+    cpu::qk_norm_rope_forward(x32.data(), w, y32.data(), rstd, positions, tokens, n_heads, head_dim, eps, inv_freq);
     cpu::to_bf16(y32.data(), y, tokens * n_heads * head_dim);
   }
   void qk_norm_rope_backward(const float* dy, const std::uint16_t* x, const float* w, const float* rstd, float* dx,

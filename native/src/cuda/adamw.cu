@@ -12,6 +12,7 @@
 #include "cuda/bf16_vec.cuh"
 #include "cuda/block_reduce.cuh"
 #include "cuda/check.hpp"
+#include "cuda/device_limits.hpp"
 #include "cuda/scratch.hpp"
 
 namespace cudablocks::cuda {

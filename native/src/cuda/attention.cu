@@ -50,6 +50,7 @@
 //   0.5 MB + 33.5 MB).
 #include "cuda/attention.cuh"
 #include "cuda/attention_shared.cuh"
+#include "cuda/device_limits.hpp"
 #include "cudablocks/errors.hpp"
 
 #include <cmath>
@@ -749,21 +750,14 @@ unsigned tiles_for(const Shape& s) {
 
 template <typename Kernel>
 void prepare_smem(Kernel kernel, size_t bytes, const char* name) {
-    int dev = 0, optin = 0;
-    cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
-    cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-               "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
-    if (bytes > (size_t)optin)
+    const size_t optin = shared_memory_optin();
+    if (bytes > optin)
         throw InvalidArgumentError(std::string("attention (cuda): ") + name + " needs " +
                                     std::to_string(bytes) + " bytes of shared memory per block; this GPU allows " +
                                     std::to_string(optin));
-    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
-               name);
-    // All kernels live on shared memory (loads use cp.async.cg, which bypasses L1): ask for the
-    // largest carveout so that the forward's two blocks per SM fit.
-    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                    (int)cudaSharedmemCarveoutMaxShared),
-               name);
+    // All kernels live on shared memory (loads use cp.async.cg, which bypasses L1): the largest
+    // carveout, so that the forward's two blocks per SM fit.
+    allow_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes, true);
 }
 
 template <int D>
@@ -786,10 +780,7 @@ void launch_forward(const float* q, const float* k, const float* v, float* out, 
 int choose_splits(const Shape& s) {
     const int group = s.n_q_heads / s.n_kv_heads;
     if (group == 1) return 1;
-    int dev = 0, sms = 0;
-    cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
-    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
-               "cudaDeviceGetAttribute(MultiProcessorCount)");
+    const int sms = multiprocessor_count();
     const double nt = (double)tiles_for(s);
     const double seqs = (double)s.total_tokens / (nt * kTile) > 1.0 ? (double)s.total_tokens / (nt * kTile) : 1.0;
     const double items_per_sm = s.n_q_heads * seqs * nt * (nt + 1) / 2 / (sms > 0 ? sms : 1);

@@ -108,6 +108,7 @@
 
 #include "cuda/attention.cuh"
 #include "cuda/check.hpp"
+#include "cuda/device_limits.hpp"
 #include "cuda/scratch.hpp"
 #include "cuda/to_bf16.cuh"
 
@@ -1160,6 +1161,19 @@ void check_aligned(const void* p, const char* name) {
     if (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 != 0)
         fail(std::string(name) + " must be a non-null, 16-byte aligned device pointer");
 }
+// The pointer checks of the forward and the backward entry points (fp32 and bf16 tensors alike).
+void check_forward_args(const void* q, const void* k, const void* v, const void* out, const float* lse) {
+    for (const auto& [p, name] : {std::pair<const void*, const char*>{q, "q"}, {k, "k"}, {v, "v"}, {out, "out"}})
+        check_aligned(p, name);
+    if (lse == nullptr) fail("lse is null");
+}
+void check_backward_args(const void* q, const void* k, const void* v, const void* out, const void* dout,
+                         const float* lse, const float* dq, const float* dk, const float* dv, const float* workspace) {
+    check_forward_args(q, k, v, out, lse);
+    for (const auto& [p, name] : {std::pair<const void*, const char*>{dout, "dout"}, {dq, "dq"}, {dk, "dk"},
+                                  {dv, "dv"}, {workspace, "workspace"}})
+        check_aligned(p, name);
+}
 
 // Validates the host-visible arguments. Returns false when there is nothing to compute.
 bool check_shape(const Shape& s, const int32_t* cu_seqlens) {
@@ -1184,34 +1198,25 @@ unsigned tiles_for(const Shape& s) {
     return (unsigned)(t > 65535 ? 65535 : t);
 }
 
-size_t smem_optin() {
-    int dev = 0, optin = 0;
-    CUDABLOCKS_CUDA_CHECK(cudaGetDevice(&dev));
-    CUDABLOCKS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    return (size_t)optin;
-}
-
 // Whether this GPU gives a block enough shared memory for the tensor-core kernels of (Op, D); when
 // not (tf32 at D = 128 on A100: the backward needs 213 KB), the fp32 kernels run instead.
 template <class Op, int D, class In = float>
 bool mma_fits_forward(const Shape& s) {
     const bool hpb2 = (s.n_q_heads / s.n_kv_heads) % 2 == 0;
-    return (hpb2 ? forward_smem<Op, D, 2, In>() : forward_smem<Op, D, 1, In>()) <= smem_optin();
+    return (hpb2 ? forward_smem<Op, D, 2, In>() : forward_smem<Op, D, 1, In>()) <= shared_memory_optin();
 }
 template <class Op, int D, bool ASYNC, bool DQ_ASYNC, class In = float>
 bool mma_fits_backward() {
-    return std::max(dkdv_smem<Op, D, ASYNC, In>(), dq_smem<Op, D, DQ_ASYNC, In>()) <= smem_optin();
+    return std::max(dkdv_smem<Op, D, ASYNC, In>(), dq_smem<Op, D, DQ_ASYNC, In>()) <= shared_memory_optin();
 }
 
 template <typename Kernel>
 void prepare_smem(Kernel kernel, size_t bytes) {
-    const size_t optin = smem_optin();
+    const size_t optin = shared_memory_optin();
     if (bytes > optin)
         fail("needs " + std::to_string(bytes) + " bytes of shared memory per block; this GPU allows " +
              std::to_string(optin));
-    CUDABLOCKS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-    CUDABLOCKS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                               (int)cudaSharedmemCarveoutMaxShared));
+    allow_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes, true);
 }
 
 template <class Op, int D, int HPB, class In>
@@ -1245,9 +1250,8 @@ template <typename Kernel>
 int choose_splits(Kernel kernel, size_t smem, const Shape& s) {
     const int group = s.n_q_heads / s.n_kv_heads;
     if (group == 1) return 1;
-    int dev = 0, sms = 0, per_sm = 0;
-    CUDABLOCKS_CUDA_CHECK(cudaGetDevice(&dev));
-    CUDABLOCKS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    const int sms = multiprocessor_count();
+    int per_sm = 0;
     CUDABLOCKS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
     const double slots = (double)(sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
     const double nt = (double)tiles_for(s);
@@ -1361,11 +1365,7 @@ void attention_forward_mma(const float* q, const float* k, const float* v, float
     }
     const Shape s{n_seqs, max_seqlen, total_tokens, n_q_heads, n_kv_heads, head_dim};
     if (!check_shape(s, cu_seqlens)) return;
-    check_aligned(q, "q");
-    check_aligned(k, "k");
-    check_aligned(v, "v");
-    check_aligned(out, "out");
-    if (lse == nullptr) fail("lse is null");
+    check_forward_args(q, k, v, out, lse);
     const bool bf16 = precision == Precision::BF16;
     const bool fits = head_dim == 128 ? (bf16 ? mma_fits_forward<Bf16Op, 128>(s) : mma_fits_forward<Tf32Op, 128>(s))
                                       : (bf16 ? mma_fits_forward<Bf16Op, 64>(s) : mma_fits_forward<Tf32Op, 64>(s));
@@ -1435,11 +1435,7 @@ void attention_forward_mma(const std::uint16_t* q, const std::uint16_t* k, const
         to_bf16(w.out, out, total_tokens * n_q_heads * head_dim, stream);
         return;
     }
-    check_aligned(q, "q");
-    check_aligned(k, "k");
-    check_aligned(v, "v");
-    check_aligned(out, "out");
-    if (lse == nullptr) fail("lse is null");
+    check_forward_args(q, k, v, out, lse);
     if (head_dim == 128) launch_forward<Bf16Op, 128>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
     else launch_forward<Bf16Op, 64>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
 }
@@ -1458,10 +1454,7 @@ void attention_backward_mma(const std::uint16_t* q, const std::uint16_t* k, cons
                                total_tokens, n_q_heads, n_kv_heads, head_dim, scale, Precision::BF16, stream);
         return;
     }
-    for (const auto& [p, name] : {std::pair<const void*, const char*>{q, "q"}, {k, "k"}, {v, "v"}, {out, "out"},
-                                  {dout, "dout"}, {dq, "dq"}, {dk, "dk"}, {dv, "dv"}, {workspace, "workspace"}})
-        check_aligned(p, name);
-    if (lse == nullptr) fail("lse is null");
+    check_backward_args(q, k, v, out, dout, lse, dq, dk, dv, workspace);
     // The bf16 tiles are copies (half the bytes, no conversion, no landing tiles), double-buffered
     // with cp.async: the dK/dV pass's Q, dO and the dQ pass's K, V (DQ_ASYNC).
     if (head_dim == 128)
@@ -1487,16 +1480,7 @@ void attention_backward_mma_with_splits(const float* q, const float* k, const fl
     }
     const Shape s{n_seqs, max_seqlen, total_tokens, n_q_heads, n_kv_heads, head_dim};
     if (!check_shape(s, cu_seqlens)) return;
-    check_aligned(q, "q");
-    check_aligned(k, "k");
-    check_aligned(v, "v");
-    check_aligned(out, "out");
-    check_aligned(dout, "dout");
-    check_aligned(dq, "dq");
-    check_aligned(dk, "dk");
-    check_aligned(dv, "dv");
-    check_aligned(workspace, "workspace");
-    if (lse == nullptr) fail("lse is null");
+    check_backward_args(q, k, v, out, dout, lse, dq, dk, dv, workspace);
     const int group = n_q_heads / n_kv_heads;
     if (kv_splits < 0 || kv_splits > group)
         fail("kv_splits must be in [0, " + std::to_string(group) + "], got " + std::to_string(kv_splits));

@@ -109,11 +109,6 @@ class CudaBackend final : public Backend {
                              const float* inv_freq, const Stream& stream) const override {
     cuda::qk_norm_rope_backward(dy, x, w, rstd, dx, dw, positions, tokens, n_heads, head_dim, inv_freq, native(stream));
   }
-  void qk_norm_rope_forward(const std::uint16_t* x, const float* w, float* y, float* rstd,
-                            const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
-                            const float* inv_freq, const Stream& stream) const override {
-    cuda::qk_norm_rope_forward(x, w, y, rstd, positions, tokens, n_heads, head_dim, eps, inv_freq, native(stream));
-  }
   void qk_norm_rope_forward(const std::uint16_t* x, const float* w, std::uint16_t* y, float* rstd,
                             const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
                             const float* inv_freq, const Stream& stream) const override {

@@ -12,6 +12,7 @@
 
 #include "cuda/block_reduce.cuh"
 #include "cuda/check.hpp"
+#include "cuda/device_limits.hpp"
 #include "cuda/scratch.hpp"
 
 namespace cudablocks::cuda {

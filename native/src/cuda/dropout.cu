@@ -7,6 +7,7 @@
 
 #include "core/dropout_hash.hpp"
 #include "cuda/check.hpp"
+#include "cuda/device_limits.hpp"
 #include "cuda/scratch.hpp"
 
 namespace cudablocks::cuda {

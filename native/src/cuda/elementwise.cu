@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cuda/check.hpp"
+#include "cuda/device_limits.hpp"
 #include "cuda/scratch.hpp"
 
 namespace cudablocks::cuda {

@@ -48,17 +48,26 @@ void scale_c(std::int64_t m, std::int64_t n, float beta, float* c, cudaStream_t 
   }
 }
 
-// The shared cublasGemmEx call (see the top of this file for the row-major mapping).
+// The row-major mapping onto column-major cuBLAS (see the top of this file): B comes first, and
+// each operand's op and stored row length.
+struct ColumnMajor {
+  cublasOperation_t op_a, op_b;
+  int ld_a, ld_b;
+  ColumnMajor(bool trans_a, bool trans_b, int M, int N, int K)
+      : op_a(trans_a ? CUBLAS_OP_T : CUBLAS_OP_N),
+        op_b(trans_b ? CUBLAS_OP_T : CUBLAS_OP_N),
+        ld_a(trans_a ? M : K),
+        ld_b(trans_b ? K : N) {}
+};
+
+// The shared cublasGemmEx call.
 void gemm_ex(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const void* a, const void* b,
              cudaDataType_t ab_type, float beta, void* c, cudaDataType_t c_type, cublasComputeType_t compute,
              cudaStream_t stream) {
   CublasCall call(stream);
-  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const int ld_b = trans_b ? K : N;  // row length of B as stored
-  const int ld_a = trans_a ? M : K;  // row length of A as stored
-  CUDABLOCKS_CUBLAS_CHECK(cublasGemmEx(call.handle(), op_b, op_a, N, M, K, &alpha, b, ab_type, ld_b, a, ab_type, ld_a,
-                                       &beta, c, c_type, N, compute, CUBLAS_GEMM_DEFAULT));
+  const ColumnMajor cm(trans_a, trans_b, M, N, K);
+  CUDABLOCKS_CUBLAS_CHECK(cublasGemmEx(call.handle(), cm.op_b, cm.op_a, N, M, K, &alpha, b, ab_type, cm.ld_b, a,
+                                       ab_type, cm.ld_a, &beta, c, c_type, N, compute, CUBLAS_GEMM_DEFAULT));
 }
 
 // ---- cuBLASLt: D = alpha op(A) op(B) + C with C and D distinct (cublasGemmEx has one C) ----
@@ -100,17 +109,17 @@ std::map<AlgoKey, std::optional<cublasLtMatmulAlgo_t>>& algo_cache() {
 bool lt_gemm_add(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const void* a, const void* b,
                  cudaDataType_t ab_type, const float* c, float* d, cublasComputeType_t compute, cudaStream_t stream) {
   CublasCall call(stream);
-  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const int ld_b = trans_b ? K : N, ld_a = trans_a ? M : K;
+  const ColumnMajor cm(trans_a, trans_b, M, N, K);
   MatmulDesc desc;
   CUDABLOCKS_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc.value, compute, CUDA_R_32F));
-  CUDABLOCKS_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.value, CUBLASLT_MATMUL_DESC_TRANSA, &op_b, sizeof(op_b)));
-  CUDABLOCKS_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.value, CUBLASLT_MATMUL_DESC_TRANSB, &op_a, sizeof(op_a)));
+  CUDABLOCKS_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(desc.value, CUBLASLT_MATMUL_DESC_TRANSA, &cm.op_b, sizeof(cm.op_b)));
+  CUDABLOCKS_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(desc.value, CUBLASLT_MATMUL_DESC_TRANSB, &cm.op_a, sizeof(cm.op_a)));
   // Column-major: D^T [N, M] = op(B)^T [N, K] op(A)^T [K, M]; layouts give each matrix as stored.
   Layout lb, la, lc;
-  CUDABLOCKS_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb.value, ab_type, trans_b ? K : N, trans_b ? N : K, ld_b));
-  CUDABLOCKS_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la.value, ab_type, trans_a ? M : K, trans_a ? K : M, ld_a));
+  CUDABLOCKS_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb.value, ab_type, trans_b ? K : N, trans_b ? N : K, cm.ld_b));
+  CUDABLOCKS_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la.value, ab_type, trans_a ? M : K, trans_a ? K : M, cm.ld_a));
   CUDABLOCKS_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc.value, CUDA_R_32F, N, M, N));
 
   const int align_b = alignment(b), align_a = alignment(a), align_c = alignment(c), align_d = alignment(d);

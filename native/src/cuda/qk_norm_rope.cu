@@ -30,6 +30,7 @@
 #include "cuda/bias.cuh"
 #include "cuda/block_reduce.cuh"
 #include "cuda/check.hpp"
+#include "cuda/device_limits.hpp"
 #include "cuda/scratch.hpp"
 #include "cudablocks/errors.hpp"
 
@@ -344,12 +345,6 @@ void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd,
                           cudaStream_t stream) {
   forward(x, w, y, rstd, positions, tokens, n_heads, head_dim, eps, inv_freq, stream);
 }
-void qk_norm_rope_forward(const std::uint16_t* x, const float* w, float* y, float* rstd,
-                          const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
-                          const float* inv_freq, cudaStream_t stream) {
-  forward(x, w, y, rstd, positions, tokens, n_heads, head_dim, eps, inv_freq, stream);
-}
-
 void qk_norm_rope_forward(const std::uint16_t* x, const float* w, std::uint16_t* y, float* rstd,
                           const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
                           const float* inv_freq, cudaStream_t stream) {

@@ -17,9 +17,6 @@ namespace cudablocks::cuda {
 void qk_norm_rope_forward(const float* x, const float* w, float* y, float* rstd, const std::int32_t* positions,
                           std::int64_t tokens, int n_heads, int head_dim, float eps, const float* inv_freq,
                           cudaStream_t stream);
-void qk_norm_rope_forward(const std::uint16_t* x, const float* w, float* y, float* rstd,
-                          const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,
-                          const float* inv_freq, cudaStream_t stream);
 // bf16 x and y: y rounded to nearest even from the same fp32 result (bf16 mode's attention operands).
 void qk_norm_rope_forward(const std::uint16_t* x, const float* w, std::uint16_t* y, float* rstd,
                           const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, float eps,

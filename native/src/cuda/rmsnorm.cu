@@ -15,6 +15,7 @@
 //   Extra traffic: blocks * cols * 8 bytes; with >= 4 rows per block and <= 4 blocks per SM that is
 //   at most ~1/6 of the main pass (850 rows), negligible at thousands of rows.
 #include "cuda/check.hpp"
+#include "cuda/device_limits.hpp"
 #include "cuda/rmsnorm.cuh"
 #include "cuda/bf16_vec.cuh"
 #include "cuda/bias.cuh"
@@ -176,9 +177,7 @@ void rmsnorm_backward(const float* dy, const float* x, const float* w, const flo
   if (take_dw) scratch.emplace(sizeof(float) * static_cast<std::size_t>(blocks * cols), stream);
   float* partials = take_dw ? scratch->get<float>() : nullptr;
   auto launch = [&](auto kernel) {
-    if (smem > 48 * 1024) {
-      CUDABLOCKS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    }
+    if (smem > 48 * 1024) allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, false);
     kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(dy, x, w, rstd, residual, dx, partials, rows,
                                                                       cols);
     CUDABLOCKS_CHECK_LAUNCH("rmsnorm_backward_kernel");

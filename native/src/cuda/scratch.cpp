@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "cuda/check.hpp"
+#include "cuda/device_limits.hpp"
 #include "cudablocks/device.hpp"
 #include "cudablocks/memory.hpp"
 
@@ -25,12 +26,6 @@ struct Table {
 Table& table() {
   static Table* t = new Table;  // leaked on purpose (see scratch.hpp)
   return *t;
-}
-
-int current_device_index() {
-  int device = 0;
-  CUDABLOCKS_CUDA_CHECK(cudaGetDevice(&device));
-  return device;
 }
 
 }  // namespace
@@ -57,19 +52,6 @@ ScratchLease::ScratchLease(std::size_t bytes, cudaStream_t stream) {
     entry->allocation = Allocation::create(Device(DeviceType::CUDA, device), rounded);
   }
   data_ = entry->allocation->data();
-}
-
-int multiprocessor_count() {
-  static std::mutex mutex;
-  static std::map<int, int>* counts = new std::map<int, int>;  // leaked on purpose
-  const int device = current_device_index();
-  std::lock_guard<std::mutex> guard(mutex);
-  auto it = counts->find(device);
-  if (it != counts->end()) return it->second;
-  int sms = 0;
-  CUDABLOCKS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  (*counts)[device] = sms;
-  return sms;
 }
 
 }  // namespace cudablocks::cuda

@@ -47,7 +47,4 @@ class ScratchLease {
   void* data_ = nullptr;
 };
 
-// Number of multiprocessors of the current device (cached per device): sizes grids.
-int multiprocessor_count();
-
 }  // namespace cudablocks::cuda

@@ -1,7 +1,7 @@
-// fp32 -> bf16 conversion of GEMM operands. Bytes: read 4, write 2 per element, no FLOPs:
-// memory-bound (a [4096, 2560] activation: 63 MB, ~15 us at 4 TB/s). float4 loads and 8-byte
-// stores over the bulk when x is 16-byte and y 8-byte aligned, the < 4 leftover elements by the
-// first threads; scalar otherwise. __float2bfloat16_rn rounds to nearest even like the CPU's
+// fp32 -> bf16 conversion of GEMM operands, and its exact inverse. Bytes: 4 + 2 per element, no
+// FLOPs: memory-bound (a [4096, 2560] activation: 63 MB, ~15 us at 4 TB/s). 16-byte fp32 and
+// 8-byte bf16 accesses over the bulk when both buffers are aligned for them, the < 4 leftover
+// elements by the first threads; scalar otherwise. __float2bfloat16_rn rounds to nearest even like the CPU's
 // float_to_bf16_bits (they differ only in the payload of a NaN).
 #include "cuda/to_bf16.cuh"
 
@@ -9,6 +9,7 @@
 
 #include "cuda/bf16_vec.cuh"
 #include "cuda/check.hpp"
+#include "cuda/device_limits.hpp"
 #include "cuda/scratch.hpp"
 
 namespace cudablocks::cuda {
@@ -17,36 +18,26 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void __launch_bounds__(kThreads) to_bf16_vec4_kernel(const float* __restrict__ x, std::uint16_t* __restrict__ y,
-                                                           std::int64_t n) {
+// y = x converted (fp32 -> bf16 or bf16 -> fp32, through bf16_vec.cuh's load_vec / store_vec):
+// four elements per step over the bulk, the < 4 leftover elements by the first threads.
+template <typename In, typename Out>
+__global__ void __launch_bounds__(kThreads) convert_vec4_kernel(const In* __restrict__ x, Out* __restrict__ y,
+                                                                std::int64_t n) {
   const std::int64_t n4 = n / 4;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * kThreads;
   const std::int64_t first = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const float4* x4 = reinterpret_cast<const float4*>(x);
-  uint2* y4 = reinterpret_cast<uint2*>(y);
-  for (std::int64_t i = first; i < n4; i += stride) {
-    const float4 v = x4[i];
-    y4[i] = pack_bf16x4(v);
-  }
+  for (std::int64_t i = first; i < n4; i += stride) store_vec(y, i, load_vec<float4>(x, i));
   const std::int64_t tail = 4 * n4 + first;
-  if (tail < n) y[tail] = bf16_bits(x[tail]);
+  if (tail < n) store_vec(y, tail, load_vec<float>(x, tail));
 }
 
-__global__ void __launch_bounds__(kThreads) to_bf16_scalar_kernel(const float* __restrict__ x,
-                                                             std::uint16_t* __restrict__ y, std::int64_t n) {
+// The same one element per thread, for buffers not aligned for the vector accesses.
+template <typename In, typename Out>
+__global__ void __launch_bounds__(kThreads) convert_scalar_kernel(const In* __restrict__ x, Out* __restrict__ y,
+                                                                  std::int64_t n) {
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * kThreads;
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
-    y[i] = bf16_bits(x[i]);
-  }
-}
-
-// y[i] = float(x[i]): exact; the fallback of the bf16-input attention where no tensor-core kernel
-// serves (rare head dims), so one element per thread is enough.
-__global__ void __launch_bounds__(kThreads) from_bf16_kernel(const std::uint16_t* __restrict__ x,
-                                                             float* __restrict__ y, std::int64_t n) {
-  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * kThreads;
-  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
-    y[i] = bf16_to_float(x[i]);
+    store_vec(y, i, load_vec<float>(x, i));
   }
 }
 
@@ -57,23 +48,25 @@ unsigned grid_for(std::int64_t work) {
 
 bool aligned(const void* p, unsigned bytes) { return (reinterpret_cast<std::uintptr_t>(p) & (bytes - 1)) == 0; }
 
-}  // namespace
-
-void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, cudaStream_t stream) {
+template <typename In, typename Out>
+void convert(const In* x, Out* y, std::int64_t n, cudaStream_t stream) {
   if (n == 0) return;
-  if (aligned(x, 16) && aligned(y, 8)) {
-    to_bf16_vec4_kernel<<<grid_for(std::max<std::int64_t>(n / 4, 1)), kThreads, 0, stream>>>(x, y, n);
-    CUDABLOCKS_CHECK_LAUNCH("to_bf16_vec4_kernel");
+  // float4 <-> 4 bf16 (8 bytes) per vector access.
+  if (aligned(x, 4 * sizeof(In)) && aligned(y, 4 * sizeof(Out))) {
+    convert_vec4_kernel<<<grid_for(std::max<std::int64_t>(n / 4, 1)), kThreads, 0, stream>>>(x, y, n);
+    CUDABLOCKS_CHECK_LAUNCH("convert_vec4_kernel");
   } else {
-    to_bf16_scalar_kernel<<<grid_for(n), kThreads, 0, stream>>>(x, y, n);
-    CUDABLOCKS_CHECK_LAUNCH("to_bf16_scalar_kernel");
+    convert_scalar_kernel<<<grid_for(n), kThreads, 0, stream>>>(x, y, n);
+    CUDABLOCKS_CHECK_LAUNCH("convert_scalar_kernel");
   }
 }
 
-void from_bf16(const std::uint16_t* x, float* y, std::int64_t n, cudaStream_t stream) {
-  if (n == 0) return;
-  from_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(x, y, n);
-  CUDABLOCKS_CHECK_LAUNCH("from_bf16_kernel");
-}
+}  // namespace
+
+void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, cudaStream_t stream) { convert(x, y, n, stream); }
+
+// Exact. Used by the bf16-input attention's fallback (rare head dims) and, every step, by an nf4
+// block whose o projection has an adapter (the adapter reads att in fp32).
+void from_bf16(const std::uint16_t* x, float* y, std::int64_t n, cudaStream_t stream) { convert(x, y, n, stream); }
 
 }  // namespace cudablocks::cuda

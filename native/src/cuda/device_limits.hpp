@@ -1,0 +1,22 @@
+// Facts of the current device that launches depend on, and the per-kernel attributes that let a
+// launch use more than 48 KB of dynamic shared memory. Each is queried or set once per device (and
+// kernel) and cached, not at every launch: these sit on the hot path of every op.
+#pragma once
+
+#include <cstddef>
+
+namespace cudablocks::cuda {
+
+// The current device's index (cudaGetDevice, checked).
+int current_device_index();
+// Number of multiprocessors: sizes grids.
+int multiprocessor_count();
+// The most dynamic shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+std::size_t shared_memory_optin();
+// Lets `kernel` launch with `bytes` of dynamic shared memory on the current device; with
+// prefer_shared also asks for the largest shared-memory carveout (kernels that live on shared
+// memory, so that two blocks fit per multiprocessor). The caller checks bytes against
+// shared_memory_optin() first. The attributes are set again only for a larger size.
+void allow_dynamic_smem(const void* kernel, std::size_t bytes, bool prefer_shared);
+
+}  // namespace cudablocks::cuda
