@@ -46,11 +46,14 @@
 //   rstd_k n_kv (with qk_norm), rstd1 1, rstd2 1. In bf16 mode q_raw, k_raw, v, att and gate_up are
 //   bf16 (half the floats), and so are q_rot, k_rot and d_att in the scratch: attention reads bf16
 //   q, k, v and dout, and writes att in bf16 (the o projection's operand).
-// Recomputed in the backward instead of kept: h and g (one RMSNorm each), q_rot and k_rot (one
-// QK-norm+RoPE each), act (one SwiGLU) — all cheap elementwise passes. x itself is not kept: the
-// caller passes it again. saved_bytes_per_token() reports the total; for Qwen3-4B
-// (H 2560, 32/8 heads x 128, I 9728) it is 129,320 bytes (about 126 KiB) per token in fp32 and
-// tf32, 69,928 bytes (about 68 KiB) in bf16.
+// The products' operands h and g (one RMSNorm each), q_rot and k_rot (one QK-norm+RoPE each) and
+// act (one SwiGLU) are recomputed by the backward in fp32 and tf32, where they are fp32 and those
+// passes are a small share of the step. bf16 mode keeps them in bf16 as the forward wrote them
+// (H + H + I + n_q d + n_kv d values, 2 bytes each): recomputing them cost about 3% of a Qwen3-4B
+// block's forward+backward there. x itself is not kept: the caller passes it again.
+// saved_bytes_per_token() reports the total; for Qwen3-4B (H 2560, 32/8 heads x 128, I 9728) it
+// is 129,320 bytes (about 126 KiB) per token in fp32 and tf32, 109,864 bytes (about 107 KiB) in
+// bf16 (69,928 of saved activations + 39,936 of kept operands).
 // Transient scratch (dead outside a call) is a second allocation: scratch_bytes_per_token()
 // (Qwen3-4B: 126,976 bytes per token + the CUDA attention backward's workspace, 8,320 bytes).
 //

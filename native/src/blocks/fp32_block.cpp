@@ -61,6 +61,50 @@ struct Products {
   }
 };
 
+// bf16 mode only: the products' bf16 operands that the forward computes anyway, kept after the
+// saved activations (SavedLayout) so that the backward reads them instead of recomputing them
+// (offsets in bf16 elements from the end of SavedLayout): h and g [T, H] (two RMSNorms), act [T, I]
+// (one SwiGLU, the largest pass: it reads gate_up [T, 2 I]), q_rot [T, n_q d] and k_rot [T, n_kv d]
+// (two QK-norm+RoPE passes). Qwen3-4B: 19,968 values, 39,936 bytes per token.
+struct KeptOperands {
+  std::int64_t h, g, act, q_rot, k_rot, total;
+  KeptOperands(const TransformerConfig& c, std::int64_t t) {
+    Widths w(c);
+    Segments s;  // kAlign elements apart: 128-byte aligned, as in Bf16ScratchLayout
+    h = s.add(t, w.H);
+    g = s.add(t, w.H);
+    act = s.add(t, w.I);
+    q_rot = s.add(t, w.q);
+    k_rot = s.add(t, w.kv);
+    total = s.at;
+  }
+  static std::int64_t elements_per_token(const TransformerConfig& c) {
+    Widths w(c);
+    return 2 * w.H + w.I + w.q + w.kv;
+  }
+};
+
+// The kept operands of one call: bf16 pointers into the saved memory in bf16 mode (nullptr
+// otherwise, where they are recomputed in fp32 into the scratch instead).
+struct Kept {
+  KeptOperands layout;
+  std::uint16_t* base;
+  Kept(const Products& mm, float* saved, const SavedLayout& sl, const TransformerConfig& c, std::int64_t t)
+      : layout(c, t), base(mm.bf16() ? reinterpret_cast<std::uint16_t*>(saved + sl.total) : nullptr) {}
+  std::uint16_t* at(std::int64_t offset) const { return base != nullptr ? base + offset : nullptr; }
+  // QK-norm+RoPE's output as the helpers pass it (fp32 pointer type, bf16 bits in bf16 mode):
+  // the kept slot in bf16 mode, else `scratch`.
+  float* rotated(std::int64_t offset, float* scratch) const {
+    return base != nullptr ? reinterpret_cast<float*>(base + offset) : scratch;
+  }
+};
+
+// Floats of saved memory per max_tokens rows (with bf16 mode's kept operands).
+std::int64_t saved_floats(const TransformerConfig& c, std::int64_t t, Precision precision) {
+  const std::int64_t saved = SavedLayout(c, t, precision).total;
+  return precision == Precision::BF16 ? saved + (KeptOperands(c, t).total + 1) / 2 : saved;
+}
+
 }  // namespace
 
 // ---- construction -----------------------------------------------------------------------------
@@ -114,7 +158,7 @@ std::shared_ptr<Fp32Block> Fp32Block::create(const TransformerConfig& config, in
                                                               static_cast<int>(config.head_dim));
   block->params_ = Buffer::empty({layout->total_floats()}, DType::Float32, device);
   ActivationNeeds needs;
-  needs.saved = SavedLayout(config, max_tokens, precision).total * static_cast<std::int64_t>(sizeof(float));
+  needs.saved = saved_floats(config, max_tokens, precision) * static_cast<std::int64_t>(sizeof(float));
   needs.scratch = ScratchLayout(config, max_tokens, block->attn_ws_floats_).total * static_cast<std::int64_t>(sizeof(float));
   if (precision == Precision::BF16) {
     block->params_bf16_ = Buffer::empty({layout->total_floats()}, DType::BFloat16, device);
@@ -139,7 +183,8 @@ std::shared_ptr<Fp32Block> Fp32Block::create(const TransformerConfig& config, in
 }
 
 std::int64_t Fp32Block::saved_bytes_per_token() const {
-  return SavedLayout::floats_per_token(config_, precision_) * static_cast<std::int64_t>(sizeof(float));
+  const std::int64_t bytes = SavedLayout::floats_per_token(config_, precision_) * static_cast<std::int64_t>(sizeof(float));
+  return precision_ == Precision::BF16 ? bytes + 2 * KeptOperands::elements_per_token(config_) : bytes;
 }
 
 std::int64_t Fp32Block::scratch_bytes_per_token() const {
@@ -217,12 +262,13 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   float* y = out.data_as<float>();
   const Products mm{be, prec, stream, params_bf16_.data_as<std::uint16_t>(), mem.scratch_bf16()};
   const Bf16ScratchLayout bl(c, max_tokens_);
+  const Kept kept(mm, S, sl, c, max_tokens_);
   const std::uint16_t* wq16 = mm.w16(pl.wqkv);
   const std::uint16_t* wk16 = mm.w16(pl.wqkv + q * H);
   const std::uint16_t* wv16 = mm.w16(pl.wqkv + (q + kv) * H);
 
   float* h = X + sc.sh;
-  std::uint16_t* h16 = mm.s16(bl.a);
+  std::uint16_t* h16 = kept.at(kept.layout.h);
   mm.rmsnorm(xin, W + pl.ln_in, h, h16, S + sl.rstd1, T, H, eps);
   const float* bias = pl.bqkv >= 0 ? W + pl.bqkv : nullptr;
   // q and k (before the norm) and v into their saved slots: fp32, or in bf16 mode bf16 as the
@@ -248,22 +294,24 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   project_raw(wk, wk16, bias != nullptr ? bias + q : nullptr, kv, S + sl.k_raw);
   project_raw(wv, wv16, bias != nullptr ? bias + q + kv : nullptr, kv, S + sl.v);
   const bool qkn = c.qk_norm;
-  qk_norm_rope_forward_saved(be, prec, S + sl.q_raw, qkn ? W + pl.q_norm : nullptr, X + sc.q_rot,
+  float* q_rot = kept.rotated(kept.layout.q_rot, X + sc.q_rot);
+  float* k_rot = kept.rotated(kept.layout.k_rot, X + sc.k_rot);
+  qk_norm_rope_forward_saved(be, prec, S + sl.q_raw, qkn ? W + pl.q_norm : nullptr, q_rot,
                              qkn ? S + sl.rstd_q : nullptr, positions, T, nq, static_cast<int>(d), eps, inv_freq, stream);
-  qk_norm_rope_forward_saved(be, prec, S + sl.k_raw, qkn ? W + pl.k_norm : nullptr, X + sc.k_rot,
+  qk_norm_rope_forward_saved(be, prec, S + sl.k_raw, qkn ? W + pl.k_norm : nullptr, k_rot,
                              qkn ? S + sl.rstd_k : nullptr, positions, T, nkv, static_cast<int>(d), eps, inv_freq,
                              stream);
   const AttentionShape attn{cu, n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale};
-  attention_forward_saved(be, prec, X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, attn, stream);
+  attention_forward_saved(be, prec, q_rot, k_rot, S + sl.v, S + sl.att, S + sl.lse, attn, stream);
   float* r = S + sl.r;
   const std::uint16_t* att16 = saved_bf16(prec, S + sl.att);  // bf16 mode: attention wrote att in bf16
   mm.gemm_add(T, H, q, S + sl.att, att16, W + pl.wo, mm.w16(pl.wo), xin, r);  // r = x + att Wo^T
   if (pl.bo >= 0) be.add_bias(r, W + pl.bo, T, H, stream);
   float* g = X + sc.sh;
-  std::uint16_t* g16 = mm.s16(bl.a);
+  std::uint16_t* g16 = kept.at(kept.layout.g);
   mm.rmsnorm(r, W + pl.ln_post, g, g16, S + sl.rstd2, T, H, eps);
   float* act = X + sc.act;
-  std::uint16_t* act16 = mm.s16(bl.b);
+  std::uint16_t* act16 = kept.at(kept.layout.act);
   if (mm.bf16()) {
     std::uint16_t* gate_up16 = reinterpret_cast<std::uint16_t*>(S + sl.gate_up);
     be.gemm_bf16_to_bf16(false, true, T, 2 * I, H, 1.0f, g16, mm.w16(pl.w_gate_up), gate_up16, stream);
@@ -333,16 +381,16 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   const Products mm{be, prec, stream, params_bf16_.data_as<std::uint16_t>(), mem.scratch_bf16()};
   const Bf16ScratchLayout bl(c, max_tokens_);
 
-  // MLP: out = r + swiglu(g Wgu^T) Wdown^T.
+  // MLP: out = r + swiglu(g Wgu^T) Wdown^T. g and act: kept by the forward in bf16 mode,
+  // recomputed otherwise.
+  const Kept kept(mm, S, sl, c, max_tokens_);
   float* g = X + sc.sh;
-  std::uint16_t* g16 = mm.s16(bl.a);
-  mm.rmsnorm(r, W + pl.ln_post, g, g16, nullptr, T, H, eps);
+  const std::uint16_t* g16 = kept.at(kept.layout.g);
   float* act = X + sc.act;
-  std::uint16_t* act16 = mm.s16(bl.b);
+  const std::uint16_t* act16 = kept.at(kept.layout.act);
   const std::uint16_t* gate_up16 = reinterpret_cast<const std::uint16_t*>(S + sl.gate_up);  // bf16 mode
-  if (mm.bf16()) {
-    be.swiglu_forward(gate_up16, act16, T, I, stream);
-  } else {
+  if (!mm.bf16()) {
+    be.rmsnorm_forward(r, W + pl.ln_post, g, nullptr, T, H, eps, stream);
     be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
   }
   std::uint16_t* dy16 = mm.s16(bl.c);
@@ -352,7 +400,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   // backward reads it.
   float* d_act = act;
   float* d_gu = X + sc.d_gate_up;
-  std::uint16_t* d_gu16 = mm.s16(bl.b);  // act16 is dead once dWdown is queued
+  std::uint16_t* d_gu16 = mm.s16(bl.b);
   if (mm.bf16()) {
     auto* d_act16 = reinterpret_cast<std::uint16_t*>(d_act);
     be.gemm_bf16_to_bf16(false, false, T, I, H, 1.0f, dy16, mm.w16(pl.w_down), d_act16, stream);
@@ -382,22 +430,24 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
     mm.gemm(false, false, T, q, H, dx, nullptr, W + pl.wo, nullptr, 0.0f, d_att);
   }
   const bool qkn = c.qk_norm;
-  float* q_rot = X + sc.q_rot;
-  float* k_rot = X + sc.k_rot;
-  // Recompute the rotated q and k (their rstd values are rewritten with the same numbers).
-  qk_norm_rope_forward_saved(be, prec, S + sl.q_raw, qkn ? W + pl.q_norm : nullptr, q_rot,
-                             qkn ? S + sl.rstd_q : nullptr, positions, T, nq, static_cast<int>(d), eps, inv_freq, stream);
-  qk_norm_rope_forward_saved(be, prec, S + sl.k_raw, qkn ? W + pl.k_norm : nullptr, k_rot,
-                             qkn ? S + sl.rstd_k : nullptr, positions, T, nkv, static_cast<int>(d), eps, inv_freq,
-                             stream);
+  // The rotated q and k: kept in bf16 mode, recomputed otherwise (their rstd values are rewritten
+  // with the same numbers).
+  const float* q_rot = kept.rotated(kept.layout.q_rot, X + sc.q_rot);
+  const float* k_rot = kept.rotated(kept.layout.k_rot, X + sc.k_rot);
+  if (!mm.bf16()) {
+    be.qk_norm_rope_forward(S + sl.q_raw, qkn ? W + pl.q_norm : nullptr, X + sc.q_rot, qkn ? S + sl.rstd_q : nullptr,
+                            positions, T, nq, static_cast<int>(d), eps, inv_freq, stream);
+    be.qk_norm_rope_forward(S + sl.k_raw, qkn ? W + pl.k_norm : nullptr, X + sc.k_rot, qkn ? S + sl.rstd_k : nullptr,
+                            positions, T, nkv, static_cast<int>(d), eps, inv_freq, stream);
+  }
   float* dq_rot = X + sc.dq_rot;
   float* dk_rot = X + sc.dk_rot;
   float* dv = X + sc.dv;
   const AttentionShape attn{cu, n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale};
   attention_backward_saved(be, prec, q_rot, k_rot, S + sl.v, S + sl.att, d_att, S + sl.lse, dq_rot, dk_rot, dv,
                            X + sc.attn_ws, attn, stream);
-  float* dq = d_att;  // d_att and q_rot are dead after the attention backward
-  float* dk = q_rot;
+  float* dq = d_att;  // d_att and the q_rot scratch are dead after the attention backward
+  float* dk = X + sc.q_rot;
   std::uint16_t* dq16 = mm.s16(bl.b);
   std::uint16_t* dk16 = mm.s16(bl.dk);
   std::uint16_t* dv16 = mm.s16(bl.dv);
@@ -420,8 +470,8 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   }
   mm.convert(dv, dv16, T * kv);
   float* h = X + sc.sh;
-  std::uint16_t* h16 = mm.s16(bl.a);  // g16 is dead
-  mm.rmsnorm(xin, W + pl.ln_in, h, h16, nullptr, T, H, eps);
+  const std::uint16_t* h16 = kept.at(kept.layout.h);
+  if (!mm.bf16()) be.rmsnorm_forward(xin, W + pl.ln_in, h, nullptr, T, H, eps, stream);
   mm.gemm(true, false, q, H, T, dq, dq16, h, h16, 1.0f, gwq);
   mm.gemm(true, false, kv, H, T, dk, dk16, h, h16, 1.0f, gwk);
   mm.gemm(true, false, kv, H, T, dv, dv16, h, h16, 1.0f, gwv);
