@@ -429,8 +429,8 @@ def test_bf16_scratch_and_saved_bytes_are_counted() -> None:
     assert fp32.saved_bytes_per_token - (bf16.saved_bytes_per_token - kept_operands) == \
         2 * (4096 + 1024 + 1024 + 4096 + 2 * 9728)
     assert bf16.saved_bytes_per_token == 69_928 + 39_936
-    # bf16 operands: [T, H] + [T, max(2 I, q + 2 kv)] + [T, H], 2 bytes each.
-    assert bf16.scratch_bytes_per_token - fp32.scratch_bytes_per_token == 2 * (2560 + 2 * 9728 + 2560)
+    # bf16 gradient operands: [T, max(2 I, q + 2 kv)] + [T, H], 2 bytes each.
+    assert bf16.scratch_bytes_per_token - fp32.scratch_bytes_per_token == 2 * (2 * 9728 + 2560)
 
 
 # ---- semantics: accumulation, sharing, weights ---------------------------------------------------------

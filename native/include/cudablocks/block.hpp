@@ -44,8 +44,8 @@
 // ---- Saved activations (kept from forward to backward), floats per token ---------------------
 //   q_raw n_q d, k_raw n_kv d, v n_kv d, att n_q d, r H, gate_up 2 I, lse n_q, rstd_q n_q and
 //   rstd_k n_kv (with qk_norm), rstd1 1, rstd2 1. In bf16 mode q_raw, k_raw, v, att and gate_up are
-//   bf16 (half the floats), and so are q_rot, k_rot and d_att in the scratch: attention reads bf16
-//   q, k, v and dout, and writes att in bf16 (the o projection's operand).
+//   bf16 (half the floats), and so is d_att in the scratch (q_rot and k_rot: kept, below):
+//   attention reads bf16 q, k, v and dout, and writes att in bf16 (the o projection's operand).
 // The products' operands h and g (one RMSNorm each), q_rot and k_rot (one QK-norm+RoPE each) and
 // act (one SwiGLU) are recomputed by the backward in fp32 and tf32, where they are fp32 and those
 // passes are a small share of the step. bf16 mode keeps them in bf16 as the forward wrote them
@@ -65,13 +65,14 @@
 //     100.9M parameters, 202 MB per block), made at creation and rewritten by every
 //     optimizer_step inside the AdamW pass (adamw_step's param_bf16: 2 more bytes written per
 //     parameter, no extra launch). The fp32 parameters stay the master copy.
-//   - activations and incoming gradients that feed products are bf16 in a bf16 scratch: h and g
-//     from RMSNorm, act and d_gate_up from SwiGLU are written in bf16 directly (their bf16 outputs; no
-//     fp32 copy exists), att by attention itself (saved so), dq and dk by the QK-norm+RoPE backward
-//     when there are no q/k biases; dy, dr, dv (and with biases dq, dk) are rounded right before use
-//     (Backend::to_bf16: 3 more op calls in the forward with q/k/v biases, 3 in the backward, 5
-//     with biases). Per token: H + max(2 I, q + 2 kv) + H bf16 values (Qwen3-4B: 24,576 values, 49,152
-//     bytes; counted in scratch_bytes_per_token).
+//   - activations and incoming gradients that feed products are bf16: h and g from RMSNorm, act
+//     from SwiGLU, q_rot and k_rot from QK-norm+RoPE are written in bf16 directly (their bf16
+//     outputs; no fp32 copy exists) into the saved memory, kept for the backward (see above), att
+//     by attention itself (saved so); d_gate_up by SwiGLU's backward and dq, dk by the QK-norm+RoPE
+//     backward when there are no q/k biases into a bf16 scratch; dy, dr, dv (and with biases dq,
+//     dk) are rounded into it right before use (Backend::to_bf16: 3 more op calls in the forward
+//     with q/k/v biases, 3 in the backward, 5 with biases). Scratch per token: max(2 I, q + 2 kv)
+//     + H bf16 values (Qwen3-4B: 22,016 values, 44,032 bytes; counted in scratch_bytes_per_token).
 //   - gate_up, q, k (before QK-norm) and v are written by their products in bf16
 //     (Backend::gemm_bf16_to_bf16) and saved so, as torch's bf16 layers keep them; a bias (or,
 //     in the nf4 block, an adapter's term) is added in fp32 first and the sum rounded. Their

@@ -170,17 +170,16 @@ struct ScratchLayout {
   }
 };
 
-// bf16 mode: the bf16 operands of the GEMMs (in bf16 elements), converted right before use.
-//   a [T, H]                   h, g (the activation side of the forward products and of dW; att
-//                              is saved in bf16 by attention itself)
-//   b [T, max(2I, q + 2kv)]    act, then d_gate_up; dq | dk | dv (each segment aligned)
+// bf16 mode: the backward's bf16 gradient operands of the GEMMs (in bf16 elements), written by
+// their producers or converted right before use (the forward's operands h, g, act, q_rot and k_rot
+// are kept with the saved activations; att is saved in bf16 by attention itself).
+//   b [T, max(2I, q + 2kv)]    d_gate_up; dq | dk | dv (each segment aligned)
 //   c [T, H]                   dy, then dr (the incoming gradients)
 struct Bf16ScratchLayout {
-  std::int64_t a, b, dk, dv, c, total;
+  std::int64_t b, dk, dv, c, total;
   Bf16ScratchLayout(const TransformerConfig& cfg, std::int64_t t) {
     Widths w(cfg);
     Segments s;
-    a = s.add(t, w.H);
     b = s.at;
     const std::int64_t qkv_end = align_up(align_up(b + t * w.q) + align_up(t * w.kv) + t * w.kv);
     dk = align_up(b + t * w.q);
@@ -192,7 +191,7 @@ struct Bf16ScratchLayout {
   }
   static std::int64_t elements_per_token(const TransformerConfig& cfg) {
     Widths w(cfg);
-    return w.H + std::max(2 * w.I, w.q + 2 * w.kv) + w.H;
+    return std::max(2 * w.I, w.q + 2 * w.kv) + w.H;
   }
 };
 

@@ -70,7 +70,7 @@ struct KeptOperands {
   std::int64_t h, g, act, q_rot, k_rot, total;
   KeptOperands(const TransformerConfig& c, std::int64_t t) {
     Widths w(c);
-    Segments s;  // kAlign elements apart: 128-byte aligned, as in Bf16ScratchLayout
+    Segments s;  // kAlign elements apart: 128-byte aligned
     h = s.add(t, w.H);
     g = s.add(t, w.H);
     act = s.add(t, w.I);
@@ -261,7 +261,6 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   const float* xin = x.data_as<float>();
   float* y = out.data_as<float>();
   const Products mm{be, prec, stream, params_bf16_.data_as<std::uint16_t>(), mem.scratch_bf16()};
-  const Bf16ScratchLayout bl(c, max_tokens_);
   const Kept kept(mm, S, sl, c, max_tokens_);
   const std::uint16_t* wq16 = mm.w16(pl.wqkv);
   const std::uint16_t* wk16 = mm.w16(pl.wqkv + q * H);
