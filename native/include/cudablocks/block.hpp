@@ -36,8 +36,10 @@
 // Each forward also uploads positions [T] (restarting at 0 per sequence) and cu_seqlens [n + 1]
 // (int32) in one host-to-device copy into block-owned memory, which the backward reuses.
 //
-// The backward is 23 op calls (+ 4 with biases; grad_out joins grad_in inside the post-attention
-// RMSNorm's backward, in place or not), all independent of the number of sequences. q, k and v take three GEMMs
+// The backward is 23 op calls in fp32 and tf32 (+ 4 with biases; grad_out joins grad_in inside
+// the post-attention RMSNorm's backward, in place or not), 18 in bf16, which keeps the five
+// recomputed operands instead (+ the conversions listed under Precision), all independent of the
+// number of sequences. q, k and v take three GEMMs
 // each way because the ops take dense [T, n*d] operands; the fused wqkv rows would allow one
 // GEMM once the ops accept a row stride.
 //
@@ -380,8 +382,9 @@ class Fp32Block final : public CudaBlock {
   // bf16 mode only (empty otherwise): bf16 copy of params_ (same layout; made at creation,
   // rewritten by every optimizer_step in the AdamW pass).
   Buffer params_bf16_;
-  // Saved activations (SavedLayout), transient scratch (ScratchLayout) and, in bf16 mode, the
-  // GEMMs' bf16 operands (Bf16ScratchLayout), for max_tokens: its own or an arena's.
+  // Saved activations (SavedLayout, and in bf16 mode the kept bf16 operands after them),
+  // transient scratch (ScratchLayout) and, in bf16 mode, the backward's bf16 gradient operands
+  // (Bf16ScratchLayout), for max_tokens: its own or an arena's.
   BlockMemory memory_;
   std::int64_t attn_ws_floats_ = 0;
 

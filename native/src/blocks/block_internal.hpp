@@ -180,7 +180,7 @@ struct Bf16ScratchLayout {
   Bf16ScratchLayout(const TransformerConfig& cfg, std::int64_t t) {
     Widths w(cfg);
     Segments s;
-    b = s.at;
+    b = 0;
     const std::int64_t qkv_end = align_up(align_up(b + t * w.q) + align_up(t * w.kv) + t * w.kv);
     dk = align_up(b + t * w.q);
     dv = dk + align_up(t * w.kv);

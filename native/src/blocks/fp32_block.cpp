@@ -89,13 +89,14 @@ struct KeptOperands {
 struct Kept {
   KeptOperands layout;
   std::uint16_t* base;
-  Kept(const Products& mm, float* saved, const SavedLayout& sl, const TransformerConfig& c, std::int64_t t)
-      : layout(c, t), base(mm.bf16() ? reinterpret_cast<std::uint16_t*>(saved + sl.total) : nullptr) {}
+  Kept(Precision precision, float* saved, const SavedLayout& sl, const TransformerConfig& c, std::int64_t t)
+      : layout(c, t),
+        base(precision == Precision::BF16 ? reinterpret_cast<std::uint16_t*>(saved + sl.total) : nullptr) {}
   std::uint16_t* at(std::int64_t offset) const { return base != nullptr ? base + offset : nullptr; }
   // QK-norm+RoPE's output as the helpers pass it (fp32 pointer type, bf16 bits in bf16 mode):
   // the kept slot in bf16 mode, else `scratch`.
   float* rotated(std::int64_t offset, float* scratch) const {
-    return base != nullptr ? reinterpret_cast<float*>(base + offset) : scratch;
+    return base != nullptr ? reinterpret_cast<float*>(at(offset)) : scratch;
   }
 };
 
@@ -261,7 +262,7 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   const float* xin = x.data_as<float>();
   float* y = out.data_as<float>();
   const Products mm{be, prec, stream, params_bf16_.data_as<std::uint16_t>(), mem.scratch_bf16()};
-  const Kept kept(mm, S, sl, c, max_tokens_);
+  const Kept kept(prec, S, sl, c, max_tokens_);
   const std::uint16_t* wq16 = mm.w16(pl.wqkv);
   const std::uint16_t* wk16 = mm.w16(pl.wqkv + q * H);
   const std::uint16_t* wv16 = mm.w16(pl.wqkv + (q + kv) * H);
@@ -382,7 +383,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
 
   // MLP: out = r + swiglu(g Wgu^T) Wdown^T. g and act: kept by the forward in bf16 mode,
   // recomputed otherwise.
-  const Kept kept(mm, S, sl, c, max_tokens_);
+  const Kept kept(prec, S, sl, c, max_tokens_);
   float* g = X + sc.sh;
   const std::uint16_t* g16 = kept.at(kept.layout.g);
   float* act = X + sc.act;
