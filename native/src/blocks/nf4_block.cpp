@@ -269,6 +269,27 @@ struct Nf4Block::Impl {
                          stream);
   }
 
+  // bf16 mode: c16 = a W^T + the adapter's term (+ bias), or transposed a W + the adapter's
+  // input-gradient term (after the group's lora_grads), rounded once to bf16: written so by the
+  // product when nothing is added, else summed in fp32 in `sum` [T, n] first. a16 as for product.
+  void product_sum_to_bf16(int group, bool transposed, const float* a, const std::uint16_t* a16, const float* bias,
+                           float* sum, std::uint16_t* c16) {
+    if (!adapted(group) && bias == nullptr) {
+      product_to_bf16(group, transposed, a, a16, c16);
+      return;
+    }
+    const Group& g = kGroups[group];
+    const std::int64_t n = transposed ? cols(g) : rows(g);
+    product(group, transposed, a, a16, nullptr, sum);
+    if (transposed) {
+      lora_dx(group, sum);
+    } else {
+      lora_forward(group, a, sum);
+    }
+    if (bias != nullptr) be.add_bias(sum, bias, T, n, stream);
+    be.to_bf16(sum, c16, T * n, stream);
+  }
+
   // The bf16 operand [T, k] of a product: a16 itself, or (nullptr) a converted into op16.
   const std::uint16_t* operand16(const float* a, const std::uint16_t* a16, std::int64_t k) const {
     if (a16 != nullptr) return a16;
@@ -812,16 +833,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
       if (b != nullptr) be.add_bias(dst, b, T, n, stream);
       return;
     }
-    std::uint16_t* dst16 = reinterpret_cast<std::uint16_t*>(dst);
-    if (!m.adapted(group) && b == nullptr) {
-      m.product_to_bf16(group, false, nullptr, m.op16, dst16);
-      return;
-    }
-    float* sum = X + sc.d_att;
-    m.product(group, false, h, m.op16, nullptr, sum);
-    m.lora_forward(group, h, sum);
-    if (b != nullptr) be.add_bias(sum, b, T, n, stream);
-    be.to_bf16(sum, dst16, T * n, stream);
+    m.product_sum_to_bf16(group, false, h, m.op16, b, X + sc.d_att, reinterpret_cast<std::uint16_t*>(dst));
   };
   project_raw(kGroupQ, bias, q, S + sl.q_raw);
   project_raw(kGroupK, bias != nullptr ? bias + q : nullptr, kv, S + sl.k_raw);
@@ -946,18 +958,15 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   float* d_gu = X + sc.d_gate_up;
   const bool gu_bf16_only = m.bf16_operand_only(kGroupGU);
   const std::uint16_t* d_act16 = nullptr;
-  if (m.bf && !m.adapted(kGroupDown)) {
-    auto* dst = reinterpret_cast<std::uint16_t*>(d_act);
-    m.product_to_bf16(kGroupDown, true, dy, nullptr, dst);
+  if (m.bf) {
+    std::uint16_t* dst = !m.adapted(kGroupDown) ? reinterpret_cast<std::uint16_t*>(d_act)
+                         : gu_bf16_only         ? reinterpret_cast<std::uint16_t*>(d_gu)
+                                                : m.op16;
+    m.product_sum_to_bf16(kGroupDown, true, dy, nullptr, nullptr, d_act, dst);
     d_act16 = dst;
   } else {
     m.product(kGroupDown, true, dy, nullptr, nullptr, d_act);
     m.lora_dx(kGroupDown, d_act);
-    if (m.bf) {
-      auto* dst = gu_bf16_only ? reinterpret_cast<std::uint16_t*>(d_gu) : m.op16;
-      be.to_bf16(d_act, dst, T * I, stream);
-      d_act16 = dst;
-    }
   }
   if (gu_bf16_only) {
     be.swiglu_backward(d_act16, reinterpret_cast<const std::uint16_t*>(S + sl.gate_up), m.op16, T, I, stream);
@@ -977,15 +986,13 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   // product, or (with an adapter on o) rounded after the fp32 sum into op16, free until dq's product.
   float* d_att = X + sc.d_att;
   const float* d_att_in = d_att;
-  if (m.bf && !m.adapted(kGroupO)) {
-    m.product_to_bf16(kGroupO, true, dx, nullptr, reinterpret_cast<std::uint16_t*>(d_att));
+  if (m.bf) {
+    std::uint16_t* dst = m.adapted(kGroupO) ? m.op16 : reinterpret_cast<std::uint16_t*>(d_att);
+    m.product_sum_to_bf16(kGroupO, true, dx, nullptr, nullptr, d_att, dst);
+    d_att_in = reinterpret_cast<const float*>(dst);
   } else {
     m.product(kGroupO, true, dx, nullptr, nullptr, d_att);
     m.lora_dx(kGroupO, d_att);
-    if (m.bf) {
-      be.to_bf16(d_att, m.op16, T * nq * d, stream);
-      d_att_in = reinterpret_cast<const float*>(m.op16);
-    }
   }
   const bool qkn = c.qk_norm;
   float* q_rot = X + sc.q_rot;

@@ -748,16 +748,11 @@ unsigned tiles_for(const Shape& s) {
     return (unsigned)(t > 65535 ? 65535 : t);
 }
 
+// All kernels live on shared memory (loads use cp.async.cg, which bypasses L1): the largest
+// carveout, so that the forward's two blocks per SM fit.
 template <typename Kernel>
 void prepare_smem(Kernel kernel, size_t bytes, const char* name) {
-    const size_t optin = shared_memory_optin();
-    if (bytes > optin)
-        throw InvalidArgumentError(std::string("attention (cuda): ") + name + " needs " +
-                                    std::to_string(bytes) + " bytes of shared memory per block; this GPU allows " +
-                                    std::to_string(optin));
-    // All kernels live on shared memory (loads use cp.async.cg, which bypasses L1): the largest
-    // carveout, so that the forward's two blocks per SM fit.
-    allow_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes, true);
+    require_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes, std::string("attention (cuda): ") + name);
 }
 
 template <int D>

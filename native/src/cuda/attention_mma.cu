@@ -554,8 +554,8 @@ __device__ __forceinline__ void warp_pB(const float (&p)[8][4], const typename O
 }
 
 // Stages a tile that is used only as the B operand of warp_pB: "rows" (bf16) or "cols" (tf32).
-template <class Op, int D, int NT = kThreads, class In>
-__device__ __forceinline__ void stage_pb(typename Op::Pair* s, const In* g, int64_t gstride, int rows_valid) {
+template <class Op, int D, int NT = kThreads>
+__device__ __forceinline__ void stage_pb(typename Op::Pair* s, const float* g, int64_t gstride, int rows_valid) {
     if constexpr (Op::kTransFromRows) stage_rows<Op, D, NT>(s, g, gstride, rows_valid);
     else stage_cols<Op, D, NT>(s, g, gstride, rows_valid);
 }
@@ -1212,11 +1212,7 @@ bool mma_fits_backward() {
 
 template <typename Kernel>
 void prepare_smem(Kernel kernel, size_t bytes) {
-    const size_t optin = shared_memory_optin();
-    if (bytes > optin)
-        fail("needs " + std::to_string(bytes) + " bytes of shared memory per block; this GPU allows " +
-             std::to_string(optin));
-    allow_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes, true);
+    require_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes, "attention (cuda, mma):");
 }
 
 template <class Op, int D, int HPB, class In>
@@ -1251,8 +1247,7 @@ int choose_splits(Kernel kernel, size_t smem, const Shape& s) {
     const int group = s.n_q_heads / s.n_kv_heads;
     if (group == 1) return 1;
     const int sms = multiprocessor_count();
-    int per_sm = 0;
-    CUDABLOCKS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    const int per_sm = max_active_blocks_per_sm(reinterpret_cast<const void*>(kernel), kThreads, smem);
     const double slots = (double)(sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
     const double nt = (double)tiles_for(s);
     const double seqs = std::max(1.0, (double)s.total_tokens / (nt * kTile));

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "cuda/bf16_vec.cuh"
+
 namespace cudablocks::cuda {
 namespace {
 
@@ -27,14 +29,6 @@ struct Slabs {
     }
 };
 
-// Elements 4i .. 4i+3 of an fp32 or bf16 (bit patterns) row, as floats.
-__device__ __forceinline__ float4 load4(const float* row, int i) { return reinterpret_cast<const float4*>(row)[i]; }
-__device__ __forceinline__ float4 load4(const std::uint16_t* row, int i) {
-    const uint2 w = reinterpret_cast<const uint2*>(row)[i];
-    return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
-                       __uint_as_float(w.y & 0xffff0000u));
-}
-
 // The first step of both backwards: D[t, h] = sum_c dout[t, h, c] * out[t, h, c] (= rowsum(P * dP),
 // the softmax backward's correction term). One warp per (token, head) row; the row is contiguous.
 // In: float, or std::uint16_t (bf16 out and dout; the same sums in the same order on their values).
@@ -48,7 +42,7 @@ __global__ void attention_rowdot_kernel(const In* __restrict__ out, const In* __
         const In* d = dout + r * head_dim;
         float acc = 0.f;
         for (int c = lane; c < head_dim / 4; c += 32) {
-            const float4 a = load4(o, c), b = load4(d, c);
+            const float4 a = load_vec<float4>(o, c), b = load_vec<float4>(d, c);
             acc = fmaf(a.x, b.x, acc);
             acc = fmaf(a.y, b.y, acc);
             acc = fmaf(a.z, b.z, acc);

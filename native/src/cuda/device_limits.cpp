@@ -4,9 +4,11 @@
 
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 
 #include "cuda/check.hpp"
+#include "cudablocks/errors.hpp"
 
 namespace cudablocks::cuda {
 
@@ -54,6 +56,28 @@ void allow_dynamic_smem(const void* kernel, std::size_t bytes, bool prefer_share
         cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
   }
   (*allowed)[key] = bytes;
+}
+
+void require_dynamic_smem(const void* kernel, std::size_t bytes, const std::string& who) {
+  const std::size_t optin = shared_memory_optin();
+  if (bytes > optin) {
+    throw InvalidArgumentError(who + " needs " + std::to_string(bytes) +
+                               " bytes of shared memory per block; this GPU allows " + std::to_string(optin));
+  }
+  allow_dynamic_smem(kernel, bytes, true);
+}
+
+int max_active_blocks_per_sm(const void* kernel, int threads, std::size_t smem) {
+  static std::mutex mutex;
+  static auto* known = new std::map<std::tuple<const void*, int, int, std::size_t>, int>;  // leaked on purpose
+  const auto key = std::make_tuple(kernel, current_device_index(), threads, smem);
+  std::lock_guard<std::mutex> guard(mutex);
+  auto it = known->find(key);
+  if (it != known->end()) return it->second;
+  int blocks = 0;
+  CUDABLOCKS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+  known->emplace(key, blocks);
+  return blocks;
 }
 
 }  // namespace cudablocks::cuda

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <string>
 
 namespace cudablocks::cuda {
 
@@ -18,5 +19,12 @@ std::size_t shared_memory_optin();
 // memory, so that two blocks fit per multiprocessor). The caller checks bytes against
 // shared_memory_optin() first. The attributes are set again only for a larger size.
 void allow_dynamic_smem(const void* kernel, std::size_t bytes, bool prefer_shared);
+// allow_dynamic_smem with prefer_shared, after checking bytes against shared_memory_optin():
+// InvalidArgumentError "<who> needs <bytes> bytes of shared memory per block; this GPU allows <n>"
+// when it does not fit.
+void require_dynamic_smem(const void* kernel, std::size_t bytes, const std::string& who);
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor of `kernel` on the current device, cached per
+// kernel, device, block size and dynamic shared memory.
+int max_active_blocks_per_sm(const void* kernel, int threads, std::size_t smem);
 
 }  // namespace cudablocks::cuda
