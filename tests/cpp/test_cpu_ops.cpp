@@ -179,6 +179,40 @@ TEST(CpuBf16, ToBf16RoundsToNearestEven) {
   EXPECT_EQ(out, bf16_of(big));
 }
 
+TEST(CpuBf16, AddLowRankIsTheSumOfTheBf16Products) {
+  // out = c + bias + u v^T against fp64 on the bf16 values; v as B [cols, rank] and as A [rank, cols].
+  // fp32 out in place and bf16 out from the same sums (their rounding of the fp32 result).
+  const std::int64_t rows = 37, cols = 45;
+  for (int rank : {0, 5, 40}) {
+    for (bool a_layout : {false, true}) {
+      for (bool with_bias : {false, true}) {
+        const auto c = random_normal(static_cast<std::size_t>(rows * cols));
+        const auto bias = random_normal(static_cast<std::size_t>(cols));
+        const auto u = bf16_of(random_normal(static_cast<std::size_t>(rows * rank)));
+        const auto v = bf16_of(random_normal(static_cast<std::size_t>(cols * rank)));
+        const std::int64_t v_row = a_layout ? 1 : rank, v_col = a_layout ? cols : 1;
+        std::vector<double> want(c.size());
+        for (std::int64_t t = 0; t < rows; ++t) {
+          for (std::int64_t n = 0; n < cols; ++n) {
+            double s = c[t * cols + n] + (with_bias ? bias[n] : 0.0);
+            for (int j = 0; j < rank; ++j) {
+              s += static_cast<double>(bf16_bits_to_float(u[t * rank + j])) * bf16_bits_to_float(v[n * v_row + j * v_col]);
+            }
+            want[t * cols + n] = s;
+          }
+        }
+        std::vector<float> out = c;
+        std::vector<std::uint16_t> out16(c.size(), 0xffff);
+        const float* b = with_bias ? bias.data() : nullptr;
+        cpu().add_low_rank(c.data(), b, u.data(), v.data(), v_row, v_col, rows, cols, rank, out16.data(), stream());
+        cpu().add_low_rank(out.data(), b, u.data(), v.data(), v_row, v_col, rows, cols, rank, out.data(), stream());
+        EXPECT_LT(relative_error(out, want), kForwardTol) << "rank " << rank << (a_layout ? " A" : " B");
+        EXPECT_EQ(out16, bf16_of(out)) << "rank " << rank << (a_layout ? " A" : " B");
+      }
+    }
+  }
+}
+
 TEST(CpuBf16, GemmBf16IsTheProductOfTheBf16Values) {
   for (bool ta : {false, true})
     for (bool tb : {false, true})

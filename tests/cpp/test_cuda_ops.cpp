@@ -253,6 +253,41 @@ TEST(CudaOps, ToBf16MatchesCpuBitwise) {
   }
 }
 
+TEST(CudaOps, AddLowRankMatchesCpuBitForBit) {
+  // Both sum in the same order with exact products: the same bits. Qwen3-4B sizes (q's LoRA term at
+  // rank 16, gate/up's block-diagonal rank 32, the input-gradient term with A) and odd shapes for
+  // the scalar path and several rank chunks; fp32 out in place and bf16 out.
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  struct Case { std::int64_t rows, cols; int rank; bool a_layout, bias; std::int64_t offset; };
+  for (Case k : {Case{850, 4096, 16, false, true, 0}, Case{850, 19456, 32, false, false, 0},
+                 Case{850, 2560, 32, true, false, 0}, Case{33, 45, 70, false, true, 0}, Case{33, 45, 5, true, true, 0},
+                 Case{31, 64, 3, false, false, 1}, Case{5, 8, 0, false, true, 0}}) {
+    const auto n = static_cast<std::size_t>(k.rows * k.cols);
+    const Vec c = random_normal(n + k.offset), bias = random_normal(static_cast<std::size_t>(k.cols));
+    // (rank 0: one unread element each; the block passes nullptr then)
+    const Bits u = bf16_of(random_normal(static_cast<std::size_t>(std::max<std::int64_t>(1, k.rows * k.rank))));
+    const Bits v = bf16_of(random_normal(static_cast<std::size_t>(std::max<std::int64_t>(1, k.cols * k.rank))));
+    const std::int64_t v_row = k.a_layout ? 1 : k.rank, v_col = k.a_layout ? k.cols : 1;
+    auto [ref, out] = on_both([&](Env& e) {
+      Buffer cb = e.upload(c), ub = upload_bits(e, u), vb = upload_bits(e, v), bb = e.upload(bias);
+      Buffer ob = Buffer::empty({static_cast<std::int64_t>(n + k.offset)}, DType::BFloat16, e.device);
+      e.backend.fill(ob.data(), n + k.offset, 2, 0xffffu, e.stream);  // NaN
+      const float* b = k.bias ? bb.data_as<float>() : nullptr;
+      float* c0 = cb.data_as<float>() + k.offset;
+      e.backend.add_low_rank(c0, b, ub.data_as<std::uint16_t>(), vb.data_as<std::uint16_t>(), v_row, v_col, k.rows,
+                             k.cols, k.rank, ob.data_as<std::uint16_t>() + k.offset, e.stream);
+      e.backend.add_low_rank(c0, b, ub.data_as<std::uint16_t>(), vb.data_as<std::uint16_t>(), v_row, v_col, k.rows,
+                             k.cols, k.rank, c0, e.stream);
+      return std::vector<Vec>{e.download(cb), test::float_of(download_bits(e, ob))};
+    });
+    const std::string what = std::to_string(k.rows) + "x" + std::to_string(k.cols) + " rank " + std::to_string(k.rank);
+    for (std::size_t i = k.offset; i < n + k.offset; ++i) {
+      ASSERT_EQ(float_to_bits(out[0][i]), float_to_bits(ref[0][i])) << what << " fp32 element " << i;
+      ASSERT_EQ(float_to_bits(out[1][i]), float_to_bits(ref[1][i])) << what << " bf16 element " << i;
+    }
+  }
+}
+
 TEST(CudaOps, GemmBf16MatchesCpu) {
   // Both compute the exact products of the bf16 values in fp32; only the order of the sums differs.
   if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";

@@ -84,6 +84,18 @@ class Backend {
   virtual void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
                                  float alpha, const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,
                                  const Stream& stream) const = 0;
+  // The LoRA term of a product joined to its fp32 result c [rows, cols] in one pass:
+  //   out[t, n] = c[t, n] + bias[n] + sum_{j < rank} u[t, j] * v[n * v_row + j * v_col]
+  // u [rows, rank] and v in bf16 (bit patterns: v is B [cols, rank] with v_row = rank, v_col = 1, or
+  // A [rank, cols] with v_row = 1, v_col = cols); bias may be nullptr. Summed in fp32 in that order,
+  // each term one exact bf16 x bf16 product rounded once: the same bits on every backend. out is fp32
+  // (may be c) or bf16, rounded once to nearest even.
+  virtual void add_low_rank(const float* c, const float* bias, const std::uint16_t* u, const std::uint16_t* v,
+                            std::int64_t v_row, std::int64_t v_col, std::int64_t rows, std::int64_t cols, int rank,
+                            float* out, const Stream& stream) const = 0;
+  virtual void add_low_rank(const float* c, const float* bias, const std::uint16_t* u, const std::uint16_t* v,
+                            std::int64_t v_row, std::int64_t v_col, std::int64_t rows, std::int64_t cols, int rank,
+                            std::uint16_t* out, const Stream& stream) const = 0;
   // y[i] = bf16(x[i]) over n elements, rounded to nearest even (y holds bf16 bit patterns).
   virtual void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, const Stream& stream) const = 0;
   // y[i] = the bf16 value x[i] as fp32 (exact) over n elements.

@@ -14,16 +14,25 @@
 //   one GEMM writes the swiglu layout; 100 MB bf16 / 200 MB fp32 at Qwen3-4B), then
 //     compute "bf16": gemm_bf16 on bf16(x) and the bf16 weight (nf4_dequantize straight to bf16),
 //       with the fp32 block's bf16-mode storage (block.hpp, Precision): gate_up, q and k written
-//       and saved in bf16. A group without adapters gets bf16(x) straight from the RMSNorm or
-//       SwiGLU before it (no fp32 copy), and backward_lora recomputes no input for it;
+//       and saved in bf16. Without LoRA dropout every group gets bf16(x) straight from the RMSNorm
+//       or SwiGLU before it (no fp32 copy), and backward_lora recomputes an input only for the
+//       adapters, in bf16;
 //     compute "fp32"/"tf32": gemm in that precision on the fp32 weight.
 //   The scratch is reused by the next product, so blocks of one device must not run concurrently
 //   on different streams (their work is ordered on one stream in the pipeline).
-//   LoRA (PEFT): y += scale * (x A^T) B^T, scale = alpha / r (alpha / sqrt(r) with use_rslora),
-//   products in fp32 operands (gemm at the block's precision). gate and up, whose outputs are the
-//   two column halves of gate_up [T, 2I], take their adapters as one product: x [A_gate; A_up]^T
-//   (A_gate and A_up are adjacent in the allocation) times a block-diagonal [2I, 2r] B built per
-//   call from B_gate and B_up with exact 0/1 selector GEMMs.
+//   LoRA (PEFT): y += scale * (x A^T) B^T, scale = alpha / r (alpha / sqrt(r) with use_rslora).
+//   gate and up, whose outputs are the two column halves of gate_up [T, 2I], take their adapters as
+//   one product: x [A_gate; A_up]^T (A_gate and A_up are adjacent in the allocation) times a
+//   block-diagonal [2I, 2r] B built per call from B_gate and B_up with exact 0/1 selector GEMMs.
+//     compute "bf16" without dropout: bf16 operands as for the frozen products (x and dy as those
+//       read them, A and B rounded to bf16 per call, in the device's shared scratch),
+//       u = bf16(scale x A^T) and du = bf16(scale dy B) rounded once (PEFT in bf16 rounds them
+//       too), fp32 accumulation; the term u B^T (du A in the input gradient) joins the frozen
+//       product's fp32 result in one pass (Backend::add_low_rank) that also adds the bias and
+//       rounds once where the result is kept in bf16. That pass replaces a GEMM accumulating into
+//       the [T, out] result and the conversion after it.
+//     otherwise (fp32/tf32 compute, or LoRA dropout): fp32 operands, gemm at the block's precision
+//       (tf32 for bf16 compute).
 //
 // ---- backward_lora ------------------------------------------------------------------------------
 // dL/dx through the frozen weights (dequantize again, dX = dY W), both residual paths, the

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <utility>
 
 #include "blocks/block_internal.hpp"
 #include "core/checks.hpp"
@@ -148,6 +149,10 @@ struct Nf4Block::Impl {
   float* du = nullptr;      // [T, 2r]
   float* bbd = nullptr;     // [2I, 2r]
   float* dbbd = nullptr;    // [2I, 2r]
+  // bf16 LoRA (bf16_lora()): this call's bf16 copy of every adapter (the layout of lora_params_),
+  // and the gate/up block-diagonal B in bf16. In the shared scratch, after the absmax.
+  std::uint16_t* lora16 = nullptr;
+  std::uint16_t* bbd16 = nullptr;
   // LoRA dropout of this call: off without a dropout_step or with dropout 0 (the products then
   // run exactly as without dropout).
   bool dropping = false;
@@ -172,6 +177,11 @@ struct Nf4Block::Impl {
       if (dropping) {
         drop_step = *dropout_step;
         drop = mem.scratch() + sl.lora_drop;
+      }
+      if (bf16_lora()) {
+        lora16 = reinterpret_cast<std::uint16_t*>(wscratch + wbytes + absmax_region_bytes(b));
+        bbd16 = lora16 + lora16_elements(b);
+        be.to_bf16(b.lora_params_.data_as<float>(), lora16, b.lora_layout_->total_floats(), stream);
       }
     }
   }
@@ -201,10 +211,22 @@ struct Nf4Block::Impl {
     const std::int64_t esize = blk.precision_ == Precision::BF16 ? 2 : 4;
     return (most * esize + 255) / 256 * 256;
   }
-  static std::int64_t scratch_bytes(const Nf4Block& blk) {
+  // The fp32 absmax of the largest double-quantized weight (256-byte aligned).
+  static std::int64_t absmax_region_bytes(const Nf4Block& blk) {
     std::int64_t blocks = 0;
     for (const Nf4Weight& w : blk.weights_) blocks = std::max(blocks, num_blocks(shape_numel(w.shape), w.blocksize));
-    return weight_region_bytes(blk) + blocks * static_cast<std::int64_t>(sizeof(float));
+    return (blocks * static_cast<std::int64_t>(sizeof(float)) + 255) / 256 * 256;
+  }
+  // bf16 LoRA's copy of the adapters (rounded up to 128 elements: bbd16 stays 256-byte aligned),
+  // then the gate/up block-diagonal B [2I, 2r].
+  static std::int64_t lora16_elements(const Nf4Block& blk) { return (blk.lora_layout_->total_floats() + 127) / 128 * 128; }
+  static std::int64_t lora16_region_bytes(const Nf4Block& blk) {
+    if (!blk.has_lora() || blk.precision_ != Precision::BF16) return 0;
+    const std::int64_t bbd = 2 * blk.config_.intermediate_size * 2 * blk.lora_.rank;
+    return (lora16_elements(blk) + bbd) * 2;
+  }
+  static std::int64_t scratch_bytes(const Nf4Block& blk) {
+    return weight_region_bytes(blk) + absmax_region_bytes(blk) + lora16_region_bytes(blk);
   }
 
   // Dequantizes the group's projections, stacked by rows, into the scratch (bf16 or fp32).
@@ -279,12 +301,17 @@ struct Nf4Block::Impl {
       return;
     }
     const Group& g = kGroups[group];
-    const std::int64_t n = transposed ? cols(g) : rows(g);
+    const std::int64_t n = transposed ? cols(g) : rows(g), k = transposed ? rows(g) : cols(g);
+    a16 = operand16(a, a16, k);
     product(group, transposed, a, a16, nullptr, sum);
+    if (bf16_lora()) {
+      add_adapter(group, transposed, a16, sum, bias, c16);
+      return;
+    }
     if (transposed) {
       lora_dx(group, sum);
     } else {
-      lora_forward(group, a, sum);
+      lora_forward(group, a, a16, sum);
     }
     if (bias != nullptr) be.add_bias(sum, bias, T, n, stream);
     be.to_bf16(sum, c16, T * n, stream);
@@ -296,11 +323,18 @@ struct Nf4Block::Impl {
     be.to_bf16(a, op16, T * k, stream);
     return op16;
   }
+  // bf16 LoRA: the group's output gradient dy [T, out] in bf16 for its adapters, converted into op16,
+  // where the transposed product reads it next. nullptr otherwise (the product converts it itself).
+  const std::uint16_t* grad16(int group, const float* dy) const {
+    if (!bf16_lora() || !adapted(group)) return nullptr;
+    return operand16(dy, nullptr, rows(kGroups[group]));
+  }
 
-  // The saved attention output as o's adapter reads it: fp32 itself, or (bf16 mode, o adapted) widened
-  // into `scratch` [T, q]. Only when o has an adapter (else nothing reads it; nullptr).
+  // The saved attention output as o's adapter reads it in fp32: itself, or (bf16 mode with dropout)
+  // widened into `scratch` [T, q]. nullptr when nothing reads it (no adapter on o, or bf16 LoRA,
+  // which reads the bf16 att as it is).
   const float* widened_att(const float* att, float* scratch) const {
-    if (!adapted(kGroupO)) return nullptr;
+    if (!adapted(kGroupO) || bf16_operand_only(kGroupO)) return nullptr;
     if (!bf) return att;
     const std::int64_t n = T * b.config_.num_attention_heads * b.config_.head_dim;
     be.from_bf16(reinterpret_cast<const std::uint16_t*>(att), scratch, n, stream);
@@ -346,11 +380,17 @@ struct Nf4Block::Impl {
     lg.direct = g.count == 1;
     return lg;
   }
-  // Whether the group has LoRA adapters. A group without them uses its input only as the product's
-  // operand: in bf16 mode the producer (norm, SwiGLU) then writes the bf16 operand directly, and
-  // the backward recomputes nothing for it.
+  // Whether the group has LoRA adapters.
   bool adapted(int group) const { return lora_group(group).R > 0; }
-  bool bf16_operand_only(int group) const { return bf && !adapted(group); }
+  // bf16 LoRA: in bf16 mode without dropout in this call, the adapters' products take bf16 operands
+  // as the frozen ones do (the group's bf16 input and output gradient, lora16), their results are
+  // rounded to bf16 once (u = scale x A^T, du = scale dy B), and their terms join the frozen
+  // product's fp32 result in add_low_rank's pass. With dropout the adapters compute in tf32 on the
+  // masked fp32 inputs.
+  bool bf16_lora() const { return bf && !dropping; }
+  // Whether the group's input is needed only in bf16: in bf16 mode the producer (norm, SwiGLU) then
+  // writes the bf16 operand directly, and the backward recomputes it only for the adapters, in bf16.
+  bool bf16_operand_only(int group) const { return bf && (!adapted(group) || !dropping); }
   Precision lora_prec() const { return b.precision_ == Precision::FP32 ? Precision::FP32 : Precision::TF32; }
   float scale() const { return static_cast<float>(b.lora_.scale()); }
   // Selector [r, R] for part p of the gate/up group: I_r, or [I_r | 0] / [0 | I_r] when both are targeted.
@@ -381,6 +421,19 @@ struct Nf4Block::Impl {
       row0 += rows_p;
     }
     return bbd;
+  }
+  // bf16 LoRA's A [R, in] and B [out, R] of the group (B as lora_b builds it, rounded to bf16).
+  const std::uint16_t* lora_a16(const LoraGroup& lg) const { return lora16 + lg.a_off; }
+  const std::uint16_t* lora_b16(int group, const LoraGroup& lg) {
+    if (lg.direct) return lora16 + b.lora_b_[kGroups[group].first];
+    be.to_bf16(lora_b(group, lg), bbd16, rows(kGroups[group]) * lg.R, stream);
+    return bbd16;
+  }
+  // bf16 LoRA: u16 [T, R] = bf16(scale x16 A^T), in u's scratch.
+  const std::uint16_t* lora_u16(int group, const LoraGroup& lg, const std::uint16_t* x16) {
+    auto* u16 = reinterpret_cast<std::uint16_t*>(u);
+    be.gemm_bf16_to_bf16(false, true, T, lg.R, cols(kGroups[group]), scale(), x16, lora_a16(lg), u16, stream);
+    return u16;
   }
   // ---- LoRA dropout: per targeted part p of a group, the part's own mask on its input ----
   // out = dropout(x) of part p (x [T, in]), or out += dropout(x) with accumulate.
@@ -420,10 +473,31 @@ struct Nf4Block::Impl {
       first = false;
     }
   }
-  // y[T, out] += scale * (x A^T) B^T (x under the masks when dropping).
-  void lora_forward(int group, const float* x, float* y) {
+  // bf16 LoRA: out = c (+ bias) + the group's adapter term, in add_low_rank's one pass (out fp32,
+  // possibly c, or bf16). Forward: (scale x16 A^T) B^T, c [T, out]; transposed (the input
+  // gradient, after lora_grads): du A, c [T, in].
+  template <typename Out>
+  void add_adapter(int group, bool transposed, const std::uint16_t* x16, const float* c, const float* bias, Out* out) {
+    const LoraGroup lg = lora_group(group);
+    const Group& g = kGroups[group];
+    const std::uint16_t* u16 = nullptr;
+    const std::uint16_t* v16 = nullptr;
+    if (lg.R > 0) {
+      u16 = transposed ? reinterpret_cast<const std::uint16_t*>(du) : lora_u16(group, lg, x16);
+      v16 = transposed ? lora_a16(lg) : lora_b16(group, lg);
+    }
+    const std::int64_t n = transposed ? cols(g) : rows(g);
+    be.add_low_rank(c, bias, u16, v16, transposed ? 1 : lg.R, transposed ? cols(g) : 1, T, n, lg.R, out, stream);
+  }
+  // y[T, out] += scale * (x A^T) B^T (x under the masks when dropping; bf16 LoRA reads x16, the
+  // group's input in bf16).
+  void lora_forward(int group, const float* x, const std::uint16_t* x16, float* y) {
     const LoraGroup lg = lora_group(group);
     if (lg.R == 0) return;
+    if (bf16_lora()) {
+      add_adapter(group, false, x16, y, nullptr, y);
+      return;
+    }
     const std::int64_t out = rows(kGroups[group]);
     lora_u(group, lg, x);
     const float* B = lora_b(group, lg);
@@ -432,27 +506,28 @@ struct Nf4Block::Impl {
   // With dy [T, out] and the group's input x [T, in]: dB += scale dy^T u, dA += du^T x where
   // du = scale dy B (kept in the scratch for lora_dx); x is each part's masked x when dropping.
   // Reads x: call before x is overwritten.
-  void lora_grads(int group, const float* x, const float* dy, float* G) {
+  // bf16 LoRA reads x16 and dy16 (the bf16 operands) instead, u16 carrying the scale: dB += dy^T u16,
+  // du16 = bf16(scale dy B) (in du's scratch), dA += du16^T x.
+  void lora_grads(int group, const float* x, const std::uint16_t* x16, const float* dy, const std::uint16_t* dy16,
+                  float* G) {
     const LoraGroup lg = lora_group(group);
     if (lg.R == 0) return;
     const Group& g = kGroups[group];
     const std::int64_t out = rows(g), in = cols(g), r = b.lora_.rank;
+    float* dB = lg.direct ? G + b.lora_b_[g.first] : dbbd;
+    const float dB_beta = lg.direct ? 1.0f : 0.0f;
+    if (bf16_lora()) {
+      be.gemm_bf16(true, false, out, lg.R, T, 1.0f, dy16, lora_u16(group, lg, x16), dB_beta, dB, stream);
+      if (!lg.direct) add_part_gradients(group, lg, G);
+      auto* du16 = reinterpret_cast<std::uint16_t*>(du);
+      be.gemm_bf16_to_bf16(false, false, T, lg.R, out, scale(), dy16, lora_b16(group, lg), du16, stream);
+      be.gemm_bf16(true, false, lg.R, in, T, 1.0f, du16, x16, 1.0f, G + lg.a_off, stream);
+      return;
+    }
     lora_u(group, lg, x);
     const float* B = lora_b(group, lg);
-    if (lg.direct) {
-      be.gemm(true, false, out, lg.R, T, scale(), dy, u, 1.0f, G + b.lora_b_[g.first], lora_prec(), stream);
-    } else {
-      be.gemm(true, false, out, lg.R, T, scale(), dy, u, 0.0f, dbbd, lora_prec(), stream);
-      std::int64_t row0 = 0;
-      for (int p = g.first; p < g.first + g.count; ++p) {
-        const std::int64_t rows_p = b.weights_[p].shape[0];
-        if (b.lora_target_[p]) {
-          be.gemm(false, true, rows_p, r, lg.R, 1.0f, dbbd + row0 * lg.R, selector(group, p), 1.0f, G + b.lora_b_[p],
-                  Precision::FP32, stream);
-        }
-        row0 += rows_p;
-      }
-    }
+    be.gemm(true, false, out, lg.R, T, scale(), dy, u, dB_beta, dB, lora_prec(), stream);
+    if (!lg.direct) add_part_gradients(group, lg, G);
     be.gemm(false, false, T, lg.R, out, scale(), dy, B, 0.0f, du, lora_prec(), stream);
     if (!dropping) {
       be.gemm(true, false, lg.R, in, T, 1.0f, du, x, 1.0f, G + lg.a_off, lora_prec(), stream);
@@ -464,11 +539,28 @@ struct Nf4Block::Impl {
       be.gemm(true, false, r, in, T, 1.0f, part_du(group, p, lg), drop, 1.0f, G + b.lora_a_[p], lora_prec(), stream);
     }
   }
+  // The gradient of the block-diagonal B (dbbd [out, R]) into each targeted part's B gradient.
+  void add_part_gradients(int group, const LoraGroup& lg, float* G) {
+    const Group& g = kGroups[group];
+    std::int64_t row0 = 0;
+    for (int p = g.first; p < g.first + g.count; ++p) {
+      const std::int64_t rows_p = b.weights_[p].shape[0];
+      if (b.lora_target_[p]) {
+        be.gemm(false, true, rows_p, b.lora_.rank, lg.R, 1.0f, dbbd + row0 * lg.R, selector(group, p), 1.0f,
+                G + b.lora_b_[p], Precision::FP32, stream);
+      }
+      row0 += rows_p;
+    }
+  }
   // dx[T, in] += du A (after lora_grads of the same group); when dropping, each part's du_p A_p
   // under the part's mask.
   void lora_dx(int group, float* dx) {
     const LoraGroup lg = lora_group(group);
     if (lg.R == 0) return;
+    if (bf16_lora()) {
+      add_adapter(group, true, nullptr, dx, nullptr, dx);
+      return;
+    }
     const Group& g = kGroups[group];
     const std::int64_t in = cols(g), r = b.lora_.rank;
     if (!dropping) {
@@ -829,7 +921,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   auto project_raw = [&](int group, const float* b, std::int64_t n, float* dst) {
     if (!m.bf) {
       m.product(group, false, h, m.op16, nullptr, dst);
-      m.lora_forward(group, h, dst);
+      m.lora_forward(group, h, nullptr, dst);
       if (b != nullptr) be.add_bias(dst, b, T, n, stream);
       return;
     }
@@ -849,9 +941,9 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   attention_forward_saved(be, prec, X + sc.q_rot, X + sc.k_rot, S + sl.v, S + sl.att, S + sl.lse, attn, stream);
   float* r = S + sl.r;
   // r = x + att Wo^T. In bf16 mode attention wrote att in bf16, the product's operand; an adapter
-  // on o reads an fp32 copy (in d_att's scratch, free until the backward).
+  // on o reads it too, or with dropout an fp32 copy (in d_att's scratch, free until the backward).
   m.product(kGroupO, false, S + sl.att, saved_bf16(prec, S + sl.att), xin, r);
-  m.lora_forward(kGroupO, m.widened_att(S + sl.att, X + sc.d_att), r);
+  m.lora_forward(kGroupO, m.widened_att(S + sl.att, X + sc.d_att), saved_bf16(prec, S + sl.att), r);
   if (bo_ >= 0) be.add_bias(r, D + bo_, T, H, stream);
   float* g = X + sc.sh;
   const bool gu_bf16_only = m.bf16_operand_only(kGroupGU);
@@ -863,15 +955,15 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   // gate_up is saved in bf16 in bf16 mode (written so by its product, or rounded after the adapters).
   std::uint16_t* gate_up16 = reinterpret_cast<std::uint16_t*>(S + sl.gate_up);
   if (gu_bf16_only) {
-    m.product_to_bf16(kGroupGU, false, nullptr, m.op16, gate_up16);
+    m.product_sum_to_bf16(kGroupGU, false, nullptr, m.op16, nullptr, X + sc.d_gate_up, gate_up16);
   } else if (m.bf) {
     float* gate_up = X + sc.d_gate_up;
     m.product(kGroupGU, false, g, nullptr, nullptr, gate_up);
-    m.lora_forward(kGroupGU, g, gate_up);
+    m.lora_forward(kGroupGU, g, nullptr, gate_up);
     be.to_bf16(gate_up, gate_up16, T * 2 * I, stream);
   } else {
     m.product(kGroupGU, false, g, m.op16, nullptr, S + sl.gate_up);
-    m.lora_forward(kGroupGU, g, S + sl.gate_up);
+    m.lora_forward(kGroupGU, g, nullptr, S + sl.gate_up);
   }
   float* act = X + sc.act;
   const bool down_bf16_only = m.bf16_operand_only(kGroupDown);
@@ -881,7 +973,7 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
     m.swiglu_forward_saved(S + sl.gate_up, act, I);
   }
   m.product(kGroupDown, false, act, down_bf16_only ? m.op16 : nullptr, r, y);  // y = r + act Wdown^T
-  m.lora_forward(kGroupDown, act, y);
+  m.lora_forward(kGroupDown, act, down_bf16_only ? m.op16 : nullptr, y);
   forward_seq_lens_ = seq_lens;
   mem.forward_done(seq_lens);
   set_last_stream(stream);
@@ -942,13 +1034,27 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   const float* r = S + sl.r;
 
   // MLP: out = r + swiglu(g Wgu^T) Wdown^T. The adapters' inputs g and act are recomputed only for
-  // the groups that have adapters.
+  // the groups that have adapters (bf16 LoRA: in bf16, in the fp32 slots).
+  const bool bf16_lora = m.bf16_lora();
+  const auto* gate_up16 = reinterpret_cast<const std::uint16_t*>(S + sl.gate_up);
   float* g = X + sc.sh;
-  if (m.adapted(kGroupGU)) be.rmsnorm_forward(r, D + ln_post_, g, nullptr, T, H, eps, stream);
+  auto* g16 = reinterpret_cast<std::uint16_t*>(g);
+  if (m.adapted(kGroupGU) && bf16_lora) {
+    be.rmsnorm_forward_bf16(r, D + ln_post_, g16, nullptr, T, H, eps, stream);
+  } else if (m.adapted(kGroupGU)) {
+    be.rmsnorm_forward(r, D + ln_post_, g, nullptr, T, H, eps, stream);
+  }
   float* act = X + sc.act;
+  auto* act16 = reinterpret_cast<std::uint16_t*>(act);
+  const std::uint16_t* dy16 = nullptr;
   if (m.adapted(kGroupDown)) {
-    m.swiglu_forward_saved(S + sl.gate_up, act, I);
-    m.lora_grads(kGroupDown, act, dy, G);
+    if (bf16_lora) {
+      be.swiglu_forward(gate_up16, act16, T, I, stream);
+    } else {
+      m.swiglu_forward_saved(S + sl.gate_up, act, I);
+    }
+    dy16 = m.grad16(kGroupDown, dy);
+    m.lora_grads(kGroupDown, act, act16, dy, dy16, G);
   }
   // d_act = dy Wdown (+ the adapter's term). In bf16 mode SwiGLU's backward reads it in bf16: written
   // so by the product (into act's fp32 slot, unused without an adapter on down), or rounded after the
@@ -962,17 +1068,18 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     std::uint16_t* dst = !m.adapted(kGroupDown) ? reinterpret_cast<std::uint16_t*>(d_act)
                          : gu_bf16_only         ? reinterpret_cast<std::uint16_t*>(d_gu)
                                                 : m.op16;
-    m.product_sum_to_bf16(kGroupDown, true, dy, nullptr, nullptr, d_act, dst);
+    m.product_sum_to_bf16(kGroupDown, true, dy, dy16, nullptr, d_act, dst);
     d_act16 = dst;
   } else {
     m.product(kGroupDown, true, dy, nullptr, nullptr, d_act);
     m.lora_dx(kGroupDown, d_act);
   }
   if (gu_bf16_only) {
-    be.swiglu_backward(d_act16, reinterpret_cast<const std::uint16_t*>(S + sl.gate_up), m.op16, T, I, stream);
+    be.swiglu_backward(d_act16, gate_up16, m.op16, T, I, stream);
+    m.lora_grads(kGroupGU, g, g16, d_gu, m.op16, G);
   } else {
     m.swiglu_backward_saved(d_act, d_act16, S + sl.gate_up, d_gu, I);
-    m.lora_grads(kGroupGU, g, d_gu, G);
+    m.lora_grads(kGroupGU, g, nullptr, d_gu, nullptr, G);
   }
   float* dg = X + sc.sh;
   m.product(kGroupGU, true, d_gu, gu_bf16_only ? m.op16 : nullptr, nullptr, dg);  // dg = d_gu Wgu
@@ -981,14 +1088,15 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   be.rmsnorm_backward(dg, r, D + ln_post_, S + sl.rstd2, dy, dx, nullptr, T, H, stream);  // frozen norm
 
   // Attention: r = x + att Wo^T (+ bo).
-  m.lora_grads(kGroupO, m.widened_att(S + sl.att, X + sc.d_att), dx, G);
+  const std::uint16_t* dr16 = m.grad16(kGroupO, dx);
+  m.lora_grads(kGroupO, m.widened_att(S + sl.att, X + sc.d_att), saved_bf16(precision_, S + sl.att), dx, dr16, G);
   // d_att = dr Wo (+ the adapter's term): in bf16 mode attention reads it in bf16, written so by the
   // product, or (with an adapter on o) rounded after the fp32 sum into op16, free until dq's product.
   float* d_att = X + sc.d_att;
   const float* d_att_in = d_att;
   if (m.bf) {
     std::uint16_t* dst = m.adapted(kGroupO) ? m.op16 : reinterpret_cast<std::uint16_t*>(d_att);
-    m.product_sum_to_bf16(kGroupO, true, dx, nullptr, nullptr, d_att, dst);
+    m.product_sum_to_bf16(kGroupO, true, dx, dr16, nullptr, d_att, dst);
     d_att_in = reinterpret_cast<const float*>(dst);
   } else {
     m.product(kGroupO, true, dx, nullptr, nullptr, d_att);
@@ -1018,19 +1126,21 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
                               qkn ? S + sl.rstd_k : nullptr, dk, nullptr, nullptr, positions, T, nkv,
                               static_cast<int>(d), inv_freq, stream);
   float* h = X + sc.sh;
-  if (m.adapted(kGroupQ) || m.adapted(kGroupK) || m.adapted(kGroupV)) {
+  auto* h16 = reinterpret_cast<std::uint16_t*>(h);
+  if ((m.adapted(kGroupQ) || m.adapted(kGroupK) || m.adapted(kGroupV)) && bf16_lora) {
+    be.rmsnorm_forward_bf16(xin, D + ln_in_, h16, nullptr, T, H, eps, stream);
+  } else if (m.adapted(kGroupQ) || m.adapted(kGroupK) || m.adapted(kGroupV)) {
     be.rmsnorm_forward(xin, D + ln_in_, h, nullptr, T, H, eps, stream);
   }
   float* dh = X + nsc.dh;  // h stays readable for the adapters' gradients
-  m.lora_grads(kGroupQ, h, dq, G);
-  m.product(kGroupQ, true, dq, nullptr, nullptr, dh);
-  m.lora_dx(kGroupQ, dh);
-  m.lora_grads(kGroupK, h, dk, G);
-  m.product(kGroupK, true, dk, nullptr, dh, dh);
-  m.lora_dx(kGroupK, dh);
-  m.lora_grads(kGroupV, h, dv, G);
-  m.product(kGroupV, true, dv, nullptr, dh, dh);
-  m.lora_dx(kGroupV, dh);
+  // dh = sum over q, k, v of dy W (+ the adapter's term), each dy in bf16 once (op16).
+  const std::pair<int, const float*> qkv[3] = {{kGroupQ, dq}, {kGroupK, dk}, {kGroupV, dv}};
+  for (const auto& [group, dproj] : qkv) {
+    const std::uint16_t* dproj16 = m.grad16(group, dproj);
+    m.lora_grads(group, h, h16, dproj, dproj16, G);
+    m.product(group, true, dproj, dproj16, group == kGroupQ ? nullptr : dh, dh);
+    m.lora_dx(group, dh);
+  }
   be.rmsnorm_backward(dh, xin, D + ln_in_, S + sl.rstd1, dx, dx, nullptr, T, H, stream);
   lora_ws.set_last_stream(stream);
   set_last_stream(stream);

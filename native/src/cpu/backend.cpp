@@ -11,6 +11,7 @@
 #include "cpu/embedding.hpp"
 #include "cpu/fill.hpp"
 #include "cpu/gemm.hpp"
+#include "cpu/low_rank.hpp"
 #include "cpu/nf4.hpp"
 #include "cpu/pool.hpp"
 #include "cpu/qk_norm_rope.hpp"
@@ -86,6 +87,16 @@ class CpuBackend final : public Backend {
     std::vector<float> tmp(static_cast<std::size_t>(m * n));
     cpu::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, b, 0.0f, tmp.data());
     cpu::to_bf16(tmp.data(), c, m * n);
+  }
+  void add_low_rank(const float* c, const float* bias, const std::uint16_t* u, const std::uint16_t* v,
+                    std::int64_t v_row, std::int64_t v_col, std::int64_t rows, std::int64_t cols, int rank, float* out,
+                    const Stream&) const override {
+    cpu::add_low_rank(c, bias, u, v, v_row, v_col, rows, cols, rank, out);
+  }
+  void add_low_rank(const float* c, const float* bias, const std::uint16_t* u, const std::uint16_t* v,
+                    std::int64_t v_row, std::int64_t v_col, std::int64_t rows, std::int64_t cols, int rank,
+                    std::uint16_t* out, const Stream&) const override {
+    cpu::add_low_rank(c, bias, u, v, v_row, v_col, rows, cols, rank, out);
   }
   void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, const Stream&) const override {
     cpu::to_bf16(x, y, n);

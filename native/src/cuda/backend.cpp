@@ -11,6 +11,7 @@
 #include "cuda/embedding.cuh"
 #include "cuda/fill.cuh"
 #include "cuda/gemm.cuh"
+#include "cuda/low_rank.cuh"
 #include "cuda/nf4.cuh"
 #include "cuda/pool.cuh"
 #include "cuda/qk_norm_rope.cuh"
@@ -75,6 +76,16 @@ class CudaBackend final : public Backend {
                          const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,
                          const Stream& stream) const override {
     cuda::gemm_bf16_to_bf16(trans_a, trans_b, m, n, k, alpha, a, b, c, native(stream));
+  }
+  void add_low_rank(const float* c, const float* bias, const std::uint16_t* u, const std::uint16_t* v,
+                    std::int64_t v_row, std::int64_t v_col, std::int64_t rows, std::int64_t cols, int rank, float* out,
+                    const Stream& stream) const override {
+    cuda::add_low_rank(c, bias, u, v, v_row, v_col, rows, cols, rank, out, native(stream));
+  }
+  void add_low_rank(const float* c, const float* bias, const std::uint16_t* u, const std::uint16_t* v,
+                    std::int64_t v_row, std::int64_t v_col, std::int64_t rows, std::int64_t cols, int rank,
+                    std::uint16_t* out, const Stream& stream) const override {
+    cuda::add_low_rank(c, bias, u, v, v_row, v_col, rows, cols, rank, out, native(stream));
   }
   void to_bf16(const float* x, std::uint16_t* y, std::int64_t n, const Stream& stream) const override {
     cuda::to_bf16(x, y, n, native(stream));
