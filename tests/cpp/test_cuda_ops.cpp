@@ -255,12 +255,14 @@ TEST(CudaOps, ToBf16MatchesCpuBitwise) {
 
 TEST(CudaOps, AddLowRankMatchesCpuBitForBit) {
   // Both sum in the same order with exact products: the same bits. Qwen3-4B sizes (q's LoRA term at
-  // rank 16, gate/up's block-diagonal rank 32, the input-gradient term with A) and odd shapes for
-  // the scalar path and several rank chunks; fp32 out in place and bf16 out.
+  // rank 16, gate/up's block-diagonal rank 32, the input-gradient term with A; blocks of several row
+  // tiles, with v staged once or, past rank 32, per tile) and odd shapes for the scalar paths and
+  // several rank chunks; fp32 out in place and bf16 out.
   if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
   struct Case { std::int64_t rows, cols; int rank; bool a_layout, bias; std::int64_t offset; };
   for (Case k : {Case{850, 4096, 16, false, true, 0}, Case{850, 19456, 32, false, false, 0},
-                 Case{850, 2560, 32, true, false, 0}, Case{33, 45, 70, false, true, 0}, Case{33, 45, 5, true, true, 0},
+                 Case{850, 2560, 32, true, false, 0}, Case{4000, 4096, 40, true, true, 0},
+                 Case{33, 45, 70, false, true, 0}, Case{33, 45, 5, true, true, 0},
                  Case{31, 64, 3, false, false, 1}, Case{5, 8, 0, false, true, 0}}) {
     const auto n = static_cast<std::size_t>(k.rows * k.cols);
     const Vec c = random_normal(n + k.offset), bias = random_normal(static_cast<std::size_t>(k.cols));
