@@ -253,15 +253,16 @@ TEST(CudaOps, ToBf16MatchesCpuBitwise) {
   }
 }
 
-TEST(CudaOps, AddLowRankMatchesCpuBitForBit) {
-  // Both sum in the same order with exact products: the same bits. Qwen3-4B sizes (q's LoRA term at
-  // rank 16, gate/up's block-diagonal rank 32, the input-gradient term with A; blocks of several row
-  // tiles, with v staged once or, past rank 32, per tile) and odd shapes for the scalar paths and
-  // several rank chunks; fp32 out in place and bf16 out.
+TEST(CudaOps, AddLowRankMatchesCpu) {
+  // The same exact products summed in fp32 in different orders (the CPU's sequence, the tensor
+  // core's): a few fp32 ulps apart, so the bf16 outputs at most one bf16 ulp. Qwen3-4B sizes (q's
+  // LoRA term at rank 16, gate/up's block-diagonal rank 32, the input-gradient term with A; past
+  // rank 32 v's fragments are reloaded per tile) and odd shapes and offsets for the unaligned
+  // paths; fp32 out in place and bf16 out, both poisoned or random first.
   if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
   struct Case { std::int64_t rows, cols; int rank; bool a_layout, bias; std::int64_t offset; };
   for (Case k : {Case{850, 4096, 16, false, true, 0}, Case{850, 19456, 32, false, false, 0},
-                 Case{850, 2560, 32, true, false, 0}, Case{4000, 4096, 40, true, true, 0},
+                 Case{850, 2560, 32, true, false, 0}, Case{1000, 4096, 40, true, true, 0},
                  Case{33, 45, 70, false, true, 0}, Case{33, 45, 5, true, true, 0},
                  Case{31, 64, 3, false, false, 1}, Case{5, 8, 0, false, true, 0}}) {
     const auto n = static_cast<std::size_t>(k.rows * k.cols);
@@ -275,17 +276,21 @@ TEST(CudaOps, AddLowRankMatchesCpuBitForBit) {
       Buffer ob = Buffer::empty({static_cast<std::int64_t>(n + k.offset)}, DType::BFloat16, e.device);
       e.backend.fill(ob.data(), n + k.offset, 2, 0xffffu, e.stream);  // NaN
       const float* b = k.bias ? bb.data_as<float>() : nullptr;
+      const std::uint16_t* u0 = k.rank > 0 ? ub.data_as<std::uint16_t>() : nullptr;
+      const std::uint16_t* v0 = k.rank > 0 ? vb.data_as<std::uint16_t>() : nullptr;
       float* c0 = cb.data_as<float>() + k.offset;
-      e.backend.add_low_rank(c0, b, ub.data_as<std::uint16_t>(), vb.data_as<std::uint16_t>(), v_row, v_col, k.rows,
-                             k.cols, k.rank, ob.data_as<std::uint16_t>() + k.offset, e.stream);
-      e.backend.add_low_rank(c0, b, ub.data_as<std::uint16_t>(), vb.data_as<std::uint16_t>(), v_row, v_col, k.rows,
-                             k.cols, k.rank, c0, e.stream);
+      e.backend.add_low_rank(c0, b, u0, v0, v_row, v_col, k.rows, k.cols, k.rank, ob.data_as<std::uint16_t>() + k.offset,
+                             e.stream);
+      e.backend.add_low_rank(c0, b, u0, v0, v_row, v_col, k.rows, k.cols, k.rank, c0, e.stream);
       return std::vector<Vec>{e.download(cb), test::float_of(download_bits(e, ob))};
     });
     const std::string what = std::to_string(k.rows) + "x" + std::to_string(k.cols) + " rank " + std::to_string(k.rank);
+    EXPECT_LT(relative_error(out[0], ref[0]), 1e-6) << what;
+    for (std::size_t i = 0; i < k.offset; ++i) EXPECT_EQ(out[0][i], c[i]) << what << ": wrote before the output";
     for (std::size_t i = k.offset; i < n + k.offset; ++i) {
-      ASSERT_EQ(float_to_bits(out[0][i]), float_to_bits(ref[0][i])) << what << " fp32 element " << i;
-      ASSERT_EQ(float_to_bits(out[1][i]), float_to_bits(ref[1][i])) << what << " bf16 element " << i;
+      ASSERT_TRUE(std::isfinite(out[1][i])) << what << " bf16 element " << i;
+      const float one_ulp = std::ldexp(1.0f, std::ilogb(std::max(std::abs(ref[1][i]), 1e-30f)) - 7);
+      ASSERT_LE(std::abs(out[1][i] - ref[1][i]), one_ulp) << what << " bf16 element " << i;
     }
   }
 }

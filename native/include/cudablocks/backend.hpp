@@ -87,9 +87,9 @@ class Backend {
   // The LoRA term of a product joined to its fp32 result c [rows, cols] in one pass:
   //   out[t, n] = c[t, n] + bias[n] + sum_{j < rank} u[t, j] * v[n * v_row + j * v_col]
   // u [rows, rank] and v in bf16 (bit patterns: v is B [cols, rank] with v_row = rank, v_col = 1, or
-  // A [rank, cols] with v_row = 1, v_col = cols); bias may be nullptr. Summed in fp32 in that order,
-  // each term one exact bf16 x bf16 product rounded once: the same bits on every backend. out is fp32
-  // (may be c) or bf16, rounded once to nearest even.
+  // A [rank, cols] with v_row = 1, v_col = cols); bias may be nullptr. The products of bf16 values
+  // are exact and summed in fp32: by the CPU in that order, by CUDA's tensor cores in an order of
+  // their own (a few fp32 ulps apart). out is fp32 (may be c) or bf16, rounded once to nearest even.
   virtual void add_low_rank(const float* c, const float* bias, const std::uint16_t* u, const std::uint16_t* v,
                             std::int64_t v_row, std::int64_t v_col, std::int64_t rows, std::int64_t cols, int rank,
                             float* out, const Stream& stream) const = 0;

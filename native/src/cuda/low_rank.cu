@@ -6,13 +6,16 @@
 // Against a tensor-core GEMM accumulating into c and a conversion pass after it, this moves c once
 // instead of three times.
 //
-// A block takes 256 columns and `tiles` tiles of 32 rows; a thread 4 rows x 8 consecutive columns
-// of a tile (32 accumulators, 16-byte accesses when aligned). v for the block's columns is staged
-// in shared memory as fp32 [j][256 columns] (a warp reads one row of it: conflict-free) once for
-// all its row tiles when rank <= 32 (else 32 ranks at a time, again per tile), so the staging is
-// amortised over tiles x 32 rows; u as [j][32 rows] per tile (a broadcast). Sums run in the CPU
-// reference's order (bias, then j ascending) and every term is one exact product rounded once,
-// so both backends give the same bits.
+// On tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulators): a warp owns 64 columns (8
+// n-tiles) and walks 16-row tiles; each tile's accumulators start as c (+ bias) and take the rank
+// in steps of 16 (u as A, v as B, zero-padded past the rank), then go out, while the next tile's c
+// is already loading. The products cost nothing next to the memory traffic; v's fragments for the
+// first 32 ranks stay in registers for all the warp's tiles. c is read and out written in the
+// accumulator layout: per row 4 lanes x 8 bytes, 32-byte sectors used whole. The tensor core sums
+// a step's exact products in fp32 in an order of its own, so against the CPU's sequential sum the
+// result may differ in the last bits (relative 3e-8 at rank 16 on random data).
+// H200, 2026-11-28, [4096, n] at rank 16 (32 for gate/up): 2.2-2.3 TB/s against 3.2-4.1 for a
+// copy of c; a CUDA-core version (the CPU's order, the same bits) reached 1.6-1.9 TB/s.
 #include "cuda/low_rank.cuh"
 
 #include <algorithm>
@@ -20,172 +23,163 @@
 #include "cuda/bf16_vec.cuh"
 #include "cuda/check.hpp"
 #include "cuda/device_limits.hpp"
+#include "cuda/mma_sync.cuh"
 
 namespace cudablocks::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kCols = 256;       // columns per block: 32 threads x 8
-constexpr int kRows = 32;        // rows per tile: 8 threads x 4
-constexpr int kRowsPerThread = 4;
-constexpr int kColsPerThread = 8;
-constexpr int kRankChunk = 32;   // ranks staged at a time
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kNTiles = 8;                     // 8-column mma tiles per warp
+constexpr int kWarpCols = 8 * kNTiles;         // 64
+constexpr int kBlockCols = kWarps * kWarpCols;  // 256
+constexpr int kTileRows = 16;
+constexpr int kKeptSteps = 2;                  // rank steps of v kept in registers
 
-__device__ __forceinline__ void store_out(float* out, std::int64_t i, float v) { out[i] = v; }
-__device__ __forceinline__ void store_out(std::uint16_t* out, std::int64_t i, float v) { out[i] = bf16_bits(v); }
-
-// vs[j][n] = v(col0 + n, j0 + j) for j < chunk, 0 past the chunk or the last column. With 16-byte
-// aligned rows of 8 bf16 along j (B [n, R], R % 8 == 0) or along n (A [R, n], n % 8 == 0), one
-// 16-byte load fetches 8 values; else one value per load.
-__device__ void stage_v(float (*vs)[kCols], const std::uint16_t* __restrict__ v, std::int64_t v_row,
-                        std::int64_t v_col, std::int64_t col0, std::int64_t cols, int j0, int chunk, bool vec) {
-  if (vec && v_col == 1) {  // 8 consecutive j of one column
-    for (int idx = threadIdx.x; idx < kCols * (kRankChunk / 8); idx += kThreads) {
-      const int n = idx / (kRankChunk / 8), j = (idx % (kRankChunk / 8)) * 8;
-      const std::int64_t col = col0 + n;
-      if (j < chunk && col < cols) {
-        const float4 a = load_vec<float4>(v + col * v_row + j0 + j, 0), b = load_vec<float4>(v + col * v_row + j0 + j, 1);
-        vs[j][n] = a.x, vs[j + 1][n] = a.y, vs[j + 2][n] = a.z, vs[j + 3][n] = a.w;
-        vs[j + 4][n] = b.x, vs[j + 5][n] = b.y, vs[j + 6][n] = b.z, vs[j + 7][n] = b.w;
-      } else {
-        for (int k = 0; k < 8; ++k) vs[j + k][n] = 0.0f;
-      }
-    }
-  } else if (vec) {  // 8 consecutive columns of one j
-    for (int idx = threadIdx.x; idx < kRankChunk * (kCols / 8); idx += kThreads) {
-      const int j = idx / (kCols / 8), n = (idx % (kCols / 8)) * 8;
-      const std::int64_t col = col0 + n;
-      float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
-      if (j < chunk && col < cols) {
-        a = load_vec<float4>(v + (j0 + j) * v_col + col, 0);
-        b = load_vec<float4>(v + (j0 + j) * v_col + col, 1);
-      }
-      *reinterpret_cast<float4*>(&vs[j][n]) = a;
-      *reinterpret_cast<float4*>(&vs[j][n + 4]) = b;
-    }
-  } else {
-    for (int idx = threadIdx.x; idx < kRankChunk * kCols; idx += kThreads) {
-      const int j = idx / kCols, n = idx % kCols;
-      const std::int64_t col = col0 + n;
-      vs[j][n] = j < chunk && col < cols ? bf16_to_float(v[col * v_row + (j0 + j) * v_col]) : 0.0f;
-    }
-  }
+__device__ __forceinline__ std::uint32_t pack2(std::uint16_t lo, std::uint16_t hi) {
+  return static_cast<std::uint32_t>(lo) | (static_cast<std::uint32_t>(hi) << 16);
 }
 
-// kVec: cols % 8 == 0 and c, out 16-byte aligned: each thread's 8 columns are two float4 loads of c
-// and two vector stores.
-template <typename Out, bool kVec>
+__device__ __forceinline__ void store2(float* out, std::int64_t i, float a, float b, bool both, bool vec) {
+  if (vec && both) {
+    *reinterpret_cast<float2*>(out + i) = make_float2(a, b);
+    return;
+  }
+  out[i] = a;
+  if (both) out[i + 1] = b;
+}
+__device__ __forceinline__ void store2(std::uint16_t* out, std::int64_t i, float a, float b, bool both, bool vec) {
+  if (vec && both) {
+    *reinterpret_cast<std::uint32_t*>(out + i) = pack2(bf16_bits(a), bf16_bits(b));
+    return;
+  }
+  out[i] = bf16_bits(a);
+  if (both) out[i + 1] = bf16_bits(b);
+}
+
+// vec: cols even and c, out aligned for 8-byte (fp32) / 4-byte (bf16) pairs.
+template <typename Out>
 __global__ void __launch_bounds__(kThreads) add_low_rank_kernel(const float* c, const float* __restrict__ bias,
                                                                 const std::uint16_t* __restrict__ u,
                                                                 const std::uint16_t* __restrict__ v,
-                                                                std::int64_t v_row, std::int64_t v_col, bool v_vec,
+                                                                std::int64_t v_row, std::int64_t v_col,
                                                                 std::int64_t rows, std::int64_t cols, int rank,
-                                                                int tiles, Out* out) {
-  __shared__ __align__(16) float vs[kRankChunk][kCols];
-  __shared__ __align__(16) float us[kRankChunk][kRows];
-  const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
-  const std::int64_t col0 = static_cast<std::int64_t>(blockIdx.x) * kCols;
-  const std::int64_t my_col = col0 + tx * kColsPerThread;
-  const bool v_once = rank <= kRankChunk;  // the whole of v staged once for every tile
-  if (v_once && rank > 0) {
-    stage_v(vs, v, v_row, v_col, col0, cols, 0, rank, v_vec);
+                                                                std::int64_t rows_per_block, bool vec, Out* out) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const std::int64_t col_w = static_cast<std::int64_t>(blockIdx.x) * kBlockCols + (threadIdx.x / 32) * kWarpCols;
+  if (col_w >= cols) return;  // no barriers below
+  const std::int64_t row_begin = static_cast<std::int64_t>(blockIdx.y) * rows_per_block;
+  const std::int64_t row_end = rows < row_begin + rows_per_block ? rows : row_begin + rows_per_block;
+  const int steps = (rank + 15) / 16;
+  auto u_at = [&](std::int64_t r, int k) -> std::uint16_t { return r < rows && k < rank ? u[r * rank + k] : 0; };
+  auto v_at = [&](std::int64_t n, int k) -> std::uint16_t {
+    return n < cols && k < rank ? v[n * v_row + k * v_col] : 0;
+  };
+  // B fragment of n-tile i, rank step s: column col_w + 8 i + g, ranks 16 s + 2t (+1), + 8 (+1).
+  auto b_frag = [&](int s, int i, std::uint32_t b[2]) {
+    const std::int64_t n = col_w + 8 * i + g;
+    const int k = 16 * s + 2 * t;
+    b[0] = pack2(v_at(n, k), v_at(n, k + 1));
+    b[1] = pack2(v_at(n, k + 8), v_at(n, k + 9));
+  };
+  std::uint32_t kept[kKeptSteps][kNTiles][2];
+#pragma unroll
+  for (int s = 0; s < kKeptSteps; ++s) {
+#pragma unroll
+    for (int i = 0; i < kNTiles; ++i) b_frag(s, i, kept[s][i]);
+  }
+  float bias_f[kNTiles][2];
+#pragma unroll
+  for (int i = 0; i < kNTiles; ++i) {
+    const std::int64_t col = col_w + 8 * i + 2 * t;
+    bias_f[i][0] = bias != nullptr && col < cols ? bias[col] : 0.0f;
+    bias_f[i][1] = bias != nullptr && col + 1 < cols ? bias[col + 1] : 0.0f;
   }
 
-  for (int tile = 0; tile < tiles; ++tile) {
-    const std::int64_t row0 = (static_cast<std::int64_t>(blockIdx.y) * tiles + tile) * kRows;
-    if (row0 >= rows) break;
-    const std::int64_t my_row = row0 + ty * kRowsPerThread;
-    float acc[kRowsPerThread][kColsPerThread];
+  // c of the tile at row0 in the accumulator layout (0 past the rows or the columns).
+  auto load_tile = [&](std::int64_t row0, float tile[kNTiles][4]) {
 #pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) {
-      const std::int64_t t = my_row + i;
+    for (int h = 0; h < 2; ++h) {
+      const std::int64_t r = row0 + g + 8 * h;
 #pragma unroll
-      for (int k = 0; k < kColsPerThread; ++k) acc[i][k] = 0.0f;
-      if (t >= rows) continue;
-      if constexpr (kVec) {
-        if (my_col < cols) {
-          const float4 a = load_vec<float4>(c + t * cols + my_col, 0), b = load_vec<float4>(c + t * cols + my_col, 1);
-          acc[i][0] = a.x, acc[i][1] = a.y, acc[i][2] = a.z, acc[i][3] = a.w;
-          acc[i][4] = b.x, acc[i][5] = b.y, acc[i][6] = b.z, acc[i][7] = b.w;
+      for (int i = 0; i < kNTiles; ++i) {
+        const std::int64_t col = col_w + 8 * i + 2 * t;
+        float a = 0.0f, b = 0.0f;
+        if (r < row_end && col < cols) {
+          const float* p = c + r * cols + col;
+          if (vec && col + 1 < cols) {
+            const float2 pair = *reinterpret_cast<const float2*>(p);
+            a = pair.x, b = pair.y;
+          } else {
+            a = p[0];
+            if (col + 1 < cols) b = p[1];
+          }
         }
-      } else {
-#pragma unroll
-        for (int k = 0; k < kColsPerThread; ++k) {
-          if (my_col + k < cols) acc[i][k] = c[t * cols + my_col + k];
-        }
-      }
-      if (bias != nullptr) {
-#pragma unroll
-        for (int k = 0; k < kColsPerThread; ++k) {
-          if (my_col + k < cols) acc[i][k] += bias[my_col + k];
-        }
+        tile[i][2 * h] = a, tile[i][2 * h + 1] = b;
       }
     }
-
-    for (int j0 = 0; j0 < rank; j0 += kRankChunk) {
-      const int chunk = min(kRankChunk, rank - j0);
-      if (!v_once) stage_v(vs, v, v_row, v_col, col0, cols, j0, chunk, v_vec);
-      for (int idx = threadIdx.x; idx < kRankChunk * kRows; idx += kThreads) {
-        const int j = idx % kRankChunk, r = idx / kRankChunk;
-        const std::int64_t t = row0 + r;
-        us[j][r] = j < chunk && t < rows ? bf16_to_float(u[t * rank + j0 + j]) : 0.0f;
-      }
-      __syncthreads();
-      for (int j = 0; j < chunk; ++j) {
-        const float4 uj = *reinterpret_cast<const float4*>(&us[j][ty * kRowsPerThread]);
-        const float4 v0 = *reinterpret_cast<const float4*>(&vs[j][tx * kColsPerThread]);
-        const float4 v1 = *reinterpret_cast<const float4*>(&vs[j][tx * kColsPerThread + 4]);
-        const float ur[kRowsPerThread] = {uj.x, uj.y, uj.z, uj.w};
-        const float vc[kColsPerThread] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+  };
+  // The next tile's c is loaded while this one is multiplied and stored (loads in flight across
+  // the whole loop, not only at its start).
+  float next[kNTiles][4];
+  load_tile(row_begin, next);
+  for (std::int64_t row0 = row_begin; row0 < row_end; row0 += kTileRows) {
+    float acc[kNTiles][4];
 #pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i) {
+    for (int i = 0; i < kNTiles; ++i) {
 #pragma unroll
-          for (int k = 0; k < kColsPerThread; ++k) acc[i][k] = fmaf(ur[i], vc[k], acc[i][k]);
-        }
-      }
-      __syncthreads();
+      for (int e = 0; e < 4; ++e) acc[i][e] = next[i][e];
     }
-
+    if (row0 + kTileRows < row_end) load_tile(row0 + kTileRows, next);
+    if (bias != nullptr) {
 #pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) {
-      const std::int64_t t = my_row + i;
-      if (t >= rows) continue;
-      if constexpr (kVec) {
-        if (my_col < cols) {
-          store_vec(out + t * cols + my_col, 0, make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
-          store_vec(out + t * cols + my_col, 1, make_float4(acc[i][4], acc[i][5], acc[i][6], acc[i][7]));
-        }
-      } else {
+      for (int i = 0; i < kNTiles; ++i) {
+        acc[i][0] += bias_f[i][0], acc[i][1] += bias_f[i][1];
+        acc[i][2] += bias_f[i][0], acc[i][3] += bias_f[i][1];
+      }
+    }
+    for (int s = 0; s < steps; ++s) {
+      const int k = 16 * s + 2 * t;
+      const std::int64_t r = row0 + g;
+      const std::uint32_t a[4] = {pack2(u_at(r, k), u_at(r, k + 1)), pack2(u_at(r + 8, k), u_at(r + 8, k + 1)),
+                                  pack2(u_at(r, k + 8), u_at(r, k + 9)), pack2(u_at(r + 8, k + 8), u_at(r + 8, k + 9))};
 #pragma unroll
-        for (int k = 0; k < kColsPerThread; ++k) {
-          if (my_col + k < cols) store_out(out, t * cols + my_col + k, acc[i][k]);
-        }
+      for (int i = 0; i < kNTiles; ++i) {
+        std::uint32_t b[2] = {s == 0 ? kept[0][i][0] : kept[1][i][0], s == 0 ? kept[0][i][1] : kept[1][i][1]};
+        if (s >= kKeptSteps) b_frag(s, i, b);
+        mma_bf16_16816(acc[i], a, b);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const std::int64_t r = row0 + g + 8 * h;
+      if (r >= row_end) continue;
+#pragma unroll
+      for (int i = 0; i < kNTiles; ++i) {
+        const std::int64_t col = col_w + 8 * i + 2 * t;
+        if (col < cols) store2(out, r * cols + col, acc[i][2 * h], acc[i][2 * h + 1], col + 1 < cols, vec);
       }
     }
   }
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+bool aligned(const void* p, unsigned bytes) { return (reinterpret_cast<std::uintptr_t>(p) & (bytes - 1)) == 0; }
 
 template <typename Out>
 void launch(const float* c, const float* bias, const std::uint16_t* u, const std::uint16_t* v, std::int64_t v_row,
             std::int64_t v_col, std::int64_t rows, std::int64_t cols, int rank, Out* out, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
-  // Enough row tiles per block to amortise v's staging, few enough to give every SM ~4 blocks.
-  const std::int64_t col_blocks = (cols + kCols - 1) / kCols, row_tiles = (rows + kRows - 1) / kRows;
-  const std::int64_t want_blocks = 4 * static_cast<std::int64_t>(multiprocessor_count());
-  const int tiles = static_cast<int>(std::clamp<std::int64_t>(col_blocks * row_tiles / want_blocks, 1, 16));
-  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>((row_tiles + tiles - 1) / tiles));
-  // 16-byte loads of v: rows of 8 bf16 along j (B, rank % 8 == 0) or along the columns (A, cols % 8 == 0).
-  const bool v_vec = rank > 0 && aligned16(v) && (v_col == 1 ? rank % 8 == 0 && v_row % 8 == 0 : v_col % 8 == 0);
-  if (cols % kColsPerThread == 0 && aligned16(c) && aligned16(out)) {
-    add_low_rank_kernel<Out, true><<<grid, kThreads, 0, stream>>>(c, bias, u, v, v_row, v_col, v_vec, rows, cols,
-                                                                  rank, tiles, out);
-  } else {
-    add_low_rank_kernel<Out, false><<<grid, kThreads, 0, stream>>>(c, bias, u, v, v_row, v_col, v_vec, rows, cols,
-                                                                   rank, tiles, out);
-  }
+  // Row tiles split over enough blocks for ~6 per SM (4 warps each: occupancy hides the loads).
+  const std::int64_t col_blocks = (cols + kBlockCols - 1) / kBlockCols;
+  const std::int64_t row_tiles = (rows + kTileRows - 1) / kTileRows;
+  const std::int64_t want = 6 * static_cast<std::int64_t>(multiprocessor_count());
+  const std::int64_t groups = std::clamp<std::int64_t>(want / col_blocks, 1, row_tiles);
+  const std::int64_t rows_per_block = (row_tiles + groups - 1) / groups * kTileRows;
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block));
+  const bool vec = cols % 2 == 0 && aligned(c, 8) && aligned(out, 2 * sizeof(Out));
+  add_low_rank_kernel<Out><<<grid, kThreads, 0, stream>>>(c, bias, u, v, v_row, v_col, rows, cols, rank,
+                                                          rows_per_block, vec, out);
   CUDABLOCKS_CHECK_LAUNCH("add_low_rank_kernel");
 }
 
