@@ -7,7 +7,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
-#include <utility>
+#include <tuple>
 
 #include "blocks/block_internal.hpp"
 #include "core/checks.hpp"
@@ -1117,13 +1117,17 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   const AttentionShape attn{cu, n_seqs, batch.max_seqlen, T, nq, nkv, static_cast<int>(d), scale};
   attention_backward_saved(be, prec, q_rot, k_rot, S + sl.v, S + sl.att, d_att_in, S + sl.lse, dq_rot, dk_rot, dv,
                            X + sc.attn_ws, attn, stream);
+  // dq and dk: fp32, or bf16 where only bf16 products read them (the norms and biases are frozen):
+  // then written so, in their fp32 slots, and no conversion follows.
   float* dq = d_att;
   float* dk = q_rot;
+  std::uint16_t* dq16 = m.bf16_operand_only(kGroupQ) ? reinterpret_cast<std::uint16_t*>(dq) : nullptr;
+  std::uint16_t* dk16 = m.bf16_operand_only(kGroupK) ? reinterpret_cast<std::uint16_t*>(dk) : nullptr;
   qk_norm_rope_backward_saved(be, prec, dq_rot, S + sl.q_raw, qkn ? D + q_norm_ : nullptr,
-                              qkn ? S + sl.rstd_q : nullptr, dq, nullptr, nullptr, positions, T, nq,
+                              qkn ? S + sl.rstd_q : nullptr, dq, dq16, nullptr, positions, T, nq,
                               static_cast<int>(d), inv_freq, stream);
   qk_norm_rope_backward_saved(be, prec, dk_rot, S + sl.k_raw, qkn ? D + k_norm_ : nullptr,
-                              qkn ? S + sl.rstd_k : nullptr, dk, nullptr, nullptr, positions, T, nkv,
+                              qkn ? S + sl.rstd_k : nullptr, dk, dk16, nullptr, positions, T, nkv,
                               static_cast<int>(d), inv_freq, stream);
   float* h = X + sc.sh;
   auto* h16 = reinterpret_cast<std::uint16_t*>(h);
@@ -1133,10 +1137,11 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     be.rmsnorm_forward(xin, D + ln_in_, h, nullptr, T, H, eps, stream);
   }
   float* dh = X + nsc.dh;  // h stays readable for the adapters' gradients
-  // dh = sum over q, k, v of dy W (+ the adapter's term), each dy in bf16 once (op16).
-  const std::pair<int, const float*> qkv[3] = {{kGroupQ, dq}, {kGroupK, dk}, {kGroupV, dv}};
-  for (const auto& [group, dproj] : qkv) {
-    const std::uint16_t* dproj16 = m.grad16(group, dproj);
+  // dh = sum over q, k, v of dy W (+ the adapter's term), each dy in bf16 once (dq16, dk16, or op16).
+  const std::tuple<int, const float*, const std::uint16_t*> qkv[3] = {
+      {kGroupQ, dq, dq16}, {kGroupK, dk, dk16}, {kGroupV, dv, nullptr}};
+  for (const auto& [group, dproj, written16] : qkv) {
+    const std::uint16_t* dproj16 = written16 != nullptr ? written16 : m.grad16(group, dproj);
     m.lora_grads(group, h, h16, dproj, dproj16, G);
     m.product(group, true, dproj, dproj16, group == kGroupQ ? nullptr : dh, dh);
     m.lora_dx(group, dh);
