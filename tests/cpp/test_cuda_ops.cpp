@@ -255,7 +255,8 @@ TEST(CudaOps, ToBf16MatchesCpuBitwise) {
 
 TEST(CudaOps, AddLowRankMatchesCpu) {
   // The same exact products summed in fp32 in different orders (the CPU's sequence, the tensor
-  // core's): a few fp32 ulps apart, so the bf16 outputs at most one bf16 ulp. Qwen3-4B sizes (q's
+  // core's): a few fp32 ulps apart (near cancellations make single bf16 outputs differ by more, so
+  // those are checked as CUDA's own rounded fp32 sums). Qwen3-4B sizes (q's
   // LoRA term at rank 16, gate/up's block-diagonal rank 32, the input-gradient term with A; past
   // rank 32 v's fragments are reloaded per tile) and odd shapes and offsets for the unaligned
   // paths; fp32 out in place and bf16 out, both poisoned or random first.
@@ -287,11 +288,11 @@ TEST(CudaOps, AddLowRankMatchesCpu) {
     const std::string what = std::to_string(k.rows) + "x" + std::to_string(k.cols) + " rank " + std::to_string(k.rank);
     EXPECT_LT(relative_error(out[0], ref[0]), 1e-6) << what;
     for (std::size_t i = 0; i < k.offset; ++i) EXPECT_EQ(out[0][i], c[i]) << what << ": wrote before the output";
+    // The bf16 output is CUDA's own fp32 sum rounded once (the same accumulators either way).
     for (std::size_t i = k.offset; i < n + k.offset; ++i) {
-      ASSERT_TRUE(std::isfinite(out[1][i])) << what << " bf16 element " << i;
-      const float one_ulp = std::ldexp(1.0f, std::ilogb(std::max(std::abs(ref[1][i]), 1e-30f)) - 7);
-      ASSERT_LE(std::abs(out[1][i] - ref[1][i]), one_ulp) << what << " bf16 element " << i;
+      ASSERT_EQ(out[1][i], bf16_bits_to_float(float_to_bf16_bits(out[0][i]))) << what << " bf16 element " << i;
     }
+    EXPECT_LT(relative_error(out[1], ref[1]), 1e-2) << what;
   }
 }
 
