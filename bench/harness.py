@@ -88,10 +88,12 @@ def card_name(device: str) -> str:
 
 
 def write_results(rows: list[Row], device: str, out_dirs: list[Path], meta: dict[str, object]) -> Path:
-    """Writes <date>-<card>[-quick].json into each folder and returns the first path (a quick run does not
-    replace a full one of the same day)."""
+    """Writes <date>-<card>[-<suites>][-quick].json into each folder and returns the first path (a quick run,
+    or one of some suites only (meta "suites"), does not replace a full one of the same day)."""
     stamp = time.strftime("%Y-%m-%d")
-    card = card_name(device).replace(" ", "-").replace("/", "-") + ("-quick" if meta.get("quick") else "")
+    suites = meta.get("suites")
+    card = (card_name(device).replace(" ", "-").replace("/", "-") + ("-" + "+".join(suites) if suites else "")
+            + ("-quick" if meta.get("quick") else ""))
     doc = {"date": stamp, "card": card_name(device), **meta, "rows": [asdict(r) for r in rows]}
     first: Path | None = None
     for folder in out_dirs:
@@ -111,7 +113,8 @@ def fmt(x: float | None) -> str:
 
 def markdown_table(doc: dict) -> str:
     lines = [
-        f"### {doc['card']} — {doc['date']}" + (" (quick)" if doc.get("quick") else ""),
+        f"### {doc['card']} — {doc['date']}" + (f" (suites: {', '.join(doc['suites'])})" if doc.get("suites") else "")
+        + (" (quick)" if doc.get("quick") else ""),
         "",
         "| benchmark | unit | ours | anchor | ratio | of limit | target | met | note |",
         "|---|---|---|---|---|---|---|---|---|",

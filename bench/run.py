@@ -49,7 +49,7 @@ def main() -> int:
     outs = [args.out] if args.out else []
     if device != "cpu":
         outs.insert(0, here / "results")
-    path = write_results(rows, device, outs or [here / "results_cpu"], {"quick": args.quick, "torch": torch.__version__})
+    path = write_results(rows, device, outs or [here / "results_cpu"], {"quick": args.quick, "torch": torch.__version__, **({"suites": args.only} if args.only else {})})
     if device != "cpu":
         regenerate_results_md(here / "results", here / "RESULTS.md")
     print(f"results: {path}")

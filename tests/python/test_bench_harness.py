@@ -76,3 +76,17 @@ def test_markdown_shows_share() -> None:
     assert len(cells) == len(header) and cells[4:6] == ["2.00×", "62% of bf16 GEMM"]
     cells = [c.strip() for c in lines[5].strip("|").split("|")]
     assert len(cells) == len(header) and cells[5] == ""
+
+
+def test_a_run_of_some_suites_does_not_replace_the_full_run(tmp_path: Path) -> None:
+    """--only names its file after the suites (and says so in the document), so the day's full run stays."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from harness import Row, write_results
+
+    rows = [Row("t", "ms", 1.0)]
+    full = write_results(rows, "cpu", [tmp_path], {"quick": False})
+    some = write_results(rows, "cpu", [tmp_path], {"quick": False, "suites": ["nf4", "classify"]})
+    assert full != some and full.exists() and some.exists()
+    assert some.name.endswith("-cpu-nf4+classify.json")
+    assert json.loads(some.read_text())["suites"] == ["nf4", "classify"]
+    assert "suites" not in json.loads(full.read_text())
