@@ -381,12 +381,15 @@ def test_refused_calls_change_nothing(rng: np.random.Generator) -> None:
 BF16_TARGET_SETS = [tuple(PROJECTIONS), ("q_proj", "v_proj"), ("k_proj", "up_proj"), ("down_proj",)]
 
 
-@pytest.mark.parametrize(("targets", "dropout"), [(t, 0.0) for t in BF16_TARGET_SETS] + [(("q_proj", "up_proj"), 0.3)])
-def test_bf16_compute_on_cpu_is_close_to_fp32(targets: tuple[str, ...], dropout: float, rng: np.random.Generator
-                                              ) -> None:
-    """compute="bf16" rounds the GEMM operands to bf16 (as CUDA's tensor cores): close to fp32, not equal. With
-    LoRA dropout both draw the same masks (the adapters' gradients included)."""
-    config, layer, cfg = small(rng)
+@pytest.mark.parametrize(("targets", "dropout", "model_type"),
+                         [(t, 0.0, "qwen3") for t in BF16_TARGET_SETS] + [(("q_proj", "up_proj"), 0.3, "qwen3"),
+                                                                          (tuple(PROJECTIONS), 0.0, "qwen2")])
+def test_bf16_compute_on_cpu_is_close_to_fp32(targets: tuple[str, ...], dropout: float, model_type: str,
+                                              rng: np.random.Generator) -> None:
+    """compute="bf16" rounds the GEMM operands to bf16 (as CUDA's tensor cores), the adapters' too and
+    their u = x A^T and du = dy B (without dropout): close to fp32, not equal. With LoRA dropout both draw
+    the same masks (the adapters' gradients included). Qwen2: the q/k/v biases join the adapters' terms."""
+    config, layer, cfg = small(rng, model_type)
     weights = weights_of(layer)
     lora = cb.LoraConfig(rank=4, alpha=8, targets=targets, dropout=dropout)
     blocks = [cb.CudaBlock.nf4(cfg, 0, weights, "cpu", 32, lora=lora, compute=c) for c in ("fp32", "bf16")]
