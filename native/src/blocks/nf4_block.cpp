@@ -329,6 +329,16 @@ struct Nf4Block::Impl {
     if (!bf16_lora() || !adapted(group)) return nullptr;
     return operand16(dy, nullptr, rows(kGroups[group]));
   }
+  // backward_lora: the adapters' input RMSNorm(x) w [T, H] again, into `slot`: bf16 for bf16 LoRA,
+  // else fp32.
+  void norm_for_adapters(const float* x, const float* w, float* slot, float eps) const {
+    const std::int64_t H = b.config_.hidden_size;
+    if (bf16_lora()) {
+      be.rmsnorm_forward_bf16(x, w, reinterpret_cast<std::uint16_t*>(slot), nullptr, T, H, eps, stream);
+    } else {
+      be.rmsnorm_forward(x, w, slot, nullptr, T, H, eps, stream);
+    }
+  }
 
   // The saved attention output as o's adapter reads it in fp32: itself, or (bf16 mode with dropout)
   // widened into `scratch` [T, q]. nullptr when nothing reads it (no adapter on o, or bf16 LoRA,
@@ -1035,20 +1045,15 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
 
   // MLP: out = r + swiglu(g Wgu^T) Wdown^T. The adapters' inputs g and act are recomputed only for
   // the groups that have adapters (bf16 LoRA: in bf16, in the fp32 slots).
-  const bool bf16_lora = m.bf16_lora();
   const auto* gate_up16 = reinterpret_cast<const std::uint16_t*>(S + sl.gate_up);
   float* g = X + sc.sh;
   auto* g16 = reinterpret_cast<std::uint16_t*>(g);
-  if (m.adapted(kGroupGU) && bf16_lora) {
-    be.rmsnorm_forward_bf16(r, D + ln_post_, g16, nullptr, T, H, eps, stream);
-  } else if (m.adapted(kGroupGU)) {
-    be.rmsnorm_forward(r, D + ln_post_, g, nullptr, T, H, eps, stream);
-  }
+  if (m.adapted(kGroupGU)) m.norm_for_adapters(r, D + ln_post_, g, eps);
   float* act = X + sc.act;
   auto* act16 = reinterpret_cast<std::uint16_t*>(act);
   const std::uint16_t* dy16 = nullptr;
   if (m.adapted(kGroupDown)) {
-    if (bf16_lora) {
+    if (m.bf16_lora()) {
       be.swiglu_forward(gate_up16, act16, T, I, stream);
     } else {
       m.swiglu_forward_saved(S + sl.gate_up, act, I);
@@ -1131,11 +1136,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
                               static_cast<int>(d), inv_freq, stream);
   float* h = X + sc.sh;
   auto* h16 = reinterpret_cast<std::uint16_t*>(h);
-  if ((m.adapted(kGroupQ) || m.adapted(kGroupK) || m.adapted(kGroupV)) && bf16_lora) {
-    be.rmsnorm_forward_bf16(xin, D + ln_in_, h16, nullptr, T, H, eps, stream);
-  } else if (m.adapted(kGroupQ) || m.adapted(kGroupK) || m.adapted(kGroupV)) {
-    be.rmsnorm_forward(xin, D + ln_in_, h, nullptr, T, H, eps, stream);
-  }
+  if (m.adapted(kGroupQ) || m.adapted(kGroupK) || m.adapted(kGroupV)) m.norm_for_adapters(xin, D + ln_in_, h, eps);
   float* dh = X + nsc.dh;  // h stays readable for the adapters' gradients
   // dh = sum over q, k, v of dy W (+ the adapter's term), each dy in bf16 once (dq16, dk16, or op16).
   const std::tuple<int, const float*, const std::uint16_t*> qkv[3] = {

@@ -127,22 +127,14 @@ constexpr int kLdT = kTile / 2 + 4;  // pairs per row of a transposed ("cols") t
 template <int D>
 constexpr int ld_rows() { return D / 2 + 4; }  // pairs per row of a "rows" tile
 
-// The PTX primitives (cvt.rna.tf32, mma.sync tf32 (bf16: cuda/mma_sync.cuh), ldmatrix.x4 with and without .trans,
-// cp.async). A host-side test harness that runs these kernels on emulated threads
+// The PTX primitives (cvt.rna.tf32, ldmatrix.x4 with and without .trans, cp.async; mma.sync in
+// cuda/mma_sync.cuh). A host-side test harness that runs these kernels on emulated threads
 // defines CUDABLOCKS_ATTN_MMA_EMULATION and supplies its own versions (with the host code left out).
 #ifndef CUDABLOCKS_ATTN_MMA_EMULATION
 __device__ __forceinline__ uint32_t to_tf32(float x) {
     uint32_t r;
     asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
     return r;
-}
-
-__device__ __forceinline__ void mma_tf32_1688(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16; p: this lane's row address (shared memory).
