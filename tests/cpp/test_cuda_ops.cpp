@@ -259,7 +259,7 @@ TEST(CudaOps, AddLowRankMatchesCpu) {
   // those are checked as CUDA's own rounded fp32 sums). Qwen3-4B sizes (q's
   // LoRA term at rank 16, gate/up's block-diagonal rank 32, the input-gradient term with A; past
   // rank 32 v's fragments are reloaded per tile) and odd shapes and offsets for the unaligned
-  // paths; fp32 out in place and bf16 out, both poisoned or random first.
+  // paths; fp32 out in place and bf16 out, both poisoned or random first; and the term alone (no c).
   if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
   struct Case { std::int64_t rows, cols; int rank; bool a_layout, bias; std::int64_t offset; };
   for (Case k : {Case{850, 4096, 16, false, true, 0}, Case{850, 19456, 32, false, false, 0},
@@ -283,7 +283,10 @@ TEST(CudaOps, AddLowRankMatchesCpu) {
       e.backend.add_low_rank(c0, b, u0, v0, v_row, v_col, k.rows, k.cols, k.rank, ob.data_as<std::uint16_t>() + k.offset,
                              e.stream);
       e.backend.add_low_rank(c0, b, u0, v0, v_row, v_col, k.rows, k.cols, k.rank, c0, e.stream);
-      return std::vector<Vec>{e.download(cb), test::float_of(download_bits(e, ob))};
+      // Without c: the term (and bias) alone.
+      Buffer tb = e.poisoned(n);
+      e.backend.add_low_rank(nullptr, b, u0, v0, v_row, v_col, k.rows, k.cols, k.rank, tb.data_as<float>(), e.stream);
+      return std::vector<Vec>{e.download(cb), test::float_of(download_bits(e, ob)), e.download(tb)};
     });
     const std::string what = std::to_string(k.rows) + "x" + std::to_string(k.cols) + " rank " + std::to_string(k.rank);
     EXPECT_LT(relative_error(out[0], ref[0]), 1e-6) << what;
@@ -294,6 +297,7 @@ TEST(CudaOps, AddLowRankMatchesCpu) {
     }
     const Vec out16(out[1].begin() + k.offset, out[1].end()), ref16(ref[1].begin() + k.offset, ref[1].end());
     EXPECT_LT(relative_error(out16, ref16), 1e-2) << what;
+    EXPECT_LT(relative_error(out[2], ref[2]), 1e-6) << what << " without c";
   }
 }
 
@@ -490,31 +494,42 @@ TEST(CudaOps, GemmBf16ToBf16IsTheRoundedProduct) {
       {false, false, 37, 53, 29, 0.5f, 0.0f},
       {true, true, 1, 7, 300, 1.0f, 0.0f},
   };
-  for (const GemmCase& g : cases) {
-    const std::string what = std::to_string(g.m) + "x" + std::to_string(g.n) + "x" + std::to_string(g.k);
-    const Bits a = bf16_of(random_normal(static_cast<std::size_t>(g.m * g.k)));
-    const Bits b = bf16_of(random_normal(static_cast<std::size_t>(g.k * g.n)));
-    std::vector<Bits> results;
-    for (Env* e : {new Env{Device()}, new Env{gpu()}}) {
-      std::unique_ptr<Env> env(e);
-      Buffer ab = upload_bits(*e, a), bb = upload_bits(*e, b);
-      Buffer c16 = upload_bits(*e, Bits(static_cast<std::size_t>(g.m * g.n), 0xffff));
-      e->backend.gemm_bf16_to_bf16(g.ta, g.tb, g.m, g.n, g.k, g.alpha, ab.data_as<std::uint16_t>(),
-                                   bb.data_as<std::uint16_t>(), c16.data_as<std::uint16_t>(), e->stream);
-      results.push_back(download_bits(*e, c16));
+  // gemm_bf16_to_bf16_add likewise, onto random bf16 values of c (cuBLAS's epilogue, beta 1).
+  for (bool add : {false, true}) {
+    for (const GemmCase& g : cases) {
+      const std::string what = std::string(add ? "add " : "") + std::to_string(g.m) + "x" + std::to_string(g.n) + "x" +
+                               std::to_string(g.k);
+      const Bits a = bf16_of(random_normal(static_cast<std::size_t>(g.m * g.k)));
+      const Bits b = bf16_of(random_normal(static_cast<std::size_t>(g.k * g.n)));
+      const auto mn = static_cast<std::size_t>(g.m * g.n);
+      const Bits c0 = add ? bf16_of(random_normal(mn, 10.0f)) : Bits(mn, 0xffff);
+      std::vector<Bits> results;
+      for (Env* e : {new Env{Device()}, new Env{gpu()}}) {
+        std::unique_ptr<Env> env(e);
+        Buffer ab = upload_bits(*e, a), bb = upload_bits(*e, b);
+        Buffer c16 = upload_bits(*e, c0);
+        if (add) {
+          e->backend.gemm_bf16_to_bf16_add(g.ta, g.tb, g.m, g.n, g.k, g.alpha, ab.data_as<std::uint16_t>(),
+                                           bb.data_as<std::uint16_t>(), c16.data_as<std::uint16_t>(), e->stream);
+        } else {
+          e->backend.gemm_bf16_to_bf16(g.ta, g.tb, g.m, g.n, g.k, g.alpha, ab.data_as<std::uint16_t>(),
+                                       bb.data_as<std::uint16_t>(), c16.data_as<std::uint16_t>(), e->stream);
+        }
+        results.push_back(download_bits(*e, c16));
+      }
+      const Bits& cpu = results[0];
+      const Bits& cuda = results[1];
+      ASSERT_EQ(cuda.size(), cpu.size());
+      float largest = 0.0f;
+      for (std::uint16_t c : cpu) largest = std::max(largest, std::abs(bf16_bits_to_float(c)));
+      std::size_t exact = 0;
+      for (std::size_t i = 0; i < cpu.size(); ++i) {
+        const float got = bf16_bits_to_float(cuda[i]), want = bf16_bits_to_float(cpu[i]);
+        ASSERT_LE(std::abs(got - want), std::ldexp(std::abs(want), -7) + 1e-5f * largest) << what << " element " << i;
+        exact += cuda[i] == cpu[i];
+      }
+      EXPECT_GE(static_cast<double>(exact), 0.98 * static_cast<double>(cpu.size())) << what;
     }
-    const Bits& cpu = results[0];
-    const Bits& cuda = results[1];
-    ASSERT_EQ(cuda.size(), cpu.size());
-    float largest = 0.0f;
-    for (std::uint16_t c : cpu) largest = std::max(largest, std::abs(bf16_bits_to_float(c)));
-    std::size_t exact = 0;
-    for (std::size_t i = 0; i < cpu.size(); ++i) {
-      const float got = bf16_bits_to_float(cuda[i]), want = bf16_bits_to_float(cpu[i]);
-      ASSERT_LE(std::abs(got - want), std::ldexp(std::abs(want), -7) + 1e-5f * largest) << what << " element " << i;
-      exact += cuda[i] == cpu[i];
-    }
-    EXPECT_GE(static_cast<double>(exact), 0.98 * static_cast<double>(cpu.size())) << what;
   }
 }
 

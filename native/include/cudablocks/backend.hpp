@@ -84,8 +84,15 @@ class Backend {
   virtual void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
                                  float alpha, const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,
                                  const Stream& stream) const = 0;
+  // c = alpha op(a) op(b) + c, c in bf16 on both sides: the fp32 sum plus c's value, rounded once
+  // (CUDA: cuBLAS's epilogue with beta 1). A bf16 LoRA term written into c first joins the product
+  // so, without an fp32 result of its own.
+  virtual void gemm_bf16_to_bf16_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                                     float alpha, const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,
+                                     const Stream& stream) const = 0;
   // The LoRA term of a product joined to its fp32 result c [rows, cols] in one pass:
   //   out[t, n] = c[t, n] + bias[n] + sum_{j < rank} u[t, j] * v[n * v_row + j * v_col]
+  // c may be nullptr (read as zeros: the term alone, for gemm_bf16_to_bf16_add to add the product to).
   // u [rows, rank] and v in bf16 (bit patterns: v is B [cols, rank] with v_row = rank, v_col = 1, or
   // A [rank, cols] with v_row = 1, v_col = cols); bias may be nullptr. The products of bf16 values
   // are exact and summed in fp32: by the CPU in that order, by CUDA's tensor cores in an order of

@@ -281,28 +281,43 @@ struct Nf4Block::Impl {
     }
   }
 
-  // bf16 mode: c16 = a W^T, or transposed a W, written in bf16; a16 as for product (it must not be c16).
-  void product_to_bf16(int group, bool transposed, const float* a, const std::uint16_t* a16, std::uint16_t* c16) {
+  // bf16 mode: c16 = a W^T, or transposed a W, written in bf16 (accumulate: added to c16's bf16
+  // values, rounded once); a16 as for product (it must not be c16).
+  void product_to_bf16(int group, bool transposed, const float* a, const std::uint16_t* a16, std::uint16_t* c16,
+                       bool accumulate) {
     const Group& g = kGroups[group];
     dequantize(g);
     const std::int64_t n = transposed ? cols(g) : rows(g), k = transposed ? rows(g) : cols(g);
     a16 = operand16(a, a16, k);
-    be.gemm_bf16_to_bf16(false, !transposed, T, n, k, 1.0f, a16, reinterpret_cast<const std::uint16_t*>(wscratch), c16,
-                         stream);
+    const auto* w = reinterpret_cast<const std::uint16_t*>(wscratch);
+    if (accumulate) {
+      be.gemm_bf16_to_bf16_add(false, !transposed, T, n, k, 1.0f, a16, w, c16, stream);
+    } else {
+      be.gemm_bf16_to_bf16(false, !transposed, T, n, k, 1.0f, a16, w, c16, stream);
+    }
   }
 
   // bf16 mode: c16 = a W^T + the adapter's term (+ bias), or transposed a W + the adapter's
-  // input-gradient term (after the group's lora_grads), rounded once to bf16: written so by the
-  // product when nothing is added, else summed in fp32 in `sum` [T, n] first. a16 as for product.
+  // input-gradient term (after the group's lora_grads). a16 as for product.
+  // - bf16 LoRA without a bias: the term is written into c16 in bf16 first and the product adds
+  //   itself onto it in its epilogue (c16 = bf16(a W^T + bf16(term)), as PEFT rounds its LoRA
+  //   output before the sum, but with the frozen product unrounded), so no fp32 result is written
+  //   and read again (when c16 is not the operand).
+  // - Otherwise the sum is formed in fp32 in `sum` [T, n] and rounded once.
   void product_sum_to_bf16(int group, bool transposed, const float* a, const std::uint16_t* a16, const float* bias,
                            float* sum, std::uint16_t* c16) {
     if (!adapted(group) && bias == nullptr) {
-      product_to_bf16(group, transposed, a, a16, c16);
+      product_to_bf16(group, transposed, a, a16, c16, false);
       return;
     }
     const Group& g = kGroups[group];
     const std::int64_t n = transposed ? cols(g) : rows(g), k = transposed ? rows(g) : cols(g);
     a16 = operand16(a, a16, k);
+    if (bf16_lora() && bias == nullptr && a16 != c16) {
+      add_adapter(group, transposed, a16, nullptr, nullptr, c16);
+      product_to_bf16(group, transposed, a, a16, c16, true);
+      return;
+    }
     product(group, transposed, a, a16, nullptr, sum);
     if (bf16_lora()) {
       add_adapter(group, transposed, a16, sum, bias, c16);
@@ -1062,17 +1077,17 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     m.lora_grads(kGroupDown, act, act16, dy, dy16, G);
   }
   // d_act = dy Wdown (+ the adapter's term). In bf16 mode SwiGLU's backward reads it in bf16: written
-  // so by the product (into act's fp32 slot, unused without an adapter on down), or rounded after the
-  // fp32 sum into a buffer SwiGLU's backward does not write (d_gate_up's slot when that output goes to
-  // op16, else op16).
+  // so by the product (onto the bf16 LoRA term) into act's fp32 slot (act was last read by the
+  // adapter's gradients), or, with dropout, rounded after the fp32 sum in that slot into a buffer
+  // SwiGLU's backward does not write (d_gate_up's slot when that output goes to op16, else op16).
   float* d_act = act;
   float* d_gu = X + sc.d_gate_up;
   const bool gu_bf16_only = m.bf16_operand_only(kGroupGU);
   const std::uint16_t* d_act16 = nullptr;
   if (m.bf) {
-    std::uint16_t* dst = !m.adapted(kGroupDown) ? reinterpret_cast<std::uint16_t*>(d_act)
-                         : gu_bf16_only         ? reinterpret_cast<std::uint16_t*>(d_gu)
-                                                : m.op16;
+    std::uint16_t* dst = !m.adapted(kGroupDown) || m.bf16_lora() ? reinterpret_cast<std::uint16_t*>(d_act)
+                         : gu_bf16_only                           ? reinterpret_cast<std::uint16_t*>(d_gu)
+                                                                  : m.op16;
     m.product_sum_to_bf16(kGroupDown, true, dy, dy16, nullptr, d_act, dst);
     d_act16 = dst;
   } else {
@@ -1096,11 +1111,12 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   const std::uint16_t* dr16 = m.grad16(kGroupO, dx);
   m.lora_grads(kGroupO, m.widened_att(S + sl.att, X + sc.d_att), saved_bf16(precision_, S + sl.att), dx, dr16, G);
   // d_att = dr Wo (+ the adapter's term): in bf16 mode attention reads it in bf16, written so by the
-  // product, or (with an adapter on o) rounded after the fp32 sum into op16, free until dq's product.
+  // product (onto the bf16 LoRA term), or with dropout rounded after the fp32 sum into op16, free
+  // until dq's product.
   float* d_att = X + sc.d_att;
   const float* d_att_in = d_att;
   if (m.bf) {
-    std::uint16_t* dst = m.adapted(kGroupO) ? m.op16 : reinterpret_cast<std::uint16_t*>(d_att);
+    std::uint16_t* dst = m.adapted(kGroupO) && !m.bf16_lora() ? m.op16 : reinterpret_cast<std::uint16_t*>(d_att);
     m.product_sum_to_bf16(kGroupO, true, dx, dr16, nullptr, d_att, dst);
     d_att_in = reinterpret_cast<const float*>(dst);
   } else {
@@ -1139,11 +1155,18 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   if (m.adapted(kGroupQ) || m.adapted(kGroupK) || m.adapted(kGroupV)) m.norm_for_adapters(xin, D + ln_in_, h, eps);
   float* dh = X + nsc.dh;  // h stays readable for the adapters' gradients
   // dh = sum over q, k, v of dy W (+ the adapter's term), each dy in bf16 once (dq16, dk16, or op16).
+  // With bf16 LoRA the first adapted group's term is written first and its product added onto it
+  // (dh is not read and written again for it).
   const std::tuple<int, const float*, const std::uint16_t*> qkv[3] = {
       {kGroupQ, dq, dq16}, {kGroupK, dk, dk16}, {kGroupV, dv, nullptr}};
   for (const auto& [group, dproj, written16] : qkv) {
     const std::uint16_t* dproj16 = written16 != nullptr ? written16 : m.grad16(group, dproj);
     m.lora_grads(group, h, h16, dproj, dproj16, G);
+    if (group == kGroupQ && m.bf16_lora() && m.adapted(group)) {
+      m.add_adapter(group, true, nullptr, nullptr, nullptr, dh);
+      m.product(group, true, dproj, dproj16, dh, dh);
+      continue;
+    }
     m.product(group, true, dproj, dproj16, group == kGroupQ ? nullptr : dh, dh);
     m.lora_dx(group, dh);
   }

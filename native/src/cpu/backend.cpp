@@ -88,6 +88,14 @@ class CpuBackend final : public Backend {
     cpu::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, b, 0.0f, tmp.data());
     cpu::to_bf16(tmp.data(), c, m * n);
   }
+  void gemm_bf16_to_bf16_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                             const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,
+                             const Stream&) const override {
+    std::vector<float> tmp(static_cast<std::size_t>(m * n));
+    cpu::from_bf16(c, tmp.data(), m * n);
+    cpu::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, b, 1.0f, tmp.data());
+    cpu::to_bf16(tmp.data(), c, m * n);
+  }
   void add_low_rank(const float* c, const float* bias, const std::uint16_t* u, const std::uint16_t* v,
                     std::int64_t v_row, std::int64_t v_col, std::int64_t rows, std::int64_t cols, int rank, float* out,
                     const Stream&) const override {

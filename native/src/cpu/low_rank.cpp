@@ -21,7 +21,7 @@ void add_low_rank_rows(const float* c, const float* bias, const std::uint16_t* u
     std::vector<float> ut(static_cast<std::size_t>(rank));
     for (int j = 0; j < rank; ++j) ut[j] = bf16_bits_to_float(u[t * rank + j]);
     for (std::int64_t n = 0; n < cols; ++n) {
-      float acc = c[t * cols + n];
+      float acc = c != nullptr ? c[t * cols + n] : 0.0f;
       if (bias != nullptr) acc += bias[n];
       for (int j = 0; j < rank; ++j) acc += ut[j] * bf16_bits_to_float(v[n * v_row + j * v_col]);
       store(out, t * cols + n, acc);

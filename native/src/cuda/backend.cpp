@@ -77,6 +77,11 @@ class CudaBackend final : public Backend {
                          const Stream& stream) const override {
     cuda::gemm_bf16_to_bf16(trans_a, trans_b, m, n, k, alpha, a, b, c, native(stream));
   }
+  void gemm_bf16_to_bf16_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                             const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,
+                             const Stream& stream) const override {
+    cuda::gemm_bf16_to_bf16_add(trans_a, trans_b, m, n, k, alpha, a, b, c, native(stream));
+  }
   void add_low_rank(const float* c, const float* bias, const std::uint16_t* u, const std::uint16_t* v,
                     std::int64_t v_row, std::int64_t v_col, std::int64_t rows, std::int64_t cols, int rank, float* out,
                     const Stream& stream) const override {

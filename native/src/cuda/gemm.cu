@@ -228,6 +228,13 @@ void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t 
   gemm_ex(trans_a, trans_b, M, N, K, alpha, a, b, CUDA_R_16BF, 0.0f, c, CUDA_R_16BF, CUBLAS_COMPUTE_32F, stream);
 }
 
+void gemm_bf16_to_bf16_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                           const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c, cudaStream_t stream) {
+  const int M = as_int(m, "m"), N = as_int(n, "n"), K = as_int(k, "k");
+  if (M == 0 || N == 0 || K == 0) return;  // c + 0 is c
+  gemm_ex(trans_a, trans_b, M, N, K, alpha, a, b, CUDA_R_16BF, 1.0f, c, CUDA_R_16BF, CUBLAS_COMPUTE_32F, stream);
+}
+
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
           const float* b, float beta, float* c, Precision precision, cudaStream_t stream) {
   const int M = as_int(m, "m"), N = as_int(n, "n"), K = as_int(k, "k");

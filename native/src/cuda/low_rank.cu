@@ -1,5 +1,6 @@
 // The LoRA term of a product joined to the product's fp32 result in one pass:
 //   out[t, n] = c[t, n] + bias[n] + sum_j u[t, j] v(n, j)
+// (without c, the term alone: a bf16 product then adds itself onto it in cuBLAS's epilogue)
 // with u = x A^T [T, R] (or du in the input gradient) and v = B [n, R] (or A^T) in bf16, R a few
 // dozen at most. Per element: c read (4 bytes), out written (4 or 2), R FMAs: memory-bound for the
 // ranks LoRA uses (a [4096, 19456] gate/up output at R = 32: 480 MB moved in bf16 out, 2.5 GFMA).
@@ -97,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) add_low_rank_kernel(const float* c, 
     bias_f[i][1] = bias != nullptr && col + 1 < cols ? bias[col + 1] : 0.0f;
   }
 
-  // c of the tile at row0 in the accumulator layout (0 past the rows or the columns).
+  // c of the tile at row0 in the accumulator layout (0 past the rows or the columns, or without c).
   auto load_tile = [&](std::int64_t row0, float tile[kNTiles][4]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -106,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) add_low_rank_kernel(const float* c, 
       for (int i = 0; i < kNTiles; ++i) {
         const std::int64_t col = col_w + 8 * i + 2 * t;
         float a = 0.0f, b = 0.0f;
-        if (r < row_end && col < cols) {
+        if (c != nullptr && r < row_end && col < cols) {
           const float* p = c + r * cols + col;
           if (vec && col + 1 < cols) {
             const float2 pair = *reinterpret_cast<const float2*>(p);
