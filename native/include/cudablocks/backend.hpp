@@ -84,8 +84,9 @@ class Backend {
   virtual void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
                                  float alpha, const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,
                                  const Stream& stream) const = 0;
-  // c = alpha op(a) op(b) + c, c in bf16 on both sides: the fp32 sum plus c's value, rounded once
-  // (CUDA: cuBLAS's epilogue with beta 1). A bf16 LoRA term written into c first joins the product
+  // c = alpha op(a) op(b) + c, c in bf16 on both sides. The CPU adds c to the fp32 sum and rounds
+  // once; CUDA is cuBLAS's epilogue with beta 1, which may round the product to bf16 before adding c
+  // (as a sum of two bf16 outputs does). A bf16 LoRA term written into c first joins the product
   // so, without an fp32 result of its own.
   virtual void gemm_bf16_to_bf16_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
                                      float alpha, const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,

@@ -29,7 +29,8 @@ void gemm_bf16_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, s
 // The same, beta 0, with c written as bf16 (rounded from the fp32 accumulation).
 void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                        const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c, cudaStream_t stream);
-// c = alpha op(a) op(b) + c, all of c in bf16 (cuBLAS's epilogue with beta 1, rounded once).
+// c = alpha op(a) op(b) + c, all of c in bf16 (cuBLAS's epilogue with beta 1; it may round the
+// product to bf16 before the sum).
 void gemm_bf16_to_bf16_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                            const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c, cudaStream_t stream);
 

@@ -8,15 +8,17 @@
 // instead of three times.
 //
 // On tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulators): a warp owns 64 columns (8
-// n-tiles) and walks 16-row tiles; each tile's accumulators start as c (+ bias) and take the rank
-// in steps of 16 (u as A, v as B, zero-padded past the rank), then go out, while the next tile's c
-// is already loading. The products cost nothing next to the memory traffic; v's fragments for the
-// first 32 ranks stay in registers for all the warp's tiles. c is read and out written in the
-// accumulator layout: per row 4 lanes x 8 bytes, 32-byte sectors used whole. The tensor core sums
-// a step's exact products in fp32 in an order of its own, so against the CPU's sequential sum the
-// result may differ in the last bits (relative 3e-8 at rank 16 on random data).
-// H200, 2026-11-28, [4096, n] at rank 16 (32 for gate/up): 2.2-2.3 TB/s against 3.2-4.1 for a
-// copy of c; a CUDA-core version (the CPU's order, the same bits) reached 1.6-1.9 TB/s.
+// n-tiles) and walks 16-row tiles; the term u v^T of a tile takes the rank in steps of 16 (u as A,
+// v as B, zero-padded past the rank), v's fragments for the first 32 ranks staying in registers.
+// The tile then goes through shared memory into a coalesced layout (a half-warp per row of 64
+// columns, 16-byte fp32 / 8-byte bf16 accesses), where bias and c join it and out is written;
+// the next tile's c and u are loading meanwhile. The tensor core sums a step's exact products in
+// fp32 in an order of its own and c is added last, so against the CPU's sequential sum the result
+// may differ in the last bits (relative 2-5e-8 at ranks 16-40 on random data).
+// H200, 2026-11-28, [4096, n], rank 16 (32 for gate/up), against a copy of c at 3.0-4.1 TB/s:
+// with c 2.3-2.8 TB/s (gate/up bf16 out 172 us); the term alone (no c) writes only 1.2 TB/s, so the
+// mma and staging side bounds it. The accumulator layout read and written directly (8- or
+// 4-byte accesses, 2.2 TB/s) and a CUDA-core version (1.6-1.9 TB/s) were slower.
 #include "cuda/low_rank.cuh"
 
 #include <algorithm>
@@ -36,44 +38,46 @@ constexpr int kNTiles = 8;                     // 8-column mma tiles per warp
 constexpr int kWarpCols = 8 * kNTiles;         // 64
 constexpr int kBlockCols = kWarps * kWarpCols;  // 256
 constexpr int kTileRows = 16;
-constexpr int kKeptSteps = 2;                  // rank steps of v kept in registers
+constexpr int kKeptSteps = 2;                  // rank steps of v kept in registers (and of u prefetched)
+constexpr int kStageLd = kWarpCols + 8;        // words per row of a warp's staged tile
+constexpr int kLanesPerRow = kWarpCols / 4;    // the coalesced side: 4 columns per lane
+constexpr int kRowsPerPass = 32 / kLanesPerRow;
+constexpr int kPasses = kTileRows / kRowsPerPass;
+constexpr int kMinBlocks = 3;                  // per SM (registers capped to fit)
+static_assert(kKeptSteps == 2, "the kernel picks kept fragments with s == 0 ? [0] : [1]");
 
 __device__ __forceinline__ std::uint32_t pack2(std::uint16_t lo, std::uint16_t hi) {
   return static_cast<std::uint32_t>(lo) | (static_cast<std::uint32_t>(hi) << 16);
 }
 
-__device__ __forceinline__ void store2(float* out, std::int64_t i, float a, float b, bool both, bool vec) {
-  if (vec && both) {
-    *reinterpret_cast<float2*>(out + i) = make_float2(a, b);
-    return;
-  }
-  out[i] = a;
-  if (both) out[i + 1] = b;
-}
-__device__ __forceinline__ void store2(std::uint16_t* out, std::int64_t i, float a, float b, bool both, bool vec) {
-  if (vec && both) {
-    *reinterpret_cast<std::uint32_t*>(out + i) = pack2(bf16_bits(a), bf16_bits(b));
-    return;
-  }
-  out[i] = bf16_bits(a);
-  if (both) out[i + 1] = bf16_bits(b);
-}
-
-// vec: cols even and c, out aligned for 8-byte (fp32) / 4-byte (bf16) pairs.
+// vec: cols a multiple of 4 and c, bias, out aligned for float4 (out: 4 elements) accesses.
 template <typename Out>
-__global__ void __launch_bounds__(kThreads) add_low_rank_kernel(const float* c, const float* __restrict__ bias,
+__global__ void __launch_bounds__(kThreads, kMinBlocks) add_low_rank_kernel(const float* c, const float* __restrict__ bias,
                                                                 const std::uint16_t* __restrict__ u,
                                                                 const std::uint16_t* __restrict__ v,
                                                                 std::int64_t v_row, std::int64_t v_col,
                                                                 std::int64_t rows, std::int64_t cols, int rank,
                                                                 std::int64_t rows_per_block, bool vec, Out* out) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const std::int64_t col_w = static_cast<std::int64_t>(blockIdx.x) * kBlockCols + (threadIdx.x / 32) * kWarpCols;
-  if (col_w >= cols) return;  // no barriers below
+  __shared__ float stage[kWarps][kTileRows * kStageLd];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const std::int64_t col_w = static_cast<std::int64_t>(blockIdx.x) * kBlockCols + warp * kWarpCols;
+  if (col_w >= cols) return;  // no block-wide barriers below
   const std::int64_t row_begin = static_cast<std::int64_t>(blockIdx.y) * rows_per_block;
   const std::int64_t row_end = rows < row_begin + rows_per_block ? rows : row_begin + rows_per_block;
   const int steps = (rank + 15) / 16;
   auto u_at = [&](std::int64_t r, int k) -> std::uint16_t { return r < rows && k < rank ? u[r * rank + k] : 0; };
+  // u[r, k], u[r, k + 1] (k even) as one bf16x2 word: one 32-bit load when rank is even.
+  const bool u_vec = rank % 2 == 0 && (reinterpret_cast<std::uintptr_t>(u) & 3u) == 0;
+  auto u_pair = [&](std::int64_t r, int k) -> std::uint32_t {
+    if (u_vec) return r < rows && k < rank ? *reinterpret_cast<const std::uint32_t*>(u + r * rank + k) : 0u;
+    return pack2(u_at(r, k), u_at(r, k + 1));
+  };
+  // A fragment of rank step s for the tile at row0: rows row0 + g (+ 8), ranks 16 s + 2t (+1), + 8 (+1).
+  auto a_frag = [&](std::int64_t row0, int s, std::uint32_t a[4]) {
+    const int k = 16 * s + 2 * t;
+    const std::int64_t r = row0 + g;
+    a[0] = u_pair(r, k), a[1] = u_pair(r + 8, k), a[2] = u_pair(r, k + 8), a[3] = u_pair(r + 8, k + 8);
+  };
   auto v_at = [&](std::int64_t n, int k) -> std::uint16_t {
     return n < cols && k < rank ? v[n * v_row + k * v_col] : 0;
   };
@@ -90,61 +94,72 @@ __global__ void __launch_bounds__(kThreads) add_low_rank_kernel(const float* c, 
 #pragma unroll
     for (int i = 0; i < kNTiles; ++i) b_frag(s, i, kept[s][i]);
   }
-  float bias_f[kNTiles][2];
-#pragma unroll
-  for (int i = 0; i < kNTiles; ++i) {
-    const std::int64_t col = col_w + 8 * i + 2 * t;
-    bias_f[i][0] = bias != nullptr && col < cols ? bias[col] : 0.0f;
-    bias_f[i][1] = bias != nullptr && col + 1 < cols ? bias[col + 1] : 0.0f;
-  }
 
-  // c of the tile at row0 in the accumulator layout (0 past the rows or the columns, or without c).
-  auto load_tile = [&](std::int64_t row0, float tile[kNTiles][4]) {
+  // The coalesced side: lane l takes the 4 columns col_w + 4 (l % kLanesPerRow) ... + 3 of the
+  // tile's rows l / kLanesPerRow + kRowsPerPass j (j < kPasses): a row's columns in one access.
+  const int quad_row = lane / kLanesPerRow;
+  const std::int64_t col = col_w + 4 * (lane % kLanesPerRow);
+  auto valid = [&](int e) { return col + e < cols; };
+  float4 bias4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (bias != nullptr) {
+    if (vec && valid(3)) {
+      bias4 = *reinterpret_cast<const float4*>(bias + col);
+    } else {
+      bias4 = make_float4(valid(0) ? bias[col] : 0.0f, valid(1) ? bias[col + 1] : 0.0f,
+                          valid(2) ? bias[col + 2] : 0.0f, valid(3) ? bias[col + 3] : 0.0f);
+    }
+  }
+  // c's part of the tile at row0 for this lane (zeros without c or past the edges).
+  auto load_c = [&](std::int64_t row0, float4 tile[kPasses]) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const std::int64_t r = row0 + g + 8 * h;
-#pragma unroll
-      for (int i = 0; i < kNTiles; ++i) {
-        const std::int64_t col = col_w + 8 * i + 2 * t;
-        float a = 0.0f, b = 0.0f;
-        if (c != nullptr && r < row_end && col < cols) {
-          const float* p = c + r * cols + col;
-          if (vec && col + 1 < cols) {
-            const float2 pair = *reinterpret_cast<const float2*>(p);
-            a = pair.x, b = pair.y;
-          } else {
-            a = p[0];
-            if (col + 1 < cols) b = p[1];
-          }
+    for (int j = 0; j < kPasses; ++j) {
+      const std::int64_t r = row0 + quad_row + kRowsPerPass * j;
+      float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (c != nullptr && r < row_end) {
+        const float* p = c + r * cols + col;
+        if (vec && valid(3)) {
+          x = *reinterpret_cast<const float4*>(p);
+        } else {
+          x = make_float4(valid(0) ? p[0] : 0.0f, valid(1) ? p[1] : 0.0f, valid(2) ? p[2] : 0.0f,
+                          valid(3) ? p[3] : 0.0f);
         }
-        tile[i][2 * h] = a, tile[i][2 * h + 1] = b;
       }
+      tile[j] = x;
     }
   };
-  // The next tile's c is loaded while this one is multiplied and stored (loads in flight across
-  // the whole loop, not only at its start).
-  float next[kNTiles][4];
-  load_tile(row_begin, next);
+
+  // The next tile's c and u (its first kKeptSteps rank steps) are loaded while this one is
+  // multiplied and stored (loads in flight across the whole loop, not only at its start).
+  const int kept_steps = steps < kKeptSteps ? steps : kKeptSteps;
+  float4 next_c[kPasses];
+  std::uint32_t next_a[kKeptSteps][4];
+  load_c(row_begin, next_c);
+  for (int s = 0; s < kept_steps; ++s) a_frag(row_begin, s, next_a[s]);
+  float* sw = stage[warp];
   for (std::int64_t row0 = row_begin; row0 < row_end; row0 += kTileRows) {
-    float acc[kNTiles][4];
+    float4 c_tile[kPasses];
+    std::uint32_t a_kept[kKeptSteps][4];
 #pragma unroll
-    for (int i = 0; i < kNTiles; ++i) {
+    for (int j = 0; j < kPasses; ++j) c_tile[j] = next_c[j];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][e] = next[i][e];
+    for (int s = 0; s < kKeptSteps; ++s) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a_kept[s][e] = next_a[s][e];
     }
-    if (row0 + kTileRows < row_end) load_tile(row0 + kTileRows, next);
-    if (bias != nullptr) {
-#pragma unroll
-      for (int i = 0; i < kNTiles; ++i) {
-        acc[i][0] += bias_f[i][0], acc[i][1] += bias_f[i][1];
-        acc[i][2] += bias_f[i][0], acc[i][3] += bias_f[i][1];
-      }
+    if (row0 + kTileRows < row_end) {
+      load_c(row0 + kTileRows, next_c);
+      for (int s = 0; s < kept_steps; ++s) a_frag(row0 + kTileRows, s, next_a[s]);
     }
+    // The term u v^T of the tile, in the accumulator layout.
+    float acc[kNTiles][4] = {};
     for (int s = 0; s < steps; ++s) {
-      const int k = 16 * s + 2 * t;
-      const std::int64_t r = row0 + g;
-      const std::uint32_t a[4] = {pack2(u_at(r, k), u_at(r, k + 1)), pack2(u_at(r + 8, k), u_at(r + 8, k + 1)),
-                                  pack2(u_at(r, k + 8), u_at(r, k + 9)), pack2(u_at(r + 8, k + 8), u_at(r + 8, k + 9))};
+      std::uint32_t a[4];
+      if (s < kKeptSteps) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[e] = s == 0 ? a_kept[0][e] : a_kept[1][e];
+      } else {
+        a_frag(row0, s, a);
+      }
 #pragma unroll
       for (int i = 0; i < kNTiles; ++i) {
         std::uint32_t b[2] = {s == 0 ? kept[0][i][0] : kept[1][i][0], s == 0 ? kept[0][i][1] : kept[1][i][1]};
@@ -152,16 +167,36 @@ __global__ void __launch_bounds__(kThreads) add_low_rank_kernel(const float* c, 
         mma_bf16_16816(acc[i], a, b);
       }
     }
+    // Through shared memory into the coalesced layout (row stride 72 words: the float2 stores of a
+    // half-warp hit 32 distinct banks), then out = term + bias + c, one 16- or 8-byte store per row.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const std::int64_t r = row0 + g + 8 * h;
-      if (r >= row_end) continue;
 #pragma unroll
       for (int i = 0; i < kNTiles; ++i) {
-        const std::int64_t col = col_w + 8 * i + 2 * t;
-        if (col < cols) store2(out, r * cols + col, acc[i][2 * h], acc[i][2 * h + 1], col + 1 < cols, vec);
+        *reinterpret_cast<float2*>(sw + (g + 8 * h) * kStageLd + 8 * i + 2 * t) =
+            make_float2(acc[i][2 * h], acc[i][2 * h + 1]);
       }
     }
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < kPasses; ++j) {
+      const int rt = quad_row + kRowsPerPass * j;
+      const std::int64_t r = row0 + rt;
+      const float4 term = *reinterpret_cast<const float4*>(sw + rt * kStageLd + 4 * (lane % kLanesPerRow));
+      const float4 x = make_float4(term.x + bias4.x + c_tile[j].x, term.y + bias4.y + c_tile[j].y,
+                                   term.z + bias4.z + c_tile[j].z, term.w + bias4.w + c_tile[j].w);
+      if (r >= row_end) continue;
+      const std::int64_t at = r * cols + col;
+      if (vec && valid(3)) {
+        store_vec(out, at / 4, x);
+      } else {
+        const float xs[4] = {x.x, x.y, x.z, x.w};
+        for (int e = 0; e < 4; ++e) {
+          if (valid(e)) store_vec(out, at + e, xs[e]);
+        }
+      }
+    }
+    __syncwarp();  // the stage is rewritten by the next tile
   }
 }
 
@@ -171,14 +206,15 @@ template <typename Out>
 void launch(const float* c, const float* bias, const std::uint16_t* u, const std::uint16_t* v, std::int64_t v_row,
             std::int64_t v_col, std::int64_t rows, std::int64_t cols, int rank, Out* out, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
-  // Row tiles split over enough blocks for ~6 per SM (4 warps each: occupancy hides the loads).
+  // Row tiles split over one wave of blocks (kMinBlocks per SM): each warp's start (v's fragments)
+  // is paid once for as many tiles as possible (H200: 10-15% faster than 2 or 4 waves).
   const std::int64_t col_blocks = (cols + kBlockCols - 1) / kBlockCols;
   const std::int64_t row_tiles = (rows + kTileRows - 1) / kTileRows;
-  const std::int64_t want = 6 * static_cast<std::int64_t>(multiprocessor_count());
+  const std::int64_t want = kMinBlocks * static_cast<std::int64_t>(multiprocessor_count());
   const std::int64_t groups = std::clamp<std::int64_t>(want / col_blocks, 1, row_tiles);
   const std::int64_t rows_per_block = (row_tiles + groups - 1) / groups * kTileRows;
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block));
-  const bool vec = cols % 2 == 0 && aligned(c, 8) && aligned(out, 2 * sizeof(Out));
+  const bool vec = cols % 4 == 0 && aligned(c, 16) && aligned(bias, 16) && aligned(out, 4 * sizeof(Out));
   add_low_rank_kernel<Out><<<grid, kThreads, 0, stream>>>(c, bias, u, v, v_row, v_col, rows, cols, rank,
                                                           rows_per_block, vec, out);
   CUDABLOCKS_CHECK_LAUNCH("add_low_rank_kernel");
