@@ -27,10 +27,11 @@
 //     compute "bf16" without dropout: bf16 operands as for the frozen products (x and dy as those
 //       read them, A and B rounded to bf16 per call, in the device's shared scratch),
 //       u = bf16(scale x A^T) and du = bf16(scale dy B) rounded once (PEFT in bf16 rounds them
-//       too), fp32 accumulation; the term u B^T (du A in the input gradient) joins the frozen
-//       product's fp32 result in one pass (Backend::add_low_rank) that also adds the bias and
-//       rounds once where the result is kept in bf16. That pass replaces a GEMM accumulating into
-//       the [T, out] result and the conversion after it.
+//       too), fp32 accumulation; the term u B^T (du A in the input gradient) is formed by
+//       Backend::add_low_rank: where the result is kept in bf16 without a bias, written there in
+//       bf16 first and the frozen product adds itself onto it in its epilogue (PEFT too rounds its
+//       LoRA output before the sum); otherwise joined to the product's fp32 result in one pass
+//       that also adds the bias and rounds once where the result is kept in bf16.
 //     otherwise (fp32/tf32 compute, or LoRA dropout): fp32 operands, gemm at the block's precision
 //       (tf32 for bf16 compute).
 //

@@ -409,9 +409,10 @@ struct Nf4Block::Impl {
   bool adapted(int group) const { return lora_group(group).R > 0; }
   // bf16 LoRA: in bf16 mode without dropout in this call, the adapters' products take bf16 operands
   // as the frozen ones do (the group's bf16 input and output gradient, lora16), their results are
-  // rounded to bf16 once (u = scale x A^T, du = scale dy B), and their terms join the frozen
-  // product's fp32 result in add_low_rank's pass. With dropout the adapters compute in tf32 on the
-  // masked fp32 inputs.
+  // rounded to bf16 once (u = scale x A^T, du = scale dy B), and their terms are added by
+  // add_low_rank: written first where the result is kept in bf16 without a bias (the product then
+  // adds itself onto it), else joined to the product's fp32 result. With dropout the adapters
+  // compute in tf32 on the masked fp32 inputs.
   bool bf16_lora() const { return bf && !dropping; }
   // Whether the group's input is needed only in bf16: in bf16 mode the producer (norm, SwiGLU) then
   // writes the bf16 operand directly, and the backward recomputes it only for the adapters, in bf16.
@@ -499,7 +500,7 @@ struct Nf4Block::Impl {
     }
   }
   // bf16 LoRA: out = c (+ bias) + the group's adapter term, in add_low_rank's one pass (out fp32,
-  // possibly c, or bf16). Forward: (scale x16 A^T) B^T, c [T, out]; transposed (the input
+  // possibly c, or bf16; c nullptr: the term alone). Forward: (scale x16 A^T) B^T, c [T, out]; transposed (the input
   // gradient, after lora_grads): du A, c [T, in].
   template <typename Out>
   void add_adapter(int group, bool transposed, const std::uint16_t* x16, const float* c, const float* bias, Out* out) {
@@ -941,8 +942,8 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   if (m.bf && !qkv_bf16_only) be.to_bf16(h, m.op16, T * H, stream);  // the products' operand
   const float* bias = bqkv_ >= 0 ? D + bqkv_ : nullptr;
   // q and k (before the norm) and v into their saved slots: fp32, or in bf16 mode bf16 as the
-  // product writes them (rounded after the adapters and the bias, added in fp32 in d_att, free until
-  // the backward).
+  // product writes them (onto the bf16 LoRA term; with a bias or dropout, rounded after the adapters
+  // and the bias, added in fp32 in d_att, free until the backward).
   auto project_raw = [&](int group, const float* b, std::int64_t n, float* dst) {
     if (!m.bf) {
       m.product(group, false, h, m.op16, nullptr, dst);
@@ -977,7 +978,8 @@ void Nf4Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int6
   } else {
     be.rmsnorm_forward(r, D + ln_post_, g, S + sl.rstd2, T, H, eps, stream);
   }
-  // gate_up is saved in bf16 in bf16 mode (written so by its product, or rounded after the adapters).
+  // gate_up is saved in bf16 in bf16 mode (written so by its product, onto the bf16 LoRA term, or
+  // rounded after the adapters with dropout).
   std::uint16_t* gate_up16 = reinterpret_cast<std::uint16_t*>(S + sl.gate_up);
   if (gu_bf16_only) {
     m.product_sum_to_bf16(kGroupGU, false, nullptr, m.op16, nullptr, X + sc.d_gate_up, gate_up16);
@@ -1077,9 +1079,10 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     m.lora_grads(kGroupDown, act, act16, dy, dy16, G);
   }
   // d_act = dy Wdown (+ the adapter's term). In bf16 mode SwiGLU's backward reads it in bf16: written
-  // so by the product (onto the bf16 LoRA term) into act's fp32 slot (act was last read by the
-  // adapter's gradients), or, with dropout, rounded after the fp32 sum in that slot into a buffer
-  // SwiGLU's backward does not write (d_gate_up's slot when that output goes to op16, else op16).
+  // so by the product (onto the bf16 LoRA term with an adapter) into act's fp32 slot (act was last
+  // read by the adapter's gradients), or, with an adapter and dropout, rounded after the fp32 sum in
+  // that slot into a buffer SwiGLU's backward does not write (d_gate_up's slot when that output goes
+  // to op16, else op16).
   float* d_act = act;
   float* d_gu = X + sc.d_gate_up;
   const bool gu_bf16_only = m.bf16_operand_only(kGroupGU);
@@ -1111,8 +1114,8 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   const std::uint16_t* dr16 = m.grad16(kGroupO, dx);
   m.lora_grads(kGroupO, m.widened_att(S + sl.att, X + sc.d_att), saved_bf16(precision_, S + sl.att), dx, dr16, G);
   // d_att = dr Wo (+ the adapter's term): in bf16 mode attention reads it in bf16, written so by the
-  // product (onto the bf16 LoRA term), or with dropout rounded after the fp32 sum into op16, free
-  // until dq's product.
+  // product (onto the bf16 LoRA term with an adapter), or with an adapter and dropout rounded after
+  // the fp32 sum into op16, free until dq's product.
   float* d_att = X + sc.d_att;
   const float* d_att_in = d_att;
   if (m.bf) {
@@ -1155,8 +1158,8 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   if (m.adapted(kGroupQ) || m.adapted(kGroupK) || m.adapted(kGroupV)) m.norm_for_adapters(xin, D + ln_in_, h, eps);
   float* dh = X + nsc.dh;  // h stays readable for the adapters' gradients
   // dh = sum over q, k, v of dy W (+ the adapter's term), each dy in bf16 once (dq16, dk16, or op16).
-  // With bf16 LoRA the first adapted group's term is written first and its product added onto it
-  // (dh is not read and written again for it).
+  // With bf16 LoRA and an adapter on q, q's term is written first (add_low_rank without c: no read
+  // of dh in that pass) and q's product adds itself onto it in its epilogue.
   const std::tuple<int, const float*, const std::uint16_t*> qkv[3] = {
       {kGroupQ, dq, dq16}, {kGroupK, dk, dk16}, {kGroupV, dv, nullptr}};
   for (const auto& [group, dproj, written16] : qkv) {
