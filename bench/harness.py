@@ -92,7 +92,7 @@ def write_results(rows: list[Row], device: str, out_dirs: list[Path], meta: dict
     or one of some suites only (meta "suites"), does not replace a full one of the same day)."""
     stamp = time.strftime("%Y-%m-%d")
     suites = meta.get("suites")
-    card = (card_name(device).replace(" ", "-").replace("/", "-") + ("-" + "+".join(suites) if suites else "")
+    card = (card_name(device).replace(" ", "-").replace("/", "-") + ("-" + "-".join(suites) if suites else "")
             + ("-quick" if meta.get("quick") else ""))
     doc = {"date": stamp, "card": card_name(device), **meta, "rows": [asdict(r) for r in rows]}
     first: Path | None = None

@@ -87,6 +87,6 @@ def test_a_run_of_some_suites_does_not_replace_the_full_run(tmp_path: Path) -> N
     full = write_results(rows, "cpu", [tmp_path], {"quick": False})
     some = write_results(rows, "cpu", [tmp_path], {"quick": False, "suites": ["nf4", "classify"]})
     assert full != some and full.exists() and some.exists()
-    assert some.name.endswith("-cpu-nf4+classify.json")
+    assert some.name.endswith("-cpu-nf4-classify.json")
     assert json.loads(some.read_text())["suites"] == ["nf4", "classify"]
     assert "suites" not in json.loads(full.read_text())
