@@ -21,8 +21,9 @@ void rmsnorm_backward(const Buffer& dy, const Buffer& x, const Buffer& w, const 
 
 // out [M, N] = op(a) op(b) + beta * out, op(a) = a [M, K] or, with trans_a, a^T for a [K, M];
 // op(b) = b [K, N] or, with trans_b, b^T for b [N, K]. a and b float32 (Backend::gemm in
-// `precision`) or both bfloat16 (Backend::gemm_bf16; precision must then be BF16); out float32;
-// all on the stream's device.
+// `precision`) or both bfloat16 (Backend::gemm_bf16; precision must then be BF16); out float32, or
+// bfloat16 with bfloat16 operands (Backend::gemm_bf16_to_bf16, or gemm_bf16_to_bf16_add with
+// beta 1; beta must be 0 or 1); all on the stream's device.
 void gemm(const Buffer& a, const Buffer& b, Buffer& out, bool trans_a, bool trans_b, float beta, Precision precision,
           const Stream& stream);
 

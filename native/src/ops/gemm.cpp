@@ -16,9 +16,13 @@ void gemm(const Buffer& a, const Buffer& b, Buffer& out, bool trans_a, bool tran
   const bool bf16 = a.dtype() == DType::BFloat16;
   check_dtype(a, bf16 ? DType::BFloat16 : DType::Float32, "a");
   check_dtype(b, a.dtype(), "b (the dtype of a)");
-  check_dtype(out, DType::Float32, "out");
+  const bool out16 = bf16 && out.dtype() == DType::BFloat16;  // bf16 out: bf16 operands only
+  check_dtype(out, out16 ? DType::BFloat16 : DType::Float32, "out");
   if (bf16 && precision != Precision::BF16) {
     throw InvalidArgumentError("gemm: bfloat16 operands multiply in precision \"bf16\" only");
+  }
+  if (out16 && beta != 0.0f && beta != 1.0f) {
+    throw InvalidArgumentError("gemm: a bfloat16 out takes beta 0 or 1, got " + std::to_string(beta));
   }
   check_shape(a, {-1, -1}, "a");
   check_shape(b, {-1, -1}, "b");
@@ -34,7 +38,16 @@ void gemm(const Buffer& a, const Buffer& b, Buffer& out, bool trans_a, bool tran
   if (m == 0 || n == 0) return;
   DeviceGuard guard(device);
   const Backend& be = backend_for(device);
-  if (bf16) {
+  if (out16) {
+    auto* c = out.data_as<std::uint16_t>();
+    if (beta == 0.0f) {
+      be.gemm_bf16_to_bf16(trans_a, trans_b, m, n, k, 1.0f, a.data_as<std::uint16_t>(), b.data_as<std::uint16_t>(), c,
+                           stream);
+    } else {
+      be.gemm_bf16_to_bf16_add(trans_a, trans_b, m, n, k, 1.0f, a.data_as<std::uint16_t>(),
+                               b.data_as<std::uint16_t>(), c, stream);
+    }
+  } else if (bf16) {
     be.gemm_bf16(trans_a, trans_b, m, n, k, 1.0f, a.data_as<std::uint16_t>(), b.data_as<std::uint16_t>(), beta,
                  out.data_as<float>(), stream);
   } else {
