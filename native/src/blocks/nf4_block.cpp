@@ -332,6 +332,20 @@ struct Nf4Block::Impl {
     be.to_bf16(sum, c16, T * n, stream);
   }
 
+  // The input gradient through the group in fp32: c[T, in] = a W (+ c when accumulating) + the
+  // adapter's term du A (after the group's lora_grads). With bf16 LoRA, when not accumulating, the
+  // term is written first (add_low_rank without c: no read of c in that pass) and the product adds
+  // itself onto it in its epilogue. a16 as for product.
+  void product_dx(int group, const float* a, const std::uint16_t* a16, bool accumulate, float* c) {
+    if (bf16_lora() && adapted(group) && !accumulate) {
+      add_adapter(group, true, nullptr, nullptr, nullptr, c);
+      product(group, true, a, a16, c, c);
+      return;
+    }
+    product(group, true, a, a16, accumulate ? c : nullptr, c);
+    lora_dx(group, c);
+  }
+
   // The bf16 operand [T, k] of a product: a16 itself, or (nullptr) a converted into op16.
   const std::uint16_t* operand16(const float* a, const std::uint16_t* a16, std::int64_t k) const {
     if (a16 != nullptr) return a16;
@@ -1094,8 +1108,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     m.product_sum_to_bf16(kGroupDown, true, dy, dy16, nullptr, d_act, dst);
     d_act16 = dst;
   } else {
-    m.product(kGroupDown, true, dy, nullptr, nullptr, d_act);
-    m.lora_dx(kGroupDown, d_act);
+    m.product_dx(kGroupDown, dy, nullptr, false, d_act);
   }
   if (gu_bf16_only) {
     be.swiglu_backward(d_act16, gate_up16, m.op16, T, I, stream);
@@ -1105,8 +1118,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     m.lora_grads(kGroupGU, g, nullptr, d_gu, nullptr, G);
   }
   float* dg = X + sc.sh;
-  m.product(kGroupGU, true, d_gu, gu_bf16_only ? m.op16 : nullptr, nullptr, dg);  // dg = d_gu Wgu
-  m.lora_dx(kGroupGU, dg);
+  m.product_dx(kGroupGU, d_gu, gu_bf16_only ? m.op16 : nullptr, false, dg);  // dg = d_gu Wgu (+ du A)
   // dr = dy + rmsnorm_backward(dg) (grad_in may be grad_out): grad_in carries dr from here on.
   be.rmsnorm_backward(dg, r, D + ln_post_, S + sl.rstd2, dy, dx, nullptr, T, H, stream);  // frozen norm
 
@@ -1123,8 +1135,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     m.product_sum_to_bf16(kGroupO, true, dx, dr16, nullptr, d_att, dst);
     d_att_in = reinterpret_cast<const float*>(dst);
   } else {
-    m.product(kGroupO, true, dx, nullptr, nullptr, d_att);
-    m.lora_dx(kGroupO, d_att);
+    m.product_dx(kGroupO, dx, nullptr, false, d_att);
   }
   const bool qkn = c.qk_norm;
   float* q_rot = X + sc.q_rot;
@@ -1158,20 +1169,12 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   if (m.adapted(kGroupQ) || m.adapted(kGroupK) || m.adapted(kGroupV)) m.norm_for_adapters(xin, D + ln_in_, h, eps);
   float* dh = X + nsc.dh;  // h stays readable for the adapters' gradients
   // dh = sum over q, k, v of dy W (+ the adapter's term), each dy in bf16 once (dq16, dk16, or op16).
-  // With bf16 LoRA and an adapter on q, q's term is written first (add_low_rank without c: no read
-  // of dh in that pass) and q's product adds itself onto it in its epilogue.
   const std::tuple<int, const float*, const std::uint16_t*> qkv[3] = {
       {kGroupQ, dq, dq16}, {kGroupK, dk, dk16}, {kGroupV, dv, nullptr}};
   for (const auto& [group, dproj, written16] : qkv) {
     const std::uint16_t* dproj16 = written16 != nullptr ? written16 : m.grad16(group, dproj);
     m.lora_grads(group, h, h16, dproj, dproj16, G);
-    if (group == kGroupQ && m.bf16_lora() && m.adapted(group)) {
-      m.add_adapter(group, true, nullptr, nullptr, nullptr, dh);
-      m.product(group, true, dproj, dproj16, dh, dh);
-      continue;
-    }
-    m.product(group, true, dproj, dproj16, group == kGroupQ ? nullptr : dh, dh);
-    m.lora_dx(group, dh);
+    m.product_dx(group, dproj, dproj16, group != kGroupQ, dh);
   }
   be.rmsnorm_backward(dh, xin, D + ln_in_, S + sl.rstd1, dx, dx, nullptr, T, H, stream);
   lora_ws.set_last_stream(stream);
