@@ -51,8 +51,9 @@ void bind_ops(py::module_& m) {
       py::arg("precision") = "fp32", py::arg("stream") = py::none(), py::kw_only(), py::arg("trans_a") = false,
       "out = (a.T if trans_a else a) @ (b.T if trans_b else b) + beta * out. a, b float32 (precision \"fp32\", "
       "\"tf32\" or \"bf16\": cuBLAS's fp32-buffer modes) or both bfloat16 (bf16 tensor cores, precision \"bf16\"); "
-      "out float32, or bfloat16 with bfloat16 operands (the fp32 sum rounded to bf16; beta 0 or 1). trans_a gives "
-      "weight gradients: dW = dY^T X is gemm(dY, X, dW, trans_a=True).");
+      "out float32, or bfloat16 with bfloat16 operands (the fp32 sum rounded to bf16; beta 0 or 1, and with beta 1 "
+      "CUDA may round the product to bf16 before adding out). trans_a gives weight gradients: dW = dY^T X is "
+      "gemm(dY, X, dW, trans_a=True).");
 
   m.def("dropout", [](const PyBuffer& x, PyBuffer& out, double p, const py::object& key, bool accumulate,
                       const py::object& stream_arg) {

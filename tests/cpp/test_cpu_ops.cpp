@@ -274,6 +274,10 @@ TEST(CpuBf16, GemmBf16ToBf16AddIsTheRoundedSum) {
         const double want = ref[i], got = bf16_bits_to_float(c16[i]);
         EXPECT_LE(std::abs(got - want), std::ldexp(std::abs(want), -8) + 1e-5) << "element " << i;
       }
+      // One rounding: exactly the fp32 product-plus-c (gemm_bf16 with beta 1 on c widened) rounded.
+      std::vector<float> wide = float_of(c0);
+      cpu().gemm_bf16(ta, tb, m, n, k, 0.5f, a16.data(), b16.data(), 1.0f, wide.data(), stream());
+      EXPECT_EQ(c16, bf16_of(wide));
       // K = 0 leaves c as it is.
       auto same = c0;
       cpu().gemm_bf16_to_bf16_add(ta, tb, m, n, 0, 0.5f, nullptr, nullptr, same.data(), stream());

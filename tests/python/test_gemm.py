@@ -55,8 +55,10 @@ def test_gemm_bf16_out(device: cb.Device, rng: np.random.Generator) -> None:
     out16 = cb.GpuBuffer.from_numpy(c0, device)
     cb.ops.gemm(a, b, out16, trans_b=True, beta=1.0, precision="bf16")
     assert rel(out16.to_numpy(), exact + c0.astype(np.float64)) <= 2.0**-7
+    before = out16.to_numpy()
     with pytest.raises(cb.InvalidArgumentError, match="beta 0 or 1"):
         cb.ops.gemm(a, b, out16, trans_b=True, beta=0.5, precision="bf16")
+    np.testing.assert_array_equal(out16.to_numpy(), before)  # nothing written
     with pytest.raises(cb.DtypeError):  # fp32 operands do not write bf16
         cb.ops.gemm(cb.GpuBuffer.from_numpy(a16.astype(np.float32), device),
                     cb.GpuBuffer.from_numpy(b16.astype(np.float32), device), out16, trans_b=True)

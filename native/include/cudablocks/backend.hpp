@@ -93,7 +93,8 @@ class Backend {
                                      const Stream& stream) const = 0;
   // The LoRA term of a product joined to its fp32 result c [rows, cols] in one pass:
   //   out[t, n] = c[t, n] + bias[n] + sum_{j < rank} u[t, j] * v[n * v_row + j * v_col]
-  // c may be nullptr (read as zeros: the term alone, for gemm_bf16_to_bf16_add to add the product to).
+  // c may be nullptr (read as zeros: the term alone, for a product to add itself onto with
+  // gemm_bf16_to_bf16_add or gemm_bf16_add).
   // u [rows, rank] and v in bf16 (bit patterns: v is B [cols, rank] with v_row = rank, v_col = 1, or
   // A [rank, cols] with v_row = 1, v_col = cols); bias may be nullptr. The products of bf16 values
   // are exact and summed in fp32: by the CPU in that order, by CUDA's tensor cores in an order of

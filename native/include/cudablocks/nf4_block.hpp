@@ -30,8 +30,9 @@
 //       too), fp32 accumulation; the term u B^T (du A in the input gradient) is formed by
 //       Backend::add_low_rank: where the result is kept in bf16 without a bias, written there in
 //       bf16 first and the frozen product adds itself onto it in its epilogue (PEFT too rounds its
-//       LoRA output before the sum); otherwise joined to the product's fp32 result in one pass
-//       that also adds the bias and rounds once where the result is kept in bf16.
+//       LoRA output before the sum); likewise in fp32 for an input gradient not accumulated;
+//       otherwise joined to the product's fp32 result in one pass that also adds the bias and
+//       rounds once where the result is kept in bf16.
 //     otherwise (fp32/tf32 compute, or LoRA dropout): fp32 operands, gemm at the block's precision
 //       (tf32 for bf16 compute).
 //

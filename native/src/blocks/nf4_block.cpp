@@ -282,7 +282,7 @@ struct Nf4Block::Impl {
   }
 
   // bf16 mode: c16 = a W^T, or transposed a W, written in bf16 (accumulate: added to c16's bf16
-  // values, rounded once); a16 as for product (it must not be c16).
+  // values, by gemm_bf16_to_bf16_add); a16 as for product (it must not be c16).
   void product_to_bf16(int group, bool transposed, const float* a, const std::uint16_t* a16, std::uint16_t* c16,
                        bool accumulate) {
     const Group& g = kGroups[group];
@@ -300,10 +300,10 @@ struct Nf4Block::Impl {
   // bf16 mode: c16 = a W^T + the adapter's term (+ bias), or transposed a W + the adapter's
   // input-gradient term (after the group's lora_grads). a16 as for product.
   // - bf16 LoRA without a bias: the term is written into c16 in bf16 first and the product adds
-  //   itself onto it in its epilogue (c16 = bf16(a W^T + bf16(term)), as PEFT rounds its LoRA
-  //   output before the sum, but with the frozen product unrounded), so no fp32 result is written
-  //   and read again (when c16 is not the operand).
-  // - Otherwise the sum is formed in fp32 in `sum` [T, n] and rounded once.
+  //   itself onto it in its epilogue (the term rounded to bf16 before the sum, as PEFT rounds its
+  //   LoRA output; cuBLAS may round the product too), so no fp32 result is written and read again.
+  //   c16 must not be the operand; `sum` is not touched, so c16 may lie in it.
+  // - Otherwise the sum is formed in fp32 in `sum` [T, n] and rounded once (c16 outside it).
   void product_sum_to_bf16(int group, bool transposed, const float* a, const std::uint16_t* a16, const float* bias,
                            float* sum, std::uint16_t* c16) {
     if (!adapted(group) && bias == nullptr) {
@@ -313,7 +313,7 @@ struct Nf4Block::Impl {
     const Group& g = kGroups[group];
     const std::int64_t n = transposed ? cols(g) : rows(g), k = transposed ? rows(g) : cols(g);
     a16 = operand16(a, a16, k);
-    if (bf16_lora() && bias == nullptr && a16 != c16) {
+    if (bf16_lora() && bias == nullptr) {
       add_adapter(group, transposed, a16, nullptr, nullptr, c16);
       product_to_bf16(group, transposed, a, a16, c16, true);
       return;
@@ -424,9 +424,9 @@ struct Nf4Block::Impl {
   // bf16 LoRA: in bf16 mode without dropout in this call, the adapters' products take bf16 operands
   // as the frozen ones do (the group's bf16 input and output gradient, lora16), their results are
   // rounded to bf16 once (u = scale x A^T, du = scale dy B), and their terms are added by
-  // add_low_rank: written first where the result is kept in bf16 without a bias (the product then
-  // adds itself onto it), else joined to the product's fp32 result. With dropout the adapters
-  // compute in tf32 on the masked fp32 inputs.
+  // add_low_rank: written first where the result is kept in bf16 without a bias, or is an fp32
+  // input gradient not accumulated (the product then adds itself onto it), else joined to the
+  // product's fp32 result. With dropout the adapters compute in tf32 on the masked fp32 inputs.
   bool bf16_lora() const { return bf && !dropping; }
   // Whether the group's input is needed only in bf16: in bf16 mode the producer (norm, SwiGLU) then
   // writes the bf16 operand directly, and the backward recomputes it only for the adapters, in bf16.

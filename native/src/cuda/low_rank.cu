@@ -1,6 +1,6 @@
 // The LoRA term of a product joined to the product's fp32 result in one pass:
 //   out[t, n] = c[t, n] + bias[n] + sum_j u[t, j] v(n, j)
-// (without c, the term alone: a bf16 product then adds itself onto it in cuBLAS's epilogue)
+// (without c, the term alone: a product then adds itself onto it in cuBLAS's epilogue)
 // with u = x A^T [T, R] (or du in the input gradient) and v = B [n, R] (or A^T) in bf16, R a few
 // dozen at most. Per element: c read (4 bytes), out written (4 or 2), R FMAs: memory-bound for the
 // ranks LoRA uses (a [4096, 19456] gate/up output at R = 32: 480 MB moved in bf16 out, 2.5 GFMA).
@@ -43,22 +43,21 @@ constexpr int kStageLd = kWarpCols + 8;        // words per row of a warp's stag
 constexpr int kLanesPerRow = kWarpCols / 4;    // the coalesced side: 4 columns per lane
 constexpr int kRowsPerPass = 32 / kLanesPerRow;
 constexpr int kPasses = kTileRows / kRowsPerPass;
-constexpr int kMinBlocks = 3;                  // per SM (registers capped to fit)
+constexpr int kMinBlocks = 3;                  // per SM (registers capped to fit: a few bytes spill)
 static_assert(kKeptSteps == 2, "the kernel picks kept fragments with s == 0 ? [0] : [1]");
 
 __device__ __forceinline__ std::uint32_t pack2(std::uint16_t lo, std::uint16_t hi) {
   return static_cast<std::uint32_t>(lo) | (static_cast<std::uint32_t>(hi) << 16);
 }
 
-// vec: cols a multiple of 4 and c, bias, out aligned for float4 (out: 4 elements) accesses.
+// vec: cols a multiple of 4 and c, out aligned for float4 (out: 4 elements) accesses; bias_vec
+// likewise for bias.
 template <typename Out>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) add_low_rank_kernel(const float* c, const float* __restrict__ bias,
-                                                                const std::uint16_t* __restrict__ u,
-                                                                const std::uint16_t* __restrict__ v,
-                                                                std::int64_t v_row, std::int64_t v_col,
-                                                                std::int64_t rows, std::int64_t cols, int rank,
-                                                                std::int64_t rows_per_block, bool vec, Out* out) {
-  __shared__ float stage[kWarps][kTileRows * kStageLd];
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    add_low_rank_kernel(const float* c, const float* __restrict__ bias, const std::uint16_t* __restrict__ u,
+                        const std::uint16_t* __restrict__ v, std::int64_t v_row, std::int64_t v_col, std::int64_t rows,
+                        std::int64_t cols, int rank, std::int64_t rows_per_block, bool vec, bool bias_vec, Out* out) {
+  __shared__ __align__(16) float stage[kWarps][kTileRows * kStageLd];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const std::int64_t col_w = static_cast<std::int64_t>(blockIdx.x) * kBlockCols + warp * kWarpCols;
   if (col_w >= cols) return;  // no block-wide barriers below
@@ -100,31 +99,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) add_low_rank_kernel(cons
   const int quad_row = lane / kLanesPerRow;
   const std::int64_t col = col_w + 4 * (lane % kLanesPerRow);
   auto valid = [&](int e) { return col + e < cols; };
-  float4 bias4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  if (bias != nullptr) {
-    if (vec && valid(3)) {
-      bias4 = *reinterpret_cast<const float4*>(bias + col);
-    } else {
-      bias4 = make_float4(valid(0) ? bias[col] : 0.0f, valid(1) ? bias[col + 1] : 0.0f,
-                          valid(2) ? bias[col + 2] : 0.0f, valid(3) ? bias[col + 3] : 0.0f);
-    }
-  }
+  // p[0..3], those before cols (zeros past them), as a float4: one 16-byte load when `whole`.
+  auto load4 = [&](const float* p, bool whole) {
+    if (whole) return *reinterpret_cast<const float4*>(p);
+    return make_float4(valid(0) ? p[0] : 0.0f, valid(1) ? p[1] : 0.0f, valid(2) ? p[2] : 0.0f,
+                       valid(3) ? p[3] : 0.0f);
+  };
+  const float4 bias4 = bias != nullptr ? load4(bias + col, bias_vec && valid(3)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   // c's part of the tile at row0 for this lane (zeros without c or past the edges).
   auto load_c = [&](std::int64_t row0, float4 tile[kPasses]) {
 #pragma unroll
     for (int j = 0; j < kPasses; ++j) {
       const std::int64_t r = row0 + quad_row + kRowsPerPass * j;
-      float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (c != nullptr && r < row_end) {
-        const float* p = c + r * cols + col;
-        if (vec && valid(3)) {
-          x = *reinterpret_cast<const float4*>(p);
-        } else {
-          x = make_float4(valid(0) ? p[0] : 0.0f, valid(1) ? p[1] : 0.0f, valid(2) ? p[2] : 0.0f,
-                          valid(3) ? p[3] : 0.0f);
-        }
-      }
-      tile[j] = x;
+      tile[j] = c != nullptr && r < row_end ? load4(c + r * cols + col, vec && valid(3))
+                                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
   };
 
@@ -132,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) add_low_rank_kernel(cons
   // multiplied and stored (loads in flight across the whole loop, not only at its start).
   const int kept_steps = steps < kKeptSteps ? steps : kKeptSteps;
   float4 next_c[kPasses];
-  std::uint32_t next_a[kKeptSteps][4];
+  std::uint32_t next_a[kKeptSteps][4] = {};
   load_c(row_begin, next_c);
   for (int s = 0; s < kept_steps; ++s) a_frag(row_begin, s, next_a[s]);
   float* sw = stage[warp];
@@ -214,9 +202,10 @@ void launch(const float* c, const float* bias, const std::uint16_t* u, const std
   const std::int64_t groups = std::clamp<std::int64_t>(want / col_blocks, 1, row_tiles);
   const std::int64_t rows_per_block = (row_tiles + groups - 1) / groups * kTileRows;
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block));
-  const bool vec = cols % 4 == 0 && aligned(c, 16) && aligned(bias, 16) && aligned(out, 4 * sizeof(Out));
+  const bool vec = cols % 4 == 0 && aligned(c, 16) && aligned(out, 4 * sizeof(Out));
+  const bool bias_vec = cols % 4 == 0 && aligned(bias, 16);
   add_low_rank_kernel<Out><<<grid, kThreads, 0, stream>>>(c, bias, u, v, v_row, v_col, rows, cols, rank,
-                                                          rows_per_block, vec, out);
+                                                          rows_per_block, vec, bias_vec, out);
   CUDABLOCKS_CHECK_LAUNCH("add_low_rank_kernel");
 }
 

@@ -16,8 +16,9 @@ void gemm(const Buffer& a, const Buffer& b, Buffer& out, bool trans_a, bool tran
   const bool bf16 = a.dtype() == DType::BFloat16;
   check_dtype(a, bf16 ? DType::BFloat16 : DType::Float32, "a");
   check_dtype(b, a.dtype(), "b (the dtype of a)");
-  const bool out16 = bf16 && out.dtype() == DType::BFloat16;  // bf16 out: bf16 operands only
-  check_dtype(out, out16 ? DType::BFloat16 : DType::Float32, "out");
+  const bool out16 = bf16 && out.dtype() == DType::BFloat16;
+  check_dtype(out, out16 ? DType::BFloat16 : DType::Float32,
+              bf16 ? "out (float32, or bfloat16 like a and b)" : "out (bfloat16 only with bfloat16 a and b)");
   if (bf16 && precision != Precision::BF16) {
     throw InvalidArgumentError("gemm: bfloat16 operands multiply in precision \"bf16\" only");
   }
