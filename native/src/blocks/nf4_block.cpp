@@ -514,8 +514,8 @@ struct Nf4Block::Impl {
     }
   }
   // bf16 LoRA: out = c (+ bias) + the group's adapter term, in add_low_rank's one pass (out fp32,
-  // possibly c, or bf16; c nullptr: the term alone). Forward: (scale x16 A^T) B^T, c [T, out]; transposed (the input
-  // gradient, after lora_grads): du A, c [T, in].
+  // possibly c, or bf16; c nullptr: the term alone). Forward: (scale x16 A^T) B^T, c [T, out];
+  // transposed (the input gradient, after lora_grads): du A, c [T, in].
   template <typename Out>
   void add_adapter(int group, bool transposed, const std::uint16_t* x16, const float* c, const float* bias, Out* out) {
     const LoraGroup lg = lora_group(group);
