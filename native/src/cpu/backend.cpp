@@ -84,17 +84,12 @@ class CpuBackend final : public Backend {
   void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                          const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,
                          const Stream&) const override {
-    std::vector<float> tmp(static_cast<std::size_t>(m * n));
-    cpu::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, b, 0.0f, tmp.data());
-    cpu::to_bf16(tmp.data(), c, m * n);
+    product_to_bf16(trans_a, trans_b, m, n, k, alpha, a, b, false, c);
   }
   void gemm_bf16_to_bf16_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                              const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c,
                              const Stream&) const override {
-    std::vector<float> tmp(static_cast<std::size_t>(m * n));
-    cpu::from_bf16(c, tmp.data(), m * n);
-    cpu::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, b, 1.0f, tmp.data());
-    cpu::to_bf16(tmp.data(), c, m * n);
+    product_to_bf16(trans_a, trans_b, m, n, k, alpha, a, b, true, c);
   }
   void add_low_rank(const float* c, const float* bias, const std::uint16_t* u, const std::uint16_t* v,
                     std::int64_t v_row, std::int64_t v_col, std::int64_t rows, std::int64_t cols, int rank, float* out,
@@ -301,6 +296,16 @@ class CpuBackend final : public Backend {
   void nf4_double_dequantize(const std::uint8_t* qabsmax, const float* absmax2, const float* offset,
                              const float* code, std::int64_t n, float* absmax, const Stream&) const override {
     cpu::nf4_double_dequantize(qabsmax, absmax2, offset, code, n, absmax);
+  }
+
+ private:
+  // c = bf16(alpha op(a) op(b) (+ c's values when add)): the fp32 sum, rounded once.
+  static void product_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                              const std::uint16_t* a, const std::uint16_t* b, bool add, std::uint16_t* c) {
+    std::vector<float> tmp(static_cast<std::size_t>(m * n));
+    if (add) cpu::from_bf16(c, tmp.data(), m * n);
+    cpu::gemm_bf16(trans_a, trans_b, m, n, k, alpha, a, b, add ? 1.0f : 0.0f, tmp.data());
+    cpu::to_bf16(tmp.data(), c, m * n);
   }
 };
 
