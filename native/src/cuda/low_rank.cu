@@ -64,18 +64,27 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const std::int64_t row_begin = static_cast<std::int64_t>(blockIdx.y) * rows_per_block;
   const std::int64_t row_end = rows < row_begin + rows_per_block ? rows : row_begin + rows_per_block;
   const int steps = (rank + 15) / 16;
+  // Most tiles are full (16 rows before row_end) and most lanes' 4 columns inside and aligned
+  // (lane_vec): those take paths without per-element checks, since the index arithmetic is most of
+  // the kernel's instructions.
   auto u_at = [&](std::int64_t r, int k) -> std::uint16_t { return r < rows && k < rank ? u[r * rank + k] : 0; };
   // u[r, k], u[r, k + 1] (k even) as one bf16x2 word: one 32-bit load when rank is even.
   const bool u_vec = rank % 2 == 0 && (reinterpret_cast<std::uintptr_t>(u) & 3u) == 0;
-  auto u_pair = [&](std::int64_t r, int k) -> std::uint32_t {
-    if (u_vec) return r < rows && k < rank ? *reinterpret_cast<const std::uint32_t*>(u + r * rank + k) : 0u;
-    return pack2(u_at(r, k), u_at(r, k + 1));
+  auto u_word = [&](const std::uint16_t* p, int k) -> std::uint32_t {
+    return k < rank ? *reinterpret_cast<const std::uint32_t*>(p + k) : 0u;
   };
   // A fragment of rank step s for the tile at row0: rows row0 + g (+ 8), ranks 16 s + 2t (+1), + 8 (+1).
-  auto a_frag = [&](std::int64_t row0, int s, std::uint32_t a[4]) {
+  auto a_frag = [&](std::int64_t row0, bool full, int s, std::uint32_t a[4]) {
     const int k = 16 * s + 2 * t;
+    if (full && u_vec) {
+      const std::uint16_t* u0 = u + (row0 + g) * rank;
+      const std::uint16_t* u8 = u0 + 8 * rank;
+      a[0] = u_word(u0, k), a[1] = u_word(u8, k), a[2] = u_word(u0, k + 8), a[3] = u_word(u8, k + 8);
+      return;
+    }
     const std::int64_t r = row0 + g;
-    a[0] = u_pair(r, k), a[1] = u_pair(r + 8, k), a[2] = u_pair(r, k + 8), a[3] = u_pair(r + 8, k + 8);
+    a[0] = pack2(u_at(r, k), u_at(r, k + 1)), a[1] = pack2(u_at(r + 8, k), u_at(r + 8, k + 1));
+    a[2] = pack2(u_at(r, k + 8), u_at(r, k + 9)), a[3] = pack2(u_at(r + 8, k + 8), u_at(r + 8, k + 9));
   };
   auto v_at = [&](std::int64_t n, int k) -> std::uint16_t {
     return n < cols && k < rank ? v[n * v_row + k * v_col] : 0;
@@ -98,6 +107,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   // tile's rows l / kLanesPerRow + kRowsPerPass j (j < kPasses): a row's columns in one access.
   const int quad_row = lane / kLanesPerRow;
   const std::int64_t col = col_w + 4 * (lane % kLanesPerRow);
+  const bool lane_vec = vec && col + 3 < cols;
+  const std::int64_t pass_stride = kRowsPerPass * cols;
   auto valid = [&](int e) { return col + e < cols; };
   // p[0..3], those before cols (zeros past them), as a float4: one 16-byte load when `whole`.
   auto load4 = [&](const float* p, bool whole) {
@@ -105,26 +116,31 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     return make_float4(valid(0) ? p[0] : 0.0f, valid(1) ? p[1] : 0.0f, valid(2) ? p[2] : 0.0f,
                        valid(3) ? p[3] : 0.0f);
   };
-  const float4 bias4 = bias != nullptr ? load4(bias + col, bias_vec && valid(3)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  const float4 bias4 = bias != nullptr ? load4(bias + col, bias_vec && valid(3)) : zero;
   // c's part of the tile at row0 for this lane (zeros without c or past the edges).
-  auto load_c = [&](std::int64_t row0, float4 tile[kPasses]) {
+  auto load_c = [&](std::int64_t row0, bool full, float4 tile[kPasses]) {
+    const float* p = c + (row0 + quad_row) * cols + col;
 #pragma unroll
     for (int j = 0; j < kPasses; ++j) {
-      const std::int64_t r = row0 + quad_row + kRowsPerPass * j;
-      tile[j] = c != nullptr && r < row_end ? load4(c + r * cols + col, vec && valid(3))
-                                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      const bool row_in = full || row0 + quad_row + kRowsPerPass * j < row_end;
+      tile[j] = c != nullptr && row_in ? load4(p + j * pass_stride, lane_vec) : zero;
     }
   };
 
   // The next tile's c and u (its first kKeptSteps rank steps) are loaded while this one is
   // multiplied and stored (loads in flight across the whole loop, not only at its start).
-  const int kept_steps = steps < kKeptSteps ? steps : kKeptSteps;
+  auto full_at = [&](std::int64_t row0) { return row0 + kTileRows <= row_end; };
   float4 next_c[kPasses];
   std::uint32_t next_a[kKeptSteps][4] = {};
-  load_c(row_begin, next_c);
-  for (int s = 0; s < kept_steps; ++s) a_frag(row_begin, s, next_a[s]);
+  load_c(row_begin, full_at(row_begin), next_c);
+#pragma unroll
+  for (int s = 0; s < kKeptSteps; ++s) {
+    if (s < steps) a_frag(row_begin, full_at(row_begin), s, next_a[s]);
+  }
   float* sw = stage[warp];
   for (std::int64_t row0 = row_begin; row0 < row_end; row0 += kTileRows) {
+    const bool full = full_at(row0);
     float4 c_tile[kPasses];
     std::uint32_t a_kept[kKeptSteps][4];
 #pragma unroll
@@ -134,24 +150,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
       for (int e = 0; e < 4; ++e) a_kept[s][e] = next_a[s][e];
     }
-    if (row0 + kTileRows < row_end) {
-      load_c(row0 + kTileRows, next_c);
-      for (int s = 0; s < kept_steps; ++s) a_frag(row0 + kTileRows, s, next_a[s]);
+    const std::int64_t next0 = row0 + kTileRows;
+    if (next0 < row_end) {
+      load_c(next0, full_at(next0), next_c);
+#pragma unroll
+      for (int s = 0; s < kKeptSteps; ++s) {
+        if (s < steps) a_frag(next0, full_at(next0), s, next_a[s]);
+      }
     }
     // The term u v^T of the tile, in the accumulator layout.
     float acc[kNTiles][4] = {};
-    for (int s = 0; s < steps; ++s) {
-      std::uint32_t a[4];
-      if (s < kKeptSteps) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) a[e] = s == 0 ? a_kept[0][e] : a_kept[1][e];
-      } else {
-        a_frag(row0, s, a);
+    for (int s = 0; s < kKeptSteps; ++s) {
+      if (s < steps) {
+#pragma unroll
+        for (int i = 0; i < kNTiles; ++i) mma_bf16_16816(acc[i], a_kept[s], kept[s][i]);
       }
+    }
+    for (int s = kKeptSteps; s < steps; ++s) {
+      std::uint32_t a[4];
+      a_frag(row0, full, s, a);
 #pragma unroll
       for (int i = 0; i < kNTiles; ++i) {
-        std::uint32_t b[2] = {s == 0 ? kept[0][i][0] : kept[1][i][0], s == 0 ? kept[0][i][1] : kept[1][i][1]};
-        if (s >= kKeptSteps) b_frag(s, i, b);
+        std::uint32_t b[2];
+        b_frag(s, i, b);
         mma_bf16_16816(acc[i], a, b);
       }
     }
@@ -166,21 +188,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       }
     }
     __syncwarp();
+    Out* o = out + (row0 + quad_row) * cols + col;
 #pragma unroll
     for (int j = 0; j < kPasses; ++j) {
       const int rt = quad_row + kRowsPerPass * j;
-      const std::int64_t r = row0 + rt;
       const float4 term = *reinterpret_cast<const float4*>(sw + rt * kStageLd + 4 * (lane % kLanesPerRow));
       const float4 x = make_float4(term.x + bias4.x + c_tile[j].x, term.y + bias4.y + c_tile[j].y,
                                    term.z + bias4.z + c_tile[j].z, term.w + bias4.w + c_tile[j].w);
-      if (r >= row_end) continue;
-      const std::int64_t at = r * cols + col;
-      if (vec && valid(3)) {
-        store_vec(out, at / 4, x);
+      Out* q = o + j * pass_stride;
+      if (!full && row0 + rt >= row_end) continue;
+      if (lane_vec) {
+        store_vec(q, 0, x);
       } else {
         const float xs[4] = {x.x, x.y, x.z, x.w};
         for (int e = 0; e < 4; ++e) {
-          if (valid(e)) store_vec(out, at + e, xs[e]);
+          if (valid(e)) store_vec(q, e, xs[e]);
         }
       }
     }
