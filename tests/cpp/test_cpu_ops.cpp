@@ -179,6 +179,21 @@ TEST(CpuBf16, ToBf16RoundsToNearestEven) {
   EXPECT_EQ(out, bf16_of(big));
 }
 
+TEST(CpuOps, TransposeReadsStridedRowsAndWritesDenseColumns) {
+  // x [rows, cols] inside rows of ld floats (the columns past cols must not be read into y).
+  for (auto [rows, cols, ld] : {std::tuple<std::int64_t, std::int64_t, std::int64_t>{1, 1, 1}, {3, 70, 70},
+                                {67, 33, 40}, {130, 65, 200}}) {
+    const auto x = random_normal(static_cast<std::size_t>(rows * ld));
+    std::vector<float> y(static_cast<std::size_t>(rows * cols), NAN);
+    cpu().transpose(x.data(), rows, cols, ld, y.data(), stream());
+    for (std::int64_t j = 0; j < cols; ++j) {
+      for (std::int64_t i = 0; i < rows; ++i) {
+        ASSERT_EQ(float_to_bits(y[j * rows + i]), float_to_bits(x[i * ld + j])) << rows << "x" << cols << " ld " << ld;
+      }
+    }
+  }
+}
+
 TEST(CpuBf16, AddLowRankIsTheSumOfTheBf16Products) {
   // out = c + bias + u v^T against fp64 on the bf16 values; v as B [cols, rank] and as A [rank, cols].
   // fp32 out in place and bf16 out from the same sums (their rounding of the fp32 result).

@@ -17,6 +17,7 @@
 #include <iostream>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/float_bits.hpp"
@@ -216,6 +217,27 @@ Bits download_bits(Env& e, const Buffer& b) {
 }
 
 using test::bf16_of;
+
+TEST(CudaOps, TransposeMatchesCpuBitwise) {
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  Env cpu{Device()};
+  Env cuda{gpu()};
+  // Whole tiles (the block's sizes), ragged edges on both sides, one row, and a strided half of
+  // a [T, 2 I] matrix as the tf32 weight gradient reads it.
+  for (auto [rows, cols, ld] : {std::tuple<std::int64_t, std::int64_t, std::int64_t>{512, 2560, 2560},
+                                {1, 1, 1}, {1, 300, 300}, {77, 131, 131}, {600, 97, 2 * 97}, {129, 64, 70}}) {
+    const Vec x = random_normal(static_cast<std::size_t>(rows * ld));
+    Vec want(static_cast<std::size_t>(rows * cols));
+    cpu.backend.transpose(x.data(), rows, cols, ld, want.data(), cpu.stream);
+    Buffer xb = cuda.upload(x);
+    Buffer yb = cuda.poisoned(want.size());
+    cuda.backend.transpose(xb.data_as<float>(), rows, cols, ld, yb.data_as<float>(), cuda.stream);
+    const Vec got = cuda.download(yb);
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(float_to_bits(got[i]), float_to_bits(want[i])) << rows << "x" << cols << " ld " << ld << " at " << i;
+    }
+  }
+}
 
 TEST(CudaOps, ToBf16MatchesCpuBitwise) {
   if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";

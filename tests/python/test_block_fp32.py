@@ -149,7 +149,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_block_matches_transformers(case: str, rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_block_matches_transformers(case: str, precision: str, rng: np.random.Generator) -> None:
+    # The CPU computes tf32 in fp32 too, but a tf32 block takes its weight gradients through
+    # transposed (k-major) operands: the same tolerances check that path.
     spec = dict(CASES[case])
     model_type = spec.pop("model_type")
     lens = spec.pop("lens", [7, 1, 12])
@@ -160,7 +163,7 @@ def test_block_matches_transformers(case: str, rng: np.random.Generator) -> None
     x = rng.standard_normal((sum(lens), config.hidden_size)).astype(np.float32)
     grad_out = rng.standard_normal(x.shape).astype(np.float32)
 
-    block = cb.CudaBlock.fp32(cfg, 1, weights_of(layer), "cpu", max_tokens=sum(lens) + 3)
+    block = cb.CudaBlock.fp32(cfg, 1, weights_of(layer), "cpu", max_tokens=sum(lens) + 3, precision=precision)
     out, grad_in, grads = run_block(block, x, lens, grad_out)
     ref_out, ref_in, ref_grads = hf_reference(layer, Rotary(config, "cpu"), x, lens, grad_out)
 
@@ -416,7 +419,7 @@ def test_bf16_weight_copy_follows_the_optimizer_step(rng: np.random.Generator) -
     assert not np.array_equal(out.to_numpy(), before)
 
 
-def test_bf16_scratch_and_saved_bytes_are_counted() -> None:
+def test_scratch_and_saved_bytes_are_counted() -> None:
     cfg = cb.TransformerConfig.from_dict({"model_type": "qwen3", **QWEN3_4B})
     weights = {name: np.zeros(shape, np.float32) for name, shape in layout_shapes(cfg).items()}
     fp32 = cb.CudaBlock.fp32(cfg, 0, weights, "cpu", max_tokens=1)
@@ -431,6 +434,10 @@ def test_bf16_scratch_and_saved_bytes_are_counted() -> None:
     assert bf16.saved_bytes_per_token == 69_928 + 39_936
     # bf16 gradient operands: [T, max(2 I, q + 2 kv)] + [T, H], 2 bytes each.
     assert bf16.scratch_bytes_per_token - fp32.scratch_bytes_per_token == 2 * (2 * 9728 + 2560)
+    # tf32: the weight gradients' transposed operands, [T, max(H, I, q) + H] floats.
+    tf32 = cb.CudaBlock.fp32(cfg, 0, weights, "cpu", max_tokens=1, precision="tf32")
+    assert tf32.saved_bytes_per_token == fp32.saved_bytes_per_token
+    assert tf32.scratch_bytes_per_token - fp32.scratch_bytes_per_token == 4 * (9728 + 2560)
 
 
 # ---- semantics: accumulation, sharing, weights ---------------------------------------------------------

@@ -110,6 +110,11 @@ class Backend {
   // y[i] = the bf16 value x[i] as fp32 (exact) over n elements.
   virtual void from_bf16(const std::uint16_t* x, float* y, std::int64_t n, const Stream& stream) const = 0;
 
+  // y[j, i] = x[i, j] for x [rows, cols] whose rows are ld_x floats apart; y is [cols, rows], dense
+  // (the k-major operands of a tf32 weight gradient: see the fp32 block's backward).
+  virtual void transpose(const float* x, std::int64_t rows, std::int64_t cols, std::int64_t ld_x, float* y,
+                         const Stream& stream) const = 0;
+
   // y[r, :] += bias for y [rows, cols].
   virtual void add_bias(float* y, const float* bias, std::int64_t rows, std::int64_t cols,
                         const Stream& stream) const = 0;

@@ -57,7 +57,11 @@
 // is 129,320 bytes (about 126 KiB) per token in fp32 and tf32, 109,864 bytes (about 107 KiB) in
 // bf16 (69,928 of saved activations + 39,936 of kept operands).
 // Transient scratch (dead outside a call) is a second allocation: scratch_bytes_per_token()
-// (Qwen3-4B: 126,976 bytes per token + the CUDA attention backward's workspace, 8,320 bytes).
+// (Qwen3-4B: 126,976 bytes per token + the CUDA attention backward's workspace, 8,320 bytes;
+// tf32 adds max(H, I, n_q d) + H floats, 49,152 bytes, for the weight gradients' k-major
+// operands: tf32 tensor cores read no other layout, and dW = dY^T X has both operands token-major,
+// so the backward transposes them first (Backend::transpose; cuBLAS ran the token-major products
+// at about 60% of its k-major rate)).
 //
 // ---- Precision ----------------------------------------------------------------------------------
 // fp32 and tf32 run every product through Backend::gemm on the fp32 buffers. bf16 runs them on

@@ -25,6 +25,9 @@ struct Products {
   // bf16 mode: the weights' bf16 copy (refreshed by optimizer_step) and the bf16 operand scratch.
   const std::uint16_t* weights16;
   std::uint16_t* scratch16;
+  // tf32 backward: the weight gradients' transposed operands (ScratchLayout::transposed).
+  float* transposed;
+  std::int64_t transposed_width;
   bool bf16() const { return prec == Precision::BF16; }
   // A product's bf16 operand at `offset` into the weight copy or the scratch; nullptr outside bf16 mode.
   const std::uint16_t* w16(std::int64_t offset) const { return bf16() ? weights16 + offset : nullptr; }
@@ -44,6 +47,27 @@ struct Products {
       be.gemm_bf16_add(false, true, m, n, k, 1.0f, a16, b16, addend, c, stream);
     } else {
       be.gemm_add(false, true, m, n, k, 1.0f, a, b, addend, c, prec, stream);
+    }
+  }
+  // gw [out, in] += dy^T x for dy [T, out] and x [T, in]: the weight gradient of y = x W^T.
+  // tf32 computes it on k-major copies (tf32 tensor cores take no other operand layout, and both
+  // of these are token-major: cuBLAS ran them at about 60% of its k-major rate, and the
+  // transposes cost a fraction of that). x^T goes to the start of `transposed` (unless the caller
+  // says it is there already: q, k and v share h), dY^T after it by blocks of rows that fit
+  // (ScratchLayout::transposed_width).
+  void weight_grad(std::int64_t T, std::int64_t out, std::int64_t in, const float* dy, const std::uint16_t* dy16,
+                   const float* x, const std::uint16_t* x16, float* gw, bool x_transposed_there = false) const {
+    if (prec != Precision::TF32) {
+      gemm(true, false, out, in, T, dy, dy16, x, x16, 1.0f, gw);
+      return;
+    }
+    if (!x_transposed_there) be.transpose(x, T, in, in, transposed, stream);
+    float* dy_t = transposed + in * T;
+    const std::int64_t rows = std::min(out, transposed_width - in);
+    for (std::int64_t r0 = 0; r0 < out; r0 += rows) {
+      const std::int64_t n = std::min(rows, out - r0);
+      be.transpose(dy + r0, T, n, out, dy_t, stream);
+      be.gemm(false, true, n, in, T, 1.0f, dy_t, transposed, 1.0f, gw + r0 * in, prec, stream);
     }
   }
   // y = bf16(x) in bf16 mode; nothing otherwise.
@@ -160,7 +184,10 @@ std::shared_ptr<Fp32Block> Fp32Block::create(const TransformerConfig& config, in
   block->params_ = Buffer::empty({layout->total_floats()}, DType::Float32, device);
   ActivationNeeds needs;
   needs.saved = saved_floats(config, max_tokens, precision) * static_cast<std::int64_t>(sizeof(float));
-  needs.scratch = ScratchLayout(config, max_tokens, block->attn_ws_floats_).total * static_cast<std::int64_t>(sizeof(float));
+  needs.scratch = ScratchLayout(config, max_tokens, block->attn_ws_floats_,
+                                ScratchLayout::transposed_width(config, precision))
+                      .total *
+                  static_cast<std::int64_t>(sizeof(float));
   if (precision == Precision::BF16) {
     block->params_bf16_ = Buffer::empty({layout->total_floats()}, DType::BFloat16, device);
     needs.scratch_bf16 = Bf16ScratchLayout(config, max_tokens).total * 2;
@@ -192,7 +219,8 @@ std::int64_t Fp32Block::scratch_bytes_per_token() const {
   const std::int64_t ws_per_token = (attn_ws_floats_ + max_tokens_ - 1) / max_tokens_;
   const std::int64_t bf16_bytes =
       precision_ == Precision::BF16 ? Bf16ScratchLayout::elements_per_token(config_) * 2 : 0;
-  return (ScratchLayout::floats_per_token(config_) + ws_per_token) * static_cast<std::int64_t>(sizeof(float)) +
+  return (ScratchLayout::floats_per_token(config_, ScratchLayout::transposed_width(config_, precision_)) +
+          ws_per_token) * static_cast<std::int64_t>(sizeof(float)) +
          bf16_bytes;
 }
 
@@ -256,12 +284,12 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   const float* wk = wq + q * H;
   const float* wv = wk + kv * H;
   const SavedLayout sl(c, max_tokens_, precision_);
-  const ScratchLayout sc(c, max_tokens_, attn_ws_floats_);
+  const ScratchLayout sc(c, max_tokens_, attn_ws_floats_, ScratchLayout::transposed_width(c, precision_));
   float* S = mem.saved();
   float* X = mem.scratch();
   const float* xin = x.data_as<float>();
   float* y = out.data_as<float>();
-  const Products mm{be, prec, stream, params_bf16_.data_as<std::uint16_t>(), mem.scratch_bf16()};
+  const Products mm{be, prec, stream, params_bf16_.data_as<std::uint16_t>(), mem.scratch_bf16(), nullptr, 0};
   const Kept kept(prec, S, sl, c, max_tokens_);
   const std::uint16_t* wq16 = mm.w16(pl.wqkv);
   const std::uint16_t* wk16 = mm.w16(pl.wqkv + q * H);
@@ -371,14 +399,20 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   float* gwk = gwq + q * H;
   float* gwv = gwk + kv * H;
   const SavedLayout sl(c, max_tokens_, precision_);
-  const ScratchLayout sc(c, max_tokens_, attn_ws_floats_);
+  const ScratchLayout sc(c, max_tokens_, attn_ws_floats_, ScratchLayout::transposed_width(c, precision_));
   float* S = mem.saved();
   float* X = mem.scratch();
   const float* xin = x.data_as<float>();
   const float* dy = grad_out.data_as<float>();
   float* dx = grad_in.data_as<float>();
   const float* r = S + sl.r;
-  const Products mm{be, prec, stream, params_bf16_.data_as<std::uint16_t>(), mem.scratch_bf16()};
+  const Products mm{be,
+                    prec,
+                    stream,
+                    params_bf16_.data_as<std::uint16_t>(),
+                    mem.scratch_bf16(),
+                    X + sc.transposed,
+                    ScratchLayout::transposed_width(c, prec)};
   const Bf16ScratchLayout bl(c, max_tokens_);
 
   // MLP: out = r + swiglu(g Wgu^T) Wdown^T. g and act: kept by the forward in bf16 mode,
@@ -395,7 +429,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   }
   std::uint16_t* dy16 = mm.s16(bl.c);
   mm.convert(dy, dy16, T * H);
-  mm.gemm(true, false, H, I, T, dy, dy16, act, act16, 1.0f, G + pl.w_down);                 // dWdown += dy^T act
+  mm.weight_grad(T, H, I, dy, dy16, act, act16, G + pl.w_down);  // dWdown += dy^T act
   // d_act = dy Wdown: in bf16 mode written in bf16 (into act's unused fp32 slot), as SwiGLU's
   // backward reads it.
   float* d_act = act;
@@ -409,7 +443,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
     mm.gemm(false, false, T, I, H, dy, nullptr, W + pl.w_down, nullptr, 0.0f, d_act);
     be.swiglu_backward(d_act, S + sl.gate_up, d_gu, T, I, stream);
   }
-  mm.gemm(true, false, 2 * I, H, T, d_gu, d_gu16, g, g16, 1.0f, G + pl.w_gate_up);  // dWgu += d_gu^T g
+  mm.weight_grad(T, 2 * I, H, d_gu, d_gu16, g, g16, G + pl.w_gate_up);  // dWgu += d_gu^T g
   float* dg = X + sc.sh;
   mm.gemm(false, false, T, H, 2 * I, d_gu, d_gu16, W + pl.w_gate_up, mm.w16(pl.w_gate_up), 0.0f, dg);  // dg = d_gu Wgu
   // dr = dy + rmsnorm_backward(dg) (grad_in may be grad_out): grad_in carries dr from here on.
@@ -420,7 +454,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   std::uint16_t* dr16 = mm.s16(bl.c);  // dy16 is dead
   mm.convert(dx, dr16, T * H);
   const std::uint16_t* att16 = saved_bf16(prec, S + sl.att);
-  mm.gemm(true, false, H, q, T, dx, dr16, S + sl.att, att16, 1.0f, G + pl.wo);  // dWo += dr^T att
+  mm.weight_grad(T, H, q, dx, dr16, S + sl.att, att16, G + pl.wo);  // dWo += dr^T att
   // d_att = dr Wo: in bf16 mode written in bf16, as attention reads it.
   float* d_att = X + sc.d_att;
   if (mm.bf16()) {
@@ -472,9 +506,9 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   float* h = X + sc.sh;
   const std::uint16_t* h16 = kept.at(kept.layout.h);
   if (!mm.bf16()) be.rmsnorm_forward(xin, W + pl.ln_in, h, nullptr, T, H, eps, stream);
-  mm.gemm(true, false, q, H, T, dq, dq16, h, h16, 1.0f, gwq);
-  mm.gemm(true, false, kv, H, T, dk, dk16, h, h16, 1.0f, gwk);
-  mm.gemm(true, false, kv, H, T, dv, dv16, h, h16, 1.0f, gwv);
+  mm.weight_grad(T, q, H, dq, dq16, h, h16, gwq);
+  mm.weight_grad(T, kv, H, dk, dk16, h, h16, gwk, true);  // h^T made by the first
+  mm.weight_grad(T, kv, H, dv, dv16, h, h16, gwv, true);
   float* dh = h;  // h is dead once the weight gradients are queued
   const std::uint16_t* wq16 = mm.w16(pl.wqkv);
   const std::uint16_t* wk16 = mm.w16(pl.wqkv + q * H);

@@ -18,6 +18,7 @@
 #include "cpu/rmsnorm.hpp"
 #include "cpu/swiglu.hpp"
 #include "cpu/to_bf16.hpp"
+#include "cpu/transpose.hpp"
 
 namespace cudablocks {
 
@@ -106,6 +107,10 @@ class CpuBackend final : public Backend {
   }
   void from_bf16(const std::uint16_t* x, float* y, std::int64_t n, const Stream&) const override {
     cpu::from_bf16(x, y, n);
+  }
+  void transpose(const float* x, std::int64_t rows, std::int64_t cols, std::int64_t ld_x, float* y,
+                 const Stream&) const override {
+    cpu::transpose(x, rows, cols, ld_x, y);
   }
 
   void add_bias(float* y, const float* bias, std::int64_t rows, std::int64_t cols, const Stream&) const override {

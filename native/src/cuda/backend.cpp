@@ -18,6 +18,7 @@
 #include "cuda/rmsnorm.cuh"
 #include "cuda/swiglu.cuh"
 #include "cuda/to_bf16.cuh"
+#include "cuda/transpose.cuh"
 #include "cudablocks/errors.hpp"
 
 namespace cudablocks {
@@ -97,6 +98,10 @@ class CudaBackend final : public Backend {
   }
   void from_bf16(const std::uint16_t* x, float* y, std::int64_t n, const Stream& stream) const override {
     cuda::from_bf16(x, y, n, native(stream));
+  }
+  void transpose(const float* x, std::int64_t rows, std::int64_t cols, std::int64_t ld_x, float* y,
+                 const Stream& stream) const override {
+    cuda::transpose(x, rows, cols, ld_x, y, native(stream));
   }
 
   void add_bias(float* y, const float* bias, std::int64_t rows, std::int64_t cols,

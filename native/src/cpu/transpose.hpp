@@ -1,0 +1,11 @@
+// Matrix transpose on the CPU reference backend.
+#pragma once
+
+#include <cstdint>
+
+namespace cudablocks::cpu {
+
+// y[j, i] = x[i, j] for x [rows, cols] whose rows are ld_x floats apart; y is [cols, rows], dense.
+void transpose(const float* x, std::int64_t rows, std::int64_t cols, std::int64_t ld_x, float* y);
+
+}  // namespace cudablocks::cpu
