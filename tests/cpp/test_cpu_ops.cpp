@@ -184,7 +184,7 @@ TEST(CpuOps, TransposeReadsStridedRowsAndWritesDenseColumns) {
   for (auto [rows, cols, ld] : {std::tuple<std::int64_t, std::int64_t, std::int64_t>{1, 1, 1}, {3, 70, 70},
                                 {67, 33, 40}, {130, 65, 200}}) {
     const auto x = random_normal(static_cast<std::size_t>(rows * ld));
-    std::vector<float> y(static_cast<std::size_t>(rows * cols), NAN);
+    std::vector<float> y = nans(static_cast<std::size_t>(rows * cols));
     cpu().transpose(x.data(), rows, cols, ld, y.data(), stream());
     for (std::int64_t j = 0; j < cols; ++j) {
       for (std::int64_t i = 0; i < rows; ++i) {

@@ -284,18 +284,25 @@ TEST(CudaOps, AddLowRankMatchesCpu) {
   // rank 32 v's fragments are reloaded per tile) and odd shapes and offsets for the unaligned
   // paths; fp32 out in place and bf16 out, both poisoned or random first; and the term alone (no c).
   if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
-  // offset: of c and out; bias_offset: of bias alone (a misaligned bias with aligned c and out).
-  struct Case { std::int64_t rows, cols; int rank; bool a_layout, bias; std::int64_t offset, bias_offset; };
-  for (Case k : {Case{850, 4096, 16, false, true, 0, 0}, Case{850, 19456, 32, false, false, 0, 0},
-                 Case{850, 2560, 32, true, false, 0, 0}, Case{1000, 4096, 40, true, true, 0, 0},
-                 Case{33, 45, 70, false, true, 0, 0}, Case{33, 45, 5, true, true, 0, 0},
-                 Case{31, 64, 3, false, false, 1, 0}, Case{5, 8, 0, false, true, 0, 0},
-                 Case{100, 512, 16, false, true, 0, 1}}) {
+  // offset: of c and out; bias_offset: of bias alone (a misaligned bias with aligned c and out);
+  // u_offset: of u alone (an even rank with u not 4-byte aligned: the 16-bit reads on full tiles).
+  struct Case {
+    std::int64_t rows, cols;
+    int rank;
+    bool a_layout, bias;
+    std::int64_t offset, bias_offset, u_offset;
+  };
+  for (Case k : {Case{850, 4096, 16, false, true, 0, 0, 0}, Case{850, 19456, 32, false, false, 0, 0, 0},
+                 Case{850, 2560, 32, true, false, 0, 0, 0}, Case{1000, 4096, 40, true, true, 0, 0, 0},
+                 Case{33, 45, 70, false, true, 0, 0, 0}, Case{33, 45, 5, true, true, 0, 0, 0},
+                 Case{31, 64, 3, false, false, 1, 0, 0}, Case{5, 8, 0, false, true, 0, 0, 0},
+                 Case{100, 512, 16, false, true, 0, 1, 0}, Case{100, 512, 16, false, true, 0, 0, 1}}) {
     const auto n = static_cast<std::size_t>(k.rows * k.cols);
     const Vec c = random_normal(n + k.offset);
     const Vec bias = random_normal(static_cast<std::size_t>(k.cols + k.bias_offset));
     // (rank 0: one unread element each; the block passes nullptr then)
-    const Bits u = bf16_of(random_normal(static_cast<std::size_t>(std::max<std::int64_t>(1, k.rows * k.rank))));
+    const Bits u =
+        bf16_of(random_normal(static_cast<std::size_t>(std::max<std::int64_t>(1, k.rows * k.rank) + k.u_offset)));
     const Bits v = bf16_of(random_normal(static_cast<std::size_t>(std::max<std::int64_t>(1, k.cols * k.rank))));
     const std::int64_t v_row = k.a_layout ? 1 : k.rank, v_col = k.a_layout ? k.cols : 1;
     auto [ref, out] = on_both([&](Env& e) {
@@ -303,7 +310,7 @@ TEST(CudaOps, AddLowRankMatchesCpu) {
       Buffer ob = Buffer::empty({static_cast<std::int64_t>(n + k.offset)}, DType::BFloat16, e.device);
       e.backend.fill(ob.data(), n + k.offset, 2, 0xffffu, e.stream);  // NaN
       const float* b = k.bias ? bb.data_as<float>() + k.bias_offset : nullptr;
-      const std::uint16_t* u0 = k.rank > 0 ? ub.data_as<std::uint16_t>() : nullptr;
+      const std::uint16_t* u0 = k.rank > 0 ? ub.data_as<std::uint16_t>() + k.u_offset : nullptr;
       const std::uint16_t* v0 = k.rank > 0 ? vb.data_as<std::uint16_t>() : nullptr;
       float* c0 = cb.data_as<float>() + k.offset;
       e.backend.add_low_rank(c0, b, u0, v0, v_row, v_col, k.rows, k.cols, k.rank, ob.data_as<std::uint16_t>() + k.offset,

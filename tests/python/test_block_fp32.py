@@ -142,6 +142,8 @@ CASES = {
     "qwen2": dict(model_type="qwen2", rope_theta=10000.0),
     "llama": dict(model_type="llama", rope_theta=500000.0, rms_norm_eps=1e-5),
     "llama-attention_bias": dict(model_type="llama", attention_bias=True),
+    # intermediate 48 < q 64: in tf32, gate_up's transposed dY comes in blocks of 64 + 32 rows.
+    "qwen3-narrow-mlp": dict(model_type="qwen3", head_dim=16, intermediate_size=48),
     # head_dim 128 at long positions (theta 1e6 as Qwen3): the fp32 RoPE angles matter here.
     "qwen3-long": dict(model_type="qwen3", head_dim=128, rope_theta=1000000.0, hidden_size=256, num_attention_heads=2,
                        num_key_value_heads=1, intermediate_size=128, lens=[300, 1, 45]),

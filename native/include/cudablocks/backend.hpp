@@ -111,7 +111,8 @@ class Backend {
   virtual void from_bf16(const std::uint16_t* x, float* y, std::int64_t n, const Stream& stream) const = 0;
 
   // y[j, i] = x[i, j] for x [rows, cols] whose rows are ld_x floats apart; y is [cols, rows], dense
-  // (the k-major operands of a tf32 weight gradient: see the fp32 block's backward).
+  // (the k-major operands of a tf32 weight gradient: see the fp32 block's backward). ld_x >= cols;
+  // y must not overlap x.
   virtual void transpose(const float* x, std::int64_t rows, std::int64_t cols, std::int64_t ld_x, float* y,
                          const Stream& stream) const = 0;
 

@@ -36,10 +36,12 @@
 // Each forward also uploads positions [T] (restarting at 0 per sequence) and cu_seqlens [n + 1]
 // (int32) in one host-to-device copy into block-owned memory, which the backward reuses.
 //
-// The backward is 23 op calls in fp32 and tf32 (+ 4 with biases; grad_out joins grad_in inside
-// the post-attention RMSNorm's backward, in place or not), 18 in bf16, which keeps the five
+// The backward is 23 op calls in fp32 (+ 4 with biases; grad_out joins grad_in inside the
+// post-attention RMSNorm's backward, in place or not), 18 in bf16, which keeps the five
 // recomputed operands instead (+ the conversions listed under Precision), all independent of the
-// number of sequences. q, k and v take three GEMMs
+// number of sequences. tf32 adds the transposes of its weight gradients' operands (below): two per
+// gradient, one for k and v (q's made h^T), and one transpose and one GEMM per further block of
+// gate_up's dY^T (Qwen3-4B: 11 transposes, 1 GEMM). q, k and v take three GEMMs
 // each way because the ops take dense [T, n*d] operands; the fused wqkv rows would allow one
 // GEMM once the ops accept a row stride.
 //

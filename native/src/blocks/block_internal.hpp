@@ -143,18 +143,21 @@ inline void attention_backward_saved(const Backend& be, Precision precision, con
 // Scratch: sh [T, H] (h, g, dg, dh), then a union region used by the attention phase
 // (q_rot, k_rot, d_att, dq_rot, dk_rot, dv) or by the MLP phase (act / d_act, d_gate_up), then
 // the attention backward's workspace, then (tf32 weight gradients only, else empty) the room for
-// their transposed operands: transposed_width floats per token (see transposed_width).
+// their transposed operands: transposed_width floats per token (see transposed_width_for).
 struct ScratchLayout {
   std::int64_t sh, q_rot, k_rot, d_att, dq_rot, dk_rot, dv, act, d_gate_up, attn_ws, transposed, total;
+  std::int64_t transposed_width;  // floats per token of `transposed`
   // The fp32 block in tf32 computes dW = dY^T X on k-major copies X^T and dY^T: X^T (at most
-  // max(H, I, q) rows) then dY^T by blocks of rows that fit after it, at least H of them (every
-  // dY of down, o has H columns; those of q, k, v and each half of gate_up fit in max(H, I, q)).
-  static std::int64_t transposed_width(const TransformerConfig& c, Precision precision) {
+  // max(H, I, q) rows) then dY^T by blocks of rows that fit after it, at least H of them (the dY
+  // of down and o have H columns; those of q, k and v fit whole, gate_up's in blocks of up to
+  // max(H, I, q) rows).
+  static std::int64_t transposed_width_for(const TransformerConfig& c, Precision precision) {
     Widths w(c);
     return precision == Precision::TF32 ? std::max({w.H, w.I, w.q}) + w.H : 0;
   }
   ScratchLayout(const TransformerConfig& c, std::int64_t t, std::int64_t attn_ws_floats,
-                std::int64_t transposed_floats_per_token = 0) {
+                std::int64_t transposed_floats_per_token = 0)
+      : transposed_width(transposed_floats_per_token) {
     Widths w(c);
     Segments s;
     sh = s.add(t, w.H);

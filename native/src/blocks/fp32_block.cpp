@@ -25,7 +25,8 @@ struct Products {
   // bf16 mode: the weights' bf16 copy (refreshed by optimizer_step) and the bf16 operand scratch.
   const std::uint16_t* weights16;
   std::uint16_t* scratch16;
-  // tf32 backward: the weight gradients' transposed operands (ScratchLayout::transposed).
+  // tf32 backward: the weight gradients' transposed operands (ScratchLayout::transposed) and
+  // their floats per token.
   float* transposed;
   std::int64_t transposed_width;
   bool bf16() const { return prec == Precision::BF16; }
@@ -54,7 +55,7 @@ struct Products {
   // of these are token-major: cuBLAS ran them at about 60% of its k-major rate, and the
   // transposes cost a fraction of that). x^T goes to the start of `transposed` (unless the caller
   // says it is there already: q, k and v share h), dY^T after it by blocks of rows that fit
-  // (ScratchLayout::transposed_width).
+  // (ScratchLayout::transposed_width_for).
   void weight_grad(std::int64_t T, std::int64_t out, std::int64_t in, const float* dy, const std::uint16_t* dy16,
                    const float* x, const std::uint16_t* x16, float* gw, bool x_transposed_there = false) const {
     if (prec != Precision::TF32) {
@@ -124,6 +125,13 @@ struct Kept {
   }
 };
 
+// The fp32 block's scratch: ScratchLayout with, in tf32, room for the weight gradients' transposed
+// operands (Products::weight_grad).
+ScratchLayout fp32_scratch_layout(const TransformerConfig& c, std::int64_t t, std::int64_t attn_ws_floats,
+                                  Precision precision) {
+  return ScratchLayout(c, t, attn_ws_floats, ScratchLayout::transposed_width_for(c, precision));
+}
+
 // Floats of saved memory per max_tokens rows (with bf16 mode's kept operands).
 std::int64_t saved_floats(const TransformerConfig& c, std::int64_t t, Precision precision) {
   const std::int64_t saved = SavedLayout(c, t, precision).total;
@@ -184,9 +192,7 @@ std::shared_ptr<Fp32Block> Fp32Block::create(const TransformerConfig& config, in
   block->params_ = Buffer::empty({layout->total_floats()}, DType::Float32, device);
   ActivationNeeds needs;
   needs.saved = saved_floats(config, max_tokens, precision) * static_cast<std::int64_t>(sizeof(float));
-  needs.scratch = ScratchLayout(config, max_tokens, block->attn_ws_floats_,
-                                ScratchLayout::transposed_width(config, precision))
-                      .total *
+  needs.scratch = fp32_scratch_layout(config, max_tokens, block->attn_ws_floats_, precision).total *
                   static_cast<std::int64_t>(sizeof(float));
   if (precision == Precision::BF16) {
     block->params_bf16_ = Buffer::empty({layout->total_floats()}, DType::BFloat16, device);
@@ -219,7 +225,7 @@ std::int64_t Fp32Block::scratch_bytes_per_token() const {
   const std::int64_t ws_per_token = (attn_ws_floats_ + max_tokens_ - 1) / max_tokens_;
   const std::int64_t bf16_bytes =
       precision_ == Precision::BF16 ? Bf16ScratchLayout::elements_per_token(config_) * 2 : 0;
-  return (ScratchLayout::floats_per_token(config_, ScratchLayout::transposed_width(config_, precision_)) +
+  return (ScratchLayout::floats_per_token(config_, ScratchLayout::transposed_width_for(config_, precision_)) +
           ws_per_token) * static_cast<std::int64_t>(sizeof(float)) +
          bf16_bytes;
 }
@@ -284,7 +290,7 @@ void Fp32Block::forward(const Buffer& x, Buffer& out, const std::vector<std::int
   const float* wk = wq + q * H;
   const float* wv = wk + kv * H;
   const SavedLayout sl(c, max_tokens_, precision_);
-  const ScratchLayout sc(c, max_tokens_, attn_ws_floats_, ScratchLayout::transposed_width(c, precision_));
+  const ScratchLayout sc = fp32_scratch_layout(c, max_tokens_, attn_ws_floats_, precision_);
   float* S = mem.saved();
   float* X = mem.scratch();
   const float* xin = x.data_as<float>();
@@ -399,7 +405,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   float* gwk = gwq + q * H;
   float* gwv = gwk + kv * H;
   const SavedLayout sl(c, max_tokens_, precision_);
-  const ScratchLayout sc(c, max_tokens_, attn_ws_floats_, ScratchLayout::transposed_width(c, precision_));
+  const ScratchLayout sc = fp32_scratch_layout(c, max_tokens_, attn_ws_floats_, precision_);
   float* S = mem.saved();
   float* X = mem.scratch();
   const float* xin = x.data_as<float>();
@@ -412,7 +418,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
                     params_bf16_.data_as<std::uint16_t>(),
                     mem.scratch_bf16(),
                     X + sc.transposed,
-                    ScratchLayout::transposed_width(c, prec)};
+                    sc.transposed_width};
   const Bf16ScratchLayout bl(c, max_tokens_);
 
   // MLP: out = r + swiglu(g Wgu^T) Wdown^T. g and act: kept by the forward in bf16 mode,

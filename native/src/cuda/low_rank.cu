@@ -15,10 +15,12 @@
 // the next tile's c and u are loading meanwhile. The tensor core sums a step's exact products in
 // fp32 in an order of its own and c is added last, so against the CPU's sequential sum the result
 // may differ in the last bits (relative 2-5e-8 at ranks 16-40 on random data).
-// H200, 2026-11-28, [4096, n], rank 16 (32 for gate/up), against a copy of c at 3.0-4.1 TB/s:
-// with c 2.3-2.8 TB/s (gate/up bf16 out 172 us); the term alone (no c) writes only 1.2 TB/s, so the
-// mma and staging side bounds it. The accumulator layout read and written directly (8- or
-// 4-byte accesses, 2.2 TB/s) and a CUDA-core version (1.6-1.9 TB/s) were slower.
+// Full tiles and in-range lanes skip the per-row and per-column checks: the index arithmetic was
+// most of the kernel's instructions (SASS).
+// H200, 2026-11-28, [4096, n], rank 16 (32 for gate/up), against a copy of c at 3.1-4.1 TB/s:
+// with c 2.5-3.1 TB/s (gate/up bf16 out 155 us, d_act 84, q 41); the term alone (no c) writes
+// 1.3-1.8 TB/s, bound by the mma and staging side. The accumulator layout read and written
+// directly (8- or 4-byte accesses, 2.2 TB/s) and a CUDA-core version (1.6-1.9 TB/s) were slower.
 #include "cuda/low_rank.cuh"
 
 #include <algorithm>
@@ -44,7 +46,6 @@ constexpr int kLanesPerRow = kWarpCols / 4;    // the coalesced side: 4 columns 
 constexpr int kRowsPerPass = 32 / kLanesPerRow;
 constexpr int kPasses = kTileRows / kRowsPerPass;
 constexpr int kMinBlocks = 3;                  // per SM (registers capped to fit: a few bytes spill)
-static_assert(kKeptSteps == 2, "the kernel picks kept fragments with s == 0 ? [0] : [1]");
 
 __device__ __forceinline__ std::uint32_t pack2(std::uint16_t lo, std::uint16_t hi) {
   return static_cast<std::uint32_t>(lo) | (static_cast<std::uint32_t>(hi) << 16);
@@ -64,9 +65,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const std::int64_t row_begin = static_cast<std::int64_t>(blockIdx.y) * rows_per_block;
   const std::int64_t row_end = rows < row_begin + rows_per_block ? rows : row_begin + rows_per_block;
   const int steps = (rank + 15) / 16;
-  // Most tiles are full (16 rows before row_end) and most lanes' 4 columns inside and aligned
-  // (lane_vec): those take paths without per-element checks, since the index arithmetic is most of
-  // the kernel's instructions.
   auto u_at = [&](std::int64_t r, int k) -> std::uint16_t { return r < rows && k < rank ? u[r * rank + k] : 0; };
   // u[r, k], u[r, k + 1] (k even) as one bf16x2 word: one 32-bit load when rank is even.
   const bool u_vec = rank % 2 == 0 && (reinterpret_cast<std::uintptr_t>(u) & 3u) == 0;
@@ -74,6 +72,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     return k < rank ? *reinterpret_cast<const std::uint32_t*>(p + k) : 0u;
   };
   // A fragment of rank step s for the tile at row0: rows row0 + g (+ 8), ranks 16 s + 2t (+1), + 8 (+1).
+  // A full tile (16 rows before row_end: most of them) with u_vec reads u without row checks.
   auto a_frag = [&](std::int64_t row0, bool full, int s, std::uint32_t a[4]) {
     const int k = 16 * s + 2 * t;
     if (full && u_vec) {
@@ -120,11 +119,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const float4 bias4 = bias != nullptr ? load4(bias + col, bias_vec && valid(3)) : zero;
   // c's part of the tile at row0 for this lane (zeros without c or past the edges).
   auto load_c = [&](std::int64_t row0, bool full, float4 tile[kPasses]) {
-    const float* p = c + (row0 + quad_row) * cols + col;
 #pragma unroll
     for (int j = 0; j < kPasses; ++j) {
       const bool row_in = full || row0 + quad_row + kRowsPerPass * j < row_end;
-      tile[j] = c != nullptr && row_in ? load4(p + j * pass_stride, lane_vec) : zero;
+      tile[j] = c != nullptr && row_in ? load4(c + (row0 + quad_row) * cols + col + j * pass_stride, lane_vec) : zero;
     }
   };
 

@@ -10,8 +10,9 @@
 // 1.8; a copy 4.1).
 #include "cuda/transpose.cuh"
 
+#include <algorithm>
+
 #include "cuda/check.hpp"
-#include "cudablocks/errors.hpp"
 
 namespace cudablocks::cuda {
 
@@ -25,27 +26,31 @@ __global__ void __launch_bounds__(32 * kRowsPerPass) transpose_kernel(const floa
                                                                       std::int64_t cols, std::int64_t ld_x,
                                                                       float* __restrict__ y) {
   __shared__ float tile[kTileRows][kTileCols + 1];
-  const std::int64_t i0 = static_cast<std::int64_t>(blockIdx.y) * kTileRows;  // x's rows
   const std::int64_t j0 = static_cast<std::int64_t>(blockIdx.x) * kTileCols;  // x's columns
   const int tx = threadIdx.x, ty = threadIdx.y;
-  // Read: tile[r][c] = x[i0 + r, j0 + c].
+  // x's rows by tiles, striding over grid.y (at most 65535 blocks that way).
+  for (std::int64_t i0 = static_cast<std::int64_t>(blockIdx.y) * kTileRows; i0 < rows;
+       i0 += static_cast<std::int64_t>(gridDim.y) * kTileRows) {
+    // Read: tile[r][c] = x[i0 + r, j0 + c].
 #pragma unroll
-  for (int r = ty; r < kTileRows; r += kRowsPerPass) {
+    for (int r = ty; r < kTileRows; r += kRowsPerPass) {
 #pragma unroll
-    for (int c = tx; c < kTileCols; c += 32) {
-      const std::int64_t i = i0 + r, j = j0 + c;
-      if (i < rows && j < cols) tile[r][c] = x[i * ld_x + j];
+      for (int c = tx; c < kTileCols; c += 32) {
+        const std::int64_t i = i0 + r, j = j0 + c;
+        if (i < rows && j < cols) tile[r][c] = x[i * ld_x + j];
+      }
     }
-  }
-  __syncthreads();
-  // Write: y[j0 + r, i0 + c] = tile[c][r].
+    __syncthreads();
+    // Write: y[j0 + r, i0 + c] = tile[c][r].
 #pragma unroll
-  for (int r = ty; r < kTileCols; r += kRowsPerPass) {
+    for (int r = ty; r < kTileCols; r += kRowsPerPass) {
 #pragma unroll
-    for (int c = tx; c < kTileRows; c += 32) {
-      const std::int64_t j = j0 + r, i = i0 + c;
-      if (j < cols && i < rows) y[j * rows + i] = tile[c][r];
+      for (int c = tx; c < kTileRows; c += 32) {
+        const std::int64_t j = j0 + r, i = i0 + c;
+        if (j < cols && i < rows) y[j * rows + i] = tile[c][r];
+      }
     }
+    __syncthreads();  // the tile is rewritten by the next row tile
   }
 }
 
@@ -54,10 +59,11 @@ __global__ void __launch_bounds__(32 * kRowsPerPass) transpose_kernel(const floa
 void transpose(const float* x, std::int64_t rows, std::int64_t cols, std::int64_t ld_x, float* y,
                cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
-  // Columns of tiles on grid.x (up to 2^31 - 1), rows of tiles on grid.y (up to 65535).
+  // Columns of tiles on grid.x (up to 2^31 - 1), rows of tiles on grid.y, which the kernel strides
+  // over past 65535.
   const std::int64_t row_tiles = (rows + kTileRows - 1) / kTileRows;
-  if (row_tiles > 65535) throw InvalidArgumentError("transpose: more than 4,194,240 rows");
-  const dim3 grid(static_cast<unsigned>((cols + kTileCols - 1) / kTileCols), static_cast<unsigned>(row_tiles));
+  const dim3 grid(static_cast<unsigned>((cols + kTileCols - 1) / kTileCols),
+                  static_cast<unsigned>(std::min<std::int64_t>(row_tiles, 65535)));
   transpose_kernel<<<grid, dim3(32, kRowsPerPass), 0, stream>>>(x, rows, cols, ld_x, y);
   CUDABLOCKS_CHECK_LAUNCH("transpose_kernel");
 }
