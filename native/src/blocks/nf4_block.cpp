@@ -527,7 +527,7 @@ struct Nf4Block::Impl {
       v16 = transposed ? lora_a16(lg) : lora_b16(group, lg);
     }
     const std::int64_t n = transposed ? cols(g) : rows(g);
-    be.add_low_rank(c, bias, u16, v16, transposed ? 1 : lg.R, transposed ? cols(g) : 1, T, n, lg.R, out, stream);
+    be.add_low_rank(c, bias, u16, v16, transposed ? 1 : lg.R, transposed ? n : 1, T, n, lg.R, out, stream);
   }
   // y[T, out] += scale * (x A^T) B^T (x under the masks when dropping; bf16 LoRA reads x16, the
   // group's input in bf16).

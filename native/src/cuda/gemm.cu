@@ -194,6 +194,23 @@ void gemm_add_any(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, st
   }
 }
 
+// c = bf16(alpha op(a) op(b)), or with accumulate that added to c's values (beta 1 in cuBLAS's
+// epilogue).
+void product_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                     const std::uint16_t* a, const std::uint16_t* b, bool accumulate, std::uint16_t* c,
+                     cudaStream_t stream) {
+  const int M = as_int(m, "m"), N = as_int(n, "n"), K = as_int(k, "k");
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // an empty sum: zeros, or c + 0 = c
+    if (!accumulate) {
+      CUDABLOCKS_CUDA_CHECK(cudaMemsetAsync(c, 0, static_cast<std::size_t>(m * n) * sizeof(std::uint16_t), stream));
+    }
+    return;
+  }
+  const float beta = accumulate ? 1.0f : 0.0f;
+  gemm_ex(trans_a, trans_b, M, N, K, alpha, a, b, CUDA_R_16BF, beta, c, CUDA_R_16BF, CUBLAS_COMPUTE_32F, stream);
+}
+
 }  // namespace
 
 void gemm_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
@@ -219,20 +236,12 @@ void gemm_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::
 
 void gemm_bf16_to_bf16(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                        const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c, cudaStream_t stream) {
-  const int M = as_int(m, "m"), N = as_int(n, "n"), K = as_int(k, "k");
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    CUDABLOCKS_CUDA_CHECK(cudaMemsetAsync(c, 0, static_cast<std::size_t>(m * n) * sizeof(std::uint16_t), stream));
-    return;
-  }
-  gemm_ex(trans_a, trans_b, M, N, K, alpha, a, b, CUDA_R_16BF, 0.0f, c, CUDA_R_16BF, CUBLAS_COMPUTE_32F, stream);
+  product_to_bf16(trans_a, trans_b, m, n, k, alpha, a, b, false, c, stream);
 }
 
 void gemm_bf16_to_bf16_add(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                            const std::uint16_t* a, const std::uint16_t* b, std::uint16_t* c, cudaStream_t stream) {
-  const int M = as_int(m, "m"), N = as_int(n, "n"), K = as_int(k, "k");
-  if (M == 0 || N == 0 || K == 0) return;  // c + 0 is c
-  gemm_ex(trans_a, trans_b, M, N, K, alpha, a, b, CUDA_R_16BF, 1.0f, c, CUDA_R_16BF, CUBLAS_COMPUTE_32F, stream);
+  product_to_bf16(trans_a, trans_b, m, n, k, alpha, a, b, true, c, stream);
 }
 
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
