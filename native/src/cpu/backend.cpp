@@ -13,6 +13,7 @@
 #include "cpu/gemm.hpp"
 #include "cpu/low_rank.hpp"
 #include "cpu/nf4.hpp"
+#include "cpu/nf4_gemm.hpp"
 #include "cpu/pool.hpp"
 #include "cpu/qk_norm_rope.hpp"
 #include "cpu/rmsnorm.hpp"
@@ -301,6 +302,14 @@ class CpuBackend final : public Backend {
   void nf4_double_dequantize(const std::uint8_t* qabsmax, const float* absmax2, const float* offset,
                              const float* code, std::int64_t n, float* absmax, const Stream&) const override {
     cpu::nf4_double_dequantize(qabsmax, absmax2, offset, code, n, absmax);
+  }
+
+  bool nf4_gemm_fused(std::int64_t k, int blocksize, const Stream&) const override {
+    return cpu::nf4_gemm_fused(k, blocksize);
+  }
+  void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int64_t m, std::int64_t k,
+                     const float* addend, float* c, std::uint16_t* c16, const Stream&) const override {
+    cpu::nf4_gemm_bf16(a, w, parts, m, k, addend, c, c16);
   }
 
  private:

@@ -108,6 +108,7 @@
 
 #include "cuda/attention.cuh"
 #include "cuda/check.hpp"
+#include "cuda/cp_async.cuh"
 #include "cuda/device_limits.hpp"
 #include "cuda/scratch.hpp"
 #include "cuda/to_bf16.cuh"
@@ -127,8 +128,8 @@ constexpr int kLdT = kTile / 2 + 4;  // pairs per row of a transposed ("cols") t
 template <int D>
 constexpr int ld_rows() { return D / 2 + 4; }  // pairs per row of a "rows" tile
 
-// The PTX primitives (cvt.rna.tf32, ldmatrix.x4 with and without .trans, cp.async; mma.sync in
-// cuda/mma_sync.cuh). A host-side test harness that runs these kernels on emulated threads
+// The PTX primitives (cvt.rna.tf32, ldmatrix.x4 with and without .trans; mma.sync in
+// cuda/mma_sync.cuh, cp.async in cuda/cp_async.cuh). A host-side test harness that runs these kernels on emulated threads
 // defines CUDABLOCKS_ATTN_MMA_EMULATION and supplies its own versions (with the host code left out).
 #ifndef CUDABLOCKS_ATTN_MMA_EMULATION
 __device__ __forceinline__ uint32_t to_tf32(float x) {
@@ -153,40 +154,6 @@ __device__ __forceinline__ void ldsm_x4_trans(const void* p, uint32_t r[4]) {
                  : "memory");
 }
 
-// cp.async of 16 bytes global -> shared (L2 only, .cg); zero-fill when !valid (src-size 0: nothing
-// is read). cp_async_wait_all: this thread's copies have landed (commit + wait_group 0); other
-// threads see them only after a barrier.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-// The same for one 4-byte word (.ca: .cg takes 16 bytes only).
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 4 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-// Groups (double buffering): commit closes this thread's copies issued since the last commit;
-// wait_group<N> waits until at most N of its committed groups are still in flight.
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-#else
-// Emulation: a synchronous copy (the copies of the async staging are thread-private until a barrier).
-inline void cp_async16(void* smem, const void* gmem, bool valid) {
-    if (valid) std::memcpy(smem, gmem, 16);
-    else std::memset(smem, 0, 16);
-}
-inline void cp_async4(void* smem, const void* gmem, bool valid) {
-    if (valid) std::memcpy(smem, gmem, 4);
-    else std::memset(smem, 0, 4);
-}
-inline void cp_async_wait_all() {}
-inline void cp_async_commit() {}
-template <int N>
-inline void cp_async_wait_group() {}
 #endif
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {

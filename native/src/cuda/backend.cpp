@@ -13,6 +13,7 @@
 #include "cuda/gemm.cuh"
 #include "cuda/low_rank.cuh"
 #include "cuda/nf4.cuh"
+#include "cuda/nf4_gemm.cuh"
 #include "cuda/pool.cuh"
 #include "cuda/qk_norm_rope.cuh"
 #include "cuda/rmsnorm.cuh"
@@ -275,6 +276,14 @@ class CudaBackend final : public Backend {
   void nf4_double_dequantize(const std::uint8_t* qabsmax, const float* absmax2, const float* offset,
                              const float* code, std::int64_t n, float* absmax, const Stream& stream) const override {
     cuda::nf4_double_dequantize(qabsmax, absmax2, offset, code, n, absmax, native(stream));
+  }
+
+  bool nf4_gemm_fused(std::int64_t k, int blocksize, const Stream&) const override {
+    return cuda::nf4_gemm_supported(k, blocksize);
+  }
+  void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int64_t m, std::int64_t k,
+                     const float* addend, float* c, std::uint16_t* c16, const Stream& stream) const override {
+    cuda::nf4_gemm_bf16(a, w, parts, m, k, addend, c, c16, native(stream));
   }
 };
 

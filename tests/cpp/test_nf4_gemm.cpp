@@ -1,0 +1,302 @@
+// The fused NF4 GEMM (Backend::nf4_gemm_bf16): c = a W^T with W stacked from NF4 weights.
+//
+// References: the product in double of the bf16 operand and the weights as nf4_dequantize decodes
+// them (CPU), and on the GPU also the staged path (dequantize to bf16, then gemm_bf16). The decode
+// itself is checked exactly: with a = rows of the identity, c holds W's decoded values, each the
+// sum of a single exact product. Inputs are fresh random numbers each run (the seed is printed);
+// outputs start poisoned with NaN, accumulated ones from random values.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "core/float_bits.hpp"
+#include "cudablocks/backend.hpp"
+#include "cudablocks/buffer.hpp"
+#include "cudablocks/device.hpp"
+#include "cudablocks/stream.hpp"
+#include "support.hpp"
+
+namespace cudablocks {
+namespace {
+
+using Vec = std::vector<float>;
+using U16 = std::vector<std::uint16_t>;
+
+// A weight's NF4 form, quantized on the CPU (bitsandbytes' format, blocks of 64).
+struct Nf4Weight {
+  std::int64_t rows;
+  std::vector<std::uint8_t> packed;
+  Vec absmax;
+  U16 decoded;  // nf4_dequantize's bf16 values [rows, k]
+};
+
+Nf4Weight make_weight(std::int64_t rows, std::int64_t k) {
+  const Backend& cpu = backend_for(Device());
+  const Stream s{Device()};
+  const std::int64_t n = rows * k;
+  const Vec x = test::random_normal(static_cast<std::size_t>(n), 0.02f);
+  Nf4Weight w{rows, std::vector<std::uint8_t>(static_cast<std::size_t>(n / 2)), Vec(static_cast<std::size_t>(n / 64)),
+              U16(static_cast<std::size_t>(n))};
+  cpu.nf4_quantize(x.data(), DType::Float32, n, 64, w.packed.data(), w.absmax.data(), s);
+  cpu.nf4_dequantize(w.packed.data(), w.absmax.data(), n, 64, w.decoded.data(), DType::BFloat16, s);
+  return w;
+}
+
+U16 random_bf16(std::size_t n) {
+  const Vec v = test::random_normal(n);
+  U16 out(n);
+  for (std::size_t i = 0; i < n; ++i) out[i] = float_to_bf16_bits(v[i]);
+  return out;
+}
+
+template <typename T>
+Buffer upload(const std::vector<T>& v, DType dtype, const Device& d, const Stream& s) {
+  Buffer b = Buffer::empty({static_cast<std::int64_t>(v.size())}, dtype, d);
+  b.copy_from_host(v.data(), s);
+  return b;
+}
+template <typename T>
+std::vector<T> download(const Buffer& b, const Stream& s) {
+  std::vector<T> v(static_cast<std::size_t>(b.nbytes() / sizeof(T)));
+  b.copy_to_host(v.data(), s);
+  s.synchronize();
+  return v;
+}
+
+// The weights on one device, as the op takes them.
+struct DeviceWeights {
+  std::vector<Buffer> buffers;
+  std::vector<Nf4Rows> rows;
+  DeviceWeights(const std::vector<Nf4Weight>& ws, const Device& d, const Stream& s) {
+    for (const Nf4Weight& w : ws) {
+      buffers.push_back(upload(w.packed, DType::UInt8, d, s));
+      buffers.push_back(upload(w.absmax, DType::Float32, d, s));
+    }
+    for (std::size_t i = 0; i < ws.size(); ++i) {
+      rows.push_back({buffers[2 * i].data_as<std::uint8_t>(), buffers[2 * i + 1].data_as<float>(), ws[i].rows});
+    }
+  }
+};
+
+// c = a W^T (+ addend) in double, W the stacked decoded weights; and the sums of |terms| (the
+// scale of an fp32 summation's error).
+struct Reference {
+  std::vector<double> c, abs_sum;
+};
+Reference reference(const U16& a, const std::vector<Nf4Weight>& ws, std::int64_t m, std::int64_t k,
+                    const Vec* addend) {
+  std::int64_t n = 0;
+  for (const auto& w : ws) n += w.rows;
+  std::vector<double> c(static_cast<std::size_t>(m * n)), abs_sum(c.size());
+  std::int64_t col = 0;
+  for (const auto& w : ws) {
+    for (std::int64_t j = 0; j < w.rows; ++j, ++col) {
+      for (std::int64_t i = 0; i < m; ++i) {
+        double sum = addend ? (*addend)[i * n + col] : 0.0, abs = std::fabs(sum);
+        for (std::int64_t t = 0; t < k; ++t) {
+          const double term =
+              static_cast<double>(bf16_bits_to_float(a[i * k + t])) * bf16_bits_to_float(w.decoded[j * k + t]);
+          sum += term;
+          abs += std::fabs(term);
+        }
+        c[i * n + col] = sum;
+        abs_sum[i * n + col] = abs;
+      }
+    }
+  }
+  return {c, abs_sum};
+}
+
+enum class Out { Plain, Addend, InPlace, Bf16 };
+const char* out_name(Out o) {
+  switch (o) {
+    case Out::Plain: return "fp32";
+    case Out::Addend: return "fp32 + addend";
+    case Out::InPlace: return "fp32 accumulate";
+    default: return "bf16";
+  }
+}
+
+// Runs the op on `device` and returns c widened to fp32.
+Vec run(const Device& device, const U16& a, const std::vector<Nf4Weight>& ws, std::int64_t m, std::int64_t k,
+        Out mode, const Vec& addend) {
+  const Backend& be = backend_for(device);
+  const Stream s(device);
+  std::int64_t n = 0;
+  for (const auto& w : ws) n += w.rows;
+  const DeviceWeights dw(ws, device, s);
+  Buffer ab = upload(a, DType::BFloat16, device, s);
+  const auto cn = static_cast<std::size_t>(m * n);
+  if (mode == Out::Bf16) {
+    Buffer c16 = upload(U16(cn, 0x7fc0), DType::BFloat16, device, s);  // NaN
+    be.nf4_gemm_bf16(ab.data_as<std::uint16_t>(), dw.rows.data(), static_cast<int>(dw.rows.size()), m, k, nullptr,
+                     nullptr, c16.data_as<std::uint16_t>(), s);
+    const U16 bits = download<std::uint16_t>(c16, s);
+    Vec out(cn);
+    for (std::size_t i = 0; i < cn; ++i) out[i] = bf16_bits_to_float(bits[i]);
+    return out;
+  }
+  Buffer add = upload(addend, DType::Float32, device, s);
+  Buffer c = mode == Out::InPlace ? add : upload(Vec(cn, NAN), DType::Float32, device, s);
+  const float* addp = mode == Out::Plain ? nullptr : add.data_as<float>();
+  be.nf4_gemm_bf16(ab.data_as<std::uint16_t>(), dw.rows.data(), static_cast<int>(dw.rows.size()), m, k, addp,
+                   c.data_as<float>(), nullptr, s);
+  return download<float>(c, s);
+}
+
+// Relative L2 error, and for bf16 output that every element is within a bf16 ulp of the reference's
+// nearest bf16, give or take the fp32 sum's own error (1e-5 of the sum of |terms|: a cancelling sum
+// may round to another bf16 neighbour).
+void check(const Vec& got, const Reference& ref, Out mode, const std::string& what) {
+  const std::vector<double>& want = ref.c;
+  ASSERT_EQ(got.size(), want.size());
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    ASSERT_TRUE(std::isfinite(got[i])) << what << " element " << i << " not written";
+    num += (got[i] - want[i]) * (got[i] - want[i]);
+    den += want[i] * want[i];
+    if (mode == Out::Bf16) {
+      const float nearest = bf16_bits_to_float(float_to_bf16_bits(static_cast<float>(want[i])));
+      const double allowed = std::fabs(nearest) * 0x1p-7 + 1e-5 * ref.abs_sum[i];
+      ASSERT_LE(std::fabs(got[i] - nearest), allowed) << what << " element " << i;
+    }
+  }
+  EXPECT_LT(std::sqrt(num / den), mode == Out::Bf16 ? 4e-3 : 2e-6) << what;
+}
+
+struct Case {
+  std::vector<std::int64_t> rows;  // the stacked weights
+  std::int64_t k, m;
+};
+const Case kCases[] = {
+    {{256, 64, 64}, 320, 200},  // q, k, v-like parts (tiles straddle parts), m past one tile
+    {{37}, 64, 5},              // odd n, one step, few rows
+    {{130, 2}, 128, 129},       // n and m one past a tile
+    {{640, 640}, 1024, 384},    // gate/up-like, several steps per tile
+};
+
+void run_cases(const Device& device) {
+  for (const Case& c : kCases) {
+    std::vector<Nf4Weight> ws;
+    std::int64_t n = 0;
+    for (std::int64_t r : c.rows) {
+      ws.push_back(make_weight(r, c.k));
+      n += r;
+    }
+    const U16 a = random_bf16(static_cast<std::size_t>(c.m * c.k));
+    const Vec addend = test::random_normal(static_cast<std::size_t>(c.m * n));
+    for (Out mode : {Out::Plain, Out::Addend, Out::InPlace, Out::Bf16}) {
+      const bool adds = mode == Out::Addend || mode == Out::InPlace;
+      const Vec got = run(device, a, ws, c.m, c.k, mode, addend);
+      check(got, reference(a, ws, c.m, c.k, adds ? &addend : nullptr), mode,
+            std::string(backend_for(device).name()) + " " + out_name(mode) + ", m " + std::to_string(c.m) + ", n " +
+                std::to_string(n) + ", k " + std::to_string(c.k));
+    }
+  }
+}
+
+// With a = the first m rows of the identity, c[i, j] = W[j, i]: the decoded value itself.
+void check_decode_exact(const Device& device) {
+  const std::int64_t k = 192, m = 192;
+  const std::vector<Nf4Weight> ws = {make_weight(200, k), make_weight(56, k)};
+  U16 a(static_cast<std::size_t>(m * k), 0);
+  for (std::int64_t i = 0; i < m; ++i) a[i * k + i] = float_to_bf16_bits(1.0f);
+  const Vec got = run(device, a, ws, m, k, Out::Plain, Vec(static_cast<std::size_t>(m * 256), 0.0f));
+  std::int64_t col = 0;
+  for (const auto& w : ws) {
+    for (std::int64_t j = 0; j < w.rows; ++j, ++col) {
+      for (std::int64_t i = 0; i < m; ++i) {
+        ASSERT_EQ(got[i * 256 + col], bf16_bits_to_float(w.decoded[j * k + i])) << "weight row " << col << ", k " << i;
+      }
+    }
+  }
+}
+
+TEST(Nf4Gemm, CpuMatchesReference) {
+  ASSERT_TRUE(backend_for(Device()).nf4_gemm_fused(64, 64, Stream(Device())));
+  EXPECT_FALSE(backend_for(Device()).nf4_gemm_fused(96, 64, Stream(Device())));
+  EXPECT_FALSE(backend_for(Device()).nf4_gemm_fused(128, 128, Stream(Device())));
+  run_cases(Device());
+  check_decode_exact(Device());
+}
+
+bool cuda_fused() {
+  if (!test::have_cuda_device()) return false;
+  const Device gpu(DeviceType::CUDA, 0);
+  return backend_for(gpu).nf4_gemm_fused(64, 64, Stream(gpu));
+}
+
+TEST(CudaNf4Gemm, MatchesReference) {
+  if (!cuda_fused()) GTEST_SKIP() << "no device with the fused NF4 GEMM (sm_90a build, compute capability 9.0)";
+  const Device gpu(DeviceType::CUDA, 0);
+  run_cases(gpu);
+  check_decode_exact(gpu);
+}
+
+// Timing (disabled by default): ./test_nf4_gemm --gtest_also_run_disabled_tests
+//   --gtest_filter='*Nf4GemmTiming*'. Qwen3-4B's gate/up (k 2560) and down (k 9728) products:
+// fused, staged (dequantize + cuBLAS) and cuBLAS alone on the dequantized weight; events after warm-up.
+TEST(CudaNf4GemmTiming, DISABLED_Qwen3Shapes) {
+  if (!cuda_fused()) GTEST_SKIP() << "no device with the fused NF4 GEMM";
+  const Device gpu(DeviceType::CUDA, 0);
+  const Backend& be = backend_for(gpu);
+  const Stream s(gpu);
+  struct Shape {
+    const char* name;
+    std::vector<std::int64_t> rows;
+    std::int64_t k;
+  };
+  for (const Shape& sh : {Shape{"gate_up", {9728, 9728}, 2560}, Shape{"down", {2560}, 9728}}) {
+    std::vector<Nf4Weight> ws;
+    std::int64_t n = 0;
+    for (std::int64_t r : sh.rows) {
+      ws.push_back(make_weight(r, sh.k));
+      n += r;
+    }
+    const DeviceWeights dw(ws, gpu, s);
+    Buffer wbf = Buffer::empty({n * sh.k}, DType::BFloat16, gpu);
+    for (std::int64_t m : {16, 128, 512, 2048, 4096}) {
+      Buffer ab = upload(random_bf16(static_cast<std::size_t>(m * sh.k)), DType::BFloat16, gpu, s);
+      Buffer c = Buffer::empty({m * n}, DType::Float32, gpu);
+      auto* a16 = ab.data_as<std::uint16_t>();
+      auto fused = [&] {
+        be.nf4_gemm_bf16(a16, dw.rows.data(), static_cast<int>(dw.rows.size()), m, sh.k, nullptr, c.data_as<float>(),
+                         nullptr, s);
+      };
+      auto gemm = [&] {
+        be.gemm_bf16(false, true, m, n, sh.k, 1.0f, a16, wbf.data_as<std::uint16_t>(), 0.0f, c.data_as<float>(), s);
+      };
+      auto staged = [&] {
+        std::int64_t at = 0;
+        for (const Nf4Rows& r : dw.rows) {
+          be.nf4_dequantize(r.packed, r.absmax, r.rows * sh.k, 64, wbf.data_as<std::uint16_t>() + at * sh.k,
+                            DType::BFloat16, s);
+          at += r.rows;
+        }
+        gemm();
+      };
+      auto time = [&](auto&& f) {
+        for (int i = 0; i < 5; ++i) f();
+        s.synchronize();
+        const int iters = 30;
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < iters; ++i) f();
+        s.synchronize();
+        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / iters;
+      };
+      const double tf = time(fused), ts = time(staged), tg = time(gemm);
+      const double flop = 2.0 * static_cast<double>(m) * n * sh.k;
+      std::printf("    %s m %5lld: fused %.4f ms (%.0f TFLOP/s), staged %.4f ms, cuBLAS on bf16 W %.4f ms (%.0f TFLOP/s)"
+                  "; fused/cuBLAS %.2fx\n",
+                  sh.name, static_cast<long long>(m), tf, flop / tf * 1e-9, ts, tg, flop / tg * 1e-9, tf / tg);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cudablocks
