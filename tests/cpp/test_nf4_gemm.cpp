@@ -178,6 +178,7 @@ const Case kCases[] = {
     {{37}, 64, 5},              // odd n, one step, few rows
     {{130, 2}, 128, 129},       // n and m one past a tile
     {{640, 640}, 1024, 384},    // gate/up-like, several steps per tile
+    {{5632, 5632}, 128, 400},   // enough 256-row tiles to fill an H100/H200: the wide tiling
 };
 
 void run_cases(const Device& device) {
