@@ -14,9 +14,9 @@
 // The wide tile matters: a's tile (16 KB per step) is re-read from L2 by every CTA of its row, and
 // at BN = 128 that traffic, not the tensor cores, bounds the kernel (~290 TFLOP/s on an H200).
 // Per step kt the 256 threads
-//   1. copy step kt + kAhead's a tile, packed W bytes and absmax into shared memory (cp.async),
-//   2. decode step kt's packed bytes, 16 bytes (32 values) per thread and pass: code x absmax in
+//   1. decode step kt's packed bytes, 16 bytes (32 values) per thread and pass: code x absmax in
 //      fp32 rounded once to bf16 exactly as nf4_dequantize does, written to the swizzled B tile,
+//   2. copy step kt + kAhead's a tile, packed W bytes and absmax into shared memory (cp.async),
 //   3. issue step kt's four wgmma (k = 16 each) and wait only for step kt - 1's,
 // so step kt's tensor-core work runs while step kt + 1 is copied and decoded. The code table is
 // replicated per lane in shared memory (entry q of lane l at q * 32 + l): a lookup never conflicts.
@@ -218,14 +218,7 @@ __global__ void __launch_bounds__(kThreads, Tiling<BN>::kCtasPerSm)
 
   for (int kt = 0; kt < steps; ++kt) {
     cp_async_wait_group<Tl::kAhead - 1>();  // this thread's copies of step kt have landed
-    // Everyone's copies of step kt are visible, and every warpgroup has retired step kt - 2's wgmma
-    // (waited at the end of step kt - 1): its a and B slots may be refilled.
-    __syncthreads();
-    if (kt + Tl::kAhead < steps) {
-      const int s = kt + Tl::kAhead;
-      load_step<BN>(a, parts, m, n, k, m0, n0, s, a_slot(s), p_slot(s), s_slot(s));
-    }
-    cp_async_commit();
+    __syncthreads();  // everyone's copies of step kt are visible
 #pragma unroll
     for (int i = 0; i < BN / 128; ++i) {  // (row, half) pairs: two per weight row
       const int pair = tid + i * kThreads;
@@ -239,8 +232,17 @@ __global__ void __launch_bounds__(kThreads, Tiling<BN>::kCtasPerSm)
         decode_row_half<false>(bits, scale, code, lane, b_slot(kt), row, half);
       }
     }
+    // The fence waits for this thread's outstanding memory operations (MEMBAR in SASS), so the next
+    // copies are issued after it, not before: they would be waited for here at once.
     fence_proxy_async();
-    __syncthreads();  // the whole B tile of step kt is written
+    // The whole B tile of step kt is written, and every warpgroup has retired step kt - 2's wgmma
+    // (waited at the end of step kt - 1): its a slot may be refilled.
+    __syncthreads();
+    if (kt + Tl::kAhead < steps) {
+      const int s = kt + Tl::kAhead;
+      load_step<BN>(a, parts, m, n, k, m0, n0, s, a_slot(s), p_slot(s), s_slot(s));
+    }
+    cp_async_commit();
     const std::uint32_t a_addr = base + static_cast<std::uint32_t>((kt % Tl::kAStages) * kTileA + wg * 64 * 128);
     const std::uint32_t b_addr = base + static_cast<std::uint32_t>(Tl::kOffB + (kt % Tl::kBStages) * Tl::kTileB);
     wgmma_fence();
