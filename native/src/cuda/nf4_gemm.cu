@@ -11,8 +11,8 @@
 // warpgroups own 64 rows of the tile each and issue wgmma m64nBNk16 with both operands in shared
 // memory: a's rows (A) and W's decoded rows (B), both K-major in the 128-byte swizzle that wgmma
 // reads (row r of 128 bytes at r * 128, its 16-byte chunk j at chunk j ^ (r % 8); 8 rows = 1 KB).
-// The wide tile matters: a's tile (16 KB per step) is re-read from L2 by every CTA of its row, and
-// at BN = 128 that traffic, not the tensor cores, bounds the kernel (~290 TFLOP/s on an H200).
+// The wide tile halves the L2 traffic of a's tiles (16 KB per step, re-read by every CTA of a row
+// of tiles) per FLOP; measured, that traffic was not the limit (see Status).
 // Per step kt the 256 threads
 //   1. decode step kt's packed bytes, 16 bytes (32 values) per thread and pass: code x absmax in
 //      fp32 rounded once to bf16 exactly as nf4_dequantize does, written to the swizzled B tile,
@@ -20,6 +20,22 @@
 //   3. issue step kt's four wgmma (k = 16 each) and wait only for step kt - 1's,
 // so step kt's tensor-core work runs while step kt + 1 is copied and decoded. The code table is
 // replicated per lane in shared memory (entry q of lane l at q * 32 + l): a lookup never conflicts.
+//
+// Status (H200, 2026-11-28; CudaNf4GemmTiming): correct (fp64 and exact-decode tests pass) but
+// slower than the staged path at every size, so no block calls it yet. gate_up [m, 2560] x
+// [19456, 2560]^T: 289 TFLOP/s at m = 4096 (staged 0.589 ms, fused 1.413 ms; cuBLAS on the bf16
+// weight alone 0.555 ms), 219 at m = 512; down (k 9728, n 2560) 144-246. What bounds it (Nsight
+// Compute, m = 16 where nothing else competes): a step takes ~2,060 cycles, in which each warp
+// issues ~550 instructions (0.54 per scheduler-cycle, 2.35 resident warps per scheduler; the
+// index math of the copies and the lookups dominates the decode's own arithmetic): decode and
+// copies sit on the critical path of every step. fence.proxy.async compiles to MEMBAR.ALL.CTA, which also waits
+// for the cp.async copies in flight. The 256-row tile (one CTA per SM) was slower than the 128-row
+// one (two per SM): latency, not L2 traffic, is the limit. The design that should reach cuBLAS:
+// warp-specialized (a producer warpgroup copying with TMA, no proxy fence for a's tile), W as
+// wgmma's A operand from registers (RS: decoded straight into the fragment registers from weights
+// re-packed once at block creation into fragment order, so no shared-memory store or fence for
+// W at all), a per-block 16-entry bf16 table (code x absmax computed 16 times per block instead of
+// per element), and the activations as the shared-memory B operand (c written transposed).
 #include "cuda/nf4_gemm.cuh"
 
 #include <cuda_bf16.h>
