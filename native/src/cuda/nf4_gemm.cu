@@ -20,15 +20,35 @@
 // 2q and 2q + 8 (q = lane % 4): in bitsandbytes' layout (two values per byte, the even column in
 // the high nibble) that is byte q of every 4-byte word of the row's 32 bytes for the step. So per
 // step a thread loads 2 x 32 bytes (the 4 lanes sharing a row read the same bytes, merged in one
-// request) and 2 absmax, picks its 16 bytes with prmt, and turns each byte into a bf16 pair:
-// a 256-entry table gives the byte's two code values, each multiplied by absmax in fp32 with
-// flush-to-zero and rounded once to bf16 -- exactly nf4_dequantize's numbers.
+// request) and 2 absmax, picks its 16 bytes with prmt, and turns each byte into a bf16 pair: two
+// shuffles fetch the nibbles' code values from the table held in registers across the warp (a
+// shared-memory table cost more: its lookups and W's loads went through L1, which then bounded
+// the kernel), each multiplied by absmax in fp32 with flush-to-zero and rounded once to bf16 --
+// exactly nf4_dequantize's numbers.
 //
 // Pipeline: TMA runs kStages - 1 steps ahead; W's bytes are loaded two steps ahead into registers;
 // while step kt's wgmma run, the thread decodes step kt + 1 into the other fragment buffer. wgmma
 // reads its register operand asynchronously, so a buffer is rewritten only after the wait that
 // retires the step that read it (and an empty asm keeps the compiler from reusing its registers
 // earlier).
+//
+// Status (H200, 2026-11-28; CudaNf4GemmTiming, c in fp32): correct (fp64 and exact-decode tests
+// pass) but still slower than the staged path, so no block calls it. gate_up [m, 2560] x
+// [19456, 2560]^T at m = 4096: 0.816 ms (staged 0.592, cuBLAS on the bf16 weight 0.580), at
+// m = 512: 0.132 ms (staged 0.119, cuBLAS 0.079); down (k 9728, n 2560) at m = 512: 0.113 ms
+// (staged 0.056): its 40 CTAs leave most multiprocessors idle (no split-k yet). The previous
+// design (W decoded into shared memory for an SS wgmma, a's tile by cp.async) took 1.413 ms at
+// m = 4096. Where the time goes at m = 4096, from variants timed in one run (each removing one
+// more piece, results then wrong; that run's full kernel took 0.844 ms): the shuffle lookups
+// cost nothing measurable (a shared-memory
+// table cost 0.19 ms: Nsight Compute showed L1 at 79% of its throughput, the tensor pipe at 45%);
+// W's loads 0.11 ms; the epilogue 0.03 ms; the decode arithmetic 0.13 ms; what is left -- TMA,
+// the wgmma and the barriers -- runs in 0.570 ms, on par with cuBLAS. So the decode does not
+// overlap the tensor cores' work although it is issued while they run; the next things to try
+// are a producer warp with per-stage empty barriers instead of the block-wide barrier (the two
+// warpgroups then drift apart and one decodes while the other's wgmma run), fewer instructions
+// per byte (the high nibble's shift folded into the shuffle's lane operand), and split-k for
+// the long-k products.
 #include "cuda/nf4_gemm.cuh"
 
 #include <cuda.h>
@@ -54,8 +74,8 @@ constexpr int kRows = 128;     // weight rows per CTA: two warpgroups of 64
 constexpr int kThreads = 256;
 constexpr int kStages = 4;     // a tiles in flight
 constexpr int kMaxParts = 4;
-constexpr int kOffBarriers = 2048;  // after the 256-entry code-pair table
-constexpr int kOffTiles = 4096;
+constexpr int kOffBarriers = 0;
+constexpr int kOffTiles = 1024;
 
 // BN tokens per CTA: the a tile of a step is BN rows of 128 bytes.
 template <int BN>
@@ -71,6 +91,8 @@ struct Parts {
   std::int64_t end[kMaxParts];  // rows of parts 0..p together
   int count;
 };
+
+__constant__ float kCodeTable[16] = CUDABLOCKS_NF4_CODE;  // NF4's code values, for the lanes to hold
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -234,18 +256,21 @@ __device__ __forceinline__ float mul_ftz(float a, float b) {
 
 // Byte q of `word` (a pair of NF4 codes) as two bf16 values code x absmax, the high nibble's
 // (the even column) in the low half.
+// The code table lives in registers, entry i in lanes i and i + 16 (`code`), and a lookup is a
+// shuffle: shfl reads only the low 5 bits of the source lane, so the low nibble needs no mask.
 __device__ __forceinline__ std::uint32_t decode_pair(std::uint32_t word, std::uint32_t select, float absmax,
-                                                     const float2* table) {
+                                                     float code) {
   std::uint32_t byte;
   asm("prmt.b32 %0, %1, 0, %2;" : "=r"(byte) : "r"(word), "r"(select));
-  const float2 codes = table[byte];
-  const __nv_bfloat162 pair = __floats2bfloat162_rn(mul_ftz(codes.x, absmax), mul_ftz(codes.y, absmax));
+  const float hi = __shfl_sync(0xffffffffu, code, static_cast<int>(byte >> 4));
+  const float lo = __shfl_sync(0xffffffffu, code, static_cast<int>(byte));
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(mul_ftz(hi, absmax), mul_ftz(lo, absmax));
   return *reinterpret_cast<const std::uint32_t*>(&pair);
 }
 
 // The A fragments of a step's four k16 slices: per slice {row g cols 2q.., row g+8 cols 2q..,
 // row g cols 2q+8.., row g+8 cols 2q+8..}, i.e. words 2s and 2s + 1 of each row's 32 bytes.
-__device__ __forceinline__ void decode_step(const RawStep& raw, std::uint32_t select, const float2* table,
+__device__ __forceinline__ void decode_step(const RawStep& raw, std::uint32_t select, float code,
                                             std::uint32_t (&a)[4][4]) {
   const std::uint32_t w[2][8] = {
       {raw.bytes[0][0].x, raw.bytes[0][0].y, raw.bytes[0][0].z, raw.bytes[0][0].w, raw.bytes[0][1].x,
@@ -254,10 +279,10 @@ __device__ __forceinline__ void decode_step(const RawStep& raw, std::uint32_t se
        raw.bytes[1][1].y, raw.bytes[1][1].z, raw.bytes[1][1].w}};
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
-    a[s][0] = decode_pair(w[0][2 * s], select, raw.absmax[0], table);
-    a[s][1] = decode_pair(w[1][2 * s], select, raw.absmax[1], table);
-    a[s][2] = decode_pair(w[0][2 * s + 1], select, raw.absmax[0], table);
-    a[s][3] = decode_pair(w[1][2 * s + 1], select, raw.absmax[1], table);
+    a[s][0] = decode_pair(w[0][2 * s], select, raw.absmax[0], code);
+    a[s][1] = decode_pair(w[1][2 * s], select, raw.absmax[1], code);
+    a[s][2] = decode_pair(w[0][2 * s + 1], select, raw.absmax[0], code);
+    a[s][3] = decode_pair(w[1][2 * s + 1], select, raw.absmax[1], code);
   }
 }
 
@@ -273,7 +298,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const std::uint32_t raw_addr = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
   unsigned char* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);  // the swizzle needs 1 KB alignment
   const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
-  float2* table = reinterpret_cast<float2*>(smem);
   auto full = [&](int s) { return base + kOffBarriers + 8u * static_cast<std::uint32_t>(s); };
   auto tile = [&](int s) { return base + kOffTiles + static_cast<std::uint32_t>(s * Tl::kTileBytes); };
 
@@ -281,10 +305,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.x) * kRows;
   const int m0 = static_cast<int>(blockIdx.y) * BN;
   const int steps = static_cast<int>(k / kBK);
-  {
-    constexpr float code[16] = CUDABLOCKS_NF4_CODE;
-    for (int b = tid; b < 256; b += kThreads) table[b] = make_float2(code[b >> 4], code[b & 15]);
-  }
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) mbar_init(full(s), 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -301,10 +321,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const RowSource src = row_source(parts, n0 + wg * 64 + warp * 16 + (lane >> 2), n, k);
   const std::uint32_t select = 0x4440u | static_cast<std::uint32_t>(lane & 3);  // byte q, zero-extended
+  const float code = kCodeTable[lane & 15];  // the code table in registers: entry i in lanes i and i + 16
   RawStep raw;
   std::uint32_t frag[2][4][4];
   load_step(src, 0, raw);
-  decode_step(raw, select, table, frag[0]);
+  decode_step(raw, select, code, frag[0]);
   if (steps > 1) load_step(src, 1, raw);
 
   float d[BN / 2];
@@ -324,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<1>();  // step kt - 1 retired: the other buffer and its a stage are free
     hold(frag[1 - B]);
     if (kt + 1 < steps) {
-      decode_step(raw, select, table, frag[1 - B]);
+      decode_step(raw, select, code, frag[1 - B]);
       if (kt + 2 < steps) load_step(src, kt + 2, raw);
     }
     __syncthreads();  // both warpgroups are past step kt - 1
