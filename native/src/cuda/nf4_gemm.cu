@@ -71,7 +71,8 @@ namespace {
 
 constexpr int kBK = 64;        // k per step: one absmax block per weight row
 constexpr int kRows = 128;     // weight rows per CTA: two warpgroups of 64
-constexpr int kThreads = 256;
+constexpr int kConsumers = 256;  // two warpgroups decode W and issue the wgmma
+constexpr int kThreads = kConsumers + 128;  // and a third copies a's tiles (one thread of it)
 constexpr int kStages = 4;     // a tiles in flight
 constexpr int kMaxParts = 4;
 constexpr int kOffBarriers = 0;
@@ -100,6 +101,9 @@ __constant__ float kCodeTable[16] = CUDABLOCKS_NF4_CODE;  // NF4's code values, 
 
 __device__ __forceinline__ void mbar_init(std::uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(std::uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_expect_bytes(std::uint32_t bar, int bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
@@ -298,7 +302,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const std::uint32_t raw_addr = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
   unsigned char* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);  // the swizzle needs 1 KB alignment
   const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
+  // full[s]: stage s holds its step's a tile (TMA's bytes landed); empty[s]: all 8 consumer warps
+  // have retired the wgmma that read it.
   auto full = [&](int s) { return base + kOffBarriers + 8u * static_cast<std::uint32_t>(s); };
+  auto empty = [&](int s) { return base + kOffBarriers + 8u * static_cast<std::uint32_t>(kStages + s); };
   auto tile = [&](int s) { return base + kOffTiles + static_cast<std::uint32_t>(s * Tl::kTileBytes); };
 
   const int tid = threadIdx.x, lane = tid & 31, warp = (tid >> 5) & 3, wg = tid >> 7;
@@ -306,18 +313,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int m0 = static_cast<int>(blockIdx.y) * BN;
   const int steps = static_cast<int>(k / kBK);
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) mbar_init(full(s), 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full(s), 1);
+      mbar_init(empty(s), kConsumers / 32);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
-  auto issue = [&](int kt) {  // thread 0: step kt's a tile into its stage
-    const int s = kt % kStages;
-    mbar_expect_bytes(full(s), Tl::kTileBytes);
-    tma_load(tile(s), &a_map, kt * kBK, m0, full(s));
-  };
-  if (tid == 0) {
-    for (int kt = 0; kt < kStages && kt < steps; ++kt) issue(kt);
+  __syncthreads();  // the last block-wide barrier: the producer warp leaves after its loop
+  // Registers: 168 per thread at launch (384 threads); the producer warpgroup gives most of its
+  // share to the consumers, which hold 128 (BN = 256) accumulators each.
+  if (tid >= kConsumers) {  // the producer: step kt's a tile into stage kt % kStages once it is free
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid == kConsumers) {
+      for (int kt = 0; kt < steps; ++kt) {
+        const int s = kt % kStages;
+        if (kt >= kStages) mbar_wait(empty(s), (kt / kStages - 1) & 1);
+        mbar_expect_bytes(full(s), Tl::kTileBytes);
+        tma_load(tile(s), &a_map, kt * kBK, m0, full(s));
+      }
+    }
+    return;
   }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
 
   const RowSource src = row_source(parts, n0 + wg * 64 + warp * 16 + (lane >> 2), n, k);
   const std::uint32_t select = 0x4440u | static_cast<std::uint32_t>(lane & 3);  // byte q, zero-extended
@@ -348,8 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       decode_step(raw, select, code, frag[1 - B]);
       if (kt + 2 < steps) load_step(src, kt + 2, raw);
     }
-    __syncthreads();  // both warpgroups are past step kt - 1
-    if (tid == 0 && kt >= 1 && kt - 1 + kStages < steps) issue(kt - 1 + kStages);
+    if (kt >= 1 && lane == 0) mbar_arrive(empty((kt - 1) % kStages));  // this warp is done with step kt - 1's tile
   };
   for (int kt = 0; kt < steps; kt += 2) {
     step(kt, std::integral_constant<int, 0>{});
