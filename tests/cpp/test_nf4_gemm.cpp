@@ -175,7 +175,9 @@ struct Case {
 };
 const Case kCases[] = {
     {{256, 64, 64}, 320, 200},  // q, k, v-like parts (tiles straddle parts), m past one tile
-    {{37}, 64, 5},              // odd n, one step, few rows
+    {{37}, 64, 5},              // odd n, one step, few rows (32-token tiles)
+    {{256, 64, 64}, 320, 40},   // 64-token tiles
+    {{640, 640}, 1024, 32},     // a full 32-token tile, several steps
     {{130, 2}, 128, 129},       // n and m one past a tile
     {{640, 640}, 1024, 384},    // gate/up-like, several steps per tile
     {{5632, 5632}, 128, 400},   // enough 256-row tiles to fill an H100/H200: the wide tiling
@@ -261,7 +263,7 @@ TEST(CudaNf4GemmTiming, DISABLED_Qwen3Shapes) {
     }
     const DeviceWeights dw(ws, gpu, s);
     Buffer wbf = Buffer::empty({n * sh.k}, DType::BFloat16, gpu);
-    for (std::int64_t m : {16, 128, 512, 2048, 4096}) {
+    for (std::int64_t m : {16, 32, 64, 128, 512, 2048, 4096}) {
       Buffer ab = upload(random_bf16(static_cast<std::size_t>(m * sh.k)), DType::BFloat16, gpu, s);
       Buffer c = Buffer::empty({m * n}, DType::Float32, gpu);
       auto* a16 = ab.data_as<std::uint16_t>();
