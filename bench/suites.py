@@ -116,17 +116,21 @@ def _fp32_gemm_tflops(device: str) -> float:
     return MEASURED_TFLOPS[("fp32", 8192)]
 
 
+def gemm_params(dims: dict[str, Any]) -> int:
+    """Weights of the layer's seven projections."""
+    H, d, I = dims["hidden_size"], dims["head_dim"], dims["intermediate_size"]
+    q, kv = dims["num_attention_heads"] * d, dims["num_key_value_heads"] * d
+    return H * q + 2 * H * kv + q * H + 3 * H * I
+
+
 def block_flops(dims: dict[str, Any], seq_lens: list[int], backward: str = "full") -> float:
     """FLOPs of one pass of the layer. Forward: GEMMs 2*T*P, causal attention 2 * 2 * n_q * d * L^2 / 2 per
     sequence (QK^T and PV). Backward "full": GEMMs twice the forward (input and weight gradients), attention
     2.5 times; "input": the input gradient only (frozen weights, as with LoRA): GEMMs once the forward,
     attention as in "full"; "none": forward only. Norms, rotary and SwiGLU are left out (a few FLOPs/param)."""
-    H, d, I = dims["hidden_size"], dims["head_dim"], dims["intermediate_size"]
-    q, kv = dims["num_attention_heads"] * d, dims["num_key_value_heads"] * d
-    gemm_params = H * q + 2 * H * kv + q * H + 3 * H * I
     tokens = sum(seq_lens)
-    gemm_fwd = 2 * tokens * gemm_params
-    attn_fwd = 2 * dims["num_attention_heads"] * d * sum(n * n for n in seq_lens)
+    gemm_fwd = 2 * tokens * gemm_params(dims)
+    attn_fwd = 2 * dims["num_attention_heads"] * dims["head_dim"] * sum(n * n for n in seq_lens)
     gemm_bwd, attn_bwd = {"none": (0.0, 0.0), "input": (1.0, 2.5), "full": (2.0, 2.5)}[backward]
     return (1 + gemm_bwd) * gemm_fwd + (1 + attn_bwd) * attn_fwd
 
@@ -526,8 +530,9 @@ def qlora_layer(device: str, quick: bool) -> Iterator[Row]:
     """One QLoRA layer step at Qwen3-4B size, 8x512 tokens: forward + backward_lora of our NF4 block (bf16
     compute, LoRA r=16 alpha=32 on q_proj, v_proj, then on all seven projections) against transformers'
     Qwen3DecoderLayer whose projections are bitsandbytes Linear4bit (nf4, bf16 compute) with peft LoRA on the
-    same projections (the input gradient and the LoRA gradients, as in training). On the CPU: tiny sizes,
-    ours only."""
+    same projections (the input gradient and the LoRA gradients, as in training). Then the forward alone of
+    16 and 64 tokens (one short sequence, as in evaluation or prediction), where our products decode NF4
+    inside the GEMM kernel. On the CPU: tiny sizes, ours only."""
     import ml_dtypes
     import transformers
     from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
@@ -558,12 +563,16 @@ def qlora_layer(device: str, quick: bool) -> Iterator[Row]:
     for targets, target, label in ((("q_proj", "v_proj"), 2.5, ""), (all_seven, None, ", LoRA on all seven")):
         yield _qlora_layer_row(device, cfg, hf_config, dims, weights, x_np, g_np, seq_lens, targets, target, label,
                                repeats, warmup, stream)
+    for few in ((8,) if cpu else (16, 64)):
+        yield _qlora_layer_row(device, cfg, hf_config, dims, weights, x_np[:few], g_np[:few], [few],
+                               ("q_proj", "v_proj"), None, "", repeats, warmup, stream, forward_only=True)
 
 
 def _qlora_layer_row(device: str, cfg: Any, hf_config: Any, dims: dict, weights: dict, x_np: np.ndarray,
                      g_np: np.ndarray, seq_lens: list[int], targets: tuple[str, ...], target: float | None,
-                     label: str, repeats: int, warmup: int, stream: Any) -> Row:
-    """One row of qlora_layer: ours and the transformers + peft + bitsandbytes layer with LoRA r=16 on `targets`."""
+                     label: str, repeats: int, warmup: int, stream: Any, forward_only: bool = False) -> Row:
+    """One row of qlora_layer: ours and the transformers + peft + bitsandbytes layer with LoRA r=16 on `targets`,
+    forward and backward (or with forward_only the forward alone, the anchor under torch.no_grad)."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RotaryEmbedding
 
     cpu = device == "cpu"
@@ -579,7 +588,8 @@ def _qlora_layer_row(device: str, cfg: Any, hf_config: Any, dims: dict, weights:
 
     def ours() -> None:
         blk.forward(x, out, seq_lens, stream)
-        blk.backward_lora(x, gout, gin, seq_lens, stream, ws)
+        if not forward_only:
+            blk.backward_lora(x, gout, gin, seq_lens, stream, ws)
 
     ours_ms = time_ms(ours, device, repeats=repeats, warmup=warmup)
     blk.forward(x, out, seq_lens, stream)
@@ -604,7 +614,12 @@ def _qlora_layer_row(device: str, cfg: Any, hf_config: Any, dims: dict, weights:
             p.requires_grad_("lora_" in name)
         rotary = Qwen3RotaryEmbedding(hf_config).to(device)
         hf_forward, hx, hg = _hf_layer_call(layer, rotary, x_np, g_np, batch, seq, device, torch.bfloat16)
-        anchor_ms = time_ms(lambda: torch.autograd.backward(hf_forward(), hg), device, repeats=repeats, warmup=warmup)
+        if forward_only:
+            with torch.no_grad():
+                anchor_ms = time_ms(hf_forward, device, repeats=repeats, warmup=warmup)
+        else:
+            anchor_ms = time_ms(lambda: torch.autograd.backward(hf_forward(), hg), device, repeats=repeats,
+                                warmup=warmup)
         with torch.no_grad():
             hf_out = hf_forward().float().reshape(tokens, H).cpu().numpy()
         # LoRA B starts at zero on both sides: the same NF4 layer, compared at bf16 tolerance.
@@ -614,6 +629,13 @@ def _qlora_layer_row(device: str, cfg: Any, hf_config: Any, dims: dict, weights:
         _free_gpu(device)
     # Useful work: the forward and the input-gradient backward (the base weights are frozen); LoRA's rank-16
     # products are under 1% of the FLOPs and left out.
+    if forward_only:
+        # Few tokens: reading the NF4 weights (0.5 bytes per element and an fp32 absmax per 64) bounds the
+        # forward, so its share is of the copy bandwidth.
+        tbs = gemm_params(dims) * (0.5 + 4 / 64) / ours_ms / 1e9
+        return Row(f"qlora layer fwd {batch}x{seq}{label}", "ms", ours_ms, anchor=anchor_ms,
+                   anchor_name="transformers + peft + bitsandbytes", note=note,
+                   **share_of_ceiling("fp32" if cpu else "copy", None if cpu else tbs))
     tflops = block_flops(dims, seq_lens, backward="input") / ours_ms / 1e9
     return Row(f"qlora layer fwd+bwd_lora {batch}x{seq}{label}", "ms", ours_ms, anchor=anchor_ms,
                anchor_name="transformers + peft + bitsandbytes", target=target, note=note,

@@ -112,14 +112,23 @@ Reference reference(const U16& a, const std::vector<Nf4Weight>& ws, std::int64_t
   return {c, abs_sum};
 }
 
-enum class Out { Plain, Addend, InPlace, Bf16 };
+enum class Out { Plain, Addend, InPlace, Bf16, Bf16Accumulate };
 const char* out_name(Out o) {
   switch (o) {
     case Out::Plain: return "fp32";
     case Out::Addend: return "fp32 + addend";
     case Out::InPlace: return "fp32 accumulate";
-    default: return "bf16";
+    case Out::Bf16: return "bf16";
+    default: return "bf16 accumulate";
   }
+}
+bool bf16_out(Out o) { return o == Out::Bf16 || o == Out::Bf16Accumulate; }
+
+// The addend as a bf16 output starts: its values rounded to bf16.
+Vec rounded_bf16(const Vec& v) {
+  Vec out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = bf16_bits_to_float(float_to_bf16_bits(v[i]));
+  return out;
 }
 
 // Runs the op on `device` and returns c widened to fp32.
@@ -132,10 +141,13 @@ Vec run(const Device& device, const U16& a, const std::vector<Nf4Weight>& ws, st
   const DeviceWeights dw(ws, device, s);
   Buffer ab = upload(a, DType::BFloat16, device, s);
   const auto cn = static_cast<std::size_t>(m * n);
-  if (mode == Out::Bf16) {
-    Buffer c16 = upload(U16(cn, 0x7fc0), DType::BFloat16, device, s);  // NaN
+  if (bf16_out(mode)) {
+    const bool add = mode == Out::Bf16Accumulate;
+    U16 start(cn, 0x7fc0);  // NaN, or the addend's values to add onto
+    for (std::size_t i = 0; add && i < cn; ++i) start[i] = float_to_bf16_bits(addend[i]);
+    Buffer c16 = upload(start, DType::BFloat16, device, s);
     be.nf4_gemm_bf16(ab.data_as<std::uint16_t>(), dw.rows.data(), static_cast<int>(dw.rows.size()), m, k, nullptr,
-                     nullptr, c16.data_as<std::uint16_t>(), s);
+                     nullptr, c16.data_as<std::uint16_t>(), add, s);
     const U16 bits = download<std::uint16_t>(c16, s);
     Vec out(cn);
     for (std::size_t i = 0; i < cn; ++i) out[i] = bf16_bits_to_float(bits[i]);
@@ -145,7 +157,7 @@ Vec run(const Device& device, const U16& a, const std::vector<Nf4Weight>& ws, st
   Buffer c = mode == Out::InPlace ? add : upload(Vec(cn, NAN), DType::Float32, device, s);
   const float* addp = mode == Out::Plain ? nullptr : add.data_as<float>();
   be.nf4_gemm_bf16(ab.data_as<std::uint16_t>(), dw.rows.data(), static_cast<int>(dw.rows.size()), m, k, addp,
-                   c.data_as<float>(), nullptr, s);
+                   c.data_as<float>(), nullptr, false, s);
   return download<float>(c, s);
 }
 
@@ -160,13 +172,13 @@ void check(const Vec& got, const Reference& ref, Out mode, const std::string& wh
     ASSERT_TRUE(std::isfinite(got[i])) << what << " element " << i << " not written";
     num += (got[i] - want[i]) * (got[i] - want[i]);
     den += want[i] * want[i];
-    if (mode == Out::Bf16) {
+    if (bf16_out(mode)) {
       const float nearest = bf16_bits_to_float(float_to_bf16_bits(static_cast<float>(want[i])));
       const double allowed = std::fabs(nearest) * 0x1p-7 + 1e-5 * ref.abs_sum[i];
       ASSERT_LE(std::fabs(got[i] - nearest), allowed) << what << " element " << i;
     }
   }
-  EXPECT_LT(std::sqrt(num / den), mode == Out::Bf16 ? 4e-3 : 2e-6) << what;
+  EXPECT_LT(std::sqrt(num / den), bf16_out(mode) ? 4e-3 : 2e-6) << what;
 }
 
 struct Case {
@@ -181,6 +193,8 @@ const Case kCases[] = {
     {{130, 2}, 128, 129},       // n and m one past a tile
     {{640, 640}, 1024, 384},    // gate/up-like, several steps per tile
     {{5632, 5632}, 128, 400},   // enough 256-row tiles to fill an H100/H200: the wide tiling
+    {{256}, 2048, 16},          // few tiles, long k: split k (sums of the splits' partials)
+    {{300, 100}, 4096, 64},     // split k over parts, n past a tile
 };
 
 void run_cases(const Device& device) {
@@ -193,10 +207,12 @@ void run_cases(const Device& device) {
     }
     const U16 a = random_bf16(static_cast<std::size_t>(c.m * c.k));
     const Vec addend = test::random_normal(static_cast<std::size_t>(c.m * n));
-    for (Out mode : {Out::Plain, Out::Addend, Out::InPlace, Out::Bf16}) {
+    const Vec addend16 = rounded_bf16(addend);
+    for (Out mode : {Out::Plain, Out::Addend, Out::InPlace, Out::Bf16, Out::Bf16Accumulate}) {
       const bool adds = mode == Out::Addend || mode == Out::InPlace;
       const Vec got = run(device, a, ws, c.m, c.k, mode, addend);
-      check(got, reference(a, ws, c.m, c.k, adds ? &addend : nullptr), mode,
+      const Vec* added = adds ? &addend : mode == Out::Bf16Accumulate ? &addend16 : nullptr;
+      check(got, reference(a, ws, c.m, c.k, added), mode,
             std::string(backend_for(device).name()) + " " + out_name(mode) + ", m " + std::to_string(c.m) + ", n " +
                 std::to_string(n) + ", k " + std::to_string(c.k));
     }
@@ -254,7 +270,8 @@ TEST(CudaNf4GemmTiming, DISABLED_Qwen3Shapes) {
     std::vector<std::int64_t> rows;
     std::int64_t k;
   };
-  for (const Shape& sh : {Shape{"gate_up", {9728, 9728}, 2560}, Shape{"down", {2560}, 9728}}) {
+  for (const Shape& sh : {Shape{"q", {4096}, 2560}, Shape{"k", {1024}, 2560}, Shape{"o", {2560}, 4096},
+                          Shape{"gate_up", {9728, 9728}, 2560}, Shape{"down", {2560}, 9728}}) {
     std::vector<Nf4Weight> ws;
     std::int64_t n = 0;
     for (std::int64_t r : sh.rows) {
@@ -263,13 +280,13 @@ TEST(CudaNf4GemmTiming, DISABLED_Qwen3Shapes) {
     }
     const DeviceWeights dw(ws, gpu, s);
     Buffer wbf = Buffer::empty({n * sh.k}, DType::BFloat16, gpu);
-    for (std::int64_t m : {16, 32, 64, 128, 512, 2048, 4096}) {
+    for (std::int64_t m : {1, 16, 32, 64, 96, 128, 256, 512, 4096}) {
       Buffer ab = upload(random_bf16(static_cast<std::size_t>(m * sh.k)), DType::BFloat16, gpu, s);
       Buffer c = Buffer::empty({m * n}, DType::Float32, gpu);
       auto* a16 = ab.data_as<std::uint16_t>();
       auto fused = [&] {
         be.nf4_gemm_bf16(a16, dw.rows.data(), static_cast<int>(dw.rows.size()), m, sh.k, nullptr, c.data_as<float>(),
-                         nullptr, s);
+                         nullptr, false, s);
       };
       auto gemm = [&] {
         be.gemm_bf16(false, true, m, n, sh.k, 1.0f, a16, wbf.data_as<std::uint16_t>(), 0.0f, c.data_as<float>(), s);

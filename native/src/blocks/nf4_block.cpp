@@ -1,9 +1,11 @@
 // The nf4 decoder block: frozen NF4 projections dequantized into a shared per-device scratch
-// right before each product, optional LoRA adapters (see cudablocks/nf4_block.hpp). The rest of
+// right before each product (forward products of few tokens decode inside the GEMM kernel
+// instead), optional LoRA adapters (see cudablocks/nf4_block.hpp). The rest of
 // the layer (norms, QK-norm + RoPE, attention, SwiGLU, residuals) is the fp32 block's op sequence.
 #include "cudablocks/nf4_block.hpp"
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -211,11 +213,18 @@ struct Nf4Block::Impl {
     const std::int64_t esize = blk.precision_ == Precision::BF16 ? 2 : 4;
     return (most * esize + 255) / 256 * 256;
   }
-  // The fp32 absmax of the largest double-quantized weight (256-byte aligned).
+  // The fp32 absmax of the largest group's double-quantized weights (256-byte aligned): the fused
+  // product reads all of a group's at once.
   static std::int64_t absmax_region_bytes(const Nf4Block& blk) {
-    std::int64_t blocks = 0;
-    for (const Nf4Weight& w : blk.weights_) blocks = std::max(blocks, num_blocks(shape_numel(w.shape), w.blocksize));
-    return (blocks * static_cast<std::int64_t>(sizeof(float)) + 255) / 256 * 256;
+    std::int64_t most = 0;
+    for (const Group& g : kGroups) {
+      std::int64_t blocks = 0;
+      for (int p = g.first; p < g.first + g.count; ++p) {
+        blocks += num_blocks(shape_numel(blk.weights_[p].shape), blk.weights_[p].blocksize);
+      }
+      most = std::max(most, blocks);
+    }
+    return (most * static_cast<std::int64_t>(sizeof(float)) + 255) / 256 * 256;
   }
   // bf16 LoRA's copy of the adapters (rounded up to 128 elements: bbd16 stays 256-byte aligned),
   // then the gate/up block-diagonal B [2I, 2r].
@@ -247,6 +256,39 @@ struct Nf4Block::Impl {
       at += n;
     }
   }
+  // Forward products of at most kFusedTokens tokens decode NF4 inside the GEMM kernel (bf16 compute,
+  // where the backend has that kernel for the weights' block size). With few tokens a product is
+  // bound by reading W: the fused kernel reads it once as 0.5 bytes per element, the staged path
+  // writes and reads a 2-byte copy. From about 128 tokens on the staged path is faster (cuBLAS);
+  // measured in the CudaNf4GemmTiming test.
+  static constexpr std::int64_t kFusedTokens = 64;
+  bool fused(const Group& g, bool transposed, const std::uint16_t* a16) const {
+    if (!bf || transposed || T > kFusedTokens || reinterpret_cast<std::uintptr_t>(a16) % 16 != 0) return false;
+    for (int p = g.first; p < g.first + g.count; ++p) {
+      if (!be.nf4_gemm_fused(cols(g), b.weights_[p].blocksize, stream)) return false;
+    }
+    return true;
+  }
+  // c (fp32, + addend) or c16 (bf16, + its own values when add_c16) = a16 W^T by the fused kernel;
+  // double-quantized absmax decoded first, the group's side by side in absmax_tmp.
+  void fused_product(const Group& g, const std::uint16_t* a16, const float* addend, float* c, std::uint16_t* c16,
+                     bool add_c16) {
+    Nf4Rows parts[2];
+    float* tmp = absmax_tmp;
+    for (int i = 0; i < g.count; ++i) {
+      const Nf4Weight& w = b.weights_[g.first + i];
+      const float* absmax = w.absmax.data_as<float>();
+      if (w.double_quant()) {
+        const std::int64_t blocks = num_blocks(shape_numel(w.shape), w.blocksize);
+        be.nf4_double_dequantize(w.qabsmax.data_as<std::uint8_t>(), w.absmax2.data_as<float>(), w.offset.data_as<float>(),
+                                 w.code.data_as<float>(), blocks, tmp, stream);
+        absmax = tmp;
+        tmp += blocks;
+      }
+      parts[i] = {w.packed.data_as<std::uint8_t>(), absmax, w.shape[0]};
+    }
+    be.nf4_gemm_bf16(a16, parts, g.count, T, cols(g), addend, c, c16, add_c16, stream);
+  }
   std::int64_t rows(const Group& g) const {
     std::int64_t n = 0;
     for (int p = g.first; p < g.first + g.count; ++p) n += b.weights_[p].shape[0];
@@ -262,9 +304,15 @@ struct Nf4Block::Impl {
     const Group& g = kGroups[group];
     const std::int64_t out = rows(g), in = cols(g);
     const std::int64_t n = transposed ? in : out, k = transposed ? out : in;
-    dequantize(g);
     if (bf) {
       a16 = operand16(a, a16, k);
+      if (fused(g, transposed, a16)) {
+        fused_product(g, a16, addend, c, nullptr, false);
+        return;
+      }
+    }
+    dequantize(g);
+    if (bf) {
       const auto* w = reinterpret_cast<const std::uint16_t*>(wscratch);
       if (addend == nullptr) {
         be.gemm_bf16(false, !transposed, T, n, k, 1.0f, a16, w, 0.0f, c, stream);
@@ -286,9 +334,13 @@ struct Nf4Block::Impl {
   void product_to_bf16(int group, bool transposed, const float* a, const std::uint16_t* a16, std::uint16_t* c16,
                        bool accumulate) {
     const Group& g = kGroups[group];
-    dequantize(g);
     const std::int64_t n = transposed ? cols(g) : rows(g), k = transposed ? rows(g) : cols(g);
     a16 = operand16(a, a16, k);
+    if (fused(g, transposed, a16)) {
+      fused_product(g, a16, nullptr, nullptr, c16, accumulate);
+      return;
+    }
+    dequantize(g);
     const auto* w = reinterpret_cast<const std::uint16_t*>(wscratch);
     if (accumulate) {
       be.gemm_bf16_to_bf16_add(false, !transposed, T, n, k, 1.0f, a16, w, c16, stream);

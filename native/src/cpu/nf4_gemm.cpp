@@ -11,7 +11,7 @@ namespace cudablocks::cpu {
 bool nf4_gemm_fused(std::int64_t k, int blocksize) { return blocksize == 64 && k % 64 == 0; }
 
 void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int64_t m, std::int64_t k,
-                   const float* addend, float* c, std::uint16_t* c16) {
+                   const float* addend, float* c, std::uint16_t* c16, bool add_c16) {
   std::int64_t n = 0;
   for (int p = 0; p < parts; ++p) n += w[p].rows;
   std::vector<std::uint16_t> weight(static_cast<std::size_t>(n * k));
@@ -22,7 +22,8 @@ void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int
   }
   if (c16 != nullptr) {
     std::vector<float> sum(static_cast<std::size_t>(m * n));
-    gemm_bf16(false, true, m, n, k, 1.0f, a, weight.data(), 0.0f, sum.data());
+    if (add_c16) from_bf16(c16, sum.data(), m * n);
+    gemm_bf16(false, true, m, n, k, 1.0f, a, weight.data(), add_c16 ? 1.0f : 0.0f, sum.data());
     to_bf16(sum.data(), c16, m * n);
     return;
   }

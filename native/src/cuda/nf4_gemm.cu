@@ -55,6 +55,7 @@
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -63,6 +64,7 @@
 #include "core/nf4_format.hpp"
 #include "cuda/check.hpp"
 #include "cuda/device_limits.hpp"
+#include "cuda/scratch.hpp"
 #include "cudablocks/errors.hpp"
 
 namespace cudablocks::cuda {
@@ -73,14 +75,18 @@ constexpr int kBK = 64;        // k per step: one absmax block per weight row
 constexpr int kRows = 128;     // weight rows per CTA: two warpgroups of 64
 constexpr int kConsumers = 256;  // two warpgroups decode W and issue the wgmma
 constexpr int kThreads = kConsumers + 128;  // and a third copies a's tiles (one thread of it)
-constexpr int kStages = 4;     // a tiles in flight
 constexpr int kMaxParts = 4;
 constexpr int kOffBarriers = 0;
 constexpr int kOffTiles = 1024;
 
-// BN tokens per CTA: the a tile of a step is BN rows of 128 bytes.
+// BN tokens per CTA: the a tile of a step is BN rows of 128 bytes. Few tokens leave the tensor
+// cores little to do and the kernel waits on memory, so narrow tiles keep more of a's tiles
+// (kStages) and of W's bytes (kAhead steps) in flight; wide tiles need their registers for
+// accumulators.
 template <int BN>
 struct Tiling {
+  static constexpr int kStages = BN <= 64 ? 8 : 4;
+  static constexpr int kAhead = BN <= 64 ? 8 : BN == 128 ? 4 : 2;  // even: the main loop's unrolling
   static constexpr int kTileBytes = BN * kBK * 2;
   static constexpr int kSmemAlloc = kOffTiles + kStages * kTileBytes + 1024;  // + 1 KB to align the tiles
 };
@@ -219,13 +225,15 @@ __device__ __forceinline__ void hold(std::uint32_t (&a)[4][4]) {
 
 // ---- the decode ----
 
-// One thread's W bytes and absmax for a step: rows g and g + 8, 32 bytes each.
+// One thread's share of a step's W bytes, and the absmax of its two rows g and g + 8: the 4 lanes
+// of a quad (one row pair) load 8 bytes each of the rows' 32 (no byte loaded twice), and the
+// decode gathers the 32 from the quad by shuffles. Small, so that many steps can be in flight.
 struct RawStep {
-  uint4 bytes[2][2];
+  uint2 bytes[2];
   float absmax[2];
 };
 
-// The rows this thread decodes: where their bytes and absmax start (zeros past n).
+// The rows this thread decodes: where its share of their bytes and their absmax start (zeros past n).
 struct RowSource {
   const std::uint8_t* packed[2];
   const float* absmax[2];
@@ -233,7 +241,7 @@ struct RowSource {
 };
 
 __device__ __forceinline__ RowSource row_source(const Parts& parts, std::int64_t row0, std::int64_t n,
-                                                std::int64_t k) {
+                                                std::int64_t k, int quad_lane) {
   RowSource src{};
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -252,7 +260,7 @@ __device__ __forceinline__ RowSource row_source(const Parts& parts, std::int64_t
       }
     }
     src.valid[r] = row < n;
-    src.packed[r] = packed + (row - first) * (k / 2);
+    src.packed[r] = packed + (row - first) * (k / 2) + 8 * quad_lane;
     src.absmax[r] = absmax + (row - first) * (k / kBK);
   }
   return src;
@@ -261,9 +269,8 @@ __device__ __forceinline__ RowSource row_source(const Parts& parts, std::int64_t
 __device__ __forceinline__ void load_step(const RowSource& src, int kt, RawStep& raw) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const uint4* p = reinterpret_cast<const uint4*>(src.packed[r] + kt * (kBK / 2));
-    raw.bytes[r][0] = src.valid[r] ? __ldg(p) : make_uint4(0, 0, 0, 0);
-    raw.bytes[r][1] = src.valid[r] ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
+    const uint2* p = reinterpret_cast<const uint2*>(src.packed[r] + kt * (kBK / 2));
+    raw.bytes[r] = src.valid[r] ? __ldg(p) : make_uint2(0, 0);
     raw.absmax[r] = src.valid[r] ? __ldg(src.absmax[r] + kt) : 0.0f;
   }
 }
@@ -289,31 +296,48 @@ __device__ __forceinline__ std::uint32_t decode_pair(std::uint32_t word, std::ui
 }
 
 // The A fragments of a step's four k16 slices: per slice {row g cols 2q.., row g+8 cols 2q..,
-// row g cols 2q+8.., row g+8 cols 2q+8..}, i.e. words 2s and 2s + 1 of each row's 32 bytes.
-__device__ __forceinline__ void decode_step(const RawStep& raw, std::uint32_t select, float code,
+// row g cols 2q+8.., row g+8 cols 2q+8..}, i.e. byte q of words 2s and 2s + 1 of each row's 32
+// bytes -- the words that lane s of the quad loaded (quad_first: the quad's first lane).
+__device__ __forceinline__ void decode_step(const RawStep& raw, int quad_first, std::uint32_t select, float code,
                                             std::uint32_t (&a)[4][4]) {
-  const std::uint32_t w[2][8] = {
-      {raw.bytes[0][0].x, raw.bytes[0][0].y, raw.bytes[0][0].z, raw.bytes[0][0].w, raw.bytes[0][1].x,
-       raw.bytes[0][1].y, raw.bytes[0][1].z, raw.bytes[0][1].w},
-      {raw.bytes[1][0].x, raw.bytes[1][0].y, raw.bytes[1][0].z, raw.bytes[1][0].w, raw.bytes[1][1].x,
-       raw.bytes[1][1].y, raw.bytes[1][1].z, raw.bytes[1][1].w}};
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
-    a[s][0] = decode_pair(w[0][2 * s], select, raw.absmax[0], code);
-    a[s][1] = decode_pair(w[1][2 * s], select, raw.absmax[1], code);
-    a[s][2] = decode_pair(w[0][2 * s + 1], select, raw.absmax[0], code);
-    a[s][3] = decode_pair(w[1][2 * s + 1], select, raw.absmax[1], code);
+    std::uint32_t w[2][2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      w[r][0] = __shfl_sync(0xffffffffu, raw.bytes[r].x, quad_first + s);
+      w[r][1] = __shfl_sync(0xffffffffu, raw.bytes[r].y, quad_first + s);
+    }
+    a[s][0] = decode_pair(w[0][0], select, raw.absmax[0], code);
+    a[s][1] = decode_pair(w[1][0], select, raw.absmax[1], code);
+    a[s][2] = decode_pair(w[0][1], select, raw.absmax[0], code);
+    a[s][3] = decode_pair(w[1][1], select, raw.absmax[1], code);
+  }
+}
+
+// f(integral_constant<I>) for I = 0 .. N - 1: names registers by compile-time indices.
+template <int I, int N, typename F>
+__device__ __forceinline__ void static_for(F&& f) {
+  if constexpr (I < N) {
+    f(std::integral_constant<int, I>{});
+    static_for<I + 1, N>(f);
   }
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
+// gridDim.z splits k: CTA z takes steps [z S / Z, (z + 1) S / Z) of the S = k / 64 and, when
+// there are several (partial != nullptr), writes its sum to partial[z] [m, n] for
+// sum_splits_kernel to add up. Otherwise the epilogue writes c (+ addend), or c16 (+ c16's values
+// when add_c16).
 template <int BN, bool kBf16Out>
 __global__ void __launch_bounds__(kThreads, 1)
     nf4_gemm_kernel(const __grid_constant__ CUtensorMap a_map, Parts parts, std::int64_t m, std::int64_t n,
-                    std::int64_t k, const float* addend, float* c, std::uint16_t* c16) {
+                    std::int64_t k, const float* addend, float* c, std::uint16_t* c16, bool add_c16,
+                    float* partial) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tl = Tiling<BN>;
+  constexpr int kStages = Tl::kStages, kAhead = Tl::kAhead;
   extern __shared__ unsigned char smem_raw[];
   const std::uint32_t raw_addr = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
   unsigned char* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);  // the swizzle needs 1 KB alignment
@@ -327,7 +351,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x, lane = tid & 31, warp = (tid >> 5) & 3, wg = tid >> 7;
   const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.x) * kRows;
   const int m0 = static_cast<int>(blockIdx.y) * BN;
-  const int steps = static_cast<int>(k / kBK);
+  const int total_steps = static_cast<int>(k / kBK);
+  const int first_step = static_cast<int>(static_cast<std::int64_t>(blockIdx.z) * total_steps / gridDim.z);
+  const int steps = static_cast<int>(static_cast<std::int64_t>(blockIdx.z + 1) * total_steps / gridDim.z) - first_step;
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full(s), 1);
@@ -345,30 +371,35 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int s = kt % kStages;
         if (kt >= kStages) mbar_wait(empty(s), (kt / kStages - 1) & 1);
         mbar_expect_bytes(full(s), Tl::kTileBytes);
-        tma_load(tile(s), &a_map, kt * kBK, m0, full(s));
+        tma_load(tile(s), &a_map, (first_step + kt) * kBK, m0, full(s));
       }
     }
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
 
-  const RowSource src = row_source(parts, n0 + wg * 64 + warp * 16 + (lane >> 2), n, k);
+  const RowSource src = row_source(parts, n0 + wg * 64 + warp * 16 + (lane >> 2), n, k, lane & 3);
+  const int quad_first = lane & ~3;
   const std::uint32_t select = 0x4440u | static_cast<std::uint32_t>(lane & 3);  // byte q, zero-extended
   const float code = kCodeTable[lane & 15];  // the code table in registers: entry i in lanes i and i + 16
-  RawStep raw;
+  // W's bytes run kAhead steps ahead of the decode: raw[j] holds step j, j + kAhead, ...
+  RawStep raw[kAhead];
   std::uint32_t frag[2][4][4];
-  load_step(src, 0, raw);
-  decode_step(raw, select, code, frag[0]);
-  if (steps > 1) load_step(src, 1, raw);
+  static_for<0, kAhead>([&](auto j) {
+    if (j < steps) load_step(src, first_step + j, raw[j]);
+  });
+  decode_step(raw[0], quad_first, select, code, frag[0]);
+  if (kAhead < steps) load_step(src, first_step + kAhead, raw[0]);
 
   float d[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) d[i] = 0.0f;
 
-  // Step kt with fragment buffer B (kt % 2 == B): the loop runs two steps per turn so that the
-  // buffers are named at compile time (registers, not local memory).
-  auto step = [&](int kt, auto buffer) {
-    constexpr int B = decltype(buffer)::value;
+  // Step kt, its fragments in buffer B = kt % 2, step kt + 1's bytes in raw[R], R = (kt + 1) % kAhead.
+  // The loop runs kAhead (even) steps per turn, so that B and R are compile-time constants
+  // (registers, not local memory).
+  auto step = [&](int kt, auto buffer, auto slot) {
+    constexpr int B = decltype(buffer)::value, R = decltype(slot)::value;
     const int s = kt % kStages;
     mbar_wait(full(s), (kt / kStages) & 1);
     wgmma_fence();
@@ -378,14 +409,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<1>();  // step kt - 1 retired: the other buffer and its a stage are free
     hold(frag[1 - B]);
     if (kt + 1 < steps) {
-      decode_step(raw, select, code, frag[1 - B]);
-      if (kt + 2 < steps) load_step(src, kt + 2, raw);
+      decode_step(raw[R], quad_first, select, code, frag[1 - B]);
+      if (kt + 1 + kAhead < steps) load_step(src, first_step + kt + 1 + kAhead, raw[R]);
     }
     if (kt >= 1 && lane == 0) mbar_arrive(empty((kt - 1) % kStages));  // this warp is done with step kt - 1's tile
   };
-  for (int kt = 0; kt < steps; kt += 2) {
-    step(kt, std::integral_constant<int, 0>{});
-    if (kt + 1 < steps) step(kt + 1, std::integral_constant<int, 1>{});
+  for (int kt = 0; kt < steps; kt += kAhead) {
+    static_for<0, kAhead>([&](auto i) {
+      if (kt + i < steps) {
+        step(kt + i, std::integral_constant<int, i % 2>{}, std::integral_constant<int, (i + 1) % kAhead>{});
+      }
+    });
   }
   wgmma_wait<0>();
   hold(frag[0]);
@@ -394,6 +428,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Accumulator layout of wgmma m64nBN (per warp, 16 weight rows): d[4 j + 2 i + e] is weight row
   // 8 i + lane / 4, token 8 j + 2 (lane % 4) + e. Stores: 8 lanes write 8 consecutive columns of c.
   const std::int64_t wrow0 = n0 + wg * 64 + warp * 16 + (lane >> 2);
+  float* const part = partial != nullptr ? partial + static_cast<std::int64_t>(blockIdx.z) * m * n : nullptr;
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
@@ -406,8 +441,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (col >= n) continue;
         const std::int64_t at = token * n + col;
         const float v = d[4 * j + 2 * i + e];
-        if constexpr (kBf16Out) {
-          c16[at] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+        if (part != nullptr) {
+          part[at] = v;
+        } else if constexpr (kBf16Out) {
+          c16[at] = __bfloat16_as_ushort(
+              __float2bfloat16_rn(add_c16 ? v + __bfloat162float(__ushort_as_bfloat16(c16[at])) : v));
         } else {
           c[at] = addend != nullptr ? v + addend[at] : v;
         }
@@ -417,6 +455,24 @@ __global__ void __launch_bounds__(kThreads, 1)
 #else
   __trap();  // launched only where nf4_gemm_supported (an sm_90a build on a 9.0 device)
 #endif
+}
+
+// The split-k sum: c = partial[0] + ... + partial[splits - 1] (+ addend), in that order, or c16
+// likewise (+ c16's values when add_c16), rounded once.
+__global__ void __launch_bounds__(256) sum_splits_kernel(const float* __restrict__ partial, int splits,
+                                                         std::int64_t count, const float* addend, float* c,
+                                                         std::uint16_t* c16, bool add_c16) {
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    float v = partial[i];
+    for (int z = 1; z < splits; ++z) v += partial[z * count + i];
+    if (c16 != nullptr) {
+      if (add_c16) v += __bfloat162float(__ushort_as_bfloat16(c16[i]));
+      c16[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    } else {
+      c[i] = addend != nullptr ? v + addend[i] : v;
+    }
+  }
 }
 
 // cuTensorMapEncodeTiled from the driver (through the runtime: no link against libcuda).
@@ -453,20 +509,44 @@ CUtensorMap a_tensor_map(const std::uint16_t* a, std::int64_t m, std::int64_t k)
   return map;
 }
 
+// Ways to split k: with narrow token tiles (memory-bound) k is split until the CTAs about fill the
+// multiprocessors (one CTA each), every split keeping at least kMinSplitSteps steps.
+constexpr std::int64_t kMinSplitSteps = 8;
+template <int BN>
+int splits_for(std::int64_t tiles, std::int64_t steps) {
+  if (BN > 64) return 1;
+  const std::int64_t fill = std::max<std::int64_t>(1, multiprocessor_count() / tiles);
+  return static_cast<int>(std::min(fill, std::max<std::int64_t>(1, steps / kMinSplitSteps)));
+}
+
 template <int BN>
 void launch(const std::uint16_t* a, const Parts& p, std::int64_t m, std::int64_t n, std::int64_t k,
-            const float* addend, float* c, std::uint16_t* c16, cudaStream_t stream) {
+            const float* addend, float* c, std::uint16_t* c16, bool add_c16, cudaStream_t stream) {
   const CUtensorMap map = a_tensor_map<BN>(a, m, k);
-  const dim3 grid(static_cast<unsigned>((n + kRows - 1) / kRows), static_cast<unsigned>((m + BN - 1) / BN));
+  const std::int64_t row_tiles = (n + kRows - 1) / kRows, token_tiles = (m + BN - 1) / BN;
+  const int splits = splits_for<BN>(row_tiles * token_tiles, k / kBK);
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
   constexpr int smem = Tiling<BN>::kSmemAlloc;
-  if (c16 != nullptr) {
+  if (splits > 1) {
+    const std::int64_t count = m * n;
+    const ScratchLease partial(static_cast<std::size_t>(splits * count) * sizeof(float), stream);
+    allow_dynamic_smem(reinterpret_cast<const void*>(nf4_gemm_kernel<BN, false>), smem, true);
+    nf4_gemm_kernel<BN, false><<<grid, kThreads, smem, stream>>>(map, p, m, n, k, nullptr, nullptr, nullptr, false,
+                                                                  partial.get<float>());
+    CUDABLOCKS_CHECK_LAUNCH("nf4_gemm_kernel");
+    const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((count + 255) / 256, 4 * multiprocessor_count()));
+    sum_splits_kernel<<<blocks, 256, 0, stream>>>(partial.get<float>(), splits, count, addend, c, c16, add_c16);
+    CUDABLOCKS_CHECK_LAUNCH("nf4_gemm sum_splits_kernel");
+  } else if (c16 != nullptr) {
     allow_dynamic_smem(reinterpret_cast<const void*>(nf4_gemm_kernel<BN, true>), smem, true);
-    nf4_gemm_kernel<BN, true><<<grid, kThreads, smem, stream>>>(map, p, m, n, k, nullptr, nullptr, c16);
+    nf4_gemm_kernel<BN, true><<<grid, kThreads, smem, stream>>>(map, p, m, n, k, nullptr, nullptr, c16, add_c16,
+                                                                 nullptr);
+    CUDABLOCKS_CHECK_LAUNCH("nf4_gemm_kernel");
   } else {
     allow_dynamic_smem(reinterpret_cast<const void*>(nf4_gemm_kernel<BN, false>), smem, true);
-    nf4_gemm_kernel<BN, false><<<grid, kThreads, smem, stream>>>(map, p, m, n, k, addend, c, nullptr);
+    nf4_gemm_kernel<BN, false><<<grid, kThreads, smem, stream>>>(map, p, m, n, k, addend, c, nullptr, false, nullptr);
+    CUDABLOCKS_CHECK_LAUNCH("nf4_gemm_kernel");
   }
-  CUDABLOCKS_CHECK_LAUNCH("nf4_gemm_kernel");
 }
 
 }  // namespace
@@ -487,11 +567,14 @@ bool nf4_gemm_supported(std::int64_t k, int blocksize) {
 }
 
 void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int64_t m, std::int64_t k,
-                   const float* addend, float* c, std::uint16_t* c16, cudaStream_t stream) {
+                   const float* addend, float* c, std::uint16_t* c16, bool add_c16, cudaStream_t stream) {
   if (parts < 1 || parts > kMaxParts) throw InvalidArgumentError("nf4_gemm_bf16: 1 to 4 weights per product");
   Parts p{};
   std::int64_t n = 0;
   for (int i = 0; i < parts; ++i) {
+    if (reinterpret_cast<std::uintptr_t>(w[i].packed) % 8 != 0 || reinterpret_cast<std::uintptr_t>(w[i].absmax) % 4) {
+      throw InvalidArgumentError("nf4_gemm_bf16: packed weights must be 8-byte and absmax 4-byte aligned");
+    }
     n += w[i].rows;
     p.packed[i] = w[i].packed;
     p.absmax[i] = w[i].absmax;
@@ -505,13 +588,13 @@ void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int
   // The wide token tile unless it would leave multiprocessors idle that the narrow one would use.
   const std::int64_t tiles256 = ((n + kRows - 1) / kRows) * ((m + 255) / 256);
   if (m <= 32) {  // few tokens: narrow token tiles, little tensor-core work on padding
-    launch<32>(a, p, m, n, k, addend, c, c16, stream);
+    launch<32>(a, p, m, n, k, addend, c, c16, add_c16, stream);
   } else if (m <= 64) {
-    launch<64>(a, p, m, n, k, addend, c, c16, stream);
+    launch<64>(a, p, m, n, k, addend, c, c16, add_c16, stream);
   } else if (tiles256 >= multiprocessor_count()) {
-    launch<256>(a, p, m, n, k, addend, c, c16, stream);
+    launch<256>(a, p, m, n, k, addend, c, c16, add_c16, stream);
   } else {
-    launch<128>(a, p, m, n, k, addend, c, c16, stream);
+    launch<128>(a, p, m, n, k, addend, c, c16, add_c16, stream);
   }
 }
 

@@ -16,6 +16,6 @@ bool nf4_gemm_supported(std::int64_t k, int blocksize);
 
 // c[m, n] (+)= a[m, k] W^T as Backend::nf4_gemm_bf16 describes; requires nf4_gemm_supported.
 void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int64_t m, std::int64_t k,
-                   const float* addend, float* c, std::uint16_t* c16, cudaStream_t stream);
+                   const float* addend, float* c, std::uint16_t* c16, bool add_c16, cudaStream_t stream);
 
 }  // namespace cudablocks::cuda
