@@ -509,14 +509,24 @@ CUtensorMap a_tensor_map(const std::uint16_t* a, std::int64_t m, std::int64_t k)
   return map;
 }
 
-// Ways to split k: with narrow token tiles (memory-bound) k is split until the CTAs about fill the
-// multiprocessors (one CTA each), every split keeping at least kMinSplitSteps steps.
+// Ways to split k. With narrow token tiles the kernel is bound by decoding W (shuffles, one CTA per
+// multiprocessor), so the time goes as the waves of CTAs times the steps each takes: the split
+// with the fewest wave-steps wins (the fewer splits on a tie), every split keeping at least
+// kMinSplitSteps steps. Wide tiles are not split.
 constexpr std::int64_t kMinSplitSteps = 8;
 template <int BN>
 int splits_for(std::int64_t tiles, std::int64_t steps) {
   if (BN > 64) return 1;
-  const std::int64_t fill = std::max<std::int64_t>(1, multiprocessor_count() / tiles);
-  return static_cast<int>(std::min(fill, std::max<std::int64_t>(1, steps / kMinSplitSteps)));
+  const std::int64_t sms = multiprocessor_count();
+  std::int64_t best = 1, best_cost = -1;
+  for (std::int64_t s = 1; s == 1 || steps / s >= kMinSplitSteps; ++s) {
+    const std::int64_t cost = (tiles * s + sms - 1) / sms * ((steps + s - 1) / s);
+    if (best_cost < 0 || cost < best_cost) {
+      best = s;
+      best_cost = cost;
+    }
+  }
+  return static_cast<int>(best);
 }
 
 template <int BN>
