@@ -455,7 +455,7 @@ def test_cuda_matches_cpu_at_qwen3_4b_size(double_quant: bool, targets: tuple[st
     cpu16 = cb.CudaBlock.nf4(cfg, 0, weights, "cpu", max_tokens=sum(lens), lora=lora, compute="bf16",
                              double_quant=double_quant)
     # <= 60 MB besides the adapters (3.7 MB here: rank 16 on all seven projections).
-    lora_bytes = 4 * sum(math.prod(shape) for _, _, shape, _ in gpu.lora_layout)
+    lora_bytes = 0 if lora is None else 4 * sum(math.prod(shape) for _, _, shape, _ in gpu.lora_layout)
     assert gpu.device_bytes - lora_bytes <= 60e6
     assert gpu.device_bytes == cpu.device_bytes
     if lora is not None:

@@ -15,40 +15,34 @@
 //
 // Shape of the work: a CTA computes c's tile of BN tokens x 128 weight rows, stepping k by 64 so
 // that each step meets exactly one absmax block of each weight row (k % 64 == 0). Its two
-// warpgroups own 64 weight rows each and issue four wgmma m64nBNk16 per step. A thread holds rows
-// g and g + 8 of its warp's 16 (g = lane / 4) and, of each k16 slice, the value pairs at columns
-// 2q and 2q + 8 (q = lane % 4): in bitsandbytes' layout (two values per byte, the even column in
-// the high nibble) that is byte q of every 4-byte word of the row's 32 bytes for the step. So per
-// step a thread loads 2 x 32 bytes (the 4 lanes sharing a row read the same bytes, merged in one
-// request) and 2 absmax, picks its 16 bytes with prmt, and turns each byte into a bf16 pair: two
-// shuffles fetch the nibbles' code values from the table held in registers across the warp (a
-// shared-memory table cost more: its lookups and W's loads went through L1, which then bounded
-// the kernel), each multiplied by absmax in fp32 with flush-to-zero and rounded once to bf16 --
-// exactly nf4_dequantize's numbers.
+// consumer warpgroups own 64 weight rows each and issue four wgmma m64nBNk16 per step; a producer
+// warpgroup issues the TMA copies on per-stage full/empty mbarriers. A thread holds rows g and
+// g + 8 of its warp's 16 (g = lane / 4) and, of each k16 slice, the value pairs at columns 2q and
+// 2q + 8 (q = lane % 4): in bitsandbytes' layout (two values per byte, the even column in the
+// high nibble) that is byte q of every 4-byte word of the row's 32 bytes for the step. The 4
+// lanes of a quad load 8 of those bytes each (no byte loaded twice, so many steps fit in flight
+// in registers) and 2 absmax; the decode gathers each word from its lane by a shuffle, picks byte
+// q with prmt and turns it into a bf16 pair: two shuffles fetch the nibbles' code values from the
+// table held in registers across the warp (a shared-memory table cost more: its lookups and W's
+// loads went through L1, which then bounded the kernel), each multiplied by absmax in fp32 with
+// flush-to-zero and rounded once to bf16 -- exactly nf4_dequantize's numbers.
 //
-// Pipeline: TMA runs kStages - 1 steps ahead; W's bytes are loaded two steps ahead into registers;
-// while step kt's wgmma run, the thread decodes step kt + 1 into the other fragment buffer. wgmma
-// reads its register operand asynchronously, so a buffer is rewritten only after the wait that
-// retires the step that read it (and an empty asm keeps the compiler from reusing its registers
-// earlier).
+// Pipeline: TMA runs up to kStages steps ahead; W's bytes are loaded kAhead steps ahead into
+// registers; while step kt's wgmma run, the thread decodes step kt + 1 into the other fragment
+// buffer. wgmma reads its register operand asynchronously, so a buffer is rewritten only after
+// the wait that retires the step that read it (and an empty asm keeps the compiler from reusing
+// its registers earlier). With few tokens, k may be split over CTAs (splits_for): each writes its
+// partial sum, and a second kernel adds them in a fixed order (results do not depend on timing).
 //
-// Status (H200, 2026-11-28; CudaNf4GemmTiming, c in fp32): correct (fp64 and exact-decode tests
-// pass) but still slower than the staged path, so no block calls it. gate_up [m, 2560] x
-// [19456, 2560]^T at m = 4096: 0.816 ms (staged 0.592, cuBLAS on the bf16 weight 0.580), at
-// m = 512: 0.132 ms (staged 0.119, cuBLAS 0.079); down (k 9728, n 2560) at m = 512: 0.113 ms
-// (staged 0.056): its 40 CTAs leave most multiprocessors idle (no split-k yet). The previous
-// design (W decoded into shared memory for an SS wgmma, a's tile by cp.async) took 1.413 ms at
-// m = 4096. Where the time goes at m = 4096, from variants timed in one run (each removing one
-// more piece, results then wrong; that run's full kernel took 0.844 ms): the shuffle lookups
-// cost nothing measurable (a shared-memory
-// table cost 0.19 ms: Nsight Compute showed L1 at 79% of its throughput, the tensor pipe at 45%);
-// W's loads 0.11 ms; the epilogue 0.03 ms; the decode arithmetic 0.13 ms; what is left -- TMA,
-// the wgmma and the barriers -- runs in 0.570 ms, on par with cuBLAS. So the decode does not
-// overlap the tensor cores' work although it is issued while they run; the next things to try
-// are a producer warp with per-stage empty barriers instead of the block-wide barrier (the two
-// warpgroups then drift apart and one decodes while the other's wgmma run), fewer instructions
-// per byte (the high nibble's shift folded into the shuffle's lane operand), and split-k for
-// the long-k products.
+// Where it is used (H200, 2026-11-28; CudaNf4GemmTiming): with up to 64 tokens (32- and 64-token
+// tiles) the kernel is bound by the decode's shuffles and beats the staged path (dequantize, then
+// cuBLAS) on every Qwen3-4B product, e.g. at 16 tokens q 0.013 ms (staged 0.017), o 0.013 (0.025),
+// gate_up 0.048 (0.070), down 0.021 (0.034); the nf4 block's forward takes it there. From 96
+// tokens on (128- and 256-token tiles) it is slower than the staged path: gate_up at m = 4096
+// 0.89 ms (staged 0.59, cuBLAS on the bf16 weight 0.56), at m = 512 0.14 ms (staged 0.12). Timed
+// variants at m = 4096 showed the decode not overlapping the tensor cores' work although it is
+// issued while they run (without the decode the kernel was on par with cuBLAS).
+
 #include "cuda/nf4_gemm.cuh"
 
 #include <cuda.h>
@@ -57,7 +51,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -510,17 +503,19 @@ CUtensorMap a_tensor_map(const std::uint16_t* a, std::int64_t m, std::int64_t k)
 }
 
 // Ways to split k. With narrow token tiles the kernel is bound by decoding W (shuffles, one CTA per
-// multiprocessor), so the time goes as the waves of CTAs times the steps each takes: the split
-// with the fewest wave-steps wins (the fewer splits on a tie), every split keeping at least
-// kMinSplitSteps steps. Wide tiles are not split.
+// multiprocessor): the time goes as the waves of CTAs times (the steps of one split + the start of
+// a CTA, about kStartSteps steps' time: fitted to H200 timings of gate_up split 1 and 5 ways). The
+// split with the least wins (the fewer splits on a tie); every split keeps at least kMinSplitSteps
+// steps. Wide tiles are not split.
 constexpr std::int64_t kMinSplitSteps = 8;
+constexpr std::int64_t kStartSteps = 8;
 template <int BN>
 int splits_for(std::int64_t tiles, std::int64_t steps) {
   if (BN > 64) return 1;
   const std::int64_t sms = multiprocessor_count();
   std::int64_t best = 1, best_cost = -1;
   for (std::int64_t s = 1; s == 1 || steps / s >= kMinSplitSteps; ++s) {
-    const std::int64_t cost = (tiles * s + sms - 1) / sms * ((steps + s - 1) / s);
+    const std::int64_t cost = (tiles * s + sms - 1) / sms * ((steps + s - 1) / s + kStartSteps);
     if (best_cost < 0 || cost < best_cost) {
       best = s;
       best_cost = cost;
