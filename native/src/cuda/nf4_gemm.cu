@@ -36,8 +36,8 @@
 //
 // Where it is used (H200, 2026-11-28; CudaNf4GemmTiming): with up to 64 tokens (32- and 64-token
 // tiles) the kernel is bound by the decode's shuffles and beats the staged path (dequantize, then
-// cuBLAS) on every Qwen3-4B product, e.g. at 16 tokens q 0.013 ms (staged 0.017), o 0.013 (0.025),
-// gate_up 0.048 (0.070), down 0.021 (0.034); the nf4 block's forward takes it there. From 96
+// cuBLAS) on every Qwen3-4B product, e.g. at 16 tokens q 0.013 ms (staged 0.015), o 0.013 (0.022),
+// gate_up 0.045 (0.071), down 0.021 (0.034); the nf4 block's forward takes it there. From 96
 // tokens on (128- and 256-token tiles) it is slower than the staged path: gate_up at m = 4096
 // 0.89 ms (staged 0.59, cuBLAS on the bf16 weight 0.56), at m = 512 0.14 ms (staged 0.12). Timed
 // variants at m = 4096 showed the decode not overlapping the tensor cores' work although it is
