@@ -7,6 +7,7 @@
 // outputs start poisoned with NaN, accumulated ones from random values.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -83,30 +84,31 @@ struct DeviceWeights {
   }
 };
 
-// c = a W^T (+ addend) in double, W the stacked decoded weights; and the sums of |terms| (the
-// scale of an fp32 summation's error).
+// c = a W^T (+ addend) in double, W [n, k] the stacked decoded weights, or transposed c = a W; and
+// the sums of |terms| (the scale of an fp32 summation's error).
 struct Reference {
   std::vector<double> c, abs_sum;
 };
-Reference reference(const U16& a, const std::vector<Nf4Weight>& ws, std::int64_t m, std::int64_t k,
+Reference reference(const U16& a, const std::vector<Nf4Weight>& ws, std::int64_t m, std::int64_t k, bool transposed,
                     const Vec* addend) {
-  std::int64_t n = 0;
-  for (const auto& w : ws) n += w.rows;
-  std::vector<double> c(static_cast<std::size_t>(m * n)), abs_sum(c.size());
-  std::int64_t col = 0;
+  std::vector<U16> rows;  // W's decoded rows, stacked
   for (const auto& w : ws) {
-    for (std::int64_t j = 0; j < w.rows; ++j, ++col) {
-      for (std::int64_t i = 0; i < m; ++i) {
-        double sum = addend ? (*addend)[i * n + col] : 0.0, abs = std::fabs(sum);
-        for (std::int64_t t = 0; t < k; ++t) {
-          const double term =
-              static_cast<double>(bf16_bits_to_float(a[i * k + t])) * bf16_bits_to_float(w.decoded[j * k + t]);
-          sum += term;
-          abs += std::fabs(term);
-        }
-        c[i * n + col] = sum;
-        abs_sum[i * n + col] = abs;
+    for (std::int64_t j = 0; j < w.rows; ++j) rows.emplace_back(w.decoded.begin() + j * k, w.decoded.begin() + (j + 1) * k);
+  }
+  const auto n = static_cast<std::int64_t>(rows.size());
+  const std::int64_t cols = transposed ? k : n, inner = transposed ? n : k;
+  std::vector<double> c(static_cast<std::size_t>(m * cols)), abs_sum(c.size());
+  for (std::int64_t i = 0; i < m; ++i) {
+    for (std::int64_t j = 0; j < cols; ++j) {
+      double sum = addend ? (*addend)[i * cols + j] : 0.0, abs = std::fabs(sum);
+      for (std::int64_t t = 0; t < inner; ++t) {
+        const std::uint16_t w = transposed ? rows[t][j] : rows[j][t];
+        const double term = static_cast<double>(bf16_bits_to_float(a[i * inner + t])) * bf16_bits_to_float(w);
+        sum += term;
+        abs += std::fabs(term);
       }
+      c[i * cols + j] = sum;
+      abs_sum[i * cols + j] = abs;
     }
   }
   return {c, abs_sum};
@@ -131,23 +133,23 @@ Vec rounded_bf16(const Vec& v) {
   return out;
 }
 
-// Runs the op on `device` and returns c widened to fp32.
+// Runs the op on `device` (c = a W^T, or transposed a W) and returns c widened to fp32.
 Vec run(const Device& device, const U16& a, const std::vector<Nf4Weight>& ws, std::int64_t m, std::int64_t k,
-        Out mode, const Vec& addend) {
+        bool transposed, Out mode, const Vec& addend) {
   const Backend& be = backend_for(device);
   const Stream s(device);
   std::int64_t n = 0;
   for (const auto& w : ws) n += w.rows;
   const DeviceWeights dw(ws, device, s);
   Buffer ab = upload(a, DType::BFloat16, device, s);
-  const auto cn = static_cast<std::size_t>(m * n);
+  const auto cn = static_cast<std::size_t>(m * (transposed ? k : n));
   if (bf16_out(mode)) {
     const bool add = mode == Out::Bf16Accumulate;
     U16 start(cn, 0x7fc0);  // NaN, or the addend's values to add onto
     for (std::size_t i = 0; add && i < cn; ++i) start[i] = float_to_bf16_bits(addend[i]);
     Buffer c16 = upload(start, DType::BFloat16, device, s);
-    be.nf4_gemm_bf16(ab.data_as<std::uint16_t>(), dw.rows.data(), static_cast<int>(dw.rows.size()), m, k, nullptr,
-                     nullptr, c16.data_as<std::uint16_t>(), add, s);
+    be.nf4_gemm_bf16(ab.data_as<std::uint16_t>(), dw.rows.data(), static_cast<int>(dw.rows.size()), m, k, transposed,
+                     nullptr, nullptr, c16.data_as<std::uint16_t>(), add, s);
     const U16 bits = download<std::uint16_t>(c16, s);
     Vec out(cn);
     for (std::size_t i = 0; i < cn; ++i) out[i] = bf16_bits_to_float(bits[i]);
@@ -156,8 +158,8 @@ Vec run(const Device& device, const U16& a, const std::vector<Nf4Weight>& ws, st
   Buffer add = upload(addend, DType::Float32, device, s);
   Buffer c = mode == Out::InPlace ? add : upload(Vec(cn, NAN), DType::Float32, device, s);
   const float* addp = mode == Out::Plain ? nullptr : add.data_as<float>();
-  be.nf4_gemm_bf16(ab.data_as<std::uint16_t>(), dw.rows.data(), static_cast<int>(dw.rows.size()), m, k, addp,
-                   c.data_as<float>(), nullptr, false, s);
+  be.nf4_gemm_bf16(ab.data_as<std::uint16_t>(), dw.rows.data(), static_cast<int>(dw.rows.size()), m, k, transposed,
+                   addp, c.data_as<float>(), nullptr, false, s);
   return download<float>(c, s);
 }
 
@@ -196,6 +198,8 @@ const Case kCases[] = {
     {{256}, 2048, 16},          // few tiles, long k: split k (sums of the splits' partials)
     {{300, 100}, 4096, 64},     // split k over parts, n past a tile
 };
+// The transposed product (c = a W) runs the cases whose n is a multiple of 8; there k is c's width
+// (partial column tiles at 320 and 64) and n the sum (steps straddling parts at 300 and 320 rows).
 
 void run_cases(const Device& device) {
   for (const Case& c : kCases) {
@@ -205,32 +209,44 @@ void run_cases(const Device& device) {
       ws.push_back(make_weight(r, c.k));
       n += r;
     }
-    const U16 a = random_bf16(static_cast<std::size_t>(c.m * c.k));
-    const Vec addend = test::random_normal(static_cast<std::size_t>(c.m * n));
-    const Vec addend16 = rounded_bf16(addend);
-    for (Out mode : {Out::Plain, Out::Addend, Out::InPlace, Out::Bf16, Out::Bf16Accumulate}) {
-      const bool adds = mode == Out::Addend || mode == Out::InPlace;
-      const Vec got = run(device, a, ws, c.m, c.k, mode, addend);
-      const Vec* added = adds ? &addend : mode == Out::Bf16Accumulate ? &addend16 : nullptr;
-      check(got, reference(a, ws, c.m, c.k, added), mode,
-            std::string(backend_for(device).name()) + " " + out_name(mode) + ", m " + std::to_string(c.m) + ", n " +
-                std::to_string(n) + ", k " + std::to_string(c.k));
+    for (bool transposed : {false, true}) {
+      if (transposed && n % 8 != 0) continue;
+      const std::int64_t inner = transposed ? n : c.k, cols = transposed ? c.k : n;
+      const U16 a = random_bf16(static_cast<std::size_t>(c.m * inner));
+      const Vec addend = test::random_normal(static_cast<std::size_t>(c.m * cols));
+      const Vec addend16 = rounded_bf16(addend);
+      for (Out mode : {Out::Plain, Out::Addend, Out::InPlace, Out::Bf16, Out::Bf16Accumulate}) {
+        const bool adds = mode == Out::Addend || mode == Out::InPlace;
+        const Vec got = run(device, a, ws, c.m, c.k, transposed, mode, addend);
+        const Vec* added = adds ? &addend : mode == Out::Bf16Accumulate ? &addend16 : nullptr;
+        check(got, reference(a, ws, c.m, c.k, transposed, added), mode,
+              std::string(backend_for(device).name()) + (transposed ? " a W, " : " a W^T, ") + out_name(mode) +
+                  ", m " + std::to_string(c.m) + ", n " + std::to_string(n) + ", k " + std::to_string(c.k));
+      }
     }
   }
 }
 
-// With a = the first m rows of the identity, c[i, j] = W[j, i]: the decoded value itself.
+// With a = the first m rows of the identity, c[i, j] = W[j, i] (transposed: c[i, j] = W[i, j]): the
+// decoded value itself. Transposed, the first 64 rows only (the fused kernels' few-token tiles).
 void check_decode_exact(const Device& device) {
-  const std::int64_t k = 192, m = 192;
+  const std::int64_t k = 192;
   const std::vector<Nf4Weight> ws = {make_weight(200, k), make_weight(56, k)};
-  U16 a(static_cast<std::size_t>(m * k), 0);
-  for (std::int64_t i = 0; i < m; ++i) a[i * k + i] = float_to_bf16_bits(1.0f);
-  const Vec got = run(device, a, ws, m, k, Out::Plain, Vec(static_cast<std::size_t>(m * 256), 0.0f));
-  std::int64_t col = 0;
-  for (const auto& w : ws) {
-    for (std::int64_t j = 0; j < w.rows; ++j, ++col) {
-      for (std::int64_t i = 0; i < m; ++i) {
-        ASSERT_EQ(got[i * 256 + col], bf16_bits_to_float(w.decoded[j * k + i])) << "weight row " << col << ", k " << i;
+  for (bool transposed : {false, true}) {
+    const std::int64_t m = transposed ? 64 : 192, inner = transposed ? 256 : k, cols = transposed ? k : 256;
+    U16 a(static_cast<std::size_t>(m * inner), 0);
+    for (std::int64_t i = 0; i < m; ++i) a[i * inner + i] = float_to_bf16_bits(1.0f);
+    const Vec got = run(device, a, ws, m, k, transposed, Out::Plain, Vec(static_cast<std::size_t>(m * cols), 0.0f));
+    std::int64_t row = 0;
+    for (const auto& w : ws) {
+      for (std::int64_t j = 0; j < w.rows; ++j, ++row) {
+        for (std::int64_t i = 0; i < k; ++i) {
+          // Forward: c[i, row] = W[row, i]; transposed: c[row, i] = W[row, i] for rows < m.
+          if (transposed && row >= m) continue;
+          const float want = bf16_bits_to_float(w.decoded[j * k + i]);
+          ASSERT_EQ(transposed ? got[row * cols + i] : got[i * cols + row], want)
+              << (transposed ? "a W" : "a W^T") << ": weight row " << row << ", column " << i;
+        }
       }
     }
   }
@@ -280,40 +296,46 @@ TEST(CudaNf4GemmTiming, DISABLED_Qwen3Shapes) {
     }
     const DeviceWeights dw(ws, gpu, s);
     Buffer wbf = Buffer::empty({n * sh.k}, DType::BFloat16, gpu);
-    for (std::int64_t m : {1, 16, 32, 64, 96, 128, 256, 512, 4096}) {
-      Buffer ab = upload(random_bf16(static_cast<std::size_t>(m * sh.k)), DType::BFloat16, gpu, s);
-      Buffer c = Buffer::empty({m * n}, DType::Float32, gpu);
-      auto* a16 = ab.data_as<std::uint16_t>();
-      auto fused = [&] {
-        be.nf4_gemm_bf16(a16, dw.rows.data(), static_cast<int>(dw.rows.size()), m, sh.k, nullptr, c.data_as<float>(),
-                         nullptr, false, s);
-      };
-      auto gemm = [&] {
-        be.gemm_bf16(false, true, m, n, sh.k, 1.0f, a16, wbf.data_as<std::uint16_t>(), 0.0f, c.data_as<float>(), s);
-      };
-      auto staged = [&] {
-        std::int64_t at = 0;
-        for (const Nf4Rows& r : dw.rows) {
-          be.nf4_dequantize(r.packed, r.absmax, r.rows * sh.k, 64, wbf.data_as<std::uint16_t>() + at * sh.k,
-                            DType::BFloat16, s);
-          at += r.rows;
-        }
-        gemm();
-      };
-      auto time = [&](auto&& f) {
-        for (int i = 0; i < 5; ++i) f();
-        s.synchronize();
-        const int iters = 30;
-        const auto t0 = std::chrono::steady_clock::now();
-        for (int i = 0; i < iters; ++i) f();
-        s.synchronize();
-        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / iters;
-      };
-      const double tf = time(fused), ts = time(staged), tg = time(gemm);
-      const double flop = 2.0 * static_cast<double>(m) * n * sh.k;
-      std::printf("    %s m %5lld: fused %.4f ms (%.0f TFLOP/s), staged %.4f ms, cuBLAS on bf16 W %.4f ms (%.0f TFLOP/s)"
-                  "; fused/cuBLAS %.2fx\n",
-                  sh.name, static_cast<long long>(m), tf, flop / tf * 1e-9, ts, tg, flop / tg * 1e-9, tf / tg);
+    for (bool transposed : {false, true}) {
+      for (std::int64_t m : {1, 16, 32, 64, 96, 128, 256, 512, 4096}) {
+        if (transposed && m > 128) continue;  // the input gradient's fused kernel is for few tokens
+        const std::int64_t inner = transposed ? n : sh.k, cols = transposed ? sh.k : n;
+        Buffer ab = upload(random_bf16(static_cast<std::size_t>(m * inner)), DType::BFloat16, gpu, s);
+        Buffer c = Buffer::empty({m * cols}, DType::Float32, gpu);
+        auto* a16 = ab.data_as<std::uint16_t>();
+        auto fused = [&] {
+          be.nf4_gemm_bf16(a16, dw.rows.data(), static_cast<int>(dw.rows.size()), m, sh.k, transposed, nullptr,
+                           c.data_as<float>(), nullptr, false, s);
+        };
+        auto gemm = [&] {
+          be.gemm_bf16(false, !transposed, m, cols, inner, 1.0f, a16, wbf.data_as<std::uint16_t>(), 0.0f,
+                       c.data_as<float>(), s);
+        };
+        auto staged = [&] {
+          std::int64_t at = 0;
+          for (const Nf4Rows& r : dw.rows) {
+            be.nf4_dequantize(r.packed, r.absmax, r.rows * sh.k, 64, wbf.data_as<std::uint16_t>() + at * sh.k,
+                              DType::BFloat16, s);
+            at += r.rows;
+          }
+          gemm();
+        };
+        auto time = [&](auto&& f) {
+          for (int i = 0; i < 5; ++i) f();
+          s.synchronize();
+          const int iters = 30;
+          const auto t0 = std::chrono::steady_clock::now();
+          for (int i = 0; i < iters; ++i) f();
+          s.synchronize();
+          return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / iters;
+        };
+        const double tf = time(fused), ts = time(staged), tg = time(gemm);
+        const double flop = 2.0 * static_cast<double>(m) * n * sh.k;
+        std::printf("    %s %s m %5lld: fused %.4f ms (%.0f TFLOP/s), staged %.4f ms, cuBLAS on bf16 W %.4f ms "
+                    "(%.0f TFLOP/s); fused/cuBLAS %.2fx\n",
+                    sh.name, transposed ? "dX " : "fwd", static_cast<long long>(m), tf, flop / tf * 1e-9, ts, tg,
+                    flop / tg * 1e-9, tf / tg);
+      }
     }
   }
 }

@@ -294,16 +294,17 @@ class Backend {
 
   // The fused NF4 GEMM: c[m, n] = a[m, k] W^T where W [n, k] stacks the rows of `parts` NF4
   // weights (n = the sum of their rows), each element decoded as nf4_dequantize decodes it to bf16;
-  // a holds bf16 [m, k]; the products are exact and summed in fp32. c is fp32 [m, n] with the
-  // addend added (nullptr, c itself, or another [m, n] buffer), or, when c16 is given, the sum (plus
-  // c16's own values when add_c16) is written as bf16 [m, n] instead, rounded once (c and addend
-  // unused). CUDA decodes inside the kernel (no bf16
-  // copy of W in memory); the CPU dequantizes and multiplies as gemm_bf16 does.
-  // nf4_gemm_fused says whether it runs for an inner size k and block size on the stream's device
-  // (CUDA: a build for sm_90a on a compute capability 9.0 device; both: k % 64 == 0, blocks of 64).
+  // a holds bf16 [m, k]; the products are exact and summed in fp32. transposed (the input
+  // gradient): c[m, k] = a[m, n] W instead, n a multiple of 8. c is fp32 with the addend added
+  // (nullptr, c itself, or another buffer of c's shape), or, when c16 is given, the sum (plus c16's
+  // own values when add_c16) is written as bf16 instead, rounded once (c and addend unused). CUDA
+  // decodes inside the kernel (no bf16 copy of W in memory); the CPU dequantizes and multiplies as
+  // gemm_bf16 does. nf4_gemm_fused says whether it runs for W's columns k and block size on the
+  // stream's device (CUDA: a build for sm_90a on a compute capability 9.0 device; both: k % 64 == 0,
+  // blocks of 64).
   virtual bool nf4_gemm_fused(std::int64_t k, int blocksize, const Stream& stream) const = 0;
   virtual void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int64_t m, std::int64_t k,
-                             const float* addend, float* c, std::uint16_t* c16, bool add_c16,
+                             bool transposed, const float* addend, float* c, std::uint16_t* c16, bool add_c16,
                              const Stream& stream) const = 0;
 };
 

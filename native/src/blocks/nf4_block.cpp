@@ -1,6 +1,6 @@
 // The nf4 decoder block: frozen NF4 projections dequantized into a shared per-device scratch
-// right before each product (forward products of few tokens decode inside the GEMM kernel
-// instead), optional LoRA adapters (see cudablocks/nf4_block.hpp). The rest of
+// right before each product (products of few tokens decode inside the GEMM kernel instead),
+// optional LoRA adapters (see cudablocks/nf4_block.hpp). The rest of
 // the layer (norms, QK-norm + RoPE, attention, SwiGLU, residuals) is the fp32 block's op sequence.
 #include "cudablocks/nf4_block.hpp"
 
@@ -256,23 +256,24 @@ struct Nf4Block::Impl {
       at += n;
     }
   }
-  // Forward products of at most kFusedTokens tokens decode NF4 inside the GEMM kernel (bf16 compute,
-  // where the backend has that kernel for the weights' block size). With few tokens a product is
-  // bound by reading W: the fused kernel reads it once as 0.5 bytes per element, the staged path
-  // writes and reads a 2-byte copy. From about 128 tokens on the staged path is faster (cuBLAS);
-  // measured in the CudaNf4GemmTiming test.
+  // Products of at most kFusedTokens tokens, forward and transposed, decode NF4 inside the GEMM
+  // kernel (bf16 compute, where the backend has that kernel for the weights' block size). With few
+  // tokens a product is bound by reading W: the fused kernel reads it once as 0.5 bytes per
+  // element, the staged path writes and reads a 2-byte copy. From about 96 tokens on the staged
+  // path is faster (cuBLAS); measured in the CudaNf4GemmTiming test.
   static constexpr std::int64_t kFusedTokens = 64;
   bool fused(const Group& g, bool transposed, const std::uint16_t* a16) const {
-    if (!bf || transposed || T > kFusedTokens || reinterpret_cast<std::uintptr_t>(a16) % 16 != 0) return false;
+    if (!bf || T > kFusedTokens || reinterpret_cast<std::uintptr_t>(a16) % 16 != 0) return false;
+    if (transposed && rows(g) % 8 != 0) return false;
     for (int p = g.first; p < g.first + g.count; ++p) {
       if (!be.nf4_gemm_fused(cols(g), b.weights_[p].blocksize, stream)) return false;
     }
     return true;
   }
-  // c (fp32, + addend) or c16 (bf16, + its own values when add_c16) = a16 W^T by the fused kernel;
-  // double-quantized absmax decoded first, the group's side by side in absmax_tmp.
-  void fused_product(const Group& g, const std::uint16_t* a16, const float* addend, float* c, std::uint16_t* c16,
-                     bool add_c16) {
+  // c (fp32, + addend) or c16 (bf16, + its own values when add_c16) = a16 W^T, or transposed a16 W,
+  // by the fused kernel; double-quantized absmax decoded first, the group's side by side in absmax_tmp.
+  void fused_product(const Group& g, bool transposed, const std::uint16_t* a16, const float* addend, float* c,
+                     std::uint16_t* c16, bool add_c16) {
     Nf4Rows parts[2];
     float* tmp = absmax_tmp;
     for (int i = 0; i < g.count; ++i) {
@@ -287,7 +288,7 @@ struct Nf4Block::Impl {
       }
       parts[i] = {w.packed.data_as<std::uint8_t>(), absmax, w.shape[0]};
     }
-    be.nf4_gemm_bf16(a16, parts, g.count, T, cols(g), addend, c, c16, add_c16, stream);
+    be.nf4_gemm_bf16(a16, parts, g.count, T, cols(g), transposed, addend, c, c16, add_c16, stream);
   }
   std::int64_t rows(const Group& g) const {
     std::int64_t n = 0;
@@ -307,7 +308,7 @@ struct Nf4Block::Impl {
     if (bf) {
       a16 = operand16(a, a16, k);
       if (fused(g, transposed, a16)) {
-        fused_product(g, a16, addend, c, nullptr, false);
+        fused_product(g, transposed, a16, addend, c, nullptr, false);
         return;
       }
     }
@@ -337,7 +338,7 @@ struct Nf4Block::Impl {
     const std::int64_t n = transposed ? cols(g) : rows(g), k = transposed ? rows(g) : cols(g);
     a16 = operand16(a, a16, k);
     if (fused(g, transposed, a16)) {
-      fused_product(g, a16, nullptr, nullptr, c16, accumulate);
+      fused_product(g, transposed, a16, nullptr, nullptr, c16, accumulate);
       return;
     }
     dequantize(g);

@@ -308,9 +308,9 @@ class CpuBackend final : public Backend {
     return cpu::nf4_gemm_fused(k, blocksize);
   }
   void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int64_t m, std::int64_t k,
-                     const float* addend, float* c, std::uint16_t* c16, bool add_c16,
+                     bool transposed, const float* addend, float* c, std::uint16_t* c16, bool add_c16,
                      const Stream&) const override {
-    cpu::nf4_gemm_bf16(a, w, parts, m, k, addend, c, c16, add_c16);
+    cpu::nf4_gemm_bf16(a, w, parts, m, k, transposed, addend, c, c16, add_c16);
   }
 
  private:

@@ -14,6 +14,6 @@ namespace cudablocks::cpu {
 bool nf4_gemm_fused(std::int64_t k, int blocksize);
 
 void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int64_t m, std::int64_t k,
-                   const float* addend, float* c, std::uint16_t* c16, bool add_c16);
+                   bool transposed, const float* addend, float* c, std::uint16_t* c16, bool add_c16);
 
 }  // namespace cudablocks::cpu

@@ -282,9 +282,9 @@ class CudaBackend final : public Backend {
     return cuda::nf4_gemm_supported(k, blocksize);
   }
   void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int64_t m, std::int64_t k,
-                     const float* addend, float* c, std::uint16_t* c16, bool add_c16,
+                     bool transposed, const float* addend, float* c, std::uint16_t* c16, bool add_c16,
                      const Stream& stream) const override {
-    cuda::nf4_gemm_bf16(a, w, parts, m, k, addend, c, c16, add_c16, native(stream));
+    cuda::nf4_gemm_bf16(a, w, parts, m, k, transposed, addend, c, c16, add_c16, native(stream));
   }
 };
 

@@ -56,7 +56,9 @@
 
 #include "core/nf4_format.hpp"
 #include "cuda/check.hpp"
+#include "cuda/cp_async.cuh"
 #include "cuda/device_limits.hpp"
+#include "cuda/mma_sync.cuh"
 #include "cuda/scratch.hpp"
 #include "cudablocks/errors.hpp"
 
@@ -308,6 +310,20 @@ __device__ __forceinline__ void decode_step(const RawStep& raw, int quad_first, 
   }
 }
 
+// One element of c: into this split's partial sum (several splits), c16 (+ its own value when
+// add_c16), or c (+ addend).
+__device__ __forceinline__ void emit(std::int64_t at, float v, float* part, const float* addend, float* c,
+                                     std::uint16_t* c16, bool add_c16) {
+  if (part != nullptr) {
+    part[at] = v;
+  } else if (c16 != nullptr) {
+    c16[at] = __bfloat16_as_ushort(
+        __float2bfloat16_rn(add_c16 ? v + __bfloat162float(__ushort_as_bfloat16(c16[at])) : v));
+  } else {
+    c[at] = addend != nullptr ? v + addend[at] : v;
+  }
+}
+
 // f(integral_constant<I>) for I = 0 .. N - 1: names registers by compile-time indices.
 template <int I, int N, typename F>
 __device__ __forceinline__ void static_for(F&& f) {
@@ -323,7 +339,7 @@ __device__ __forceinline__ void static_for(F&& f) {
 // there are several (partial != nullptr), writes its sum to partial[z] [m, n] for
 // sum_splits_kernel to add up. Otherwise the epilogue writes c (+ addend), or c16 (+ c16's values
 // when add_c16).
-template <int BN, bool kBf16Out>
+template <int BN>
 __global__ void __launch_bounds__(kThreads, 1)
     nf4_gemm_kernel(const __grid_constant__ CUtensorMap a_map, Parts parts, std::int64_t m, std::int64_t n,
                     std::int64_t k, const float* addend, float* c, std::uint16_t* c16, bool add_c16,
@@ -432,21 +448,186 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 2; ++i) {
         const std::int64_t col = wrow0 + 8 * i;
         if (col >= n) continue;
-        const std::int64_t at = token * n + col;
-        const float v = d[4 * j + 2 * i + e];
-        if (part != nullptr) {
-          part[at] = v;
-        } else if constexpr (kBf16Out) {
-          c16[at] = __bfloat16_as_ushort(
-              __float2bfloat16_rn(add_c16 ? v + __bfloat162float(__ushort_as_bfloat16(c16[at])) : v));
-        } else {
-          c[at] = addend != nullptr ? v + addend[at] : v;
-        }
+        emit(token * n + col, d[4 * j + 2 * i + e], part, addend, c, c16, add_c16);
       }
     }
   }
 #else
   __trap();  // launched only where nf4_gemm_supported (an sm_90a build on a 9.0 device)
+#endif
+}
+
+// ---- the transposed product (the input gradient): c[m, in] = a[m, out] W ----
+//
+// For few tokens, on mma.sync (any sm_80+ would do; built with the rest). A CTA computes c's tile
+// of up to 64 tokens x 128 columns (W's columns), stepping over W's rows (the sum) 64 at a time:
+// its 256 threads decode the step's W tile [64 rows, 128 columns] into shared memory, transposed,
+// so that the pairs of consecutive rows of a column are adjacent (the B operand of m16n8k16 in its
+// "col" layout); a's tile [64 tokens, 64 rows] comes by cp.async; each warp multiplies the tokens
+// by 16 of the columns. Two stages, one barrier per step; W's bytes run kDxAhead steps ahead in
+// registers; k may be split over CTAs as in the forward.
+//
+// Decode: thread t takes rows 2 (t / 8) and 2 (t / 8) + 1 and the 8 bytes (16 columns) t % 8 of
+// each: one absmax block per row, and per column a bf16 pair (row 2i, row 2i + 1) -- one 32-bit
+// store. Shared words are XOR-swizzled (bits 2-4 of the word within a row) so that both these
+// stores and the fragment loads of mma hit 32 different banks.
+constexpr int kDxCols = 128, kDxTokens = 64, kDxRows = 64, kDxThreads = 256, kDxAhead = 4;
+constexpr int kDxWords = kDxRows / 2;  // 32-bit words per column (W^T) or per token (a) in a stage
+constexpr int kDxStageWords = (kDxCols + kDxTokens) * kDxWords;
+constexpr int kDxSmem = 2 * kDxStageWords * 4;
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// Word (column n, row pair kw) of the W^T tile, and (token, row pair kw) of a's tile.
+__device__ __forceinline__ int bt_word(int n, int kw) { return n * kDxWords + (kw ^ (4 * ((n + (n >> 4)) & 7))); }
+__device__ __forceinline__ int at_word(int token, int kw) {
+  return kDxCols * kDxWords + token * kDxWords + (kw ^ (4 * (token & 7)));
+}
+
+// One thread's W bytes of a step: 8 bytes of each of its two rows, and their absmax.
+struct DxRaw {
+  uint2 bytes[2];
+  float absmax[2];
+};
+
+// Step kt's bytes of rows kt * 64 + 2 pair + {0, 1} at column col0 (zeros past the rows).
+__device__ __forceinline__ void load_dx_step(const Parts& parts, std::int64_t rows, std::int64_t in, int kt, int pair,
+                                             std::int64_t col0, DxRaw& raw) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const std::int64_t row = static_cast<std::int64_t>(kt) * kDxRows + 2 * pair + i;
+    raw.bytes[i] = make_uint2(0, 0);
+    raw.absmax[i] = 0.0f;
+    if (row >= rows || col0 >= in) continue;
+    const std::uint8_t* packed = parts.packed[0];
+    const float* absmax = parts.absmax[0];
+    std::int64_t first = 0;
+#pragma unroll
+    for (int p = 1; p < kMaxParts; ++p) {
+      if (p < parts.count && row >= parts.end[p - 1]) {
+        packed = parts.packed[p];
+        absmax = parts.absmax[p];
+        first = parts.end[p - 1];
+      }
+    }
+    raw.bytes[i] = __ldg(reinterpret_cast<const uint2*>(packed + (row - first) * (in / 2) + col0 / 2));
+    raw.absmax[i] = __ldg(absmax + (row - first) * (in / kBK) + col0 / kBK);
+  }
+}
+
+// The 16 columns' pairs into the stage's W^T tile.
+__device__ __forceinline__ void decode_dx_step(const DxRaw& raw, int pair, int col16, float code, std::uint32_t* bt) {
+#pragma unroll
+  for (int w = 0; w < 2; ++w) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const std::uint32_t byte0 = ((w ? raw.bytes[0].y : raw.bytes[0].x) >> (8 * b)) & 0xffu;
+      const std::uint32_t byte1 = ((w ? raw.bytes[1].y : raw.bytes[1].x) >> (8 * b)) & 0xffu;
+      const int n = col16 + 8 * w + 2 * b;  // the high nibbles' column; the low nibbles' is n + 1
+      const float hi0 = __shfl_sync(0xffffffffu, code, static_cast<int>(byte0 >> 4));
+      const float lo0 = __shfl_sync(0xffffffffu, code, static_cast<int>(byte0));
+      const float hi1 = __shfl_sync(0xffffffffu, code, static_cast<int>(byte1 >> 4));
+      const float lo1 = __shfl_sync(0xffffffffu, code, static_cast<int>(byte1));
+      const __nv_bfloat162 even = __floats2bfloat162_rn(mul_ftz(hi0, raw.absmax[0]), mul_ftz(hi1, raw.absmax[1]));
+      const __nv_bfloat162 odd = __floats2bfloat162_rn(mul_ftz(lo0, raw.absmax[0]), mul_ftz(lo1, raw.absmax[1]));
+      bt[bt_word(n, pair)] = *reinterpret_cast<const std::uint32_t*>(&even);
+      bt[bt_word(n + 1, pair)] = *reinterpret_cast<const std::uint32_t*>(&odd);
+    }
+  }
+}
+
+// a's tile of step kt (tokens m0.., rows kt * 64..) into the stage by cp.async, zeros past m and rows.
+__device__ __forceinline__ void copy_dx_a(const std::uint16_t* a, std::int64_t m, std::int64_t rows, int m0, int kt,
+                                          std::uint32_t* stage) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int chunk = static_cast<int>(threadIdx.x) + i * kDxThreads;  // 512 chunks of 8 bf16
+    const int token = chunk / 8, q = chunk % 8;
+    const std::int64_t row = static_cast<std::int64_t>(kt) * kDxRows + 8 * q;
+    const bool valid = m0 + token < m && row < rows;
+    const std::uint16_t* src = valid ? a + (m0 + token) * rows + row : a;
+    cp_async16(stage + at_word(token, 4 * q), src, valid);
+  }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+__global__ void __launch_bounds__(kDxThreads, 2)
+    nf4_gemm_dx_kernel(const std::uint16_t* a, Parts parts, std::int64_t m, std::int64_t rows, std::int64_t in,
+                       const float* addend, float* c, std::uint16_t* c16, bool add_c16, float* partial) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(16) std::uint32_t dx_smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.x) * kDxCols;
+  const int m0 = static_cast<int>(blockIdx.y) * kDxTokens;
+  const int total_steps = static_cast<int>((rows + kDxRows - 1) / kDxRows);
+  const int first_step = static_cast<int>(static_cast<std::int64_t>(blockIdx.z) * total_steps / gridDim.z);
+  const int steps = static_cast<int>(static_cast<std::int64_t>(blockIdx.z + 1) * total_steps / gridDim.z) - first_step;
+  const int pair = tid / 8, col16 = 16 * (tid % 8);
+  const float code = kCodeTable[lane & 15];
+  auto stage = [&](int kt) { return dx_smem + (kt & 1) * kDxStageWords; };
+
+  DxRaw raw[kDxAhead];
+  static_for<0, kDxAhead>([&](auto j) {
+    if (j < steps) load_dx_step(parts, rows, in, first_step + j, pair, n0 + col16, raw[j]);
+  });
+  copy_dx_a(a, m, rows, m0, first_step, stage(0));
+  cp_async_commit();
+
+  float d[4][2][4] = {};  // [token tile of 16][column tile of 8][mma's 4]
+  auto step = [&](int kt, auto slot) {
+    constexpr int R = decltype(slot)::value;  // kt % kDxAhead
+    std::uint32_t* const st = stage(kt);
+    decode_dx_step(raw[R], pair, col16, code, st);
+    if (kt + kDxAhead < steps) load_dx_step(parts, rows, in, first_step + kt + kDxAhead, pair, n0 + col16, raw[R]);
+    cp_async_wait_all();  // a's tile of step kt (this thread's copies)
+    __syncthreads();      // ... and everyone's, and the W^T tile; step kt - 1's mma are done
+    if (kt + 1 < steps) {
+      copy_dx_a(a, m, rows, m0, first_step + kt + 1, stage(kt + 1));
+      cp_async_commit();
+    }
+#pragma unroll
+    for (int s = 0; s < kDxRows / 16; ++s) {
+      std::uint32_t b[2][2];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int n = 16 * warp + 8 * nt + g;
+        b[nt][0] = st[bt_word(n, 8 * s + t)];
+        b[nt][1] = st[bt_word(n, 8 * s + 4 + t)];
+      }
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) {
+        if (m0 + 16 * mt >= m) break;  // tiles of padding only
+        const std::uint32_t af[4] = {st[at_word(16 * mt + g, 8 * s + t)], st[at_word(16 * mt + g + 8, 8 * s + t)],
+                                     st[at_word(16 * mt + g, 8 * s + 4 + t)],
+                                     st[at_word(16 * mt + g + 8, 8 * s + 4 + t)]};
+        mma_bf16_16816(d[mt][0], af, b[0]);
+        mma_bf16_16816(d[mt][1], af, b[1]);
+      }
+    }
+  };
+  for (int kt = 0; kt < steps; kt += kDxAhead) {
+    static_for<0, kDxAhead>([&](auto i) {
+      if (kt + i < steps) step(kt + i, i);
+    });
+  }
+
+  // d[mt][nt] = {(g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)} of the 16 x 8 tile.
+  float* const part = partial != nullptr ? partial + static_cast<std::int64_t>(blockIdx.z) * m * in : nullptr;
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const std::int64_t token = m0 + 16 * mt + g + 8 * (e / 2);
+        const std::int64_t col = n0 + 16 * warp + 8 * nt + 2 * t + (e % 2);
+        if (token < m && col < in) emit(token * in + col, d[mt][nt][e], part, addend, c, c16, add_c16);
+      }
+    }
+  }
+#else
+  __trap();  // launched only where nf4_gemm_supported
 #endif
 }
 
@@ -502,20 +683,17 @@ CUtensorMap a_tensor_map(const std::uint16_t* a, std::int64_t m, std::int64_t k)
   return map;
 }
 
-// Ways to split k. With narrow token tiles the kernel is bound by decoding W (shuffles, one CTA per
-// multiprocessor): the time goes as the waves of CTAs times (the steps of one split + the start of
-// a CTA, about kStartSteps steps' time: fitted to H200 timings of gate_up split 1 and 5 ways). The
-// split with the least wins (the fewer splits on a tie); every split keeps at least kMinSplitSteps
-// steps. Wide tiles are not split.
+// Ways to split k. With few tokens the kernels are bound by decoding W (shuffles): the time goes
+// as the waves of CTAs (`slots` of them run at once) times (the steps of one split + the start of
+// a CTA, about kStartSteps steps' time: fitted to H200 timings of the forward's gate_up split 1
+// and 5 ways). The split with the least wins (the fewer splits on a tie); every split keeps at
+// least kMinSplitSteps steps.
 constexpr std::int64_t kMinSplitSteps = 8;
 constexpr std::int64_t kStartSteps = 8;
-template <int BN>
-int splits_for(std::int64_t tiles, std::int64_t steps) {
-  if (BN > 64) return 1;
-  const std::int64_t sms = multiprocessor_count();
+int splits_for(std::int64_t tiles, std::int64_t steps, std::int64_t slots) {
   std::int64_t best = 1, best_cost = -1;
   for (std::int64_t s = 1; s == 1 || steps / s >= kMinSplitSteps; ++s) {
-    const std::int64_t cost = (tiles * s + sms - 1) / sms * ((steps + s - 1) / s + kStartSteps);
+    const std::int64_t cost = (tiles * s + slots - 1) / slots * ((steps + s - 1) / s + kStartSteps);
     if (best_cost < 0 || cost < best_cost) {
       best = s;
       best_cost = cost;
@@ -524,34 +702,53 @@ int splits_for(std::int64_t tiles, std::int64_t steps) {
   return static_cast<int>(best);
 }
 
+// Runs `kernel(partial)` with partial == nullptr (the kernel writes c or c16 itself) or, with
+// several splits, with a scratch for their partial sums [splits, m, n], then adds those up.
+template <typename Kernel>
+void run_split(int splits, std::int64_t m, std::int64_t n, const float* addend, float* c, std::uint16_t* c16,
+               bool add_c16, cudaStream_t stream, Kernel&& kernel) {
+  if (splits == 1) {
+    kernel(nullptr);
+    return;
+  }
+  const std::int64_t count = m * n;
+  const ScratchLease partial(static_cast<std::size_t>(splits * count) * sizeof(float), stream);
+  kernel(partial.get<float>());
+  const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((count + 255) / 256, 4 * multiprocessor_count()));
+  sum_splits_kernel<<<blocks, 256, 0, stream>>>(partial.get<float>(), splits, count, addend, c, c16, add_c16);
+  CUDABLOCKS_CHECK_LAUNCH("nf4_gemm sum_splits_kernel");
+}
+
+// c[m, n] = a[m, k] W^T. Narrow token tiles (one CTA per multiprocessor) may split k; wide ones not.
 template <int BN>
 void launch(const std::uint16_t* a, const Parts& p, std::int64_t m, std::int64_t n, std::int64_t k,
             const float* addend, float* c, std::uint16_t* c16, bool add_c16, cudaStream_t stream) {
   const CUtensorMap map = a_tensor_map<BN>(a, m, k);
   const std::int64_t row_tiles = (n + kRows - 1) / kRows, token_tiles = (m + BN - 1) / BN;
-  const int splits = splits_for<BN>(row_tiles * token_tiles, k / kBK);
+  const int splits = BN > 64 ? 1 : splits_for(row_tiles * token_tiles, k / kBK, multiprocessor_count());
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
   constexpr int smem = Tiling<BN>::kSmemAlloc;
-  if (splits > 1) {
-    const std::int64_t count = m * n;
-    const ScratchLease partial(static_cast<std::size_t>(splits * count) * sizeof(float), stream);
-    allow_dynamic_smem(reinterpret_cast<const void*>(nf4_gemm_kernel<BN, false>), smem, true);
-    nf4_gemm_kernel<BN, false><<<grid, kThreads, smem, stream>>>(map, p, m, n, k, nullptr, nullptr, nullptr, false,
-                                                                  partial.get<float>());
+  allow_dynamic_smem(reinterpret_cast<const void*>(nf4_gemm_kernel<BN>), smem, true);
+  run_split(splits, m, n, addend, c, c16, add_c16, stream, [&](float* partial) {
+    nf4_gemm_kernel<BN><<<grid, kThreads, smem, stream>>>(map, p, m, n, k, addend, c, c16, add_c16, partial);
     CUDABLOCKS_CHECK_LAUNCH("nf4_gemm_kernel");
-    const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((count + 255) / 256, 4 * multiprocessor_count()));
-    sum_splits_kernel<<<blocks, 256, 0, stream>>>(partial.get<float>(), splits, count, addend, c, c16, add_c16);
-    CUDABLOCKS_CHECK_LAUNCH("nf4_gemm sum_splits_kernel");
-  } else if (c16 != nullptr) {
-    allow_dynamic_smem(reinterpret_cast<const void*>(nf4_gemm_kernel<BN, true>), smem, true);
-    nf4_gemm_kernel<BN, true><<<grid, kThreads, smem, stream>>>(map, p, m, n, k, nullptr, nullptr, c16, add_c16,
-                                                                 nullptr);
-    CUDABLOCKS_CHECK_LAUNCH("nf4_gemm_kernel");
-  } else {
-    allow_dynamic_smem(reinterpret_cast<const void*>(nf4_gemm_kernel<BN, false>), smem, true);
-    nf4_gemm_kernel<BN, false><<<grid, kThreads, smem, stream>>>(map, p, m, n, k, addend, c, nullptr, false, nullptr);
-    CUDABLOCKS_CHECK_LAUNCH("nf4_gemm_kernel");
-  }
+  });
+}
+
+// c[m, in] = a[m, rows] W.
+void launch_dx(const std::uint16_t* a, const Parts& p, std::int64_t m, std::int64_t rows, std::int64_t in,
+               const float* addend, float* c, std::uint16_t* c16, bool add_c16, cudaStream_t stream) {
+  const void* kernel = reinterpret_cast<const void*>(nf4_gemm_dx_kernel);
+  allow_dynamic_smem(kernel, kDxSmem, true);
+  const std::int64_t col_tiles = (in + kDxCols - 1) / kDxCols, token_tiles = (m + kDxTokens - 1) / kDxTokens;
+  const std::int64_t slots = static_cast<std::int64_t>(multiprocessor_count()) *
+                             max_active_blocks_per_sm(kernel, kDxThreads, kDxSmem);
+  const int splits = splits_for(col_tiles * token_tiles, (rows + kDxRows - 1) / kDxRows, std::max<std::int64_t>(1, slots));
+  const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
+  run_split(splits, m, in, addend, c, c16, add_c16, stream, [&](float* partial) {
+    nf4_gemm_dx_kernel<<<grid, kDxThreads, kDxSmem, stream>>>(a, p, m, rows, in, addend, c, c16, add_c16, partial);
+    CUDABLOCKS_CHECK_LAUNCH("nf4_gemm_dx_kernel");
+  });
 }
 
 }  // namespace
@@ -572,7 +769,8 @@ bool nf4_gemm_supported(std::int64_t k, int blocksize) {
 }
 
 void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int64_t m, std::int64_t k,
-                   const float* addend, float* c, std::uint16_t* c16, bool add_c16, cudaStream_t stream) {
+                   bool transposed, const float* addend, float* c, std::uint16_t* c16, bool add_c16,
+                   cudaStream_t stream) {
   if (parts < 1 || parts > kMaxParts) throw InvalidArgumentError("nf4_gemm_bf16: 1 to 4 weights per product");
   Parts p{};
   std::int64_t n = 0;
@@ -588,7 +786,12 @@ void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int
   p.count = parts;
   if (m == 0 || n == 0) return;
   if (reinterpret_cast<std::uintptr_t>(a) % 16 != 0) {
-    throw InvalidArgumentError("nf4_gemm_bf16: a must be 16-byte aligned (the tensor memory accelerator reads it)");
+    throw InvalidArgumentError("nf4_gemm_bf16: a must be 16-byte aligned (its tiles are copied 16 bytes at a time)");
+  }
+  if (transposed) {
+    if (n % 8 != 0) throw InvalidArgumentError("nf4_gemm_bf16: transposed, W's rows must be a multiple of 8");
+    launch_dx(a, p, m, n, k, addend, c, c16, add_c16, stream);
+    return;
   }
   // The wide token tile unless it would leave multiprocessors idle that the narrow one would use.
   const std::int64_t tiles256 = ((n + kRows - 1) / kRows) * ((m + 255) / 256);

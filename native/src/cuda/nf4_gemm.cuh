@@ -14,8 +14,10 @@ namespace cudablocks::cuda {
 // sm_90a (wgmma), the device is compute capability 9.0, k a multiple of 64 and blocks of 64.
 bool nf4_gemm_supported(std::int64_t k, int blocksize);
 
-// c[m, n] (+)= a[m, k] W^T as Backend::nf4_gemm_bf16 describes; requires nf4_gemm_supported.
+// c[m, n] (+)= a[m, k] W^T, or transposed c[m, k] (+)= a[m, n] W, as Backend::nf4_gemm_bf16
+// describes; requires nf4_gemm_supported.
 void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int64_t m, std::int64_t k,
-                   const float* addend, float* c, std::uint16_t* c16, bool add_c16, cudaStream_t stream);
+                   bool transposed, const float* addend, float* c, std::uint16_t* c16, bool add_c16,
+                   cudaStream_t stream);
 
 }  // namespace cudablocks::cuda
