@@ -256,15 +256,18 @@ struct Nf4Block::Impl {
       at += n;
     }
   }
-  // Products of at most kFusedTokens tokens, forward and transposed, decode NF4 inside the GEMM
-  // kernel (bf16 compute, where the backend has that kernel for the weights' block size). With few
-  // tokens a product is bound by reading W: the fused kernel reads it once as 0.5 bytes per
-  // element, the staged path writes and reads a 2-byte copy. From about 96 tokens on the staged
-  // path is faster (cuBLAS); measured in the CudaNf4GemmTiming test.
+  // Products of at most kFusedTokens tokens decode NF4 inside the GEMM kernel (bf16 compute, where
+  // the backend has that kernel for the weights' block size): with few tokens the staged path's
+  // dequantization (2 bytes per element written, then read by cuBLAS) costs more than decoding in
+  // the kernel. Measured in the CudaNf4GemmTiming test (H200): forward, every Qwen3-4B product is
+  // faster fused up to 64 tokens and slower from 96 on; transposed (the input gradient), only
+  // weights of at least kFusedDxElements are (gate_up's 49.8M: 0.057 ms against 0.072 at 16
+  // tokens; down's 24.9M: 0.035 against 0.036; q's 10.5M: 0.022 against 0.016).
   static constexpr std::int64_t kFusedTokens = 64;
+  static constexpr std::int64_t kFusedDxElements = std::int64_t{1} << 25;
   bool fused(const Group& g, bool transposed, const std::uint16_t* a16) const {
     if (!bf || T > kFusedTokens || reinterpret_cast<std::uintptr_t>(a16) % 16 != 0) return false;
-    if (transposed && rows(g) % 8 != 0) return false;
+    if (transposed && (rows(g) % 8 != 0 || rows(g) * cols(g) < kFusedDxElements)) return false;
     for (int p = g.first; p < g.first + g.count; ++p) {
       if (!be.nf4_gemm_fused(cols(g), b.weights_[p].blocksize, stream)) return false;
     }

@@ -467,6 +467,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 // by 16 of the columns. Two stages, one barrier per step; W's bytes run kDxAhead steps ahead in
 // registers; k may be split over CTAs as in the forward.
 //
+// Status (H200, 2026-11-28; CudaNf4GemmTiming): correct, but faster than the staged path only on
+// the largest weights: gate_up (19456 x 2560) at 16 tokens 0.057 ms (staged 0.072), down 0.035
+// (0.036), q 0.022 (0.016), k 0.016 (0.012). A step costs it about 1.6x the forward's decode
+// time per element, and decode and mma do not overlap within a CTA (one barrier between them).
+//
 // Decode: thread t takes rows 2 (t / 8) and 2 (t / 8) + 1 and the 8 bytes (16 columns) t % 8 of
 // each: one absmax block per row, and per column a bf16 pair (row 2i, row 2i + 1) -- one 32-bit
 // store. Shared words are XOR-swizzled (bits 2-4 of the word within a row) so that both these
