@@ -7,7 +7,6 @@
 // outputs start poisoned with NaN, accumulated ones from random values.
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -19,6 +18,7 @@
 #include "cudablocks/backend.hpp"
 #include "cudablocks/buffer.hpp"
 #include "cudablocks/device.hpp"
+#include "cudablocks/errors.hpp"
 #include "cudablocks/stream.hpp"
 #include "support.hpp"
 
@@ -93,7 +93,9 @@ Reference reference(const U16& a, const std::vector<Nf4Weight>& ws, std::int64_t
                     const Vec* addend) {
   std::vector<U16> rows;  // W's decoded rows, stacked
   for (const auto& w : ws) {
-    for (std::int64_t j = 0; j < w.rows; ++j) rows.emplace_back(w.decoded.begin() + j * k, w.decoded.begin() + (j + 1) * k);
+    for (std::int64_t j = 0; j < w.rows; ++j) {
+      rows.emplace_back(w.decoded.begin() + j * k, w.decoded.begin() + (j + 1) * k);
+    }
   }
   const auto n = static_cast<std::int64_t>(rows.size());
   const std::int64_t cols = transposed ? k : n, inner = transposed ? n : k;
@@ -252,12 +254,32 @@ void check_decode_exact(const Device& device) {
   }
 }
 
+// Calls the kernels cannot take are refused before any work: W's columns not a multiple of 64, and
+// transposed, W's rows not a multiple of 8.
+void check_refusals(const Device& device) {
+  const Backend& be = backend_for(device);
+  const Stream s(device);
+  const std::vector<Nf4Weight> ws = {make_weight(12, 64)};
+  const DeviceWeights dw(ws, device, s);
+  Buffer ab = upload(random_bf16(4 * 96), DType::BFloat16, device, s);
+  Buffer c = upload(Vec(4 * 96, 0.0f), DType::Float32, device, s);
+  auto call = [&](std::int64_t k, bool transposed) {
+    be.nf4_gemm_bf16(ab.data_as<std::uint16_t>(), dw.rows.data(), 1, 4, k, transposed, nullptr, c.data_as<float>(),
+                     nullptr, false, s);
+  };
+  EXPECT_THROW(call(96, false), InvalidArgumentError);
+  EXPECT_THROW(call(0, false), InvalidArgumentError);
+  EXPECT_THROW(call(64, true), InvalidArgumentError);
+  EXPECT_EQ(download<float>(c, s), Vec(4 * 96, 0.0f)) << "a refused call wrote c";
+}
+
 TEST(Nf4Gemm, CpuMatchesReference) {
   ASSERT_TRUE(backend_for(Device()).nf4_gemm_fused(64, 64, Stream(Device())));
   EXPECT_FALSE(backend_for(Device()).nf4_gemm_fused(96, 64, Stream(Device())));
   EXPECT_FALSE(backend_for(Device()).nf4_gemm_fused(128, 128, Stream(Device())));
   run_cases(Device());
   check_decode_exact(Device());
+  check_refusals(Device());
 }
 
 bool cuda_fused() {
@@ -271,11 +293,13 @@ TEST(CudaNf4Gemm, MatchesReference) {
   const Device gpu(DeviceType::CUDA, 0);
   run_cases(gpu);
   check_decode_exact(gpu);
+  check_refusals(gpu);
 }
 
 // Timing (disabled by default): ./test_nf4_gemm --gtest_also_run_disabled_tests
-//   --gtest_filter='*Nf4GemmTiming*'. Qwen3-4B's gate/up (k 2560) and down (k 9728) products:
-// fused, staged (dequantize + cuBLAS) and cuBLAS alone on the dequantized weight; events after warm-up.
+//   --gtest_filter='*Nf4GemmTiming*'. Qwen3-4B's products (q, k, o, gate/up, down), forward and
+// transposed: fused, staged (dequantize + cuBLAS) and cuBLAS alone on the dequantized weight; the
+// host clock over 30 back-to-back calls after warm-up.
 TEST(CudaNf4GemmTiming, DISABLED_Qwen3Shapes) {
   if (!cuda_fused()) GTEST_SKIP() << "no device with the fused NF4 GEMM";
   const Device gpu(DeviceType::CUDA, 0);

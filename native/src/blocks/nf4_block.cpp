@@ -284,8 +284,8 @@ struct Nf4Block::Impl {
       const float* absmax = w.absmax.data_as<float>();
       if (w.double_quant()) {
         const std::int64_t blocks = num_blocks(shape_numel(w.shape), w.blocksize);
-        be.nf4_double_dequantize(w.qabsmax.data_as<std::uint8_t>(), w.absmax2.data_as<float>(), w.offset.data_as<float>(),
-                                 w.code.data_as<float>(), blocks, tmp, stream);
+        be.nf4_double_dequantize(w.qabsmax.data_as<std::uint8_t>(), w.absmax2.data_as<float>(),
+                                 w.offset.data_as<float>(), w.code.data_as<float>(), blocks, tmp, stream);
         absmax = tmp;
         tmp += blocks;
       }

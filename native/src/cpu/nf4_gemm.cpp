@@ -1,10 +1,12 @@
 #include "cpu/nf4_gemm.hpp"
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "cpu/nf4.hpp"
 #include "cpu/to_bf16.hpp"
+#include "cudablocks/errors.hpp"
 
 namespace cudablocks::cpu {
 
@@ -14,6 +16,12 @@ void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int
                    bool transposed, const float* addend, float* c, std::uint16_t* c16, bool add_c16) {
   std::int64_t n = 0;
   for (int p = 0; p < parts; ++p) n += w[p].rows;
+  // The CUDA kernels' conditions, so that both backends refuse the same calls.
+  if (k <= 0 || k % 64 != 0) {
+    throw InvalidArgumentError("nf4_gemm_bf16: W's columns must be a positive multiple of 64 (its absmax blocks), "
+                               "got " + std::to_string(k));
+  }
+  if (transposed && n % 8 != 0) throw InvalidArgumentError("nf4_gemm_bf16: transposed, W's rows must be a multiple of 8");
   std::vector<std::uint16_t> weight(static_cast<std::size_t>(n * k));
   std::int64_t row = 0;
   for (int p = 0; p < parts; ++p) {

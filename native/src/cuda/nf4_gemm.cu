@@ -748,7 +748,8 @@ void launch_dx(const std::uint16_t* a, const Parts& p, std::int64_t m, std::int6
   const std::int64_t col_tiles = (in + kDxCols - 1) / kDxCols, token_tiles = (m + kDxTokens - 1) / kDxTokens;
   const std::int64_t slots = static_cast<std::int64_t>(multiprocessor_count()) *
                              max_active_blocks_per_sm(kernel, kDxThreads, kDxSmem);
-  const int splits = splits_for(col_tiles * token_tiles, (rows + kDxRows - 1) / kDxRows, std::max<std::int64_t>(1, slots));
+  const int splits =
+      splits_for(col_tiles * token_tiles, (rows + kDxRows - 1) / kDxRows, std::max<std::int64_t>(1, slots));
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
   run_split(splits, m, in, addend, c, c16, add_c16, stream, [&](float* partial) {
     nf4_gemm_dx_kernel<<<grid, kDxThreads, kDxSmem, stream>>>(a, p, m, rows, in, addend, c, c16, add_c16, partial);
@@ -789,6 +790,10 @@ void nf4_gemm_bf16(const std::uint16_t* a, const Nf4Rows* w, int parts, std::int
     p.end[i] = n;
   }
   p.count = parts;
+  if (k <= 0 || k % kBK != 0) {
+    throw InvalidArgumentError("nf4_gemm_bf16: W's columns must be a positive multiple of 64 (its absmax blocks), "
+                               "got " + std::to_string(k));
+  }
   if (m == 0 || n == 0) return;
   if (reinterpret_cast<std::uintptr_t>(a) % 16 != 0) {
     throw InvalidArgumentError("nf4_gemm_bf16: a must be 16-byte aligned (its tiles are copied 16 bytes at a time)");
