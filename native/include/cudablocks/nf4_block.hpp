@@ -18,6 +18,10 @@
 //       or SwiGLU before it (no fp32 copy), and backward_lora recomputes an input only for the
 //       adapters, in bf16;
 //     compute "fp32"/"tf32": gemm in that precision on the fp32 weight.
+//   Few tokens (at most 64, compute "bf16", a device with the fused kernel: an sm_90a build on an
+//   H100/H200): the product decodes W inside the GEMM kernel instead (Backend::nf4_gemm_bf16),
+//   with the same bf16 values and no scratch; the input-gradient products do so on the largest
+//   weights only (see nf4_block.cpp's Impl::fused for the measured crossover).
 //   The scratch is reused by the next product, so blocks of one device must not run concurrently
 //   on different streams (their work is ordered on one stream in the pipeline).
 //   LoRA (PEFT): y += scale * (x A^T) B^T, scale = alpha / r (alpha / sqrt(r) with use_rslora).
