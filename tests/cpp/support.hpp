@@ -6,6 +6,8 @@
 #include <vector>
 
 #include "cudablocks/block.hpp"
+#include "cudablocks/buffer.hpp"
+#include "cudablocks/stream.hpp"
 
 namespace cudablocks::test {
 
@@ -18,6 +20,21 @@ bool have_cuda_device();
 // bf16 bit patterns of values rounded to nearest even (core/float_bits.hpp), and their exact widening.
 std::vector<std::uint16_t> bf16_of(const std::vector<float>& v);
 std::vector<float> float_of(const std::vector<std::uint16_t>& bits);
+// A host vector copied into a new 1-D buffer of `dtype` on `device`, and a buffer's bytes back as a
+// host vector (after synchronising `stream`).
+template <typename T>
+Buffer upload(const std::vector<T>& v, DType dtype, const Device& device, const Stream& stream) {
+  Buffer b = Buffer::empty({static_cast<std::int64_t>(v.size())}, dtype, device);
+  b.copy_from_host(v.data(), stream);
+  return b;
+}
+template <typename T>
+std::vector<T> download(const Buffer& b, const Stream& stream) {
+  std::vector<T> v(static_cast<std::size_t>(b.nbytes() / sizeof(T)));
+  b.copy_to_host(v.data(), stream);
+  stream.synchronize();
+  return v;
+}
 // ||a - b|| / ||b|| in double.
 double relative_error(const std::vector<float>& a, const std::vector<double>& b);
 double relative_error(const std::vector<float>& a, const std::vector<float>& b);

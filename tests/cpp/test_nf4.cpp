@@ -23,20 +23,8 @@ namespace {
 using Bytes = std::vector<std::uint8_t>;
 using Vec = std::vector<float>;
 
-template <typename T>
-Buffer upload(const std::vector<T>& v, DType dtype, const Device& device, const Stream& stream) {
-  Buffer b = Buffer::empty({static_cast<std::int64_t>(v.size())}, dtype, device);
-  b.copy_from_host(v.data(), stream);
-  return b;
-}
-
-template <typename T>
-std::vector<T> download(const Buffer& b, const Stream& stream) {
-  std::vector<T> v(static_cast<std::size_t>(b.nbytes() / sizeof(T)));
-  b.copy_to_host(v.data(), stream);
-  stream.synchronize();
-  return v;
-}
+using test::download;
+using test::upload;
 
 struct Quantized {
   Bytes packed;

@@ -48,26 +48,10 @@ Nf4Weight make_weight(std::int64_t rows, std::int64_t k) {
   return w;
 }
 
-U16 random_bf16(std::size_t n) {
-  const Vec v = test::random_normal(n);
-  U16 out(n);
-  for (std::size_t i = 0; i < n; ++i) out[i] = float_to_bf16_bits(v[i]);
-  return out;
-}
+using test::download;
+using test::upload;
 
-template <typename T>
-Buffer upload(const std::vector<T>& v, DType dtype, const Device& d, const Stream& s) {
-  Buffer b = Buffer::empty({static_cast<std::int64_t>(v.size())}, dtype, d);
-  b.copy_from_host(v.data(), s);
-  return b;
-}
-template <typename T>
-std::vector<T> download(const Buffer& b, const Stream& s) {
-  std::vector<T> v(static_cast<std::size_t>(b.nbytes() / sizeof(T)));
-  b.copy_to_host(v.data(), s);
-  s.synchronize();
-  return v;
-}
+U16 random_bf16(std::size_t n) { return test::bf16_of(test::random_normal(n)); }
 
 // The weights on one device, as the op takes them.
 struct DeviceWeights {
@@ -128,13 +112,6 @@ const char* out_name(Out o) {
 }
 bool bf16_out(Out o) { return o == Out::Bf16 || o == Out::Bf16Accumulate; }
 
-// The addend as a bf16 output starts: its values rounded to bf16.
-Vec rounded_bf16(const Vec& v) {
-  Vec out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = bf16_bits_to_float(float_to_bf16_bits(v[i]));
-  return out;
-}
-
 // Runs the op on `device` (c = a W^T, or transposed a W) and returns c widened to fp32.
 Vec run(const Device& device, const U16& a, const std::vector<Nf4Weight>& ws, std::int64_t m, std::int64_t k,
         bool transposed, Out mode, const Vec& addend) {
@@ -147,15 +124,11 @@ Vec run(const Device& device, const U16& a, const std::vector<Nf4Weight>& ws, st
   const auto cn = static_cast<std::size_t>(m * (transposed ? k : n));
   if (bf16_out(mode)) {
     const bool add = mode == Out::Bf16Accumulate;
-    U16 start(cn, 0x7fc0);  // NaN, or the addend's values to add onto
-    for (std::size_t i = 0; add && i < cn; ++i) start[i] = float_to_bf16_bits(addend[i]);
-    Buffer c16 = upload(start, DType::BFloat16, device, s);
+    // NaN, or the addend's values to add onto
+    Buffer c16 = upload(add ? test::bf16_of(addend) : U16(cn, 0x7fc0), DType::BFloat16, device, s);
     be.nf4_gemm_bf16(ab.data_as<std::uint16_t>(), dw.rows.data(), static_cast<int>(dw.rows.size()), m, k, transposed,
                      nullptr, nullptr, c16.data_as<std::uint16_t>(), add, s);
-    const U16 bits = download<std::uint16_t>(c16, s);
-    Vec out(cn);
-    for (std::size_t i = 0; i < cn; ++i) out[i] = bf16_bits_to_float(bits[i]);
-    return out;
+    return test::float_of(download<std::uint16_t>(c16, s));
   }
   Buffer add = upload(addend, DType::Float32, device, s);
   Buffer c = mode == Out::InPlace ? add : upload(Vec(cn, NAN), DType::Float32, device, s);
@@ -216,7 +189,7 @@ void run_cases(const Device& device) {
       const std::int64_t inner = transposed ? n : c.k, cols = transposed ? c.k : n;
       const U16 a = random_bf16(static_cast<std::size_t>(c.m * inner));
       const Vec addend = test::random_normal(static_cast<std::size_t>(c.m * cols));
-      const Vec addend16 = rounded_bf16(addend);
+      const Vec addend16 = test::float_of(test::bf16_of(addend));  // as a bf16 output starts
       for (Out mode : {Out::Plain, Out::Addend, Out::InPlace, Out::Bf16, Out::Bf16Accumulate}) {
         const bool adds = mode == Out::Addend || mode == Out::InPlace;
         const Vec got = run(device, a, ws, c.m, c.k, transposed, mode, addend);

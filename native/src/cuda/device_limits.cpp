@@ -39,6 +39,10 @@ int current_device_index() {
 
 int multiprocessor_count() { return cached_attribute(cudaDevAttrMultiProcessorCount); }
 
+int compute_capability() {
+  return 10 * cached_attribute(cudaDevAttrComputeCapabilityMajor) + cached_attribute(cudaDevAttrComputeCapabilityMinor);
+}
+
 std::size_t shared_memory_optin() {
   return static_cast<std::size_t>(cached_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }

@@ -12,6 +12,8 @@ namespace cudablocks::cuda {
 int current_device_index();
 // Number of multiprocessors: sizes grids.
 int multiprocessor_count();
+// The compute capability as 10 * major + minor (90 for an H100/H200).
+int compute_capability();
 // The most dynamic shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 std::size_t shared_memory_optin();
 // Lets `kernel` launch with `bytes` of dynamic shared memory on the current device; with

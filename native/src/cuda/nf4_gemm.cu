@@ -762,11 +762,7 @@ void launch_dx(const std::uint16_t* a, const Parts& p, std::int64_t m, std::int6
 bool nf4_gemm_supported(std::int64_t k, int blocksize) {
 #if defined(CUDABLOCKS_SM90A)
   if (blocksize != kBK || k % kBK != 0 || k <= 0) return false;
-  int device = 0, major = 0, minor = 0;
-  CUDABLOCKS_CUDA_CHECK(cudaGetDevice(&device));
-  CUDABLOCKS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  CUDABLOCKS_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return major == 9 && minor == 0;
+  return compute_capability() == 90;  // cached: the block asks before each product of few tokens
 #else
   (void)k;
   (void)blocksize;
