@@ -8,6 +8,8 @@
 //      for determinism, and with a too-small max_seqlen hint.
 //   4. The tensor-core kernels (attention_mma.cu, precisions bf16 and tf32) against the CPU backend
 //      with bounds on the relative L2 error, determinism, and the fp32 fallback for other head dims.
+//   5. The wgmma tf32 forward (attention_wgmma.cu, taken by 4 where supported) against the
+//      mma.sync one on the same inputs.
 // Inputs are fresh random numbers each run (the seed is printed on failure); outputs are poisoned
 // with NaN before each call so that an element left unwritten fails the comparison.
 #include <gtest/gtest.h>
@@ -34,6 +36,7 @@
 
 #include "cuda/attention.cuh"
 #include "cuda/attention_mma.cuh"
+#include "cuda/attention_wgmma.cuh"
 #endif
 
 namespace {
@@ -724,6 +727,53 @@ TEST(CudaAttentionMmaFallback, OtherHeadDimsAndFp32UseTheFp32Kernels) {
     }
 }
 
+// Switches the wgmma kernels (detail::set_attention_wgmma) for a scope; restores "from the
+// environment" afterwards.
+struct WgmmaMode {
+    explicit WgmmaMode(int mode) { cudablocks::cuda::detail::set_attention_wgmma(mode); }
+    ~WgmmaMode() { cudablocks::cuda::detail::set_attention_wgmma(-1); }
+    WgmmaMode(const WgmmaMode&) = delete;
+    WgmmaMode& operator=(const WgmmaMode&) = delete;
+};
+
+// The wgmma tf32 forward and the mma.sync one round the same operands to tf32 and sum the same
+// 8-wide products in the same order; only the tensor cores' internal sums could differ (and then,
+// rarely, how a P value rounds). So their outputs agree far more closely than either agrees with
+// fp32 (out_bound); on an H200 (2026-11-28) they were equal bit for bit. CudaAttentionMma checks the
+// wgmma one against the CPU backend. Cases: Qwen3-4B heads with ragged lengths, an empty sequence and tile edges with a
+// group of 2, and a grid shorter than the longest sequence's tiles (blocks loop over tiles).
+TEST(CudaAttentionWgmma, ForwardAgreesWithTheMmaSyncKernels) {
+    if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+    if (!cudablocks::cuda::attention_wgmma_tf32_supported(128, 32, 8))
+        GTEST_SKIP() << "no wgmma attention here (needs an sm_90a build on a compute capability 9.0 GPU)";
+    EXPECT_FALSE(cudablocks::cuda::attention_wgmma_tf32_supported(64, 32, 8));
+    EXPECT_FALSE(cudablocks::cuda::attention_wgmma_tf32_supported(128, 6, 6));  // odd group
+    struct Case {
+        std::vector<int> lens;
+        int n_q, n_kv, hint;
+    };
+    for (const Case& c : {Case{{512, 37, 1, 300}, 32, 8, 512}, Case{{130, 0, 64, 65}, 4, 2, 130},
+                          Case{{300, 200}, 8, 2, 1}}) {
+        Seeded rng;
+        const Shape s = make_shape(c.lens, c.n_q, c.n_kv, 128);
+        SCOPED_TRACE(rng.trace() + ", " + describe(s) + ", max_seqlen hint " + std::to_string(c.hint));
+        const Inputs in = random_inputs(s, rng);
+        MmaRun run(s, in, Precision::TF32);
+        std::vector<float> out[2], lse[2];
+        for (int mode = 0; mode < 2; ++mode) {
+            WgmmaMode wgmma(mode);
+            run.forward_mma(c.hint);
+            CUDA_OK(cudaDeviceSynchronize());
+            out[mode] = run.out.download();
+            lse[mode] = run.lse.download();
+        }
+        const double e_out = rel_l2(out[1], out[0]), e_lse = rel_l2(lse[1], lse[0]);
+        std::printf("    wgmma vs mma.sync, rel L2: out %.3e  lse %.3e\n", e_out, e_lse);
+        EXPECT_LE(e_out, 1e-4) << "out";
+        EXPECT_LE(e_lse, 1e-5) << "lse";
+    }
+}
+
 // bf16 <-> fp32 of the bf16 I/O tests: bit patterns rounded to nearest even, and back.
 using cudablocks::test::bf16_of;
 using cudablocks::test::float_of;
@@ -818,8 +868,10 @@ TEST(CudaAttentionTiming, DISABLED_Qwen3Heads) {
         double useful = 0;
         for (int L : lens) useful += 2.0 * s.n_q * s.d * (double)L * L;
         for (Precision p : {Precision::FP32, Precision::TF32, Precision::BF16})
-            for (int async = 0; async <= (p == Precision::FP32 ? 0 : 2); ++async) {
-                StagingMode mode(async);
+            for (int async = 0; async <= (p == Precision::FP32 ? 0 : p == Precision::TF32 ? 3 : 2); ++async) {
+                // tf32 "staging 3": staging 1 with the wgmma forward (the others run mma.sync).
+                StagingMode mode(async == 3 ? 1 : async);
+                WgmmaMode wgmma(async == 3 ? 1 : 0);
                 MmaRun run(s, in, p);
                 auto fwd = [&] {
                     cudablocks::cuda::attention_forward_mma(run.q.ptr, run.k.ptr, run.v.ptr, run.out.ptr, run.lse.ptr,

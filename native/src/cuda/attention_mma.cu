@@ -92,6 +92,7 @@
 // emulation and CudaAttentionMmaBf16Inputs check it).
 // Next steps: the dQ pass fused into the dK/dV pass; wgmma (sm_90a) with 128-row tiles.
 #include "cuda/attention_mma.cuh"
+#include "cuda/attention_wgmma.cuh"
 #include "cuda/attention_shared.cuh"
 #include "cudablocks/errors.hpp"
 
@@ -128,16 +129,10 @@ constexpr int kLdT = kTile / 2 + 4;  // pairs per row of a transposed ("cols") t
 template <int D>
 constexpr int ld_rows() { return D / 2 + 4; }  // pairs per row of a "rows" tile
 
-// The PTX primitives (cvt.rna.tf32, ldmatrix.x4 with and without .trans; mma.sync in
+// The PTX primitives (ldmatrix.x4 with and without .trans; mma.sync and cvt.rna.tf32 in
 // cuda/mma_sync.cuh, cp.async in cuda/cp_async.cuh). A host-side test harness that runs these kernels on emulated threads
 // defines CUDABLOCKS_ATTN_MMA_EMULATION and supplies its own versions (with the host code left out).
 #ifndef CUDABLOCKS_ATTN_MMA_EMULATION
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-    return r;
-}
-
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16; p: this lane's row address (shared memory).
 __device__ __forceinline__ void ldsm_x4(const void* p, uint32_t r[4]) {
     const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -1316,6 +1311,11 @@ void attention_forward_mma(const float* q, const float* k, const float* v, float
     if (!check_shape(s, cu_seqlens)) return;
     check_forward_args(q, k, v, out, lse);
     const bool bf16 = precision == Precision::BF16;
+    if (!bf16 && attention_wgmma_tf32_supported(head_dim, n_q_heads, n_kv_heads)) {
+        attention_forward_wgmma_tf32(q, k, v, out, lse, cu_seqlens, n_seqs, tiles_for(s), n_q_heads, n_kv_heads,
+                                     scale, stream);
+        return;
+    }
     const bool fits = head_dim == 128 ? (bf16 ? mma_fits_forward<Bf16Op, 128>(s) : mma_fits_forward<Tf32Op, 128>(s))
                                       : (bf16 ? mma_fits_forward<Bf16Op, 64>(s) : mma_fits_forward<Tf32Op, 64>(s));
     if (!fits) {

@@ -5,6 +5,14 @@
 
 namespace cudablocks::cuda {
 
+// x rounded to tf32 (cvt.rna: to nearest, ties away from zero), as the 32-bit pattern the tf32
+// products read.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+
 // d[16x8] += a[16x16] b[16x8] in bf16 with fp32 accumulation (mma.sync m16n8k16, row.col). Lane
 // 4g + t holds a = {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}, b = {(k 2t..2t+1, n g),
 // (k 2t+8.., n g)} (bf16 pairs, the lower k in the low half) and d = {(g, 2t), (g, 2t+1),

@@ -1,0 +1,329 @@
+// Causal GQA attention forward on wgmma (sm_90a), tf32, head_dim 128. Contract: attention_wgmma.cuh.
+//
+// Why: tf32 on mma.sync (attention_mma.cu) runs at a quarter of its bf16 rate there (half the
+// instruction rate, plus transposed tiles built by the threads); wgmma's tf32 rate is half of its
+// bf16 one, and a warpgroup issues 64-row products that read B straight from shared memory.
+//
+// Work: one block = one 64-query tile of two query heads of a GQA group (256 threads, warpgroup w
+// owns head 2 * blockIdx.x + w); both share every staged K/V tile. Per 64-key tile, warpgroup w:
+//   S  [64 x 64]  = Q K^T          wgmma m64n64k8, A = Q and B = K from shared memory
+//   online softmax on S in registers (exp2 domain), P = exp2(S - m) kept in registers
+//   O [64 x 128] += P V            wgmma m64n128k8, A = P from registers, B = V^T from shared memory
+// Diagonal tiles are computed in full and masked; tiles right of the diagonal are skipped.
+//
+// Layouts. wgmma's tf32 operands in shared memory are K-major (no transposed form): Q and K as
+// [rows][d] tiles, V as V^T [d][keys], which the threads build while staging. A K-major tile of R
+// rows x 128 values is 4 column chunks of R x 32 values (128-byte rows), in the 128-byte swizzle
+// (16-byte unit u of row r stored at u ^ (r % 8); chunks 1 KB aligned); a k-step (8 values) starts
+// 32 bytes further along the row, the next chunk R * 128 bytes further. V^T [128][64] is 2 chunks.
+// P's accumulator registers hold columns 2t and 2t + 1 of each 8-column block, where the A
+// fragment wants k = t and t + 4; so V^T stores key 8i + 2j at column 8i + j and key 8i + 2j + 1 at
+// 8i + 4 + j (vt_col): the product over each 8-key step is unchanged.
+//
+// Pipeline (one block per SM: 192 KB of shared memory): K and V^T are double-buffered. While
+// tile kt's products run, every thread loads its share of tile kt + 1 from global memory into
+// registers (issued after the S product, stored after the P V product is issued), rounds it to
+// tf32 and stores it into the other buffer; one barrier per tile.
+//
+// Cost per query head (n tokens, pairs = n(n+1)/2, diagonal tiles in full): 4 * pairs * 128 FLOPs.
+//
+// Measured (H200, 2026-11-28, CudaAttentionTiming, Qwen3-4B heads 32/8; TFLOP/s on the useful
+// 2 * n_q * d * sum(L^2)): 8 x 512 0.199 ms (86 TFLOP/s; mma.sync 0.314), 1 x 2048 0.274 ms (126;
+// mma.sync 0.432). Its output equalled the mma.sync kernel's bit for bit. Still far from wgmma's
+// tf32 rate: one block per SM, and the two warpgroups run the same phases in lockstep (a barrier per
+// tile), so the tensor cores idle during the softmax and the staging stores; the first tiles of
+// each block are staged synchronously. A producer warp with TMA (no register staging) and
+// ping-pong scheduling of the two warpgroups are the next steps; the backward has no wgmma kernel
+// yet (its tiles need more shared memory: Q, dO, K, V and transposed copies).
+#include "cuda/attention_wgmma.cuh"
+
+#include <atomic>
+#include <cstdlib>
+
+#include "cuda/check.hpp"
+#include "cuda/device_limits.hpp"
+#include "cuda/mma_sync.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace cudablocks::cuda {
+
+namespace {
+
+constexpr int kD = 128;        // head_dim
+constexpr int kTile = 64;      // query rows per warpgroup, keys per tile
+constexpr int kThreads = 256;  // two warpgroups
+constexpr float kLog2e = 1.4426950408889634f;
+
+constexpr int kTileBytes = kTile * kD * 4;  // a Q or K tile, and V^T: 32 KB each
+constexpr int kOffK = 2 * kTileBytes;        // after the two heads' Q tiles
+constexpr int kOffVt = kOffK + 2 * kTileBytes;
+constexpr int kSmemBytes = kOffVt + 2 * kTileBytes + 1024;  // + 1 KB to align the tiles
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+constexpr int kPerThread = kTile * kD / 4 / kThreads;  // float4 of a 64 x 128 tile per thread: 8
+constexpr float kLn2 = 0.69314718055994531f;
+
+// Byte offset of element (r, c) in a K-major tile of `rows` rows in the 128-byte swizzle.
+__device__ __forceinline__ std::uint32_t swz(int rows, int r, int c) {
+  return static_cast<std::uint32_t>((c >> 5) * rows * 128 + r * 128 + ((((c >> 2) & 7) ^ (r & 7)) << 4) + (c & 3) * 4);
+}
+
+// V^T's column for key j of the tile (see the top of the file).
+__device__ __forceinline__ int vt_col(int j) { return (j & ~7) | ((j & 7) >> 1) | ((j & 1) << 2); }
+
+__device__ __forceinline__ uint4 tf32x4(const float4& x) {
+  return make_uint4(to_tf32(x.x), to_tf32(x.y), to_tf32(x.z), to_tf32(x.w));
+}
+
+// This thread's share of rows [0, 64) of a [*, stride] fp32 matrix's 128 columns at src (rows at
+// or past `valid` read as zeros): float4 i of the tile is row i / 32, columns 4 (i % 32).. for K/Q
+// (a warp reads one row), and key i % 64, columns 4 (i / 64).. for V (a warp reads 32 keys).
+__device__ __forceinline__ void load_rows(float4 (&x)[kPerThread], const float* src, std::int64_t stride, int valid) {
+#pragma unroll
+  for (int u = 0; u < kPerThread; ++u) {
+    const int i = threadIdx.x + u * kThreads, r = i >> 5, c4 = i & 31;
+    x[u] = r < valid ? __ldg(reinterpret_cast<const float4*>(src + r * stride) + c4) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+}
+__device__ __forceinline__ void load_keys(float4 (&x)[kPerThread], const float* src, std::int64_t stride, int valid) {
+#pragma unroll
+  for (int u = 0; u < kPerThread; ++u) {
+    const int i = threadIdx.x + u * kThreads, r = i & 63, c4 = i >> 6;
+    x[u] = r < valid ? __ldg(reinterpret_cast<const float4*>(src + r * stride) + c4) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+}
+// ... rounded to tf32 into a K-major tile (load_rows' share) or into V^T (load_keys' share).
+__device__ __forceinline__ void store_rows(unsigned char* tile, const float4 (&x)[kPerThread]) {
+#pragma unroll
+  for (int u = 0; u < kPerThread; ++u) {
+    const int i = threadIdx.x + u * kThreads, r = i >> 5, c4 = i & 31;
+    *reinterpret_cast<uint4*>(tile + swz(kTile, r, 4 * c4)) = tf32x4(x[u]);
+  }
+}
+__device__ __forceinline__ void store_vt(unsigned char* vt, const float4 (&x)[kPerThread]) {
+#pragma unroll
+  for (int u = 0; u < kPerThread; ++u) {
+    const int i = threadIdx.x + u * kThreads, key = i & 63, d0 = 4 * (i >> 6), col = vt_col(key);
+    const uint4 y = tf32x4(x[u]);
+    *reinterpret_cast<std::uint32_t*>(vt + swz(kD, d0, col)) = y.x;
+    *reinterpret_cast<std::uint32_t*>(vt + swz(kD, d0 + 1, col)) = y.y;
+    *reinterpret_cast<std::uint32_t*>(vt + swz(kD, d0 + 2, col)) = y.z;
+    *reinterpret_cast<std::uint32_t*>(vt + swz(kD, d0 + 3, col)) = y.w;
+  }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// Grid (n_q_heads / 2, n_seqs, q_tiles), 256 threads, kSmemBytes of dynamic shared memory.
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_wgmma_forward_kernel(const float* __restrict__ q, const float* __restrict__ k,
+                                   const float* __restrict__ v, float* __restrict__ out, float* __restrict__ lse,
+                                   const std::int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads,
+                                   float scale_log2) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem_raw[];
+  const std::uint32_t raw_addr = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
+  unsigned char* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);  // the swizzle needs 1 KB alignment
+  const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
+
+  const int seq = blockIdx.y;
+  const int start = cu_seqlens[seq];
+  const int len = cu_seqlens[seq + 1] - start;
+  const int n_tiles = (len + kTile - 1) / kTile;
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int h0 = blockIdx.x * 2;
+  const int h = h0 + wg;  // this warpgroup's query head
+  const int kvh = h0 / (n_q_heads / n_kv_heads);
+  const std::int64_t q_stride = static_cast<std::int64_t>(n_q_heads) * kD;
+  const std::int64_t kv_stride = static_cast<std::int64_t>(n_kv_heads) * kD;
+  const float* k_head = k + static_cast<std::int64_t>(start) * kv_stride + kvh * kD;
+  const float* v_head = v + static_cast<std::int64_t>(start) * kv_stride + kvh * kD;
+  const std::uint32_t q_tile = base + wg * kTileBytes;
+  auto k_tile = [&](int b) { return base + kOffK + b * kTileBytes; };
+  auto vt_tile = [&](int b) { return base + kOffVt + b * kTileBytes; };
+
+  for (int qt = static_cast<int>(gridDim.z) - 1 - static_cast<int>(blockIdx.z); qt < n_tiles; qt += gridDim.z) {
+    const int q0 = qt * kTile;
+    __syncthreads();  // a previous tile's readers of shared memory are done
+    {
+      float4 x[kPerThread];
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        load_rows(x, q + static_cast<std::int64_t>(start + q0) * q_stride + (h0 + hh) * kD, q_stride, len - q0);
+        store_rows(smem + hh * kTileBytes, x);
+      }
+      load_rows(x, k_head, kv_stride, len);
+      store_rows(smem + kOffK, x);
+      load_keys(x, v_head, kv_stride, len);
+      store_vt(smem + kOffVt, x);
+    }
+    fence_proxy_async();
+    __syncthreads();
+
+    float o[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this thread's partial row sums
+
+    for (int kt = 0; kt <= qt; ++kt) {
+      const int b = kt & 1;
+      const bool more = kt < qt;
+      float s[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) s[i] = 0.f;
+      fence_operands(s);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kD / 8; ++ks) {
+        const std::uint32_t at = (ks >> 2) * kTile * 128 + (ks & 3) * 32;
+        wgmma_ss_tf32(s, smem_desc(q_tile + at), smem_desc(k_tile(b) + at));
+      }
+      wgmma_commit();
+      // Tile kt + 1 into registers while the products run.
+      float4 kx[kPerThread], vx[kPerThread];
+      if (more) {
+        const int k1 = (kt + 1) * kTile;
+        load_rows(kx, k_head + static_cast<std::int64_t>(k1) * kv_stride, kv_stride, len - k1);
+        load_keys(vx, v_head + static_cast<std::int64_t>(k1) * kv_stride, kv_stride, len - k1);
+      }
+      wgmma_wait<0>();
+      fence_operands(s);
+
+      // Online softmax over this warp's rows g and g + 8 (s[4j + 2hh + e]: row g + 8hh, key 8j + 2t + e).
+      const bool diag = kt == qt;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = warp * 16 + g + 8 * hh;  // within the tile; the diagonal tile's keys start at q0
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float x = s[4 * j + 2 * hh + e] * scale_log2;
+            if (diag && 8 * j + 2 * t + e > row) x = -INFINITY;
+            s[4 * j + 2 * hh + e] = x;
+            mx = fmaxf(mx, x);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // Every row sees key 0 of tile 0 (and its own key on the diagonal): mx is finite.
+        const float m_new = fmaxf(m[hh], mx);
+        const float alpha = exp2f(m[hh] - m_new);  // 0 on the first tile
+        m[hh] = m_new;
+        float rs = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = exp2f(s[4 * j + 2 * hh + e] - m_new);
+            s[4 * j + 2 * hh + e] = p;
+            rs += p;
+          }
+        l[hh] = l[hh] * alpha + rs;
+#pragma unroll
+        for (int nb = 0; nb < 16; ++nb) {
+          o[4 * nb + 2 * hh] *= alpha;
+          o[4 * nb + 2 * hh + 1] *= alpha;
+        }
+      }
+
+      // P as the A operand: k-step j covers keys 8j .. 8j + 7 in vt_col's order.
+      std::uint32_t a[8][4];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        a[j][0] = to_tf32(s[4 * j]);
+        a[j][1] = to_tf32(s[4 * j + 2]);
+        a[j][2] = to_tf32(s[4 * j + 1]);
+        a[j][3] = to_tf32(s[4 * j + 3]);
+      }
+      fence_operands(o);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        wgmma_rs_tf32(o, a[j], smem_desc(vt_tile(b) + (j >> 2) * kD * 128 + (j & 3) * 32));
+      }
+      wgmma_commit();
+      if (more) {
+        store_rows(smem + kOffK + (b ^ 1) * kTileBytes, kx);
+        store_vt(smem + kOffVt + (b ^ 1) * kTileBytes, vx);
+      }
+      wgmma_wait<0>();
+      fence_operands(o);
+      hold(a);
+      fence_proxy_async();
+      __syncthreads();  // tile kt + 1 is staged; nobody reads buffer b any more
+    }
+
+    // o[4nb + 2hh + e]: row g + 8hh of the warp's 16, column 8nb + 2t + e.
+    float inv[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float sum = l[hh];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      inv[hh] = 1.f / sum;
+      const int r = q0 + warp * 16 + g + 8 * hh;
+      if (t == 0 && r < len) lse[static_cast<std::int64_t>(start + r) * n_q_heads + h] = (m[hh] + log2f(sum)) * kLn2;
+    }
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = q0 + warp * 16 + g + 8 * hh;
+      if (r >= len) continue;
+      float* dst = out + static_cast<std::int64_t>(start + r) * q_stride + h * kD + 2 * t;
+#pragma unroll
+      for (int nb = 0; nb < 16; ++nb) {
+        *reinterpret_cast<float2*>(dst + 8 * nb) = make_float2(o[4 * nb + 2 * hh] * inv[hh], o[4 * nb + 2 * hh + 1] * inv[hh]);
+      }
+    }
+  }
+#else
+  __trap();  // launched only where attention_wgmma_tf32_supported (an sm_90a build on a 9.0 device)
+#endif
+}
+
+std::atomic<int> g_mode{-1};
+
+#if defined(CUDABLOCKS_SM90A)
+bool enabled() {
+  int mode = g_mode.load(std::memory_order_relaxed);
+  if (mode < 0) {
+    const char* e = std::getenv("CUDABLOCKS_ATTN_WGMMA");
+    mode = (e != nullptr && e[0] == '0' && e[1] == '\0') ? 0 : 1;
+    g_mode.store(mode, std::memory_order_relaxed);
+  }
+  return mode == 1;
+}
+#endif
+
+}  // namespace
+
+bool attention_wgmma_tf32_supported(int head_dim, int n_q_heads, int n_kv_heads) {
+#if defined(CUDABLOCKS_SM90A)
+  return enabled() && head_dim == kD && n_kv_heads > 0 && (n_q_heads / n_kv_heads) % 2 == 0 &&
+         compute_capability() == 90 && static_cast<std::size_t>(kSmemBytes) <= shared_memory_optin();
+#else
+  (void)head_dim;
+  (void)n_q_heads;
+  (void)n_kv_heads;
+  return false;
+#endif
+}
+
+void attention_forward_wgmma_tf32(const float* q, const float* k, const float* v, float* out, float* lse,
+                                  const int32_t* cu_seqlens, int n_seqs, unsigned q_tiles, int n_q_heads,
+                                  int n_kv_heads, float scale, cudaStream_t stream) {
+  require_dynamic_smem(reinterpret_cast<const void*>(attention_wgmma_forward_kernel), kSmemBytes,
+                       "attention (cuda, wgmma):");
+  const dim3 grid(static_cast<unsigned>(n_q_heads / 2), static_cast<unsigned>(n_seqs), q_tiles);
+  attention_wgmma_forward_kernel<<<grid, kThreads, kSmemBytes, stream>>>(q, k, v, out, lse, cu_seqlens, n_q_heads,
+                                                                        n_kv_heads, scale * kLog2e);
+  CUDABLOCKS_CHECK_LAUNCH("attention_wgmma_forward_kernel");
+}
+
+namespace detail {
+void set_attention_wgmma(int mode) { g_mode.store(mode < 0 ? -1 : (mode > 0 ? 1 : 0), std::memory_order_relaxed); }
+}  // namespace detail
+
+}  // namespace cudablocks::cuda

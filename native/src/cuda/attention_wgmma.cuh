@@ -1,0 +1,33 @@
+// Causal GQA attention on Hopper's warpgroup tensor cores (wgmma, sm_90a) in tf32, head_dim 128:
+// the kernels that attention_mma.cu runs for Precision::TF32 where they are supported. Same
+// contract as attention_forward_mma (layout in native/src/cpu/attention.hpp): fp32 q, k, v in,
+// out and lse (natural log) out, operands rounded to tf32 (cvt.rna), softmax and accumulation in
+// fp32, deterministic. The caller validates the arguments.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace cudablocks::cuda {
+
+// True when attention_forward_wgmma_tf32 runs here: an sm_90a build on a compute capability 9.0
+// device, head_dim 128, an even GQA group (two query heads per block share each K/V tile), enough
+// shared memory, and not switched off (detail::set_attention_wgmma).
+bool attention_wgmma_tf32_supported(int head_dim, int n_q_heads, int n_kv_heads);
+
+// The forward over the grid (n_q_heads / 2, n_seqs, q_tiles): q_tiles 64-query tiles per sequence
+// (tiles beyond a sequence's end exit; with fewer tiles than the longest sequence needs, blocks
+// loop over the rest).
+void attention_forward_wgmma_tf32(const float* q, const float* k, const float* v, float* out, float* lse,
+                                  const int32_t* cu_seqlens, int n_seqs, unsigned q_tiles, int n_q_heads,
+                                  int n_kv_heads, float scale, cudaStream_t stream);
+
+namespace detail {
+// 1: use the wgmma kernels where supported (the default); 0: the mma.sync kernels everywhere;
+// -1: from the environment (CUDABLOCKS_ATTN_WGMMA=0 or 1; unset: 1). Process-wide; for tests and
+// benchmarks.
+void set_attention_wgmma(int mode);
+}  // namespace detail
+
+}  // namespace cudablocks::cuda
