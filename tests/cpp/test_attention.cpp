@@ -8,8 +8,8 @@
 //      for determinism, and with a too-small max_seqlen hint.
 //   4. The tensor-core kernels (attention_mma.cu, precisions bf16 and tf32) against the CPU backend
 //      with bounds on the relative L2 error, determinism, and the fp32 fallback for other head dims.
-//   5. The wgmma tf32 forward (attention_wgmma.cu, taken by 4 where supported) against the
-//      mma.sync one on the same inputs.
+//   5. The wgmma tf32 kernels (attention_wgmma.cu: forward and dQ pass, taken by 4 where
+//      supported) against the mma.sync ones on the same inputs.
 // Inputs are fresh random numbers each run (the seed is printed on failure); outputs are poisoned
 // with NaN before each call so that an element left unwritten fails the comparison.
 #include <gtest/gtest.h>
@@ -736,11 +736,11 @@ struct WgmmaMode {
     WgmmaMode& operator=(const WgmmaMode&) = delete;
 };
 
-// The wgmma tf32 forward and the mma.sync one round the same operands to tf32 and sum the same
-// 8-wide products in the same order; only the tensor cores' internal sums could differ (and then,
-// rarely, how a P value rounds). So their outputs agree far more closely than either agrees with
-// fp32 (out_bound); on an H200 (2026-11-28) they were equal bit for bit. CudaAttentionMma checks the
-// wgmma one against the CPU backend. Cases: Qwen3-4B heads with ragged lengths, an empty sequence and tile edges with a
+// The wgmma tf32 kernels (forward, dQ pass) and the mma.sync ones round the same operands to tf32
+// and sum the same 8-wide products in the same order; only the tensor cores' internal sums could
+// differ (and then, rarely, how a P or dS value rounds). So their outputs agree far more closely
+// than either agrees with fp32 (out_bound, grad_bound); on an H200 (2026-11-28) the forwards were
+// equal bit for bit. CudaAttentionMma checks the wgmma ones against the CPU backend. Cases: Qwen3-4B heads with ragged lengths, an empty sequence and tile edges with a
 // group of 2, and a grid shorter than the longest sequence's tiles (blocks loop over tiles).
 TEST(CudaAttentionWgmma, ForwardAgreesWithTheMmaSyncKernels) {
     if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device";
@@ -759,18 +759,27 @@ TEST(CudaAttentionWgmma, ForwardAgreesWithTheMmaSyncKernels) {
         SCOPED_TRACE(rng.trace() + ", " + describe(s) + ", max_seqlen hint " + std::to_string(c.hint));
         const Inputs in = random_inputs(s, rng);
         MmaRun run(s, in, Precision::TF32);
-        std::vector<float> out[2], lse[2];
+        std::vector<float> out[2], lse[2], dq[2], dk[2], dv[2];
         for (int mode = 0; mode < 2; ++mode) {
             WgmmaMode wgmma(mode);
             run.forward_mma(c.hint);
             CUDA_OK(cudaDeviceSynchronize());
             out[mode] = run.out.download();
             lse[mode] = run.lse.download();
+            run.backward_mma(out[0], lse[0], c.hint);  // both from the same out and lse
+            CUDA_OK(cudaDeviceSynchronize());
+            dq[mode] = run.dq.download();
+            dk[mode] = run.dk.download();
+            dv[mode] = run.dv.download();
         }
-        const double e_out = rel_l2(out[1], out[0]), e_lse = rel_l2(lse[1], lse[0]);
-        std::printf("    wgmma vs mma.sync, rel L2: out %.3e  lse %.3e\n", e_out, e_lse);
+        const double e_out = rel_l2(out[1], out[0]), e_lse = rel_l2(lse[1], lse[0]), e_dq = rel_l2(dq[1], dq[0]);
+        std::printf("    wgmma vs mma.sync, rel L2: out %.3e  lse %.3e  dq %.3e\n", e_out, e_lse, e_dq);
         EXPECT_LE(e_out, 1e-4) << "out";
         EXPECT_LE(e_lse, 1e-5) << "lse";
+        EXPECT_LE(e_dq, 1e-4) << "dq";
+        // The dK/dV pass has no wgmma kernel: the same kernel, the same bits.
+        EXPECT_TRUE(dk[1] == dk[0]) << "dk";
+        EXPECT_TRUE(dv[1] == dv[0]) << "dv";
     }
 }
 
@@ -869,7 +878,7 @@ TEST(CudaAttentionTiming, DISABLED_Qwen3Heads) {
         for (int L : lens) useful += 2.0 * s.n_q * s.d * (double)L * L;
         for (Precision p : {Precision::FP32, Precision::TF32, Precision::BF16})
             for (int async = 0; async <= (p == Precision::FP32 ? 0 : p == Precision::TF32 ? 3 : 2); ++async) {
-                // tf32 "staging 3": staging 1 with the wgmma forward (the others run mma.sync).
+                // tf32 "staging 3": staging 1 with the wgmma kernels (the others run mma.sync only).
                 StagingMode mode(async == 3 ? 1 : async);
                 WgmmaMode wgmma(async == 3 ? 1 : 0);
                 MmaRun run(s, in, p);

@@ -1258,6 +1258,13 @@ void launch_backward(const In* q, const In* k, const In* v, const In* out, const
         attention_reduce_kernel<<<(unsigned)blocks, 256, 0, stream>>>(dk, dv, slabs, splits);
         CUDABLOCKS_CHECK_LAUNCH("attention_reduce_kernel");
     }
+    if constexpr (!Op::kTransFromRows && D == 128 && std::is_same_v<In, float>) {  // tf32
+        if (attention_wgmma_tf32_supported(D, s.n_q_heads, s.n_kv_heads)) {
+            attention_dq_wgmma_tf32(q, k, v, dout, lse, dsum, dq, cu_seqlens, s.n_seqs, tiles, s.n_q_heads,
+                                    s.n_kv_heads, scale, stream);
+            return;
+        }
+    }
     {
         const size_t smem = dq_smem<Op, D, DQ_ASYNC, In>();
         prepare_smem(attention_mma_dq_kernel<Op, D, DQ_ASYNC, In>, smem);

@@ -37,10 +37,12 @@
 // yet (its tiles need more shared memory: Q, dO, K, V and transposed copies).
 #include "cuda/attention_wgmma.cuh"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 
 #include "cuda/check.hpp"
+#include "cuda/cp_async.cuh"
 #include "cuda/device_limits.hpp"
 #include "cuda/mma_sync.cuh"
 #include "cuda/wgmma.cuh"
@@ -58,6 +60,14 @@ constexpr int kTileBytes = kTile * kD * 4;  // a Q or K tile, and V^T: 32 KB eac
 constexpr int kOffK = 2 * kTileBytes;        // after the two heads' Q tiles
 constexpr int kOffVt = kOffK + 2 * kTileBytes;
 constexpr int kSmemBytes = kOffVt + 2 * kTileBytes + 1024;  // + 1 KB to align the tiles
+
+// The dQ pass (see attention_wgmma_dq_kernel): Q and dO of both heads, K and V of two 32-key
+// stages, K^T of two stages.
+constexpr int kKeys = 32;
+constexpr int kKvBytes = kKeys * kD * 4;     // a K, V or K^T tile of the dQ pass: 16 KB
+constexpr int kDqOffKv = 4 * kTileBytes;     // stage s: K at + 2 s kKvBytes, V after it
+constexpr int kDqOffKt = kDqOffKv + 4 * kKvBytes;
+constexpr int kDqSmemBytes = kDqOffKt + 2 * kKvBytes + 1024;  // 225 KB
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -283,6 +293,197 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr int kKvPerThread = kKeys * kD / 4 / kThreads;  // 16-byte chunks of a K or V tile per thread: 4
+constexpr int kDqOffDo = 2 * kTileBytes;                 // dO tiles after the two heads' Q tiles
+
+// This thread's chunks of a 32-key K or V tile (chunk i: key i % 32, columns 4 (i / 32)..; a warp
+// takes 32 keys of one column group, so that its K^T stores hit 32 banks) by cp.async into a
+// K-major tile, raw fp32; keys at or past `valid` zero-filled.
+__device__ __forceinline__ void copy_keys(unsigned char* tile, const float* src, std::int64_t stride, int valid) {
+#pragma unroll
+  for (int u = 0; u < kKvPerThread; ++u) {
+    const int i = threadIdx.x + u * kThreads, r = i & (kKeys - 1), c4 = i / kKeys;
+    cp_async16(tile + swz(kKeys, r, 4 * c4), src + static_cast<std::int64_t>(r < valid ? r : 0) * stride + 4 * c4,
+               r < valid);
+  }
+}
+// ... once landed: rounded to tf32 in place (the same thread's chunks: no barrier in between), and
+// for K also transposed into K^T [128 head dims][32 keys] (columns in vt_col's order).
+__device__ __forceinline__ void round_keys(unsigned char* tile, unsigned char* kt) {
+#pragma unroll
+  for (int u = 0; u < kKvPerThread; ++u) {
+    const int i = threadIdx.x + u * kThreads, r = i & (kKeys - 1), c4 = i / kKeys;
+    uint4* p = reinterpret_cast<uint4*>(tile + swz(kKeys, r, 4 * c4));
+    const uint4 y = tf32x4(*reinterpret_cast<const float4*>(p));
+    *p = y;
+    if (kt != nullptr) {
+      const int col = vt_col(r);
+      *reinterpret_cast<std::uint32_t*>(kt + swz(kD, 4 * c4, col)) = y.x;
+      *reinterpret_cast<std::uint32_t*>(kt + swz(kD, 4 * c4 + 1, col)) = y.y;
+      *reinterpret_cast<std::uint32_t*>(kt + swz(kD, 4 * c4 + 2, col)) = y.z;
+      *reinterpret_cast<std::uint32_t*>(kt + swz(kD, 4 * c4 + 3, col)) = y.w;
+    }
+  }
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// The backward's dQ pass: dQ = scale * dS K with dS = P (dP - D), P = exp(S * scale - lse),
+// S = Q K^T, dP = dO V^T; D = rowsum(dO * O) comes from attention_rowdot_kernel. Grid
+// (n_q_heads / 2, n_seqs, q_tiles), 256 threads, kDqSmemBytes of dynamic shared memory. A block
+// takes a 64-query tile of two query heads (warpgroup w: head 2 blockIdx.x + w; Q and dO staged
+// once, rounded) and walks its causal 32-key tiles: S and dP by wgmma m64n32k8 from shared memory,
+// P and dS in registers, dQ += dS K by wgmma m64n128k8 with dS from registers and K^T from shared
+// memory. K and V come by cp.async into the stage the previous tile freed, one tile ahead; each
+// thread rounds the chunks it copied in place and writes their K^T entries, so one barrier per
+// tile suffices (K^T is double-buffered as well: the other warpgroup may still be reading the
+// previous tile's).
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_wgmma_dq_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                              const float* __restrict__ dout, const float* __restrict__ lse,
+                              const float* __restrict__ dsum, float* __restrict__ dq,
+                              const std::int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads, float scale,
+                              float scale_log2) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem_raw[];
+  const std::uint32_t raw_addr = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
+  unsigned char* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);  // the swizzle needs 1 KB alignment
+  const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
+
+  const int seq = blockIdx.y;
+  const int start = cu_seqlens[seq];
+  const int len = cu_seqlens[seq + 1] - start;
+  const int n_tiles = (len + kTile - 1) / kTile;
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int h0 = blockIdx.x * 2;
+  const int h = h0 + wg;
+  const int kvh = h0 / (n_q_heads / n_kv_heads);
+  const std::int64_t q_stride = static_cast<std::int64_t>(n_q_heads) * kD;
+  const std::int64_t kv_stride = static_cast<std::int64_t>(n_kv_heads) * kD;
+  const float* k_head = k + static_cast<std::int64_t>(start) * kv_stride + kvh * kD;
+  const float* v_head = v + static_cast<std::int64_t>(start) * kv_stride + kvh * kD;
+  auto k_tile = [&](int b) { return smem + kDqOffKv + 2 * b * kKvBytes; };
+  auto v_tile = [&](int b) { return smem + kDqOffKv + (2 * b + 1) * kKvBytes; };
+  auto kt_tile = [&](int b) { return smem + kDqOffKt + b * kKvBytes; };
+  auto addr = [&](const unsigned char* p) { return base + static_cast<std::uint32_t>(p - smem); };
+  const std::uint32_t q_tile = base + wg * kTileBytes, do_tile = base + kDqOffDo + wg * kTileBytes;
+
+  for (int qt = static_cast<int>(gridDim.z) - 1 - static_cast<int>(blockIdx.z); qt < n_tiles; qt += gridDim.z) {
+    const int q0 = qt * kTile;
+    const std::int64_t q_off = static_cast<std::int64_t>(start + q0) * q_stride;
+    __syncthreads();  // a previous tile's readers of shared memory are done
+    copy_keys(k_tile(0), k_head, kv_stride, len);
+    copy_keys(v_tile(0), v_head, kv_stride, len);
+    cp_async_commit();
+    {
+      float4 x[kPerThread];
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        load_rows(x, q + q_off + (h0 + hh) * kD, q_stride, len - q0);
+        store_rows(smem + hh * kTileBytes, x);
+        load_rows(x, dout + q_off + (h0 + hh) * kD, q_stride, len - q0);
+        store_rows(smem + kDqOffDo + hh * kTileBytes, x);
+      }
+    }
+    float lse2[2], dsv[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = q0 + warp * 16 + g + 8 * hh;
+      const std::int64_t idx = static_cast<std::int64_t>(start + r) * n_q_heads + h;
+      lse2[hh] = r < len ? lse[idx] * kLog2e : INFINITY;  // rows past the end: P = 0
+      dsv[hh] = r < len ? dsum[idx] : 0.f;
+    }
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+
+    // Key tiles at or left of the diagonal that hold keys of the sequence.
+    const int n_kt = min(2 * qt + 2, (len + kKeys - 1) / kKeys);
+    for (int kt = 0; kt < n_kt; ++kt) {
+      const int b = kt & 1;
+      cp_async_wait_group<0>();
+      round_keys(k_tile(b), kt_tile(b));
+      round_keys(v_tile(b), nullptr);
+      fence_proxy_async();
+      __syncthreads();  // tile kt complete in stage b and K^T b; stage 1 - b is free
+      if (kt + 1 < n_kt) {
+        const int k1 = (kt + 1) * kKeys;
+        copy_keys(k_tile(b ^ 1), k_head + static_cast<std::int64_t>(k1) * kv_stride, kv_stride, len - k1);
+        copy_keys(v_tile(b ^ 1), v_head + static_cast<std::int64_t>(k1) * kv_stride, kv_stride, len - k1);
+      }
+      cp_async_commit();
+
+      float s[16], dp[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) s[i] = dp[i] = 0.f;
+      fence_operands(s);
+      fence_operands(dp);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kD / 8; ++ks) {
+        const std::uint32_t at64 = (ks >> 2) * kTile * 128 + (ks & 3) * 32;
+        const std::uint32_t at32 = (ks >> 2) * kKeys * 128 + (ks & 3) * 32;
+        wgmma_ss_tf32(s, smem_desc(q_tile + at64), smem_desc(addr(k_tile(b)) + at32));
+      }
+#pragma unroll
+      for (int ks = 0; ks < kD / 8; ++ks) {
+        const std::uint32_t at64 = (ks >> 2) * kTile * 128 + (ks & 3) * 32;
+        const std::uint32_t at32 = (ks >> 2) * kKeys * 128 + (ks & 3) * 32;
+        wgmma_ss_tf32(dp, smem_desc(do_tile + at64), smem_desc(addr(v_tile(b)) + at32));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(s);
+      fence_operands(dp);
+
+      // s[4j + 2hh + e]: row g + 8hh of the warp's 16, key 8j + 2t + e of the tile. dS into dp.
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int i = 4 * j + 2 * hh + e;
+            const int key = kt * kKeys + 8 * j + 2 * t + e, row = q0 + warp * 16 + g + 8 * hh;
+            const float p = key <= row ? exp2f(s[i] * scale_log2 - lse2[hh]) : 0.f;
+            dp[i] = p * (dp[i] - dsv[hh]);
+          }
+      std::uint32_t a[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        a[j][0] = to_tf32(dp[4 * j]);
+        a[j][1] = to_tf32(dp[4 * j + 2]);
+        a[j][2] = to_tf32(dp[4 * j + 1]);
+        a[j][3] = to_tf32(dp[4 * j + 3]);
+      }
+      fence_operands(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wgmma_rs_tf32(acc, a[j], smem_desc(addr(kt_tile(b)) + j * 32));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(acc);
+      hold(a);
+    }
+    cp_async_wait_group<0>();  // nothing is in flight when the next tile's staging starts
+
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = q0 + warp * 16 + g + 8 * hh;
+      if (r >= len) continue;
+      float* dst = dq + static_cast<std::int64_t>(start + r) * q_stride + h * kD + 2 * t;
+#pragma unroll
+      for (int nb = 0; nb < 16; ++nb) {
+        *reinterpret_cast<float2*>(dst + 8 * nb) = make_float2(acc[4 * nb + 2 * hh] * scale, acc[4 * nb + 2 * hh + 1] * scale);
+      }
+    }
+  }
+#else
+  __trap();  // launched only where attention_wgmma_tf32_supported
+#endif
+}
+
 std::atomic<int> g_mode{-1};
 
 #if defined(CUDABLOCKS_SM90A)
@@ -302,7 +503,8 @@ bool enabled() {
 bool attention_wgmma_tf32_supported(int head_dim, int n_q_heads, int n_kv_heads) {
 #if defined(CUDABLOCKS_SM90A)
   return enabled() && head_dim == kD && n_kv_heads > 0 && (n_q_heads / n_kv_heads) % 2 == 0 &&
-         compute_capability() == 90 && static_cast<std::size_t>(kSmemBytes) <= shared_memory_optin();
+         compute_capability() == 90 &&
+         static_cast<std::size_t>(std::max(kSmemBytes, kDqSmemBytes)) <= shared_memory_optin();
 #else
   (void)head_dim;
   (void)n_q_heads;
@@ -320,6 +522,17 @@ void attention_forward_wgmma_tf32(const float* q, const float* k, const float* v
   attention_wgmma_forward_kernel<<<grid, kThreads, kSmemBytes, stream>>>(q, k, v, out, lse, cu_seqlens, n_q_heads,
                                                                         n_kv_heads, scale * kLog2e);
   CUDABLOCKS_CHECK_LAUNCH("attention_wgmma_forward_kernel");
+}
+
+void attention_dq_wgmma_tf32(const float* q, const float* k, const float* v, const float* dout, const float* lse,
+                             const float* dsum, float* dq, const int32_t* cu_seqlens, int n_seqs, unsigned q_tiles,
+                             int n_q_heads, int n_kv_heads, float scale, cudaStream_t stream) {
+  require_dynamic_smem(reinterpret_cast<const void*>(attention_wgmma_dq_kernel), kDqSmemBytes,
+                       "attention (cuda, wgmma):");
+  const dim3 grid(static_cast<unsigned>(n_q_heads / 2), static_cast<unsigned>(n_seqs), q_tiles);
+  attention_wgmma_dq_kernel<<<grid, kThreads, kDqSmemBytes, stream>>>(q, k, v, dout, lse, dsum, dq, cu_seqlens,
+                                                                     n_q_heads, n_kv_heads, scale, scale * kLog2e);
+  CUDABLOCKS_CHECK_LAUNCH("attention_wgmma_dq_kernel");
 }
 
 namespace detail {

@@ -23,6 +23,12 @@ void attention_forward_wgmma_tf32(const float* q, const float* k, const float* v
                                   const int32_t* cu_seqlens, int n_seqs, unsigned q_tiles, int n_q_heads,
                                   int n_kv_heads, float scale, cudaStream_t stream);
 
+// The backward's dQ pass (attention_mma.cu runs the row dots, dsum = rowsum(dout * out), and the
+// dK/dV pass): dq = scale * dS K over the same grid as the forward; dq is overwritten.
+void attention_dq_wgmma_tf32(const float* q, const float* k, const float* v, const float* dout, const float* lse,
+                             const float* dsum, float* dq, const int32_t* cu_seqlens, int n_seqs, unsigned q_tiles,
+                             int n_q_heads, int n_kv_heads, float scale, cudaStream_t stream);
+
 namespace detail {
 // 1: use the wgmma kernels where supported (the default); 0: the mma.sync kernels everywhere;
 // -1: from the environment (CUDABLOCKS_ATTN_WGMMA=0 or 1; unset: 1). Process-wide; for tests and

@@ -93,6 +93,15 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[128], const std::uint32_t (&
 // a = {(g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4)}, the layout of mma.sync m16n8k8. tf32 has
 // no transposed operands: A and B in shared memory are K-major.
 
+// d[64 x 32] += A[64 x 8] (shared memory, desc_a) B[8 x 32] (shared memory, desc_b).
+__device__ __forceinline__ void wgmma_ss_tf32(float (&d)[16], std::uint64_t desc_a, std::uint64_t desc_b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n32k8.f32.tf32.tf32 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, 1, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b));
+}
 // d[64 x 64] += A[64 x 8] (shared memory, desc_a) B[8 x 64] (shared memory, desc_b).
 __device__ __forceinline__ void wgmma_ss_tf32(float (&d)[32], std::uint64_t desc_a, std::uint64_t desc_b) {
   asm volatile(
