@@ -1245,7 +1245,16 @@ void launch_backward(const In* q, const In* k, const In* v, const In* out, const
         attention_rowdot_kernel<<<(unsigned)blocks, 256, 0, stream>>>(out, dout, dsum, rows, D);
         CUDABLOCKS_CHECK_LAUNCH("attention_rowdot_kernel");
     }
-    {
+    constexpr bool kWgmmaShape = !Op::kTransFromRows && D == 128 && std::is_same_v<In, float>;  // tf32
+    bool wgmma = false;
+    if constexpr (kWgmmaShape) {
+        wgmma = attention_wgmma_tf32_supported(D, s.n_q_heads, s.n_kv_heads);
+        if (wgmma)
+            attention_dkdv_wgmma_tf32(q, k, v, dout, lse, dsum, dk, dv, slabs.first, slabs.rest, slabs.n_first,
+                                      slabs.size, cu_seqlens, s.n_seqs, tiles, s.n_q_heads, s.n_kv_heads, splits,
+                                      scale, stream);
+    }
+    if (!wgmma) {
         const dim3 grid((unsigned)(s.n_kv_heads * splits), (unsigned)s.n_seqs, tiles);
         attention_mma_dkdv_kernel<Op, D, ASYNC, In><<<grid, kThreads, dkdv_bytes, stream>>>(
             q, k, v, dout, lse, dsum, dk, dv, slabs, cu_seqlens, s.n_q_heads, s.n_kv_heads, splits, scale,
@@ -1258,8 +1267,8 @@ void launch_backward(const In* q, const In* k, const In* v, const In* out, const
         attention_reduce_kernel<<<(unsigned)blocks, 256, 0, stream>>>(dk, dv, slabs, splits);
         CUDABLOCKS_CHECK_LAUNCH("attention_reduce_kernel");
     }
-    if constexpr (!Op::kTransFromRows && D == 128 && std::is_same_v<In, float>) {  // tf32
-        if (attention_wgmma_tf32_supported(D, s.n_q_heads, s.n_kv_heads)) {
+    if constexpr (kWgmmaShape) {
+        if (wgmma) {
             attention_dq_wgmma_tf32(q, k, v, dout, lse, dsum, dq, cu_seqlens, s.n_seqs, tiles, s.n_q_heads,
                                     s.n_kv_heads, scale, stream);
             return;

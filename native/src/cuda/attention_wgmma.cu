@@ -69,6 +69,14 @@ constexpr int kDqOffKv = 4 * kTileBytes;     // stage s: K at + 2 s kKvBytes, V 
 constexpr int kDqOffKt = kDqOffKv + 4 * kKvBytes;
 constexpr int kDqSmemBytes = kDqOffKt + 2 * kKvBytes + 1024;  // 225 KB
 
+// The dK/dV pass (see attention_wgmma_dkdv_kernel): K and V of the block's 64 keys, then two
+// stages of a 32-query item (Q, dO, Q^T, dO^T) and the item's lse and D.
+constexpr int kDkvThreads = 128;  // one warpgroup
+constexpr int kDkvOffStage = 2 * kTileBytes;
+constexpr int kDkvStageBytes = 4 * kKvBytes;
+constexpr int kDkvOffStats = kDkvOffStage + 2 * kDkvStageBytes;
+constexpr int kDkvSmemBytes = kDkvOffStats + 2 * 2 * kKeys * 4 + 1024;  // 193 KB
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 constexpr int kPerThread = kTile * kD / 4 / kThreads;  // float4 of a 64 x 128 tile per thread: 8
@@ -484,6 +492,235 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr int kDkvPerThread = kKeys * kD / 4 / kDkvThreads;  // 16-byte chunks of a 32-row tile per thread: 8
+
+// The dK/dV pass's copies: this thread's chunks of a 64-row K or V tile (as load_rows, for 128
+// threads), raw fp32 by cp.async, rounded in place once landed ...
+__device__ __forceinline__ void copy_rows64(unsigned char* tile, const float* src, std::int64_t stride, int valid) {
+#pragma unroll
+  for (int u = 0; u < 2 * kDkvPerThread; ++u) {
+    const int i = threadIdx.x + u * kDkvThreads, r = i >> 5, c4 = i & 31;
+    cp_async16(tile + swz(kTile, r, 4 * c4), src + static_cast<std::int64_t>(r < valid ? r : 0) * stride + 4 * c4,
+               r < valid);
+  }
+}
+__device__ __forceinline__ void round_rows64(unsigned char* tile) {
+#pragma unroll
+  for (int u = 0; u < 2 * kDkvPerThread; ++u) {
+    const int i = threadIdx.x + u * kDkvThreads, r = i >> 5, c4 = i & 31;
+    uint4* p = reinterpret_cast<uint4*>(tile + swz(kTile, r, 4 * c4));
+    *p = tf32x4(*reinterpret_cast<const float4*>(p));
+  }
+}
+// ... and of a 32-query Q or dO tile (chunk i: query i % 32, columns 4 (i / 32)..), rounded in place
+// and transposed into [128 head dims][32 queries] (columns in vt_col's order) once landed.
+__device__ __forceinline__ void copy_queries(unsigned char* tile, const float* src, std::int64_t stride, int valid) {
+#pragma unroll
+  for (int u = 0; u < kDkvPerThread; ++u) {
+    const int i = threadIdx.x + u * kDkvThreads, r = i & (kKeys - 1), c4 = i / kKeys;
+    cp_async16(tile + swz(kKeys, r, 4 * c4), src + static_cast<std::int64_t>(r < valid ? r : 0) * stride + 4 * c4,
+               r < valid);
+  }
+}
+__device__ __forceinline__ void round_queries(unsigned char* tile, unsigned char* tt) {
+#pragma unroll
+  for (int u = 0; u < kDkvPerThread; ++u) {
+    const int i = threadIdx.x + u * kDkvThreads, r = i & (kKeys - 1), c4 = i / kKeys;
+    uint4* p = reinterpret_cast<uint4*>(tile + swz(kKeys, r, 4 * c4));
+    const uint4 y = tf32x4(*reinterpret_cast<const float4*>(p));
+    *p = y;
+    const int col = vt_col(r);
+    *reinterpret_cast<std::uint32_t*>(tt + swz(kD, 4 * c4, col)) = y.x;
+    *reinterpret_cast<std::uint32_t*>(tt + swz(kD, 4 * c4 + 1, col)) = y.y;
+    *reinterpret_cast<std::uint32_t*>(tt + swz(kD, 4 * c4 + 2, col)) = y.z;
+    *reinterpret_cast<std::uint32_t*>(tt + swz(kD, 4 * c4 + 3, col)) = y.w;
+  }
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// The backward's dK/dV pass: for the block's 64 keys, dV = sum P^T dO and dK = scale * sum dS^T Q
+// over the query heads [h_begin, h_end) of its GQA group (all of them when splits == 1; split s > 0
+// writes its slabs, which attention_reduce_kernel adds) and the queries at or after the keys.
+// Grid (n_kv_heads * splits, n_seqs, k_tiles), 128 threads (one warpgroup: 64 keys are wgmma's M),
+// kDkvSmemBytes of dynamic shared memory. K and V stay in shared memory; the items (a query head
+// and 32 queries) stream through two stages by cp.async one item ahead, each thread rounding its
+// own chunks in place and writing their Q^T, dO^T entries. Per item: S^T = K Q^T and
+// dP^T = V dO^T by wgmma m64n32k8 from shared memory; P^T, dS^T = P^T (dP^T - D) in registers;
+// dV += P^T dO and dK += dS^T Q by wgmma m64n128k8 with P^T, dS^T from registers and dO^T, Q^T
+// from shared memory. One barrier per item.
+__global__ void __launch_bounds__(kDkvThreads, 1)
+    attention_wgmma_dkdv_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                                const float* __restrict__ dout, const float* __restrict__ lse,
+                                const float* __restrict__ dsum, float* __restrict__ dk, float* __restrict__ dv,
+                                float* slab_first, float* slab_rest, int slab_n_first, std::int64_t slab_size,
+                                const std::int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads,
+                                int splits, float scale, float scale_log2) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem_raw[];
+  const std::uint32_t raw_addr = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
+  unsigned char* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);  // the swizzle needs 1 KB alignment
+  const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
+  auto addr = [&](const unsigned char* p) { return base + static_cast<std::uint32_t>(p - smem); };
+  // Stage b: Q [32][128], dO [32][128], Q^T [128][32], dO^T [128][32]; its lse (log2 domain) and D.
+  auto stage = [&](int b, int i) { return smem + kDkvOffStage + b * kDkvStageBytes + i * kKvBytes; };
+  auto stats = [&](int b) { return reinterpret_cast<float*>(smem + kDkvOffStats) + b * 2 * kKeys; };
+
+  const int kvh = blockIdx.x / splits;
+  const int split = blockIdx.x % splits;
+  const int seq = blockIdx.y;
+  const int start = cu_seqlens[seq];
+  const int len = cu_seqlens[seq + 1] - start;
+  const int n_tiles = (len + kTile - 1) / kTile;
+  const int n_q32 = (len + kKeys - 1) / kKeys;
+  const int group = n_q_heads / n_kv_heads;
+  const int h_begin = kvh * group + split * group / splits;
+  const int h_end = kvh * group + (split + 1) * group / splits;
+  const std::int64_t q_stride = static_cast<std::int64_t>(n_q_heads) * kD;
+  const std::int64_t kv_stride = static_cast<std::int64_t>(n_kv_heads) * kD;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+
+  // Item `it` of key tile kt: query head and first query.
+  auto item_head = [&](int it, int per_head) { return h_begin + it / per_head; };
+  auto item_q0 = [&](int it, int per_head, int kt) { return (2 * kt + it % per_head) * kKeys; };
+  auto copy_item = [&](int b, int it, int per_head, int kt) {
+    const int hq = item_head(it, per_head), q0 = item_q0(it, per_head, kt);
+    const std::int64_t off = static_cast<std::int64_t>(start + q0) * q_stride + hq * kD;
+    copy_queries(stage(b, 0), q + off, q_stride, len - q0);
+    copy_queries(stage(b, 1), dout + off, q_stride, len - q0);
+    if (tid < kKeys) {  // rows past the end zero-filled: their P is masked to 0 where it is formed
+      const bool valid = q0 + tid < len;
+      const std::int64_t idx = valid ? static_cast<std::int64_t>(start + q0 + tid) * n_q_heads + hq : 0;
+      cp_async4(stats(b) + tid, lse + idx, valid);
+      cp_async4(stats(b) + kKeys + tid, dsum + idx, valid);
+    }
+  };
+
+  for (int kt = blockIdx.z; kt < n_tiles; kt += gridDim.z) {
+    const int k0 = kt * kTile;
+    const std::int64_t kv_off = static_cast<std::int64_t>(start + k0) * kv_stride + kvh * kD;
+    const int per_head = n_q32 - 2 * kt;  // 32-query tiles at or after the key tile
+    const int n_items = (h_end - h_begin) * per_head;
+    __syncthreads();  // a previous tile's readers of shared memory are done
+    copy_rows64(smem, k + kv_off, kv_stride, len - k0);
+    copy_rows64(smem + kTileBytes, v + kv_off, kv_stride, len - k0);
+    copy_item(0, 0, per_head, kt);
+    cp_async_commit();
+
+    float dk_acc[64], dv_acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+
+    for (int it = 0; it < n_items; ++it) {
+      const int b = it & 1;
+      const int q0 = item_q0(it, per_head, kt);
+      cp_async_wait_group<0>();
+      if (it == 0) {
+        round_rows64(smem);
+        round_rows64(smem + kTileBytes);
+      }
+      round_queries(stage(b, 0), stage(b, 2));
+      round_queries(stage(b, 1), stage(b, 3));
+      fence_proxy_async();
+      __syncthreads();  // item it complete in stage b (and K, V); stage 1 - b is free
+      if (it + 1 < n_items) copy_item(b ^ 1, it + 1, per_head, kt);
+      cp_async_commit();
+
+      float st[16], dpt[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) st[i] = dpt[i] = 0.f;
+      fence_operands(st);
+      fence_operands(dpt);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kD / 8; ++ks) {
+        const std::uint32_t at64 = (ks >> 2) * kTile * 128 + (ks & 3) * 32;
+        const std::uint32_t at32 = (ks >> 2) * kKeys * 128 + (ks & 3) * 32;
+        wgmma_ss_tf32(st, smem_desc(base + at64), smem_desc(addr(stage(b, 0)) + at32));
+      }
+#pragma unroll
+      for (int ks = 0; ks < kD / 8; ++ks) {
+        const std::uint32_t at64 = (ks >> 2) * kTile * 128 + (ks & 3) * 32;
+        const std::uint32_t at32 = (ks >> 2) * kKeys * 128 + (ks & 3) * 32;
+        wgmma_ss_tf32(dpt, smem_desc(base + kTileBytes + at64), smem_desc(addr(stage(b, 1)) + at32));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(st);
+      fence_operands(dpt);
+
+      // st[4j + 2hh + e]: key g + 8hh of the warp's 16, query 8j + 2t + e of the item. P^T into st,
+      // dS^T into dpt.
+      const float* lse_s = stats(b);
+      const float* dsum_s = lse_s + kKeys;
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int i = 4 * j + 2 * hh + e, qi = 8 * j + 2 * t + e;
+            const int key = k0 + warp * 16 + g + 8 * hh, query = q0 + qi;
+            const float p =
+                query < len && key <= query ? exp2f(st[i] * scale_log2 - lse_s[qi] * kLog2e) : 0.f;
+            st[i] = p;
+            dpt[i] = p * (dpt[i] - dsum_s[qi]);
+          }
+      std::uint32_t ap[4][4], ads[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        ap[j][0] = to_tf32(st[4 * j]);
+        ap[j][1] = to_tf32(st[4 * j + 2]);
+        ap[j][2] = to_tf32(st[4 * j + 1]);
+        ap[j][3] = to_tf32(st[4 * j + 3]);
+        ads[j][0] = to_tf32(dpt[4 * j]);
+        ads[j][1] = to_tf32(dpt[4 * j + 2]);
+        ads[j][2] = to_tf32(dpt[4 * j + 1]);
+        ads[j][3] = to_tf32(dpt[4 * j + 3]);
+      }
+      fence_operands(dv_acc);
+      fence_operands(dk_acc);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wgmma_rs_tf32(dv_acc, ap[j], smem_desc(addr(stage(b, 3)) + j * 32));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wgmma_rs_tf32(dk_acc, ads[j], smem_desc(addr(stage(b, 2)) + j * 32));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(dv_acc);
+      fence_operands(dk_acc);
+      hold(ap);
+      hold(ads);
+    }
+    cp_async_wait_group<0>();  // nothing is in flight when the next tile's staging starts
+
+    float* dk_dst = dk;
+    float* dv_dst = dv;
+    if (split > 0) {  // the slabs of attention_shared.cuh's Slabs
+      const int i = 2 * (split - 1);
+      dk_dst = i < slab_n_first ? slab_first + i * slab_size : slab_rest + (i - slab_n_first) * slab_size;
+      dv_dst = i + 1 < slab_n_first ? slab_first + (i + 1) * slab_size : slab_rest + (i + 1 - slab_n_first) * slab_size;
+    }
+    // acc[4nb + 2hh + e]: key g + 8hh of the warp's 16, head dim 8nb + 2t + e.
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = k0 + warp * 16 + g + 8 * hh;
+      if (r >= len) continue;
+      const std::int64_t at = static_cast<std::int64_t>(start + r) * kv_stride + kvh * kD + 2 * t;
+#pragma unroll
+      for (int nb = 0; nb < 16; ++nb) {
+        *reinterpret_cast<float2*>(dk_dst + at + 8 * nb) =
+            make_float2(dk_acc[4 * nb + 2 * hh] * scale, dk_acc[4 * nb + 2 * hh + 1] * scale);
+        *reinterpret_cast<float2*>(dv_dst + at + 8 * nb) = make_float2(dv_acc[4 * nb + 2 * hh], dv_acc[4 * nb + 2 * hh + 1]);
+      }
+    }
+  }
+#else
+  __trap();  // launched only where attention_wgmma_tf32_supported
+#endif
+}
+
 std::atomic<int> g_mode{-1};
 
 #if defined(CUDABLOCKS_SM90A)
@@ -504,7 +741,7 @@ bool attention_wgmma_tf32_supported(int head_dim, int n_q_heads, int n_kv_heads)
 #if defined(CUDABLOCKS_SM90A)
   return enabled() && head_dim == kD && n_kv_heads > 0 && (n_q_heads / n_kv_heads) % 2 == 0 &&
          compute_capability() == 90 &&
-         static_cast<std::size_t>(std::max(kSmemBytes, kDqSmemBytes)) <= shared_memory_optin();
+         static_cast<std::size_t>(std::max({kSmemBytes, kDqSmemBytes, kDkvSmemBytes})) <= shared_memory_optin();
 #else
   (void)head_dim;
   (void)n_q_heads;
@@ -533,6 +770,20 @@ void attention_dq_wgmma_tf32(const float* q, const float* k, const float* v, con
   attention_wgmma_dq_kernel<<<grid, kThreads, kDqSmemBytes, stream>>>(q, k, v, dout, lse, dsum, dq, cu_seqlens,
                                                                      n_q_heads, n_kv_heads, scale, scale * kLog2e);
   CUDABLOCKS_CHECK_LAUNCH("attention_wgmma_dq_kernel");
+}
+
+void attention_dkdv_wgmma_tf32(const float* q, const float* k, const float* v, const float* dout, const float* lse,
+                               const float* dsum, float* dk, float* dv, float* slab_first, float* slab_rest,
+                               int slab_n_first, std::int64_t slab_size, const int32_t* cu_seqlens, int n_seqs,
+                               unsigned k_tiles, int n_q_heads, int n_kv_heads, int splits, float scale,
+                               cudaStream_t stream) {
+  require_dynamic_smem(reinterpret_cast<const void*>(attention_wgmma_dkdv_kernel), kDkvSmemBytes,
+                       "attention (cuda, wgmma):");
+  const dim3 grid(static_cast<unsigned>(n_kv_heads * splits), static_cast<unsigned>(n_seqs), k_tiles);
+  attention_wgmma_dkdv_kernel<<<grid, kDkvThreads, kDkvSmemBytes, stream>>>(
+      q, k, v, dout, lse, dsum, dk, dv, slab_first, slab_rest, slab_n_first, slab_size, cu_seqlens, n_q_heads,
+      n_kv_heads, splits, scale, scale * kLog2e);
+  CUDABLOCKS_CHECK_LAUNCH("attention_wgmma_dkdv_kernel");
 }
 
 namespace detail {

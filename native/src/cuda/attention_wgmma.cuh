@@ -29,6 +29,16 @@ void attention_dq_wgmma_tf32(const float* q, const float* k, const float* v, con
                              const float* dsum, float* dq, const int32_t* cu_seqlens, int n_seqs, unsigned q_tiles,
                              int n_q_heads, int n_kv_heads, float scale, cudaStream_t stream);
 
+// The backward's dK/dV pass over the grid (n_kv_heads * splits, n_seqs, k_tiles): with splits > 1,
+// split s > 0 of a GQA group writes its partial dK, dV to slabs 2 (s - 1) and 2 (s - 1) + 1 (slab i
+// at slab_first + i * slab_size for i < slab_n_first, else in slab_rest), which the caller adds
+// (attention_reduce_kernel); split 0 and splits == 1 overwrite dk, dv.
+void attention_dkdv_wgmma_tf32(const float* q, const float* k, const float* v, const float* dout, const float* lse,
+                               const float* dsum, float* dk, float* dv, float* slab_first, float* slab_rest,
+                               int slab_n_first, std::int64_t slab_size, const int32_t* cu_seqlens, int n_seqs,
+                               unsigned k_tiles, int n_q_heads, int n_kv_heads, int splits, float scale,
+                               cudaStream_t stream);
+
 namespace detail {
 // 1: use the wgmma kernels where supported (the default); 0: the mma.sync kernels everywhere;
 // -1: from the environment (CUDABLOCKS_ATTN_WGMMA=0 or 1; unset: 1). Process-wide; for tests and
