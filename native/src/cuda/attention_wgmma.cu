@@ -69,9 +69,9 @@ constexpr int kDqOffKv = 4 * kTileBytes;     // stage s: K at + 2 s kKvBytes, V 
 constexpr int kDqOffKt = kDqOffKv + 4 * kKvBytes;
 constexpr int kDqSmemBytes = kDqOffKt + 2 * kKvBytes + 1024;  // 225 KB
 
-// The dK/dV pass (see attention_wgmma_dkdv_kernel): K and V of the block's 64 keys, then two
-// stages of a 32-query item (Q, dO, Q^T, dO^T) and the item's lse and D.
-constexpr int kDkvThreads = 128;  // one warpgroup
+// The dK/dV pass (see attention_wgmma_dkdv_kernel): K and V of the block's 64 keys, then for each
+// warpgroup the stage of its 32-query item (Q, dO, Q^T, dO^T) and the item's lse and D.
+constexpr int kDkvThreads = 256;  // two warpgroups
 constexpr int kDkvOffStage = 2 * kTileBytes;
 constexpr int kDkvStageBytes = 4 * kKvBytes;
 constexpr int kDkvOffStats = kDkvOffStage + 2 * kDkvStageBytes;
@@ -493,13 +493,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-constexpr int kDkvPerThread = kKeys * kD / 4 / kDkvThreads;  // 16-byte chunks of a 32-row tile per thread: 8
+constexpr int kRowChunks = kTile * kD / 4 / kDkvThreads;  // 16-byte chunks of a K or V tile per thread: 8
+constexpr int kQueryChunks = kKeys * kD / 4 / 128;        // ... of a 32-query tile per warpgroup thread: 8
 
-// The dK/dV pass's copies: this thread's chunks of a 64-row K or V tile (as load_rows, for 128
-// threads), raw fp32 by cp.async, rounded in place once landed ...
+// Barrier of warpgroup wg's 128 threads alone (ids 1 and 2; __syncthreads is 0).
+__device__ __forceinline__ void warpgroup_barrier(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
+
+// The dK/dV pass's copies: this thread's chunks of a 64-row K or V tile (all 256 threads; as
+// load_rows), raw fp32 by cp.async, rounded in place once landed ...
 __device__ __forceinline__ void copy_rows64(unsigned char* tile, const float* src, std::int64_t stride, int valid) {
 #pragma unroll
-  for (int u = 0; u < 2 * kDkvPerThread; ++u) {
+  for (int u = 0; u < kRowChunks; ++u) {
     const int i = threadIdx.x + u * kDkvThreads, r = i >> 5, c4 = i & 31;
     cp_async16(tile + swz(kTile, r, 4 * c4), src + static_cast<std::int64_t>(r < valid ? r : 0) * stride + 4 * c4,
                r < valid);
@@ -507,26 +511,28 @@ __device__ __forceinline__ void copy_rows64(unsigned char* tile, const float* sr
 }
 __device__ __forceinline__ void round_rows64(unsigned char* tile) {
 #pragma unroll
-  for (int u = 0; u < 2 * kDkvPerThread; ++u) {
+  for (int u = 0; u < kRowChunks; ++u) {
     const int i = threadIdx.x + u * kDkvThreads, r = i >> 5, c4 = i & 31;
     uint4* p = reinterpret_cast<uint4*>(tile + swz(kTile, r, 4 * c4));
     *p = tf32x4(*reinterpret_cast<const float4*>(p));
   }
 }
-// ... and of a 32-query Q or dO tile (chunk i: query i % 32, columns 4 (i / 32)..), rounded in place
-// and transposed into [128 head dims][32 queries] (columns in vt_col's order) once landed.
-__device__ __forceinline__ void copy_queries(unsigned char* tile, const float* src, std::int64_t stride, int valid) {
+// ... and a warpgroup thread's (wt = thread index in the warpgroup) chunks of a 32-query Q or dO
+// tile (chunk i: query i % 32, columns 4 (i / 32)..), rounded in place and transposed into [128
+// head dims][32 queries] (columns in vt_col's order) once landed.
+__device__ __forceinline__ void copy_queries(unsigned char* tile, const float* src, std::int64_t stride, int valid,
+                                             int wt) {
 #pragma unroll
-  for (int u = 0; u < kDkvPerThread; ++u) {
-    const int i = threadIdx.x + u * kDkvThreads, r = i & (kKeys - 1), c4 = i / kKeys;
+  for (int u = 0; u < kQueryChunks; ++u) {
+    const int i = wt + u * 128, r = i & (kKeys - 1), c4 = i / kKeys;
     cp_async16(tile + swz(kKeys, r, 4 * c4), src + static_cast<std::int64_t>(r < valid ? r : 0) * stride + 4 * c4,
                r < valid);
   }
 }
-__device__ __forceinline__ void round_queries(unsigned char* tile, unsigned char* tt) {
+__device__ __forceinline__ void round_queries(unsigned char* tile, unsigned char* tt, int wt) {
 #pragma unroll
-  for (int u = 0; u < kDkvPerThread; ++u) {
-    const int i = threadIdx.x + u * kDkvThreads, r = i & (kKeys - 1), c4 = i / kKeys;
+  for (int u = 0; u < kQueryChunks; ++u) {
+    const int i = wt + u * 128, r = i & (kKeys - 1), c4 = i / kKeys;
     uint4* p = reinterpret_cast<uint4*>(tile + swz(kKeys, r, 4 * c4));
     const uint4 y = tf32x4(*reinterpret_cast<const float4*>(p));
     *p = y;
@@ -542,13 +548,15 @@ __device__ __forceinline__ void round_queries(unsigned char* tile, unsigned char
 // The backward's dK/dV pass: for the block's 64 keys, dV = sum P^T dO and dK = scale * sum dS^T Q
 // over the query heads [h_begin, h_end) of its GQA group (all of them when splits == 1; split s > 0
 // writes its slabs, which attention_reduce_kernel adds) and the queries at or after the keys.
-// Grid (n_kv_heads * splits, n_seqs, k_tiles), 128 threads (one warpgroup: 64 keys are wgmma's M),
-// kDkvSmemBytes of dynamic shared memory. K and V stay in shared memory; the items (a query head
-// and 32 queries) stream through two stages by cp.async one item ahead, each thread rounding its
-// own chunks in place and writing their Q^T, dO^T entries. Per item: S^T = K Q^T and
-// dP^T = V dO^T by wgmma m64n32k8 from shared memory; P^T, dS^T = P^T (dP^T - D) in registers;
-// dV += P^T dO and dK += dS^T Q by wgmma m64n128k8 with P^T, dS^T from registers and dO^T, Q^T
-// from shared memory. One barrier per item.
+// Grid (n_kv_heads * splits, n_seqs, k_tiles), 256 threads, kDkvSmemBytes of dynamic shared memory.
+// K and V (64 keys: wgmma's M) are staged once for both warpgroups; the items (a query head and
+// 32 queries) alternate between them, each warpgroup running independently on its own stage (Q,
+// dO, Q^T, dO^T; its own barrier) so that one's copies overlap the other's products. A thread
+// rounds the chunks it copied in place and writes their Q^T, dO^T entries. Per item: S^T = K Q^T
+// and dP^T = V dO^T by wgmma m64n32k8 from shared memory; P^T, dS^T = P^T (dP^T - D) in registers;
+// dV += P^T dO and dK += dS^T Q by wgmma m64n128k8 with P^T, dS^T from registers and dO^T, Q^T from
+// shared memory. At the end warpgroup 1 hands its sums to warpgroup 0 through shared memory, which
+// adds them to its own (a fixed order: deterministic) and stores.
 __global__ void __launch_bounds__(kDkvThreads, 1)
     attention_wgmma_dkdv_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                                 const float* __restrict__ dout, const float* __restrict__ lse,
@@ -562,9 +570,6 @@ __global__ void __launch_bounds__(kDkvThreads, 1)
   unsigned char* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);  // the swizzle needs 1 KB alignment
   const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
   auto addr = [&](const unsigned char* p) { return base + static_cast<std::uint32_t>(p - smem); };
-  // Stage b: Q [32][128], dO [32][128], Q^T [128][32], dO^T [128][32]; its lse (log2 domain) and D.
-  auto stage = [&](int b, int i) { return smem + kDkvOffStage + b * kDkvStageBytes + i * kKvBytes; };
-  auto stats = [&](int b) { return reinterpret_cast<float*>(smem + kDkvOffStats) + b * 2 * kKeys; };
 
   const int kvh = blockIdx.x / splits;
   const int split = blockIdx.x % splits;
@@ -578,22 +583,24 @@ __global__ void __launch_bounds__(kDkvThreads, 1)
   const int h_end = kvh * group + (split + 1) * group / splits;
   const std::int64_t q_stride = static_cast<std::int64_t>(n_q_heads) * kD;
   const std::int64_t kv_stride = static_cast<std::int64_t>(n_kv_heads) * kD;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, warp = wt >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
+  // This warpgroup's stage: Q [32][128], dO [32][128], Q^T [128][32], dO^T [128][32]; lse, D.
+  unsigned char* const stage = smem + kDkvOffStage + wg * kDkvStageBytes;
+  float* const lse_s = reinterpret_cast<float*>(smem + kDkvOffStats) + wg * 2 * kKeys;
+  float* const dsum_s = lse_s + kKeys;
 
-  // Item `it` of key tile kt: query head and first query.
-  auto item_head = [&](int it, int per_head) { return h_begin + it / per_head; };
-  auto item_q0 = [&](int it, int per_head, int kt) { return (2 * kt + it % per_head) * kKeys; };
-  auto copy_item = [&](int b, int it, int per_head, int kt) {
-    const int hq = item_head(it, per_head), q0 = item_q0(it, per_head, kt);
+  // Item `it` of key tile kt (per_head 32-query tiles per head) into this warpgroup's stage.
+  auto copy_item = [&](int it, int per_head, int kt) {
+    const int hq = h_begin + it / per_head, q0 = (2 * kt + it % per_head) * kKeys;
     const std::int64_t off = static_cast<std::int64_t>(start + q0) * q_stride + hq * kD;
-    copy_queries(stage(b, 0), q + off, q_stride, len - q0);
-    copy_queries(stage(b, 1), dout + off, q_stride, len - q0);
-    if (tid < kKeys) {  // rows past the end zero-filled: their P is masked to 0 where it is formed
-      const bool valid = q0 + tid < len;
-      const std::int64_t idx = valid ? static_cast<std::int64_t>(start + q0 + tid) * n_q_heads + hq : 0;
-      cp_async4(stats(b) + tid, lse + idx, valid);
-      cp_async4(stats(b) + kKeys + tid, dsum + idx, valid);
+    copy_queries(stage, q + off, q_stride, len - q0, wt);
+    copy_queries(stage + kKvBytes, dout + off, q_stride, len - q0, wt);
+    if (wt < kKeys) {  // rows past the end zero-filled: their P is masked to 0 where it is formed
+      const bool valid = q0 + wt < len;
+      const std::int64_t idx = valid ? static_cast<std::int64_t>(start + q0 + wt) * n_q_heads + hq : 0;
+      cp_async4(lse_s + wt, lse + idx, valid);
+      cp_async4(dsum_s + wt, dsum + idx, valid);
     }
   };
 
@@ -605,27 +612,25 @@ __global__ void __launch_bounds__(kDkvThreads, 1)
     __syncthreads();  // a previous tile's readers of shared memory are done
     copy_rows64(smem, k + kv_off, kv_stride, len - k0);
     copy_rows64(smem + kTileBytes, v + kv_off, kv_stride, len - k0);
-    copy_item(0, 0, per_head, kt);
+    if (wg < n_items) copy_item(wg, per_head, kt);
     cp_async_commit();
+    cp_async_wait_group<0>();
+    round_rows64(smem);
+    round_rows64(smem + kTileBytes);
+    fence_proxy_async();
+    __syncthreads();  // K and V complete
 
     float dk_acc[64], dv_acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) dk_acc[i] = dv_acc[i] = 0.f;
 
-    for (int it = 0; it < n_items; ++it) {
-      const int b = it & 1;
-      const int q0 = item_q0(it, per_head, kt);
+    for (int it = wg; it < n_items; it += 2) {
+      const int q0 = (2 * kt + it % per_head) * kKeys;
       cp_async_wait_group<0>();
-      if (it == 0) {
-        round_rows64(smem);
-        round_rows64(smem + kTileBytes);
-      }
-      round_queries(stage(b, 0), stage(b, 2));
-      round_queries(stage(b, 1), stage(b, 3));
+      round_queries(stage, stage + 2 * kKvBytes, wt);
+      round_queries(stage + kKvBytes, stage + 3 * kKvBytes, wt);
       fence_proxy_async();
-      __syncthreads();  // item it complete in stage b (and K, V); stage 1 - b is free
-      if (it + 1 < n_items) copy_item(b ^ 1, it + 1, per_head, kt);
-      cp_async_commit();
+      warpgroup_barrier(wg);  // item it complete in this warpgroup's stage
 
       float st[16], dpt[16];
 #pragma unroll
@@ -637,13 +642,13 @@ __global__ void __launch_bounds__(kDkvThreads, 1)
       for (int ks = 0; ks < kD / 8; ++ks) {
         const std::uint32_t at64 = (ks >> 2) * kTile * 128 + (ks & 3) * 32;
         const std::uint32_t at32 = (ks >> 2) * kKeys * 128 + (ks & 3) * 32;
-        wgmma_ss_tf32(st, smem_desc(base + at64), smem_desc(addr(stage(b, 0)) + at32));
+        wgmma_ss_tf32(st, smem_desc(base + at64), smem_desc(addr(stage) + at32));
       }
 #pragma unroll
       for (int ks = 0; ks < kD / 8; ++ks) {
         const std::uint32_t at64 = (ks >> 2) * kTile * 128 + (ks & 3) * 32;
         const std::uint32_t at32 = (ks >> 2) * kKeys * 128 + (ks & 3) * 32;
-        wgmma_ss_tf32(dpt, smem_desc(base + kTileBytes + at64), smem_desc(addr(stage(b, 1)) + at32));
+        wgmma_ss_tf32(dpt, smem_desc(base + kTileBytes + at64), smem_desc(addr(stage + kKvBytes) + at32));
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -652,8 +657,6 @@ __global__ void __launch_bounds__(kDkvThreads, 1)
 
       // st[4j + 2hh + e]: key g + 8hh of the warp's 16, query 8j + 2t + e of the item. P^T into st,
       // dS^T into dpt.
-      const float* lse_s = stats(b);
-      const float* dsum_s = lse_s + kKeys;
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -683,36 +686,58 @@ __global__ void __launch_bounds__(kDkvThreads, 1)
       fence_operands(dk_acc);
       wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma_rs_tf32(dv_acc, ap[j], smem_desc(addr(stage(b, 3)) + j * 32));
+      for (int j = 0; j < 4; ++j) wgmma_rs_tf32(dv_acc, ap[j], smem_desc(addr(stage + 3 * kKvBytes) + j * 32));
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma_rs_tf32(dk_acc, ads[j], smem_desc(addr(stage(b, 2)) + j * 32));
+      for (int j = 0; j < 4; ++j) wgmma_rs_tf32(dk_acc, ads[j], smem_desc(addr(stage + 2 * kKvBytes) + j * 32));
       wgmma_commit();
       wgmma_wait<0>();
       fence_operands(dv_acc);
       fence_operands(dk_acc);
       hold(ap);
       hold(ads);
+      warpgroup_barrier(wg);  // every warp of the warpgroup is done with the stage
+      if (it + 2 < n_items) copy_item(it + 2, per_head, kt);
+      cp_async_commit();
     }
-    cp_async_wait_group<0>();  // nothing is in flight when the next tile's staging starts
 
-    float* dk_dst = dk;
-    float* dv_dst = dv;
-    if (split > 0) {  // the slabs of attention_shared.cuh's Slabs
-      const int i = 2 * (split - 1);
-      dk_dst = i < slab_n_first ? slab_first + i * slab_size : slab_rest + (i - slab_n_first) * slab_size;
-      dv_dst = i + 1 < slab_n_first ? slab_first + (i + 1) * slab_size : slab_rest + (i + 1 - slab_n_first) * slab_size;
+    // Warpgroup 1's sums through its stage (free now; 64 KB: both accumulators), each thread's
+    // values in a slot that the thread of warpgroup 0 with the same accumulator layout reads.
+    float* hand = reinterpret_cast<float*>(smem + kDkvOffStage + kDkvStageBytes);
+    if (wg == 1) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) {
+        hand[i * 128 + wt] = dk_acc[i];
+        hand[(64 + i) * 128 + wt] = dv_acc[i];
+      }
     }
-    // acc[4nb + 2hh + e]: key g + 8hh of the warp's 16, head dim 8nb + 2t + e.
+    __syncthreads();
+    if (wg == 0) {
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int r = k0 + warp * 16 + g + 8 * hh;
-      if (r >= len) continue;
-      const std::int64_t at = static_cast<std::int64_t>(start + r) * kv_stride + kvh * kD + 2 * t;
+      for (int i = 0; i < 64; ++i) {
+        dk_acc[i] += hand[i * 128 + wt];
+        dv_acc[i] += hand[(64 + i) * 128 + wt];
+      }
+      float* dk_dst = dk;
+      float* dv_dst = dv;
+      if (split > 0) {  // the slabs of attention_shared.cuh's Slabs
+        const int i = 2 * (split - 1);
+        dk_dst = i < slab_n_first ? slab_first + i * slab_size : slab_rest + (i - slab_n_first) * slab_size;
+        dv_dst =
+            i + 1 < slab_n_first ? slab_first + (i + 1) * slab_size : slab_rest + (i + 1 - slab_n_first) * slab_size;
+      }
+      // acc[4nb + 2hh + e]: key g + 8hh of the warp's 16, head dim 8nb + 2t + e.
 #pragma unroll
-      for (int nb = 0; nb < 16; ++nb) {
-        *reinterpret_cast<float2*>(dk_dst + at + 8 * nb) =
-            make_float2(dk_acc[4 * nb + 2 * hh] * scale, dk_acc[4 * nb + 2 * hh + 1] * scale);
-        *reinterpret_cast<float2*>(dv_dst + at + 8 * nb) = make_float2(dv_acc[4 * nb + 2 * hh], dv_acc[4 * nb + 2 * hh + 1]);
+      for (int hh = 0; hh < 2; ++hh) {
+        const int r = k0 + warp * 16 + g + 8 * hh;
+        if (r >= len) continue;
+        const std::int64_t at = static_cast<std::int64_t>(start + r) * kv_stride + kvh * kD + 2 * t;
+#pragma unroll
+        for (int nb = 0; nb < 16; ++nb) {
+          *reinterpret_cast<float2*>(dk_dst + at + 8 * nb) =
+              make_float2(dk_acc[4 * nb + 2 * hh] * scale, dk_acc[4 * nb + 2 * hh + 1] * scale);
+          *reinterpret_cast<float2*>(dv_dst + at + 8 * nb) =
+              make_float2(dv_acc[4 * nb + 2 * hh], dv_acc[4 * nb + 2 * hh + 1]);
+        }
       }
     }
   }
