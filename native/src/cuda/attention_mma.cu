@@ -90,7 +90,9 @@
 // bytes (stores / loads) to 36 / 72 at 255 registers. The forward writes out rounded once to bf16; the row dots read bf16 out
 // and dout. The results are bit for bit those of the fp32-input kernels on the same values (the host
 // emulation and CudaAttentionMmaBf16Inputs check it).
-// Next steps: the dQ pass fused into the dK/dV pass; wgmma (sm_90a) with 128-row tiles.
+// tf32 at head_dim 128 on sm_90a runs attention_wgmma.cu's kernels instead (attention_forward_mma
+// and launch_backward ask attention_wgmma_tf32_supported). Next step here: the bf16 kernels on
+// wgmma as well.
 #include "cuda/attention_mma.cuh"
 #include "cuda/attention_wgmma.cuh"
 #include "cuda/attention_shared.cuh"

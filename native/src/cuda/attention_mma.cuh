@@ -10,7 +10,9 @@
 //   BF16  operands rounded to bf16 (round to nearest even) as tiles are staged into shared memory,
 //         mma.sync m16n8k16 bf16 -> fp32; P (and dS) rounded to bf16 for the P V (dS K, ...)
 //         products; softmax, lse, D = rowsum(dout * out) and all accumulation in fp32.
-//   TF32  the same with tf32 operands (cvt.rna.tf32.f32) and mma.sync m16n8k8 tf32 -> fp32.
+//   TF32  the same with tf32 operands (cvt.rna.tf32.f32) and mma.sync m16n8k8 tf32 -> fp32; at
+//         head_dim 128 with an even GQA group on an sm_90a build and device, the wgmma kernels of
+//         attention_wgmma.cu instead (same rounding, same math; attention_wgmma_tf32_supported).
 // head_dim 64 and 128 run on tensor cores; any other head_dim falls back to the fp32 kernels
 // (attention_mma_supported), and so does a call whose kernels need more shared memory per block
 // than the GPU grants (tf32 at head_dim 128: backward 213 KB, fine on H100/H200's 227 KB, too much

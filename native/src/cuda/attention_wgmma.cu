@@ -1,40 +1,52 @@
-// Causal GQA attention forward on wgmma (sm_90a), tf32, head_dim 128. Contract: attention_wgmma.cuh.
+// Causal GQA attention on wgmma (sm_90a), tf32, head_dim 128: the forward, the backward's dK/dV
+// pass and its dQ pass. Contract: attention_wgmma.cuh.
 //
 // Why: tf32 on mma.sync (attention_mma.cu) runs at a quarter of its bf16 rate there (half the
 // instruction rate, plus transposed tiles built by the threads); wgmma's tf32 rate is half of its
 // bf16 one, and a warpgroup issues 64-row products that read B straight from shared memory.
 //
-// Work: one block = one 64-query tile of two query heads of a GQA group (256 threads, warpgroup w
-// owns head 2 * blockIdx.x + w); both share every staged K/V tile. Per 64-key tile, warpgroup w:
+// Forward: one block = one 64-query tile of two query heads of a GQA group (256 threads, warpgroup
+// w owns head 2 * blockIdx.x + w); both share every staged K/V tile. Per 64-key tile, warpgroup w:
 //   S  [64 x 64]  = Q K^T          wgmma m64n64k8, A = Q and B = K from shared memory
 //   online softmax on S in registers (exp2 domain), P = exp2(S - m) kept in registers
 //   O [64 x 128] += P V            wgmma m64n128k8, A = P from registers, B = V^T from shared memory
-// Diagonal tiles are computed in full and masked; tiles right of the diagonal are skipped.
+// Diagonal tiles are computed in full and masked; tiles right of the diagonal are skipped. The
+// backward's passes (their kernels below say how they split the work) recompute P from lse:
+//   dK/dV  S^T = K Q^T, dP^T = V dO^T; dV += P^T dO, dK += dS^T Q   (64 keys per block, 32-query items)
+//   dQ     S = Q K^T, dP = dO V^T; dQ += dS K                      (64 queries per block, 32-key tiles)
+// with dS = P (dP - D), D = rowsum(dO * O) from attention_mma.cu's row-dot kernel.
 //
-// Layouts. wgmma's tf32 operands in shared memory are K-major (no transposed form): Q and K as
-// [rows][d] tiles, V as V^T [d][keys], which the threads build while staging. A K-major tile of R
-// rows x 128 values is 4 column chunks of R x 32 values (128-byte rows), in the 128-byte swizzle
-// (16-byte unit u of row r stored at u ^ (r % 8); chunks 1 KB aligned); a k-step (8 values) starts
-// 32 bytes further along the row, the next chunk R * 128 bytes further. V^T [128][64] is 2 chunks.
-// P's accumulator registers hold columns 2t and 2t + 1 of each 8-column block, where the A
-// fragment wants k = t and t + 4; so V^T stores key 8i + 2j at column 8i + j and key 8i + 2j + 1 at
-// 8i + 4 + j (vt_col): the product over each 8-key step is unchanged.
+// Layouts. wgmma's tf32 operands in shared memory are K-major (no transposed form): Q, K, V, dO
+// as [rows][d] tiles, and the threads build V^T, K^T, Q^T, dO^T [d][rows] while staging. A
+// K-major tile of R rows x 128 values is 4 column chunks of R x 32 values (128-byte rows), in the
+// 128-byte swizzle (16-byte unit u of row r stored at u ^ (r % 8); chunks 1 KB aligned); a k-step
+// (8 values) starts 32 bytes further along the row, the next chunk R * 128 bytes further. A
+// transposed tile [128][64] is 2 chunks, [128][32] one. The accumulator registers of P (dS) hold
+// columns 2t and 2t + 1 of each 8-column block, where the A fragment wants k = t and t + 4; so the
+// transposed tiles store row 8i + 2j at column 8i + j and row 8i + 2j + 1 at 8i + 4 + j (vt_col):
+// the product over each 8-wide step is unchanged. Operands are rounded to tf32 (cvt.rna) as they
+// are staged, P and dS as they become A fragments.
 //
-// Pipeline (one block per SM: 192 KB of shared memory): K and V^T are double-buffered. While
-// tile kt's products run, every thread loads its share of tile kt + 1 from global memory into
+// Forward pipeline (one block per SM: 192 KB of shared memory): K and V^T are double-buffered.
+// While tile kt's products run, every thread loads its share of tile kt + 1 from global memory into
 // registers (issued after the S product, stored after the P V product is issued), rounds it to
 // tf32 and stores it into the other buffer; one barrier per tile.
 //
-// Cost per query head (n tokens, pairs = n(n+1)/2, diagonal tiles in full): 4 * pairs * 128 FLOPs.
+// Cost per query head (n tokens, pairs = n(n+1)/2, diagonal tiles in full): forward 4 * pairs *
+// 128 FLOPs, backward 14 * pairs * 128 (dK/dV 4 products, dQ 3).
 //
 // Measured (H200, 2026-11-28, CudaAttentionTiming, Qwen3-4B heads 32/8; TFLOP/s on the useful
-// 2 * n_q * d * sum(L^2)): 8 x 512 0.199 ms (86 TFLOP/s; mma.sync 0.314), 1 x 2048 0.274 ms (126;
-// mma.sync 0.432). Its output equalled the mma.sync kernel's bit for bit. Still far from wgmma's
-// tf32 rate: one block per SM, and the two warpgroups run the same phases in lockstep (a barrier per
-// tile), so the tensor cores idle during the softmax and the staging stores; the first tiles of
-// each block are staged synchronously. A producer warp with TMA (no register staging) and
-// ping-pong scheduling of the two warpgroups are the next steps; the backward has no wgmma kernel
-// yet (its tiles need more shared memory: Q, dO, K, V and transposed copies).
+// 2 * n_q * d * sum(L^2) forward, 2.5x that backward), against the mma.sync kernels:
+//   8 x 512   forward 0.201 ms (86 TFLOP/s; mma.sync 0.318), backward 0.791 ms (54; 1.224)
+//   1 x 2048  forward 0.275 ms (125; 0.436), backward 1.241 ms (69; 1.995)
+// of which the dK/dV pass 0.52 / 0.81 ms and the dQ pass 0.29 / 0.42. The forward's and the dQ
+// pass's results equalled the mma.sync kernels' bit for bit (the same products summed in the same
+// order), dK and dV within 1.1e-6 relative (warpgroup 1's items are summed apart). Still far from
+// wgmma's tf32 rate: one block per SM; in the forward and the dQ pass the two warpgroups run the
+// same phases in lockstep (a barrier per tile), so the tensor cores idle during the softmax and
+// the staging stores, and each block's first tiles are staged synchronously. Staging by a
+// producer warp (rounding and transposing included) with the two warpgroups in ping-pong, as the
+// dK/dV pass's independent warpgroups begin to do, is the next step.
 #include "cuda/attention_wgmma.cuh"
 
 #include <algorithm>
