@@ -27,7 +27,7 @@
 // the product over each 8-wide step is unchanged. Operands are rounded to tf32 (cvt.rna) as they
 // are staged, P and dS as they become A fragments.
 //
-// Forward pipeline (one block per SM: 192 KB of shared memory): K and V^T are double-buffered.
+// Forward pipeline (one block per SM: 193 KB of shared memory): K and V^T are double-buffered.
 // While tile kt's products run, every thread loads its share of tile kt + 1 from global memory into
 // registers (issued after the S product, stored after the P V product is issued), rounds it to
 // tf32 and stores it into the other buffer; one barrier per tile.
@@ -39,7 +39,8 @@
 // 2 * n_q * d * sum(L^2) forward, 2.5x that backward), against the mma.sync kernels:
 //   8 x 512   forward 0.201 ms (86 TFLOP/s; mma.sync 0.318), backward 0.791 ms (54; 1.224)
 //   1 x 2048  forward 0.275 ms (125; 0.436), backward 1.241 ms (69; 1.995)
-// of which the dK/dV pass 0.52 / 0.81 ms and the dQ pass 0.29 / 0.42. The forward's and the dQ
+// In the profiler (a block's step, 8 x 512 / 1 x 2048) the dK/dV pass took 0.52 / 0.81 ms and the
+// dQ pass 0.29 / 0.42 (mma.sync 0.70 / 1.15 and 0.57 / 0.84). The forward's and the dQ
 // pass's results equalled the mma.sync kernels' bit for bit (the same products summed in the same
 // order), dK and dV within 1.1e-6 relative (warpgroup 1's items are summed apart). Still far from
 // wgmma's tf32 rate: one block per SM; in the forward and the dQ pass the two warpgroups run the
@@ -48,6 +49,7 @@
 // producer warp (rounding and transposing included) with the two warpgroups in ping-pong, as the
 // dK/dV pass's independent warpgroups begin to do, is the next step.
 #include "cuda/attention_wgmma.cuh"
+#include "cuda/attention_shared.cuh"
 
 #include <algorithm>
 #include <atomic>
@@ -83,7 +85,6 @@ constexpr int kDqSmemBytes = kDqOffKt + 2 * kKvBytes + 1024;  // 225 KB
 
 // The dK/dV pass (see attention_wgmma_dkdv_kernel): K and V of the block's 64 keys, then for each
 // warpgroup the stage of its 32-query item (Q, dO, Q^T, dO^T) and the item's lse and D.
-constexpr int kDkvThreads = 256;  // two warpgroups
 constexpr int kDkvOffStage = 2 * kTileBytes;
 constexpr int kDkvStageBytes = 4 * kKvBytes;
 constexpr int kDkvOffStats = kDkvOffStage + 2 * kDkvStageBytes;
@@ -93,6 +94,14 @@ constexpr int kDkvSmemBytes = kDkvOffStats + 2 * 2 * kKeys * 4 + 1024;  // 193 K
 
 constexpr int kPerThread = kTile * kD / 4 / kThreads;  // float4 of a 64 x 128 tile per thread: 8
 constexpr float kLn2 = 0.69314718055994531f;
+
+// The dynamic shared memory from its first 1 KB boundary (the 128-byte swizzle's pattern repeats
+// every 1 KB, and the tiles must start on it); the kernels ask for 1 KB more than they use.
+__device__ __forceinline__ unsigned char* aligned_smem() {
+  extern __shared__ unsigned char smem_raw[];
+  const std::uint32_t raw_addr = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
+  return smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);
+}
 
 // Byte offset of element (r, c) in a K-major tile of `rows` rows in the 128-byte swizzle.
 __device__ __forceinline__ std::uint32_t swz(int rows, int r, int c) {
@@ -152,9 +161,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                    const std::int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads,
                                    float scale_log2) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ unsigned char smem_raw[];
-  const std::uint32_t raw_addr = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
-  unsigned char* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);  // the swizzle needs 1 KB alignment
+  unsigned char* const smem = aligned_smem();
   const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
 
   const int seq = blockIdx.y;
@@ -174,9 +181,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto k_tile = [&](int b) { return base + kOffK + b * kTileBytes; };
   auto vt_tile = [&](int b) { return base + kOffVt + b * kTileBytes; };
 
+  // No barrier before the staging: the previous tile's last key tile ended with one.
   for (int qt = static_cast<int>(gridDim.z) - 1 - static_cast<int>(blockIdx.z); qt < n_tiles; qt += gridDim.z) {
     const int q0 = qt * kTile;
-    __syncthreads();  // a previous tile's readers of shared memory are done
     {
       float4 x[kPerThread];
 #pragma unroll
@@ -304,7 +311,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       float* dst = out + static_cast<std::int64_t>(start + r) * q_stride + h * kD + 2 * t;
 #pragma unroll
       for (int nb = 0; nb < 16; ++nb) {
-        *reinterpret_cast<float2*>(dst + 8 * nb) = make_float2(o[4 * nb + 2 * hh] * inv[hh], o[4 * nb + 2 * hh + 1] * inv[hh]);
+        *reinterpret_cast<float2*>(dst + 8 * nb) =
+            make_float2(o[4 * nb + 2 * hh] * inv[hh], o[4 * nb + 2 * hh + 1] * inv[hh]);
       }
     }
   }
@@ -314,35 +322,38 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-constexpr int kKvPerThread = kKeys * kD / 4 / kThreads;  // 16-byte chunks of a K or V tile per thread: 4
 constexpr int kDqOffDo = 2 * kTileBytes;                 // dO tiles after the two heads' Q tiles
 
-// This thread's chunks of a 32-key K or V tile (chunk i: key i % 32, columns 4 (i / 32)..; a warp
-// takes 32 keys of one column group, so that its K^T stores hit 32 banks) by cp.async into a
-// K-major tile, raw fp32; keys at or past `valid` zero-filled.
-__device__ __forceinline__ void copy_keys(unsigned char* tile, const float* src, std::int64_t stride, int valid) {
+// The chunks of a 32-row tile (K or V of the dQ pass, Q or dO of the dK/dV pass) that thread `th`
+// of the NT sharing it copies: chunk i is row i % 32, columns 4 (i / 32).. (a warp takes 32 rows of
+// one column group, so that its transposed stores hit 32 banks). By cp.async into a K-major tile,
+// raw fp32, rows at or past `valid` (>= 1) zero-filled ...
+template <int NT>
+__device__ __forceinline__ void copy_rows32(unsigned char* tile, const float* src, std::int64_t stride, int valid,
+                                            int th) {
 #pragma unroll
-  for (int u = 0; u < kKvPerThread; ++u) {
-    const int i = threadIdx.x + u * kThreads, r = i & (kKeys - 1), c4 = i / kKeys;
+  for (int u = 0; u < kKeys * kD / 4 / NT; ++u) {
+    const int i = th + u * NT, r = i & (kKeys - 1), c4 = i / kKeys;
     cp_async16(tile + swz(kKeys, r, 4 * c4), src + static_cast<std::int64_t>(r < valid ? r : 0) * stride + 4 * c4,
                r < valid);
   }
 }
-// ... once landed: rounded to tf32 in place (the same thread's chunks: no barrier in between), and
-// for K also transposed into K^T [128 head dims][32 keys] (columns in vt_col's order).
-__device__ __forceinline__ void round_keys(unsigned char* tile, unsigned char* kt) {
+// ... once landed: rounded to tf32 in place by the same thread (no barrier in between) and, when
+// `tt` is given, transposed into tt [128 head dims][32 rows] (columns in vt_col's order).
+template <int NT>
+__device__ __forceinline__ void round_rows32(unsigned char* tile, unsigned char* tt, int th) {
 #pragma unroll
-  for (int u = 0; u < kKvPerThread; ++u) {
-    const int i = threadIdx.x + u * kThreads, r = i & (kKeys - 1), c4 = i / kKeys;
+  for (int u = 0; u < kKeys * kD / 4 / NT; ++u) {
+    const int i = th + u * NT, r = i & (kKeys - 1), c4 = i / kKeys;
     uint4* p = reinterpret_cast<uint4*>(tile + swz(kKeys, r, 4 * c4));
     const uint4 y = tf32x4(*reinterpret_cast<const float4*>(p));
     *p = y;
-    if (kt != nullptr) {
+    if (tt != nullptr) {
       const int col = vt_col(r);
-      *reinterpret_cast<std::uint32_t*>(kt + swz(kD, 4 * c4, col)) = y.x;
-      *reinterpret_cast<std::uint32_t*>(kt + swz(kD, 4 * c4 + 1, col)) = y.y;
-      *reinterpret_cast<std::uint32_t*>(kt + swz(kD, 4 * c4 + 2, col)) = y.z;
-      *reinterpret_cast<std::uint32_t*>(kt + swz(kD, 4 * c4 + 3, col)) = y.w;
+      *reinterpret_cast<std::uint32_t*>(tt + swz(kD, 4 * c4, col)) = y.x;
+      *reinterpret_cast<std::uint32_t*>(tt + swz(kD, 4 * c4 + 1, col)) = y.y;
+      *reinterpret_cast<std::uint32_t*>(tt + swz(kD, 4 * c4 + 2, col)) = y.z;
+      *reinterpret_cast<std::uint32_t*>(tt + swz(kD, 4 * c4 + 3, col)) = y.w;
     }
   }
 }
@@ -365,9 +376,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                               const std::int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads, float scale,
                               float scale_log2) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ unsigned char smem_raw[];
-  const std::uint32_t raw_addr = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
-  unsigned char* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);  // the swizzle needs 1 KB alignment
+  unsigned char* const smem = aligned_smem();
   const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
 
   const int seq = blockIdx.y;
@@ -393,8 +402,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int q0 = qt * kTile;
     const std::int64_t q_off = static_cast<std::int64_t>(start + q0) * q_stride;
     __syncthreads();  // a previous tile's readers of shared memory are done
-    copy_keys(k_tile(0), k_head, kv_stride, len);
-    copy_keys(v_tile(0), v_head, kv_stride, len);
+    copy_rows32<kThreads>(k_tile(0), k_head, kv_stride, len, tid);
+    copy_rows32<kThreads>(v_tile(0), v_head, kv_stride, len, tid);
     cp_async_commit();
     {
       float4 x[kPerThread];
@@ -423,14 +432,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int kt = 0; kt < n_kt; ++kt) {
       const int b = kt & 1;
       cp_async_wait_group<0>();
-      round_keys(k_tile(b), kt_tile(b));
-      round_keys(v_tile(b), nullptr);
+      round_rows32<kThreads>(k_tile(b), kt_tile(b), tid);
+      round_rows32<kThreads>(v_tile(b), nullptr, tid);
       fence_proxy_async();
       __syncthreads();  // tile kt complete in stage b and K^T b; stage 1 - b is free
       if (kt + 1 < n_kt) {
         const int k1 = (kt + 1) * kKeys;
-        copy_keys(k_tile(b ^ 1), k_head + static_cast<std::int64_t>(k1) * kv_stride, kv_stride, len - k1);
-        copy_keys(v_tile(b ^ 1), v_head + static_cast<std::int64_t>(k1) * kv_stride, kv_stride, len - k1);
+        copy_rows32<kThreads>(k_tile(b ^ 1), k_head + static_cast<std::int64_t>(k1) * kv_stride, kv_stride,
+                              len - k1, tid);
+        copy_rows32<kThreads>(v_tile(b ^ 1), v_head + static_cast<std::int64_t>(k1) * kv_stride, kv_stride,
+                              len - k1, tid);
       }
       cp_async_commit();
 
@@ -486,7 +497,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_operands(acc);
       hold(a);
     }
-    cp_async_wait_group<0>();  // nothing is in flight when the next tile's staging starts
 
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
@@ -495,7 +505,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       float* dst = dq + static_cast<std::int64_t>(start + r) * q_stride + h * kD + 2 * t;
 #pragma unroll
       for (int nb = 0; nb < 16; ++nb) {
-        *reinterpret_cast<float2*>(dst + 8 * nb) = make_float2(acc[4 * nb + 2 * hh] * scale, acc[4 * nb + 2 * hh + 1] * scale);
+        *reinterpret_cast<float2*>(dst + 8 * nb) =
+            make_float2(acc[4 * nb + 2 * hh] * scale, acc[4 * nb + 2 * hh + 1] * scale);
       }
     }
   }
@@ -505,54 +516,32 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-constexpr int kRowChunks = kTile * kD / 4 / kDkvThreads;  // 16-byte chunks of a K or V tile per thread: 8
-constexpr int kQueryChunks = kKeys * kD / 4 / 128;        // ... of a 32-query tile per warpgroup thread: 8
-
 // Barrier of warpgroup wg's 128 threads alone (ids 1 and 2; __syncthreads is 0).
-__device__ __forceinline__ void warpgroup_barrier(int wg) { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); }
+__device__ __forceinline__ void warpgroup_barrier(int wg) {
+  if (wg == 0) {
+    asm volatile("bar.sync 1, 128;\n" ::: "memory");
+  } else {
+    asm volatile("bar.sync 2, 128;\n" ::: "memory");
+  }
+}
 
 // The dK/dV pass's copies: this thread's chunks of a 64-row K or V tile (all 256 threads; as
-// load_rows), raw fp32 by cp.async, rounded in place once landed ...
+// load_rows), raw fp32 by cp.async (rows at or past `valid` >= 1 zero-filled), rounded in place
+// once landed ...
 __device__ __forceinline__ void copy_rows64(unsigned char* tile, const float* src, std::int64_t stride, int valid) {
 #pragma unroll
-  for (int u = 0; u < kRowChunks; ++u) {
-    const int i = threadIdx.x + u * kDkvThreads, r = i >> 5, c4 = i & 31;
+  for (int u = 0; u < kPerThread; ++u) {
+    const int i = threadIdx.x + u * kThreads, r = i >> 5, c4 = i & 31;
     cp_async16(tile + swz(kTile, r, 4 * c4), src + static_cast<std::int64_t>(r < valid ? r : 0) * stride + 4 * c4,
                r < valid);
   }
 }
 __device__ __forceinline__ void round_rows64(unsigned char* tile) {
 #pragma unroll
-  for (int u = 0; u < kRowChunks; ++u) {
-    const int i = threadIdx.x + u * kDkvThreads, r = i >> 5, c4 = i & 31;
+  for (int u = 0; u < kPerThread; ++u) {
+    const int i = threadIdx.x + u * kThreads, r = i >> 5, c4 = i & 31;
     uint4* p = reinterpret_cast<uint4*>(tile + swz(kTile, r, 4 * c4));
     *p = tf32x4(*reinterpret_cast<const float4*>(p));
-  }
-}
-// ... and a warpgroup thread's (wt = thread index in the warpgroup) chunks of a 32-query Q or dO
-// tile (chunk i: query i % 32, columns 4 (i / 32)..), rounded in place and transposed into [128
-// head dims][32 queries] (columns in vt_col's order) once landed.
-__device__ __forceinline__ void copy_queries(unsigned char* tile, const float* src, std::int64_t stride, int valid,
-                                             int wt) {
-#pragma unroll
-  for (int u = 0; u < kQueryChunks; ++u) {
-    const int i = wt + u * 128, r = i & (kKeys - 1), c4 = i / kKeys;
-    cp_async16(tile + swz(kKeys, r, 4 * c4), src + static_cast<std::int64_t>(r < valid ? r : 0) * stride + 4 * c4,
-               r < valid);
-  }
-}
-__device__ __forceinline__ void round_queries(unsigned char* tile, unsigned char* tt, int wt) {
-#pragma unroll
-  for (int u = 0; u < kQueryChunks; ++u) {
-    const int i = wt + u * 128, r = i & (kKeys - 1), c4 = i / kKeys;
-    uint4* p = reinterpret_cast<uint4*>(tile + swz(kKeys, r, 4 * c4));
-    const uint4 y = tf32x4(*reinterpret_cast<const float4*>(p));
-    *p = y;
-    const int col = vt_col(r);
-    *reinterpret_cast<std::uint32_t*>(tt + swz(kD, 4 * c4, col)) = y.x;
-    *reinterpret_cast<std::uint32_t*>(tt + swz(kD, 4 * c4 + 1, col)) = y.y;
-    *reinterpret_cast<std::uint32_t*>(tt + swz(kD, 4 * c4 + 2, col)) = y.z;
-    *reinterpret_cast<std::uint32_t*>(tt + swz(kD, 4 * c4 + 3, col)) = y.w;
   }
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -569,17 +558,14 @@ __device__ __forceinline__ void round_queries(unsigned char* tile, unsigned char
 // dV += P^T dO and dK += dS^T Q by wgmma m64n128k8 with P^T, dS^T from registers and dO^T, Q^T from
 // shared memory. At the end warpgroup 1 hands its sums to warpgroup 0 through shared memory, which
 // adds them to its own (a fixed order: deterministic) and stores.
-__global__ void __launch_bounds__(kDkvThreads, 1)
+__global__ void __launch_bounds__(kThreads, 1)
     attention_wgmma_dkdv_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                                 const float* __restrict__ dout, const float* __restrict__ lse,
                                 const float* __restrict__ dsum, float* __restrict__ dk, float* __restrict__ dv,
-                                float* slab_first, float* slab_rest, int slab_n_first, std::int64_t slab_size,
-                                const std::int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads,
-                                int splits, float scale, float scale_log2) {
+                                Slabs slabs, const std::int32_t* __restrict__ cu_seqlens, int n_q_heads,
+                                int n_kv_heads, int splits, float scale, float scale_log2) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ unsigned char smem_raw[];
-  const std::uint32_t raw_addr = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
-  unsigned char* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);  // the swizzle needs 1 KB alignment
+  unsigned char* const smem = aligned_smem();
   const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
   auto addr = [&](const unsigned char* p) { return base + static_cast<std::uint32_t>(p - smem); };
 
@@ -606,8 +592,8 @@ __global__ void __launch_bounds__(kDkvThreads, 1)
   auto copy_item = [&](int it, int per_head, int kt) {
     const int hq = h_begin + it / per_head, q0 = (2 * kt + it % per_head) * kKeys;
     const std::int64_t off = static_cast<std::int64_t>(start + q0) * q_stride + hq * kD;
-    copy_queries(stage, q + off, q_stride, len - q0, wt);
-    copy_queries(stage + kKvBytes, dout + off, q_stride, len - q0, wt);
+    copy_rows32<128>(stage, q + off, q_stride, len - q0, wt);
+    copy_rows32<128>(stage + kKvBytes, dout + off, q_stride, len - q0, wt);
     if (wt < kKeys) {  // rows past the end zero-filled: their P is masked to 0 where it is formed
       const bool valid = q0 + wt < len;
       const std::int64_t idx = valid ? static_cast<std::int64_t>(start + q0 + wt) * n_q_heads + hq : 0;
@@ -639,8 +625,8 @@ __global__ void __launch_bounds__(kDkvThreads, 1)
     for (int it = wg; it < n_items; it += 2) {
       const int q0 = (2 * kt + it % per_head) * kKeys;
       cp_async_wait_group<0>();
-      round_queries(stage, stage + 2 * kKvBytes, wt);
-      round_queries(stage + kKvBytes, stage + 3 * kKvBytes, wt);
+      round_rows32<128>(stage, stage + 2 * kKvBytes, wt);
+      round_rows32<128>(stage + kKvBytes, stage + 3 * kKvBytes, wt);
       fence_proxy_async();
       warpgroup_barrier(wg);  // item it complete in this warpgroup's stage
 
@@ -729,14 +715,8 @@ __global__ void __launch_bounds__(kDkvThreads, 1)
         dk_acc[i] += hand[i * 128 + wt];
         dv_acc[i] += hand[(64 + i) * 128 + wt];
       }
-      float* dk_dst = dk;
-      float* dv_dst = dv;
-      if (split > 0) {  // the slabs of attention_shared.cuh's Slabs
-        const int i = 2 * (split - 1);
-        dk_dst = i < slab_n_first ? slab_first + i * slab_size : slab_rest + (i - slab_n_first) * slab_size;
-        dv_dst =
-            i + 1 < slab_n_first ? slab_first + (i + 1) * slab_size : slab_rest + (i + 1 - slab_n_first) * slab_size;
-      }
+      float* dk_dst = split == 0 ? dk : slabs(2 * (split - 1));
+      float* dv_dst = split == 0 ? dv : slabs(2 * (split - 1) + 1);
       // acc[4nb + 2hh + e]: key g + 8hh of the warp's 16, head dim 8nb + 2t + e.
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
@@ -817,8 +797,8 @@ void attention_dkdv_wgmma_tf32(const float* q, const float* k, const float* v, c
   require_dynamic_smem(reinterpret_cast<const void*>(attention_wgmma_dkdv_kernel), kDkvSmemBytes,
                        "attention (cuda, wgmma):");
   const dim3 grid(static_cast<unsigned>(n_kv_heads * splits), static_cast<unsigned>(n_seqs), k_tiles);
-  attention_wgmma_dkdv_kernel<<<grid, kDkvThreads, kDkvSmemBytes, stream>>>(
-      q, k, v, dout, lse, dsum, dk, dv, slab_first, slab_rest, slab_n_first, slab_size, cu_seqlens, n_q_heads,
+  attention_wgmma_dkdv_kernel<<<grid, kThreads, kDkvSmemBytes, stream>>>(
+      q, k, v, dout, lse, dsum, dk, dv, Slabs{slab_first, slab_rest, slab_n_first, slab_size}, cu_seqlens, n_q_heads,
       n_kv_heads, splits, scale, scale * kLog2e);
   CUDABLOCKS_CHECK_LAUNCH("attention_wgmma_dkdv_kernel");
 }

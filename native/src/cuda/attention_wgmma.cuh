@@ -11,9 +11,10 @@
 
 namespace cudablocks::cuda {
 
-// True when attention_forward_wgmma_tf32 runs here: an sm_90a build on a compute capability 9.0
-// device, head_dim 128, an even GQA group (two query heads per block share each K/V tile), enough
-// shared memory, and not switched off (detail::set_attention_wgmma).
+// True when the wgmma kernels (the forward and both backward passes below) run here: an sm_90a
+// build on a compute capability 9.0 device, head_dim 128, an even GQA group (two query heads per
+// block share each K/V tile; callers have checked that n_q_heads is a positive multiple of
+// n_kv_heads), enough shared memory, and not switched off (detail::set_attention_wgmma).
 bool attention_wgmma_tf32_supported(int head_dim, int n_q_heads, int n_kv_heads);
 
 // The forward over the grid (n_q_heads / 2, n_seqs, q_tiles): q_tiles 64-query tiles per sequence
@@ -41,8 +42,8 @@ void attention_dkdv_wgmma_tf32(const float* q, const float* k, const float* v, c
 
 namespace detail {
 // 1: use the wgmma kernels where supported (the default); 0: the mma.sync kernels everywhere;
-// -1: from the environment (CUDABLOCKS_ATTN_WGMMA=0 or 1; unset: 1). Process-wide; for tests and
-// benchmarks.
+// -1: from the environment (CUDABLOCKS_ATTN_WGMMA=0 switches them off; unset or any other value:
+// on). Process-wide; for tests and benchmarks.
 void set_attention_wgmma(int mode);
 }  // namespace detail
 
