@@ -1,72 +1,21 @@
 // Host emulation of the tensor-core attention kernels (native/src/cuda/attention_mma.cu) for machines
 // without a GPU: the kernels' own source is compiled for the host (CUDABLOCKS_ATTN_MMA_EMULATION)
-// and run with one std::thread per CUDA thread, std::barrier for __syncthreads and the warp
-// collectives; mma.sync (bf16 m16n8k16, tf32 m16n8k8), ldmatrix.x4 (.trans) and cvt.rna.tf32 are
-// emulated from the PTX ISA's fragment layouts. Checks forward and backward (every kernel, splits of
+// and run on emu_harness.hpp's threads and barriers; mma.sync (bf16 m16n8k16, tf32 m16n8k8),
+// ldmatrix.x4 (.trans) and cvt.rna.tf32 are emulated from the PTX ISA's fragment layouts. Checks forward and backward (every kernel, splits of
 // the dK/dV pass included) against the CPU fp32 reference on small ragged shapes. Not a unit test
 // of the PTX semantics themselves (they are this file's assumptions); a check of everything around
-// them: staging, layouts, masking, online softmax, GQA, splits. Takes ~2 minutes.
-//
-//   g++ -std=c++20 -O2 -I/usr/local/cuda/include -Inative/src -Inative/include -Wno-unknown-pragmas \
-//       tests/emu/attention_mma_emu.cpp native/src/cpu/attention.cpp native/src/cpu/parallel.cpp \
-//       -o /tmp/attention_mma_emu -lpthread && /tmp/attention_mma_emu
-#include <barrier>
-#include <thread>
-#include <vector>
-#include <cstring>
-#include <cstdio>
-#include <cmath>
-#include <cstdint>
-#include <random>
+// them: staging, layouts, masking, online softmax, GQA, splits. Takes ~2 minutes. ctest runs it in
+// a build with the CUDA backend (CMakeLists.txt builds it with the host compiler).
 #include <functional>
 #include <type_traits>
-#include <cuda_runtime.h>
+
 #include <cuda_bf16.h>
 
-#undef __global__
-#undef __shared__
-#undef __launch_bounds__
-#define __global__
-#define __launch_bounds__(...)
-#define __shared__
-#define CUDABLOCKS_ATTN_MMA_EMULATION 1
+#include "emu_harness.hpp"
 
-thread_local uint3 threadIdx;
-uint3 blockIdx;
-dim3 gridDim, blockDim;
 namespace cudablocks::cuda { namespace { alignas(16) uint4 smem_u4[262144 / 16]; } }
 using cudablocks::cuda::smem_u4;
 
-static std::barrier<>* g_block_bar = nullptr;
-static std::vector<std::barrier<>*> g_warp_bar;
-struct WarpBuf { uint32_t w[32][16]; const void* p[32]; };
-static std::vector<WarpBuf> g_wbuf;
-
-inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
-inline int lane_id() { return threadIdx.x & 31; }
-inline int warp_id() { return threadIdx.x >> 5; }
-inline void warp_sync() { g_warp_bar[warp_id()]->arrive_and_wait(); }
-
-inline float __shfl_xor_sync(unsigned, float v, int mask) {
-    WarpBuf& b = g_wbuf[warp_id()];
-    std::memcpy(&b.w[lane_id()][0], &v, 4);
-    warp_sync();
-    float r;
-    std::memcpy(&r, &b.w[lane_id() ^ mask][0], 4);
-    warp_sync();
-    return r;
-}
-template <class T> inline T __ldg(const T* p) { return *p; }
-
-inline float bits_f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline uint32_t f_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-inline uint32_t to_tf32(float x) {  // cvt.rna.tf32.f32: round to nearest, ties away from zero
-    uint32_t u = f_bits(x);
-    if ((u & 0x7f800000u) == 0x7f800000u) return u;
-    u += 0x1000u;
-    return u & 0xffffe000u;
-}
-inline float __uint_as_float(uint32_t u) { return bits_f(u); }
 inline float bf_lo(uint32_t w) { return bits_f(w << 16); }
 inline float bf_hi(uint32_t w) { return bits_f(w & 0xffff0000u); }
 
@@ -142,64 +91,8 @@ inline void ldsm_x4(const void* p, uint32_t r[4]) { ldsm_x4_impl(p, r, false); }
 inline void ldsm_x4_trans(const void* p, uint32_t r[4]) { ldsm_x4_impl(p, r, true); }
 
 #include "cuda/attention_mma.cu"
-#include "cpu/attention.hpp"
 
 using namespace cudablocks::cuda;
-
-template <class F>
-void launch(dim3 grid, int nt, F kernel) {
-    gridDim = grid;
-    blockDim = dim3(nt);
-    std::memset(smem_u4, 0xFF, sizeof(smem_u4));  // NaN-poison shared memory
-    for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-            for (unsigned x = 0; x < grid.x; ++x) {
-                blockIdx = make_uint3(x, y, z);
-                std::barrier<> bar(nt);
-                g_block_bar = &bar;
-                std::vector<std::barrier<>*> wb;
-                for (int w = 0; w < nt / 32; ++w) wb.push_back(new std::barrier<>(32));
-                g_warp_bar = wb;
-                g_wbuf.assign(nt / 32, WarpBuf{});
-                std::vector<std::thread> th;
-                for (int t = 0; t < nt; ++t)
-                    th.emplace_back([&, t] { threadIdx = make_uint3(t, 0, 0); kernel(); });
-                for (auto& t : th) t.join();
-                for (auto* b : wb) delete b;
-            }
-}
-
-double rel(const std::vector<float>& a, const std::vector<float>& b) {
-    double n = 0, d = 0;
-    for (size_t i = 0; i < a.size(); ++i) {
-        if (!std::isfinite(a[i])) return INFINITY;
-        n += (double)(a[i] - b[i]) * (a[i] - b[i]);
-        d += (double)b[i] * b[i];
-    }
-    return std::sqrt(n / d);
-}
-
-// Packed sequences of the given lengths: cu_seqlens, the longest, the token and sequence counts.
-struct Packed {
-    std::vector<int32_t> cu{0};
-    int maxlen = 0, T = 0, n_seqs = 0;
-    explicit Packed(const std::vector<int>& lens) : n_seqs((int)lens.size()) {
-        for (int L : lens) { cu.push_back(cu.back() + L); maxlen = std::max(maxlen, L); }
-        T = cu.back();
-    }
-};
-
-// n normal samples of standard deviation sd from a fixed-seed generator.
-struct Normal {
-    std::mt19937 gen;
-    explicit Normal(unsigned seed) : gen(seed) {}
-    std::vector<float> operator()(size_t n, float sd) {
-        std::normal_distribution<float> d(0, sd);
-        std::vector<float> x(n);
-        for (auto& e : x) e = d(gen);
-        return x;
-    }
-};
 
 // The split dK/dV pass's reduce (attention_reduce_kernel) on the host: dk, dv += the slabs in split order.
 void add_slabs(float* dk, float* dv, const Slabs& slabs, int splits) {
@@ -209,21 +102,17 @@ void add_slabs(float* dk, float* dv, const Slabs& slabs, int splits) {
 
 template <class Op, int D, int HPB>
 bool run_case(std::vector<int> lens, int nq, int nkv, int splits, double ob, double gb, const char* name) {
-    const Packed pk(lens);
-    const std::vector<int32_t>& cu = pk.cu;
-    const int maxlen = pk.maxlen, T = pk.T, n_seqs = pk.n_seqs;
-    const float scale = 1.f / std::sqrt((float)D);
-    Normal randn(123);
-    auto q = randn((size_t)T * nq * D, 1.5f), k = randn((size_t)T * nkv * D, 1.f), v = randn((size_t)T * nkv * D, 1.f),
-         dout = randn((size_t)T * nq * D, 1.f);
-    std::vector<float> out_ref((size_t)T * nq * D), lse_ref((size_t)T * nq), dq_ref(q.size()), dk_ref(k.size()), dv_ref(v.size());
-    cudablocks::cpu::attention_forward(q.data(), k.data(), v.data(), out_ref.data(), lse_ref.data(), cu.data(), n_seqs, maxlen, T, nq, nkv, D, scale);
-    cudablocks::cpu::attention_backward(q.data(), k.data(), v.data(), out_ref.data(), dout.data(), lse_ref.data(), dq_ref.data(), dk_ref.data(), dv_ref.data(), nullptr, cu.data(), n_seqs, maxlen, T, nq, nkv, D, scale);
+    const AttentionCase c(lens, nq, nkv, D);
+    const std::vector<int32_t>& cu = c.pk.cu;
+    const int maxlen = c.pk.maxlen, T = c.pk.T, n_seqs = c.pk.n_seqs;
+    const float scale = c.scale;
+    const std::vector<float>&q = c.q, &k = c.k, &v = c.v, &dout = c.dout, &out_ref = c.out, &lse_ref = c.lse,
+                             &dq_ref = c.dq, &dk_ref = c.dk, &dv_ref = c.dv;
 
     const unsigned tiles = (maxlen + 63) / 64;
     const float nan = NAN;
     std::vector<float> out(out_ref.size(), nan), lse(lse_ref.size(), nan);
-    launch(dim3(nq / HPB, n_seqs, tiles), 128 * HPB, [&] {
+    launch(dim3(nq / HPB, n_seqs, tiles), 128 * HPB, smem_u4, sizeof(smem_u4), [&] {
         attention_mma_forward_kernel<Op, D, HPB>(q.data(), k.data(), v.data(), out.data(), lse.data(), cu.data(), nq, nkv, scale * kLog2e);
     });
     const double eo = rel(out, out_ref), el = rel(lse, lse_ref);
@@ -236,15 +125,15 @@ bool run_case(std::vector<int> lens, int nq, int nkv, int splits, double ob, dou
     std::vector<float> ws(ws_n, nan), dq(q.size(), nan), dk(k.size(), nan), dv(v.size(), nan);
     float* dsum = ws.data();
     {
-        gridDim = dim3(1); // rowdot on host (same formula)
-        for (int64_t r = 0; r < rows; ++r) { float a = 0; for (int c = 0; c < D; ++c) a += out_ref[r * D + c] * dout[r * D + c]; dsum[r] = a; }
+        const std::vector<float> dots = c.row_dots();  // the row-dot kernel's sums, on the host
+        std::copy(dots.begin(), dots.end(), dsum);
     }
     const Slabs slabs{dq.data(), ws.data() + ((rows + 63) / 64) * 64, group, (int64_t)T * nkv * D};
-    launch(dim3(nkv * splits, n_seqs, tiles), 128, [&] {
+    launch(dim3(nkv * splits, n_seqs, tiles), 128, smem_u4, sizeof(smem_u4), [&] {
         attention_mma_dkdv_kernel<Op, D>(q.data(), k.data(), v.data(), dout.data(), lse_ref.data(), dsum, dk.data(), dv.data(), slabs, cu.data(), nq, nkv, splits, scale, scale * kLog2e);
     });
     add_slabs(dk.data(), dv.data(), slabs, splits);
-    launch(dim3(nq, n_seqs, tiles), 128, [&] {
+    launch(dim3(nq, n_seqs, tiles), 128, smem_u4, sizeof(smem_u4), [&] {
         attention_mma_dq_kernel<Op, D>(q.data(), k.data(), v.data(), dout.data(), lse_ref.data(), dsum, dq.data(), cu.data(), nq, nkv, scale, scale * kLog2e);
     });
     const double eq = rel(dq, dq_ref), ek = rel(dk, dk_ref), ev = rel(dv, dv_ref);
@@ -284,10 +173,10 @@ bool run_bf16_inputs_case(std::vector<int> lens, int nq, int nkv, int splits, co
     // Forwards: fp32 inputs (fp32 out), bf16 inputs (bf16 out).
     std::vector<float> out32(q.size(), NAN), lse32(rows, NAN), lse16(rows, NAN);
     std::vector<uint16_t> out16(q.size(), 0xFFFF);
-    launch(dim3(nq / HPB, n_seqs, tiles), 128 * HPB, [&] {
+    launch(dim3(nq / HPB, n_seqs, tiles), 128 * HPB, smem_u4, sizeof(smem_u4), [&] {
         attention_mma_forward_kernel<Bf16Op, D, HPB, float>(q.data(), k.data(), v.data(), out32.data(), lse32.data(), cu.data(), nq, nkv, scale * kLog2e);
     });
-    launch(dim3(nq / HPB, n_seqs, tiles), 128 * HPB, [&] {
+    launch(dim3(nq / HPB, n_seqs, tiles), 128 * HPB, smem_u4, sizeof(smem_u4), [&] {
         attention_mma_forward_kernel<Bf16Op, D, HPB, uint16_t>(q16.data(), k16.data(), v16.data(), out16.data(), lse16.data(), cu.data(), nq, nkv, scale * kLog2e);
     });
     const bool fwd_ok = to_bits(out32) == out16 && std::memcmp(lse32.data(), lse16.data(), rows * sizeof(float)) == 0;
@@ -301,11 +190,11 @@ bool run_bf16_inputs_case(std::vector<int> lens, int nq, int nkv, int splits, co
         std::vector<float> ws(ws_n, 0.f);
         for (int64_t i = 0; i < rows; ++i) { float a = 0; for (int c = 0; c < D; ++c) a += out[i * D + c] * dout[i * D + c]; ws[i] = a; }
         const Slabs slabs{r.dq.data(), ws.data() + ((rows + 63) / 64) * 64, group, (int64_t)T * nkv * D};
-        launch(dim3(nkv * splits, n_seqs, tiles), 128, [&] {
+        launch(dim3(nkv * splits, n_seqs, tiles), 128, smem_u4, sizeof(smem_u4), [&] {
             attention_mma_dkdv_kernel<Bf16Op, D, false, In>(qp, kp, vp, doutp, lse32.data(), ws.data(), r.dk.data(), r.dv.data(), slabs, cu.data(), nq, nkv, splits, scale, scale * kLog2e);
         });
         add_slabs(r.dk.data(), r.dv.data(), slabs, splits);
-        launch(dim3(nq, n_seqs, tiles), 128, [&] {
+        launch(dim3(nq, n_seqs, tiles), 128, smem_u4, sizeof(smem_u4), [&] {
             dq_kernel(qp, kp, vp, doutp, lse32.data(), ws.data(), r.dq.data(), cu.data(), nq, nkv, scale, scale * kLog2e);
         });
         return r;

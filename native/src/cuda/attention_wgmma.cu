@@ -55,11 +55,13 @@
 #include <atomic>
 #include <cstdlib>
 
-#include "cuda/check.hpp"
 #include "cuda/cp_async.cuh"
+#ifndef CUDABLOCKS_ATTN_MMA_EMULATION  // the host emulation (tests/emu) supplies its own primitives
+#include "cuda/check.hpp"
 #include "cuda/device_limits.hpp"
 #include "cuda/mma_sync.cuh"
 #include "cuda/wgmma.cuh"
+#endif
 
 namespace cudablocks::cuda {
 
@@ -516,15 +518,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Barrier of warpgroup wg's 128 threads alone (ids 1 and 2; __syncthreads is 0).
-__device__ __forceinline__ void warpgroup_barrier(int wg) {
-  if (wg == 0) {
-    asm volatile("bar.sync 1, 128;\n" ::: "memory");
-  } else {
-    asm volatile("bar.sync 2, 128;\n" ::: "memory");
-  }
-}
-
 // The dK/dV pass's copies: this thread's chunks of a 64-row K or V tile (all 256 threads; as
 // load_rows), raw fp32 by cp.async (rows at or past `valid` >= 1 zero-filled), rounded in place
 // once landed ...
@@ -738,6 +731,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+#ifndef CUDABLOCKS_ATTN_MMA_EMULATION
 std::atomic<int> g_mode{-1};
 
 #if defined(CUDABLOCKS_SM90A)
@@ -806,5 +800,8 @@ void attention_dkdv_wgmma_tf32(const float* q, const float* k, const float* v, c
 namespace detail {
 void set_attention_wgmma(int mode) { g_mode.store(mode < 0 ? -1 : (mode > 0 ? 1 : 0), std::memory_order_relaxed); }
 }  // namespace detail
+#else
+}  // namespace
+#endif  // CUDABLOCKS_ATTN_MMA_EMULATION
 
 }  // namespace cudablocks::cuda

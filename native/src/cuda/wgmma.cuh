@@ -158,6 +158,16 @@ __device__ __forceinline__ void fence_operands(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// Barrier of warpgroup wg's 128 threads alone (bar.sync ids 1 and 2; __syncthreads is 0), for
+// kernels whose two warpgroups run independently.
+__device__ __forceinline__ void warpgroup_barrier(int wg) {
+  if (wg == 0) {
+    asm volatile("bar.sync 1, 128;\n" ::: "memory");
+  } else {
+    asm volatile("bar.sync 2, 128;\n" ::: "memory");
+  }
+}
+
 // Shared memory written by ordinary stores, made visible to wgmma's (async-proxy) reads: every
 // writing thread runs this before the barrier that precedes the wgmma.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }

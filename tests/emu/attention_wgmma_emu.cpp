@@ -1,0 +1,150 @@
+// Host emulation of the wgmma attention kernels (native/src/cuda/attention_wgmma.cu) for machines
+// without a GPU: the kernels' own source is compiled for the host (CUDABLOCKS_ATTN_MMA_EMULATION)
+// and run on emu_harness.hpp's threads and barriers. wgmma (tf32 m64nNk8, A from shared memory or
+// registers, B from shared memory) is emulated from the shared-memory descriptor (start address,
+// 1 KB between 8-row groups, the 128-byte swizzle: bits 4-6 of an address XORed with bits 7-9)
+// and the PTX ISA's register fragment layouts; each wgmma runs when it is issued (the fences,
+// commits and waits do nothing), cp.async copies at once. Checks the forward, the dK/dV pass (with
+// splits) and the dQ pass against the CPU fp32 reference on small ragged shapes. Like
+// attention_mma_emu.cpp, a check of everything around the instructions (staging, the swizzled and
+// transposed tiles, masking, the online softmax, GQA, the grid loops), not of the instructions'
+// semantics, which are this file's assumptions (the kernels agree with the mma.sync ones on an
+// H200). Takes under half a minute. ctest runs it in a build with the CUDA backend (CMakeLists.txt
+// builds it with the host compiler).
+#define __CUDA_ARCH_FEAT_SM90_ALL 1
+
+#include <algorithm>
+
+#include "emu_harness.hpp"
+
+namespace cudablocks::cuda {
+namespace {
+alignas(1024) unsigned char smem_raw[232448];  // the H200's shared memory per block
+
+// Shared-memory addresses are offsets into smem_raw.
+inline std::uint32_t __cvta_generic_to_shared(const void* p) {
+  return static_cast<std::uint32_t>(static_cast<const unsigned char*>(p) - smem_raw);
+}
+inline int min(int a, int b) { return std::min(a, b); }
+
+// The descriptor the kernels build (cuda/wgmma.cuh's encoding) and the element it points at.
+inline std::uint64_t smem_desc(std::uint32_t addr) {
+  return static_cast<std::uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<std::uint64_t>(1) << 16) |
+         (static_cast<std::uint64_t>(1024 >> 4) << 32) | (static_cast<std::uint64_t>(1) << 62);
+}
+// Row r, k-element k (4-byte values) of the K-major operand that desc starts.
+inline float operand(std::uint64_t desc, int r, int k) {
+  const std::uint32_t start = static_cast<std::uint32_t>(desc & 0x3FFF) << 4;
+  const std::uint32_t stride = static_cast<std::uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  const std::uint32_t logical = start + (r >> 3) * stride + (r & 7) * 128 + k * 4;
+  const std::uint32_t physical = logical ^ (((logical >> 7) & 7) << 4);
+  std::uint32_t u;
+  std::memcpy(&u, smem_raw + physical, 4);
+  return bits_f(u & 0xffffe000u);  // tf32 reads the top 19 bits
+}
+
+inline void wgmma_fence() {}
+inline void wgmma_commit() {}
+template <int N>
+inline void wgmma_wait() {}
+inline void fence_proxy_async() {}
+template <int N>
+inline void fence_operands(float (&)[N]) {}
+template <int S>
+inline void hold(std::uint32_t (&)[S][4]) {}
+inline void warpgroup_barrier(int wg) { g_warpgroup_bar[wg]->arrive_and_wait(); }
+
+// d[i] of this thread: row 16 w + g + 8 ((i / 2) % 2) of the warpgroup's 64, column 8 (i / 4) + 2 t + i % 2.
+template <int N, class A>
+void wgmma_tf32(float (&d)[N / 2], A a_of, std::uint64_t desc_b) {
+  const int l = lane_id(), g = l >> 2, t = l & 3;
+  for (int i = 0; i < N / 2; ++i) {
+    const int row = g + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * t + (i & 1);
+    double acc = d[i];
+    for (int k = 0; k < 8; ++k) acc += static_cast<double>(a_of(row, k)) * operand(desc_b, col, k);
+    d[i] = static_cast<float>(acc);
+  }
+}
+template <int M>
+void wgmma_ss_tf32(float (&d)[M], std::uint64_t desc_a, std::uint64_t desc_b) {
+  const int w = warp_id() & 3;
+  wgmma_tf32<2 * M>(d, [&](int row, int k) { return operand(desc_a, 16 * w + row, k); }, desc_b);
+}
+// A from registers: lane 4g + t holds (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4) of its warp's 16 rows.
+inline void wgmma_rs_tf32(float (&d)[64], const std::uint32_t (&a)[4], std::uint64_t desc_b) {
+  WarpBuf& buf = g_wbuf[warp_id()];
+  for (int i = 0; i < 4; ++i) buf.w[lane_id()][i] = a[i];
+  warp_sync();
+  float frag[16][8];
+  for (int ln = 0; ln < 32; ++ln) {
+    const int g = ln >> 2, t = ln & 3;
+    const std::uint32_t* r = buf.w[ln];
+    frag[g][t] = bits_f(r[0] & 0xffffe000u);
+    frag[g + 8][t] = bits_f(r[1] & 0xffffe000u);
+    frag[g][t + 4] = bits_f(r[2] & 0xffffe000u);
+    frag[g + 8][t + 4] = bits_f(r[3] & 0xffffe000u);
+  }
+  warp_sync();
+  wgmma_tf32<128>(d, [&](int row, int k) { return frag[row][k]; }, desc_b);
+}
+}  // namespace
+}  // namespace cudablocks::cuda
+
+#include "cuda/attention_wgmma.cu"
+
+using namespace cudablocks::cuda;
+
+// Forward, dK/dV pass (every split) and dQ pass on one shape against the CPU reference; the
+// backward from the reference's out and lse, its row dots on the host.
+bool run_case(const std::vector<int>& lens, int nq, int nkv, int splits, unsigned tiles_hint, const char* name) {
+  constexpr int D = 128;
+  const AttentionCase c(lens, nq, nkv, D);
+  const std::vector<int32_t>& cu = c.pk.cu;
+  const int maxlen = c.pk.maxlen, T = c.pk.T, n_seqs = c.pk.n_seqs;
+  const float scale = c.scale;
+  const std::vector<float>&q = c.q, &k = c.k, &v = c.v, &dout = c.dout, &out_ref = c.out, &lse_ref = c.lse;
+  // tiles_hint < the longest sequence's tiles: blocks loop over the rest.
+  const unsigned tiles = std::min<unsigned>(tiles_hint, (maxlen + 63) / 64);
+  std::vector<float> out(out_ref.size(), NAN), lse(lse_ref.size(), NAN);
+  launch(dim3(nq / 2, n_seqs, tiles), kThreads, smem_raw, sizeof(smem_raw), [&] {
+    attention_wgmma_forward_kernel(q.data(), k.data(), v.data(), out.data(), lse.data(), cu.data(), nq, nkv,
+                                   scale * kLog2e);
+  });
+  const double eo = rel(out, out_ref), el = rel(lse, lse_ref);
+
+  const int group = nq / nkv;
+  const int64_t slab_n = (int64_t)T * nkv * D;
+  const std::vector<float> dsum = c.row_dots();
+  std::vector<float> rest(std::max<int64_t>(0, 2 * (splits - 1) - group) * slab_n + 1, NAN);
+  std::vector<float> dq(q.size(), NAN), dk(k.size(), NAN), dv(v.size(), NAN);
+  const Slabs slabs{dq.data(), rest.data(), group, slab_n};
+  launch(dim3(nkv * splits, n_seqs, tiles), kThreads, smem_raw, sizeof(smem_raw), [&] {
+    attention_wgmma_dkdv_kernel(q.data(), k.data(), v.data(), dout.data(), lse_ref.data(), dsum.data(), dk.data(),
+                                dv.data(), slabs, cu.data(), nq, nkv, splits, scale, scale * kLog2e);
+  });
+  for (int64_t i = 0; i < slab_n; ++i)  // attention_reduce_kernel: the slabs in split order
+    for (int sp = 1; sp < splits; ++sp) {
+      dk[i] += slabs(2 * (sp - 1))[i];
+      dv[i] += slabs(2 * (sp - 1) + 1)[i];
+    }
+  launch(dim3(nq / 2, n_seqs, tiles), kThreads, smem_raw, sizeof(smem_raw), [&] {
+    attention_wgmma_dq_kernel(q.data(), k.data(), v.data(), dout.data(), lse_ref.data(), dsum.data(), dq.data(),
+                              cu.data(), nq, nkv, scale, scale * kLog2e);
+  });
+  const double eq = rel(dq, c.dq), ek = rel(dk, c.dk), ev = rel(dv, c.dv);
+  // tf32 operand rounding (as attention_mma_emu.cpp and the GPU tests bound it)
+  const bool ok = eo <= 2e-3 && el <= 2e-3 && eq <= 5e-3 && ek <= 5e-3 && ev <= 5e-3;
+  std::printf("%-34s splits %d: out %.3e lse %.3e dq %.3e dk %.3e dv %.3e  %s\n", name, splits, eo, el, eq, ek, ev,
+              ok ? "OK" : "FAIL");
+  return ok;
+}
+
+int main() {
+  bool ok = true;
+  ok &= run_case({150, 5}, 8, 2, 1, 65535, "tf32 d128 8/2 ragged");
+  ok &= run_case({150, 5}, 8, 2, 4, 65535, "tf32 d128 8/2 ragged");
+  ok &= run_case({64, 0, 33, 1}, 4, 2, 2, 65535, "tf32 d128 4/2 empty, tile edges");
+  ok &= run_case({200}, 4, 1, 1, 1, "tf32 d128 4/1 one tile per grid");
+  std::printf(ok ? "ALL OK\n" : "SOME FAILED\n");
+  return ok ? 0 : 1;
+}
