@@ -20,6 +20,8 @@ done
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export CUDAARCHS=${CUDAARCHS:-90a}
+# The host emulations of the attention kernels (tests/emu) only matter without a GPU.
+export CUDABLOCKS_EMULATION_TESTS=${CUDABLOCKS_EMULATION_TESTS:-OFF}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 export PYTHONUNBUFFERED=1
 status=0
