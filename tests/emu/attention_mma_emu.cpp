@@ -1,8 +1,9 @@
 // Host emulation of the tensor-core attention kernels (native/src/cuda/attention_mma.cu) for machines
 // without a GPU: the kernels' own source is compiled for the host (CUDABLOCKS_ATTN_MMA_EMULATION)
 // and run on emu_harness.hpp's threads and barriers; mma.sync (bf16 m16n8k16, tf32 m16n8k8),
-// ldmatrix.x4 (.trans) and cvt.rna.tf32 are emulated from the PTX ISA's fragment layouts. Checks forward and backward (every kernel, splits of
-// the dK/dV pass included) against the CPU fp32 reference on small ragged shapes. Not a unit test
+// ldmatrix.x4 (.trans) and cvt.rna.tf32 are emulated from the PTX ISA's fragment layouts. Checks
+// forward and backward (every kernel, splits of the dK/dV pass included) against the CPU fp32
+// reference on small ragged shapes. Not a unit test
 // of the PTX semantics themselves (they are this file's assumptions); a check of everything around
 // them: staging, layouts, masking, online softmax, GQA, splits. Takes ~2 minutes. ctest runs it in
 // a build with the CUDA backend (CMakeLists.txt builds it with the host compiler).
