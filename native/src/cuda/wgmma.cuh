@@ -1,5 +1,6 @@
 // Hopper's warpgroup tensor-core products (wgmma, sm_90a only), for the kernels that use them:
-// shared-memory descriptors, the fence / commit / wait protocol and the instruction shapes in use.
+// shared-memory descriptors, the fence / commit / wait protocol, the instruction shapes in use,
+// and the operand fences, proxy fence and warpgroup barrier around them.
 // Everything here assembles only for sm_90a, so callers guard their use with
 // __CUDA_ARCH_FEAT_SM90_ALL like this header does.
 #pragma once
