@@ -624,42 +624,9 @@ attention_mma_forward_kernel(const In* __restrict__ q, const In* __restrict__ k,
             zero(s);
             warp_abT<Op, D>(Qw, wrow, Kc, s);
 
-            const bool diag = kt == qt;
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int row = wrow + g + 8 * hh;  // within the tile; k0 == q0 on the diagonal
-                float mx = -INFINITY;
-#pragma unroll
-                for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        float x = s[nb][2 * hh + e] * scale_log2;
-                        if (diag && nb * 8 + 2 * t + e > row) x = -INFINITY;
-                        s[nb][2 * hh + e] = x;
-                        mx = fmaxf(mx, x);
-                    }
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // Every row sees key 0 of tile 0 (and its own key on the diagonal): mx is finite.
-                const float m_new = fmaxf(m[hh], mx);
-                const float alpha = exp2f(m[hh] - m_new);  // 0 on the first tile
-                m[hh] = m_new;
-                float rs = 0.f;
-#pragma unroll
-                for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float p = exp2f(s[nb][2 * hh + e] - m_new);
-                        s[nb][2 * hh + e] = p;
-                        rs += p;
-                    }
-                l[hh] = l[hh] * alpha + rs;
-#pragma unroll
-                for (int nb = 0; nb < D / 8; ++nb) {
-                    o[nb][2 * hh] *= alpha;
-                    o[nb][2 * hh + 1] *= alpha;
-                }
-            }
+            online_softmax_tile<D / 8>([&](int j, int c) -> float& { return s[j][c]; },
+                                       [&](int nb, int c) -> float& { return o[nb][c]; }, m, l, wrow, kt == qt,
+                                       scale_log2);
             warp_pB<Op, D>(s, Vc, o);
         }
 

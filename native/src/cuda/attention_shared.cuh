@@ -16,6 +16,54 @@ __device__ __forceinline__ float f4_get(const float4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// One key tile of the forward's online softmax (exp2 domain), for a thread's rows row0 + g and
+// row0 + g + 8 of its warp's tile (g = lane / 4, t = lane % 4). s_at(j, c) is the score of key
+// 8j + 2t + (c & 1) in row half c / 2 (j < 8, the mma accumulator order), replaced by P =
+// exp2(s * scale_log2 - m); keys right of the row are masked on the diagonal tile (keys and rows
+// then start together). m and l (this thread's partial row sums) are updated, and the output
+// accumulator o_at(nb, c) (nb < NB, the same order) rescaled. Shared by the mma.sync and wgmma
+// forwards.
+template <int NB, class S, class O>
+__device__ __forceinline__ void online_softmax_tile(S s_at, O o_at, float (&m)[2], float (&l)[2], int row0, bool diag,
+                                                    float scale_log2) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int row = row0 + g + 8 * hh;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                float x = s_at(j, 2 * hh + e) * scale_log2;
+                if (diag && j * 8 + 2 * t + e > row) x = -INFINITY;
+                s_at(j, 2 * hh + e) = x;
+                mx = fmaxf(mx, x);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // Every row sees key 0 of tile 0 (and its own key on the diagonal): mx is finite.
+        const float m_new = fmaxf(m[hh], mx);
+        const float alpha = exp2f(m[hh] - m_new);  // 0 on the first tile
+        m[hh] = m_new;
+        float rs = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const float p = exp2f(s_at(j, 2 * hh + e) - m_new);
+                s_at(j, 2 * hh + e) = p;
+                rs += p;
+            }
+        l[hh] = l[hh] * alpha + rs;
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+            o_at(nb, 2 * hh) *= alpha;
+            o_at(nb, 2 * hh + 1) *= alpha;
+        }
+    }
+}
+
 // Partial dK/dV slabs of the split dK/dV pass, each [T][n_kv*head_dim]: slab i lives in dq
 // (which is group slabs long and written only by the last kernel) for i < n_first, in the
 // workspace after that. Split s > 0 owns slabs 2(s-1) (dK) and 2(s-1)+1 (dV).

@@ -117,6 +117,44 @@ __device__ __forceinline__ uint4 tf32x4(const float4& x) {
   return make_uint4(to_tf32(x.x), to_tf32(x.y), to_tf32(x.z), to_tf32(x.w));
 }
 
+// What a block of the forward or the dQ pass works on: sequence blockIdx.y, query heads h0 and
+// h0 + 1 (h0 = 2 blockIdx.x) and their kv head.
+struct HeadPairBlock {
+  int start, len, n_tiles, h0, kvh;
+  std::int64_t q_stride, kv_stride;
+  __device__ __forceinline__ HeadPairBlock(const std::int32_t* cu_seqlens, int n_q_heads, int n_kv_heads)
+      : start(cu_seqlens[blockIdx.y]),
+        len(cu_seqlens[blockIdx.y + 1] - start),
+        n_tiles((len + kTile - 1) / kTile),
+        h0(static_cast<int>(blockIdx.x) * 2),
+        kvh(h0 / (n_q_heads / n_kv_heads)),
+        q_stride(static_cast<std::int64_t>(n_q_heads) * kD),
+        kv_stride(static_cast<std::int64_t>(n_kv_heads) * kD) {}
+  // The sequence's first row of the kv head in k or v.
+  __device__ __forceinline__ const float* kv_head(const float* x) const {
+    return x + static_cast<std::int64_t>(start) * kv_stride + kvh * kD;
+  }
+};
+
+// Rows row0 + g and row0 + g + 8 of a warp's 16 (g = lane / 4; rows at or past `valid` dropped) of
+// a 64 x 128 accumulator, acc[4nb + 2hh + e] = row half hh, column 8nb + 2 (lane % 4) + e, times
+// mul[hh], to dst + row * stride (dst: the tile's row 0, its head's column 0).
+__device__ __forceinline__ void store_tile_rows(float* dst, std::int64_t stride, const float (&acc)[64], int row0,
+                                                int valid, const float (&mul)[2]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = row0 + g + 8 * hh;
+    if (r >= valid) continue;
+    float* p = dst + r * stride + 2 * t;
+#pragma unroll
+    for (int nb = 0; nb < 16; ++nb) {
+      *reinterpret_cast<float2*>(p + 8 * nb) =
+          make_float2(acc[4 * nb + 2 * hh] * mul[hh], acc[4 * nb + 2 * hh + 1] * mul[hh]);
+    }
+  }
+}
+
 // This thread's share of rows [0, 64) of a [*, stride] fp32 matrix's 128 columns at src (rows at
 // or past `valid` read as zeros): float4 i of the tile is row i / 32, columns 4 (i % 32).. for K/Q
 // (a warp reads one row), and key i % 64, columns 4 (i / 64).. for V (a warp reads 32 keys).
@@ -166,25 +204,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned char* const smem = aligned_smem();
   const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
 
-  const int seq = blockIdx.y;
-  const int start = cu_seqlens[seq];
-  const int len = cu_seqlens[seq + 1] - start;
-  const int n_tiles = (len + kTile - 1) / kTile;
+  const HeadPairBlock blk(cu_seqlens, n_q_heads, n_kv_heads);
+  const int start = blk.start, len = blk.len, h0 = blk.h0;
+  const std::int64_t q_stride = blk.q_stride, kv_stride = blk.kv_stride;
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int h0 = blockIdx.x * 2;
   const int h = h0 + wg;  // this warpgroup's query head
-  const int kvh = h0 / (n_q_heads / n_kv_heads);
-  const std::int64_t q_stride = static_cast<std::int64_t>(n_q_heads) * kD;
-  const std::int64_t kv_stride = static_cast<std::int64_t>(n_kv_heads) * kD;
-  const float* k_head = k + static_cast<std::int64_t>(start) * kv_stride + kvh * kD;
-  const float* v_head = v + static_cast<std::int64_t>(start) * kv_stride + kvh * kD;
+  const float* k_head = blk.kv_head(k);
+  const float* v_head = blk.kv_head(v);
   const std::uint32_t q_tile = base + wg * kTileBytes;
   auto k_tile = [&](int b) { return base + kOffK + b * kTileBytes; };
   auto vt_tile = [&](int b) { return base + kOffVt + b * kTileBytes; };
 
   // No barrier before the staging: the previous tile's last key tile ended with one.
-  for (int qt = static_cast<int>(gridDim.z) - 1 - static_cast<int>(blockIdx.z); qt < n_tiles; qt += gridDim.z) {
+  for (int qt = static_cast<int>(gridDim.z) - 1 - static_cast<int>(blockIdx.z); qt < blk.n_tiles;
+       qt += gridDim.z) {
     const int q0 = qt * kTile;
     {
       float4 x[kPerThread];
@@ -230,43 +264,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       fence_operands(s);
 
-      // Online softmax over this warp's rows g and g + 8 (s[4j + 2hh + e]: row g + 8hh, key 8j + 2t + e).
-      const bool diag = kt == qt;
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int row = warp * 16 + g + 8 * hh;  // within the tile; the diagonal tile's keys start at q0
-        float mx = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float x = s[4 * j + 2 * hh + e] * scale_log2;
-            if (diag && 8 * j + 2 * t + e > row) x = -INFINITY;
-            s[4 * j + 2 * hh + e] = x;
-            mx = fmaxf(mx, x);
-          }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        // Every row sees key 0 of tile 0 (and its own key on the diagonal): mx is finite.
-        const float m_new = fmaxf(m[hh], mx);
-        const float alpha = exp2f(m[hh] - m_new);  // 0 on the first tile
-        m[hh] = m_new;
-        float rs = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float p = exp2f(s[4 * j + 2 * hh + e] - m_new);
-            s[4 * j + 2 * hh + e] = p;
-            rs += p;
-          }
-        l[hh] = l[hh] * alpha + rs;
-#pragma unroll
-        for (int nb = 0; nb < 16; ++nb) {
-          o[4 * nb + 2 * hh] *= alpha;
-          o[4 * nb + 2 * hh + 1] *= alpha;
-        }
-      }
+      // s[4j + c], o[4nb + c]: the mma accumulator order online_softmax_tile takes.
+      online_softmax_tile<16>([&](int j, int c) -> float& { return s[4 * j + c]; },
+                              [&](int nb, int c) -> float& { return o[4 * nb + c]; }, m, l, warp * 16, kt == qt,
+                              scale_log2);
 
       // P as the A operand: k-step j covers keys 8j .. 8j + 7 in vt_col's order.
       std::uint32_t a[8][4];
@@ -306,17 +307,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int r = q0 + warp * 16 + g + 8 * hh;
       if (t == 0 && r < len) lse[static_cast<std::int64_t>(start + r) * n_q_heads + h] = (m[hh] + log2f(sum)) * kLn2;
     }
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int r = q0 + warp * 16 + g + 8 * hh;
-      if (r >= len) continue;
-      float* dst = out + static_cast<std::int64_t>(start + r) * q_stride + h * kD + 2 * t;
-#pragma unroll
-      for (int nb = 0; nb < 16; ++nb) {
-        *reinterpret_cast<float2*>(dst + 8 * nb) =
-            make_float2(o[4 * nb + 2 * hh] * inv[hh], o[4 * nb + 2 * hh + 1] * inv[hh]);
-      }
-    }
+    store_tile_rows(out + static_cast<std::int64_t>(start + q0) * q_stride + h * kD, q_stride, o, warp * 16, len - q0,
+                    inv);
   }
 #else
   __trap();  // launched only where attention_wgmma_tf32_supported (an sm_90a build on a 9.0 device)
@@ -381,26 +373,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned char* const smem = aligned_smem();
   const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
 
-  const int seq = blockIdx.y;
-  const int start = cu_seqlens[seq];
-  const int len = cu_seqlens[seq + 1] - start;
-  const int n_tiles = (len + kTile - 1) / kTile;
+  const HeadPairBlock blk(cu_seqlens, n_q_heads, n_kv_heads);
+  const int start = blk.start, len = blk.len, h0 = blk.h0;
+  const std::int64_t q_stride = blk.q_stride, kv_stride = blk.kv_stride;
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int h0 = blockIdx.x * 2;
   const int h = h0 + wg;
-  const int kvh = h0 / (n_q_heads / n_kv_heads);
-  const std::int64_t q_stride = static_cast<std::int64_t>(n_q_heads) * kD;
-  const std::int64_t kv_stride = static_cast<std::int64_t>(n_kv_heads) * kD;
-  const float* k_head = k + static_cast<std::int64_t>(start) * kv_stride + kvh * kD;
-  const float* v_head = v + static_cast<std::int64_t>(start) * kv_stride + kvh * kD;
+  const float* k_head = blk.kv_head(k);
+  const float* v_head = blk.kv_head(v);
   auto k_tile = [&](int b) { return smem + kDqOffKv + 2 * b * kKvBytes; };
   auto v_tile = [&](int b) { return smem + kDqOffKv + (2 * b + 1) * kKvBytes; };
   auto kt_tile = [&](int b) { return smem + kDqOffKt + b * kKvBytes; };
   auto addr = [&](const unsigned char* p) { return base + static_cast<std::uint32_t>(p - smem); };
   const std::uint32_t q_tile = base + wg * kTileBytes, do_tile = base + kDqOffDo + wg * kTileBytes;
 
-  for (int qt = static_cast<int>(gridDim.z) - 1 - static_cast<int>(blockIdx.z); qt < n_tiles; qt += gridDim.z) {
+  for (int qt = static_cast<int>(gridDim.z) - 1 - static_cast<int>(blockIdx.z); qt < blk.n_tiles;
+       qt += gridDim.z) {
     const int q0 = qt * kTile;
     const std::int64_t q_off = static_cast<std::int64_t>(start + q0) * q_stride;
     __syncthreads();  // a previous tile's readers of shared memory are done
@@ -500,17 +488,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       hold(a);
     }
 
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int r = q0 + warp * 16 + g + 8 * hh;
-      if (r >= len) continue;
-      float* dst = dq + static_cast<std::int64_t>(start + r) * q_stride + h * kD + 2 * t;
-#pragma unroll
-      for (int nb = 0; nb < 16; ++nb) {
-        *reinterpret_cast<float2*>(dst + 8 * nb) =
-            make_float2(acc[4 * nb + 2 * hh] * scale, acc[4 * nb + 2 * hh + 1] * scale);
-      }
-    }
+    const float mul[2] = {scale, scale};
+    store_tile_rows(dq + q_off + h * kD, q_stride, acc, warp * 16, len - q0, mul);
   }
 #else
   __trap();  // launched only where attention_wgmma_tf32_supported
@@ -710,20 +689,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       float* dk_dst = split == 0 ? dk : slabs(2 * (split - 1));
       float* dv_dst = split == 0 ? dv : slabs(2 * (split - 1) + 1);
-      // acc[4nb + 2hh + e]: key g + 8hh of the warp's 16, head dim 8nb + 2t + e.
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int r = k0 + warp * 16 + g + 8 * hh;
-        if (r >= len) continue;
-        const std::int64_t at = static_cast<std::int64_t>(start + r) * kv_stride + kvh * kD + 2 * t;
-#pragma unroll
-        for (int nb = 0; nb < 16; ++nb) {
-          *reinterpret_cast<float2*>(dk_dst + at + 8 * nb) =
-              make_float2(dk_acc[4 * nb + 2 * hh] * scale, dk_acc[4 * nb + 2 * hh + 1] * scale);
-          *reinterpret_cast<float2*>(dv_dst + at + 8 * nb) =
-              make_float2(dv_acc[4 * nb + 2 * hh], dv_acc[4 * nb + 2 * hh + 1]);
-        }
-      }
+      const float sc[2] = {scale, scale}, one[2] = {1.f, 1.f};
+      store_tile_rows(dk_dst + kv_off, kv_stride, dk_acc, warp * 16, len - k0, sc);
+      store_tile_rows(dv_dst + kv_off, kv_stride, dv_acc, warp * 16, len - k0, one);
     }
   }
 #else

@@ -140,6 +140,24 @@ struct RawStep {
   float absmax[2];
 };
 
+// The weight holding stacked row `row`: its packed bytes, its absmax and its first stacked row. A
+// select chain, because indexing the parameter arrays would copy them to local memory.
+struct PartOfRow {
+  const std::uint8_t* packed;
+  const float* absmax;
+  std::int64_t first;
+};
+__device__ __forceinline__ PartOfRow part_of(const Parts& parts, std::int64_t row) {
+  PartOfRow part{parts.packed[0], parts.absmax[0], 0};
+#pragma unroll
+  for (int p = 1; p < kMaxParts; ++p) {
+    if (p < parts.count && row >= parts.end[p - 1]) {
+      part = PartOfRow{parts.packed[p], parts.absmax[p], parts.end[p - 1]};
+    }
+  }
+  return part;
+}
+
 // The rows this thread decodes: where its share of their bytes and their absmax start (zeros past n).
 struct RowSource {
   const std::uint8_t* packed[2];
@@ -153,22 +171,10 @@ __device__ __forceinline__ RowSource row_source(const Parts& parts, std::int64_t
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const std::int64_t row = row0 + 8 * r;
-    // The part holding the row (a select chain: indexing the parameter arrays would copy them to
-    // local memory).
-    const std::uint8_t* packed = parts.packed[0];
-    const float* absmax = parts.absmax[0];
-    std::int64_t first = 0;
-#pragma unroll
-    for (int p = 1; p < kMaxParts; ++p) {
-      if (p < parts.count && row >= parts.end[p - 1]) {
-        packed = parts.packed[p];
-        absmax = parts.absmax[p];
-        first = parts.end[p - 1];
-      }
-    }
+    const PartOfRow part = part_of(parts, row);
     src.valid[r] = row < n;
-    src.packed[r] = packed + (row - first) * (k / 2) + 8 * quad_lane;
-    src.absmax[r] = absmax + (row - first) * (k / kBK);
+    src.packed[r] = part.packed + (row - part.first) * (k / 2) + 8 * quad_lane;
+    src.absmax[r] = part.absmax + (row - part.first) * (k / kBK);
   }
   return src;
 }
@@ -416,19 +422,9 @@ __device__ __forceinline__ void load_dx_step(const Parts& parts, std::int64_t ro
     raw.bytes[i] = make_uint2(0, 0);
     raw.absmax[i] = 0.0f;
     if (row >= rows || col0 >= in) continue;
-    const std::uint8_t* packed = parts.packed[0];
-    const float* absmax = parts.absmax[0];
-    std::int64_t first = 0;
-#pragma unroll
-    for (int p = 1; p < kMaxParts; ++p) {
-      if (p < parts.count && row >= parts.end[p - 1]) {
-        packed = parts.packed[p];
-        absmax = parts.absmax[p];
-        first = parts.end[p - 1];
-      }
-    }
-    raw.bytes[i] = __ldg(reinterpret_cast<const uint2*>(packed + (row - first) * (in / 2) + col0 / 2));
-    raw.absmax[i] = __ldg(absmax + (row - first) * (in / kBK) + col0 / kBK);
+    const PartOfRow part = part_of(parts, row);
+    raw.bytes[i] = __ldg(reinterpret_cast<const uint2*>(part.packed + (row - part.first) * (in / 2) + col0 / 2));
+    raw.absmax[i] = __ldg(part.absmax + (row - part.first) * (in / kBK) + col0 / kBK);
   }
 }
 
