@@ -8,8 +8,9 @@
 //      for determinism, and with a too-small max_seqlen hint.
 //   4. The tensor-core kernels (attention_mma.cu, precisions bf16 and tf32) against the CPU backend
 //      with bounds on the relative L2 error, determinism, and the fp32 fallback for other head dims.
-//   5. The wgmma tf32 kernels (attention_wgmma.cu: forward, dK/dV and dQ passes, taken by 4 where
-//      supported) against the mma.sync ones on the same inputs.
+//   5. The wgmma kernels (attention_wgmma.cu, tf32; attention_wgmma_bf16.cu, bf16 inputs: forward,
+//      dK/dV and dQ passes, taken where supported) against the mma.sync ones on the same inputs, and
+//      the bf16 ones against the CPU backend as well.
 // Inputs are fresh random numbers each run (the seed is printed on failure); outputs are poisoned
 // with NaN before each call so that an element left unwritten fails the comparison.
 #include <gtest/gtest.h>
@@ -746,10 +747,10 @@ struct WgmmaMode {
 // tiles (blocks loop over tiles).
 TEST(CudaAttentionWgmma, AgreesWithTheMmaSyncKernels) {
     if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device";
-    if (!cudablocks::cuda::attention_wgmma_tf32_supported(128, 32, 8))
+    if (!cudablocks::cuda::attention_wgmma_supported(128, 32, 8))
         GTEST_SKIP() << "no wgmma attention here (needs an sm_90a build on a compute capability 9.0 GPU)";
-    EXPECT_FALSE(cudablocks::cuda::attention_wgmma_tf32_supported(64, 32, 8));
-    EXPECT_FALSE(cudablocks::cuda::attention_wgmma_tf32_supported(128, 6, 6));  // odd group
+    EXPECT_FALSE(cudablocks::cuda::attention_wgmma_supported(64, 32, 8));
+    EXPECT_FALSE(cudablocks::cuda::attention_wgmma_supported(128, 6, 6));  // odd group
     struct Case {
         std::vector<int> lens;
         int n_q, n_kv, hint;
@@ -803,9 +804,11 @@ using cudablocks::test::float_of;
 // bf16 q, k, v, out and dout (bf16 mode's blocks keep them so) give, bit for bit, what the fp32-input
 // BF16 kernels give on the same values, the forward's out rounded once to bf16: the staging's
 // rounding is then exact and the row dots sum the same numbers in the same order. Head dim 80 has
-// no tensor-core kernel: both run the fp32 kernels (the bf16 tensors on fp32 copies).
+// no tensor-core kernel: both run the fp32 kernels (the bf16 tensors on fp32 copies). The mma.sync
+// kernels only (the wgmma ones, which sum in another order, are CudaAttentionWgmmaBf16's).
 TEST(CudaAttentionMmaBf16Inputs, EqualTheFp32InputsOnTheSameValues) {
     if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+    WgmmaMode mma_sync_only(0);
     for (const auto& cs : {MmaCase{{300, 1, 77}, 8, 2, 128, Precision::BF16},
                            MmaCase{{130, 64}, 4, 4, 64, Precision::BF16},
                            MmaCase{{64, 65, 3}, 6, 2, 80, Precision::BF16}}) {
@@ -852,6 +855,86 @@ TEST(CudaAttentionMmaBf16Inputs, EqualTheFp32InputsOnTheSameValues) {
         EXPECT_TRUE(run.dq.download() == dq);
         EXPECT_TRUE(run.dk.download() == dk);
         EXPECT_TRUE(run.dv.download() == dv);
+    }
+}
+
+// The wgmma bf16 kernels (attention_wgmma_bf16.cu) on bf16 q, k, v, out, dout against the mma.sync
+// bf16 I/O kernels: the same bf16 operands, P and dS rounded to bf16 alike, fp32 sums in another
+// order; so out differs by an occasional last-bit flip of its bf16 rounding and the rest by far less
+// than either's error against fp32 math, and the wgmma error against the CPU backend (fp32 on the
+// same bf16 values) is no larger than the mma.sync one (FlashAttention's rule: at most 1.2x, plus a
+// hair for ties). Cases as CudaAttentionWgmma.
+TEST(CudaAttentionWgmmaBf16, AgreesWithTheMmaSyncKernelsAndTheCpu) {
+    if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+    if (!cudablocks::cuda::attention_wgmma_supported(128, 32, 8))
+        GTEST_SKIP() << "no wgmma attention here (needs an sm_90a build on a compute capability 9.0 GPU)";
+    struct Case {
+        std::vector<int> lens;
+        int n_q, n_kv, hint;
+    };
+    for (const Case& c : {Case{{512, 37, 1, 300}, 32, 8, 512}, Case{{130, 0, 64, 65}, 4, 2, 130},
+                          Case{{300, 200}, 8, 2, 1}}) {
+        Seeded rng;
+        const Shape s = make_shape(c.lens, c.n_q, c.n_kv, 128);
+        SCOPED_TRACE(rng.trace() + ", " + describe(s) + ", max_seqlen hint " + std::to_string(c.hint));
+        Inputs in = random_inputs(s, rng);
+        const std::vector<uint16_t> q16 = bf16_of(in.q), k16 = bf16_of(in.k), v16 = bf16_of(in.v),
+                                    dout16 = bf16_of(in.dout);
+        in.q = float_of(q16);
+        in.k = float_of(k16);
+        in.v = float_of(v16);
+        in.dout = float_of(dout16);
+        const CpuResult cpu = run_cpu(s, in);
+        MmaRun run(s, in, Precision::BF16);  // device buffers for lse, dq, dk, dv, workspace, cu
+        DeviceArray<uint16_t> qb(q16.size()), kb(k16.size()), vb(v16.size()), ob(q16.size()), gb(dout16.size());
+        qb.upload(q16);
+        kb.upload(k16);
+        vb.upload(v16);
+        gb.upload(dout16);
+        std::vector<float> out[2], lse[2], dq[2], dk[2], dv[2];
+        for (int mode = 0; mode < 2; ++mode) {
+            WgmmaMode wgmma(mode);
+            ob.poison();
+            run.lse.poison();
+            cudablocks::cuda::attention_forward_mma(qb.ptr, kb.ptr, vb.ptr, ob.ptr, run.lse.ptr, run.cu.ptr, s.n_seqs,
+                                                    c.hint, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
+            CUDA_OK(cudaDeviceSynchronize());
+            out[mode] = float_of(ob.download());
+            lse[mode] = run.lse.download();
+        }
+        // Both backwards from the mma.sync forward's out and lse.
+        ob.upload(bf16_of(out[0]));
+        for (int mode = 0; mode < 2; ++mode) {
+            WgmmaMode wgmma(mode);
+            run.lse.upload(lse[0]);
+            run.dq.poison();
+            run.dk.poison();
+            run.dv.poison();
+            run.ws.poison();
+            cudablocks::cuda::attention_backward_mma(qb.ptr, kb.ptr, vb.ptr, ob.ptr, gb.ptr, run.lse.ptr, run.dq.ptr,
+                                                     run.dk.ptr, run.dv.ptr, run.ws.ptr, run.cu.ptr, s.n_seqs,
+                                                     c.hint, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
+            CUDA_OK(cudaDeviceSynchronize());
+            dq[mode] = run.dq.download();
+            dk[mode] = run.dk.download();
+            dv[mode] = run.dv.download();
+        }
+        std::printf("    wgmma vs mma.sync (bf16 I/O), rel L2: out %.3e  lse %.3e  dq %.3e  dk %.3e  dv %.3e\n",
+                    rel_l2(out[1], out[0]), rel_l2(lse[1], lse[0]), rel_l2(dq[1], dq[0]), rel_l2(dk[1], dk[0]),
+                    rel_l2(dv[1], dv[0]));
+        EXPECT_LE(rel_l2(out[1], out[0]), 1e-3) << "out";
+        EXPECT_LE(rel_l2(lse[1], lse[0]), 1e-5) << "lse";
+        EXPECT_LE(rel_l2(dq[1], dq[0]), 1e-3) << "dq";
+        EXPECT_LE(rel_l2(dk[1], dk[0]), 1e-3) << "dk";
+        EXPECT_LE(rel_l2(dv[1], dv[0]), 1e-3) << "dv";
+        const char* names[] = {"out", "dq", "dk", "dv"};
+        const std::vector<float>* ours[2][4] = {{&out[0], &dq[0], &dk[0], &dv[0]}, {&out[1], &dq[1], &dk[1], &dv[1]}};
+        const std::vector<float>* ref[4] = {&cpu.out, &cpu.dq, &cpu.dk, &cpu.dv};
+        for (int i = 0; i < 4; ++i) {
+            const double e_mma = rel_l2(*ours[0][i], *ref[i]), e_wgmma = rel_l2(*ours[1][i], *ref[i]);
+            std::printf("    %s rel L2 vs cpu: wgmma %.3e  mma.sync %.3e\n", names[i], e_wgmma, e_mma);
+            EXPECT_LE(e_wgmma, 1.2 * e_mma + 1e-5) << names[i];
+        }
     }
 }
 
@@ -914,8 +997,9 @@ TEST(CudaAttentionTiming, DISABLED_Qwen3Heads) {
                             useful / ms_f * 1e-9, ms_b, 2.5 * useful / ms_b * 1e-9);
             }
         // bf16 q, k, v, out, dout in global memory (bf16 mode's blocks): the same products on copied
-        // tiles, double-buffered.
-        {
+        // tiles, double-buffered; mma.sync, then wgmma.
+        for (int use_wgmma = 0; use_wgmma < 2; ++use_wgmma) {
+            WgmmaMode wgmma(use_wgmma);
             MmaRun run(s, in, Precision::BF16);
             DeviceArray<uint16_t> qb(in.q.size()), kb(in.k.size()), vb(in.v.size()), ob(in.q.size()), gb(in.dout.size());
             qb.upload(bf16_of(in.q));
@@ -934,9 +1018,10 @@ TEST(CudaAttentionTiming, DISABLED_Qwen3Heads) {
             };
             float ms_f = 0, ms_b = 0;
             time_forward_backward(fwd, bwd, ms_f, ms_b);
-            std::printf("    %zu x %d tokens, bf16 in/out: forward %.3f ms (%.0f TFLOP/s), backward %.3f ms "
+            std::printf("    %zu x %d tokens, bf16 in/out, %s: forward %.3f ms (%.0f TFLOP/s), backward %.3f ms "
                         "(%.0f TFLOP/s)\n",
-                        lens.size(), lens[0], ms_f, useful / ms_f * 1e-9, ms_b, 2.5 * useful / ms_b * 1e-9);
+                        lens.size(), lens[0], use_wgmma ? "wgmma" : "mma.sync", ms_f, useful / ms_f * 1e-9, ms_b,
+                        2.5 * useful / ms_b * 1e-9);
         }
     }
 }

@@ -153,19 +153,11 @@ bool run_bf16_inputs_case(std::vector<int> lens, int nq, int nkv, int splits, co
     const int maxlen = pk.maxlen, T = pk.T, n_seqs = pk.n_seqs;
     const float scale = 1.f / std::sqrt((float)D);
     Normal randn(321);
-    auto to_bits = [](const std::vector<float>& x) {
-        std::vector<uint16_t> b(x.size());
-        for (size_t i = 0; i < x.size(); ++i) b[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
-        return b;
-    };
-    auto widen = [](const std::vector<uint16_t>& b) {
-        std::vector<float> x(b.size());
-        for (size_t i = 0; i < b.size(); ++i) x[i] = bits_f((uint32_t)b[i] << 16);
-        return x;
-    };
-    const auto q16 = to_bits(randn((size_t)T * nq * D, 1.5f)), k16 = to_bits(randn((size_t)T * nkv * D, 1.f)),
-               v16 = to_bits(randn((size_t)T * nkv * D, 1.f)), dout16 = to_bits(randn((size_t)T * nq * D, 1.f));
-    const auto q = widen(q16), k = widen(k16), v = widen(v16), dout = widen(dout16);
+    const auto q16 = bf16_bits_of(randn((size_t)T * nq * D, 1.5f)),
+               k16 = bf16_bits_of(randn((size_t)T * nkv * D, 1.f)),
+               v16 = bf16_bits_of(randn((size_t)T * nkv * D, 1.f)),
+               dout16 = bf16_bits_of(randn((size_t)T * nq * D, 1.f));
+    const auto q = widened(q16), k = widened(k16), v = widened(v16), dout = widened(dout16);
     const unsigned tiles = (maxlen + 63) / 64;
     const int group = nq / nkv;
     const int64_t rows = (int64_t)T * nq;
@@ -180,10 +172,11 @@ bool run_bf16_inputs_case(std::vector<int> lens, int nq, int nkv, int splits, co
     launch(dim3(nq / HPB, n_seqs, tiles), 128 * HPB, smem_u4, sizeof(smem_u4), [&] {
         attention_mma_forward_kernel<Bf16Op, D, HPB, uint16_t>(q16.data(), k16.data(), v16.data(), out16.data(), lse16.data(), cu.data(), nq, nkv, scale * kLog2e);
     });
-    const bool fwd_ok = to_bits(out32) == out16 && std::memcmp(lse32.data(), lse16.data(), rows * sizeof(float)) == 0;
+    const bool fwd_ok =
+        bf16_bits_of(out32) == out16 && std::memcmp(lse32.data(), lse16.data(), rows * sizeof(float)) == 0;
 
     // Backwards from the bf16 out (D = rowsum(dout * out) on the host, the same numbers for both).
-    const auto out = widen(out16);
+    const auto out = widened(out16);
     struct Grads { std::vector<float> dq, dk, dv; };
     auto run = [&](auto qp, auto kp, auto vp, auto doutp, auto dq_kernel) {
         using In = std::remove_cv_t<std::remove_pointer_t<decltype(qp)>>;

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "cpu/attention.hpp"
@@ -122,14 +123,26 @@ struct Normal {
     }
 };
 
-// An attention case: packed sequences, fixed-seed random q, k, v, dout, and the CPU fp32
-// reference's out, lse and gradients.
+// x rounded to bf16 (round to nearest even): its bit patterns, and the values as floats.
+inline std::vector<uint16_t> bf16_bits_of(const std::vector<float>& x) {
+    std::vector<uint16_t> b(x.size());
+    for (size_t i = 0; i < x.size(); ++i) b[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
+    return b;
+}
+inline std::vector<float> widened(const std::vector<uint16_t>& b) {
+    std::vector<float> x(b.size());
+    for (size_t i = 0; i < b.size(); ++i) x[i] = bits_f((uint32_t)b[i] << 16);
+    return x;
+}
+
+// An attention case: packed sequences, fixed-seed random q, k, v, dout (rounded to bf16 values
+// when bf16_values), and the CPU fp32 reference's out, lse and gradients on them.
 struct AttentionCase {
     Packed pk;
     int nq, nkv, d;
     float scale;
     std::vector<float> q, k, v, dout, out, lse, dq, dk, dv;
-    AttentionCase(const std::vector<int>& lens, int nq_, int nkv_, int d_)
+    AttentionCase(const std::vector<int>& lens, int nq_, int nkv_, int d_, bool bf16_values = false)
         : pk(lens), nq(nq_), nkv(nkv_), d(d_), scale(1.f / std::sqrt((float)d_)) {
         Normal randn(123);
         const size_t nqd = (size_t)pk.T * nq * d, nkvd = (size_t)pk.T * nkv * d;
@@ -137,6 +150,8 @@ struct AttentionCase {
         k = randn(nkvd, 1.f);
         v = randn(nkvd, 1.f);
         dout = randn(nqd, 1.f);
+        if (bf16_values)
+            for (auto* x : {&q, &k, &v, &dout}) *x = widened(bf16_bits_of(*x));
         out.resize(nqd);
         lse.resize((size_t)pk.T * nq);
         dq.resize(nqd);

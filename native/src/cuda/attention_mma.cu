@@ -90,9 +90,8 @@
 // bytes (stores / loads) to 36 / 72 at 255 registers. The forward writes out rounded once to bf16; the row dots read bf16 out
 // and dout. The results are bit for bit those of the fp32-input kernels on the same values (the host
 // emulation and CudaAttentionMmaBf16Inputs check it).
-// tf32 at head_dim 128 on sm_90a runs attention_wgmma.cu's kernels instead (attention_forward_mma
-// and launch_backward ask attention_wgmma_tf32_supported). Next step here: the bf16 kernels on
-// wgmma as well.
+// At head_dim 128 on sm_90a, tf32 runs attention_wgmma.cu's kernels instead, and bf16 I/O those of
+// attention_wgmma_bf16.cu (attention_forward_mma and launch_backward ask attention_wgmma_supported).
 #include "cuda/attention_mma.cuh"
 #include "cuda/attention_wgmma.cuh"
 #include "cuda/attention_shared.cuh"
@@ -1214,14 +1213,22 @@ void launch_backward(const In* q, const In* k, const In* v, const In* out, const
         attention_rowdot_kernel<<<(unsigned)blocks, 256, 0, stream>>>(out, dout, dsum, rows, D);
         CUDABLOCKS_CHECK_LAUNCH("attention_rowdot_kernel");
     }
-    constexpr bool kWgmmaShape = !Op::kTransFromRows && D == 128 && std::is_same_v<In, float>;  // tf32
+    // The wgmma kernels: tf32 on fp32 inputs, bf16 on bf16 inputs (head_dim 128).
+    constexpr bool kWgmmaTf32 = !Op::kTransFromRows && D == 128 && std::is_same_v<In, float>;
+    constexpr bool kWgmmaBf16 = Op::kTransFromRows && D == 128 && std::is_same_v<In, std::uint16_t>;
     bool wgmma = false;
-    if constexpr (kWgmmaShape) {
-        wgmma = attention_wgmma_tf32_supported(D, s.n_q_heads, s.n_kv_heads);
-        if (wgmma)
-            attention_dkdv_wgmma_tf32(q, k, v, dout, lse, dsum, dk, dv, slabs.first, slabs.rest, slabs.n_first,
-                                      slabs.size, cu_seqlens, s.n_seqs, tiles, s.n_q_heads, s.n_kv_heads, splits,
-                                      scale, stream);
+    if constexpr (kWgmmaTf32 || kWgmmaBf16) {
+        wgmma = attention_wgmma_supported(D, s.n_q_heads, s.n_kv_heads);
+        if (wgmma) {
+            if constexpr (kWgmmaTf32)
+                attention_dkdv_wgmma_tf32(q, k, v, dout, lse, dsum, dk, dv, slabs.first, slabs.rest, slabs.n_first,
+                                          slabs.size, cu_seqlens, s.n_seqs, tiles, s.n_q_heads, s.n_kv_heads, splits,
+                                          scale, stream);
+            else
+                attention_dkdv_wgmma_bf16(q, k, v, dout, lse, dsum, dk, dv, slabs.first, slabs.rest, slabs.n_first,
+                                          slabs.size, cu_seqlens, s.n_seqs, tiles, s.n_q_heads, s.n_kv_heads, splits,
+                                          scale, stream);
+        }
     }
     if (!wgmma) {
         const dim3 grid((unsigned)(s.n_kv_heads * splits), (unsigned)s.n_seqs, tiles);
@@ -1236,10 +1243,14 @@ void launch_backward(const In* q, const In* k, const In* v, const In* out, const
         attention_reduce_kernel<<<(unsigned)blocks, 256, 0, stream>>>(dk, dv, slabs, splits);
         CUDABLOCKS_CHECK_LAUNCH("attention_reduce_kernel");
     }
-    if constexpr (kWgmmaShape) {
+    if constexpr (kWgmmaTf32 || kWgmmaBf16) {
         if (wgmma) {
-            attention_dq_wgmma_tf32(q, k, v, dout, lse, dsum, dq, cu_seqlens, s.n_seqs, tiles, s.n_q_heads,
-                                    s.n_kv_heads, scale, stream);
+            if constexpr (kWgmmaTf32)
+                attention_dq_wgmma_tf32(q, k, v, dout, lse, dsum, dq, cu_seqlens, s.n_seqs, tiles, s.n_q_heads,
+                                        s.n_kv_heads, scale, stream);
+            else
+                attention_dq_wgmma_bf16(q, k, v, dout, lse, dsum, dq, cu_seqlens, s.n_seqs, tiles, s.n_q_heads,
+                                        s.n_kv_heads, scale, stream);
             return;
         }
     }
@@ -1296,7 +1307,7 @@ void attention_forward_mma(const float* q, const float* k, const float* v, float
     if (!check_shape(s, cu_seqlens)) return;
     check_forward_args(q, k, v, out, lse);
     const bool bf16 = precision == Precision::BF16;
-    if (!bf16 && attention_wgmma_tf32_supported(head_dim, n_q_heads, n_kv_heads)) {
+    if (!bf16 && attention_wgmma_supported(head_dim, n_q_heads, n_kv_heads)) {
         attention_forward_wgmma_tf32(q, k, v, out, lse, cu_seqlens, n_seqs, tiles_for(s), n_q_heads, n_kv_heads,
                                      scale, stream);
         return;
@@ -1370,6 +1381,11 @@ void attention_forward_mma(const std::uint16_t* q, const std::uint16_t* k, const
         return;
     }
     check_forward_args(q, k, v, out, lse);
+    if (attention_wgmma_supported(head_dim, n_q_heads, n_kv_heads)) {
+        attention_forward_wgmma_bf16(q, k, v, out, lse, cu_seqlens, n_seqs, tiles_for(s), n_q_heads, n_kv_heads, scale,
+                                     stream);
+        return;
+    }
     if (head_dim == 128) launch_forward<Bf16Op, 128>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
     else launch_forward<Bf16Op, 64>(q, k, v, out, lse, cu_seqlens, s, scale, stream);
 }

@@ -12,7 +12,8 @@
 //         products; softmax, lse, D = rowsum(dout * out) and all accumulation in fp32.
 //   TF32  the same with tf32 operands (cvt.rna.tf32.f32) and mma.sync m16n8k8 tf32 -> fp32; at
 //         head_dim 128 with an even GQA group on an sm_90a build and device, the wgmma kernels of
-//         attention_wgmma.cu instead (same rounding, same math; attention_wgmma_tf32_supported).
+//         attention_wgmma.cu instead (same rounding, same math; attention_wgmma_supported), and so
+//         do the bf16-input overloads below with attention_wgmma_bf16.cu's.
 // head_dim 64 and 128 run on tensor cores; any other head_dim falls back to the fp32 kernels
 // (attention_mma_supported), and so does a call whose kernels need more shared memory per block
 // than the GPU grants (tf32 at head_dim 128: backward 213 KB, fine on H100/H200's 227 KB, too much
@@ -46,8 +47,9 @@ void attention_backward_mma(const float* q, const float* k, const float* v, cons
 
 // The same with q, k, v, out and dout in bf16 (bit patterns; bf16 mode's blocks keep them so): the
 // BF16 products on operands staged by copy, exactly what the fp32-input kernels compute on those
-// values, with out rounded once to bf16 (lse stays fp32). Head dims without tensor-core kernels run
-// the fp32 kernels on fp32 copies in per-stream scratch.
+// values, with out rounded once to bf16 (lse stays fp32); where attention_wgmma_supported, the wgmma
+// kernels: the same products and roundings, summed in another order. Head dims without tensor-core
+// kernels run the fp32 kernels on fp32 copies in per-stream scratch.
 void attention_forward_mma(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v, std::uint16_t* out,
                            float* lse, const int32_t* cu_seqlens, int n_seqs, int max_seqlen, int64_t total_tokens,
                            int n_q_heads, int n_kv_heads, int head_dim, float scale, cudaStream_t stream);

@@ -50,6 +50,7 @@
 // dK/dV pass's independent warpgroups begin to do, is the next step.
 #include "cuda/attention_wgmma.cuh"
 #include "cuda/attention_shared.cuh"
+#include "cuda/attention_wgmma_shared.cuh"
 
 #include <algorithm>
 #include <atomic>
@@ -67,11 +68,6 @@ namespace cudablocks::cuda {
 
 namespace {
 
-constexpr int kD = 128;        // head_dim
-constexpr int kTile = 64;      // query rows per warpgroup, keys per tile
-constexpr int kThreads = 256;  // two warpgroups
-constexpr float kLog2e = 1.4426950408889634f;
-
 constexpr int kTileBytes = kTile * kD * 4;  // a Q or K tile, and V^T: 32 KB each
 constexpr int kOffK = 2 * kTileBytes;        // after the two heads' Q tiles
 constexpr int kOffVt = kOffK + 2 * kTileBytes;
@@ -79,7 +75,6 @@ constexpr int kSmemBytes = kOffVt + 2 * kTileBytes + 1024;  // + 1 KB to align t
 
 // The dQ pass (see attention_wgmma_dq_kernel): Q and dO of both heads, K and V of two 32-key
 // stages, K^T of two stages.
-constexpr int kKeys = 32;
 constexpr int kKvBytes = kKeys * kD * 4;     // a K, V or K^T tile of the dQ pass: 16 KB
 constexpr int kDqOffKv = 4 * kTileBytes;     // stage s: K at + 2 s kKvBytes, V after it
 constexpr int kDqOffKt = kDqOffKv + 4 * kKvBytes;
@@ -95,15 +90,6 @@ constexpr int kDkvSmemBytes = kDkvOffStats + 2 * 2 * kKeys * 4 + 1024;  // 193 K
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 constexpr int kPerThread = kTile * kD / 4 / kThreads;  // float4 of a 64 x 128 tile per thread: 8
-constexpr float kLn2 = 0.69314718055994531f;
-
-// The dynamic shared memory from its first 1 KB boundary (the 128-byte swizzle's pattern repeats
-// every 1 KB, and the tiles must start on it); the kernels ask for 1 KB more than they use.
-__device__ __forceinline__ unsigned char* aligned_smem() {
-  extern __shared__ unsigned char smem_raw[];
-  const std::uint32_t raw_addr = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
-  return smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);
-}
 
 // Byte offset of element (r, c) in a K-major tile of `rows` rows in the 128-byte swizzle.
 __device__ __forceinline__ std::uint32_t swz(int rows, int r, int c) {
@@ -115,44 +101,6 @@ __device__ __forceinline__ int vt_col(int j) { return (j & ~7) | ((j & 7) >> 1) 
 
 __device__ __forceinline__ uint4 tf32x4(const float4& x) {
   return make_uint4(to_tf32(x.x), to_tf32(x.y), to_tf32(x.z), to_tf32(x.w));
-}
-
-// What a block of the forward or the dQ pass works on: sequence blockIdx.y, query heads h0 and
-// h0 + 1 (h0 = 2 blockIdx.x) and their kv head.
-struct HeadPairBlock {
-  int start, len, n_tiles, h0, kvh;
-  std::int64_t q_stride, kv_stride;
-  __device__ __forceinline__ HeadPairBlock(const std::int32_t* cu_seqlens, int n_q_heads, int n_kv_heads)
-      : start(cu_seqlens[blockIdx.y]),
-        len(cu_seqlens[blockIdx.y + 1] - start),
-        n_tiles((len + kTile - 1) / kTile),
-        h0(static_cast<int>(blockIdx.x) * 2),
-        kvh(h0 / (n_q_heads / n_kv_heads)),
-        q_stride(static_cast<std::int64_t>(n_q_heads) * kD),
-        kv_stride(static_cast<std::int64_t>(n_kv_heads) * kD) {}
-  // The sequence's first row of the kv head in k or v.
-  __device__ __forceinline__ const float* kv_head(const float* x) const {
-    return x + static_cast<std::int64_t>(start) * kv_stride + kvh * kD;
-  }
-};
-
-// Rows row0 + g and row0 + g + 8 of a warp's 16 (g = lane / 4; rows at or past `valid` dropped) of
-// a 64 x 128 accumulator, acc[4nb + 2hh + e] = row half hh, column 8nb + 2 (lane % 4) + e, times
-// mul[hh], to dst + row * stride (dst: the tile's row 0, its head's column 0).
-__device__ __forceinline__ void store_tile_rows(float* dst, std::int64_t stride, const float (&acc)[64], int row0,
-                                                int valid, const float (&mul)[2]) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int r = row0 + g + 8 * hh;
-    if (r >= valid) continue;
-    float* p = dst + r * stride + 2 * t;
-#pragma unroll
-    for (int nb = 0; nb < 16; ++nb) {
-      *reinterpret_cast<float2*>(p + 8 * nb) =
-          make_float2(acc[4 * nb + 2 * hh] * mul[hh], acc[4 * nb + 2 * hh + 1] * mul[hh]);
-    }
-  }
 }
 
 // This thread's share of rows [0, 64) of a [*, stride] fp32 matrix's 128 columns at src (rows at
@@ -311,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                     inv);
   }
 #else
-  __trap();  // launched only where attention_wgmma_tf32_supported (an sm_90a build on a 9.0 device)
+  __trap();  // launched only where attention_wgmma_supported (an sm_90a build on a 9.0 device)
 #endif
 }
 
@@ -492,7 +440,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     store_tile_rows(dq + q_off + h * kD, q_stride, acc, warp * 16, len - q0, mul);
   }
 #else
-  __trap();  // launched only where attention_wgmma_tf32_supported
+  __trap();  // launched only where attention_wgmma_supported
 #endif
 }
 
@@ -695,7 +643,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 #else
-  __trap();  // launched only where attention_wgmma_tf32_supported
+  __trap();  // launched only where attention_wgmma_supported
 #endif
 }
 
@@ -716,7 +664,7 @@ bool enabled() {
 
 }  // namespace
 
-bool attention_wgmma_tf32_supported(int head_dim, int n_q_heads, int n_kv_heads) {
+bool attention_wgmma_supported(int head_dim, int n_q_heads, int n_kv_heads) {
 #if defined(CUDABLOCKS_SM90A)
   return enabled() && head_dim == kD && n_kv_heads > 0 && (n_q_heads / n_kv_heads) % 2 == 0 &&
          compute_capability() == 90 &&

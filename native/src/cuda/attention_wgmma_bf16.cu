@@ -1,0 +1,537 @@
+// Causal GQA attention on wgmma (sm_90a) for bf16 q, k, v, out and dout (the bf16 blocks keep them
+// so), head_dim 128: the forward, the backward's dK/dV pass and its dQ pass. Contract:
+// attention_wgmma.cuh. The tf32 kernels' work split (attention_wgmma.cu: a block of the forward or
+// the dQ pass takes a 64-query tile of two query heads, one per warpgroup; a dK/dV block 64 keys,
+// its two warpgroups alternating over 32-query items), with what 16-bit operands change:
+//   - tiles are copied as they are by cp.async (no rounding), every one double-buffered: the next
+//     tile is in flight while the current one's products run;
+//   - wgmma reads 16-bit B operands MN-major as well (its transpose flag), so the operands that tf32
+//     transposes by hand (V in P V, K in dS K, dO in P^T dO, Q in dS^T Q) are the same [rows][d]
+//     tiles read through an MN-major descriptor (smem_desc_mn);
+//   - an accumulator's columns 16j .. 16j + 15 are, packed in pairs, the A fragment of k-step j (as
+//     with mma.sync m16n8k16), so P and dS become A operands in order.
+// Tiles: [rows][128] bf16 as two column chunks of [rows][64] (128-byte rows, the 128-byte swizzle,
+// chunks rows * 128 bytes apart); a k-step of 16 values starts 32 bytes further along the row.
+// Products per tile, as attention_wgmma.cu (m64nNk16 instead of k8); P and dS are rounded to bf16
+// as A fragments, accumulation is fp32; dq, dk, dv are written in fp32, out in bf16.
+// Shared memory 97 KB each. Registers (ptxas, sm_90a): forward 128 (capped for two blocks per SM;
+// 92 bytes spilled), dQ 128 (two blocks per SM; 8 bytes spilled), dK/dV 251 (one block per SM).
+//
+// Measured (H200, 2026-11-28, CudaAttentionTiming, Qwen3-4B heads 32/8; TFLOP/s on the useful
+// 2 * n_q * d * sum(L^2) forward, 2.5x that backward), against the mma.sync bf16 I/O kernels:
+//   8 x 512   forward 0.079 ms (218 TFLOP/s; mma.sync 0.102), backward 0.297 ms (145; 0.322)
+//   1 x 2048  forward 0.098 ms (352; 0.147), backward 0.468 ms (184; 0.506)
+// In a QLoRA layer step (8 x 512, profiler) the dQ pass took 0.099 ms (mma.sync 0.132) but the
+// dK/dV pass 0.177 (0.175): at ~1.3 us per 64 x 32 item and SM it runs at a quarter of the tensor
+// rate, each warpgroup waiting on its own products between the two halves of an item.
+#include "cuda/attention_wgmma.cuh"
+#include "cuda/attention_shared.cuh"
+#include "cuda/attention_wgmma_shared.cuh"
+
+#include "cuda/cp_async.cuh"
+#ifndef CUDABLOCKS_ATTN_MMA_EMULATION  // the host emulation (tests/emu) supplies its own primitives
+#include "cuda/check.hpp"
+#include "cuda/device_limits.hpp"
+#include "cuda/wgmma.cuh"
+#endif
+
+namespace cudablocks::cuda {
+namespace {
+namespace bf16io {
+
+constexpr int kTileBytes = kTile * kD * 2;  // a 64-row tile: 16 KB
+constexpr int kRowsBytes = kKeys * kD * 2;  // a 32-row tile: 8 KB
+
+// Forward: Q of the two heads, K of two stages, V of two stages.
+constexpr int kFwdOffK = 2 * kTileBytes;
+constexpr int kFwdOffV = kFwdOffK + 2 * kTileBytes;
+constexpr int kFwdSmemBytes = kFwdOffV + 2 * kTileBytes + 1024;  // + 1 KB to align the tiles
+// dQ pass: Q of the two heads, dO of the two heads, then K and V (32 keys) of two stages.
+constexpr int kDqOffKv = 4 * kTileBytes;  // stage s: K at + 2 s kRowsBytes, V after it
+constexpr int kDqSmemBytes = kDqOffKv + 4 * kRowsBytes + 1024;
+// dK/dV pass: K and V (64 keys), then per warpgroup two stages of an item (Q, dO: 32 queries
+// each), then per warpgroup and stage the item's lse and D (32 floats each).
+constexpr int kDkvOffStage = 2 * kTileBytes;
+constexpr int kDkvStageBytes = 2 * kRowsBytes;
+constexpr int kDkvOffStats = kDkvOffStage + 4 * kDkvStageBytes;
+constexpr int kDkvSmemBytes = kDkvOffStats + 4 * 2 * kKeys * 4 + 1024;
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// Byte offset of element (r, c) of a [rows][128] bf16 tile (see the top of the file).
+__device__ __forceinline__ std::uint32_t swz16(int rows, int r, int c) {
+  return static_cast<std::uint32_t>((c >> 6) * rows * 128 + r * 128 + ((((c >> 3) & 7) ^ (r & 7)) << 4) +
+                                    (c & 7) * 2);
+}
+// Byte offset of k-step ks (16 values) in a K-major [rows][128] tile.
+__device__ __forceinline__ std::uint32_t kstep(int rows, int ks) { return (ks >> 2) * rows * 128 + (ks & 3) * 32; }
+
+// cp.async of rows [0, ROWS) of a [*, stride] bf16 matrix's 128 columns at src into a tile, the
+// 16-byte chunks shared by NT threads (th = this thread's index among them); rows at or past
+// `valid` zero-filled.
+template <int ROWS, int NT>
+__device__ __forceinline__ void copy_tile(unsigned char* tile, const std::uint16_t* src, std::int64_t stride,
+                                          int valid, int th) {
+#pragma unroll
+  for (int u = 0; u < ROWS * 16 / NT; ++u) {
+    const int i = th + u * NT, r = i >> 4, c8 = i & 15;
+    cp_async16(tile + swz16(ROWS, r, 8 * c8), src + static_cast<std::int64_t>(r < valid ? r : 0) * stride + 8 * c8,
+               r < valid);
+  }
+}
+
+__device__ __forceinline__ std::uint32_t pack_bf16(float lo, float hi) {
+  return static_cast<std::uint32_t>(bf16_bits(lo)) | (static_cast<std::uint32_t>(bf16_bits(hi)) << 16);
+}
+// Columns 16j .. 16j + 15 of an accumulator (acc[4nb + c], the mma order) as k-step j's A fragment.
+template <int S, int N>
+__device__ __forceinline__ void a_fragments(std::uint32_t (&a)[S][4], const float (&acc)[N]) {
+#pragma unroll
+  for (int j = 0; j < S; ++j) {
+    a[j][0] = pack_bf16(acc[8 * j], acc[8 * j + 1]);
+    a[j][1] = pack_bf16(acc[8 * j + 2], acc[8 * j + 3]);
+    a[j][2] = pack_bf16(acc[8 * j + 4], acc[8 * j + 5]);
+    a[j][3] = pack_bf16(acc[8 * j + 6], acc[8 * j + 7]);
+  }
+}
+
+// Waits for this thread's copies, makes them visible to wgmma (the async proxy); the caller's
+// barrier then publishes everyone's.
+__device__ __forceinline__ void copies_landed() {
+  cp_async_wait_group<0>();
+  fence_proxy_async();
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// The forward: as attention_wgmma_forward_kernel (tf32), with K and V of tile kt + 1 copied by
+// cp.async while tile kt's products and softmax run, and out written in bf16. Grid
+// (n_q_heads / 2, n_seqs, q_tiles), 256 threads, kFwdSmemBytes of dynamic shared memory.
+__global__ void __launch_bounds__(kThreads, 2)
+    attention_wgmma_bf16_forward_kernel(const std::uint16_t* __restrict__ q, const std::uint16_t* __restrict__ k,
+                                        const std::uint16_t* __restrict__ v, std::uint16_t* __restrict__ out,
+                                        float* __restrict__ lse, const std::int32_t* __restrict__ cu_seqlens,
+                                        int n_q_heads, int n_kv_heads, float scale_log2) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  unsigned char* const smem = aligned_smem();
+  const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
+
+  const HeadPairBlock blk(cu_seqlens, n_q_heads, n_kv_heads);
+  const int start = blk.start, len = blk.len, h0 = blk.h0;
+  const std::int64_t q_stride = blk.q_stride, kv_stride = blk.kv_stride;
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int h = h0 + wg;
+  const std::uint16_t* k_head = blk.kv_head(k);
+  const std::uint16_t* v_head = blk.kv_head(v);
+  const std::uint32_t q_tile = base + wg * kTileBytes;
+  auto k_tile = [&](int b) { return smem + kFwdOffK + b * kTileBytes; };
+  auto v_tile = [&](int b) { return smem + kFwdOffV + b * kTileBytes; };
+  auto addr = [&](const unsigned char* p) { return base + static_cast<std::uint32_t>(p - smem); };
+
+  for (int qt = static_cast<int>(gridDim.z) - 1 - static_cast<int>(blockIdx.z); qt < blk.n_tiles;
+       qt += gridDim.z) {
+    const int q0 = qt * kTile;
+    __syncthreads();  // a previous tile's readers of shared memory are done
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      copy_tile<kTile, kThreads>(smem + hh * kTileBytes, q + static_cast<std::int64_t>(start + q0) * q_stride +
+                                                             (h0 + hh) * kD, q_stride, len - q0, tid);
+    }
+    copy_tile<kTile, kThreads>(k_tile(0), k_head, kv_stride, len, tid);
+    copy_tile<kTile, kThreads>(v_tile(0), v_head, kv_stride, len, tid);
+    cp_async_commit();
+
+    float o[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+    for (int kt = 0; kt <= qt; ++kt) {
+      const int b = kt & 1;
+      copies_landed();
+      __syncthreads();  // tile kt in stage b for everyone; stage b ^ 1's readers (tile kt - 1) are done
+      if (kt < qt) {
+        const std::int64_t k1 = static_cast<std::int64_t>(kt + 1) * kTile;
+        copy_tile<kTile, kThreads>(k_tile(b ^ 1), k_head + k1 * kv_stride, kv_stride, len - (kt + 1) * kTile, tid);
+        copy_tile<kTile, kThreads>(v_tile(b ^ 1), v_head + k1 * kv_stride, kv_stride, len - (kt + 1) * kTile, tid);
+      }
+      cp_async_commit();
+
+      float s[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) s[i] = 0.f;
+      fence_operands(s);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        wgmma_ss(s, smem_desc(q_tile + kstep(kTile, ks)), smem_desc(addr(k_tile(b)) + kstep(kTile, ks)));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(s);
+
+      online_softmax_tile<16>([&](int j, int c) -> float& { return s[4 * j + c]; },
+                              [&](int nb, int c) -> float& { return o[4 * nb + c]; }, m, l, warp * 16, kt == qt,
+                              scale_log2);
+
+      std::uint32_t a[4][4];
+      a_fragments(a, s);
+      fence_operands(o);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wgmma_rs<1>(o, a[j], smem_desc_mn(addr(v_tile(b)) + j * 2048, kTile * 128));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(o);
+      hold(a);
+    }
+
+    // o[4nb + 2hh + e]: row g + 8hh of the warp's 16, column 8nb + 2t + e.
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float sum = l[hh];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float inv = 1.f / sum;
+      const int r = q0 + warp * 16 + g + 8 * hh;
+      if (r >= len) continue;
+      if (t == 0) lse[static_cast<std::int64_t>(start + r) * n_q_heads + h] = (m[hh] + log2f(sum)) * kLn2;
+      std::uint16_t* dst = out + static_cast<std::int64_t>(start + r) * q_stride + h * kD + 2 * t;
+#pragma unroll
+      for (int nb = 0; nb < 16; ++nb) {
+        *reinterpret_cast<std::uint32_t*>(dst + 8 * nb) = pack_bf16(o[4 * nb + 2 * hh] * inv, o[4 * nb + 2 * hh + 1] * inv);
+      }
+    }
+  }
+#else
+  __trap();  // launched only where attention_wgmma_supported (an sm_90a build on a 9.0 device)
+#endif
+}
+
+// The dQ pass: as attention_wgmma_dq_kernel (tf32): 32-key tiles, S and dP by wgmma m64n32k16,
+// dQ += dS K by m64n128k16 with dS from registers and K read MN-major. Grid (n_q_heads / 2,
+// n_seqs, q_tiles), 256 threads, kDqSmemBytes of dynamic shared memory.
+__global__ void __launch_bounds__(kThreads, 2)
+    attention_wgmma_bf16_dq_kernel(const std::uint16_t* __restrict__ q, const std::uint16_t* __restrict__ k,
+                                   const std::uint16_t* __restrict__ v, const std::uint16_t* __restrict__ dout,
+                                   const float* __restrict__ lse, const float* __restrict__ dsum,
+                                   float* __restrict__ dq, const std::int32_t* __restrict__ cu_seqlens,
+                                   int n_q_heads, int n_kv_heads, float scale, float scale_log2) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  unsigned char* const smem = aligned_smem();
+  const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
+
+  const HeadPairBlock blk(cu_seqlens, n_q_heads, n_kv_heads);
+  const int start = blk.start, len = blk.len, h0 = blk.h0;
+  const std::int64_t q_stride = blk.q_stride, kv_stride = blk.kv_stride;
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int h = h0 + wg;
+  const std::uint16_t* k_head = blk.kv_head(k);
+  const std::uint16_t* v_head = blk.kv_head(v);
+  auto k_tile = [&](int b) { return smem + kDqOffKv + 2 * b * kRowsBytes; };
+  auto v_tile = [&](int b) { return smem + kDqOffKv + (2 * b + 1) * kRowsBytes; };
+  auto addr = [&](const unsigned char* p) { return base + static_cast<std::uint32_t>(p - smem); };
+  const std::uint32_t q_tile = base + wg * kTileBytes, do_tile = base + (2 + wg) * kTileBytes;
+
+  for (int qt = static_cast<int>(gridDim.z) - 1 - static_cast<int>(blockIdx.z); qt < blk.n_tiles;
+       qt += gridDim.z) {
+    const int q0 = qt * kTile;
+    const std::int64_t q_off = static_cast<std::int64_t>(start + q0) * q_stride;
+    __syncthreads();  // a previous tile's readers of shared memory are done
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      copy_tile<kTile, kThreads>(smem + hh * kTileBytes, q + q_off + (h0 + hh) * kD, q_stride, len - q0, tid);
+      copy_tile<kTile, kThreads>(smem + (2 + hh) * kTileBytes, dout + q_off + (h0 + hh) * kD, q_stride, len - q0,
+                                 tid);
+    }
+    copy_tile<kKeys, kThreads>(k_tile(0), k_head, kv_stride, len, tid);
+    copy_tile<kKeys, kThreads>(v_tile(0), v_head, kv_stride, len, tid);
+    cp_async_commit();
+    float lse2[2], dsv[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = q0 + warp * 16 + g + 8 * hh;
+      const std::int64_t idx = static_cast<std::int64_t>(start + r) * n_q_heads + h;
+      lse2[hh] = r < len ? lse[idx] * kLog2e : INFINITY;  // rows past the end: P = 0
+      dsv[hh] = r < len ? dsum[idx] : 0.f;
+    }
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+
+    // Key tiles at or left of the diagonal that hold keys of the sequence.
+    const int n_kt = min(2 * qt + 2, (len + kKeys - 1) / kKeys);
+    for (int kt = 0; kt < n_kt; ++kt) {
+      const int b = kt & 1;
+      copies_landed();
+      __syncthreads();  // tile kt in stage b for everyone; stage b ^ 1's readers are done
+      if (kt + 1 < n_kt) {
+        const int k1 = (kt + 1) * kKeys;
+        copy_tile<kKeys, kThreads>(k_tile(b ^ 1), k_head + static_cast<std::int64_t>(k1) * kv_stride, kv_stride,
+                                   len - k1, tid);
+        copy_tile<kKeys, kThreads>(v_tile(b ^ 1), v_head + static_cast<std::int64_t>(k1) * kv_stride, kv_stride,
+                                   len - k1, tid);
+      }
+      cp_async_commit();
+
+      float s[16], dp[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) s[i] = dp[i] = 0.f;
+      fence_operands(s);
+      fence_operands(dp);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        wgmma_ss(s, smem_desc(q_tile + kstep(kTile, ks)), smem_desc(addr(k_tile(b)) + kstep(kKeys, ks)));
+      }
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        wgmma_ss(dp, smem_desc(do_tile + kstep(kTile, ks)), smem_desc(addr(v_tile(b)) + kstep(kKeys, ks)));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(s);
+      fence_operands(dp);
+
+      // s[4j + 2hh + e]: row g + 8hh of the warp's 16, key 8j + 2t + e of the tile. dS into dp.
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int i = 4 * j + 2 * hh + e;
+            const int key = kt * kKeys + 8 * j + 2 * t + e, row = q0 + warp * 16 + g + 8 * hh;
+            const float p = key <= row ? exp2f(s[i] * scale_log2 - lse2[hh]) : 0.f;
+            dp[i] = p * (dp[i] - dsv[hh]);
+          }
+      std::uint32_t a[2][4];
+      a_fragments(a, dp);
+      fence_operands(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wgmma_rs<1>(acc, a[j], smem_desc_mn(addr(k_tile(b)) + j * 2048, kKeys * 128));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(acc);
+      hold(a);
+    }
+
+    const float mul[2] = {scale, scale};
+    store_tile_rows(dq + q_off + h * kD, q_stride, acc, warp * 16, len - q0, mul);
+  }
+#else
+  __trap();  // launched only where attention_wgmma_supported
+#endif
+}
+
+// The dK/dV pass: as attention_wgmma_dkdv_kernel (tf32): 64 keys per block, the 32-query items
+// alternating between the two warpgroups, each with two stages of its own (the item after next
+// copied while this one's products run; its own barrier), dV += P^T dO and dK += dS^T Q with dO and
+// Q read MN-major; warpgroup 1 hands its sums to warpgroup 0 at the end. Grid
+// (n_kv_heads * splits, n_seqs, k_tiles), 256 threads, kDkvSmemBytes of dynamic shared memory.
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_wgmma_bf16_dkdv_kernel(const std::uint16_t* __restrict__ q, const std::uint16_t* __restrict__ k,
+                                     const std::uint16_t* __restrict__ v, const std::uint16_t* __restrict__ dout,
+                                     const float* __restrict__ lse, const float* __restrict__ dsum,
+                                     float* __restrict__ dk, float* __restrict__ dv, Slabs slabs,
+                                     const std::int32_t* __restrict__ cu_seqlens, int n_q_heads, int n_kv_heads,
+                                     int splits, float scale, float scale_log2) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  unsigned char* const smem = aligned_smem();
+  const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
+  auto addr = [&](const unsigned char* p) { return base + static_cast<std::uint32_t>(p - smem); };
+
+  const int kvh = blockIdx.x / splits;
+  const int split = blockIdx.x % splits;
+  const int seq = blockIdx.y;
+  const int start = cu_seqlens[seq];
+  const int len = cu_seqlens[seq + 1] - start;
+  const int n_tiles = (len + kTile - 1) / kTile;
+  const int n_q32 = (len + kKeys - 1) / kKeys;
+  const int group = n_q_heads / n_kv_heads;
+  const int h_begin = kvh * group + split * group / splits;
+  const int h_end = kvh * group + (split + 1) * group / splits;
+  const std::int64_t q_stride = static_cast<std::int64_t>(n_q_heads) * kD;
+  const std::int64_t kv_stride = static_cast<std::int64_t>(n_kv_heads) * kD;
+  const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, warp = wt >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  // This warpgroup's stage sb: Q [32][128] then dO [32][128]; its lse and D.
+  auto stage = [&](int sb) { return smem + kDkvOffStage + (2 * wg + sb) * kDkvStageBytes; };
+  auto stats = [&](int sb) { return reinterpret_cast<float*>(smem + kDkvOffStats) + (2 * wg + sb) * 2 * kKeys; };
+
+  // Item `it` of key tile kt (per_head 32-query tiles per head) into this warpgroup's stage sb.
+  auto copy_item = [&](int it, int per_head, int kt, int sb) {
+    const int hq = h_begin + it / per_head, q0 = (2 * kt + it % per_head) * kKeys;
+    const std::int64_t off = static_cast<std::int64_t>(start + q0) * q_stride + hq * kD;
+    copy_tile<kKeys, 128>(stage(sb), q + off, q_stride, len - q0, wt);
+    copy_tile<kKeys, 128>(stage(sb) + kRowsBytes, dout + off, q_stride, len - q0, wt);
+    if (wt < kKeys) {  // rows past the end zero-filled: their P is masked to 0 where it is formed
+      const bool valid = q0 + wt < len;
+      const std::int64_t idx = valid ? static_cast<std::int64_t>(start + q0 + wt) * n_q_heads + hq : 0;
+      cp_async4(stats(sb) + wt, lse + idx, valid);
+      cp_async4(stats(sb) + kKeys + wt, dsum + idx, valid);
+    }
+  };
+
+  for (int kt = blockIdx.z; kt < n_tiles; kt += gridDim.z) {
+    const int k0 = kt * kTile;
+    const std::int64_t kv_off = static_cast<std::int64_t>(start + k0) * kv_stride + kvh * kD;
+    const int per_head = n_q32 - 2 * kt;  // 32-query tiles at or after the key tile
+    const int n_items = (h_end - h_begin) * per_head;
+    __syncthreads();  // a previous tile's readers of shared memory are done
+    copy_tile<kTile, kThreads>(smem, k + kv_off, kv_stride, len - k0, tid);
+    copy_tile<kTile, kThreads>(smem + kTileBytes, v + kv_off, kv_stride, len - k0, tid);
+    if (wg < n_items) copy_item(wg, per_head, kt, 0);
+    cp_async_commit();
+    copies_landed();
+    __syncthreads();  // K and V complete
+
+    float dk_acc[64], dv_acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+
+    for (int it = wg, sb = 0; it < n_items; it += 2, sb ^= 1) {
+      const int q0 = (2 * kt + it % per_head) * kKeys;
+      copies_landed();
+      warpgroup_barrier(wg);  // item it in stage sb; stage sb ^ 1's readers (item it - 2) are done
+      if (it + 2 < n_items) copy_item(it + 2, per_head, kt, sb ^ 1);
+      cp_async_commit();
+      const std::uint32_t q_rows = addr(stage(sb)), do_rows = q_rows + kRowsBytes;
+      const float* lse_s = stats(sb);
+      const float* dsum_s = lse_s + kKeys;
+
+      float st[16], dpt[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) st[i] = dpt[i] = 0.f;
+      fence_operands(st);
+      fence_operands(dpt);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        wgmma_ss(st, smem_desc(base + kstep(kTile, ks)), smem_desc(q_rows + kstep(kKeys, ks)));
+      }
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        wgmma_ss(dpt, smem_desc(base + kTileBytes + kstep(kTile, ks)), smem_desc(do_rows + kstep(kKeys, ks)));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(st);
+      fence_operands(dpt);
+
+      // st[4j + 2hh + e]: key g + 8hh of the warp's 16, query 8j + 2t + e of the item. P^T into st,
+      // dS^T into dpt.
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int i = 4 * j + 2 * hh + e, qi = 8 * j + 2 * t + e;
+            const int key = k0 + warp * 16 + g + 8 * hh, query = q0 + qi;
+            const float p = query < len && key <= query ? exp2f(st[i] * scale_log2 - lse_s[qi] * kLog2e) : 0.f;
+            st[i] = p;
+            dpt[i] = p * (dpt[i] - dsum_s[qi]);
+          }
+      std::uint32_t ap[2][4], ads[2][4];
+      a_fragments(ap, st);
+      a_fragments(ads, dpt);
+      fence_operands(dv_acc);
+      fence_operands(dk_acc);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wgmma_rs<1>(dv_acc, ap[j], smem_desc_mn(do_rows + j * 2048, kKeys * 128));
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wgmma_rs<1>(dk_acc, ads[j], smem_desc_mn(q_rows + j * 2048, kKeys * 128));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(dv_acc);
+      fence_operands(dk_acc);
+      hold(ap);
+      hold(ads);
+    }
+
+    // Warpgroup 1's sums through shared memory (64 KB from the base: K, V and the stages, free once
+    // both warpgroups are done), each thread's values in a slot that the thread of warpgroup 0 with
+    // the same accumulator layout reads.
+    __syncthreads();
+    float* hand = reinterpret_cast<float*>(smem);
+    if (wg == 1) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) {
+        hand[i * 128 + wt] = dk_acc[i];
+        hand[(64 + i) * 128 + wt] = dv_acc[i];
+      }
+    }
+    __syncthreads();
+    if (wg == 0) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) {
+        dk_acc[i] += hand[i * 128 + wt];
+        dv_acc[i] += hand[(64 + i) * 128 + wt];
+      }
+      float* dk_dst = split == 0 ? dk : slabs(2 * (split - 1));
+      float* dv_dst = split == 0 ? dv : slabs(2 * (split - 1) + 1);
+      const float sc[2] = {scale, scale}, one[2] = {1.f, 1.f};
+      store_tile_rows(dk_dst + kv_off, kv_stride, dk_acc, warp * 16, len - k0, sc);
+      store_tile_rows(dv_dst + kv_off, kv_stride, dv_acc, warp * 16, len - k0, one);
+    }
+  }
+#else
+  __trap();  // launched only where attention_wgmma_supported
+#endif
+}
+
+}  // namespace bf16io
+
+#ifndef CUDABLOCKS_ATTN_MMA_EMULATION
+}  // namespace
+
+void attention_forward_wgmma_bf16(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v,
+                                  std::uint16_t* out, float* lse, const int32_t* cu_seqlens, int n_seqs,
+                                  unsigned q_tiles, int n_q_heads, int n_kv_heads, float scale, cudaStream_t stream) {
+  using namespace bf16io;
+  require_dynamic_smem(reinterpret_cast<const void*>(attention_wgmma_bf16_forward_kernel), kFwdSmemBytes,
+                       "attention (cuda, wgmma bf16):");
+  const dim3 grid(static_cast<unsigned>(n_q_heads / 2), static_cast<unsigned>(n_seqs), q_tiles);
+  attention_wgmma_bf16_forward_kernel<<<grid, kThreads, kFwdSmemBytes, stream>>>(q, k, v, out, lse, cu_seqlens,
+                                                                                n_q_heads, n_kv_heads, scale * kLog2e);
+  CUDABLOCKS_CHECK_LAUNCH("attention_wgmma_bf16_forward_kernel");
+}
+
+void attention_dq_wgmma_bf16(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v,
+                             const std::uint16_t* dout, const float* lse, const float* dsum, float* dq,
+                             const int32_t* cu_seqlens, int n_seqs, unsigned q_tiles, int n_q_heads, int n_kv_heads,
+                             float scale, cudaStream_t stream) {
+  using namespace bf16io;
+  require_dynamic_smem(reinterpret_cast<const void*>(attention_wgmma_bf16_dq_kernel), kDqSmemBytes,
+                       "attention (cuda, wgmma bf16):");
+  const dim3 grid(static_cast<unsigned>(n_q_heads / 2), static_cast<unsigned>(n_seqs), q_tiles);
+  attention_wgmma_bf16_dq_kernel<<<grid, kThreads, kDqSmemBytes, stream>>>(q, k, v, dout, lse, dsum, dq, cu_seqlens,
+                                                                          n_q_heads, n_kv_heads, scale,
+                                                                          scale * kLog2e);
+  CUDABLOCKS_CHECK_LAUNCH("attention_wgmma_bf16_dq_kernel");
+}
+
+void attention_dkdv_wgmma_bf16(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v,
+                               const std::uint16_t* dout, const float* lse, const float* dsum, float* dk, float* dv,
+                               float* slab_first, float* slab_rest, int slab_n_first, std::int64_t slab_size,
+                               const int32_t* cu_seqlens, int n_seqs, unsigned k_tiles, int n_q_heads,
+                               int n_kv_heads, int splits, float scale, cudaStream_t stream) {
+  using namespace bf16io;
+  require_dynamic_smem(reinterpret_cast<const void*>(attention_wgmma_bf16_dkdv_kernel), kDkvSmemBytes,
+                       "attention (cuda, wgmma bf16):");
+  const dim3 grid(static_cast<unsigned>(n_kv_heads * splits), static_cast<unsigned>(n_seqs), k_tiles);
+  attention_wgmma_bf16_dkdv_kernel<<<grid, kThreads, kDkvSmemBytes, stream>>>(
+      q, k, v, dout, lse, dsum, dk, dv, Slabs{slab_first, slab_rest, slab_n_first, slab_size}, cu_seqlens, n_q_heads,
+      n_kv_heads, splits, scale, scale * kLog2e);
+  CUDABLOCKS_CHECK_LAUNCH("attention_wgmma_bf16_dkdv_kernel");
+}
+#else
+}  // namespace
+#endif  // CUDABLOCKS_ATTN_MMA_EMULATION
+
+}  // namespace cudablocks::cuda
