@@ -286,16 +286,17 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int ks = 0; ks < kD / 16; ++ks) {
         wgmma_ss(s, smem_desc(q_tile + kstep(kTile, ks)), smem_desc(addr(k_tile(b)) + kstep(kKeys, ks)));
       }
+      wgmma_commit();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
         wgmma_ss(dp, smem_desc(do_tile + kstep(kTile, ks)), smem_desc(addr(v_tile(b)) + kstep(kKeys, ks)));
       }
       wgmma_commit();
-      wgmma_wait<0>();
+      wgmma_wait<1>();  // S is done (groups retire in order); P while dP's products run
       fence_operands(s);
-      fence_operands(dp);
 
-      // s[4j + 2hh + e]: row g + 8hh of the warp's 16, key 8j + 2t + e of the tile. dS into dp.
+      // s[4j + 2hh + e]: row g + 8hh of the warp's 16, key 8j + 2t + e of the tile. P into s, then
+      // dS into dp.
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -304,9 +305,12 @@ __global__ void __launch_bounds__(kThreads, 2)
           for (int e = 0; e < 2; ++e) {
             const int i = 4 * j + 2 * hh + e;
             const int key = kt * kKeys + 8 * j + 2 * t + e, row = q0 + warp * 16 + g + 8 * hh;
-            const float p = key <= row ? exp2f(s[i] * scale_log2 - lse2[hh]) : 0.f;
-            dp[i] = p * (dp[i] - dsv[hh]);
+            s[i] = key <= row ? exp2f(s[i] * scale_log2 - lse2[hh]) : 0.f;
           }
+      wgmma_wait<0>();
+      fence_operands(dp);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) dp[i] = s[i] * (dp[i] - dsv[(i >> 1) & 1]);
       std::uint32_t a[2][4];
       a_fragments(a, dp);
       fence_operands(acc);
@@ -413,17 +417,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int ks = 0; ks < kD / 16; ++ks) {
         wgmma_ss(st, smem_desc(base + kstep(kTile, ks)), smem_desc(q_rows + kstep(kKeys, ks)));
       }
+      wgmma_commit();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
         wgmma_ss(dpt, smem_desc(base + kTileBytes + kstep(kTile, ks)), smem_desc(do_rows + kstep(kKeys, ks)));
       }
       wgmma_commit();
-      wgmma_wait<0>();
+      // Each half as soon as its operands are ready (groups retire in order): P^T while dP^T's
+      // products run, dV += P^T dO issued before dS^T is formed, dK += dS^T Q last.
+      wgmma_wait<1>();
       fence_operands(st);
-      fence_operands(dpt);
-
-      // st[4j + 2hh + e]: key g + 8hh of the warp's 16, query 8j + 2t + e of the item. P^T into st,
-      // dS^T into dpt.
+      // st[4j + 2hh + e]: key g + 8hh of the warp's 16, query 8j + 2t + e of the item. P^T into st.
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -432,18 +436,23 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int e = 0; e < 2; ++e) {
             const int i = 4 * j + 2 * hh + e, qi = 8 * j + 2 * t + e;
             const int key = k0 + warp * 16 + g + 8 * hh, query = q0 + qi;
-            const float p = query < len && key <= query ? exp2f(st[i] * scale_log2 - lse_s[qi] * kLog2e) : 0.f;
-            st[i] = p;
-            dpt[i] = p * (dpt[i] - dsum_s[qi]);
+            st[i] = query < len && key <= query ? exp2f(st[i] * scale_log2 - lse_s[qi] * kLog2e) : 0.f;
           }
       std::uint32_t ap[2][4], ads[2][4];
       a_fragments(ap, st);
-      a_fragments(ads, dpt);
       fence_operands(dv_acc);
-      fence_operands(dk_acc);
       wgmma_fence();
 #pragma unroll
       for (int j = 0; j < 2; ++j) wgmma_rs<1>(dv_acc, ap[j], smem_desc_mn(do_rows + j * 2048, kKeys * 128));
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_operands(dpt);
+      // dS^T = P^T (dP^T - D) into dpt.
+#pragma unroll
+      for (int i = 0; i < 16; ++i) dpt[i] = st[i] * (dpt[i] - dsum_s[8 * (i >> 2) + 2 * t + (i & 1)]);
+      a_fragments(ads, dpt);
+      fence_operands(dk_acc);
+      wgmma_fence();
 #pragma unroll
       for (int j = 0; j < 2; ++j) wgmma_rs<1>(dk_acc, ads[j], smem_desc_mn(q_rows + j * 2048, kKeys * 128));
       wgmma_commit();
