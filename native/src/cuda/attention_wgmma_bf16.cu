@@ -24,6 +24,10 @@
 // In a QLoRA layer step (8 x 512, profiler) the dQ pass took 0.099 ms (mma.sync 0.132) but the
 // dK/dV pass 0.177 (0.175): at ~1.3 us per 64 x 32 item and SM it runs at a quarter of the tensor
 // rate, each warpgroup waiting on its own products between the two halves of an item.
+// Tried and measured slower (same day): queueing the next item's S^T and dP^T behind dK (three
+// stages per warpgroup; everything retired before the item loop turns, since ptxas serializes
+// every wgmma of a kernel whose products stay in flight across a loop's branch): backward 0.301
+// against 0.287 ms at 8 x 512; the forward at one block per SM (no spills): 0.091 against 0.079 ms.
 #include "cuda/attention_wgmma.cuh"
 #include "cuda/attention_shared.cuh"
 #include "cuda/attention_wgmma_shared.cuh"
