@@ -19,11 +19,13 @@
 //
 // Measured (H200, 2026-11-28, CudaAttentionTiming, Qwen3-4B heads 32/8; TFLOP/s on the useful
 // 2 * n_q * d * sum(L^2) forward, 2.5x that backward), against the mma.sync bf16 I/O kernels:
-//   8 x 512   forward 0.079 ms (218 TFLOP/s; mma.sync 0.102), backward 0.297 ms (145; 0.322)
-//   1 x 2048  forward 0.098 ms (352; 0.147), backward 0.468 ms (184; 0.506)
-// In a QLoRA layer step (8 x 512, profiler) the dQ pass took 0.099 ms (mma.sync 0.132) but the
-// dK/dV pass 0.177 (0.175): at ~1.3 us per 64 x 32 item and SM it runs at a quarter of the tensor
-// rate, each warpgroup waiting on its own products between the two halves of an item.
+//   8 x 512   forward 0.078 ms (220 TFLOP/s; mma.sync 0.102), backward 0.285 ms (151; 0.321)
+//   1 x 2048  forward 0.098 ms (352; 0.147), backward 0.460 ms (187; 0.505)
+// (Forming P while dP's products run, and issuing dV before dS is formed, took the backward from
+// 0.297 / 0.468 ms to these.) In a QLoRA layer step (8 x 512, profiler) the dQ pass took 0.099 ms
+// (mma.sync 0.132) but the dK/dV pass 0.177 (0.175): at ~1.3 us per 64 x 32 item and SM it runs at
+// a quarter of the tensor rate, each warpgroup waiting on its own products between the two halves
+// of an item.
 // Tried and measured slower (same day): queueing the next item's S^T and dP^T behind dK (three
 // stages per warpgroup; everything retired before the item loop turns, since ptxas serializes
 // every wgmma of a kernel whose products stay in flight across a loop's branch): backward 0.301
