@@ -395,6 +395,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const std::uint32_t at32 = (ks >> 2) * kKeys * 128 + (ks & 3) * 32;
         wgmma_ss_tf32(s, smem_desc(q_tile + at64), smem_desc(addr(k_tile(b)) + at32));
       }
+      wgmma_commit();
 #pragma unroll
       for (int ks = 0; ks < kD / 8; ++ks) {
         const std::uint32_t at64 = (ks >> 2) * kTile * 128 + (ks & 3) * 32;
@@ -402,11 +403,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_ss_tf32(dp, smem_desc(do_tile + at64), smem_desc(addr(v_tile(b)) + at32));
       }
       wgmma_commit();
-      wgmma_wait<0>();
+      wgmma_wait<1>();  // S is done (groups retire in order); P while dP's products run
       fence_operands(s);
-      fence_operands(dp);
 
-      // s[4j + 2hh + e]: row g + 8hh of the warp's 16, key 8j + 2t + e of the tile. dS into dp.
+      // s[4j + 2hh + e]: row g + 8hh of the warp's 16, key 8j + 2t + e of the tile. P into s, then
+      // dS into dp.
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -415,9 +416,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int e = 0; e < 2; ++e) {
             const int i = 4 * j + 2 * hh + e;
             const int key = kt * kKeys + 8 * j + 2 * t + e, row = q0 + warp * 16 + g + 8 * hh;
-            const float p = key <= row ? exp2f(s[i] * scale_log2 - lse2[hh]) : 0.f;
-            dp[i] = p * (dp[i] - dsv[hh]);
+            s[i] = key <= row ? exp2f(s[i] * scale_log2 - lse2[hh]) : 0.f;
           }
+      wgmma_wait<0>();
+      fence_operands(dp);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) dp[i] = s[i] * (dp[i] - dsv[(i >> 1) & 1]);
       std::uint32_t a[4][4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -562,6 +566,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const std::uint32_t at32 = (ks >> 2) * kKeys * 128 + (ks & 3) * 32;
         wgmma_ss_tf32(st, smem_desc(base + at64), smem_desc(addr(stage) + at32));
       }
+      wgmma_commit();
 #pragma unroll
       for (int ks = 0; ks < kD / 8; ++ks) {
         const std::uint32_t at64 = (ks >> 2) * kTile * 128 + (ks & 3) * 32;
@@ -569,12 +574,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_ss_tf32(dpt, smem_desc(base + kTileBytes + at64), smem_desc(addr(stage + kKvBytes) + at32));
       }
       wgmma_commit();
-      wgmma_wait<0>();
+      // Each half as soon as its operands are ready (groups retire in order): P^T while dP^T's
+      // products run, dV += P^T dO issued before dS^T is formed, dK += dS^T Q last.
+      wgmma_wait<1>();
       fence_operands(st);
-      fence_operands(dpt);
-
-      // st[4j + 2hh + e]: key g + 8hh of the warp's 16, query 8j + 2t + e of the item. P^T into st,
-      // dS^T into dpt.
+      // st[4j + 2hh + e]: key g + 8hh of the warp's 16, query 8j + 2t + e of the item. P^T into st.
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -583,10 +587,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int e = 0; e < 2; ++e) {
             const int i = 4 * j + 2 * hh + e, qi = 8 * j + 2 * t + e;
             const int key = k0 + warp * 16 + g + 8 * hh, query = q0 + qi;
-            const float p =
-                query < len && key <= query ? exp2f(st[i] * scale_log2 - lse_s[qi] * kLog2e) : 0.f;
-            st[i] = p;
-            dpt[i] = p * (dpt[i] - dsum_s[qi]);
+            st[i] = query < len && key <= query ? exp2f(st[i] * scale_log2 - lse_s[qi] * kLog2e) : 0.f;
           }
       std::uint32_t ap[4][4], ads[4][4];
 #pragma unroll
@@ -595,16 +596,26 @@ __global__ void __launch_bounds__(kThreads, 1)
         ap[j][1] = to_tf32(st[4 * j + 2]);
         ap[j][2] = to_tf32(st[4 * j + 1]);
         ap[j][3] = to_tf32(st[4 * j + 3]);
+      }
+      fence_operands(dv_acc);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wgmma_rs_tf32(dv_acc, ap[j], smem_desc(addr(stage + 3 * kKvBytes) + j * 32));
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_operands(dpt);
+      // dS^T = P^T (dP^T - D) into dpt.
+#pragma unroll
+      for (int i = 0; i < 16; ++i) dpt[i] = st[i] * (dpt[i] - dsum_s[8 * (i >> 2) + 2 * t + (i & 1)]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
         ads[j][0] = to_tf32(dpt[4 * j]);
         ads[j][1] = to_tf32(dpt[4 * j + 2]);
         ads[j][2] = to_tf32(dpt[4 * j + 1]);
         ads[j][3] = to_tf32(dpt[4 * j + 3]);
       }
-      fence_operands(dv_acc);
       fence_operands(dk_acc);
       wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma_rs_tf32(dv_acc, ap[j], smem_desc(addr(stage + 3 * kKvBytes) + j * 32));
 #pragma unroll
       for (int j = 0; j < 4; ++j) wgmma_rs_tf32(dk_acc, ads[j], smem_desc(addr(stage + 2 * kKvBytes) + j * 32));
       wgmma_commit();
