@@ -39,6 +39,9 @@
 // 2 * n_q * d * sum(L^2) forward, 2.5x that backward), against the mma.sync kernels:
 //   8 x 512   forward 0.201 ms (86 TFLOP/s; mma.sync 0.318), backward 0.791 ms (54; 1.224)
 //   1 x 2048  forward 0.275 ms (125; 0.436), backward 1.241 ms (69; 1.995)
+// Forming P while dP's products run and issuing dV before dS is formed (both backward passes) then
+// took the backward from 0.800 to 0.791 ms at 8 x 512 and from 1.249 to 1.237 ms at 1 x 2048 (one
+// run, same day).
 // In the profiler (a block's step, 8 x 512 / 1 x 2048) the dK/dV pass took 0.52 / 0.81 ms and the
 // dQ pass 0.29 / 0.42 (mma.sync 0.70 / 1.15 and 0.57 / 0.84). The forward's and the dQ
 // pass's results equalled the mma.sync kernels' bit for bit (the same products summed in the same
