@@ -225,7 +225,7 @@ bool run_case_bf16(const std::vector<int>& lens, int nq, int nkv, int splits, un
   std::vector<float> rest(std::max<int64_t>(0, 2 * (splits - 1) - group) * slab_n + 1, NAN);
   std::vector<float> dq(c.q.size(), NAN), dk(c.k.size(), NAN), dv(c.v.size(), NAN);
   const Slabs slabs{dq.data(), rest.data(), group, slab_n};
-  launch(dim3(nkv * splits, n_seqs, tiles), kThreads, smem_raw, sizeof(smem_raw), [&] {
+  launch(dim3(nkv * splits, n_seqs, (tiles + 1) / 2), kThreads, smem_raw, sizeof(smem_raw), [&] {  // 128 keys
     attention_wgmma_bf16_dkdv_kernel(q.data(), k.data(), v.data(), dout.data(), c.lse.data(), dsum.data(), dk.data(),
                                      dv.data(), slabs, cu.data(), nq, nkv, splits, scale, scale * kLog2e);
   });

@@ -55,12 +55,14 @@ constexpr int kFwdSmemBytes = kFwdOffV + 2 * kTileBytes + 1024;  // + 1 KB to al
 // dQ pass: Q of the two heads, dO of the two heads, then K and V (32 keys) of two stages.
 constexpr int kDqOffKv = 4 * kTileBytes;  // stage s: K at + 2 s kRowsBytes, V after it
 constexpr int kDqSmemBytes = kDqOffKv + 4 * kRowsBytes + 1024;
-// dK/dV pass: K and V (64 keys), then per warpgroup two stages of an item (Q, dO: 32 queries
-// each), then per warpgroup and stage the item's lse and D (32 floats each).
-constexpr int kDkvOffStage = 2 * kTileBytes;
-constexpr int kDkvStageBytes = 2 * kRowsBytes;
-constexpr int kDkvOffStats = kDkvOffStage + 4 * kDkvStageBytes;
-constexpr int kDkvSmemBytes = kDkvOffStats + 4 * 2 * kKeys * 4 + 1024;
+// dK/dV pass: K and V of the block's 128 keys (warpgroup w's 64 as its own [64][128] tiles: K_w at
+// 2 w tiles, V_w after it), then two stages of a 64-query item (Q, dO), then per stage the item's
+// lse and D (64 floats each).
+constexpr int kDkvKeys = 2 * kTile;
+constexpr int kDkvOffStage = 4 * kTileBytes;
+constexpr int kDkvStageBytes = 2 * kTileBytes;
+constexpr int kDkvOffStats = kDkvOffStage + 2 * kDkvStageBytes;
+constexpr int kDkvSmemBytes = kDkvOffStats + 2 * 2 * kTile * 4 + 1024;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -337,11 +339,15 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
-// The dK/dV pass: as attention_wgmma_dkdv_kernel (tf32): 64 keys per block, the 32-query items
-// alternating between the two warpgroups, each with two stages of its own (the item after next
-// copied while this one's products run; its own barrier), dV += P^T dO and dK += dS^T Q with dO and
-// Q read MN-major; warpgroup 1 hands its sums to warpgroup 0 at the end. Grid
-// (n_kv_heads * splits, n_seqs, k_tiles), 256 threads, kDkvSmemBytes of dynamic shared memory.
+// The dK/dV pass: for the block's 128 keys, dV = sum P^T dO and dK = scale * sum dS^T Q over the
+// query heads [h_begin, h_end) of its GQA group (all of them when splits == 1; split s > 0 writes
+// its slabs, which attention_reduce_kernel adds) and the queries at or after the keys. Warpgroup w
+// owns keys 64 w .. 64 w + 63 (wgmma's M) and keeps their dK, dV in registers; both run every item
+// (a query head and 64 queries, double-buffered, copied by all 256 threads one item ahead), each
+// on its own keys: S^T = K_w Q^T and dP^T = V_w dO^T by wgmma m64n64k16, P^T and dS^T in
+// registers, dV += P^T dO and dK += dS^T Q by m64n128k16 with dO and Q read MN-major. A warpgroup
+// whose keys all follow the item's queries skips it. Grid (n_kv_heads * splits, n_seqs,
+// 128-key tiles), 256 threads, kDkvSmemBytes of dynamic shared memory.
 __global__ void __launch_bounds__(kThreads, 1)
     attention_wgmma_bf16_dkdv_kernel(const std::uint16_t* __restrict__ q, const std::uint16_t* __restrict__ k,
                                      const std::uint16_t* __restrict__ v, const std::uint16_t* __restrict__ dout,
@@ -359,108 +365,111 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int seq = blockIdx.y;
   const int start = cu_seqlens[seq];
   const int len = cu_seqlens[seq + 1] - start;
-  const int n_tiles = (len + kTile - 1) / kTile;
-  const int n_q32 = (len + kKeys - 1) / kKeys;
+  const int n_tiles = (len + kDkvKeys - 1) / kDkvKeys;
+  const int n_q64 = (len + kTile - 1) / kTile;
   const int group = n_q_heads / n_kv_heads;
   const int h_begin = kvh * group + split * group / splits;
   const int h_end = kvh * group + (split + 1) * group / splits;
   const std::int64_t q_stride = static_cast<std::int64_t>(n_q_heads) * kD;
   const std::int64_t kv_stride = static_cast<std::int64_t>(n_kv_heads) * kD;
-  const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, warp = wt >> 5, lane = tid & 31;
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
-  // This warpgroup's stage sb: Q [32][128] then dO [32][128]; its lse and D.
-  auto stage = [&](int sb) { return smem + kDkvOffStage + (2 * wg + sb) * kDkvStageBytes; };
-  auto stats = [&](int sb) { return reinterpret_cast<float*>(smem + kDkvOffStats) + (2 * wg + sb) * 2 * kKeys; };
+  const std::uint32_t k_rows = base + 2 * wg * kTileBytes, v_rows = k_rows + kTileBytes;
+  auto stage = [&](int sb) { return smem + kDkvOffStage + sb * kDkvStageBytes; };
+  auto stats = [&](int sb) { return reinterpret_cast<float*>(smem + kDkvOffStats) + sb * 2 * kTile; };
 
-  // Item `it` of key tile kt (per_head 32-query tiles per head) into this warpgroup's stage sb.
+  // Item `it` of key tile kt (per_head 64-query tiles per head) into stage sb, by all threads.
   auto copy_item = [&](int it, int per_head, int kt, int sb) {
-    const int hq = h_begin + it / per_head, q0 = (2 * kt + it % per_head) * kKeys;
+    const int hq = h_begin + it / per_head, q0 = (2 * kt + it % per_head) * kTile;
     const std::int64_t off = static_cast<std::int64_t>(start + q0) * q_stride + hq * kD;
-    copy_tile<kKeys, 128>(stage(sb), q + off, q_stride, len - q0, wt);
-    copy_tile<kKeys, 128>(stage(sb) + kRowsBytes, dout + off, q_stride, len - q0, wt);
-    if (wt < kKeys) {  // rows past the end zero-filled: their P is masked to 0 where it is formed
-      const bool valid = q0 + wt < len;
-      const std::int64_t idx = valid ? static_cast<std::int64_t>(start + q0 + wt) * n_q_heads + hq : 0;
-      cp_async4(stats(sb) + wt, lse + idx, valid);
-      cp_async4(stats(sb) + kKeys + wt, dsum + idx, valid);
+    copy_tile<kTile, kThreads>(stage(sb), q + off, q_stride, len - q0, tid);
+    copy_tile<kTile, kThreads>(stage(sb) + kTileBytes, dout + off, q_stride, len - q0, tid);
+    if (tid < 2 * kTile) {  // rows past the end zero-filled: their P is masked to 0 where it is formed
+      const int r = tid & (kTile - 1);
+      const bool valid = q0 + r < len;
+      const std::int64_t idx = valid ? static_cast<std::int64_t>(start + q0 + r) * n_q_heads + hq : 0;
+      cp_async4(stats(sb) + tid, (tid < kTile ? lse : dsum) + idx, valid);
     }
   };
 
   for (int kt = blockIdx.z; kt < n_tiles; kt += gridDim.z) {
-    const int k0 = kt * kTile;
-    const std::int64_t kv_off = static_cast<std::int64_t>(start + k0) * kv_stride + kvh * kD;
-    const int per_head = n_q32 - 2 * kt;  // 32-query tiles at or after the key tile
+    const int k0 = kt * kDkvKeys, kw0 = k0 + wg * kTile;  // the block's and this warpgroup's first key
+    const int per_head = n_q64 - 2 * kt;  // 64-query tiles at or after the key tile
     const int n_items = (h_end - h_begin) * per_head;
     __syncthreads();  // a previous tile's readers of shared memory are done
-    copy_tile<kTile, kThreads>(smem, k + kv_off, kv_stride, len - k0, tid);
-    copy_tile<kTile, kThreads>(smem + kTileBytes, v + kv_off, kv_stride, len - k0, tid);
-    if (wg < n_items) copy_item(wg, per_head, kt, 0);
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+      const std::int64_t kv_off = static_cast<std::int64_t>(start + k0 + w * kTile) * kv_stride + kvh * kD;
+      copy_tile<kTile, kThreads>(smem + 2 * w * kTileBytes, k + kv_off, kv_stride, len - k0 - w * kTile, tid);
+      copy_tile<kTile, kThreads>(smem + (2 * w + 1) * kTileBytes, v + kv_off, kv_stride, len - k0 - w * kTile, tid);
+    }
+    copy_item(0, per_head, kt, 0);
     cp_async_commit();
-    copies_landed();
-    __syncthreads();  // K and V complete
 
     float dk_acc[64], dv_acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) dk_acc[i] = dv_acc[i] = 0.f;
 
-    for (int it = wg, sb = 0; it < n_items; it += 2, sb ^= 1) {
-      const int q0 = (2 * kt + it % per_head) * kKeys;
+    for (int it = 0; it < n_items; ++it) {
+      const int sb = it & 1;
+      const int q0 = (2 * kt + it % per_head) * kTile;
       copies_landed();
-      warpgroup_barrier(wg);  // item it in stage sb; stage sb ^ 1's readers (item it - 2) are done
-      if (it + 2 < n_items) copy_item(it + 2, per_head, kt, sb ^ 1);
+      __syncthreads();  // item it in stage sb for everyone; stage sb ^ 1's readers (item it - 1) are done
+      if (it + 1 < n_items) copy_item(it + 1, per_head, kt, sb ^ 1);
       cp_async_commit();
-      const std::uint32_t q_rows = addr(stage(sb)), do_rows = q_rows + kRowsBytes;
-      const float* lse_s = stats(sb);
-      const float* dsum_s = lse_s + kKeys;
+      if (kw0 >= q0 + kTile || kw0 >= len) continue;  // every key of this warpgroup follows every query
 
-      float st[16], dpt[16];
+      const std::uint32_t q_rows = addr(stage(sb)), do_rows = q_rows + kTileBytes;
+      const float* lse_s = stats(sb);
+      const float* dsum_s = lse_s + kTile;
+      float st[32], dpt[32];
 #pragma unroll
-      for (int i = 0; i < 16; ++i) st[i] = dpt[i] = 0.f;
+      for (int i = 0; i < 32; ++i) st[i] = dpt[i] = 0.f;
       fence_operands(st);
       fence_operands(dpt);
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
-        wgmma_ss(st, smem_desc(base + kstep(kTile, ks)), smem_desc(q_rows + kstep(kKeys, ks)));
+        wgmma_ss(st, smem_desc(k_rows + kstep(kTile, ks)), smem_desc(q_rows + kstep(kTile, ks)));
       }
       wgmma_commit();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
-        wgmma_ss(dpt, smem_desc(base + kTileBytes + kstep(kTile, ks)), smem_desc(do_rows + kstep(kKeys, ks)));
+        wgmma_ss(dpt, smem_desc(v_rows + kstep(kTile, ks)), smem_desc(do_rows + kstep(kTile, ks)));
       }
       wgmma_commit();
       // Each half as soon as its operands are ready (groups retire in order): P^T while dP^T's
-      // products run, dV += P^T dO issued before dS^T is formed, dK += dS^T Q last.
+      // products run, dV += P^T dO issued before dS^T is formed, dK += dS^T Q after it.
       wgmma_wait<1>();
       fence_operands(st);
       // st[4j + 2hh + e]: key g + 8hh of the warp's 16, query 8j + 2t + e of the item. P^T into st.
+      const int key0 = kw0 + warp * 16 + g;
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int i = 4 * j + 2 * hh + e, qi = 8 * j + 2 * t + e;
-            const int key = k0 + warp * 16 + g + 8 * hh, query = q0 + qi;
-            st[i] = query < len && key <= query ? exp2f(st[i] * scale_log2 - lse_s[qi] * kLog2e) : 0.f;
+            const int i = 4 * j + 2 * hh + e, qi = 8 * j + 2 * t + e, query = q0 + qi;
+            st[i] = query < len && key0 + 8 * hh <= query ? exp2f(st[i] * scale_log2 - lse_s[qi] * kLog2e) : 0.f;
           }
-      std::uint32_t ap[2][4], ads[2][4];
+      std::uint32_t ap[4][4], ads[4][4];
       a_fragments(ap, st);
       fence_operands(dv_acc);
       wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wgmma_rs<1>(dv_acc, ap[j], smem_desc_mn(do_rows + j * 2048, kKeys * 128));
+      for (int j = 0; j < 4; ++j) wgmma_rs<1>(dv_acc, ap[j], smem_desc_mn(do_rows + j * 2048, kTile * 128));
       wgmma_commit();
       wgmma_wait<1>();
       fence_operands(dpt);
       // dS^T = P^T (dP^T - D) into dpt.
 #pragma unroll
-      for (int i = 0; i < 16; ++i) dpt[i] = st[i] * (dpt[i] - dsum_s[8 * (i >> 2) + 2 * t + (i & 1)]);
+      for (int i = 0; i < 32; ++i) dpt[i] = st[i] * (dpt[i] - dsum_s[8 * (i >> 2) + 2 * t + (i & 1)]);
       a_fragments(ads, dpt);
       fence_operands(dk_acc);
       wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wgmma_rs<1>(dk_acc, ads[j], smem_desc_mn(q_rows + j * 2048, kKeys * 128));
+      for (int j = 0; j < 4; ++j) wgmma_rs<1>(dk_acc, ads[j], smem_desc_mn(q_rows + j * 2048, kTile * 128));
       wgmma_commit();
       wgmma_wait<0>();
       fence_operands(dv_acc);
@@ -469,31 +478,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       hold(ads);
     }
 
-    // Warpgroup 1's sums through shared memory (64 KB from the base: K, V and the stages, free once
-    // both warpgroups are done), each thread's values in a slot that the thread of warpgroup 0 with
-    // the same accumulator layout reads.
-    __syncthreads();
-    float* hand = reinterpret_cast<float*>(smem);
-    if (wg == 1) {
-#pragma unroll
-      for (int i = 0; i < 64; ++i) {
-        hand[i * 128 + wt] = dk_acc[i];
-        hand[(64 + i) * 128 + wt] = dv_acc[i];
-      }
-    }
-    __syncthreads();
-    if (wg == 0) {
-#pragma unroll
-      for (int i = 0; i < 64; ++i) {
-        dk_acc[i] += hand[i * 128 + wt];
-        dv_acc[i] += hand[(64 + i) * 128 + wt];
-      }
-      float* dk_dst = split == 0 ? dk : slabs(2 * (split - 1));
-      float* dv_dst = split == 0 ? dv : slabs(2 * (split - 1) + 1);
-      const float sc[2] = {scale, scale}, one[2] = {1.f, 1.f};
-      store_tile_rows(dk_dst + kv_off, kv_stride, dk_acc, warp * 16, len - k0, sc);
-      store_tile_rows(dv_dst + kv_off, kv_stride, dv_acc, warp * 16, len - k0, one);
-    }
+    const std::int64_t kv_off = static_cast<std::int64_t>(start + kw0) * kv_stride + kvh * kD;
+    float* dk_dst = split == 0 ? dk : slabs(2 * (split - 1));
+    float* dv_dst = split == 0 ? dv : slabs(2 * (split - 1) + 1);
+    const float sc[2] = {scale, scale}, one[2] = {1.f, 1.f};
+    store_tile_rows(dk_dst + kv_off, kv_stride, dk_acc, warp * 16, len - kw0, sc);
+    store_tile_rows(dv_dst + kv_off, kv_stride, dv_acc, warp * 16, len - kw0, one);
   }
 #else
   __trap();  // launched only where attention_wgmma_supported
@@ -539,7 +529,8 @@ void attention_dkdv_wgmma_bf16(const std::uint16_t* q, const std::uint16_t* k, c
   using namespace bf16io;
   require_dynamic_smem(reinterpret_cast<const void*>(attention_wgmma_bf16_dkdv_kernel), kDkvSmemBytes,
                        "attention (cuda, wgmma bf16):");
-  const dim3 grid(static_cast<unsigned>(n_kv_heads * splits), static_cast<unsigned>(n_seqs), k_tiles);
+  // k_tiles counts 64-key tiles; a block takes 128 keys.
+  const dim3 grid(static_cast<unsigned>(n_kv_heads * splits), static_cast<unsigned>(n_seqs), (k_tiles + 1) / 2);
   attention_wgmma_bf16_dkdv_kernel<<<grid, kThreads, kDkvSmemBytes, stream>>>(
       q, k, v, dout, lse, dsum, dk, dv, Slabs{slab_first, slab_rest, slab_n_first, slab_size}, cu_seqlens, n_q_heads,
       n_kv_heads, splits, scale, scale * kLog2e);
