@@ -42,7 +42,8 @@ void attention_dkdv_wgmma_tf32(const float* q, const float* k, const float* v, c
                                unsigned k_tiles, int n_q_heads, int n_kv_heads, int splits, float scale,
                                cudaStream_t stream);
 
-// The same three for bf16 q, k, v, out, dout (out written in bf16; P and dS rounded to bf16).
+// The same three for bf16 q, k, v, out, dout (out written in bf16; P and dS rounded to bf16;
+// k_tiles counts 64-key tiles as above, which the dK/dV pass takes two at a time).
 void attention_forward_wgmma_bf16(const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* v,
                                   std::uint16_t* out, float* lse, const int32_t* cu_seqlens, int n_seqs,
                                   unsigned q_tiles, int n_q_heads, int n_kv_heads, float scale, cudaStream_t stream);

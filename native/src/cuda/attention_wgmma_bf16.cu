@@ -1,8 +1,9 @@
 // Causal GQA attention on wgmma (sm_90a) for bf16 q, k, v, out and dout (the bf16 blocks keep them
 // so), head_dim 128: the forward, the backward's dK/dV pass and its dQ pass. Contract:
-// attention_wgmma.cuh. The tf32 kernels' work split (attention_wgmma.cu: a block of the forward or
-// the dQ pass takes a 64-query tile of two query heads, one per warpgroup; a dK/dV block 64 keys,
-// its two warpgroups alternating over 32-query items), with what 16-bit operands change:
+// attention_wgmma.cuh. The forward and the dQ pass split the work as the tf32 kernels do
+// (attention_wgmma.cu: a block takes a 64-query tile of two query heads, one per warpgroup); a
+// dK/dV block takes 128 keys, 64 per warpgroup, and both warpgroups run every 64-query item. What
+// 16-bit operands change against tf32:
 //   - tiles are copied as they are by cp.async (no rounding), every one double-buffered: the next
 //     tile is in flight while the current one's products run;
 //   - wgmma reads 16-bit B operands MN-major as well (its transpose flag), so the operands that tf32
@@ -12,24 +13,28 @@
 //     with mma.sync m16n8k16), so P and dS become A operands in order.
 // Tiles: [rows][128] bf16 as two column chunks of [rows][64] (128-byte rows, the 128-byte swizzle,
 // chunks rows * 128 bytes apart); a k-step of 16 values starts 32 bytes further along the row.
-// Products per tile, as attention_wgmma.cu (m64nNk16 instead of k8); P and dS are rounded to bf16
-// as A fragments, accumulation is fp32; dq, dk, dv are written in fp32, out in bf16.
-// Shared memory 97 KB each. Registers (ptxas, sm_90a): forward 128 (capped for two blocks per SM;
-// 92 bytes spilled), dQ 128 (two blocks per SM; 8 bytes spilled), dK/dV 251 (one block per SM).
+// P and dS are rounded to bf16 as A fragments, accumulation is fp32; dq, dk, dv are written in
+// fp32, out in bf16. Every product sums in the mma.sync kernels' order: on an H200 the outputs
+// equalled theirs bit for bit (CudaAttentionWgmmaBf16).
+// Shared memory: forward and dQ pass 97 KB, dK/dV 130 KB. Registers (ptxas, sm_90a): forward 128
+// (capped for two blocks per SM; 92 bytes spilled), dQ 128 (two blocks per SM; 8 bytes spilled),
+// dK/dV 244 (one block per SM).
 //
 // Measured (H200, 2026-11-28, CudaAttentionTiming, Qwen3-4B heads 32/8; TFLOP/s on the useful
 // 2 * n_q * d * sum(L^2) forward, 2.5x that backward), against the mma.sync bf16 I/O kernels:
-//   8 x 512   forward 0.078 ms (220 TFLOP/s; mma.sync 0.102), backward 0.285 ms (151; 0.321)
-//   1 x 2048  forward 0.098 ms (352; 0.147), backward 0.460 ms (187; 0.505)
-// (Forming P while dP's products run, and issuing dV before dS is formed, took the backward from
-// 0.297 / 0.468 ms to these.) In a QLoRA layer step (8 x 512, profiler) the dQ pass took 0.099 ms
-// (mma.sync 0.132) but the dK/dV pass 0.177 (0.175): at ~1.3 us per 64 x 32 item and SM it runs at
-// a quarter of the tensor rate, each warpgroup waiting on its own products between the two halves
-// of an item.
-// Tried and measured slower (same day): queueing the next item's S^T and dP^T behind dK (three
-// stages per warpgroup; everything retired before the item loop turns, since ptxas serializes
-// every wgmma of a kernel whose products stay in flight across a loop's branch): backward 0.301
-// against 0.287 ms at 8 x 512; the forward at one block per SM (no spills): 0.091 against 0.079 ms.
+//   8 x 512   forward 0.078 ms (220 TFLOP/s; mma.sync 0.102), backward 0.282 ms (152; 0.321)
+//   1 x 2048  forward 0.097 ms (354; 0.147), backward 0.442 ms (194; 0.505)
+// Steps there, each measured in one run: the first version (dK/dV on 64 keys, its warpgroups
+// alternating over 32-query items, as tf32) 0.297 / 0.468 ms backward; forming P while dP's
+// products run and issuing dV before dS is formed, 0.285 / 0.460; the 128-key dK/dV blocks,
+// 0.282 / 0.442 (against 0.286 / 0.459 in that run). In a QLoRA layer step (8 x 512, profiler,
+// first version) the dQ pass took 0.099 ms (mma.sync 0.132) and the dK/dV pass 0.177 (0.175): at
+// ~1.3 us per 64 x 32 item and SM, a quarter of the tensor rate, each warpgroup waiting on its own
+// products between the two halves of an item; twice the product size per item did not change that
+// much. Tried and measured slower: queueing the next item's S^T and dP^T behind dK (everything
+// retired before the item loop turns, since ptxas serializes every wgmma of a kernel whose products
+// stay in flight across a loop's branch): 0.301 against 0.287 ms at 8 x 512; the forward at one
+// block per SM (no spills): 0.091 against 0.079 ms.
 #include "cuda/attention_wgmma.cuh"
 #include "cuda/attention_shared.cuh"
 #include "cuda/attention_wgmma_shared.cuh"
