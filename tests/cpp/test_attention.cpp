@@ -737,26 +737,30 @@ struct WgmmaMode {
     WgmmaMode& operator=(const WgmmaMode&) = delete;
 };
 
+// The wgmma tests' cases (head_dim 128): Qwen3-4B heads with ragged lengths, an empty sequence and
+// tile edges with a group of 2, and a max_seqlen hint of 1 (a grid shorter than the longest
+// sequence's tiles: blocks loop over tiles).
+struct WgmmaCase {
+    std::vector<int> lens;
+    int n_q, n_kv, hint;
+};
+std::vector<WgmmaCase> wgmma_cases() {
+    return {{{512, 37, 1, 300}, 32, 8, 512}, {{130, 0, 64, 65}, 4, 2, 130}, {{300, 200}, 8, 2, 1}};
+}
+
 // The wgmma tf32 kernels (forward, dK/dV and dQ passes) and the mma.sync ones round the same
 // operands to tf32 and, in the forward and the dQ pass, sum the same 8-wide products in the same
 // order (the dK/dV pass sums the items of its two warpgroups apart, then adds them). So their
 // outputs agree far more closely than either agrees with fp32 (out_bound, grad_bound); on an H200
 // (2026-11-28) out, lse and dq were equal bit for bit, dk and dv within 1.1e-6. CudaAttentionMma
-// checks the wgmma kernels against the CPU backend. Cases: Qwen3-4B heads with ragged lengths, an
-// empty sequence and tile edges with a group of 2, and a grid shorter than the longest sequence's
-// tiles (blocks loop over tiles).
+// checks the wgmma kernels against the CPU backend. Cases: wgmma_cases().
 TEST(CudaAttentionWgmma, AgreesWithTheMmaSyncKernels) {
     if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device";
     if (!cudablocks::cuda::attention_wgmma_supported(128, 32, 8))
         GTEST_SKIP() << "no wgmma attention here (needs an sm_90a build on a compute capability 9.0 GPU)";
     EXPECT_FALSE(cudablocks::cuda::attention_wgmma_supported(64, 32, 8));
     EXPECT_FALSE(cudablocks::cuda::attention_wgmma_supported(128, 6, 6));  // odd group
-    struct Case {
-        std::vector<int> lens;
-        int n_q, n_kv, hint;
-    };
-    for (const Case& c : {Case{{512, 37, 1, 300}, 32, 8, 512}, Case{{130, 0, 64, 65}, 4, 2, 130},
-                          Case{{300, 200}, 8, 2, 1}}) {
+    for (const WgmmaCase& c : wgmma_cases()) {
         Seeded rng;
         const Shape s = make_shape(c.lens, c.n_q, c.n_kv, 128);
         SCOPED_TRACE(rng.trace() + ", " + describe(s) + ", max_seqlen hint " + std::to_string(c.hint));
@@ -801,6 +805,48 @@ TEST(CudaAttentionWgmma, AgreesWithTheMmaSyncKernels) {
 using cudablocks::test::bf16_of;
 using cudablocks::test::float_of;
 
+// The inputs replaced by their bf16 values (the bf16 I/O tests compare with fp32 math on them).
+void round_to_bf16(Inputs& in) {
+    for (std::vector<float>* x : {&in.q, &in.k, &in.v, &in.dout}) *x = float_of(bf16_of(*x));
+}
+
+// A run's q, k, v and dout in bf16 on the device (bf16 mode's blocks keep them so), a bf16 out, and
+// the bf16-input entry points on them; lse, dq, dk, dv, the workspace and cu_seqlens are the run's.
+// The outputs are poisoned first unless `poison` is false (timing loops).
+struct Bf16Io {
+    MmaRun& run;
+    DeviceArray<uint16_t> q, k, v, out, dout;
+    Bf16Io(MmaRun& r, const Inputs& in)
+        : run(r), q(in.q.size()), k(in.k.size()), v(in.v.size()), out(in.q.size()), dout(in.dout.size()) {
+        q.upload(bf16_of(in.q));
+        k.upload(bf16_of(in.k));
+        v.upload(bf16_of(in.v));
+        dout.upload(bf16_of(in.dout));
+    }
+    void forward(int max_seqlen, bool poison = true) {
+        const Shape& s = run.s;
+        if (poison) {
+            out.poison();
+            run.lse.poison();
+        }
+        cudablocks::cuda::attention_forward_mma(q.ptr, k.ptr, v.ptr, out.ptr, run.lse.ptr, run.cu.ptr, s.n_seqs,
+                                                max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
+    }
+    // From the out and lse on the device.
+    void backward(int max_seqlen, bool poison = true) {
+        const Shape& s = run.s;
+        if (poison) {
+            run.dq.poison();
+            run.dk.poison();
+            run.dv.poison();
+            run.ws.poison();
+        }
+        cudablocks::cuda::attention_backward_mma(q.ptr, k.ptr, v.ptr, out.ptr, dout.ptr, run.lse.ptr, run.dq.ptr,
+                                                 run.dk.ptr, run.dv.ptr, run.ws.ptr, run.cu.ptr, s.n_seqs, max_seqlen,
+                                                 s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
+    }
+};
+
 // bf16 q, k, v, out and dout (bf16 mode's blocks keep them so) give, bit for bit, what the fp32-input
 // BF16 kernels give on the same values, the forward's out rounded once to bf16: the staging's
 // rounding is then exact and the row dots sum the same numbers in the same order. Head dim 80 has
@@ -816,12 +862,7 @@ TEST(CudaAttentionMmaBf16Inputs, EqualTheFp32InputsOnTheSameValues) {
         const Shape s = make_shape(cs.lens, cs.n_q, cs.n_kv, cs.d);
         SCOPED_TRACE(rng.trace() + ", " + describe(s));
         Inputs in = random_inputs(s, rng);
-        const std::vector<uint16_t> q16 = bf16_of(in.q), k16 = bf16_of(in.k), v16 = bf16_of(in.v),
-                                    dout16 = bf16_of(in.dout);
-        in.q = float_of(q16);
-        in.k = float_of(k16);
-        in.v = float_of(v16);
-        in.dout = float_of(dout16);
+        round_to_bf16(in);
         MmaRun run(s, in, cs.precision);
         run.forward_mma(s.max_seqlen);
         CUDA_OK(cudaDeviceSynchronize());
@@ -831,26 +872,13 @@ TEST(CudaAttentionMmaBf16Inputs, EqualTheFp32InputsOnTheSameValues) {
         CUDA_OK(cudaDeviceSynchronize());
         const std::vector<float> dq = run.dq.download(), dk = run.dk.download(), dv = run.dv.download();
 
-        DeviceArray<uint16_t> qb(q16.size()), kb(k16.size()), vb(v16.size()), ob(out16.size()), gb(dout16.size());
-        qb.upload(q16);
-        kb.upload(k16);
-        vb.upload(v16);
-        gb.upload(dout16);
-        ob.poison();
-        run.lse.poison();
-        cudablocks::cuda::attention_forward_mma(qb.ptr, kb.ptr, vb.ptr, ob.ptr, run.lse.ptr, run.cu.ptr, s.n_seqs,
-                                                s.max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
+        Bf16Io io(run, in);
+        io.forward(s.max_seqlen);
         CUDA_OK(cudaDeviceSynchronize());
-        EXPECT_TRUE(ob.download() == out16);
+        EXPECT_TRUE(io.out.download() == out16);
         EXPECT_TRUE(run.lse.download() == lse);
         run.lse.upload(lse);
-        run.dq.poison();
-        run.dk.poison();
-        run.dv.poison();
-        run.ws.poison();
-        cudablocks::cuda::attention_backward_mma(qb.ptr, kb.ptr, vb.ptr, ob.ptr, gb.ptr, run.lse.ptr, run.dq.ptr,
-                                                 run.dk.ptr, run.dv.ptr, run.ws.ptr, run.cu.ptr, s.n_seqs,
-                                                 s.max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
+        io.backward(s.max_seqlen);
         CUDA_OK(cudaDeviceSynchronize());
         EXPECT_TRUE(run.dq.download() == dq);
         EXPECT_TRUE(run.dk.download() == dk);
@@ -863,58 +891,35 @@ TEST(CudaAttentionMmaBf16Inputs, EqualTheFp32InputsOnTheSameValues) {
 // 2026-11-28, every output equalled theirs bit for bit; the bounds leave room for another order of
 // summation: an occasional last-bit flip of out's bf16 rounding, the rest far below either's error
 // against fp32 math), and the wgmma error against the CPU backend (fp32 on the same bf16 values) no
-// larger than the mma.sync one (FlashAttention's rule: at most 1.2x, plus a hair for ties). Cases
-// as CudaAttentionWgmma.
+// larger than the mma.sync one (FlashAttention's rule: at most 1.2x, plus a hair for ties). Cases:
+// wgmma_cases().
 TEST(CudaAttentionWgmmaBf16, AgreesWithTheMmaSyncKernelsAndTheCpu) {
     if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device";
     if (!cudablocks::cuda::attention_wgmma_supported(128, 32, 8))
         GTEST_SKIP() << "no wgmma attention here (needs an sm_90a build on a compute capability 9.0 GPU)";
-    struct Case {
-        std::vector<int> lens;
-        int n_q, n_kv, hint;
-    };
-    for (const Case& c : {Case{{512, 37, 1, 300}, 32, 8, 512}, Case{{130, 0, 64, 65}, 4, 2, 130},
-                          Case{{300, 200}, 8, 2, 1}}) {
+    for (const WgmmaCase& c : wgmma_cases()) {
         Seeded rng;
         const Shape s = make_shape(c.lens, c.n_q, c.n_kv, 128);
         SCOPED_TRACE(rng.trace() + ", " + describe(s) + ", max_seqlen hint " + std::to_string(c.hint));
         Inputs in = random_inputs(s, rng);
-        const std::vector<uint16_t> q16 = bf16_of(in.q), k16 = bf16_of(in.k), v16 = bf16_of(in.v),
-                                    dout16 = bf16_of(in.dout);
-        in.q = float_of(q16);
-        in.k = float_of(k16);
-        in.v = float_of(v16);
-        in.dout = float_of(dout16);
+        round_to_bf16(in);
         const CpuResult cpu = run_cpu(s, in);
-        MmaRun run(s, in, Precision::BF16);  // device buffers for lse, dq, dk, dv, workspace, cu
-        DeviceArray<uint16_t> qb(q16.size()), kb(k16.size()), vb(v16.size()), ob(q16.size()), gb(dout16.size());
-        qb.upload(q16);
-        kb.upload(k16);
-        vb.upload(v16);
-        gb.upload(dout16);
+        MmaRun run(s, in, Precision::BF16);
+        Bf16Io io(run, in);
         std::vector<float> out[2], lse[2], dq[2], dk[2], dv[2];
         for (int mode = 0; mode < 2; ++mode) {
             WgmmaMode wgmma(mode);
-            ob.poison();
-            run.lse.poison();
-            cudablocks::cuda::attention_forward_mma(qb.ptr, kb.ptr, vb.ptr, ob.ptr, run.lse.ptr, run.cu.ptr, s.n_seqs,
-                                                    c.hint, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
+            io.forward(c.hint);
             CUDA_OK(cudaDeviceSynchronize());
-            out[mode] = float_of(ob.download());
+            out[mode] = float_of(io.out.download());
             lse[mode] = run.lse.download();
         }
         // Both backwards from the mma.sync forward's out and lse.
-        ob.upload(bf16_of(out[0]));
+        io.out.upload(bf16_of(out[0]));
         for (int mode = 0; mode < 2; ++mode) {
             WgmmaMode wgmma(mode);
             run.lse.upload(lse[0]);
-            run.dq.poison();
-            run.dk.poison();
-            run.dv.poison();
-            run.ws.poison();
-            cudablocks::cuda::attention_backward_mma(qb.ptr, kb.ptr, vb.ptr, ob.ptr, gb.ptr, run.lse.ptr, run.dq.ptr,
-                                                     run.dk.ptr, run.dv.ptr, run.ws.ptr, run.cu.ptr, s.n_seqs,
-                                                     c.hint, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
+            io.backward(c.hint);
             CUDA_OK(cudaDeviceSynchronize());
             dq[mode] = run.dq.download();
             dk[mode] = run.dk.download();
@@ -1002,21 +1007,9 @@ TEST(CudaAttentionTiming, DISABLED_Qwen3Heads) {
         for (int use_wgmma = 0; use_wgmma < 2; ++use_wgmma) {
             WgmmaMode wgmma(use_wgmma);
             MmaRun run(s, in, Precision::BF16);
-            DeviceArray<uint16_t> qb(in.q.size()), kb(in.k.size()), vb(in.v.size()), ob(in.q.size()), gb(in.dout.size());
-            qb.upload(bf16_of(in.q));
-            kb.upload(bf16_of(in.k));
-            vb.upload(bf16_of(in.v));
-            gb.upload(bf16_of(in.dout));
-            auto fwd = [&] {
-                cudablocks::cuda::attention_forward_mma(qb.ptr, kb.ptr, vb.ptr, ob.ptr, run.lse.ptr, run.cu.ptr,
-                                                        s.n_seqs, s.max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale,
-                                                        nullptr);
-            };
-            auto bwd = [&] {
-                cudablocks::cuda::attention_backward_mma(qb.ptr, kb.ptr, vb.ptr, ob.ptr, gb.ptr, run.lse.ptr, run.dq.ptr,
-                                                         run.dk.ptr, run.dv.ptr, run.ws.ptr, run.cu.ptr, s.n_seqs,
-                                                         s.max_seqlen, s.T, s.n_q, s.n_kv, s.d, s.scale, nullptr);
-            };
+            Bf16Io io(run, in);
+            auto fwd = [&] { io.forward(s.max_seqlen, false); };
+            auto bwd = [&] { io.backward(s.max_seqlen, false); };
             float ms_f = 0, ms_b = 0;
             time_forward_backward(fwd, bwd, ms_f, ms_b);
             std::printf("    %zu x %d tokens, bf16 in/out, %s: forward %.3f ms (%.0f TFLOP/s), backward %.3f ms "

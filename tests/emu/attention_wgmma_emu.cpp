@@ -155,69 +155,50 @@ void wgmma_rs(float (&d)[64], const std::uint32_t (&a)[4], std::uint64_t desc_b)
 
 using namespace cudablocks::cuda;
 
-// Forward, dK/dV pass (every split) and dQ pass on one shape against the CPU reference; the
-// backward from the reference's out and lse, its row dots on the host.
+// One precision's kernels, their inputs and outputs, and the error bounds against the CPU reference
+// (its operand rounding, as attention_mma_emu.cpp and the GPU tests bound it).
+struct Tf32 {
+  using In = float;
+  static constexpr bool kBf16Values = false;
+  static constexpr unsigned kDkvTiles = 1;  // 64-key tiles per dK/dV block
+  static constexpr double kOutBound = 2e-3, kGradBound = 5e-3;
+  static std::vector<In> in(const std::vector<float>& x) { return x; }
+  static std::vector<float> out(const std::vector<In>& x) { return x; }
+  static constexpr auto forward = attention_wgmma_forward_kernel;
+  static constexpr auto dkdv = attention_wgmma_dkdv_kernel;
+  static constexpr auto dq = attention_wgmma_dq_kernel;
+};
+struct Bf16 {
+  using In = std::uint16_t;
+  static constexpr bool kBf16Values = true;
+  static constexpr unsigned kDkvTiles = 2;
+  static constexpr double kOutBound = 1.5e-2, kGradBound = 3e-2;  // out, P and dS rounded to bf16
+  static std::vector<In> in(const std::vector<float>& x) { return bf16_bits_of(x); }
+  static std::vector<float> out(const std::vector<In>& x) { return widened(x); }
+  static constexpr auto forward = bf16io::attention_wgmma_bf16_forward_kernel;
+  static constexpr auto dkdv = bf16io::attention_wgmma_bf16_dkdv_kernel;
+  static constexpr auto dq = bf16io::attention_wgmma_bf16_dq_kernel;
+};
+
+// Forward, dK/dV pass (every split) and dQ pass on one shape against the CPU reference (on bf16
+// values for the bf16 kernels); the backward from the reference's out and lse, its row dots on the
+// host.
+template <class K>
 bool run_case(const std::vector<int>& lens, int nq, int nkv, int splits, unsigned tiles_hint, const char* name) {
   constexpr int D = 128;
-  const AttentionCase c(lens, nq, nkv, D);
-  const std::vector<int32_t>& cu = c.pk.cu;
-  const int maxlen = c.pk.maxlen, T = c.pk.T, n_seqs = c.pk.n_seqs;
-  const float scale = c.scale;
-  const std::vector<float>&q = c.q, &k = c.k, &v = c.v, &dout = c.dout, &out_ref = c.out, &lse_ref = c.lse;
-  // tiles_hint < the longest sequence's tiles: blocks loop over the rest.
-  const unsigned tiles = std::min<unsigned>(tiles_hint, (maxlen + 63) / 64);
-  std::vector<float> out(out_ref.size(), NAN), lse(lse_ref.size(), NAN);
-  launch(dim3(nq / 2, n_seqs, tiles), kThreads, smem_raw, sizeof(smem_raw), [&] {
-    attention_wgmma_forward_kernel(q.data(), k.data(), v.data(), out.data(), lse.data(), cu.data(), nq, nkv,
-                                   scale * kLog2e);
-  });
-  const double eo = rel(out, out_ref), el = rel(lse, lse_ref);
-
-  const int group = nq / nkv;
-  const int64_t slab_n = (int64_t)T * nkv * D;
-  const std::vector<float> dsum = c.row_dots();
-  std::vector<float> rest(std::max<int64_t>(0, 2 * (splits - 1) - group) * slab_n + 1, NAN);
-  std::vector<float> dq(q.size(), NAN), dk(k.size(), NAN), dv(v.size(), NAN);
-  const Slabs slabs{dq.data(), rest.data(), group, slab_n};
-  launch(dim3(nkv * splits, n_seqs, tiles), kThreads, smem_raw, sizeof(smem_raw), [&] {
-    attention_wgmma_dkdv_kernel(q.data(), k.data(), v.data(), dout.data(), lse_ref.data(), dsum.data(), dk.data(),
-                                dv.data(), slabs, cu.data(), nq, nkv, splits, scale, scale * kLog2e);
-  });
-  for (int64_t i = 0; i < slab_n; ++i)  // attention_reduce_kernel: the slabs in split order
-    for (int sp = 1; sp < splits; ++sp) {
-      dk[i] += slabs(2 * (sp - 1))[i];
-      dv[i] += slabs(2 * (sp - 1) + 1)[i];
-    }
-  launch(dim3(nq / 2, n_seqs, tiles), kThreads, smem_raw, sizeof(smem_raw), [&] {
-    attention_wgmma_dq_kernel(q.data(), k.data(), v.data(), dout.data(), lse_ref.data(), dsum.data(), dq.data(),
-                              cu.data(), nq, nkv, scale, scale * kLog2e);
-  });
-  const double eq = rel(dq, c.dq), ek = rel(dk, c.dk), ev = rel(dv, c.dv);
-  // tf32 operand rounding (as attention_mma_emu.cpp and the GPU tests bound it)
-  const bool ok = eo <= 2e-3 && el <= 2e-3 && eq <= 5e-3 && ek <= 5e-3 && ev <= 5e-3;
-  std::printf("%-34s splits %d: out %.3e lse %.3e dq %.3e dk %.3e dv %.3e  %s\n", name, splits, eo, el, eq, ek, ev,
-              ok ? "OK" : "FAIL");
-  return ok;
-}
-
-// The bf16 kernels on bf16 values of the same kind of case: forward against the reference (out
-// rounded to bf16 once), then both backward passes from the reference's out and lse.
-bool run_case_bf16(const std::vector<int>& lens, int nq, int nkv, int splits, unsigned tiles_hint, const char* name) {
-  using namespace bf16io;
-  constexpr int D = 128;
-  const AttentionCase c(lens, nq, nkv, D, true);
+  const AttentionCase c(lens, nq, nkv, D, K::kBf16Values);
   const std::vector<int32_t>& cu = c.pk.cu;
   const int T = c.pk.T, n_seqs = c.pk.n_seqs;
   const float scale = c.scale;
-  const auto q = bf16_bits_of(c.q), k = bf16_bits_of(c.k), v = bf16_bits_of(c.v), dout = bf16_bits_of(c.dout);
+  const std::vector<typename K::In> q = K::in(c.q), k = K::in(c.k), v = K::in(c.v), dout = K::in(c.dout);
+  // tiles_hint < the longest sequence's tiles: blocks loop over the rest.
   const unsigned tiles = std::min<unsigned>(tiles_hint, (c.pk.maxlen + 63) / 64);
-  std::vector<std::uint16_t> out16(c.out.size(), 0xFFFF);
+  std::vector<typename K::In> out = K::in(std::vector<float>(c.out.size(), NAN));
   std::vector<float> lse(c.lse.size(), NAN);
   launch(dim3(nq / 2, n_seqs, tiles), kThreads, smem_raw, sizeof(smem_raw), [&] {
-    attention_wgmma_bf16_forward_kernel(q.data(), k.data(), v.data(), out16.data(), lse.data(), cu.data(), nq, nkv,
-                                        scale * kLog2e);
+    K::forward(q.data(), k.data(), v.data(), out.data(), lse.data(), cu.data(), nq, nkv, scale * kLog2e);
   });
-  const double eo = rel(widened(out16), c.out), el = rel(lse, c.lse);
+  const double eo = rel(K::out(out), c.out), el = rel(lse, c.lse);
 
   const int group = nq / nkv;
   const int64_t slab_n = (int64_t)T * nkv * D;
@@ -225,22 +206,23 @@ bool run_case_bf16(const std::vector<int>& lens, int nq, int nkv, int splits, un
   std::vector<float> rest(std::max<int64_t>(0, 2 * (splits - 1) - group) * slab_n + 1, NAN);
   std::vector<float> dq(c.q.size(), NAN), dk(c.k.size(), NAN), dv(c.v.size(), NAN);
   const Slabs slabs{dq.data(), rest.data(), group, slab_n};
-  launch(dim3(nkv * splits, n_seqs, (tiles + 1) / 2), kThreads, smem_raw, sizeof(smem_raw), [&] {  // 128 keys
-    attention_wgmma_bf16_dkdv_kernel(q.data(), k.data(), v.data(), dout.data(), c.lse.data(), dsum.data(), dk.data(),
-                                     dv.data(), slabs, cu.data(), nq, nkv, splits, scale, scale * kLog2e);
-  });
-  for (int64_t i = 0; i < slab_n; ++i)
+  launch(dim3(nkv * splits, n_seqs, (tiles + K::kDkvTiles - 1) / K::kDkvTiles), kThreads, smem_raw, sizeof(smem_raw),
+         [&] {
+           K::dkdv(q.data(), k.data(), v.data(), dout.data(), c.lse.data(), dsum.data(), dk.data(), dv.data(), slabs,
+                   cu.data(), nq, nkv, splits, scale, scale * kLog2e);
+         });
+  for (int64_t i = 0; i < slab_n; ++i)  // attention_reduce_kernel: the slabs in split order
     for (int sp = 1; sp < splits; ++sp) {
       dk[i] += slabs(2 * (sp - 1))[i];
       dv[i] += slabs(2 * (sp - 1) + 1)[i];
     }
   launch(dim3(nq / 2, n_seqs, tiles), kThreads, smem_raw, sizeof(smem_raw), [&] {
-    attention_wgmma_bf16_dq_kernel(q.data(), k.data(), v.data(), dout.data(), c.lse.data(), dsum.data(), dq.data(),
-                                   cu.data(), nq, nkv, scale, scale * kLog2e);
+    K::dq(q.data(), k.data(), v.data(), dout.data(), c.lse.data(), dsum.data(), dq.data(), cu.data(), nq, nkv, scale,
+          scale * kLog2e);
   });
   const double eq = rel(dq, c.dq), ek = rel(dk, c.dk), ev = rel(dv, c.dv);
-  // bf16 rounding of out, P and dS (as attention_mma_emu.cpp bounds its bf16 kernels)
-  const bool ok = eo <= 1.5e-2 && el <= 1.5e-2 && eq <= 3e-2 && ek <= 3e-2 && ev <= 3e-2;
+  const bool ok = eo <= K::kOutBound && el <= K::kOutBound && eq <= K::kGradBound && ek <= K::kGradBound &&
+                  ev <= K::kGradBound;
   std::printf("%-34s splits %d: out %.3e lse %.3e dq %.3e dk %.3e dv %.3e  %s\n", name, splits, eo, el, eq, ek, ev,
               ok ? "OK" : "FAIL");
   return ok;
@@ -248,14 +230,14 @@ bool run_case_bf16(const std::vector<int>& lens, int nq, int nkv, int splits, un
 
 int main() {
   bool ok = true;
-  ok &= run_case({150, 5}, 8, 2, 1, 65535, "tf32 d128 8/2 ragged");
-  ok &= run_case({150, 5}, 8, 2, 4, 65535, "tf32 d128 8/2 ragged");
-  ok &= run_case({64, 0, 33, 1}, 4, 2, 2, 65535, "tf32 d128 4/2 empty, tile edges");
-  ok &= run_case({200}, 4, 1, 1, 1, "tf32 d128 4/1 one tile per grid");
-  ok &= run_case_bf16({150, 5}, 8, 2, 1, 65535, "bf16 d128 8/2 ragged");
-  ok &= run_case_bf16({150, 5}, 8, 2, 4, 65535, "bf16 d128 8/2 ragged");
-  ok &= run_case_bf16({64, 0, 33, 1}, 4, 2, 2, 65535, "bf16 d128 4/2 empty, tile edges");
-  ok &= run_case_bf16({200}, 4, 1, 1, 1, "bf16 d128 4/1 one tile per grid");
+  ok &= run_case<Tf32>({150, 5}, 8, 2, 1, 65535, "tf32 d128 8/2 ragged");
+  ok &= run_case<Tf32>({150, 5}, 8, 2, 4, 65535, "tf32 d128 8/2 ragged");
+  ok &= run_case<Tf32>({64, 0, 33, 1}, 4, 2, 2, 65535, "tf32 d128 4/2 empty, tile edges");
+  ok &= run_case<Tf32>({200}, 4, 1, 1, 1, "tf32 d128 4/1 one tile per grid");
+  ok &= run_case<Bf16>({150, 5}, 8, 2, 1, 65535, "bf16 d128 8/2 ragged");
+  ok &= run_case<Bf16>({150, 5}, 8, 2, 4, 65535, "bf16 d128 8/2 ragged");
+  ok &= run_case<Bf16>({64, 0, 33, 1}, 4, 2, 2, 65535, "bf16 d128 4/2 empty, tile edges");
+  ok &= run_case<Bf16>({200}, 4, 1, 1, 1, "bf16 d128 4/1 one tile per grid");
   std::printf(ok ? "ALL OK\n" : "SOME FAILED\n");
   return ok ? 0 : 1;
 }

@@ -85,8 +85,6 @@ constexpr int kMaxHeadDim = 128;
 // block per SM (shared memory) and may use more.
 constexpr int kFwdAbtUnroll = 4, kFwdPbUnroll = 4;
 constexpr int kBwdAbtUnroll = 4, kBwdPbUnroll = 4;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.69314718055994531f;
 
 // Index of element (r, c) of a 64x64 tile stored XOR-swizzled: rows with odd r/4 keep column c at
 // c ^ 16. The two half-warps of a warp write rows r and r+4 at the same columns; unswizzled, both
@@ -458,15 +456,10 @@ attention_backward_dkdv_kernel(const float* __restrict__ q, const float* __restr
     float* lse_s = dSs + kTile * kTile;           // [64]
     float* dsum_s = lse_s + kTile;                // [64]
 
-    const int kvh = blockIdx.x / splits;
-    const int split = blockIdx.x % splits;
-    const int seq = blockIdx.y;
-    const int start = cu_seqlens[seq];
-    const int len = cu_seqlens[seq + 1] - start;
+    const DkvBlock blk(cu_seqlens, n_q_heads, n_kv_heads, splits);
+    const int kvh = blk.kvh, split = blk.split, start = blk.start, len = blk.len;
+    const int h_begin = blk.h_begin, h_end = blk.h_end;
     const int n_tiles = (len + kTile - 1) / kTile;
-    const int group = n_q_heads / n_kv_heads;
-    const int h_begin = kvh * group + split * group / splits;
-    const int h_end = kvh * group + (split + 1) * group / splits;
     const int64_t q_stride = (int64_t)n_q_heads * head_dim;
     const int64_t kv_stride = (int64_t)n_kv_heads * head_dim;
     const int tx = threadIdx.x % 16;

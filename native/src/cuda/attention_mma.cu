@@ -123,8 +123,6 @@ namespace {
 
 constexpr int kTile = 64;     // query rows and key rows per tile
 constexpr int kThreads = 128;  // 4 warps, 16 rows each
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.69314718055994531f;
 constexpr int kLdT = kTile / 2 + 4;  // pairs per row of a transposed ("cols") tile
 
 template <int D>
@@ -574,8 +572,7 @@ attention_mma_forward_kernel(const In* __restrict__ q, const In* __restrict__ k,
     const int start = cu_seqlens[seq];
     const int len = cu_seqlens[seq + 1] - start;
     const int n_tiles = (len + kTile - 1) / kTile;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
+    const int warp = threadIdx.x >> 5;
     const int h0 = blockIdx.x * HPB;
     const int h = h0 + warp / 4;     // this warp's query head
     const int wrow = (warp % 4) * 16;  // this warp's first row within the tile
@@ -630,15 +627,7 @@ attention_mma_forward_kernel(const In* __restrict__ q, const In* __restrict__ k,
         }
 
         float inv[2];
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            float sum = l[hh];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            inv[hh] = 1.f / sum;
-            const int r = q0 + wrow + g + 8 * hh;
-            if (t == 0 && r < len) lse[(int64_t)(start + r) * n_q_heads + h] = (m[hh] + log2f(sum)) * kLn2;
-        }
+        finish_rows(m, l, q0 + wrow, len, lse + (int64_t)start * n_q_heads + h, n_q_heads, inv);
         store_acc<D>(out + (int64_t)(start + q0) * q_stride + (int64_t)h * D, q_stride, o, wrow, len - q0, inv);
     }
 }
@@ -683,15 +672,10 @@ attention_mma_dkdv_kernel(const In* __restrict__ q, const In* __restrict__ k, co
     float* lse2 = reinterpret_cast<float*>(dO2 + kTile * LD);
     float* dsum2 = lse2 + kTile;
 
-    const int kvh = blockIdx.x / splits;
-    const int split = blockIdx.x % splits;
-    const int seq = blockIdx.y;
-    const int start = cu_seqlens[seq];
-    const int len = cu_seqlens[seq + 1] - start;
+    const DkvBlock blk(cu_seqlens, n_q_heads, n_kv_heads, splits);
+    const int kvh = blk.kvh, split = blk.split, start = blk.start, len = blk.len;
+    const int h_begin = blk.h_begin, h_end = blk.h_end;
     const int n_tiles = (len + kTile - 1) / kTile;
-    const int group = n_q_heads / n_kv_heads;
-    const int h_begin = kvh * group + split * group / splits;
-    const int h_end = kvh * group + (split + 1) * group / splits;
     const int64_t q_stride = (int64_t)n_q_heads * D;
     const int64_t kv_stride = (int64_t)n_kv_heads * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

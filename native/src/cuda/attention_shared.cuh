@@ -1,6 +1,7 @@
-// Pieces shared by the fp32 (attention.cu) and tensor-core (attention_mma.cu) attention kernels:
-// the split dK/dV slab layout (so both use the same workspace size), the backward's row-dot and
-// split-reduce kernels, and a float4 element accessor. Internal to those two files.
+// Pieces shared by the fp32 (attention.cu) and tensor-core (attention_mma.cu, attention_wgmma*.cu)
+// attention kernels: the exp2-domain constants, the forward's online-softmax step and its final
+// row sums, the split dK/dV slab layout (so all use the same workspace size), the backward's
+// row-dot and split-reduce kernels, and a float4 element accessor. Internal to those files.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,6 +12,9 @@
 
 namespace cudablocks::cuda {
 namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.69314718055994531f;
 
 __device__ __forceinline__ float f4_get(const float4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -63,6 +67,38 @@ __device__ __forceinline__ void online_softmax_tile(S s_at, O o_at, float (&m)[2
         }
     }
 }
+
+// The forward's end for a thread's rows row0 + g and row0 + g + 8 of its sequence (g = lane / 4):
+// the partial row sums l reduced over the row's four lanes, lse = (m + log2(sum)) ln 2 written by
+// lane t == 0 at lse_head[row * lse_stride] for rows before `len`, and inv = 1 / sum for the
+// output. Shared by the mma.sync and wgmma forwards.
+__device__ __forceinline__ void finish_rows(const float (&m)[2], const float (&l)[2], int row0, int len,
+                                            float* lse_head, int lse_stride, float (&inv)[2]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        float sum = l[hh];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        inv[hh] = 1.f / sum;
+        const int r = row0 + g + 8 * hh;
+        if (t == 0 && r < len) lse_head[(int64_t)r * lse_stride] = (m[hh] + log2f(sum)) * kLn2;
+    }
+}
+
+// What a block of a dK/dV pass works on: kv head blockIdx.x / splits, split blockIdx.x % splits
+// (the query heads [h_begin, h_end) of the kv head's GQA group), sequence blockIdx.y.
+struct DkvBlock {
+    int kvh, split, start, len, group, h_begin, h_end;
+    __device__ __forceinline__ DkvBlock(const int32_t* cu_seqlens, int n_q_heads, int n_kv_heads, int splits)
+        : kvh(blockIdx.x / splits),
+          split(blockIdx.x % splits),
+          start(cu_seqlens[blockIdx.y]),
+          len(cu_seqlens[blockIdx.y + 1] - start),
+          group(n_q_heads / n_kv_heads),
+          h_begin(kvh * group + split * group / splits),
+          h_end(kvh * group + (split + 1) * group / splits) {}
+};
 
 // Partial dK/dV slabs of the split dK/dV pass, each [T][n_kv*head_dim]: slab i lives in dq
 // (which is group slabs long and written only by the last kernel) for i < n_first, in the

@@ -102,6 +102,20 @@ __device__ __forceinline__ std::uint32_t swz(int rows, int r, int c) {
 // V^T's column for key j of the tile (see the top of the file).
 __device__ __forceinline__ int vt_col(int j) { return (j & ~7) | ((j & 7) >> 1) | ((j & 1) << 2); }
 
+// Columns 8j .. 8j + 7 of an accumulator (acc[4j + c], the mma order), rounded to tf32, as k-step
+// j's A fragment: {(g, 2t), (g + 8, 2t), (g, 2t + 1), (g + 8, 2t + 1)} at k = t, t, t + 4, t + 4, so
+// the B tile's rows follow vt_col's order.
+template <int S>
+__device__ __forceinline__ void tf32_fragments(std::uint32_t (&a)[S][4], const float (&acc)[4 * S]) {
+#pragma unroll
+  for (int j = 0; j < S; ++j) {
+    a[j][0] = to_tf32(acc[4 * j]);
+    a[j][1] = to_tf32(acc[4 * j + 2]);
+    a[j][2] = to_tf32(acc[4 * j + 1]);
+    a[j][3] = to_tf32(acc[4 * j + 3]);
+  }
+}
+
 __device__ __forceinline__ uint4 tf32x4(const float4& x) {
   return make_uint4(to_tf32(x.x), to_tf32(x.y), to_tf32(x.z), to_tf32(x.w));
 }
@@ -158,8 +172,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const HeadPairBlock blk(cu_seqlens, n_q_heads, n_kv_heads);
   const int start = blk.start, len = blk.len, h0 = blk.h0;
   const std::int64_t q_stride = blk.q_stride, kv_stride = blk.kv_stride;
-  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3;
   const int h = h0 + wg;  // this warpgroup's query head
   const float* k_head = blk.kv_head(k);
   const float* v_head = blk.kv_head(v);
@@ -222,13 +235,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // P as the A operand: k-step j covers keys 8j .. 8j + 7 in vt_col's order.
       std::uint32_t a[8][4];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        a[j][0] = to_tf32(s[4 * j]);
-        a[j][1] = to_tf32(s[4 * j + 2]);
-        a[j][2] = to_tf32(s[4 * j + 1]);
-        a[j][3] = to_tf32(s[4 * j + 3]);
-      }
+      tf32_fragments(a, s);
       fence_operands(o);
       wgmma_fence();
 #pragma unroll
@@ -247,17 +254,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();  // tile kt + 1 is staged; nobody reads buffer b any more
     }
 
-    // o[4nb + 2hh + e]: row g + 8hh of the warp's 16, column 8nb + 2t + e.
     float inv[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float sum = l[hh];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      inv[hh] = 1.f / sum;
-      const int r = q0 + warp * 16 + g + 8 * hh;
-      if (t == 0 && r < len) lse[static_cast<std::int64_t>(start + r) * n_q_heads + h] = (m[hh] + log2f(sum)) * kLn2;
-    }
+    finish_rows(m, l, q0 + warp * 16, len, lse + static_cast<std::int64_t>(start) * n_q_heads + h, n_q_heads, inv);
     store_tile_rows(out + static_cast<std::int64_t>(start + q0) * q_stride + h * kD, q_stride, o, warp * 16, len - q0,
                     inv);
   }
@@ -328,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int start = blk.start, len = blk.len, h0 = blk.h0;
   const std::int64_t q_stride = blk.q_stride, kv_stride = blk.kv_stride;
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int g = lane >> 2;
   const int h = h0 + wg;
   const float* k_head = blk.kv_head(k);
   const float* v_head = blk.kv_head(v);
@@ -357,13 +355,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     float lse2[2], dsv[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int r = q0 + warp * 16 + g + 8 * hh;
-      const std::int64_t idx = static_cast<std::int64_t>(start + r) * n_q_heads + h;
-      lse2[hh] = r < len ? lse[idx] * kLog2e : INFINITY;  // rows past the end: P = 0
-      dsv[hh] = r < len ? dsum[idx] : 0.f;
-    }
+    const std::int64_t head_rows = static_cast<std::int64_t>(start) * n_q_heads + h;
+    dq_row_stats(lse + head_rows, dsum + head_rows, n_q_heads, q0 + warp * 16 + g, len, lse2, dsv);
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.f;
@@ -409,30 +402,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<1>();  // S is done (groups retire in order); P while dP's products run
       fence_operands(s);
 
-      // s[4j + 2hh + e]: row g + 8hh of the warp's 16, key 8j + 2t + e of the tile. P into s, then
-      // dS into dp.
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int i = 4 * j + 2 * hh + e;
-            const int key = kt * kKeys + 8 * j + 2 * t + e, row = q0 + warp * 16 + g + 8 * hh;
-            s[i] = key <= row ? exp2f(s[i] * scale_log2 - lse2[hh]) : 0.f;
-          }
+      rows_to_p<4>(s, kt * kKeys, q0 + warp * 16 + g, lse2, scale_log2);  // P into s
       wgmma_wait<0>();
       fence_operands(dp);
-#pragma unroll
-      for (int i = 0; i < 16; ++i) dp[i] = s[i] * (dp[i] - dsv[(i >> 1) & 1]);
+      rows_to_ds<4>(dp, s, dsv);
       std::uint32_t a[4][4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        a[j][0] = to_tf32(dp[4 * j]);
-        a[j][1] = to_tf32(dp[4 * j + 2]);
-        a[j][2] = to_tf32(dp[4 * j + 1]);
-        a[j][3] = to_tf32(dp[4 * j + 3]);
-      }
+      tf32_fragments(a, dp);
       fence_operands(acc);
       wgmma_fence();
 #pragma unroll
@@ -496,20 +471,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
   auto addr = [&](const unsigned char* p) { return base + static_cast<std::uint32_t>(p - smem); };
 
-  const int kvh = blockIdx.x / splits;
-  const int split = blockIdx.x % splits;
-  const int seq = blockIdx.y;
-  const int start = cu_seqlens[seq];
-  const int len = cu_seqlens[seq + 1] - start;
+  const DkvBlock blk(cu_seqlens, n_q_heads, n_kv_heads, splits);
+  const int kvh = blk.kvh, split = blk.split, start = blk.start, len = blk.len;
+  const int h_begin = blk.h_begin, h_end = blk.h_end;
   const int n_tiles = (len + kTile - 1) / kTile;
   const int n_q32 = (len + kKeys - 1) / kKeys;
-  const int group = n_q_heads / n_kv_heads;
-  const int h_begin = kvh * group + split * group / splits;
-  const int h_end = kvh * group + (split + 1) * group / splits;
   const std::int64_t q_stride = static_cast<std::int64_t>(n_q_heads) * kD;
   const std::int64_t kv_stride = static_cast<std::int64_t>(n_kv_heads) * kD;
   const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127, warp = wt >> 5, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int g = lane >> 2;
   // This warpgroup's stage: Q [32][128], dO [32][128], Q^T [128][32], dO^T [128][32]; lse, D.
   unsigned char* const stage = smem + kDkvOffStage + wg * kDkvStageBytes;
   float* const lse_s = reinterpret_cast<float*>(smem + kDkvOffStats) + wg * 2 * kKeys;
@@ -581,25 +551,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // products run, dV += P^T dO issued before dS^T is formed, dK += dS^T Q last.
       wgmma_wait<1>();
       fence_operands(st);
-      // st[4j + 2hh + e]: key g + 8hh of the warp's 16, query 8j + 2t + e of the item. P^T into st.
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int i = 4 * j + 2 * hh + e, qi = 8 * j + 2 * t + e;
-            const int key = k0 + warp * 16 + g + 8 * hh, query = q0 + qi;
-            st[i] = query < len && key <= query ? exp2f(st[i] * scale_log2 - lse_s[qi] * kLog2e) : 0.f;
-          }
+      cols_to_p<4>(st, k0 + warp * 16 + g, q0, len, lse_s, scale_log2);  // P^T into st
       std::uint32_t ap[4][4], ads[4][4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        ap[j][0] = to_tf32(st[4 * j]);
-        ap[j][1] = to_tf32(st[4 * j + 2]);
-        ap[j][2] = to_tf32(st[4 * j + 1]);
-        ap[j][3] = to_tf32(st[4 * j + 3]);
-      }
+      tf32_fragments(ap, st);
       fence_operands(dv_acc);
       wgmma_fence();
 #pragma unroll
@@ -607,16 +561,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_commit();
       wgmma_wait<1>();
       fence_operands(dpt);
-      // dS^T = P^T (dP^T - D) into dpt.
-#pragma unroll
-      for (int i = 0; i < 16; ++i) dpt[i] = st[i] * (dpt[i] - dsum_s[8 * (i >> 2) + 2 * t + (i & 1)]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        ads[j][0] = to_tf32(dpt[4 * j]);
-        ads[j][1] = to_tf32(dpt[4 * j + 2]);
-        ads[j][2] = to_tf32(dpt[4 * j + 1]);
-        ads[j][3] = to_tf32(dpt[4 * j + 3]);
-      }
+      cols_to_ds<4>(dpt, st, dsum_s);  // dS^T into dpt
+      tf32_fragments(ads, dpt);
       fence_operands(dk_acc);
       wgmma_fence();
 #pragma unroll

@@ -17,7 +17,7 @@
 // fp32, out in bf16. Every product sums in the mma.sync kernels' order: on an H200 the outputs
 // equalled theirs bit for bit (CudaAttentionWgmmaBf16).
 // Shared memory: forward and dQ pass 97 KB, dK/dV 130 KB. Registers (ptxas, sm_90a): forward 128
-// (capped for two blocks per SM; 92 bytes spilled), dQ 128 (two blocks per SM; 8 bytes spilled),
+// (capped for two blocks per SM; 92 bytes spilled), dQ 128 (two blocks per SM, no spills),
 // dK/dV 244 (one block per SM).
 //
 // Measured (H200, 2026-11-28, CudaAttentionTiming, Qwen3-4B heads 32/8; TFLOP/s on the useful
@@ -63,13 +63,14 @@ constexpr int kDqSmemBytes = kDqOffKv + 4 * kRowsBytes + 1024;
 // dK/dV pass: K and V of the block's 128 keys (warpgroup w's 64 as its own [64][128] tiles: K_w at
 // 2 w tiles, V_w after it), then two stages of a 64-query item (Q, dO), then per stage the item's
 // lse and D (64 floats each).
-constexpr int kDkvKeys = 2 * kTile;
 constexpr int kDkvOffStage = 4 * kTileBytes;
 constexpr int kDkvStageBytes = 2 * kTileBytes;
 constexpr int kDkvOffStats = kDkvOffStage + 2 * kDkvStageBytes;
 constexpr int kDkvSmemBytes = kDkvOffStats + 2 * 2 * kTile * 4 + 1024;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+constexpr int kDkvKeys = 2 * kTile;  // keys per dK/dV block, 64 per warpgroup
 
 // Byte offset of element (r, c) of a [rows][128] bf16 tile (see the top of the file).
 __device__ __forceinline__ std::uint32_t swz16(int rows, int r, int c) {
@@ -93,9 +94,6 @@ __device__ __forceinline__ void copy_tile(unsigned char* tile, const std::uint16
   }
 }
 
-__device__ __forceinline__ std::uint32_t pack_bf16(float lo, float hi) {
-  return static_cast<std::uint32_t>(bf16_bits(lo)) | (static_cast<std::uint32_t>(bf16_bits(hi)) << 16);
-}
 // Columns 16j .. 16j + 15 of an accumulator (acc[4nb + c], the mma order) as k-step j's A fragment.
 template <int S, int N>
 __device__ __forceinline__ void a_fragments(std::uint32_t (&a)[S][4], const float (&acc)[N]) {
@@ -132,8 +130,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const HeadPairBlock blk(cu_seqlens, n_q_heads, n_kv_heads);
   const int start = blk.start, len = blk.len, h0 = blk.h0;
   const std::int64_t q_stride = blk.q_stride, kv_stride = blk.kv_stride;
-  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3;
   const int h = h0 + wg;
   const std::uint16_t* k_head = blk.kv_head(k);
   const std::uint16_t* v_head = blk.kv_head(v);
@@ -200,22 +197,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       hold(a);
     }
 
-    // o[4nb + 2hh + e]: row g + 8hh of the warp's 16, column 8nb + 2t + e.
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float sum = l[hh];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const float inv = 1.f / sum;
-      const int r = q0 + warp * 16 + g + 8 * hh;
-      if (r >= len) continue;
-      if (t == 0) lse[static_cast<std::int64_t>(start + r) * n_q_heads + h] = (m[hh] + log2f(sum)) * kLn2;
-      std::uint16_t* dst = out + static_cast<std::int64_t>(start + r) * q_stride + h * kD + 2 * t;
-#pragma unroll
-      for (int nb = 0; nb < 16; ++nb) {
-        *reinterpret_cast<std::uint32_t*>(dst + 8 * nb) = pack_bf16(o[4 * nb + 2 * hh] * inv, o[4 * nb + 2 * hh + 1] * inv);
-      }
-    }
+    float inv[2];
+    finish_rows(m, l, q0 + warp * 16, len, lse + static_cast<std::int64_t>(start) * n_q_heads + h, n_q_heads, inv);
+    store_tile_rows(out + static_cast<std::int64_t>(start + q0) * q_stride + h * kD, q_stride, o, warp * 16, len - q0,
+                    inv);
   }
 #else
   __trap();  // launched only where attention_wgmma_supported (an sm_90a build on a 9.0 device)
@@ -239,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int start = blk.start, len = blk.len, h0 = blk.h0;
   const std::int64_t q_stride = blk.q_stride, kv_stride = blk.kv_stride;
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int g = lane >> 2;
   const int h = h0 + wg;
   const std::uint16_t* k_head = blk.kv_head(k);
   const std::uint16_t* v_head = blk.kv_head(v);
@@ -263,13 +248,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     copy_tile<kKeys, kThreads>(v_tile(0), v_head, kv_stride, len, tid);
     cp_async_commit();
     float lse2[2], dsv[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int r = q0 + warp * 16 + g + 8 * hh;
-      const std::int64_t idx = static_cast<std::int64_t>(start + r) * n_q_heads + h;
-      lse2[hh] = r < len ? lse[idx] * kLog2e : INFINITY;  // rows past the end: P = 0
-      dsv[hh] = r < len ? dsum[idx] : 0.f;
-    }
+    const std::int64_t head_rows = static_cast<std::int64_t>(start) * n_q_heads + h;
+    dq_row_stats(lse + head_rows, dsum + head_rows, n_q_heads, q0 + warp * 16 + g, len, lse2, dsv);
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.f;
@@ -308,22 +288,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       wgmma_wait<1>();  // S is done (groups retire in order); P while dP's products run
       fence_operands(s);
 
-      // s[4j + 2hh + e]: row g + 8hh of the warp's 16, key 8j + 2t + e of the tile. P into s, then
-      // dS into dp.
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int i = 4 * j + 2 * hh + e;
-            const int key = kt * kKeys + 8 * j + 2 * t + e, row = q0 + warp * 16 + g + 8 * hh;
-            s[i] = key <= row ? exp2f(s[i] * scale_log2 - lse2[hh]) : 0.f;
-          }
+      rows_to_p<4>(s, kt * kKeys, q0 + warp * 16 + g, lse2, scale_log2);  // P into s
       wgmma_wait<0>();
       fence_operands(dp);
-#pragma unroll
-      for (int i = 0; i < 16; ++i) dp[i] = s[i] * (dp[i] - dsv[(i >> 1) & 1]);
+      rows_to_ds<4>(dp, s, dsv);
       std::uint32_t a[2][4];
       a_fragments(a, dp);
       fence_operands(acc);
@@ -365,20 +333,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   const std::uint32_t base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
   auto addr = [&](const unsigned char* p) { return base + static_cast<std::uint32_t>(p - smem); };
 
-  const int kvh = blockIdx.x / splits;
-  const int split = blockIdx.x % splits;
-  const int seq = blockIdx.y;
-  const int start = cu_seqlens[seq];
-  const int len = cu_seqlens[seq + 1] - start;
+  const DkvBlock blk(cu_seqlens, n_q_heads, n_kv_heads, splits);
+  const int kvh = blk.kvh, split = blk.split, start = blk.start, len = blk.len;
+  const int h_begin = blk.h_begin, h_end = blk.h_end;
   const int n_tiles = (len + kDkvKeys - 1) / kDkvKeys;
   const int n_q64 = (len + kTile - 1) / kTile;
-  const int group = n_q_heads / n_kv_heads;
-  const int h_begin = kvh * group + split * group / splits;
-  const int h_end = kvh * group + (split + 1) * group / splits;
   const std::int64_t q_stride = static_cast<std::int64_t>(n_q_heads) * kD;
   const std::int64_t kv_stride = static_cast<std::int64_t>(n_kv_heads) * kD;
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int g = lane >> 2;
   const std::uint32_t k_rows = base + 2 * wg * kTileBytes, v_rows = k_rows + kTileBytes;
   auto stage = [&](int sb) { return smem + kDkvOffStage + sb * kDkvStageBytes; };
   auto stats = [&](int sb) { return reinterpret_cast<float*>(smem + kDkvOffStats) + sb * 2 * kTile; };
@@ -447,17 +410,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // products run, dV += P^T dO issued before dS^T is formed, dK += dS^T Q after it.
       wgmma_wait<1>();
       fence_operands(st);
-      // st[4j + 2hh + e]: key g + 8hh of the warp's 16, query 8j + 2t + e of the item. P^T into st.
-      const int key0 = kw0 + warp * 16 + g;
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int i = 4 * j + 2 * hh + e, qi = 8 * j + 2 * t + e, query = q0 + qi;
-            st[i] = query < len && key0 + 8 * hh <= query ? exp2f(st[i] * scale_log2 - lse_s[qi] * kLog2e) : 0.f;
-          }
+      cols_to_p<8>(st, kw0 + warp * 16 + g, q0, len, lse_s, scale_log2);  // P^T into st
       std::uint32_t ap[4][4], ads[4][4];
       a_fragments(ap, st);
       fence_operands(dv_acc);
@@ -467,9 +420,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_commit();
       wgmma_wait<1>();
       fence_operands(dpt);
-      // dS^T = P^T (dP^T - D) into dpt.
-#pragma unroll
-      for (int i = 0; i < 32; ++i) dpt[i] = st[i] * (dpt[i] - dsum_s[8 * (i >> 2) + 2 * t + (i & 1)]);
+      cols_to_ds<8>(dpt, st, dsum_s);  // dS^T into dpt
       a_fragments(ads, dpt);
       fence_operands(dk_acc);
       wgmma_fence();
