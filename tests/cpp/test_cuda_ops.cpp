@@ -649,7 +649,10 @@ TEST(CudaOps, QkNormRopeMatchesCpu) {
       {{300, 550}, 8, 128, true},   // k
       {{300, 550}, 8, 128, false},  // rope only (Qwen2-style)
       {{17, 4}, 3, 6, true},        // odd half: scalar path
-      {{9}, 5, 64, true},           {{40}, 2, 256, true},
+      {{5, 6}, 3, 12, true},        // half not a multiple of 4: pairs
+      {{9}, 5, 64, true},           // quads, 4 heads per warp, a partly idle warp
+      {{40}, 2, 256, true},         // quads, one head per warp
+      {{7}, 3, 512, true},          // quads, two chunks per lane
   };
   for (const RopeCase& rc : cases) {
     const auto pos = packed_positions(rc.lengths);
