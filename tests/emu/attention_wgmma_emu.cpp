@@ -161,6 +161,7 @@ struct Tf32 {
   using In = float;
   static constexpr bool kBf16Values = false;
   static constexpr unsigned kDkvTiles = 1;  // 64-key tiles per dK/dV block
+  static constexpr unsigned kDkvThreads = kThreads;
   static constexpr double kOutBound = 2e-3, kGradBound = 5e-3;
   static std::vector<In> in(const std::vector<float>& x) { return x; }
   static std::vector<float> out(const std::vector<In>& x) { return x; }
@@ -171,7 +172,8 @@ struct Tf32 {
 struct Bf16 {
   using In = std::uint16_t;
   static constexpr bool kBf16Values = true;
-  static constexpr unsigned kDkvTiles = 2;
+  static constexpr unsigned kDkvTiles = bf16io::kDkvWgs;
+  static constexpr unsigned kDkvThreads = bf16io::kDkvThreads;
   static constexpr double kOutBound = 1.5e-2, kGradBound = 3e-2;  // out, P and dS rounded to bf16
   static std::vector<In> in(const std::vector<float>& x) { return bf16_bits_of(x); }
   static std::vector<float> out(const std::vector<In>& x) { return widened(x); }
@@ -206,7 +208,8 @@ bool run_case(const std::vector<int>& lens, int nq, int nkv, int splits, unsigne
   std::vector<float> rest(std::max<int64_t>(0, 2 * (splits - 1) - group) * slab_n + 1, NAN);
   std::vector<float> dq(c.q.size(), NAN), dk(c.k.size(), NAN), dv(c.v.size(), NAN);
   const Slabs slabs{dq.data(), rest.data(), group, slab_n};
-  launch(dim3(nkv * splits, n_seqs, (tiles + K::kDkvTiles - 1) / K::kDkvTiles), kThreads, smem_raw, sizeof(smem_raw),
+  launch(dim3(nkv * splits, n_seqs, (tiles + K::kDkvTiles - 1) / K::kDkvTiles), K::kDkvThreads, smem_raw,
+         sizeof(smem_raw),
          [&] {
            K::dkdv(q.data(), k.data(), v.data(), dout.data(), c.lse.data(), dsum.data(), dk.data(), dv.data(), slabs,
                    cu.data(), nq, nkv, splits, scale, scale * kLog2e);

@@ -2,8 +2,8 @@
 // so), head_dim 128: the forward, the backward's dK/dV pass and its dQ pass. Contract:
 // attention_wgmma.cuh. The forward and the dQ pass split the work as the tf32 kernels do
 // (attention_wgmma.cu: a block takes a 64-query tile of two query heads, one per warpgroup); a
-// dK/dV block takes 128 keys, 64 per warpgroup, and both warpgroups run every 64-query item. What
-// 16-bit operands change against tf32:
+// dK/dV block is one warpgroup on 64 keys, two blocks per SM. What 16-bit operands change against
+// tf32:
 //   - tiles are copied as they are by cp.async (no rounding), every one double-buffered: the next
 //     tile is in flight while the current one's products run;
 //   - wgmma reads 16-bit B operands MN-major as well (its transpose flag), so the operands that tf32
@@ -16,18 +16,20 @@
 // P and dS are rounded to bf16 as A fragments, accumulation is fp32; dq, dk, dv are written in
 // fp32, out in bf16. Every product sums in the mma.sync kernels' order: on an H200 the outputs
 // equalled theirs bit for bit (CudaAttentionWgmmaBf16).
-// Shared memory: forward and dQ pass 97 KB, dK/dV 130 KB. Registers (ptxas, sm_90a): forward 128
+// Shared memory: forward and dQ pass 97 KB, dK/dV 98 KB. Registers (ptxas, sm_90a): forward 128
 // (capped for two blocks per SM; 92 bytes spilled), dQ 128 (two blocks per SM, no spills),
-// dK/dV 244 (one block per SM).
+// dK/dV 242 (two blocks of 128 threads per SM).
 //
 // Measured (H200, 2026-11-28, CudaAttentionTiming, Qwen3-4B heads 32/8; TFLOP/s on the useful
 // 2 * n_q * d * sum(L^2) forward, 2.5x that backward), against the mma.sync bf16 I/O kernels:
-//   8 x 512   forward 0.078 ms (220 TFLOP/s; mma.sync 0.102), backward 0.282 ms (152; 0.321)
-//   1 x 2048  forward 0.097 ms (354; 0.147), backward 0.442 ms (194; 0.505)
+//   8 x 512   forward 0.078 ms (220 TFLOP/s; mma.sync 0.102), backward 0.271 ms (159; 0.321)
+//   1 x 2048  forward 0.097 ms (354; 0.147), backward 0.425 ms (202; 0.505)
 // Steps there, each measured in one run: the first version (dK/dV on 64 keys, its warpgroups
 // alternating over 32-query items, as tf32) 0.297 / 0.468 ms backward; forming P while dP's
 // products run and issuing dV before dS is formed, 0.285 / 0.460; the 128-key dK/dV blocks,
-// 0.282 / 0.442 (against 0.286 / 0.459 in that run). In a QLoRA layer step (8 x 512, profiler,
+// 0.282 / 0.442 (against 0.286 / 0.459 in that run); one warpgroup per dK/dV block, two blocks per
+// SM, unsynchronized, so that one block's softmax overlaps the other's products: 0.271 / 0.425
+// (against 0.281 / 0.433 with 128-key blocks in that run). In a QLoRA layer step (8 x 512, profiler,
 // first version) the dQ pass took 0.099 ms (mma.sync 0.132) and the dK/dV pass 0.177 (0.175): at
 // ~1.3 us per 64 x 32 item and SM, a quarter of the tensor rate, each warpgroup waiting on its own
 // products between the two halves of an item; twice the product size per item did not change that
@@ -60,17 +62,19 @@ constexpr int kFwdSmemBytes = kFwdOffV + 2 * kTileBytes + 1024;  // + 1 KB to al
 // dQ pass: Q of the two heads, dO of the two heads, then K and V (32 keys) of two stages.
 constexpr int kDqOffKv = 4 * kTileBytes;  // stage s: K at + 2 s kRowsBytes, V after it
 constexpr int kDqSmemBytes = kDqOffKv + 4 * kRowsBytes + 1024;
-// dK/dV pass: K and V of the block's 128 keys (warpgroup w's 64 as its own [64][128] tiles: K_w at
+// dK/dV pass: K and V of the block's keys (warpgroup w's 64 as its own [64][128] tiles: K_w at
 // 2 w tiles, V_w after it), then two stages of a 64-query item (Q, dO), then per stage the item's
 // lse and D (64 floats each).
-constexpr int kDkvOffStage = 4 * kTileBytes;
+constexpr int kDkvWgs = 1;  // warpgroups per dK/dV block, 64 keys each (2 works as well: measured slower)
+constexpr int kDkvThreads = 128 * kDkvWgs;
+constexpr int kDkvOffStage = 2 * kDkvWgs * kTileBytes;
 constexpr int kDkvStageBytes = 2 * kTileBytes;
 constexpr int kDkvOffStats = kDkvOffStage + 2 * kDkvStageBytes;
 constexpr int kDkvSmemBytes = kDkvOffStats + 2 * 2 * kTile * 4 + 1024;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-constexpr int kDkvKeys = 2 * kTile;  // keys per dK/dV block, 64 per warpgroup
+constexpr int kDkvKeys = kDkvWgs * kTile;  // keys per dK/dV block
 
 // Byte offset of element (r, c) of a [rows][128] bf16 tile (see the top of the file).
 __device__ __forceinline__ std::uint32_t swz16(int rows, int r, int c) {
@@ -312,16 +316,16 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
-// The dK/dV pass: for the block's 128 keys, dV = sum P^T dO and dK = scale * sum dS^T Q over the
-// query heads [h_begin, h_end) of its GQA group (all of them when splits == 1; split s > 0 writes
-// its slabs, which attention_reduce_kernel adds) and the queries at or after the keys. Warpgroup w
-// owns keys 64 w .. 64 w + 63 (wgmma's M) and keeps their dK, dV in registers; both run every item
-// (a query head and 64 queries, double-buffered, copied by all 256 threads one item ahead), each
-// on its own keys: S^T = K_w Q^T and dP^T = V_w dO^T by wgmma m64n64k16, P^T and dS^T in
-// registers, dV += P^T dO and dK += dS^T Q by m64n128k16 with dO and Q read MN-major. A warpgroup
-// whose keys all follow the item's queries skips it. Grid (n_kv_heads * splits, n_seqs,
-// 128-key tiles), 256 threads, kDkvSmemBytes of dynamic shared memory.
-__global__ void __launch_bounds__(kThreads, 1)
+// The dK/dV pass: for the block's kDkvKeys keys, dV = sum P^T dO and dK = scale * sum dS^T Q over
+// the query heads [h_begin, h_end) of its GQA group (all of them when splits == 1; split s > 0
+// writes its slabs, which attention_reduce_kernel adds) and the queries at or after the keys.
+// Warpgroup w owns keys 64 w .. 64 w + 63 (wgmma's M) and keeps their dK, dV in registers; every
+// warpgroup runs every item (a query head and 64 queries, double-buffered, copied by all threads
+// one item ahead), each on its own keys: S^T = K_w Q^T and dP^T = V_w dO^T by wgmma m64n64k16,
+// P^T and dS^T in registers, dV += P^T dO and dK += dS^T Q by m64n128k16 with dO and Q read
+// MN-major. A warpgroup whose keys all follow the item's queries skips it. Grid (n_kv_heads * splits, n_seqs,
+// kDkvKeys-key tiles), kDkvThreads threads, kDkvSmemBytes of dynamic shared memory.
+__global__ void __launch_bounds__(kDkvThreads, 2 / kDkvWgs)
     attention_wgmma_bf16_dkdv_kernel(const std::uint16_t* __restrict__ q, const std::uint16_t* __restrict__ k,
                                      const std::uint16_t* __restrict__ v, const std::uint16_t* __restrict__ dout,
                                      const float* __restrict__ lse, const float* __restrict__ dsum,
@@ -348,28 +352,30 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Item `it` of key tile kt (per_head 64-query tiles per head) into stage sb, by all threads.
   auto copy_item = [&](int it, int per_head, int kt, int sb) {
-    const int hq = h_begin + it / per_head, q0 = (2 * kt + it % per_head) * kTile;
+    const int hq = h_begin + it / per_head, q0 = (kDkvWgs * kt + it % per_head) * kTile;
     const std::int64_t off = static_cast<std::int64_t>(start + q0) * q_stride + hq * kD;
-    copy_tile<kTile, kThreads>(stage(sb), q + off, q_stride, len - q0, tid);
-    copy_tile<kTile, kThreads>(stage(sb) + kTileBytes, dout + off, q_stride, len - q0, tid);
-    if (tid < 2 * kTile) {  // rows past the end zero-filled: their P is masked to 0 where it is formed
-      const int r = tid & (kTile - 1);
+    copy_tile<kTile, kDkvThreads>(stage(sb), q + off, q_stride, len - q0, tid);
+    copy_tile<kTile, kDkvThreads>(stage(sb) + kTileBytes, dout + off, q_stride, len - q0, tid);
+    // lse, then D; rows past the end zero-filled: their P is masked to 0 where it is formed.
+    for (int i = tid; i < 2 * kTile; i += kDkvThreads) {
+      const int r = i & (kTile - 1);
       const bool valid = q0 + r < len;
       const std::int64_t idx = valid ? static_cast<std::int64_t>(start + q0 + r) * n_q_heads + hq : 0;
-      cp_async4(stats(sb) + tid, (tid < kTile ? lse : dsum) + idx, valid);
+      cp_async4(stats(sb) + i, (i < kTile ? lse : dsum) + idx, valid);
     }
   };
 
   for (int kt = blockIdx.z; kt < n_tiles; kt += gridDim.z) {
     const int k0 = kt * kDkvKeys, kw0 = k0 + wg * kTile;  // the block's and this warpgroup's first key
-    const int per_head = n_q64 - 2 * kt;  // 64-query tiles at or after the key tile
+    const int per_head = n_q64 - kDkvWgs * kt;  // 64-query tiles at or after the key tile
     const int n_items = (h_end - h_begin) * per_head;
     __syncthreads();  // a previous tile's readers of shared memory are done
 #pragma unroll
-    for (int w = 0; w < 2; ++w) {
+    for (int w = 0; w < kDkvWgs; ++w) {
       const std::int64_t kv_off = static_cast<std::int64_t>(start + k0 + w * kTile) * kv_stride + kvh * kD;
-      copy_tile<kTile, kThreads>(smem + 2 * w * kTileBytes, k + kv_off, kv_stride, len - k0 - w * kTile, tid);
-      copy_tile<kTile, kThreads>(smem + (2 * w + 1) * kTileBytes, v + kv_off, kv_stride, len - k0 - w * kTile, tid);
+      copy_tile<kTile, kDkvThreads>(smem + 2 * w * kTileBytes, k + kv_off, kv_stride, len - k0 - w * kTile, tid);
+      copy_tile<kTile, kDkvThreads>(smem + (2 * w + 1) * kTileBytes, v + kv_off, kv_stride, len - k0 - w * kTile,
+                                    tid);
     }
     copy_item(0, per_head, kt, 0);
     cp_async_commit();
@@ -380,7 +386,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     for (int it = 0; it < n_items; ++it) {
       const int sb = it & 1;
-      const int q0 = (2 * kt + it % per_head) * kTile;
+      const int q0 = (kDkvWgs * kt + it % per_head) * kTile;
       copies_landed();
       __syncthreads();  // item it in stage sb for everyone; stage sb ^ 1's readers (item it - 1) are done
       if (it + 1 < n_items) copy_item(it + 1, per_head, kt, sb ^ 1);
@@ -485,9 +491,10 @@ void attention_dkdv_wgmma_bf16(const std::uint16_t* q, const std::uint16_t* k, c
   using namespace bf16io;
   require_dynamic_smem(reinterpret_cast<const void*>(attention_wgmma_bf16_dkdv_kernel), kDkvSmemBytes,
                        "attention (cuda, wgmma bf16):");
-  // k_tiles counts 64-key tiles; a block takes 128 keys.
-  const dim3 grid(static_cast<unsigned>(n_kv_heads * splits), static_cast<unsigned>(n_seqs), (k_tiles + 1) / 2);
-  attention_wgmma_bf16_dkdv_kernel<<<grid, kThreads, kDkvSmemBytes, stream>>>(
+  // k_tiles counts 64-key tiles; a block takes kDkvWgs of them.
+  const dim3 grid(static_cast<unsigned>(n_kv_heads * splits), static_cast<unsigned>(n_seqs),
+                  (k_tiles + kDkvWgs - 1) / kDkvWgs);
+  attention_wgmma_bf16_dkdv_kernel<<<grid, kDkvThreads, kDkvSmemBytes, stream>>>(
       q, k, v, dout, lse, dsum, dk, dv, Slabs{slab_first, slab_rest, slab_n_first, slab_size}, cu_seqlens, n_q_heads,
       n_kv_heads, splits, scale, scale * kLog2e);
   CUDABLOCKS_CHECK_LAUNCH("attention_wgmma_bf16_dkdv_kernel");

@@ -380,7 +380,8 @@ template <typename In, typename Out>
 void backward(const float* dy, const In* x, const float* w, const float* rstd, Out* dx, float* dw,
               const std::int32_t* positions, std::int64_t tokens, int n_heads, int head_dim, const float* inv_freq,
               cudaStream_t stream) {
-  const bool vec4 = vec_aligned(dy, 4) && vec_aligned(dx, 4) && (w == nullptr || (vec_aligned(x, 4) && vec_aligned(w, 4)));
+  const bool vec4 =
+      vec_aligned(dy, 4) && vec_aligned(dx, 4) && (w == nullptr || (vec_aligned(x, 4) && vec_aligned(w, 4)));
   const bool vec2 = aligned8(dy) && vec_aligned(dx, 2) && (w == nullptr || (vec_aligned(x, 2) && aligned8(w)));
   dispatch(head_dim, vec4, vec2, [&](auto v, auto k, auto g) {
     constexpr int V = decltype(v)::value, K = decltype(k)::value, G = decltype(g)::value;
