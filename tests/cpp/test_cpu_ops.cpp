@@ -376,7 +376,7 @@ TEST(CpuRmsNorm, BackwardMatchesFiniteDifferences) {
   cpu().rmsnorm_forward(x.data(), w.data(), y.data(), rstd.data(), rows, cols, eps, stream());
   auto dx = nans(x.size());
   std::vector<float> dw(cols, 0.0f);
-  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), nullptr, dx.data(), dw.data(), rows, cols,
+  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), nullptr, dx.data(), nullptr, dw.data(), rows, cols,
                          stream());
   const auto wd = to_double(w), xd = to_double(x);
   const auto fd_x = finite_difference(x, [&](const std::vector<double>& v) { return dot(rmsnorm_fp64(v, wd, rows, cols, eps), g); });
@@ -397,7 +397,7 @@ TEST(CpuRmsNorm, BackwardMatchesAnalyticAndAccumulates) {
 
   auto dx = nans(x.size());
   std::vector<float> dw(cols, 0.0f);
-  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), nullptr, dx.data(), dw.data(), rows, cols,
+  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), nullptr, dx.data(), nullptr, dw.data(), rows, cols,
                          stream());
   EXPECT_LE(relative_error(dx, ref_dx), kGradTol);
   EXPECT_LE(relative_error(dw, ref_dw), kGradTol);
@@ -406,17 +406,17 @@ TEST(CpuRmsNorm, BackwardMatchesAnalyticAndAccumulates) {
   const auto dx0 = random_normal(x.size()), dw0 = random_normal(cols);
   dx = dx0;
   dw = dw0;
-  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx.data(), dx.data(), dw.data(), rows, cols,
+  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx.data(), dx.data(), nullptr, dw.data(), rows, cols,
                          stream());
   EXPECT_LE(relative_error(dx, plus(dx0, ref_dx)), kGradTol);
   EXPECT_LE(relative_error(dw, plus(dw0, ref_dw)), kGradTol);
   dx = nans(x.size());
-  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx0.data(), dx.data(), dw.data(), rows, cols,
+  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx0.data(), dx.data(), nullptr, dw.data(), rows, cols,
                          stream());
   EXPECT_LE(relative_error(dx, plus(dx0, ref_dx)), kGradTol);
   // A frozen norm (dw == nullptr): the same dx.
   auto dx_frozen = nans(x.size());
-  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx0.data(), dx_frozen.data(), nullptr, rows, cols,
+  cpu().rmsnorm_backward(g.data(), x.data(), w.data(), rstd.data(), dx0.data(), dx_frozen.data(), nullptr, nullptr, rows, cols,
                          stream());
   EXPECT_EQ(dx_frozen, dx);
 }

@@ -105,6 +105,22 @@ void expect_same_values(const Vec& got, const Vec& want, const std::string& what
   EXPECT_GE(static_cast<double>(exact), 0.999 * static_cast<double>(got.size())) << what;
 }
 
+// bf16 buffers: bit patterns.
+using Bits = std::vector<std::uint16_t>;
+
+Buffer upload_bits(Env& e, const Bits& v) {
+  Buffer b = Buffer::empty({static_cast<std::int64_t>(v.size())}, DType::BFloat16, e.device);
+  b.copy_from_host(v.data(), e.stream);
+  return b;
+}
+
+Bits download_bits(Env& e, const Buffer& b) {
+  Bits v(static_cast<std::size_t>(b.numel()));
+  b.copy_to_host(v.data(), e.stream);
+  e.stream.synchronize();
+  return v;
+}
+
 Vec positive(std::size_t n) {  // rstd-like factors
   Vec v = random_normal(n, 0.3f);
   for (auto& x : v) x = 1.0f + std::fabs(x);
@@ -128,14 +144,23 @@ TEST(CudaOps, RmsNormBackwardMatchesCpu) {
         Buffer dxb = mode == Residual::InPlace ? res : e.poisoned(n);
         const float* residual = mode == Residual::None ? nullptr : res.data_as<float>();
         e.backend.rmsnorm_backward(dyb.data_as<float>(), xb.data_as<float>(), wb.data_as<float>(), rb.data_as<float>(),
-                                   residual, dxb.data_as<float>(), dwb.data_as<float>(), c.rows, c.cols, e.stream);
-        // A frozen norm (dw == nullptr): the same dx (from the same residual).
+                                   residual, dxb.data_as<float>(), nullptr, dwb.data_as<float>(), c.rows, c.cols,
+                                   e.stream);
+        // A frozen norm (dw == nullptr): the same dx (from the same residual), and with dx16 that dx
+        // rounded to bf16 as well.
         Buffer res2 = e.upload(dx0);
         Buffer dx2 = mode == Residual::InPlace ? res2 : e.poisoned(n);
+        Buffer dx16 = upload_bits(e, Bits(n, 0xffff));
         e.backend.rmsnorm_backward(dyb.data_as<float>(), xb.data_as<float>(), wb.data_as<float>(), rb.data_as<float>(),
                                    mode == Residual::None ? nullptr : res2.data_as<float>(), dx2.data_as<float>(),
-                                   nullptr, c.rows, c.cols, e.stream);
-        expect_same_values(e.download(dx2), e.download(dxb), std::string(e.backend.name()) + " frozen norm dx");
+                                   dx16.data_as<std::uint16_t>(), nullptr, c.rows, c.cols, e.stream);
+        const std::string on = std::string(e.backend.name()) + " frozen norm";
+        const Vec frozen = e.download(dx2);
+        expect_same_values(frozen, e.download(dxb), on + " dx");
+        const Bits bits = download_bits(e, dx16);
+        std::size_t unrounded = 0;
+        for (std::size_t i = 0; i < n; ++i) unrounded += bits[i] != float_to_bf16_bits(frozen[i]);
+        EXPECT_EQ(unrounded, 0u) << on << ": dx16 elements other than dx rounded to bf16";
         return std::vector<Vec>{e.download(dxb), e.download(dwb)};
       });
       expect_close(ref, out, kBackwardTol,
@@ -200,21 +225,6 @@ TEST(CudaOps, GemmFp32IsNotTf32) {
 // ---------------------------------------------------------------------------------------------
 
 // ---- bf16 operands ----------------------------------------------------------------------------
-
-using Bits = std::vector<std::uint16_t>;
-
-Buffer upload_bits(Env& e, const Bits& v) {
-  Buffer b = Buffer::empty({static_cast<std::int64_t>(v.size())}, DType::BFloat16, e.device);
-  b.copy_from_host(v.data(), e.stream);
-  return b;
-}
-
-Bits download_bits(Env& e, const Buffer& b) {
-  Bits v(static_cast<std::size_t>(b.numel()));
-  b.copy_to_host(v.data(), e.stream);
-  e.stream.synchronize();
-  return v;
-}
 
 using test::bf16_of;
 

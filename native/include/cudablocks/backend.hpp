@@ -57,11 +57,12 @@ class Backend {
 
   // dx = residual + d/dx of rmsnorm_forward given dy, with rstd saved by the forward. residual:
   // nullptr (dx is written), dx itself (added to dx), or another [rows, cols] buffer: the residual
-  // path's gradient joins in the same pass, with no copy. dw[c] += sum_r dy[r, c] * x[r, c] * rstd[r];
-  // dw == nullptr skips it (a frozen norm).
+  // path's gradient joins in the same pass, with no copy. dx16 (nullptr: none) receives dx rounded to
+  // bf16 as well (a bf16 product's operand, without a conversion pass over dx). dw[c] += sum_r
+  // dy[r, c] * x[r, c] * rstd[r]; dw == nullptr skips it (a frozen norm).
   virtual void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd,
-                                const float* residual, float* dx, float* dw, std::int64_t rows, std::int64_t cols,
-                                const Stream& stream) const = 0;
+                                const float* residual, float* dx, std::uint16_t* dx16, float* dw, std::int64_t rows,
+                                std::int64_t cols, const Stream& stream) const = 0;
 
   // C[M, N] = alpha * op(A) op(B) + beta * C, row-major and contiguous. op(A) is A [M, K], or
   // A^T for A [K, M] when trans_a; op(B) is B [K, N], or B^T for B [N, K] when trans_b.

@@ -452,13 +452,13 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   mm.weight_grad(T, 2 * I, H, d_gu, d_gu16, g, g16, G + pl.w_gate_up);  // dWgu += d_gu^T g
   float* dg = X + sc.sh;
   mm.gemm(false, false, T, H, 2 * I, d_gu, d_gu16, W + pl.w_gate_up, mm.w16(pl.w_gate_up), 0.0f, dg);  // dg = d_gu Wgu
-  // dr = dy + rmsnorm_backward(dg) (grad_in may be grad_out): grad_in carries dr from here on.
-  be.rmsnorm_backward(dg, r, W + pl.ln_post, S + sl.rstd2, dy, dx, G + pl.ln_post, T, H, stream);
+  // dr = dy + rmsnorm_backward(dg) (grad_in may be grad_out): grad_in carries dr from here on; in
+  // bf16 mode the same pass writes dr in bf16 too (where dy16 was: dead).
+  std::uint16_t* dr16 = mm.s16(bl.c);
+  be.rmsnorm_backward(dg, r, W + pl.ln_post, S + sl.rstd2, dy, dx, dr16, G + pl.ln_post, T, H, stream);
 
   // Attention: r = x + att Wo^T (+ bo).
   if (pl.bo >= 0) be.bias_backward(dx, G + pl.bo, T, H, stream);
-  std::uint16_t* dr16 = mm.s16(bl.c);  // dy16 is dead
-  mm.convert(dx, dr16, T * H);
   const std::uint16_t* att16 = saved_bf16(prec, S + sl.att);
   mm.weight_grad(T, H, q, dx, dr16, S + sl.att, att16, G + pl.wo);  // dWo += dr^T att
   // d_att = dr Wo: in bf16 mode written in bf16, as attention reads it.
@@ -522,7 +522,7 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   mm.gemm(false, false, T, H, q, dq, dq16, wq, wq16, 0.0f, dh);
   mm.gemm(false, false, T, H, kv, dk, dk16, wk, wk16, 1.0f, dh);
   mm.gemm(false, false, T, H, kv, dv, dv16, wv, wv16, 1.0f, dh);
-  be.rmsnorm_backward(dh, xin, W + pl.ln_in, S + sl.rstd1, dx, dx, G + pl.ln_in, T, H, stream);
+  be.rmsnorm_backward(dh, xin, W + pl.ln_in, S + sl.rstd1, dx, dx, nullptr, G + pl.ln_in, T, H, stream);
   grad_ws.set_last_stream(stream);
   set_last_stream(stream);
 }

@@ -1175,11 +1175,12 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
   }
   float* dg = X + sc.sh;
   m.product_dx(kGroupGU, d_gu, gu_bf16_only ? m.op16 : nullptr, false, dg);  // dg = d_gu Wgu (+ du A)
-  // dr = dy + rmsnorm_backward(dg) (grad_in may be grad_out): grad_in carries dr from here on.
-  be.rmsnorm_backward(dg, r, D + ln_post_, S + sl.rstd2, dy, dx, nullptr, T, H, stream);  // frozen norm
+  // dr = dy + rmsnorm_backward(dg) (grad_in may be grad_out): grad_in carries dr from here on; in
+  // bf16 mode the same pass writes dr in bf16 into op16 (free since dg's product), o's operands.
+  std::uint16_t* dr16 = m.bf ? m.op16 : nullptr;
+  be.rmsnorm_backward(dg, r, D + ln_post_, S + sl.rstd2, dy, dx, dr16, nullptr, T, H, stream);  // frozen norm
 
   // Attention: r = x + att Wo^T (+ bo).
-  const std::uint16_t* dr16 = m.grad16(kGroupO, dx);
   m.lora_grads(kGroupO, m.widened_att(S + sl.att, X + sc.d_att), saved_bf16(precision_, S + sl.att), dx, dr16, G);
   // d_att = dr Wo (+ the adapter's term): in bf16 mode attention reads it in bf16, written so by the
   // product (onto the bf16 LoRA term with an adapter), or with an adapter and dropout rounded after
@@ -1232,7 +1233,7 @@ void Nf4Block::backward_lora(const Buffer& x, const Buffer& grad_out, Buffer& gr
     m.lora_grads(group, h, h16, dproj, dproj16, G);
     m.product_dx(group, dproj, dproj16, group != kGroupQ, dh);
   }
-  be.rmsnorm_backward(dh, xin, D + ln_in_, S + sl.rstd1, dx, dx, nullptr, T, H, stream);
+  be.rmsnorm_backward(dh, xin, D + ln_in_, S + sl.rstd1, dx, dx, nullptr, nullptr, T, H, stream);
   lora_ws.set_last_stream(stream);
   set_last_stream(stream);
 }

@@ -53,8 +53,10 @@ class CpuBackend final : public Backend {
   }
 
   void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, const float* residual,
-                        float* dx, float* dw, std::int64_t rows, std::int64_t cols, const Stream&) const override {
+                        float* dx, std::uint16_t* dx16, float* dw, std::int64_t rows, std::int64_t cols,
+                        const Stream&) const override {
     cpu::rmsnorm_backward(dy, x, w, rstd, residual, dx, dw, rows, cols);
+    if (dx16 != nullptr) cpu::to_bf16(dx, dx16, rows * cols);
   }
 
   // The CPU computes every precision in fp32.

@@ -48,8 +48,9 @@ class CudaBackend final : public Backend {
   }
 
   void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, const float* residual,
-                        float* dx, float* dw, std::int64_t rows, std::int64_t cols, const Stream& stream) const override {
-    cuda::rmsnorm_backward(dy, x, w, rstd, residual, dx, dw, rows, cols, native(stream));
+                        float* dx, std::uint16_t* dx16, float* dw, std::int64_t rows, std::int64_t cols,
+                        const Stream& stream) const override {
+    cuda::rmsnorm_backward(dy, x, w, rstd, residual, dx, dx16, dw, rows, cols, native(stream));
   }
 
   void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,

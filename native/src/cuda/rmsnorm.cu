@@ -5,7 +5,8 @@
 // then scale), the second time from L1/L2, which holds a row of a few KB easily.
 //
 // Backward. Bytes: read dy, x (twice, the second time from L1/L2) and w, write dx (+ read the
-// residual gradient when given): 12-16 bytes per element, ~8 FLOPs per element: memory-bound. Two stages:
+// residual gradient when given, + write its bf16 copy when asked: 2 bytes against the 6 of a
+// conversion pass): 12-18 bytes per element, ~8 FLOPs per element: memory-bound. Two stages:
 //   1. rmsnorm_backward_kernel: a block strides over rows (a few per block); per row a block
 //      reduction gives dot = sum(dy * w * x), then dx is written and the block's dw partial
 //      (cols floats in shared memory, each thread owning the same columns for every row: no
@@ -71,6 +72,7 @@ template <int VEC>
 __global__ void __launch_bounds__(kThreads) rmsnorm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ x,
                                                                const float* __restrict__ w, const float* __restrict__ rstd,
                                                                const float* residual, float* dx,  // may alias
+                                                               std::uint16_t* __restrict__ dx16,
                                                                float* __restrict__ dw_partial, std::int64_t rows,
                                                                std::int64_t cols) {
   using Vec = typename VecType<VEC>::type;
@@ -117,6 +119,7 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_backward_kernel(const float*
         oe[j] = rr != nullptr ? oe[j] + v : v;
       }
       dxr[i] = out;
+      if (dx16 != nullptr) store_vec(dx16 + row * cols, i, out);
       if (take_dw) {
         float* de = reinterpret_cast<float*>(&dw_s[i]);
 #pragma unroll
@@ -163,10 +166,12 @@ void rmsnorm_forward_bf16(const float* x, const float* w, std::uint16_t* y, floa
 }
 
 void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, const float* residual,
-                      float* dx, float* dw, std::int64_t rows, std::int64_t cols, cudaStream_t stream) {
+                      float* dx, std::uint16_t* dx16, float* dw, std::int64_t rows, std::int64_t cols,
+                      cudaStream_t stream) {
   if (rows == 0 || cols == 0) return;
   const bool vec4 = cols % 4 == 0 && aligned16(dy) && aligned16(x) && aligned16(w) && aligned16(dx) &&
-                    (residual == nullptr || aligned16(residual));
+                    (residual == nullptr || aligned16(residual)) &&
+                    (reinterpret_cast<std::uintptr_t>(dx16) & 7u) == 0;
   // At least 4 rows per block (bounds the partials' traffic), at most 4 blocks per SM (what fits
   // at once: 64 registers x 256 threads x 4 = the register file).
   const std::int64_t blocks = std::clamp<std::int64_t>((rows + 3) / 4, 1, 4 * static_cast<std::int64_t>(multiprocessor_count()));
@@ -178,8 +183,8 @@ void rmsnorm_backward(const float* dy, const float* x, const float* w, const flo
   float* partials = take_dw ? scratch->get<float>() : nullptr;
   auto launch = [&](auto kernel) {
     if (smem > 48 * 1024) allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, false);
-    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(dy, x, w, rstd, residual, dx, partials, rows,
-                                                                      cols);
+    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(dy, x, w, rstd, residual, dx, dx16, partials,
+                                                                      rows, cols);
     CUDABLOCKS_CHECK_LAUNCH("rmsnorm_backward_kernel");
   };
   if (vec4) {

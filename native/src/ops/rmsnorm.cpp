@@ -52,7 +52,7 @@ void rmsnorm_backward(const Buffer& dy, const Buffer& x, const Buffer& w, const 
   DeviceGuard guard(device);
   backend_for(device).rmsnorm_backward(dy.data_as<float>(), x.data_as<float>(), w.data_as<float>(),
                                        rstd.data_as<float>(), accumulate_dx ? dx.data_as<float>() : nullptr,
-                                       dx.data_as<float>(), dw.data_as<float>(), rows, cols, stream);
+                                       dx.data_as<float>(), nullptr, dw.data_as<float>(), rows, cols, stream);
 }
 
 }  // namespace cudablocks
