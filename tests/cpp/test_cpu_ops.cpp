@@ -194,6 +194,29 @@ TEST(CpuOps, TransposeReadsStridedRowsAndWritesDenseColumns) {
   }
 }
 
+// The producers that write their output transposed (tf32 weight gradients' operands): exactly the
+// transpose of the plain op's output, RMSNorm's from the forward's rstd.
+TEST(CpuOps, TransposedRmsNormAndSwigluAreTheTransposedOutputs) {
+  for (auto [rows, cols] : {std::pair<std::int64_t, std::int64_t>{1, 1}, {3, 70}, {67, 33}, {130, 65}}) {
+    const std::string what = std::to_string(rows) + "x" + std::to_string(cols);
+    const auto n = static_cast<std::size_t>(rows * cols);
+    const auto x = random_normal(n, 2.0f), w = random_normal(static_cast<std::size_t>(cols));
+    const auto gate_up = random_normal(2 * n, 3.0f);
+    auto y = nans(n), rstd = nans(static_cast<std::size_t>(rows)), out = nans(n);
+    cpu().rmsnorm_forward(x.data(), w.data(), y.data(), rstd.data(), rows, cols, 1e-6f, stream());
+    cpu().swiglu_forward(gate_up.data(), out.data(), rows, cols, stream());
+    auto y_t = nans(n), out_t = nans(n);
+    cpu().rmsnorm_forward_transposed(x.data(), w.data(), rstd.data(), y_t.data(), rows, cols, stream());
+    cpu().swiglu_forward_transposed(gate_up.data(), out_t.data(), rows, cols, stream());
+    for (std::int64_t j = 0; j < cols; ++j) {
+      for (std::int64_t i = 0; i < rows; ++i) {
+        ASSERT_EQ(float_to_bits(y_t[j * rows + i]), float_to_bits(y[i * cols + j])) << what << " rmsnorm";
+        ASSERT_EQ(float_to_bits(out_t[j * rows + i]), float_to_bits(out[i * cols + j])) << what << " swiglu";
+      }
+    }
+  }
+}
+
 TEST(CpuBf16, AddLowRankIsTheSumOfTheBf16Products) {
   // out = c + bias + u v^T against fp64 on the bf16 values; v as B [cols, rank] and as A [rank, cols].
   // fp32 out in place and bf16 out from the same sums (their rounding of the fp32 result).

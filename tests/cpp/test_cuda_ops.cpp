@@ -228,6 +228,38 @@ TEST(CudaOps, GemmFp32IsNotTf32) {
 
 using test::bf16_of;
 
+// The producers that write their output transposed (tf32 weight gradients' operands): on the GPU
+// exactly the transpose of the plain kernel's output (RMSNorm's from the forward's rstd), and close
+// to the CPU's. Shapes with partial tiles, and a Qwen3-4B MLP's at 850 tokens.
+TEST(CudaOps, TransposedRmsNormAndSwigluAreTheTransposedOutputs) {
+  if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  for (auto [rows, cols] : {std::pair<std::int64_t, std::int64_t>{850, 2560}, {850, 9728}, {67, 33}, {130, 200}}) {
+    const std::string what = std::to_string(rows) + "x" + std::to_string(cols);
+    const auto n = static_cast<std::size_t>(rows * cols);
+    const Vec x = random_normal(n, 2.0f), w = random_normal(static_cast<std::size_t>(cols));
+    const Vec gate_up = random_normal(2 * n, 3.0f);
+    auto [ref, out] = on_both([&](Env& e) {
+      Buffer xb = e.upload(x), wb = e.upload(w), gub = e.upload(gate_up);
+      Buffer y = e.poisoned(n), rstd = e.poisoned(static_cast<std::size_t>(rows)), act = e.poisoned(n);
+      e.backend.rmsnorm_forward(xb.data_as<float>(), wb.data_as<float>(), y.data_as<float>(), rstd.data_as<float>(),
+                                rows, cols, 1e-6f, e.stream);
+      e.backend.swiglu_forward(gub.data_as<float>(), act.data_as<float>(), rows, cols, e.stream);
+      Buffer y_t = e.poisoned(n), act_t = e.poisoned(n), y_tt = e.poisoned(n), act_tt = e.poisoned(n);
+      e.backend.rmsnorm_forward_transposed(xb.data_as<float>(), wb.data_as<float>(), rstd.data_as<float>(),
+                                           y_t.data_as<float>(), rows, cols, e.stream);
+      e.backend.swiglu_forward_transposed(gub.data_as<float>(), act_t.data_as<float>(), rows, cols, e.stream);
+      e.backend.transpose(y.data_as<float>(), rows, cols, cols, y_tt.data_as<float>(), e.stream);
+      e.backend.transpose(act.data_as<float>(), rows, cols, cols, act_tt.data_as<float>(), e.stream);
+      const std::string on = what + " (" + e.backend.name() + ")";
+      EXPECT_EQ(e.download(y_t), e.download(y_tt)) << on << " rmsnorm";
+      EXPECT_EQ(e.download(act_t), e.download(act_tt)) << on << " swiglu";
+      return std::vector<Vec>{e.download(y_t), e.download(act_t)};
+    });
+    EXPECT_LT(relative_error(out[0], ref[0]), kForwardTol) << what << " rmsnorm";
+    EXPECT_LT(relative_error(out[1], ref[1]), kForwardTol) << what << " swiglu";
+  }
+}
+
 TEST(CudaOps, TransposeMatchesCpuBitwise) {
   if (!test::have_cuda_device()) GTEST_SKIP() << "no CUDA device";
   Env cpu{Device()};

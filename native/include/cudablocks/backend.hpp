@@ -54,6 +54,11 @@ class Backend {
   virtual void rmsnorm_forward_bf16(const float* x, const float* w, std::uint16_t* y, float* rstd,
                                     std::int64_t rows, std::int64_t cols, float eps,
                                     const Stream& stream) const = 0;
+  // y^T [cols, rows]: rmsnorm_forward's y recomputed from its rstd [rows] and written transposed,
+  // y^T[c, r] = w[c] * (x[r, c] * rstd[r]) (the same bits): a tf32 weight gradient's k-major
+  // operand without a row-major copy and a transpose pass (see transpose).
+  virtual void rmsnorm_forward_transposed(const float* x, const float* w, const float* rstd, float* y_t,
+                                          std::int64_t rows, std::int64_t cols, const Stream& stream) const = 0;
 
   // dx = residual + d/dx of rmsnorm_forward given dy, with rstd saved by the forward. residual:
   // nullptr (dx is written), dx itself (added to dx), or another [rows, cols] buffer: the residual
@@ -184,6 +189,10 @@ class Backend {
                               const Stream& stream) const = 0;
   virtual void swiglu_forward(const std::uint16_t* gate_up, std::uint16_t* out, std::int64_t rows,
                               std::int64_t cols, const Stream& stream) const = 0;
+  // out^T [cols, rows]: the fp32 swiglu_forward's out written transposed (the same bits; as
+  // rmsnorm_forward_transposed).
+  virtual void swiglu_forward_transposed(const float* gate_up, float* out_t, std::int64_t rows, std::int64_t cols,
+                                         const Stream& stream) const = 0;
   virtual void swiglu_backward(const float* dout, const float* gate_up, float* d_gate_up, std::int64_t rows,
                                std::int64_t cols, const Stream& stream) const = 0;
   virtual void swiglu_backward(const std::uint16_t* dout, const std::uint16_t* gate_up, float* d_gate_up,

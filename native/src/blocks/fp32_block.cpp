@@ -54,7 +54,8 @@ struct Products {
   // tf32 computes it on k-major copies (tf32 tensor cores take no other operand layout, and both
   // of these are token-major: cuBLAS ran them at about 60% of its k-major rate, and the
   // transposes cost a fraction of that). x^T goes to the start of `transposed` (unless the caller
-  // says it is there already: q, k and v share h), dY^T after it by blocks of rows that fit
+  // says it is there already: the recomputed h, g and act are written there transposed by their
+  // producers, and q, k and v share h), dY^T after it by blocks of rows that fit
   // (ScratchLayout::transposed_width_for).
   void weight_grad(std::int64_t T, std::int64_t out, std::int64_t in, const float* dy, const std::uint16_t* dy16,
                    const float* x, const std::uint16_t* x16, float* gw, bool x_transposed_there = false) const {
@@ -429,13 +430,16 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   float* act = X + sc.act;
   const std::uint16_t* act16 = kept.at(kept.layout.act);
   const std::uint16_t* gate_up16 = reinterpret_cast<const std::uint16_t*>(S + sl.gate_up);  // bf16 mode
-  if (!mm.bf16()) {
+  // tf32 writes them transposed, each right before its weight gradient (the k-major operand).
+  const bool tf32 = prec == Precision::TF32;
+  if (prec == Precision::FP32) {
     be.rmsnorm_forward(r, W + pl.ln_post, g, nullptr, T, H, eps, stream);
     be.swiglu_forward(S + sl.gate_up, act, T, I, stream);
   }
   std::uint16_t* dy16 = mm.s16(bl.c);
   mm.convert(dy, dy16, T * H);
-  mm.weight_grad(T, H, I, dy, dy16, act, act16, G + pl.w_down);  // dWdown += dy^T act
+  if (tf32) be.swiglu_forward_transposed(S + sl.gate_up, mm.transposed, T, I, stream);
+  mm.weight_grad(T, H, I, dy, dy16, act, act16, G + pl.w_down, tf32);  // dWdown += dy^T act
   // d_act = dy Wdown: in bf16 mode written in bf16 (into act's unused fp32 slot), as SwiGLU's
   // backward reads it.
   float* d_act = act;
@@ -449,7 +453,8 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
     mm.gemm(false, false, T, I, H, dy, nullptr, W + pl.w_down, nullptr, 0.0f, d_act);
     be.swiglu_backward(d_act, S + sl.gate_up, d_gu, T, I, stream);
   }
-  mm.weight_grad(T, 2 * I, H, d_gu, d_gu16, g, g16, G + pl.w_gate_up);  // dWgu += d_gu^T g
+  if (tf32) be.rmsnorm_forward_transposed(r, W + pl.ln_post, S + sl.rstd2, mm.transposed, T, H, stream);
+  mm.weight_grad(T, 2 * I, H, d_gu, d_gu16, g, g16, G + pl.w_gate_up, tf32);  // dWgu += d_gu^T g
   float* dg = X + sc.sh;
   mm.gemm(false, false, T, H, 2 * I, d_gu, d_gu16, W + pl.w_gate_up, mm.w16(pl.w_gate_up), 0.0f, dg);  // dg = d_gu Wgu
   // dr = dy + rmsnorm_backward(dg) (grad_in may be grad_out): grad_in carries dr from here on; in
@@ -511,9 +516,10 @@ void Fp32Block::backward(const Buffer& x, const Buffer& grad_out, Buffer& grad_i
   mm.convert(dv, dv16, T * kv);
   float* h = X + sc.sh;
   const std::uint16_t* h16 = kept.at(kept.layout.h);
-  if (!mm.bf16()) be.rmsnorm_forward(xin, W + pl.ln_in, h, nullptr, T, H, eps, stream);
-  mm.weight_grad(T, q, H, dq, dq16, h, h16, gwq);
-  mm.weight_grad(T, kv, H, dk, dk16, h, h16, gwk, true);  // h^T made by the first
+  if (prec == Precision::FP32) be.rmsnorm_forward(xin, W + pl.ln_in, h, nullptr, T, H, eps, stream);
+  if (tf32) be.rmsnorm_forward_transposed(xin, W + pl.ln_in, S + sl.rstd1, mm.transposed, T, H, stream);
+  mm.weight_grad(T, q, H, dq, dq16, h, h16, gwq, tf32);
+  mm.weight_grad(T, kv, H, dk, dk16, h, h16, gwk, true);  // h^T there for all three
   mm.weight_grad(T, kv, H, dv, dv16, h, h16, gwv, true);
   float* dh = h;  // h is dead once the weight gradients are queued
   const std::uint16_t* wq16 = mm.w16(pl.wqkv);

@@ -52,6 +52,11 @@ class CpuBackend final : public Backend {
     cpu::to_bf16(tmp.data(), y, rows * cols);
   }
 
+  void rmsnorm_forward_transposed(const float* x, const float* w, const float* rstd, float* y_t, std::int64_t rows,
+                                  std::int64_t cols, const Stream&) const override {
+    cpu::rmsnorm_forward_transposed(x, w, rstd, y_t, rows, cols);
+  }
+
   void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, const float* residual,
                         float* dx, std::uint16_t* dx16, float* dw, std::int64_t rows, std::int64_t cols,
                         const Stream&) const override {
@@ -166,6 +171,10 @@ class CpuBackend final : public Backend {
   void swiglu_forward(const float* gate_up, float* out, std::int64_t rows, std::int64_t cols,
                       const Stream&) const override {
     cpu::swiglu_forward(gate_up, out, rows, cols);
+  }
+  void swiglu_forward_transposed(const float* gate_up, float* out_t, std::int64_t rows, std::int64_t cols,
+                                 const Stream&) const override {
+    cpu::swiglu_forward_transposed(gate_up, out_t, rows, cols);
   }
 
   void swiglu_backward(const float* dout, const float* gate_up, float* d_gate_up, std::int64_t rows,

@@ -22,6 +22,14 @@ void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, std:
   }, /*grain=*/std::max<std::int64_t>(1, 65536 / std::max<std::int64_t>(cols, 1)));
 }
 
+void rmsnorm_forward_transposed(const float* x, const float* w, const float* rstd, float* y_t, std::int64_t rows,
+                                std::int64_t cols) {
+  // A task per column of y (a row of y^T): no two tasks write the same row.
+  parallel_for(cols, [&](std::int64_t c) {
+    for (std::int64_t r = 0; r < rows; ++r) y_t[c * rows + r] = w[c] * (x[r * cols + c] * rstd[r]);
+  }, /*grain=*/std::max<std::int64_t>(1, 65536 / std::max<std::int64_t>(rows, 1)));
+}
+
 }  // namespace cudablocks::cpu
 
 // Derivation, for one row with s = 1 / sqrt(mean(x^2) + eps) and y_c = w_c * x_c * s:

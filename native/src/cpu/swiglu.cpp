@@ -10,6 +10,12 @@ namespace {
 
 double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
+// One output, silu(gate) * up, in double, rounded once.
+float swiglu(float gate, float up) {
+  const double g = gate;
+  return static_cast<float>(g * sigmoid(g) * up);
+}
+
 std::int64_t row_grain(std::int64_t cols) { return std::max<std::int64_t>(1, 32768 / std::max<std::int64_t>(cols, 1)); }
 
 }  // namespace
@@ -19,11 +25,18 @@ void swiglu_forward(const float* gate_up, float* out, std::int64_t rows, std::in
     const float* gate = gate_up + r * 2 * cols;
     const float* up = gate + cols;
     float* o = out + r * cols;
-    for (std::int64_t c = 0; c < cols; ++c) {
-      const double g = gate[c];
-      o[c] = static_cast<float>(g * sigmoid(g) * up[c]);
-    }
+    for (std::int64_t c = 0; c < cols; ++c) o[c] = swiglu(gate[c], up[c]);
   }, row_grain(cols));
+}
+
+void swiglu_forward_transposed(const float* gate_up, float* out_t, std::int64_t rows, std::int64_t cols) {
+  // A task per column of out (a row of out^T): no two tasks write the same row.
+  parallel_for(cols, [&](std::int64_t c) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const float* gate = gate_up + r * 2 * cols;
+      out_t[c * rows + r] = swiglu(gate[c], gate[cols + c]);
+    }
+  }, std::max<std::int64_t>(1, 32768 / std::max<std::int64_t>(rows, 1)));
 }
 
 void swiglu_backward(const float* dout, const float* gate_up, float* d_gate_up, std::int64_t rows,

@@ -13,6 +13,8 @@
 namespace cudablocks::cpu {
 
 void swiglu_forward(const float* gate_up, float* out, std::int64_t rows, std::int64_t cols);
+// out^T [cols, rows]: swiglu_forward's out written transposed (the same values).
+void swiglu_forward_transposed(const float* gate_up, float* out_t, std::int64_t rows, std::int64_t cols);
 
 // d_gate_up [rows, 2 * cols] is written (not accumulated).
 void swiglu_backward(const float* dout, const float* gate_up, float* d_gate_up, std::int64_t rows,

@@ -47,6 +47,11 @@ class CudaBackend final : public Backend {
     cuda::rmsnorm_forward_bf16(x, w, y, rstd, rows, cols, eps, native(stream));
   }
 
+  void rmsnorm_forward_transposed(const float* x, const float* w, const float* rstd, float* y_t, std::int64_t rows,
+                                  std::int64_t cols, const Stream& stream) const override {
+    cuda::rmsnorm_forward_transposed(x, w, rstd, y_t, rows, cols, native(stream));
+  }
+
   void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, const float* residual,
                         float* dx, std::uint16_t* dx16, float* dw, std::int64_t rows, std::int64_t cols,
                         const Stream& stream) const override {
@@ -155,6 +160,10 @@ class CudaBackend final : public Backend {
   void swiglu_forward(const std::uint16_t* gate_up, float* out, std::int64_t rows, std::int64_t cols,
                       const Stream& stream) const override {
     cuda::swiglu_forward(gate_up, out, rows, cols, native(stream));
+  }
+  void swiglu_forward_transposed(const float* gate_up, float* out_t, std::int64_t rows, std::int64_t cols,
+                                 const Stream& stream) const override {
+    cuda::swiglu_forward_transposed(gate_up, out_t, rows, cols, native(stream));
   }
   void swiglu_forward(const std::uint16_t* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t cols,
                       const Stream& stream) const override {

@@ -4,6 +4,10 @@
 // kernel is bound by memory bandwidth. One block per row; the row is read twice (sum of squares,
 // then scale), the second time from L1/L2, which holds a row of a few KB easily.
 //
+// Forward written transposed (tf32 backward's recompute of the weight gradients' k-major operand,
+// from the forward's rstd): the forward's arithmetic per element, through transpose_tiles.cuh,
+// instead of a forward pass and a transpose pass (8 bytes per element instead of 16).
+//
 // Backward. Bytes: read dy, x (twice, the second time from L1/L2) and w, write dx (+ read the
 // residual gradient when given, + write its bf16 copy when asked: 2 bytes against the 6 of a
 // conversion pass): 12-18 bytes per element, ~8 FLOPs per element: memory-bound. Two stages:
@@ -22,6 +26,7 @@
 #include "cuda/bias.cuh"
 #include "cuda/block_reduce.cuh"
 #include "cuda/scratch.hpp"
+#include "cuda/transpose_tiles.cuh"
 
 #include <algorithm>
 #include <optional>
@@ -65,6 +70,14 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(const float* 
     for (int j = 0; j < VEC; ++j) e[j] = ge[j] * (e[j] * s);
     store_vec(yr, i, v);
   }
+}
+
+// y^T[c, r] = w[c] * (x[r, c] * rstd[r]): the forward kernel's product order, so the same bits.
+__global__ void __launch_bounds__(32 * kTransposeRowsPerPass)
+    rmsnorm_forward_transposed_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                                      const float* __restrict__ rstd, float* __restrict__ y_t, std::int64_t rows,
+                                      std::int64_t cols) {
+  transpose_tiles(rows, cols, y_t, [&](std::int64_t i, std::int64_t j) { return w[j] * (x[i * cols + j] * rstd[i]); });
 }
 
 // See the header comment. Dynamic shared memory: cols floats (the block's dw partial).
@@ -163,6 +176,14 @@ void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, std:
 void rmsnorm_forward_bf16(const float* x, const float* w, std::uint16_t* y, float* rstd, std::int64_t rows,
                           std::int64_t cols, float eps, cudaStream_t stream) {
   forward(x, w, y, rstd, rows, cols, eps, stream);
+}
+
+void rmsnorm_forward_transposed(const float* x, const float* w, const float* rstd, float* y_t, std::int64_t rows,
+                                std::int64_t cols, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  const TransposeLaunch launch(rows, cols);
+  rmsnorm_forward_transposed_kernel<<<launch.grid, launch.block, 0, stream>>>(x, w, rstd, y_t, rows, cols);
+  CUDABLOCKS_CHECK_LAUNCH("rmsnorm_forward_transposed_kernel");
 }
 
 void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, const float* residual,

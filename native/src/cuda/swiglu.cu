@@ -9,7 +9,9 @@
 // gate_up and the outputs are each fp32 or bf16 (a bf16 gate_up, as bf16-mode blocks save it,
 // halves its bytes; bf16 outputs are the operands of the next bf16 GEMM, with no fp32 copy
 // written and converted); the backward's dout is bf16 with a bf16 gate_up (bf16 mode's down
-// product writes it so). The arithmetic is fp32 either way.
+// product writes it so). The arithmetic is fp32 either way. The fp32 forward can also write its
+// output transposed (tf32 backward's recompute of a weight gradient's k-major operand, through
+// transpose_tiles.cuh: 12 bytes per element instead of 20 for a forward and a transpose pass).
 #include "cuda/swiglu.cuh"
 
 #include <algorithm>
@@ -20,6 +22,7 @@
 #include "cuda/check.hpp"
 #include "cuda/device_limits.hpp"
 #include "cuda/scratch.hpp"
+#include "cuda/transpose_tiles.cuh"
 
 namespace cudablocks::cuda {
 
@@ -28,6 +31,8 @@ namespace {
 bool aligned(const void* p, std::size_t bytes) { return (reinterpret_cast<std::uintptr_t>(p) & (bytes - 1)) == 0; }
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
+// One output: silu(gate) * up, in this order (both forward kernels: the same bits).
+__device__ __forceinline__ float swiglu(float g, float u) { return g * sigmoid(g) * u; }
 
 template <int VEC, typename In, typename Out>
 __global__ void swiglu_forward_kernel(const In* __restrict__ gate_up, Out* __restrict__ out, std::int64_t rows,
@@ -44,10 +49,18 @@ __global__ void swiglu_forward_kernel(const In* __restrict__ gate_up, Out* __res
       float* ge = reinterpret_cast<float*>(&g);
       const float* ue = reinterpret_cast<const float*>(&u);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) ge[j] = ge[j] * sigmoid(ge[j]) * ue[j];
+      for (int j = 0; j < VEC; ++j) ge[j] = swiglu(ge[j], ue[j]);
       store_vec(o, i, g);
     }
   }
+}
+
+__global__ void __launch_bounds__(32 * kTransposeRowsPerPass)
+    swiglu_forward_transposed_kernel(const float* __restrict__ gate_up, float* __restrict__ out_t, std::int64_t rows,
+                                     std::int64_t cols) {
+  transpose_tiles(rows, cols, out_t, [&](std::int64_t i, std::int64_t j) {
+    return swiglu(gate_up[i * 2 * cols + j], gate_up[i * 2 * cols + cols + j]);
+  });
 }
 
 // s = sigmoid(g): d_up = dout * g * s,  d_gate = dout * up * s * (1 + g * (1 - s)).
@@ -128,6 +141,14 @@ void swiglu_forward(const std::uint16_t* gate_up, float* out, std::int64_t rows,
 void swiglu_forward(const std::uint16_t* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t cols,
                     cudaStream_t stream) {
   forward(gate_up, out, rows, cols, stream);
+}
+
+void swiglu_forward_transposed(const float* gate_up, float* out_t, std::int64_t rows, std::int64_t cols,
+                               cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  const TransposeLaunch launch(rows, cols);
+  swiglu_forward_transposed_kernel<<<launch.grid, launch.block, 0, stream>>>(gate_up, out_t, rows, cols);
+  CUDABLOCKS_CHECK_LAUNCH("swiglu_forward_transposed_kernel");
 }
 
 void swiglu_backward(const float* dout, const float* gate_up, float* d_gate_up, std::int64_t rows, std::int64_t cols,

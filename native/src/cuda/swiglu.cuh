@@ -14,6 +14,9 @@ void swiglu_forward(const std::uint16_t* gate_up, float* out, std::int64_t rows,
                     cudaStream_t stream);
 void swiglu_forward(const std::uint16_t* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t cols,
                     cudaStream_t stream);
+// out^T [cols, rows] = the fp32 swiglu_forward's out, written transposed (the same bits).
+void swiglu_forward_transposed(const float* gate_up, float* out_t, std::int64_t rows, std::int64_t cols,
+                               cudaStream_t stream);
 
 // d_gate_up [rows, 2 * cols] from dout [rows, cols] and the forward's gate_up (types as above; dout
 // bf16 with bf16 gate_up: bf16 mode's down product writes it so).
