@@ -127,6 +127,19 @@ struct LanePlace {
   // over the warp, so that every lane takes part in the group sums).
   __device__ int first() const { return warp * G; }
   __device__ int step() const { return warps * G; }
+  // f(k, j, e) for each element e = (k*L + sub)*V + j of the lane's (k < K, j < V) in the first
+  // half of the head (its partner: e + d/2).
+  template <int K, int V, class F>
+  __device__ __forceinline__ void each_element(int half, F f) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int i = (k * L + sub) * V;
+      if (i < half) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) f(k, j, i + j);
+      }
+    }
+  }
 };
 
 template <int V, int K, int G, typename In, typename Out>
@@ -167,17 +180,10 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_forward_kernel(const In
       ss = group_sum<L>(ss);
       const float r = rsqrtf(ss / static_cast<float>(head_dim) + eps);
       if (active && at.sub == 0 && rstd != nullptr) rstd[t * n_heads + h] = r;
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const int i = (k * L + at.sub) * V;
-        if (i < half) {
-#pragma unroll
-          for (int j = 0; j < V; ++j) {
-            lo[k][j] = w[i + j] * (lo[k][j] * r);
-            hi[k][j] = w[half + i + j] * (hi[k][j] * r);
-          }
-        }
-      }
+      at.template each_element<K, V>(half, [&](int k, int j, int e) {
+        lo[k][j] = w[e] * (lo[k][j] * r);
+        hi[k][j] = w[half + e] * (hi[k][j] * r);
+      });
     }
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -247,29 +253,17 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_kernel(
       if (norm) {
         const float r = active ? rstd[t * n_heads + h] : 0.0f;
         float dot = 0.0f;
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-          const int i = (k * L + at.sub) * V;
-          if (i < half) {
-#pragma unroll
-            for (int j = 0; j < V; ++j) dot += dlo[k][j] * w[i + j] * xlo[k][j] + dhi[k][j] * w[half + i + j] * xhi[k][j];
-          }
-        }
+        at.template each_element<K, V>(half, [&](int k, int j, int e) {
+          dot += dlo[k][j] * w[e] * xlo[k][j] + dhi[k][j] * w[half + e] * xhi[k][j];
+        });
         dot = group_sum<L>(dot);
         const float coef = dot * r * r / static_cast<float>(head_dim);
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-          const int i = (k * L + at.sub) * V;
-          if (i < half) {
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-              dw_lo[k][j] += dlo[k][j] * (xlo[k][j] * r);
-              dw_hi[k][j] += dhi[k][j] * (xhi[k][j] * r);
-              dlo[k][j] = r * (dlo[k][j] * w[i + j] - xlo[k][j] * coef);
-              dhi[k][j] = r * (dhi[k][j] * w[half + i + j] - xhi[k][j] * coef);
-            }
-          }
-        }
+        at.template each_element<K, V>(half, [&](int k, int j, int e) {
+          dw_lo[k][j] += dlo[k][j] * (xlo[k][j] * r);
+          dw_hi[k][j] += dhi[k][j] * (xhi[k][j] * r);
+          dlo[k][j] = r * (dlo[k][j] * w[e] - xlo[k][j] * coef);
+          dhi[k][j] = r * (dhi[k][j] * w[half + e] - xhi[k][j] * coef);
+        });
       }
 #pragma unroll
       for (int k = 0; k < K; ++k) {
@@ -294,17 +288,10 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_backward_kernel(
         dw_hi[k][j] += __shfl_xor_sync(0xffffffffu, dw_hi[k][j], offset);
       }
   if (at.group == 0) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int i = (k * L + at.sub) * V;
-      if (i < half) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          dw_s[at.warp][i + j] = dw_lo[k][j];
-          dw_s[at.warp][half + i + j] = dw_hi[k][j];
-        }
-      }
-    }
+    at.template each_element<K, V>(half, [&](int k, int j, int e) {
+      dw_s[at.warp][e] = dw_lo[k][j];
+      dw_s[at.warp][half + e] = dw_hi[k][j];
+    });
   }
   __syncthreads();
   for (int c = threadIdx.x; c < head_dim; c += blockDim.x) {
