@@ -115,7 +115,7 @@ __device__ __forceinline__ void store_y(std::uint16_t* p, const float* v) {
   }
 }
 
-// A lane's place: G heads per warp side by side, L = 32 / G lanes each; the lane holds pairs
+// A lane's place: G heads per warp side by side, L = 32 / G lanes each; the lane holds elements
 // i = (k*L + sub)*V + j (k < K, j < V) of its head and their partners i + d/2.
 template <int G>
 struct LanePlace {
