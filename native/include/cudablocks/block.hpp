@@ -63,7 +63,8 @@
 // tf32 adds max(H, I, n_q d) + H floats, 49,152 bytes, for the weight gradients' k-major
 // operands: tf32 tensor cores read no other layout, and dW = dY^T X has both operands token-major,
 // so the backward transposes them first (Backend::transpose; cuBLAS ran the token-major products
-// at about 60% of its k-major rate)).
+// at about 60% of its k-major rate); the recomputed h, g and act are written transposed by their
+// producers).
 //
 // ---- Precision ----------------------------------------------------------------------------------
 // fp32 and tf32 run every product through Backend::gemm on the fp32 buffers. bf16 runs them on

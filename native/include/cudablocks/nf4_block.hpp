@@ -44,7 +44,9 @@
 // dL/dx through the frozen weights (dequantize again, dX = dY W), both residual paths, the
 // attention/norm/RoPE/SwiGLU backward of the fp32 block, and the adapters' gradients ADDED into a
 // LoRA gradient workspace (a CudaGradWorkspace of lora_layout(): one contiguous allocation).
-// Saved activations are those of the fp32 block. Norm weights stay frozen.
+// Saved activations are those of the fp32 block, plus with bf16 compute and LoRA each adapted
+// product's u = bf16(scale x A^T) (its adapters' total rank of bf16 values per token), which the
+// B gradients read. Norm weights stay frozen.
 //
 // ---- LoRA dropout (PEFT's lora_dropout) ----------------------------------------------------------
 // With LoraConfig.dropout = p > 0, a forward given a dropout_step computes each adapted projection
@@ -161,8 +163,8 @@ class Nf4Block final : public CudaBlock {
   bool lora_target_[7] = {false, false, false, false, false, false, false};
   std::int64_t lora_a_[7] = {-1, -1, -1, -1, -1, -1, -1}, lora_b_[7] = {-1, -1, -1, -1, -1, -1, -1};
 
-  // Saved activations (the fp32 block's SavedLayout), fp32 scratch (Nf4ScratchLayout in
-  // nf4_block.cpp) and, with bf16 compute, the bf16 operand of the products: its own or an arena's.
+  // Saved activations (the fp32 block's SavedLayout, then KeptLoraU in nf4_block.cpp), fp32 scratch
+  // (Nf4ScratchLayout there) and, with bf16 compute, the bf16 operand of the products: its own or an arena's.
   BlockMemory memory_;
   std::int64_t attn_ws_floats_ = 0;
 

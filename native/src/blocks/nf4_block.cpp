@@ -4,6 +4,7 @@
 // the layer (norms, QK-norm + RoPE, attention, SwiGLU, residuals) is the fp32 block's op sequence.
 #include "cudablocks/nf4_block.hpp"
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -100,6 +101,26 @@ struct Nf4ScratchLayout {
   }
 };
 
+// bf16 LoRA: the forward's u16 = bf16(scale x16 A^T) [T, R] of each adapted group (R: the group's
+// total rank), kept after the saved activations (SavedLayout) so that backward_lora's B gradients
+// read it instead of repeating that product over x16 (which recomputes the same bits): R bf16
+// values per token and adapted group. Offsets in bf16 elements from the end of SavedLayout (Segments:
+// aligned), -1 for a group without adapters; nothing without LoRA or outside bf16 mode.
+struct KeptLoraU {
+  std::int64_t at[6] = {-1, -1, -1, -1, -1, -1};
+  std::int64_t per_token = 0, total = 0;  // bf16 elements
+  KeptLoraU(const std::array<int, 6>& group_ranks, std::int64_t t) {
+    Segments s;
+    for (int g = 0; g < 6; ++g) {
+      if (group_ranks[g] == 0) continue;
+      at[g] = s.add(t, group_ranks[g]);
+      per_token += group_ranks[g];
+    }
+    total = s.at;
+  }
+  std::int64_t floats() const { return (total + 1) / 2; }
+};
+
 std::string weight_desc(const TransformerConfig& c, int layer_idx) {
   return "layer " + std::to_string(layer_idx) + " of " + c.describe();
 }
@@ -155,6 +176,7 @@ struct Nf4Block::Impl {
   // and the gate/up block-diagonal B in bf16. In the shared scratch, after the absmax.
   std::uint16_t* lora16 = nullptr;
   std::uint16_t* bbd16 = nullptr;
+  std::uint16_t* kept_u_base = nullptr;  // bf16 LoRA: the kept u16 slots (KeptLoraU), after SavedLayout
   // LoRA dropout of this call: off without a dropout_step or with dropout 0 (the products then
   // run exactly as without dropout).
   bool dropping = false;
@@ -179,6 +201,10 @@ struct Nf4Block::Impl {
       if (dropping) {
         drop_step = *dropout_step;
         drop = mem.scratch() + sl.lora_drop;
+      }
+      if (bf) {
+        const std::int64_t saved = SavedLayout(b.config_, b.max_tokens_, b.precision_).total;
+        kept_u_base = reinterpret_cast<std::uint16_t*>(mem.saved() + saved);
       }
       if (bf16_lora()) {
         lora16 = reinterpret_cast<std::uint16_t*>(wscratch + wbytes + absmax_region_bytes(b));
@@ -525,11 +551,26 @@ struct Nf4Block::Impl {
     be.to_bf16(lora_b(group, lg), bbd16, rows(kGroups[group]) * lg.R, stream);
     return bbd16;
   }
-  // bf16 LoRA: u16 [T, R] = bf16(scale x16 A^T), in u's scratch.
+  // bf16 LoRA, forward: u16 [T, R] = bf16(scale x16 A^T), into the group's kept slot, where
+  // backward_lora's lora_grads reads it.
   const std::uint16_t* lora_u16(int group, const LoraGroup& lg, const std::uint16_t* x16) {
-    auto* u16 = reinterpret_cast<std::uint16_t*>(u);
+    std::uint16_t* u16 = kept_u16(group);
     be.gemm_bf16_to_bf16(false, true, T, lg.R, cols(kGroups[group]), scale(), x16, lora_a16(lg), u16, stream);
     return u16;
+  }
+  // The group's kept u16 (KeptLoraU) in the saved memory.
+  std::uint16_t* kept_u16(int group) const { return kept_u_base + kept_lora_u(b).at[group]; }
+  // The blocks' kept u16 slots: for bf16 mode with LoRA, the groups' total ranks.
+  static KeptLoraU kept_lora_u(const Nf4Block& blk) {
+    std::array<int, 6> ranks{};
+    if (blk.has_lora() && blk.precision_ == Precision::BF16) {
+      for (int g = 0; g < 6; ++g) {
+        for (int p = kGroups[g].first; p < kGroups[g].first + kGroups[g].count; ++p) {
+          ranks[g] += blk.lora_target_[p] ? blk.lora_.rank : 0;
+        }
+      }
+    }
+    return KeptLoraU(ranks, blk.max_tokens_);
   }
   // ---- LoRA dropout: per targeted part p of a group, the part's own mask on its input ----
   // out = dropout(x) of part p (x [T, in]), or out += dropout(x) with accumulate.
@@ -602,8 +643,8 @@ struct Nf4Block::Impl {
   // With dy [T, out] and the group's input x [T, in]: dB += scale dy^T u, dA += du^T x where
   // du = scale dy B (kept in the scratch for lora_dx); x is each part's masked x when dropping.
   // Reads x: call before x is overwritten.
-  // bf16 LoRA reads x16 and dy16 (the bf16 operands) instead, u16 carrying the scale: dB += dy^T u16,
-  // du16 = bf16(scale dy B) (in du's scratch), dA += du16^T x.
+  // bf16 LoRA reads x16 and dy16 (the bf16 operands) instead, u16 carrying the scale (the forward's,
+  // kept): dB += dy^T u16, du16 = bf16(scale dy B) (in du's scratch), dA += du16^T x.
   void lora_grads(int group, const float* x, const std::uint16_t* x16, const float* dy, const std::uint16_t* dy16,
                   float* G) {
     const LoraGroup lg = lora_group(group);
@@ -613,7 +654,7 @@ struct Nf4Block::Impl {
     float* dB = lg.direct ? G + b.lora_b_[g.first] : dbbd;
     const float dB_beta = lg.direct ? 1.0f : 0.0f;
     if (bf16_lora()) {
-      be.gemm_bf16(true, false, out, lg.R, T, 1.0f, dy16, lora_u16(group, lg, x16), dB_beta, dB, stream);
+      be.gemm_bf16(true, false, out, lg.R, T, 1.0f, dy16, kept_u16(group), dB_beta, dB, stream);
       if (!lg.direct) add_part_gradients(group, lg, G);
       auto* du16 = reinterpret_cast<std::uint16_t*>(du);
       be.gemm_bf16_to_bf16(false, false, T, lg.R, out, scale(), dy16, lora_b16(group, lg), du16, stream);
@@ -916,7 +957,8 @@ std::shared_ptr<Nf4Block> Nf4Block::create(const TransformerConfig& config, int 
                                                          static_cast<int>(config.num_key_value_heads),
                                                          static_cast<int>(config.head_dim));
   ActivationNeeds needs;
-  needs.saved = SavedLayout(config, max_tokens, compute).total * static_cast<std::int64_t>(sizeof(float));
+  needs.saved = (SavedLayout(config, max_tokens, compute).total + Impl::kept_lora_u(*block).floats()) *
+                static_cast<std::int64_t>(sizeof(float));
   needs.scratch = Impl::scratch_layout(*block).total * static_cast<std::int64_t>(sizeof(float));
   if (compute == Precision::BF16) {
     const std::int64_t H = config.hidden_size, q = config.num_attention_heads * config.head_dim;
@@ -932,7 +974,8 @@ std::shared_ptr<Nf4Block> Nf4Block::create(const TransformerConfig& config, int 
 }
 
 std::int64_t Nf4Block::saved_bytes_per_token() const {
-  return SavedLayout::floats_per_token(config_, precision_) * static_cast<std::int64_t>(sizeof(float));
+  return SavedLayout::floats_per_token(config_, precision_) * static_cast<std::int64_t>(sizeof(float)) +
+         2 * Impl::kept_lora_u(*this).per_token;
 }
 
 std::int64_t Nf4Block::scratch_bytes_per_token() const {
