@@ -150,10 +150,6 @@ __device__ __forceinline__ void ldsm_x4_trans(const void* p, uint32_t r[4]) {
 
 #endif
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
-    return *reinterpret_cast<uint32_t*>(&v);
-}
 
 
 // ---------------------------------------------------------------------------------------------
@@ -525,12 +521,6 @@ __device__ __forceinline__ void zero(float (&acc)[N][4]) {
 
 // Store rows [row0, row0+16) of a 16 x D accumulator (times mul[h] for row half h) to global rows
 // (dst + row*gstride), rows >= rows_valid dropped: fp32, or bf16 (bit patterns, rounded once).
-__device__ __forceinline__ void store_pair(float* p, float lo, float hi) {
-    *reinterpret_cast<float2*>(p) = make_float2(lo, hi);
-}
-__device__ __forceinline__ void store_pair(std::uint16_t* p, float lo, float hi) {
-    *reinterpret_cast<uint32_t*>(p) = pack_bf16(lo, hi);
-}
 template <int D, class Out>
 __device__ __forceinline__ void store_acc(Out* dst, int64_t gstride, const float (&acc)[D / 8][4], int row0,
                                           int rows_valid, const float mul[2]) {

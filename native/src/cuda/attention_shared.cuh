@@ -16,6 +16,18 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.69314718055994531f;
 
+// Two values as a bf16 pair (lo in the low half), each rounded to nearest even.
+__device__ __forceinline__ std::uint32_t pack_bf16(float lo, float hi) {
+    return static_cast<std::uint32_t>(bf16_bits(lo)) | (static_cast<std::uint32_t>(bf16_bits(hi)) << 16);
+}
+// Two adjacent outputs at p: fp32, or bf16 (bit patterns, each rounded once).
+__device__ __forceinline__ void store_pair(float* p, float lo, float hi) {
+    *reinterpret_cast<float2*>(p) = make_float2(lo, hi);
+}
+__device__ __forceinline__ void store_pair(std::uint16_t* p, float lo, float hi) {
+    *reinterpret_cast<std::uint32_t*>(p) = pack_bf16(lo, hi);
+}
+
 __device__ __forceinline__ float f4_get(const float4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }

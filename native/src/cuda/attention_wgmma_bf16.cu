@@ -84,6 +84,30 @@ __device__ __forceinline__ std::uint32_t swz16(int rows, int r, int c) {
 // Byte offset of k-step ks (16 values) in a K-major [rows][128] tile.
 __device__ __forceinline__ std::uint32_t kstep(int rows, int ks) { return (ks >> 2) * rows * 128 + (ks & 3) * 32; }
 
+// The backward's two score-shaped products of an item, over head_dim: s = A_s B_s^T and dp = A_dp
+// B_dp^T, the A tiles [a_rows][128] and the B tiles [b_rows][128] K-major at the given shared
+// addresses. Both accumulators zeroed; s's products are one commit group and dp's the next, so
+// wgmma_wait<1> retires s while dp's still run.
+template <int N>
+__device__ __forceinline__ void issue_s_and_dp(float (&s)[N], float (&dp)[N], std::uint32_t s_a, std::uint32_t s_b,
+                                               std::uint32_t dp_a, std::uint32_t dp_b, int a_rows, int b_rows) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) s[i] = dp[i] = 0.f;
+  fence_operands(s);
+  fence_operands(dp);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    wgmma_ss(s, smem_desc(s_a + kstep(a_rows, ks)), smem_desc(s_b + kstep(b_rows, ks)));
+  }
+  wgmma_commit();
+#pragma unroll
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    wgmma_ss(dp, smem_desc(dp_a + kstep(a_rows, ks)), smem_desc(dp_b + kstep(b_rows, ks)));
+  }
+  wgmma_commit();
+}
+
 // cp.async of rows [0, ROWS) of a [*, stride] bf16 matrix's 128 columns at src into a tile, the
 // 16-byte chunks shared by NT threads (th = this thread's index among them); rows at or past
 // `valid` zero-filled.
@@ -274,21 +298,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       cp_async_commit();
 
       float s[16], dp[16];
-#pragma unroll
-      for (int i = 0; i < 16; ++i) s[i] = dp[i] = 0.f;
-      fence_operands(s);
-      fence_operands(dp);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < kD / 16; ++ks) {
-        wgmma_ss(s, smem_desc(q_tile + kstep(kTile, ks)), smem_desc(addr(k_tile(b)) + kstep(kKeys, ks)));
-      }
-      wgmma_commit();
-#pragma unroll
-      for (int ks = 0; ks < kD / 16; ++ks) {
-        wgmma_ss(dp, smem_desc(do_tile + kstep(kTile, ks)), smem_desc(addr(v_tile(b)) + kstep(kKeys, ks)));
-      }
-      wgmma_commit();
+      issue_s_and_dp(s, dp, q_tile, addr(k_tile(b)), do_tile, addr(v_tile(b)), kTile, kKeys);
       wgmma_wait<1>();  // S is done (groups retire in order); P while dP's products run
       fence_operands(s);
 
@@ -397,21 +407,7 @@ __global__ void __launch_bounds__(kDkvThreads, 2 / kDkvWgs)
       const float* lse_s = stats(sb);
       const float* dsum_s = lse_s + kTile;
       float st[32], dpt[32];
-#pragma unroll
-      for (int i = 0; i < 32; ++i) st[i] = dpt[i] = 0.f;
-      fence_operands(st);
-      fence_operands(dpt);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < kD / 16; ++ks) {
-        wgmma_ss(st, smem_desc(k_rows + kstep(kTile, ks)), smem_desc(q_rows + kstep(kTile, ks)));
-      }
-      wgmma_commit();
-#pragma unroll
-      for (int ks = 0; ks < kD / 16; ++ks) {
-        wgmma_ss(dpt, smem_desc(v_rows + kstep(kTile, ks)), smem_desc(do_rows + kstep(kTile, ks)));
-      }
-      wgmma_commit();
+      issue_s_and_dp(st, dpt, k_rows, q_rows, v_rows, do_rows, kTile, kTile);
       // Each half as soon as its operands are ready (groups retire in order): P^T while dP^T's
       // products run, dV += P^T dO issued before dS^T is formed, dK += dS^T Q after it.
       wgmma_wait<1>();

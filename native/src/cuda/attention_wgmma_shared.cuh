@@ -47,11 +47,6 @@ struct HeadPairBlock {
   }
 };
 
-// Two values as a bf16 pair (lo in the low half), each rounded to nearest even.
-__device__ __forceinline__ std::uint32_t pack_bf16(float lo, float hi) {
-  return static_cast<std::uint32_t>(bf16_bits(lo)) | (static_cast<std::uint32_t>(bf16_bits(hi)) << 16);
-}
-
 // Rows row0 + g and row0 + g + 8 of a warp's 16 (g = lane / 4; rows at or past `valid` dropped) of
 // a 64 x 128 accumulator, acc[4nb + 2hh + e] = row half hh, column 8nb + 2 (lane % 4) + e, times
 // mul[hh], to dst + row * stride (dst: the tile's row 0, its head's column 0), in fp32 or bf16.
@@ -66,12 +61,7 @@ __device__ __forceinline__ void store_tile_rows(Out* dst, std::int64_t stride, c
     Out* p = dst + r * stride + 2 * t;
 #pragma unroll
     for (int nb = 0; nb < 16; ++nb) {
-      const float x = acc[4 * nb + 2 * hh] * mul[hh], y = acc[4 * nb + 2 * hh + 1] * mul[hh];
-      if constexpr (sizeof(Out) == 4) {
-        *reinterpret_cast<float2*>(p + 8 * nb) = make_float2(x, y);
-      } else {
-        *reinterpret_cast<std::uint32_t*>(p + 8 * nb) = pack_bf16(x, y);
-      }
+      store_pair(p + 8 * nb, acc[4 * nb + 2 * hh] * mul[hh], acc[4 * nb + 2 * hh + 1] * mul[hh]);
     }
   }
 }
