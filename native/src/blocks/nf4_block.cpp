@@ -176,7 +176,8 @@ struct Nf4Block::Impl {
   // and the gate/up block-diagonal B in bf16. In the shared scratch, after the absmax.
   std::uint16_t* lora16 = nullptr;
   std::uint16_t* bbd16 = nullptr;
-  std::uint16_t* kept_u_base = nullptr;  // bf16 LoRA: the kept u16 slots (KeptLoraU), after SavedLayout
+  KeptLoraU kept_u;                      // bf16 LoRA: the kept u16 slots, after SavedLayout
+  std::uint16_t* kept_u_base = nullptr;  // their start (bf16 mode with LoRA)
   // LoRA dropout of this call: off without a dropout_step or with dropout 0 (the products then
   // run exactly as without dropout).
   bool dropping = false;
@@ -185,7 +186,8 @@ struct Nf4Block::Impl {
 
   Impl(Nf4Block& block, const Backend& backend, const Stream& s, std::int64_t tokens, const BlockMemory::Call& mem,
        std::optional<std::uint64_t> dropout_step)
-      : b(block), be(backend), stream(s), T(tokens), bf(block.precision_ == Precision::BF16) {
+      : b(block), be(backend), stream(s), T(tokens), bf(block.precision_ == Precision::BF16),
+        kept_u(kept_lora_u(block)) {
     Buffer shared = dequant_scratch(b.device_, b.dequant_bytes_);
     const std::int64_t wbytes = weight_region_bytes(b);
     wscratch = shared.data_as<std::uint8_t>();
@@ -559,7 +561,7 @@ struct Nf4Block::Impl {
     return u16;
   }
   // The group's kept u16 (KeptLoraU) in the saved memory.
-  std::uint16_t* kept_u16(int group) const { return kept_u_base + kept_lora_u(b).at[group]; }
+  std::uint16_t* kept_u16(int group) const { return kept_u_base + kept_u.at[group]; }
   // The blocks' kept u16 slots: for bf16 mode with LoRA, the groups' total ranks.
   static KeptLoraU kept_lora_u(const Nf4Block& blk) {
     std::array<int, 6> ranks{};
